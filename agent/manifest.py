@@ -1,0 +1,362 @@
+"""The bundle manifest (format v1): a strict parser from JSON to frozen dataclasses.
+
+Every field is checked for presence, type and range; an error names the JSON path, what was
+expected and what was found. Unknown top-level keys are refused unless they start with `x-`
+(vendor extensions), so a typo never silently drops a setting. See docs/bundle-format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.errors import EdgefleetError
+
+FORMAT_NAME = "edgefleet-bundle"
+FORMAT_VERSION = 1  # the newest format this code understands
+MODEL_FILE = "model.onnx"
+DTYPES = ("float32",)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_KID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class BundleError(EdgefleetError):
+    """Base of every way a bundle can be refused."""
+
+
+class ManifestError(BundleError):
+    """The manifest is not valid JSON or does not follow the v1 schema."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    n_features: int
+    feature_names: tuple[str, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Fail the die when parameter `feature` is below `low` or above `high` (None: no limit).
+    A missing measurement (NaN) never violates a rule."""
+
+    feature: int
+    low: float | None
+    high: float | None
+
+
+@dataclass(frozen=True)
+class GoldenVector:
+    params: tuple[float, ...]  # NaN where the JSON has null (a missing measurement)
+    score: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    name: str
+    version: str
+    sequence: int
+    created: datetime
+    expires: datetime | None
+    input: InputSchema
+    threshold: float
+    confidence_scale: float
+    top_k: int
+    rules: tuple[Rule, ...]
+    golden: tuple[GoldenVector, ...]
+    golden_abs_tol: float
+    golden_rel_tol: float
+    files: dict[str, FileEntry]
+    signer: str
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    drift_edges: tuple[tuple[float, ...], ...] | None = None
+    drift_proportions: tuple[tuple[float, ...], ...] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    signed_bytes: bytes = field(default=b"", compare=False, repr=False)  # manifest.json as stored
+
+    @property
+    def model_digest(self) -> str:
+        return self.files[MODEL_FILE].sha256
+
+
+def parse_manifest_bytes(data: bytes, where: str) -> Manifest:
+    """Parse manifest.json bytes; `where` names the file in error messages."""
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"{where}: not valid UTF-8 JSON: {e}") from None
+    return dataclasses.replace(parse_manifest(obj, where), signed_bytes=bytes(data))
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes a writer stores as manifest.json: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+class _Reader:
+    """Typed access to a JSON object with errors that name the path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, expected: str, found: Any) -> ManifestError:
+        shown = json.dumps(found)[:80] if not isinstance(found, _Missing) else "nothing"
+        return ManifestError(f"{self.where}: field {path}: expected {expected}, found {shown}")
+
+    def get(self, obj: dict, key: str, path: str, kind: type | tuple, *, optional: bool = False):
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(f"{path}{key}", _kind_name(kind), _MISSING)
+        value = obj[key]
+        if value is None and optional:
+            return None
+        # bool is an int in Python; JSON true is never a number here.
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise self.fail(f"{path}{key}", _kind_name(kind), value)
+        if not isinstance(value, kind):
+            raise self.fail(f"{path}{key}", _kind_name(kind), value)
+        return value
+
+    def number(self, obj: dict, key: str, path: str, *, optional: bool = False) -> float | None:
+        v = self.get(obj, key, path, (int, float), optional=optional)
+        if v is None:
+            return None
+        if not math.isfinite(v):
+            raise self.fail(f"{path}{key}", "a finite number", v)
+        return float(v)
+
+    def time(self, obj: dict, key: str, path: str, *, optional: bool = False) -> datetime | None:
+        v = self.get(obj, key, path, str, optional=optional)
+        if v is None:
+            return None
+        try:
+            t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            raise self.fail(f"{path}{key}", "an ISO 8601 time", v) from None
+        if t.tzinfo is None:
+            raise self.fail(f"{path}{key}", "a time with a UTC offset (e.g. ...Z)", v)
+        return t.astimezone(UTC)
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _as_tuple(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple) -> str:
+    if set(_as_tuple(kind)) == {int, float}:
+        return "a number"
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+             bool: "true/false"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+_TOP_KEYS = {
+    "format", "format_version", "model", "created", "expires", "input", "decision", "fallback",
+    "golden", "evaluation", "drift_reference", "files", "signer",
+}
+
+
+def parse_manifest(obj: Any, where: str = "manifest.json") -> Manifest:
+    """Check a decoded manifest against the v1 schema and build a `Manifest`."""
+    r = _Reader(where)
+    if not isinstance(obj, dict):
+        raise r.fail("(top level)", "an object", obj)
+    unknown = sorted(k for k in obj if k not in _TOP_KEYS and not k.startswith("x-"))
+    if unknown:
+        raise ManifestError(f"{where}: unknown field {unknown[0]!r} (extensions must start x-)")
+    fmt = r.get(obj, "format", "", str)
+    if fmt != FORMAT_NAME:
+        raise r.fail("format", repr(FORMAT_NAME), fmt)
+    version = r.get(obj, "format_version", "", int)
+    if version < 1:
+        raise r.fail("format_version", "an integer >= 1", version)
+
+    model = r.get(obj, "model", "", dict)
+    name = r.get(model, "name", "model.", str)
+    if not _NAME_RE.match(name):
+        raise r.fail("model.name", "1-128 chars of [A-Za-z0-9._-]", name)
+    model_version = r.get(model, "version", "model.", str)
+    if not _NAME_RE.match(model_version):
+        raise r.fail("model.version", "1-128 chars of [A-Za-z0-9._-]", model_version)
+    sequence = r.get(model, "sequence", "model.", int)
+    if sequence < 0:
+        raise r.fail("model.sequence", "an integer >= 0", sequence)
+
+    created = r.time(obj, "created", "")
+    expires = r.time(obj, "expires", "", optional=True)
+    assert created is not None
+    if expires is not None and expires <= created:
+        raise r.fail("expires", f"a time after created ({created.isoformat()})", obj["expires"])
+
+    inp = r.get(obj, "input", "", dict)
+    n = r.get(inp, "n_features", "input.", int)
+    if not 1 <= n <= 100_000:
+        raise r.fail("input.n_features", "an integer in 1..100000", n)
+    names = r.get(inp, "feature_names", "input.", list)
+    if len(names) != n or not all(isinstance(x, str) for x in names):
+        raise r.fail("input.feature_names", f"{n} strings", f"{len(names)} entries")
+    if len(set(names)) != n:
+        raise r.fail("input.feature_names", "unique names", "duplicates")
+    dtype = r.get(inp, "dtype", "input.", str)
+    if dtype not in DTYPES:
+        raise r.fail("input.dtype", " or ".join(DTYPES), dtype)
+
+    decision = r.get(obj, "decision", "", dict)
+    threshold = r.number(decision, "threshold", "decision.")
+    scale = r.number(decision, "confidence_scale", "decision.")
+    assert threshold is not None and scale is not None
+    if scale <= 0:
+        raise r.fail("decision.confidence_scale", "a number > 0", scale)
+    top_k = r.get(decision, "top_k", "decision.", int)
+    if not 1 <= top_k <= n:
+        raise r.fail("decision.top_k", f"an integer in 1..{n}", top_k)
+
+    fallback = r.get(obj, "fallback", "", dict)
+    rules = []
+    for i, rule in enumerate(r.get(fallback, "rules", "fallback.", list)):
+        p = f"fallback.rules[{i}]."
+        if not isinstance(rule, dict):
+            raise r.fail(p[:-1], "an object", rule)
+        feat = r.get(rule, "feature", p, int)
+        if not 0 <= feat < n:
+            raise r.fail(f"{p}feature", f"an index in 0..{n - 1}", feat)
+        low, high = r.number(rule, "low", p, optional=True), r.number(rule, "high", p, optional=True)
+        if low is not None and high is not None and low > high:
+            raise r.fail(f"{p}low", f"<= high ({high})", low)
+        rules.append(Rule(feat, low, high))
+
+    golden_obj = r.get(obj, "golden", "", dict)
+    abs_tol = r.number(golden_obj, "abs_tol", "golden.")
+    rel_tol = r.number(golden_obj, "rel_tol", "golden.")
+    assert abs_tol is not None and rel_tol is not None
+    if abs_tol < 0 or rel_tol < 0:
+        raise r.fail("golden.abs_tol", "tolerances >= 0", [abs_tol, rel_tol])
+    vectors = []
+    for i, vec in enumerate(r.get(golden_obj, "vectors", "golden.", list)):
+        p = f"golden.vectors[{i}]."
+        if not isinstance(vec, dict):
+            raise r.fail(p[:-1], "an object", vec)
+        params = r.get(vec, "params", p, list)
+        if len(params) != n:
+            raise r.fail(f"{p}params", f"{n} numbers or nulls", f"{len(params)} entries")
+        values = []
+        for j, x in enumerate(params):
+            if x is None:
+                values.append(math.nan)
+            elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+                values.append(float(x))
+            else:
+                raise r.fail(f"{p}params[{j}]", "a finite number or null", x)
+        score = r.number(vec, "score", p)
+        assert score is not None
+        vectors.append(GoldenVector(tuple(values), score))
+
+    evaluation = r.get(obj, "evaluation", "", dict, optional=True) or {}
+
+    drift_edges = drift_props = None
+    drift = r.get(obj, "drift_reference", "", dict, optional=True)
+    if drift is not None:
+        drift_edges, drift_props = _parse_drift(r, drift, n)
+
+    files_obj = r.get(obj, "files", "", dict)
+    files: dict[str, FileEntry] = {}
+    for fname, entry in files_obj.items():
+        p = f"files[{fname!r}]."
+        if not _NAME_RE.match(fname) or fname in ("manifest.json", "manifest.sig"):
+            raise r.fail(f"files[{fname!r}]", "a plain file name other than manifest.*", fname)
+        if not isinstance(entry, dict):
+            raise r.fail(p[:-1], "an object", entry)
+        sha = r.get(entry, "sha256", p, str)
+        if not _SHA_RE.match(sha):
+            raise r.fail(f"{p}sha256", "64 lowercase hex digits", sha)
+        size = r.get(entry, "size", p, int)
+        if size < 0:
+            raise r.fail(f"{p}size", "an integer >= 0", size)
+        files[fname] = FileEntry(sha, size)
+    if MODEL_FILE not in files:
+        raise r.fail("files", f"an entry for {MODEL_FILE}", sorted(files))
+
+    signer = r.get(obj, "signer", "", str)
+    if not _KID_RE.match(signer):
+        raise r.fail("signer", "a 16-hex-digit key id", signer)
+
+    return Manifest(
+        format_version=version,
+        name=name,
+        version=model_version,
+        sequence=sequence,
+        created=created,
+        expires=expires,
+        input=InputSchema(n, tuple(names), dtype),
+        threshold=threshold,
+        confidence_scale=scale,
+        top_k=top_k,
+        rules=tuple(rules),
+        golden=tuple(vectors),
+        golden_abs_tol=abs_tol,
+        golden_rel_tol=rel_tol,
+        files=files,
+        signer=signer,
+        evaluation=evaluation,
+        drift_edges=drift_edges,
+        drift_proportions=drift_props,
+        raw=obj,
+    )
+
+
+def _parse_drift(r: _Reader, drift: dict, n: int):
+    edges = r.get(drift, "edges", "drift_reference.", list)
+    props = r.get(drift, "proportions", "drift_reference.", list)
+    if len(edges) != n or len(props) != n:
+        raise r.fail("drift_reference", f"edges and proportions for {n} features",
+                      f"{len(edges)} and {len(props)}")
+    out_e, out_p = [], []
+    for i, (e, p) in enumerate(zip(edges, props, strict=True)):
+        ok = (isinstance(e, list) and isinstance(p, list) and len(p) == len(e) + 1
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in e + p))
+        if not ok:
+            raise r.fail(f"drift_reference[{i}]", "k edges and k+1 proportions", [len(e), len(p)])
+        if any(b < a for a, b in zip(e, e[1:], strict=False)):
+            raise r.fail(f"drift_reference.edges[{i}]", "non-decreasing edges", e)
+        if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-3:
+            raise r.fail(f"drift_reference.proportions[{i}]", "proportions summing to 1", p)
+        out_e.append(tuple(float(x) for x in e))
+        out_p.append(tuple(float(x) for x in p))
+    return tuple(out_e), tuple(out_p)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 UTC with a Z suffix and whole seconds, as the writer stores times."""
+    return t.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
