@@ -64,11 +64,26 @@ SIGNING_CONTEXT = b"edgefleet-bundle-v1\x00"
 _CHUNK = 1 << 20
 _EOF_MARKER = 2 * tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
+_MEMBER_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 __all__ = [
-    "BundleError", "CorruptArchive", "DigestMismatch", "Downgrade", "Expired", "Incompatible",
-    "LimitExceeded", "Limits", "ManifestError", "MissingFile", "SignatureError", "UnexpectedFile",
-    "UnsafeArchive", "unpack_bundle", "verify_bundle", "write_bundle", "read_manifest_unverified",
+    "BundleError",
+    "CorruptArchive",
+    "DigestMismatch",
+    "Downgrade",
+    "Expired",
+    "Incompatible",
+    "LimitExceeded",
+    "Limits",
+    "ManifestError",
+    "MissingFile",
+    "SignatureError",
+    "UnexpectedFile",
+    "UnsafeArchive",
+    "read_manifest_unverified",
+    "unpack_bundle",
+    "verify_bundle",
+    "write_bundle",
 ]
 
 
@@ -164,8 +179,10 @@ def _check_member(
         kind = ("symlink" if m.issym() else "hard link" if m.islnk() else "directory"
                 if m.isdir() else "device or special file")
         raise UnsafeArchive(f"{path}: member {name!r} is a {kind}; only regular files allowed")
-    if "/" in name or "\\" in name or name in ("", "."):
-        raise UnsafeArchive(f"{path}: member {name!r} is not a plain file name")
+    if not _MEMBER_NAME_RE.fullmatch(name):
+        raise UnsafeArchive(
+            f"{path}: member {name!r} is not a plain file name of 1-100 [A-Za-z0-9._-]"
+        )
     if name in seen:
         raise UnsafeArchive(f"{path}: member {name!r} appears twice")
     if m.size > limits.max_member_bytes:
@@ -242,7 +259,7 @@ def _open(path: Path, limits: Limits) -> tuple[tarfile.TarFile, _Archive]:
     if size > limits.max_bundle_bytes:
         raise LimitExceeded(f"{path}: bundle is {size} bytes, limit {limits.max_bundle_bytes}")
     try:
-        tf = tarfile.open(path, mode="r:")  # uncompressed only
+        tf = tarfile.open(path, mode="r:")  # noqa: SIM115 (closed by the caller) uncompressed only
     except tarfile.TarError as e:
         raise CorruptArchive(f"{path}: not an uncompressed tar archive: {e}") from None
     try:
@@ -281,7 +298,9 @@ def _check_signature(path: Path, archive: _Archive, manifest: Manifest, keyring:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise SignatureError(f"{path}: {SIGNATURE_NAME} is malformed: {e}") from None
     if algorithm != "ed25519":
-        raise SignatureError(f"{path}: signature algorithm: expected 'ed25519', found {algorithm!r}")
+        raise SignatureError(
+            f"{path}: signature algorithm: expected 'ed25519', found {algorithm!r}"
+        )
     if kid != manifest.signer:
         raise SignatureError(
             f"{path}: signature key id {kid!r} does not match manifest signer {manifest.signer!r}"

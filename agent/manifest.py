@@ -8,6 +8,7 @@ expected and what was found. Unknown top-level keys are refused unless they star
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -173,8 +174,8 @@ def _as_tuple(kind: type | tuple) -> tuple:
 def _kind_name(kind: type | tuple) -> str:
     if set(_as_tuple(kind)) == {int, float}:
         return "a number"
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-             bool: "true/false"}
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", bool: "true/false"}
     return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
 
 
@@ -248,7 +249,8 @@ def parse_manifest(obj: Any, where: str = "manifest.json") -> Manifest:
         feat = r.get(rule, "feature", p, int)
         if not 0 <= feat < n:
             raise r.fail(f"{p}feature", f"an index in 0..{n - 1}", feat)
-        low, high = r.number(rule, "low", p, optional=True), r.number(rule, "high", p, optional=True)
+        low = r.number(rule, "low", p, optional=True)
+        high = r.number(rule, "high", p, optional=True)
         if low is not None and high is not None and low > high:
             raise r.fail(f"{p}low", f"<= high ({high})", low)
         rules.append(Rule(feat, low, high))
@@ -344,7 +346,7 @@ def _parse_drift(r: _Reader, drift: dict, n: int):
               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in e + p))
         if not ok:
             raise r.fail(f"drift_reference[{i}]", "k edges and k+1 proportions", [len(e), len(p)])
-        if any(b < a for a, b in zip(e, e[1:], strict=False)):
+        if any(b < a for a, b in itertools.pairwise(e)):
             raise r.fail(f"drift_reference.edges[{i}]", "non-decreasing edges", e)
         if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-3:
             raise r.fail(f"drift_reference.proportions[{i}]", "proportions summing to 1", p)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -243,10 +243,9 @@ def test_unpack_detects_a_bundle_swapped_after_verification(make_bundle, signer,
 def pristine(tmp_path_factory):
     """One valid bundle and its keyring, shared by the property tests."""
     tmp = tmp_path_factory.mktemp("prop")
-    from tests.conftest import manifest_fields
-
     from agent.bundle import write_bundle
     from agent.keys import load_private_key
+    from tests.conftest import manifest_fields
 
     pair = generate_keypair(tmp / "k", "release")
     trust_key(tmp / "ring", pair.public_path, "release")
@@ -266,7 +265,11 @@ class _Pristine(tuple):
         return f"<valid bundle of {len(self[0])} bytes>"
 
 
-@settings(max_examples=int(os.environ.get("EDGEFLEET_PROPERTY_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("EDGEFLEET_PROPERTY_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_random_corruption_is_always_rejected_with_a_bundle_error(pristine, data):
     original, ring, tmp = pristine

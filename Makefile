@@ -1,0 +1,37 @@
+# The two commands a newcomer runs on a fresh machine:
+#   make demo   - the main job end to end (data -> keys -> model -> signed bundle -> serve)
+#   make test   - the test suite
+# Each creates its own virtual environment and installs what it needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+# torch is installed first and exactly: a loose requirement lets pip take a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[optimize,dev,bench]'
+	touch $(STAMP)
+
+demo: venv
+	VENV=$(VENV) bash scripts/demo.sh
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(VENV)/bin/python bench/run_all.py
+
+clean:
+	rm -rf demo-out build bench/results .pytest_cache
