@@ -76,3 +76,53 @@ def to_onnx(model: RobustZ, top_k: int = 5, opset: int = 18) -> bytes:
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx_model.ir_version = 8
     return onnx_model.SerializeToString()
+
+
+def bundle_contents(
+    x: np.ndarray,
+    feature_names: list[str] | tuple[str, ...],
+    *,
+    labels: np.ndarray | None = None,
+    rules: list[dict] | None = None,
+    name: str = "robust-z",
+    version: str = "0.1.0",
+    sequence: int = 1,
+    top_k: int = 5,
+    false_fail_rate: float = 0.01,
+) -> tuple[dict, bytes]:
+    """Fit on the passing rows of `x` and return (manifest fields, model.onnx bytes) ready for
+    `agent.bundle.write_bundle`. Golden scores are computed by ONNX Runtime on the graph itself,
+    so a device's self-test compares like with like."""
+    import onnxruntime as ort
+
+    passes = x if labels is None else x[labels == 0]
+    model = RobustZ.fit(passes)
+    onnx_bytes = to_onnx(model, top_k=min(top_k, x.shape[1]))
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    scores = session.run(["score"], {"params": passes.astype(np.float32)})[0]
+    threshold = float(np.quantile(scores, 1.0 - false_fail_rate))
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
+    golden_x = x[: min(4, len(x))].astype(np.float32)
+    golden_scores = session.run(["score"], {"params": golden_x})[0]
+    if rules is None:  # robust bounds from passes: median +/- 6 robust sigmas
+        low = model.center - 6 * model.scale
+        high = model.center + 6 * model.scale
+        rules = [{"feature": i, "low": float(lo), "high": float(hi)}
+                 for i, (lo, hi) in enumerate(zip(low, high, strict=True))]
+    fields = {
+        "model": {"name": name, "version": version, "sequence": sequence},
+        "input": {"n_features": int(x.shape[1]), "feature_names": list(feature_names),
+                  "dtype": "float32"},
+        "decision": {"threshold": threshold, "confidence_scale": float(max(q75 - q25, 1e-6)),
+                     "top_k": min(top_k, x.shape[1])},
+        "fallback": {"rules": rules},
+        "golden": {
+            "abs_tol": 1e-4, "rel_tol": 1e-4,
+            "vectors": [
+                {"params": [None if np.isnan(v) else float(v) for v in row], "score": float(s)}
+                for row, s in zip(golden_x, golden_scores, strict=True)
+            ],
+        },
+        "evaluation": {"kind": "robust z-score baseline", "train_rows": len(passes)},
+    }
+    return fields, onnx_bytes
