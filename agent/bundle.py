@@ -63,7 +63,6 @@ SIGNATURE_NAME = "manifest.sig"
 SIGNING_CONTEXT = b"edgefleet-bundle-v1\x00"
 _CHUNK = 1 << 20
 _EOF_MARKER = 2 * tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
 _MEMBER_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 __all__ = [
@@ -233,11 +232,10 @@ def _check_framing(path: Path, members: Mapping[str, tarfile.TarInfo], size: int
                     f"{path}: unreadable or unexpected data after the last member (offset {end})"
                 )
     trailer = size - end
-    if trailer < _EOF_MARKER or (trailer != _EOF_MARKER and size % _RECORD):
+    if trailer != _EOF_MARKER:
         raise CorruptArchive(
-            f"{path}: truncated or padded: the archive must end with the {_EOF_MARKER}-byte "
-            f"end marker (optionally padded to a {_RECORD}-byte record), found {trailer} bytes "
-            "after the last member"
+            f"{path}: truncated or padded: the archive must end with exactly the "
+            f"{_EOF_MARKER}-byte end marker, found {trailer} bytes after the last member"
         )
 
 

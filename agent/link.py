@@ -1,0 +1,786 @@
+"""The device's MQTT link to the fleet controller: report state, take signed commands, report
+every step. Runs inside the agent process, off the serving path (its own threads; nothing here is
+called by a request).
+
+Contract (docs/fleet-protocol.md), under a configurable prefix (default `edgefleet`):
+
+    <prefix>/device/<id>/state   device -> all   retained, QoS 0, republished on every connect,
+                                                 every change and every `state_interval_s`;
+                                                 the broker's will (retained, QoS 1) marks the
+                                                 device offline
+    <prefix>/device/<id>/cmd     controller -> device   QoS 1, signed (agent/commands.py)
+    <prefix>/device/<id>/event   device -> controller   QoS 1, one per step of a command
+
+A command goes through, in order: verify (signature by a `fleet` key, addressee, validity
+window), replay guard (recorded durably, then the MQTT message is acknowledged), then the steps
+
+    install:     received -> downloading -> verified -> installing -> self-test -> live
+    rollback:    received -> installing -> self-test -> rolled-back
+    report-now:  received -> reported
+    any step:    -> failed (reason, detail); the box is as it was before the command
+
+The install itself is `agent.install.Installer`'s state machine (verify, unpack, load, self-test,
+commit, each state on disk first); this module only fetches the bundle and reports. Commands run
+one at a time on the link's worker; the MQTT network thread only queues them.
+
+The MQTT session is persistent (MQTT 5, clean_start=False, session expiry `session_expiry_s`),
+so QoS 1 commands sent while the box was offline are delivered when it comes back; events
+published while the broker is unreachable are queued in memory (bounded) and sent on reconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import ssl
+import tarfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import __version__
+from agent.bundle import read_manifest_unverified
+from agent.commands import (
+    Command,
+    CommandError,
+    Replayed,
+    ReplayGuard,
+    valid_device_id,
+    verify_command,
+)
+from agent.download import DownloadConfig, DownloadError, download
+from agent.errors import EdgefleetError, UsageError
+from agent.fsio import atomic_write
+from agent.keys import Keyring
+from agent.manifest import format_time, utc_now
+
+PROTOCOL_VERSION = 1
+TERMINAL_STEPS = ("live", "failed", "rolled-back", "reported")
+HEALTH_STATUSES = ("ok", "degraded", "fallback")
+_LOG = logging.getLogger("edgefleet.link")
+
+__all__ = [
+    "HEALTH_STATUSES",
+    "PROTOCOL_VERSION",
+    "TERMINAL_STEPS",
+    "DeviceLink",
+    "HealthProvider",
+    "LinkConfig",
+    "MqttConfig",
+    "StaticHealth",
+    "Topics",
+    "bundle_digest",
+]
+
+
+# -- the contract ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under a prefix (one or more levels, no wildcards)."""
+
+    prefix: str = "edgefleet"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "+#") or \
+                self.prefix.startswith("/") or self.prefix.endswith("/"):
+            raise UsageError(f"topic prefix {self.prefix!r}: no wildcards, no leading or "
+                             "trailing '/'")
+
+    def state(self, device_id: str) -> str:
+        return f"{self.prefix}/device/{device_id}/state"
+
+    def cmd(self, device_id: str) -> str:
+        return f"{self.prefix}/device/{device_id}/cmd"
+
+    def event(self, device_id: str) -> str:
+        return f"{self.prefix}/device/{device_id}/event"
+
+    def all(self, kind: str) -> str:
+        """Subscription filter for one kind (state, event, cmd) of every device."""
+        return f"{self.prefix}/device/+/{kind}"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """(device id, kind) for a topic under this prefix, else None."""
+        head = f"{self.prefix}/device/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 2 or parts[1] not in ("state", "cmd", "event"):
+            return None
+        return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How to reach the broker; shared by the device link and the controller. TLS is on when
+    `ca_file` is set; `cert_file`/`key_file` are the client's certificate (its CN is the MQTT
+    user name the broker's ACL sees)."""
+
+    host: str = "localhost"
+    port: int = 1883
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps an offline session
+    max_queued: int = 1000  # QoS 1 messages kept in memory while the broker is unreachable
+    connect_timeout_s: float = 5.0
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            ctx.load_cert_chain(str(self.cert_file),
+                                str(self.key_file) if self.key_file else None)
+        return ctx
+
+    def new_client(self, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
+        """A paho client (MQTT 5, callback API v2) with TLS, queue limits and backoff set, and
+        `connect_async` already called: start it with `loop_start()` or an external loop."""
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+        if self.tls:
+            client.tls_set_context(self.ssl_context())
+        client.max_queued_messages_set(self.max_queued)
+        client.reconnect_delay_set(max(1, int(self.reconnect_min_s)),
+                                   max(1, int(self.reconnect_max_s)))
+        client.connect_timeout = self.connect_timeout_s
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        client.connect_async(self.host, self.port, keepalive=self.keepalive_s,
+                             clean_start=False, properties=props)
+        return client
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MqttConfig:
+        """EDGEFLEET_MQTT_HOST, _PORT, _CA, _CERT, _KEY, then explicit overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for key, name, conv in (("host", "HOST", str), ("port", "PORT", int),
+                                ("ca_file", "CA", Path), ("cert_file", "CERT", Path),
+                                ("key_file", "KEY", Path)):
+            if env.get(f"EDGEFLEET_MQTT_{name}"):
+                values[key] = conv(env[f"EDGEFLEET_MQTT_{name}"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """One device's link settings (env: EDGEFLEET_DEVICE_ID, EDGEFLEET_TOPIC_PREFIX,
+    EDGEFLEET_LINK_DIR, EDGEFLEET_LABELS="site=fab2,tester=t5,group=canary",
+    EDGEFLEET_STATE_INTERVAL_S, and MqttConfig's and DownloadConfig's)."""
+
+    device_id: str
+    data_dir: Path  # replay record, link record, nothing large
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    prefix: str = "edgefleet"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    state_interval_s: float = 30.0  # republish when the health summary changed
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    replay_capacity: int = 1024
+
+    def __post_init__(self) -> None:
+        if not valid_device_id(self.device_id):
+            raise UsageError(f"device id {self.device_id!r}: 1-64 chars of [A-Za-z0-9._-]")
+        Topics(self.prefix)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> LinkConfig:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {"mqtt": MqttConfig.from_env(env),
+                                  "download": DownloadConfig.from_env(dict(env))}
+        if env.get("EDGEFLEET_DEVICE_ID"):
+            values["device_id"] = env["EDGEFLEET_DEVICE_ID"]
+        else:
+            values["device_id"] = re.sub(r"[^A-Za-z0-9._-]", "-", platform.node())[:64] or "box"
+        if env.get("EDGEFLEET_TOPIC_PREFIX"):
+            values["prefix"] = env["EDGEFLEET_TOPIC_PREFIX"]
+        if env.get("EDGEFLEET_LINK_DIR"):
+            values["data_dir"] = Path(env["EDGEFLEET_LINK_DIR"])
+        if env.get("EDGEFLEET_LABELS"):
+            values["labels"] = dict(kv.split("=", 1) for kv in env["EDGEFLEET_LABELS"].split(",")
+                                    if "=" in kv)
+        if env.get("EDGEFLEET_STATE_INTERVAL_S"):
+            values["state_interval_s"] = float(env["EDGEFLEET_STATE_INTERVAL_S"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" not in values:
+            raise UsageError("the link needs a data directory",
+                             hint="set EDGEFLEET_LINK_DIR or pass --link-dir")
+        return cls(**values)
+
+
+class HealthProvider(Protocol):
+    """What the link needs from the serving agent, computed over a recent window:
+
+        {"status": "ok" | "degraded" | "fallback", "reason": str | None,
+         "window_s": float, "requests": int, "errors": int, "fallback": int,
+         "p99_ms": float | None, "fail_rate": float | None, "max_psi": float | None}
+
+    Called from the link's worker thread, about every `state_interval_s`; must not block."""
+
+    def health_summary(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class StaticHealth:
+    """A stand-in health provider (the simulator, tests, an agent without a server)."""
+
+    status: str = "ok"
+    reason: str | None = None
+    requests: int = 0
+    errors: int = 0
+    fallback: int = 0
+    p99_ms: float | None = None
+    fail_rate: float | None = None
+    max_psi: float | None = None
+    window_s: float = 60.0
+
+    def health_summary(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ModelInstaller(Protocol):
+    """The part of `agent.install.Installer` the link uses."""
+
+    store: Any
+    fallback_reason: str | None
+
+    def install(self, bundle: Path) -> Any: ...
+
+    def rollback(self) -> Any: ...
+
+
+def bundle_digest(version_dir: Path) -> str:
+    """SHA-256 of the canonical bundle an installed version was unpacked from, rebuilt from the
+    stored files (docs/bundle-format.md: the archive has exactly one encoding; bundles written
+    by edgefleet are that encoding). It equals the `sha256` the install command named."""
+    d = Path(version_dir)
+    manifest_bytes = (d / "manifest.json").read_bytes()
+    names = sorted(json.loads(manifest_bytes)["files"])
+    h = hashlib.sha256()
+    for name in ["manifest.json", "manifest.sig", *names]:
+        data = manifest_bytes if name == "manifest.json" else (d / name).read_bytes()
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime, info.uid, info.gid = len(data), 0o644, 0, 0, 0
+        info.uname = info.gname = ""
+        h.update(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        h.update(data)
+        h.update(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+    h.update(b"\0" * (2 * tarfile.BLOCKSIZE))
+    return h.hexdigest()
+
+
+_REASONS = {
+    "SignatureError": "bundle-signature", "DigestMismatch": "digest-mismatch",
+    "MissingFile": "bundle-corrupt", "UnexpectedFile": "bundle-corrupt",
+    "CorruptArchive": "bundle-corrupt", "UnsafeArchive": "bundle-corrupt",
+    "LimitExceeded": "too-large", "ManifestError": "bundle-corrupt",
+    "Expired": "bundle-expired", "Incompatible": "incompatible", "Downgrade": "downgrade",
+    "SelfTestError": "self-test-failed", "LatencyTooHigh": "latency-too-high",
+    "EngineError": "load-failed", "IntegrityError": "integrity",
+}
+# install.State value -> the step it reports, and which steps precede a failed state
+_STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
+_STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
+
+
+class _Serial:
+    """Runs submitted callables one at a time, in order, on an executor (shared or own)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._queue: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(fn)
+            self._idle.clear()
+            if self._running:
+                return
+            self._running = True
+        self._executor.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    self._idle.set()
+                    return
+                fn = self._queue.popleft()
+            try:
+                fn()
+            except Exception:  # a bug in one job must not stop the link
+                _LOG.exception("fleet link job failed")
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+
+# -- the link -------------------------------------------------------------------------------
+
+
+class DeviceLink:
+    """One device's connection to the fleet. `start()`, then `stop()` at shutdown.
+
+    `installer` is the agent's `agent.install.Installer` (already `start()`ed by the server);
+    `health` supplies the health summary; `executor` (optional) runs this link's jobs, one at a
+    time (the simulator shares one across devices); `driver` (optional, see
+    fleet.transport.SelectorLoop) runs the MQTT network I/O instead of paho's own thread.
+    """
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        keyring: Keyring | Path,
+        installer: ModelInstaller,
+        health: HealthProvider | None = None,
+        executor: Executor | None = None,
+        fetch: Callable[..., Path] = download,
+        agent_version: str = __version__,
+        arch: str | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.prefix)
+        self.keyring = keyring
+        self.installer = installer
+        self.health = health or StaticHealth()
+        self.fetch = fetch
+        self.agent_version = agent_version
+        self.arch = arch or platform.machine()
+        self.boot = secrets.token_hex(4)
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self.connects = 0  # successful connections so far
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.replay = ReplayGuard(config.data_dir / "commands-seen.json",
+                                  capacity=config.replay_capacity)
+        self._record_path = config.data_dir / "link.json"
+        self._record = self._load_record()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="fleet-link")
+        self._jobs = _Serial(self._executor)
+        self._lock = threading.Lock()
+        self._event_seq = 0
+        self._state_seq = 0
+        self._busy: dict[str, Any] | None = None
+        self._digests: dict[str, str] = {}
+        self._last_published: dict[str, Any] | None = None
+        self._last_publish_t = 0.0
+        self._ticker: threading.Thread | None = None
+        self._driver: Any = None
+        self.client = config.mqtt.new_client(config.device_id, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, driver: Any = None) -> DeviceLink:
+        """Set the will, then connect in the background (retrying with backoff for ever).
+        Without a `driver`, paho's own network thread and one ticker thread run the link."""
+        self._set_will()
+        self._recover_in_flight()
+        if driver is None:
+            self.client.loop_start()
+            self._ticker = threading.Thread(target=self._tick_loop, daemon=True,
+                                            name=f"fleet-link-tick-{self.config.device_id}")
+            self._ticker.start()
+        else:
+            self._driver = driver
+            driver.add(self.client, tick=self.tick)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the offline state (so the retained state says why), disconnect cleanly
+        (the will is not sent), and stop the threads. Commands still queued are dropped; the
+        broker keeps them for the next start (persistent session)."""
+        self.stopping.set()
+        if self.connected.is_set():
+            info = self.client.publish(self.topics.state(self.config.device_id),
+                                       json.dumps(self.state(online=False)), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        if self._driver is not None:
+            deadline = time.monotonic() + 1.0  # let the driver flush the DISCONNECT
+            while self.client.socket() is not None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self._driver.remove(self.client)
+        else:
+            self.client.loop_stop()
+        if self._ticker is not None:
+            self._ticker.join(timeout)
+        self._jobs.wait_idle(timeout)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once no command is queued or running (for tests and the simulator)."""
+        return self._jobs.wait_idle(timeout)
+
+    def tick(self) -> None:
+        """Called about once a second by the driver: republish the state when the summary
+        changed and `state_interval_s` passed."""
+        if (self.connected.is_set() and not self.stopping.is_set()
+                and time.monotonic() - self._last_publish_t >= self.config.state_interval_s):
+            self._last_publish_t = time.monotonic()  # one job queued per interval at most
+            self._jobs.submit(lambda: self.publish_state(only_if_changed=True))
+
+    def _tick_loop(self) -> None:
+        while not self.stopping.wait(1.0):
+            self.tick()
+
+    # -- MQTT callbacks (network thread: never block here) -----------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            _LOG.warning("broker refused the connection: %s", reason)
+            return
+        self.connects += 1
+        client.subscribe(self.topics.cmd(self.config.device_id), qos=1)
+        self.connected.set()
+        self._jobs.submit(lambda: self.publish_state(force=True))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        payload, mid, qos, dup = bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup)
+        self._jobs.submit(lambda: self._handle(payload, mid, qos, dup))
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _set_will(self) -> None:
+        """The broker publishes this (retained) if the connection dies without a DISCONNECT:
+        the state as of now with online=false and will=true. Consumers holding a newer state of
+        the same device (higher `seq`) take only `online` from it (docs/fleet-protocol.md)."""
+        doc = self.state(online=False)
+        doc["will"] = True
+        self.client.will_set(self.topics.state(self.config.device_id), json.dumps(doc),
+                             qos=1, retain=True)
+
+    def state(self, *, online: bool = True) -> dict[str, Any]:
+        """The state document (docs/fleet-protocol.md)."""
+        with self._lock:
+            self._state_seq = max(self._state_seq + 1, time.time_ns() // 1_000_000)
+            seq = self._state_seq
+            busy = dict(self._busy) if self._busy else None
+            last = self._record.get("last_command")
+        try:
+            summary = dict(self.health.health_summary())
+        except Exception as e:  # a broken provider must not silence the device
+            summary = {"status": "degraded", "reason": f"health summary unavailable: {e}"}
+        status = summary.pop("status", "ok")
+        reason = summary.pop("reason", None)
+        if getattr(self.installer, "fallback_reason", None):
+            status, reason = "fallback", self.installer.fallback_reason
+        return {
+            "v": PROTOCOL_VERSION,
+            "device_id": self.config.device_id,
+            "online": online,
+            "will": False,
+            "seq": seq,
+            "boot": self.boot,
+            "ts": format_time(utc_now()),
+            "agent_version": self.agent_version,
+            "arch": self.arch,
+            "labels": dict(self.config.labels),
+            "model": {"active": self._model("active"), "previous": self._model("previous")},
+            "health": {"status": status if status in HEALTH_STATUSES else "degraded",
+                       "reason": reason},
+            "summary": summary,
+            "busy": busy,
+            "last_command": last,
+        }
+
+    def _model(self, pointer: str) -> dict[str, Any] | None:
+        store = self.installer.store
+        vid = store.active() if pointer == "active" else store.previous()
+        if vid is None:
+            return None
+        try:
+            m = store.manifest(vid)
+            if vid not in self._digests:
+                self._digests[vid] = bundle_digest(store.version_dir(vid))
+        except (EdgefleetError, OSError, ValueError, KeyError) as e:
+            return {"id": vid, "error": str(e)}
+        return {"id": vid, "name": m.name, "version": m.version, "sequence": m.sequence,
+                "digest": self._digests[vid], "model_sha256": m.model_digest}
+
+    def publish_state(self, *, force: bool = False, only_if_changed: bool = False) -> None:
+        """Publish the state (retained, QoS 0: a lost one is superseded by the republish on the
+        next connect). With `only_if_changed`, skip when nothing but time and seq changed."""
+        doc = self.state()
+        self._last_publish_t = time.monotonic()
+        if only_if_changed and not force and self._last_published is not None:
+            def key(d: dict) -> dict:
+                return {k: v for k, v in d.items() if k not in ("seq", "ts")}
+            if key(doc) == key(self._last_published):
+                return
+        if not self.connected.is_set():
+            return  # republished on connect
+        self.client.publish(self.topics.state(self.config.device_id), json.dumps(doc),
+                            qos=0, retain=True)
+        self._last_published = doc
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _event(self, step: str, cmd: Command | None = None, *, command_id: str | None = None,
+               rollout_id: str | None = None, ctype: str | None = None, **extra: Any) -> None:
+        with self._lock:
+            self._event_seq += 1
+            seq = self._event_seq
+            if self._busy is not None and cmd is not None and self._busy["command_id"] == cmd.id:
+                self._busy["step"] = step
+        doc = {
+            "v": PROTOCOL_VERSION, "device_id": self.config.device_id, "boot": self.boot,
+            "seq": seq, "ts": format_time(utc_now()),
+            "command_id": cmd.id if cmd else command_id,
+            "rollout_id": cmd.rollout_id if cmd else rollout_id,
+            "type": cmd.type if cmd else ctype, "step": step,
+            **{k: v for k, v in extra.items() if v is not None},
+        }
+        # QoS 1, queued by paho while the broker is unreachable and sent on reconnect.
+        self.client.publish(self.topics.event(self.config.device_id), json.dumps(doc), qos=1)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    def _handle(self, payload: bytes, mid: int, qos: int, dup: bool) -> None:
+        """Verify, record, acknowledge, run. Runs on the link's worker."""
+        try:
+            cmd = verify_command(payload, self.keyring_now(), device_id=self.config.device_id)
+            self.replay.record(cmd)
+        except Replayed as e:
+            self._ack(mid, qos)
+            if not dup:  # a redelivery after a crash between record and ack is not news
+                self._event("failed", command_id=e.command_id, rollout_id=e.rollout_id,
+                            reason=e.reason, detail=str(e))
+            return  # a replay never changes the device's reported last command
+        except CommandError as e:
+            self._ack(mid, qos)
+            self._event("failed", command_id=e.command_id, rollout_id=e.rollout_id,
+                        reason=e.reason, detail=str(e))
+            self._finish(None, "failed", e.reason, str(e), command_id=e.command_id,
+                         rollout_id=e.rollout_id)
+            return
+        except EdgefleetError as e:  # keyring unreadable: refuse, say why
+            self._ack(mid, qos)
+            self._event("failed", reason="keyring", detail=str(e))
+            return
+        self._ack(mid, qos)  # durable in the replay record: the broker may forget it now
+        self._event("received", cmd)
+        with self._lock:
+            self._busy = {"command_id": cmd.id, "rollout_id": cmd.rollout_id,
+                          "type": cmd.type, "step": "received"}
+        self._save_record(in_flight=cmd.body())
+        self.publish_state()
+        try:
+            if cmd.type == "install":
+                self._install(cmd)
+            elif cmd.type == "rollback":
+                self._rollback(cmd)
+            else:
+                self._event("reported", cmd)
+                self._finish(cmd, "reported")
+        except Exception as e:  # never leave a command without a terminal event
+            _LOG.exception("command %s failed unexpectedly", cmd.id)
+            self._event("failed", cmd, reason="internal", detail=f"{type(e).__name__}: {e}")
+            self._finish(cmd, "failed", "internal", str(e))
+
+    def keyring_now(self) -> Keyring:
+        """The keyring as it is on disk now (rotation and revocation apply without restart)."""
+        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+
+    def _finish(self, cmd: Command | None, result: str, reason: str | None = None,
+                detail: str | None = None, *, command_id: str | None = None,
+                rollout_id: str | None = None, **extra: Any) -> None:
+        last = {"id": cmd.id if cmd else command_id,
+                "rollout_id": cmd.rollout_id if cmd else rollout_id,
+                "type": cmd.type if cmd else None, "result": result, "reason": reason,
+                "detail": detail[:500] if detail else None, "ts": format_time(utc_now()),
+                **extra}
+        with self._lock:
+            self._busy = None
+        self._save_record(last_command=last, in_flight=None)
+        self.publish_state()
+
+    def _fail(self, cmd: Command, reason: str, detail: str, **extra: Any) -> None:
+        self._event("failed", cmd, reason=reason, detail=detail, **extra)
+        self._finish(cmd, "failed", reason, detail)
+
+    def _install(self, cmd: Command) -> None:
+        spec = cmd.install
+        assert spec is not None
+        store = self.installer.store
+        highest = store.highest_sequence()
+        if highest is not None and spec.sequence < highest:
+            self._fail(cmd, "downgrade", f"sequence {spec.sequence} is below the highest ever "
+                       f"installed here ({highest})")
+            return
+        if (self._model("active") or {}).get("digest") == spec.sha256:
+            self._event("live", cmd, model=self._model("active"), unchanged=True)
+            self._finish(cmd, "live", unchanged=True)
+            return
+        self._event("downloading", cmd, url=spec.url, size=spec.size)
+        dest = store.download_path(f"{spec.sha256}.efb")
+        last_report = [time.monotonic()]
+
+        def progress(have: int, total: int) -> None:
+            if time.monotonic() - last_report[0] >= 5.0:
+                last_report[0] = time.monotonic()
+                self._event("downloading", cmd, bytes=have, size=total)
+
+        t0 = time.monotonic()
+        try:
+            self.fetch(spec.url, dest, sha256=spec.sha256, size=spec.size,
+                       config=self.config.download, progress=progress, cancel=self.stopping)
+        except DownloadError as e:
+            self._fail(cmd, e.reason, str(e))
+            return
+        download_s = time.monotonic() - t0
+        try:
+            seq = read_manifest_unverified(dest).sequence
+        except EdgefleetError as e:
+            dest.unlink(missing_ok=True)
+            self._fail(cmd, "bundle-corrupt", str(e))
+            return
+        if seq != spec.sequence:
+            dest.unlink(missing_ok=True)
+            self._fail(cmd, "sequence-mismatch",
+                       f"the bundle's sequence is {seq}, the command says {spec.sequence}")
+            return
+        self._run_job(cmd, lambda **kw: self.installer.install(dest, **kw), "live",
+                      download_s=round(download_s, 3))
+        dest.unlink(missing_ok=True)
+
+    def _rollback(self, cmd: Command) -> None:
+        self._run_job(cmd, lambda **kw: self.installer.rollback(**kw), "rolled-back")
+
+    def _run_job(self, cmd: Command, job: Callable[..., Any], success: str,
+                 **extra: Any) -> None:
+        """Run an install or rollback through the installer's state machine, reporting its
+        states as steps (live, through `on_state`, when the installer offers it)."""
+        reported: list[str] = []
+
+        def on_state(state: str) -> None:
+            step = _STATE_STEP.get(str(state))
+            if step and step not in reported:
+                reported.append(step)
+                self._event(step, cmd)
+
+        kwargs = {"on_state": on_state} if _accepts(job, self.installer, "on_state") else {}
+        try:
+            result = job(**kwargs)
+        except EdgefleetError as e:
+            failed_at = getattr(e, "state", None)
+            if failed_at in _STEP_ORDER:  # report the steps that did complete
+                done = _STEP_ORDER[:_STEP_ORDER.index(failed_at) + 1]  # entered, then failed
+                for s in done[1:] if success == "live" else done[2:]:
+                    on_state(s)
+            kind = getattr(e, "kind", None) or type(e).__name__
+            reason = _REASONS.get(kind) or _kebab(kind)
+            self._fail(cmd, reason, getattr(e, "reason", None) or str(e),
+                       state=failed_at, **extra)
+            return
+        for s in ("unpack", "load", "self_test") if success == "live" else ("load", "self_test"):
+            on_state(s)  # no-op where on_state already reported them
+        timings = getattr(result, "timings", None) or {}
+        model = self._model("active")
+        self._event(success, cmd, model=model, unchanged=getattr(result, "outcome", "") ==
+                    "unchanged" or None, timings_s={k: round(v, 4) for k, v in timings.items()},
+                    **extra)
+        self._finish(cmd, success, model_id=model["id"] if model else None)
+
+    # -- the link record ------------------------------------------------------------------------
+
+    def _load_record(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._record_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {}  # a record is rewritten atomically; an unreadable one is just forgotten
+
+    def _save_record(self, **changes: Any) -> None:
+        with self._lock:
+            self._record.update(changes)
+            data = json.dumps(self._record).encode()
+        atomic_write(self._record_path, data)
+
+    def _recover_in_flight(self) -> None:
+        """A command that was running when the agent stopped: the installer's start-up recovery
+        has finished or undone it; report which, once connected."""
+        body = self._record.get("in_flight")
+        if not body:
+            return
+        cid, rid, ctype = body.get("id"), body.get("rollout_id"), body.get("type")
+        want = (body.get("install") or {}).get("sha256")
+        active = self._model("active")
+        if ctype == "install" and active and active.get("digest") == want:
+            result, reason = "live", None
+            self._event("live", command_id=cid, rollout_id=rid, ctype=ctype, model=active,
+                        recovered=True)
+        else:
+            result, reason = "failed", "interrupted"
+            self._event("failed", command_id=cid, rollout_id=rid, ctype=ctype,
+                        reason=reason, detail="the agent stopped while the command ran; "
+                        "start-up recovery finished or undid it", recovered=True)
+        self._save_record(in_flight=None, last_command={
+            "id": cid, "rollout_id": rid, "type": ctype, "result": result, "reason": reason,
+            "detail": None, "ts": format_time(utc_now())})
+
+
+def _accepts(job: Callable[..., Any], installer: Any, name: str) -> bool:
+    """Does the installer's install/rollback take keyword `name`? (`on_state` is optional.)"""
+    for meth in ("install", "rollback"):
+        fn = getattr(installer, meth, None)
+        if fn is not None:
+            try:
+                if name not in inspect.signature(fn).parameters:
+                    return False
+            except (TypeError, ValueError):
+                return False
+    return True
+
+
+def _kebab(name: str) -> str:
+    """`SelfTestError` -> `self-test-error`, `OSError` -> `os-error`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", name).lower() \
+        or "failed"

@@ -1,0 +1,257 @@
+"""A fleet in one process: N virtual devices, each with its own MQTT connection, its own model
+store in a directory of its own, and the real device code (command verification, download,
+install state machine with a real ONNX Runtime self-test, the link). For testing and
+benchmarking a controller at hundreds of devices on one machine.
+
+    sim = Simulator(SimConfig(devices=500, root=tmp, mqtt=MqttConfig(port=...),
+                              keyring=Path("keyring")),
+                    faults={"sim-0003": DeviceFaults(self_test_failure=True)})
+    sim.start()
+    sim.wait_connected(timeout=20)
+    ...                                   # drive it with fleet.transport.FleetController
+    sim.stop()
+
+Network I/O: with `driver="selector"` (default) one thread drives every device's MQTT socket
+(fleet.transport.SelectorLoop, epoll); `driver="threads"` gives each device paho's own network
+thread (`loop_start`), as the agent does. paho's loop waits with select(), which cannot watch a
+file descriptor above 1023, so that driver stalls at about 250 devices in one process.
+
+Commands run on a shared pool of `workers` threads, one at a time per device. Faults per device
+(`DeviceFaults`): the install step fails, the self-test fails (a real one: the latency limit is
+set below anything a model can meet), the download is slow, or the device drops off the network
+mid-install and comes back later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.download import DownloadConfig, download
+from agent.install import InstallConfig, Installer, InstallFailed
+from agent.keys import Keyring
+from agent.link import DeviceLink, LinkConfig, MqttConfig, StaticHealth
+from fleet.transport import SelectorLoop
+
+__all__ = ["DeviceFaults", "SimConfig", "SimDevice", "Simulator"]
+
+
+@dataclass(frozen=True)
+class DeviceFaults:
+    install_failure: bool = False  # the install step fails (as if the disk were full)
+    self_test_failure: bool = False  # the model's self-test fails on this device
+    slow_download_bps: float | None = None  # the download crawls at this many bytes/s
+    offline_mid_install_s: float | None = None  # drop off the network this long once the
+    # download has started (the install goes on; events are queued)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    devices: int
+    root: Path  # one directory per device below it
+    mqtt: MqttConfig
+    keyring: Path
+    prefix: str = "edgefleet"
+    id_format: str = "sim-{:04d}"
+    driver: str = "selector"  # or "threads"
+    workers: int = 4  # threads running commands, shared by all devices
+    state_interval_s: float = 30.0
+    download: DownloadConfig = field(default_factory=lambda: DownloadConfig(
+        timeout_s=5, attempts=8, backoff_s=0.2, backoff_max_s=2.0))
+    groups: tuple[str, ...] = ("canary", "wave-1", "wave-2", "wave-3")
+
+    def device_id(self, i: int) -> str:
+        return self.id_format.format(i)
+
+    def labels(self, i: int) -> dict[str, str]:
+        return {"site": "sim", "tester": f"t{i % 8}",
+                "group": self.groups[0] if i == 0 else self.groups[1 + i % (len(self.groups) - 1)]}
+
+
+class _Network:
+    """A device's network: `cut(seconds)` drops the connection (no DISCONNECT, so the broker
+    sends the will) and refuses reconnects until the time is up."""
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.offline_until = 0.0
+        self._reconnect = client.reconnect
+        client.reconnect = self._gated  # type: ignore[method-assign]
+
+    def _gated(self) -> Any:
+        if time.monotonic() < self.offline_until:
+            raise ConnectionRefusedError("simulated network outage")
+        return self._reconnect()
+
+    def cut(self, seconds: float) -> None:
+        self.offline_until = time.monotonic() + seconds
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _FailingInstaller:
+    """The real installer, except that `install` fails the way a full disk would."""
+
+    def __init__(self, real: Installer) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def install(self, bundle: Path, **kw: Any) -> Any:
+        raise InstallFailed("install", None, "unpack", "OSError",
+                            f"[Errno 28] No space left on device (simulated) unpacking {bundle}")
+
+
+class _ThreadDriver:
+    """paho's own network thread per client; one shared thread calls every device's tick."""
+
+    def __init__(self, tick_s: float = 1.0) -> None:
+        self._ticks: dict[int, Callable[[], None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sim-ticks", daemon=True)
+        self.tick_s = tick_s
+
+    def start(self) -> _ThreadDriver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def add(self, client: mqtt.Client, tick: Callable[[], None] | None = None) -> None:
+        if tick is not None:
+            self._ticks[id(client)] = tick
+        client.loop_start()
+
+    def remove(self, client: mqtt.Client) -> None:
+        self._ticks.pop(id(client), None)
+        client.loop_stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            for tick in list(self._ticks.values()):
+                tick()
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    installer: Any
+    link: DeviceLink
+    network: _Network
+    faults: DeviceFaults
+
+
+class Simulator:
+    """N virtual devices against one broker (see the module docstring)."""
+
+    def __init__(self, config: SimConfig,
+                 faults: Mapping[str, DeviceFaults] | None = None) -> None:
+        if config.driver not in ("selector", "threads"):
+            raise ValueError(f"driver must be 'selector' or 'threads', not {config.driver!r}")
+        self.config = config
+        self.faults = dict(faults or {})
+        self.keyring = Keyring.load(config.keyring)
+        self.devices: dict[str, SimDevice] = {}
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="sim-cmd")
+        self._driver: SelectorLoop | _ThreadDriver = (
+            SelectorLoop(reconnect_min_s=config.mqtt.reconnect_min_s,
+                         reconnect_max_s=config.mqtt.reconnect_max_s)
+            if config.driver == "selector" else _ThreadDriver())
+
+    def _make(self, i: int) -> SimDevice:
+        cfg = self.config
+        dev_id = cfg.device_id(i)
+        faults = self.faults.get(dev_id, DeviceFaults())
+        base = Path(cfg.root) / dev_id
+        installer: Any = Installer.open(
+            base / "store", self.keyring,
+            InstallConfig(latency_rows=5,
+                          max_latency_s=1e-9 if faults.self_test_failure else None),
+            on_commit=lambda engine, manifest: None)  # a simulated box serves nothing
+        installer.start()
+        if faults.install_failure:
+            installer = _FailingInstaller(installer)
+        holder: dict[str, Any] = {}
+        link = DeviceLink(
+            LinkConfig(dev_id, base / "link", cfg.mqtt, prefix=cfg.prefix,
+                       labels=cfg.labels(i), state_interval_s=cfg.state_interval_s,
+                       download=cfg.download),
+            keyring=self.keyring, installer=installer,
+            health=StaticHealth(requests=1000 + i, p99_ms=0.2, fail_rate=0.01, max_psi=0.02),
+            executor=self._executor,
+            fetch=lambda *a, **kw: self._fetch(holder["dev"], *a, **kw),
+            arch="sim")
+        dev = SimDevice(dev_id, installer, link, _Network(link.client), faults)
+        holder["dev"] = dev
+        return dev
+
+    def _fetch(self, dev: SimDevice, url: str, dest: Path, **kw: Any) -> Path:
+        f = dev.faults
+        if f.offline_mid_install_s:
+            dev.network.cut(f.offline_mid_install_s)
+        if f.slow_download_bps:
+            inner = kw.get("progress")
+            last = [0]
+
+            def crawl(have: int, total: int) -> None:
+                time.sleep((have - last[0]) / f.slow_download_bps)
+                last[0] = have
+                if inner is not None:
+                    inner(have, total)
+
+            kw["progress"] = crawl
+        return download(url, dest, **kw)
+
+    def start(self) -> Simulator:
+        """Create every device (store, installer, link) and start connecting them."""
+        self._driver.start()
+        for i in range(self.config.devices):
+            dev = self._make(i)
+            self.devices[dev.device_id] = dev
+            dev.link.start(driver=self._driver)
+        return self
+
+    def connected(self) -> int:
+        return sum(1 for d in self.devices.values() if d.link.connected.is_set())
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.connected() < len(self.devices):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(d.link.wait_idle(max(0.0, deadline - time.monotonic()))
+                   for d in self.devices.values())
+
+    def stop(self) -> None:
+        for dev in self.devices.values():
+            with contextlib.suppress(Exception):
+                dev.link.stop(timeout=2)
+        self._driver.stop()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for dev in self.devices.values():
+            dev.installer.close()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
