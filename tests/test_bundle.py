@@ -49,7 +49,8 @@ def _rewrite(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
                 tf.addfile(info, io.BytesIO(data))
             else:
                 tf.addfile(info)
-    path.write_bytes(buf.getvalue())
+        end = tf.offset
+    path.write_bytes(buf.getvalue()[: end + 1024])  # end marker only, like the bundle writer
 
 
 def _add(path: Path, info: tarfile.TarInfo, data: bytes = b"") -> None:
