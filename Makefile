@@ -35,3 +35,20 @@ bench: venv
 
 clean:
 	rm -rf demo-out build bench/results .pytest_cache
+
+# Deployment: the agent's container image, ARM64 tests, and the checks on docker/ and k3s/.
+# Each installs what it needs (Debian packages as root, tools into build/). ARCH=amd64 builds
+# the amd64 image instead of arm64.
+.PHONY: image image-test test-arm64 check-manifests
+
+image:
+	bash scripts/image.sh all
+
+image-test: venv
+	bash scripts/image.sh test
+
+test-arm64:
+	bash scripts/test-arm64.sh
+
+check-manifests:
+	bash scripts/check-manifests.sh

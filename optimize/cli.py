@@ -83,3 +83,109 @@ def make_data(
         f"(gross {counts['gross']}, subtle {counts['subtle']}); {missing:.2f}% cells missing; "
         f"drift {'on' if drift else 'off'}"
     )
+
+
+@app.command("build")
+def build(
+    data: Path = typer.Option(
+        ..., "--data", help="Die data: .csv (header row; optional label/defect/time columns and a "
+        ".spec.json sidecar with limits) or .npz."
+    ),
+    key: Path = typer.Option(..., "--key", help="Release private key (PEM, mode 0600)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory: model.efb, report.md/json, plots, models/*.onnx."
+    ),
+    config: Path = typer.Option(
+        None, "--config", help="JSON config, e.g. {\"train\": {\"epochs\": 10}}; sections: split, "
+        "preprocess, model, train, prune, quantize, calibrate, evaluate, package. "
+        "EDGEFLEET_OPTIMIZE_<SECTION>_<FIELD> variables override it; flags override both."
+    ),
+    sequence: int = typer.Option(
+        None, "--sequence", min=0, help="Bundle sequence (default: one above OUT/model.efb, or 1)."
+    ),
+    name: str = typer.Option(None, "--name", help="Model name in the bundle (default: die-ae)."),
+    epochs: int = typer.Option(
+        None, "--epochs", min=1, help="Maximum training epochs (default: 30)."
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed for training and row shuffling (default: 0)."
+    ),
+    keep: float = typer.Option(
+        None, "--keep", min=0.01, max=1.0,
+        help="Share of hidden units kept by pruning (default: 0.3).",
+    ),
+    target_ffr: float = typer.Option(
+        None, "--target-ffr", min=0.0, max=0.5,
+        help="False-fail rate the threshold is set to on validation passes (default: 0.01).",
+    ),
+    top_k: int = typer.Option(
+        None, "--top-k", min=1, help="Contributing parameters reported (default: 5)."
+    ),
+    quantization: str = typer.Option(
+        None, "--quantization", help="auto (better parity of static and dynamic), static or "
+        "dynamic (default: auto)."
+    ),
+    output: str = typer.Option("text", "--output", "-o", help="text or json (the report)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Train, prune, quantize and sign a die anomaly model.
+
+    Splits DATA by time (training on passing dies only), fits the
+    preprocessing, trains a dense autoencoder, prunes whole hidden units,
+    exports one ONNX graph (raw parameters in; score and top-k contributing
+    parameters out), quantizes it to INT8, calibrates the threshold at the
+    target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback on
+    the test split, and writes OUT/model.efb signed with KEY, with report.md,
+    report.json, plots and the ONNX models next to it. Progress goes to
+    stderr, the summary table to stdout.
+
+    Example: edgefleet optimize build --data dies.csv --key release.key --out build/
+    """
+    import json
+    import logging
+    import sys
+    import time
+
+    from optimize.evaluate import summary_table
+    from optimize.pipeline import build as run_build
+    from optimize.pipeline import load_config
+
+    if output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {output!r}")
+    if quantization is not None and quantization not in ("auto", "static", "dynamic"):
+        raise UsageError(f"--quantization must be auto, static or dynamic, not {quantization!r}")
+    cfg = load_config(config, overrides={
+        "train": {"epochs": epochs, "seed": seed},
+        "split": {"seed": seed},
+        "prune": {"keep": keep},
+        "calibrate": {"target_ffr": target_ffr, "top_k": top_k},
+        "quantize": {"method": quantization},
+        "package": {"name": name},
+    })
+    logger = logging.getLogger("edgefleet.optimize")
+    if not quiet:
+        start = time.perf_counter()
+
+        class _Elapsed(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return f"[{time.perf_counter() - start:6.1f}s] {record.getMessage()}"
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Elapsed())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # ORT's quantizer configures the root logger
+    try:
+        result = run_build(data, key, out, cfg, sequence=sequence)
+    finally:
+        if not quiet:
+            logger.removeHandler(handler)
+            logger.propagate = True
+    if output == "json":
+        typer.echo(json.dumps(result.report, indent=2, sort_keys=True))
+        return
+    typer.echo(summary_table(result.report))
+    m = result.manifest
+    typer.echo(f"build time {result.seconds:.1f}s")
+    typer.echo(f"wrote {result.bundle}: {m.name} {m.version} sequence {m.sequence}, "
+               f"threshold {m.threshold:.4g}, report {out / 'report.md'}")

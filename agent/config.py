@@ -1,0 +1,136 @@
+"""The agent's configuration: one frozen dataclass, from CLI flags, then environment
+(`EDGEFLEET_AGENT_<FIELD>`, e.g. `EDGEFLEET_AGENT_MAX_MISSING_SHARE=0.1`), then a TOML file
+(`--config FILE`, keys as the field names), then the defaults below, in that precedence.
+
+    # agent.toml
+    socket = "/run/edgefleet/agent.sock"
+    socket_mode = "0660"
+    socket_group = "tester"
+    store = "/var/lib/edgefleet/store"
+    keyring = "/etc/edgefleet/keyring"
+    metrics_addr = "0.0.0.0:9464"
+    max_missing_share = 0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from agent.errors import UsageError
+
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    store: Path | None = None
+    keyring: Path | None = None
+    rules: Path | None = None  # standalone fallback rules (JSON), for a box without a model
+    metrics_addr: str | None = "127.0.0.1:9464"  # "" disables the HTTP endpoint
+    threads: int = 1  # ONNX Runtime intra-op threads
+    max_missing_share: float = 0.2  # more missing values than this share of a row: error
+    max_line_bytes: int = 4 << 20
+    max_frame_bytes: int = 64 << 20
+    max_connections: int = 64
+    io_timeout_s: float = 10.0  # a message stalled halfway, or an answer nobody reads
+    fallback_retry_s: float = 5.0  # after the session raises, try the model again after this
+    drift_window: int = 2048
+    drift_top_k: int = 5
+    drift_interval_s: float = 10.0
+    switch_interval_s: float = 0.0005  # sys.setswitchinterval for the serving process
+    log_level: str = "info"
+
+    def to_json(self) -> str:
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in dataclasses.asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentConfig:
+        """The inverse of `to_json` (every field present, already validated)."""
+        known = {f.name: f.type for f in fields(cls)}
+        data = json.loads(text)
+        cfg = cls(**{k: _coerce(k, known[k], v, "config") for k, v in data.items()})
+        _check(cfg)
+        return cfg
+
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        if not self.metrics_addr:
+            return None
+        host, sep, port = self.metrics_addr.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UsageError(f"metrics_addr: expected HOST:PORT, found {self.metrics_addr!r}")
+        return host or "0.0.0.0", int(port)
+
+
+def _coerce(name: str, kind: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    text = str(kind)
+    try:
+        if name == "socket_mode":
+            return int(value, 8) if isinstance(value, str) else int(value)
+        if "Path" in text:
+            return Path(value)
+        if text == "int":
+            if isinstance(value, bool):
+                raise ValueError("a boolean")
+            return int(value)
+        if text == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {name}: cannot use {value!r} ({e})") from None
+
+
+def load_config(file: Path | None = None, env: Mapping[str, str] | None = None,
+                **flags: Any) -> AgentConfig:
+    """Merge file < environment < flags (flags set to None are ignored)."""
+    env = os.environ if env is None else env
+    known = {f.name: f.type for f in fields(AgentConfig)}
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UsageError(f"cannot read config file {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"config file {file}: not valid TOML: {e}") from None
+        for key, value in data.items():
+            if key not in known:
+                raise UsageError(f"config file {file}: unknown key {key!r}",
+                                 hint=f"known keys: {', '.join(sorted(known))}")
+            values[key] = _coerce(key, known[key], value, str(file))
+    for name, kind in known.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, kind, raw, ENV_PREFIX + name.upper())
+    for name, value in flags.items():
+        if name not in known:
+            raise TypeError(f"unknown config field {name}")
+        if value is not None:
+            values[name] = _coerce(name, known[name], value, f"--{name.replace('_', '-')}")
+    cfg = dataclasses.replace(AgentConfig(), **values)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not 0.0 <= cfg.max_missing_share <= 1.0:
+        raise UsageError(f"max_missing_share must be in 0..1, found {cfg.max_missing_share}")
+    if not 0 <= cfg.socket_mode <= 0o777:
+        raise UsageError(f"socket_mode must be an octal mode like 0660, found {cfg.socket_mode:o}")
+    for name in ("max_line_bytes", "max_frame_bytes", "max_connections", "threads",
+                 "drift_window", "drift_top_k"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name} must be at least 1, found {getattr(cfg, name)}")
+    cfg.metrics_host_port()

@@ -1,0 +1,112 @@
+"""Benchmark `edgefleet optimize build` on 20k synthetic dies x 512 parameters (default config).
+
+Generates the data (seed 0) and a throwaway release key, runs the real CLI command end to end
+and times it, then prints the pruned INT8 model's ratios against the unpruned FP32 baseline
+that the same build measured (size, single-row p50 latency, throughput), the quality figures,
+and the issue's targets. Results go to bench/results/optimize.json. Exit status 1 when a target
+is missed.
+
+    .venv/bin/python bench/optimize_bench.py [--dies 20000] [--keep-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "optimize.json"
+BUILD_SECONDS_LIMIT = 180.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dies", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=0, help="data seed")
+    ap.add_argument("--keep-dir", type=Path, help="keep data and build output here")
+    args = ap.parse_args()
+
+    from agent.keys import generate_keypair
+    from optimize.data import DieConfig, generate_dies, write_csv
+
+    tmp = tempfile.TemporaryDirectory(prefix="edgefleet-bench-")
+    work = args.keep_dir or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"dies-{args.dies}-seed{args.seed}.csv"
+    if not data.exists():
+        print(f"generating {args.dies} dies -> {data}", file=sys.stderr)
+        write_csv(data, generate_dies(DieConfig(n_dies=args.dies, seed=args.seed)))
+    key_dir = work / "keys"
+    if not (key_dir / "bench.key").exists():
+        generate_keypair(key_dir, "bench")
+    out = work / "build"
+
+    cmd = [sys.executable, "-m", "edgefleet", "optimize", "build", "--data", str(data),
+           "--key", str(key_dir / "bench.key"), "--out", str(out), "--output", "json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # stderr: progress
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(f"build failed with exit status {proc.returncode}", file=sys.stderr)
+        return 1
+    report = json.loads(proc.stdout)
+    m, lat, par = report["models"], report["latency"], report["parity"]
+    base, q = m["fp32"], m["pruned_int8"]
+    ratios = {
+        "size_int8_vs_fp32": q["size_bytes"] / base["size_bytes"],
+        "size_pruned_fp32_vs_fp32": m["pruned_fp32"]["size_bytes"] / base["size_bytes"],
+        "p50_latency_int8_vs_fp32": lat["pruned_int8"]["p50_us"] / lat["fp32"]["p50_us"],
+        "p99_latency_int8_vs_fp32": lat["pruned_int8"]["p99_us"] / lat["fp32"]["p99_us"],
+        "throughput_int8_vs_fp32": lat["pruned_int8"]["rows_per_s"] / lat["fp32"]["rows_per_s"],
+        "params_pruned_vs_fp32": q["params"] / base["params"],
+    }
+    checks = dict(report["checks"])
+    checks["build_seconds"] = {"value": seconds, "limit": BUILD_SECONDS_LIMIT, "rule": "<=",
+                               "ok": seconds <= BUILD_SECONDS_LIMIT}
+    results = {
+        "dies": args.dies,
+        "features": report["data"]["features"],
+        "build_seconds": seconds,
+        "ratios_vs_unpruned_fp32": ratios,
+        "models": {k: {f: v[f] for f in ("size_bytes", "params", "roc_auc", "recall",
+                                          "test_ffr", "threshold") if f in v}
+                   for k, v in m.items()},
+        "latency": lat,
+        "parity": par,
+        "quantization": report["quantization"]["method"],
+        "checks": checks,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+    print(f"optimize build on {args.dies} dies x {results['features']} parameters: "
+          f"{seconds:.1f}s end to end (limit {BUILD_SECONDS_LIMIT:.0f}s)")
+    print("pruned INT8 vs unpruned FP32 (same run):")
+    for name, value in ratios.items():
+        print(f"  {name:28s} {value:8.3f}x")
+    p50 = {k: f"{v['p50_us']:.1f} us" for k, v in lat.items()}
+    print(f"  single-row p50: FP32 {p50['fp32']}, pruned FP32 {p50['pruned_fp32']}, "
+          f"pruned INT8 {p50['pruned_int8']}")
+    print(f"  size: FP32 {base['size_bytes']:,} B, pruned INT8 {q['size_bytes']:,} B")
+    print(f"  ROC AUC: FP32 {base['roc_auc']:.5f}, pruned FP32 {m['pruned_fp32']['roc_auc']:.5f}, "
+          f"pruned INT8 {q['roc_auc']:.5f}, rules {m['rules']['roc_auc']:.5f}")
+    print(f"  recall at threshold: INT8 {q['recall']}, rules {m['rules']['recall']}; "
+          f"INT8 test false-fail {q['test_ffr']:.3%}")
+    p = par["int8_vs_pruned_fp32"]
+    print(f"  INT8 vs pruned FP32: decisions agree {p['decision_agreement']:.3%}, rank "
+          f"correlation {p['spearman']:.5f}; vs unpruned FP32 "
+          f"{par['int8_vs_fp32']['decision_agreement']:.3%}")
+    for name, c in checks.items():
+        print(f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g} "
+              f"(target {c['rule']} {c['limit']})")
+    print(f"wrote {RESULTS}")
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Stage 8: judge every model on the test split and write the report.
+
+Models: the unpruned FP32 autoencoder (the baseline every ratio is against), the pruned FP32
+one, the pruned INT8 one that ships, and the rule-based fallback. Each is judged at its own
+threshold, calibrated on validation passes; the rules' "score" is the number of violated limits
+(fail when > 0), so their ROC curve has a single operating point.
+
+Figures: ROC AUC, recall per defect class at the threshold, false-fail rate on test passes,
+INT8-vs-FP32 decision agreement and score rank correlation, file sizes, ONNX Runtime single-row
+latency (p50/p99) and batch throughput on one thread. Latency runs are interleaved across the
+models in rounds, so load from other processes hits all of them alike and the ratios hold even
+when the absolute numbers are noisy. Without labels only parity, latency and sizes exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from optimize.calibrate import Decision
+from optimize.export import session
+from optimize.quantize import parity
+from optimize.split import Split
+
+log = logging.getLogger("edgefleet.optimize")
+
+MODELS = ("fp32", "pruned_fp32", "pruned_int8", "rules")
+LABELS = {"fp32": "FP32", "pruned_fp32": "pruned FP32", "pruned_int8": "pruned INT8",
+          "rules": "rule fallback"}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    latency_runs: int = 3000  # single-row runs per model (after warm-up)
+    latency_rounds: int = 10  # interleaved rounds the runs are spread over
+    throughput_batch: int = 1024
+    throughput_runs: int = 5
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's scores on the validation and test rows, and its decision."""
+
+    val: np.ndarray  # (n_val,)
+    test: np.ndarray  # (n_test,)
+    threshold: float
+    decision: Decision | None = None  # None for the rules
+    model: bytes | None = None  # ONNX bytes (None for the rules)
+
+
+def _classes(split: Split) -> dict[str, np.ndarray]:
+    """Failing classes of the test rows -> (n_test,) bool masks."""
+    t = split.test
+    if t.defect is not None:
+        return {str(c): t.defect == c for c in sorted(set(t.defect.tolist())) if c != "none"}
+    if t.labels is not None:
+        return {"fail": t.labels == 1}
+    return {}
+
+
+def model_figures(split: Split, s: Scored) -> dict[str, Any]:
+    t = split.test
+    fails = s.test > s.threshold
+    out: dict[str, Any] = {
+        "threshold": s.threshold,
+        "test_flag_rate": float(fails.mean()) if len(fails) else 0.0,
+        "test_ffr": (float(fails[t.passes].mean())
+                     if t.labels is not None and t.passes.any() else None),
+        "val_ffr": float((s.val > s.threshold)[split.val.passes].mean()),
+        "scores_finite": bool(np.isfinite(s.test).all() and np.isfinite(s.val).all()),
+    }
+    if s.decision is not None:
+        out["confidence_scale"] = s.decision.confidence_scale
+    if s.model is not None:
+        out["size_bytes"] = len(s.model)
+    if t.labels is not None and 0 < t.labels.sum() < len(t.labels):
+        out["roc_auc"] = float(roc_auc_score(t.labels, s.test))
+    out["recall"] = {c: float(fails[m].mean()) for c, m in _classes(split).items() if m.any()}
+    return out
+
+
+def measure_latency(models: dict[str, bytes], x: np.ndarray,
+                    cfg: EvaluateConfig) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Single-row p50/p99 (microseconds) and batch throughput (rows/s), one thread each."""
+    sessions = {name: session(m, threads=1) for name, m in models.items()}
+    rows = np.asarray(x[:64], dtype=np.float32)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for sess in sessions.values():
+        for i in range(100):  # warm-up
+            sess.run(["score"], {"params": rows[i % len(rows)][None]})
+    per_round = max(1, cfg.latency_runs // cfg.latency_rounds)
+    for r in range(cfg.latency_rounds):
+        for name, sess in sessions.items():
+            bucket = times[name]
+            for i in range(per_round):
+                row = rows[(r * per_round + i) % len(rows)][None]  # (1, F)
+                t0 = time.perf_counter()
+                sess.run(None, {"params": row})
+                bucket.append(time.perf_counter() - t0)
+        if (r + 1) % max(1, cfg.latency_rounds // 4) == 0:
+            log.info("latency: %d/%d rounds of %d single-row runs per model", r + 1,
+                     cfg.latency_rounds, per_round)
+    reps = -(-cfg.throughput_batch // len(rows))
+    batch = np.tile(rows, (reps, 1))[: cfg.throughput_batch]
+    out = {}
+    for name, sess in sessions.items():
+        sess.run(None, {"params": batch})
+        per_call = []
+        for _ in range(cfg.throughput_runs):
+            t0 = time.perf_counter()
+            sess.run(None, {"params": batch})
+            per_call.append(time.perf_counter() - t0)
+        t = np.array(times[name]) * 1e6
+        out[name] = {
+            "p50_us": float(np.percentile(t, 50)),
+            "p99_us": float(np.percentile(t, 99)),
+            "rows_per_s": float(len(batch) / np.median(per_call)),
+            "runs": len(t),
+        }
+    return out
+
+
+def evaluate(split: Split, scored: dict[str, Scored], latency: dict[str, dict[str, float]],
+             params: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """The report's figures (a JSON-ready dict) for the models in `scored` (keys of MODELS)."""
+    report: dict[str, Any] = {"models": {}, "parity": {}, "latency": latency}
+    for name, s in scored.items():
+        report["models"][name] = model_figures(split, s)
+        if name in params:
+            report["models"][name]["params"] = params[name]
+    q = scored["pruned_int8"]
+    for ref in ("pruned_fp32", "fp32"):
+        p = parity(scored[ref].test, q.test, scored[ref].threshold)
+        agree = float(np.mean((scored[ref].test > scored[ref].threshold) == (q.test > q.threshold)))
+        report["parity"][f"int8_vs_{ref}"] = {
+            "decision_agreement": agree,  # each at its own calibrated threshold
+            "agreement_at_fp32_threshold": p.agreement,
+            "spearman": p.spearman,
+            "median_rel_diff": p.median_rel_diff,
+        }
+    report["checks"] = _checks(report)
+    return report
+
+
+def _checks(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's acceptance numbers for the 512-parameter synthetic data, evaluated on this
+    build (informational on other data)."""
+    m, lat, par = r["models"], r["latency"], r["parity"]
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value: float | None, limit: float, *, at_most: bool) -> None:
+        if value is None:
+            return
+        ok = value <= limit if at_most else value >= limit
+        checks[name] = {"value": value, "limit": limit, "rule": "<=" if at_most else ">=",
+                        "ok": bool(ok)}
+
+    check("int8_size_ratio", m["pruned_int8"]["size_bytes"] / m["fp32"]["size_bytes"], 0.15,
+          at_most=True)
+    check("int8_p50_latency_ratio", lat["pruned_int8"]["p50_us"] / lat["fp32"]["p50_us"], 0.5,
+          at_most=True)
+    if "roc_auc" in m["fp32"]:
+        check("int8_auc_minus_fp32_auc", m["pruned_int8"]["roc_auc"] - m["fp32"]["roc_auc"],
+              -0.005, at_most=False)
+    check("int8_vs_pruned_fp32_agreement", par["int8_vs_pruned_fp32"]["decision_agreement"],
+          0.995, at_most=False)
+    recall = m["pruned_int8"]["recall"]
+    check("int8_subtle_recall", recall.get("subtle"), 0.90, at_most=False)
+    check("int8_test_ffr", m["pruned_int8"].get("test_ffr"), 0.01, at_most=True)
+    check("int8_gross_recall", recall.get("gross"), 0.99, at_most=False)
+    check("rules_gross_recall", m["rules"]["recall"].get("gross"), 0.99, at_most=False)
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A fixed-width table of the headline figures, and the checks."""
+    m, lat = report["models"], report["latency"]
+    classes = sorted({c for v in m.values() for c in v.get("recall", {})})
+    labelled = any(v.get("test_ffr") is not None for v in m.values())
+    head = ["model", "size", "params", "p50 us", "p99 us", "rows/s", "AUC",
+            "FFR test" if labelled else "flagged test", *[f"rec {c}" for c in classes]]
+    rows = []
+    for name in MODELS:
+        v, lv = m[name], lat.get(name, {})
+        rows.append([
+            LABELS[name],
+            _size(v.get("size_bytes")),
+            f"{v['params']:,}" if "params" in v else "-",
+            _num(lv.get("p50_us"), ".1f"),
+            _num(lv.get("p99_us"), ".1f"),
+            _num(lv.get("rows_per_s"), ",.0f"),
+            _num(v.get("roc_auc"), ".4f"),
+            _num(v.get("test_ffr") if labelled else v.get("test_flag_rate"), ".2%"),
+            *[_num(v["recall"].get(c), ".3f") for c in classes],
+        ])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *rows]]
+    for name, p in report["parity"].items():
+        lines.append(f"{name.replace('_', ' ')}: decisions agree {p['decision_agreement']:.2%}, "
+                     f"rank correlation {p['spearman']:.5f}")
+    if report.get("checks"):
+        lines.append("targets (set for the 512-parameter synthetic benchmark):")
+    for name, c in report.get("checks", {}).items():
+        lines.append(f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g} "
+                     f"(target {c['rule']} {c['limit']})")
+    return "\n".join(lines)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def write_report(out_dir: Path, report: dict[str, Any], split: Split,
+                 scored: dict[str, Scored]) -> list[Path]:  # fmt: skip
+    """report.json, report.md and the PNG plots into out_dir; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    files = [out_dir / "report.json", out_dir / "report.md"]
+    files[0].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    plots = []
+    t = split.test
+    if t.labels is not None and 0 < t.labels.sum() < len(t.labels):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for name in MODELS:
+            fpr, tpr, _ = roc_curve(t.labels, scored[name].test)
+            auc = report["models"][name].get("roc_auc", float("nan"))
+            ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{LABELS[name]} (AUC {auc:.4f})",
+                    marker="o" if name == "rules" else None)
+        ax.set(xscale="log", xlim=(1e-4, 1), xlabel="false-fail rate (test passes; 0 at 1e-4)",
+               ylabel="recall (test fails)", title="ROC on the test split")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+        plots.append(("roc.png", "ROC curves", fig))
+    groups = {"pass" if t.labels is not None else "all": t.passes, **_classes(split)}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, name in zip(axes, MODELS[:3], strict=True):
+        s = scored[name]
+        positive = np.maximum(s.test, 1e-3)
+        bins = np.logspace(np.log10(positive.min()), np.log10(positive.max() * 1.01), 60)
+        for label, mask in groups.items():
+            if mask.any():
+                ax.hist(positive[mask], bins=bins, alpha=0.55, label=f"{label} ({mask.sum()})")
+        ax.axvline(s.threshold, color="k", ls="--", lw=1, label="threshold")
+        ax.set(xscale="log", yscale="log", title=LABELS[name], xlabel="score")
+    axes[0].set_ylabel("test dies")
+    axes[0].legend(fontsize=8)
+    plots.append(("scores.png", "Score histograms by class (test split)", fig))
+    lat = report["latency"]
+    names = [n for n in MODELS if n in lat]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [lat[n]["p50_us"] for n in names], 0.4, label="p50")
+    ax.bar(xs + 0.2, [lat[n]["p99_us"] for n in names], 0.4, label="p99")
+    ax.set_xticks(xs, [LABELS[n] for n in names])
+    ax.set(ylabel="single-row latency (us), 1 thread", title="ONNX Runtime latency")
+    ax.legend()
+    plots.append(("latency.png", "Single-row latency", fig))
+    for fname, _, fig in plots:
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        files.append(out_dir / fname)
+    files[1].write_text(_markdown(report, [(f, title) for f, title, _ in plots]))
+    return files
+
+
+def _markdown(report: dict[str, Any], plots: list[tuple[str, str]]) -> str:
+    data, b = report.get("data", {}), report.get("build", {})
+    lines = [f"# Build report: {b.get('name', 'model')} {b.get('version', '')}", ""]
+    if data:
+        lines += ["## Data", ""] + [f"- {k.replace('_', ' ')}: {v}" for k, v in data.items()]
+        lines.append("")
+    lines += ["## Results (test split)", "", "```", summary_table(report), "```", ""]
+    findings = report.get("findings", {})
+    if findings:
+        lines += ["## Findings", ""] + [f"- {k.replace('_', ' ')}: {v or 'none'}"
+                                        for k, v in findings.items()]
+        lines.append("")
+    notes = report.get("notes", [])
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if b:
+        lines += ["## Build", ""] + [f"- {k.replace('_', ' ')}: {v}" for k, v in b.items()
+                                     if k != "config"]
+        lines.append("- config: see report.json (`build.config`)")
+        lines.append("")
+    for fname, title in plots:
+        lines += [f"### {title}", "", f"![{title}]({fname})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Stage 1: split a dataset into train (passing dies only), validation and test.
+
+Rows are ordered by time when the data has a time column (the model is then judged on dies
+tested after the ones it learnt from, as in production), else shuffled with a seed. The first
+`1 - val_fraction - test_fraction` of that order is the training period, then validation, then
+test. Failing dies of the training period are left out: the autoencoder learns what a passing
+die looks like. Without labels every die counts as passing (only parity figures are possible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from optimize.data import DataError, Dataset
+
+
+class SplitError(DataError):
+    """The data cannot be split into usable train / validation / test parts."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0  # row shuffle when the data has no time column
+    min_train_passes: int = 50
+    min_val_passes: int = 20
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one split. `rows` index the dataset (file order, 0-based)."""
+
+    x: np.ndarray  # (n, n_features) float64 raw, NaN = missing
+    rows: np.ndarray  # (n,) int64
+    labels: np.ndarray | None  # (n,) 1 = fail, 0 = pass
+    defect: np.ndarray | None  # (n,) str: none / gross / subtle
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def passes(self) -> np.ndarray:
+        """(n,) bool: passing dies (all of them when there are no labels)."""
+        return np.ones(len(self), bool) if self.labels is None else self.labels == 0
+
+
+@dataclass(frozen=True)
+class Split:
+    train: Part  # passing dies of the training period only
+    val: Part
+    test: Part
+    time_ordered: bool
+    dropped_train_fails: int  # failing dies of the training period, not used
+
+
+def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
+    """Split `data` (see the module docstring). Raises `SplitError` when a part would be too
+    small to train or calibrate on."""
+    where = str(data.source) if data.source is not None else "generated data"
+    n = data.n_rows
+    if not (0 < cfg.val_fraction < 1 and 0 < cfg.test_fraction < 1
+            and cfg.val_fraction + cfg.test_fraction < 1):  # fmt: skip
+        raise SplitError(f"{where}: validation and test fractions must be in (0, 1) and sum < 1")
+    if data.times is not None:
+        order = np.argsort(data.times, kind="stable")
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(n)
+    n_test = round(n * cfg.test_fraction)
+    n_val = round(n * cfg.val_fraction)
+    n_train = n - n_val - n_test
+    train_rows, val_rows, test_rows = np.split(order, [n_train, n_train + n_val])
+
+    def part(rows: np.ndarray) -> Part:
+        rows = np.sort(rows) if data.times is None else rows
+        return Part(
+            x=np.asarray(data.X[rows], dtype=np.float64),
+            rows=rows.astype(np.int64),
+            labels=None if data.labels is None else data.labels[rows],
+            defect=None if data.defect is None else data.defect[rows],
+        )
+
+    train_all, val, test = part(train_rows), part(val_rows), part(test_rows)
+    keep = train_all.passes
+    train = Part(
+        x=train_all.x[keep],
+        rows=train_all.rows[keep],
+        labels=None if train_all.labels is None else train_all.labels[keep],
+        defect=None if train_all.defect is None else train_all.defect[keep],
+    )
+    period = "by time" if data.times is not None else f"shuffled with seed {cfg.seed}"
+    label_hint = "column 'label' (1/fail = failing die)" if data.labels is not None else "rows"
+    if len(train) < cfg.min_train_passes:
+        raise SplitError(
+            f"{where}: only {len(train)} passing dies in the training split (first {n_train} of "
+            f"{n} rows {period}, {label_hint}); expected at least {cfg.min_train_passes}",
+            hint="add passing dies or lower the minimum in the build config",
+        )
+    if int(val.passes.sum()) < cfg.min_val_passes:
+        raise SplitError(
+            f"{where}: only {int(val.passes.sum())} passing dies in the validation split "
+            f"({n_val} rows {period}, {label_hint}); expected at least {cfg.min_val_passes} to "
+            "calibrate the threshold",
+            hint="add passing dies or lower the minimum in the build config",
+        )
+    return Split(train, val, test, data.times is not None, int((~keep).sum()))

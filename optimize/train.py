@@ -1,0 +1,216 @@
+"""Stage 3: a dense autoencoder trained on passing dies, and the per-feature residual scale that
+turns its reconstruction error into a score.
+
+The model is a stack of Linear layers with ReLU between them, input and output n_features wide
+(z from `optimize.preprocess`), e.g. 512-1024-256-64-256-1024-512. Training is a plain loop:
+Adam on mean squared reconstruction error, shuffled mini-batches from a seeded generator, early
+stopping on validation loss (the best epoch's weights are kept). Same seed, same data, same
+thread count -> bit-identical weights.
+
+Score of a die = mean over its measured, active features of (z - reconstruction)^2 / v, where v
+is the feature's mean squared residual over training passes (`residual_weights`; z unclipped,
+the reconstruction from the clipped input, see `optimize.preprocess`). A typical pass
+scores about 1 whatever the feature mix; a feature the model predicts well from the others (the
+ones a subtle defect breaks) weighs more than one it can only guess.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import numpy as np
+import torch
+from torch import nn
+
+from optimize.preprocess import Preprocessor
+
+log = logging.getLogger("edgefleet.optimize")
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    widths: tuple[int, ...] = (1024, 256, 64)  # encoder hidden widths; the decoder mirrors them
+    reference_features: int = 512  # widths are for this many inputs; fewer inputs scale them down
+    min_width: int = 4
+
+    def layer_sizes(self, n_features: int) -> tuple[int, ...]:
+        """All layer sizes, input to output: (F, h1, .., hk, .., h1, F). Widths shrink in
+        proportion when n_features < reference_features (small real data), never grow."""
+        factor = min(1.0, n_features / self.reference_features)
+        hidden = [max(self.min_width, round(w * factor)) for w in self.widths]
+        return (n_features, *hidden, *hidden[-2::-1], n_features)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 2e-3
+    batch_size: int = 256  # capped at n_train / 16 so small data still gets enough steps
+    patience: int = 3  # epochs without a better validation loss before stopping
+    min_delta: float = 1e-3  # relative improvement that counts as better
+    weight_decay: float = 0.0
+    seed: int = 0
+    # torch intra-op threads (part of what makes a run reproducible). One: on a shared 2-core
+    # box, two OpenMP threads spin-wait on each other whenever another process holds a core;
+    # we measured epochs 1.4-2.2 s with one thread and 2.3-10 s with two under load.
+    threads: int = 1
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.layers[0].in_features, *(layer.out_features for layer in self.layers))
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (batch, F) -> (batch, F)
+        for layer in self.layers[:-1]:
+            z = torch.relu(layer(z))  # (batch, hidden)
+        return self.layers[-1](z)
+
+
+@dataclass(frozen=True)
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (at most the CPU count), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def new_autoencoder(n_features: int, cfg: AEConfig, seed: int) -> AutoEncoder:
+    torch.manual_seed(seed)
+    return AutoEncoder(cfg.layer_sizes(n_features))
+
+
+def reconstruct(model: AutoEncoder, z: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """(n, F) float32 -> (n, F) float32 reconstruction, in eval mode without gradients."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(z), batch):
+            out.append(model(torch.from_numpy(z[i : i + batch])).numpy())
+    return np.concatenate(out) if out else np.zeros_like(z)
+
+
+def _loss(model: AutoEncoder, z: torch.Tensor, batch: int = 4096) -> float:
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(z), batch):
+            zb = z[i : i + batch]
+            total += float(((model(zb) - zb) ** 2).sum())
+    return total / max(1, z.numel())
+
+
+def train(
+    model: AutoEncoder,
+    z_train: np.ndarray,
+    z_val: np.ndarray,
+    cfg: TrainConfig,
+    what: str = "train",
+) -> tuple[AutoEncoder, History]:
+    """Train a copy of `model` on z_train (n, F) float32; return the copy with the weights of
+    its best validation epoch, and the loss history. `model` itself is not changed."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(model)
+    xt, xv = torch.from_numpy(z_train), torch.from_numpy(z_val)
+    n = len(xt)
+    batch = max(8, min(cfg.batch_size, n // 16))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    best, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    progress_at, stale = math.inf, 0  # patience counts epochs without a min_delta improvement
+    with torch_threads(cfg.threads):
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            total = 0.0
+            for idx in torch.randperm(n, generator=gen).split(batch):
+                zb = xt[idx]  # (batch, F)
+                loss = ((model(zb) - zb) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            val = _loss(model, xv)
+            train_losses.append(total / n)
+            val_losses.append(val)
+            if val < best:
+                best, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+            if val < progress_at * (1 - cfg.min_delta):  # progress_at starts at inf
+                progress_at, stale = val, 0
+            else:
+                stale += 1
+            log.info("%s: epoch %d/%d  train loss %.4f  val loss %.4f%s", what, epoch,
+                     cfg.epochs, total / n, val, "  (best)" if best_epoch == epoch else "")
+            if stale >= cfg.patience:
+                log.info("%s: early stop, best epoch %d", what, best_epoch)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, History(train_losses, val_losses, best_epoch, time.perf_counter() - t0)
+
+
+def residual_weights(
+    model: AutoEncoder, z_in: np.ndarray, z: np.ndarray, active: np.ndarray, floor: float = 0.01
+) -> np.ndarray:
+    """(F,) float32 weight per feature = 1 / mean squared residual (z - model(z_in))^2 over
+    training passes, the residual floored at `floor` (z units^2, i.e. 0.1 robust sigma) so a
+    feature the model happens to reproduce exactly cannot get an unbounded weight. Inactive
+    features weigh 0."""
+    resid = ((reconstruct(model, z_in) - z) ** 2).mean(axis=0)
+    return np.where(active, 1.0 / np.maximum(resid, floor), 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Detector:
+    """Everything the exported graph computes: preprocessing, autoencoder, feature weights."""
+
+    prep: Preprocessor
+    model: AutoEncoder
+    weights: np.ndarray  # (F,) float32, from `residual_weights`
+
+    @classmethod
+    def fit(cls, prep: Preprocessor, model: AutoEncoder, x_train: np.ndarray) -> Detector:
+        """Attach the feature weights measured on training passes `x_train` (raw)."""
+        z = prep.scale(x_train)
+        return cls(prep, model, residual_weights(model, prep.transform(x_train), z, prep.active))
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """(n, F) raw -> (n, F) float32 per-feature contributions; they sum to the score.
+        The reference for the ONNX graph (same float32 steps, torch for the autoencoder)."""
+        missing = np.isnan(np.asarray(x, dtype=np.float32))
+        z = self.prep.scale(x)  # (n, F), |z| <= bound
+        recon = reconstruct(self.model, np.clip(z, -self.prep.clip, self.prep.clip))
+        contrib = np.where(missing, np.float32(0), (z - recon) ** 2 * self.weights)
+        count = np.where(missing, 0, self.prep.active).sum(axis=1, keepdims=True)  # (n, 1)
+        return (contrib / np.maximum(count, 1).astype(np.float32)).astype(np.float32)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(n, F) raw -> (n,) float32 anomaly scores."""
+        return self.contributions(x).sum(axis=1, dtype=np.float32)

@@ -1,0 +1,189 @@
+"""`edgefleet agent serve | predict | health | info` as an operator runs them: real processes,
+a real store verified with a keyring, CSV files, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.agent_support import build_model, install_into_store, make_keys, short_tmp, wait_for
+
+N = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgefleet", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _ready(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/readyz", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    keyring, key = make_keys(d)
+    model = build_model(d, keyring, key, n_features=N)
+    store = install_into_store(model, d / "store")
+    return d, keyring, model, store
+
+
+@pytest.fixture(scope="module")
+def served(setup):
+    _, keyring, model, store = setup
+    with short_tmp() as tmp:
+        sock = tmp / "agent.sock"
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket", str(sock),
+             "--store", str(store), "--keyring", str(keyring), "--metrics-addr",
+             f"127.0.0.1:{port}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: _ready(url) or proc.poll() is not None, timeout=30)
+            assert proc.poll() is None, proc.stderr.read()
+            yield proc, sock, url, model
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+
+
+def test_serve_loads_the_verified_model_in_a_lean_process(served):
+    proc, sock, url, model = served
+    body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    assert f'version="{model.manifest.version}"' in body
+    maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    for heavy in ("pydantic_core", "torch", "onnx_cpp2py", "sklearn"):
+        assert heavy not in maps, heavy
+    assert (os.stat(sock).st_mode & 0o777) == 0o660
+
+
+def test_predict_one_die_from_arguments(served):
+    _, sock, _, model = served
+    values = [f"{v:.6g}" for v in model.train[0]]
+    values[2] = ""  # missing
+    r = _cli("agent", "predict", "--socket", str(sock), "--die-id", "W3-12-07", ",".join(values))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("die W3-12-07: PASS score") and "1 imputed" in r.stdout
+    r = _cli("agent", "predict", "--socket", str(sock), "-o", "json", *values[:3])
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "bad_width"
+
+
+def test_predict_a_csv_file_prints_each_die_and_a_summary(served, tmp_path):
+    _, sock, _, model = served
+    x = model.train[:300].copy()
+    x[7, 3] = 40.0  # a fail
+    path = tmp_path / "dies.csv"
+    with open(path, "w") as f:
+        f.write("die_id,lot," + ",".join(f"p{i:03d}" for i in reversed(range(N))) + "\n")
+        for i, row in enumerate(x):
+            f.write(f"D{i},L1," + ",".join(f"{v:.7g}" for v in row[::-1]) + "\n")
+    r = _cli("agent", "predict", "--socket", str(sock), "--file", str(path), "--batch", "64")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    fails = int((model.engine().predict(x).score > model.manifest.threshold).sum())
+    assert len(lines) == 300 and lines[7].startswith("D7\tfail\t") and "p003=" in lines[7]
+    assert sum("\tfail\t" in line for line in lines) == fails
+    assert f"300 dies: {300 - fails} pass, {fails} fail (0 by fallback rules), 0 refused" \
+        in r.stderr
+    assert "300/300 dies (100%)" in r.stderr
+
+
+def test_predict_refuses_a_csv_it_cannot_map(served, tmp_path):
+    _, sock, _, _ = served
+    path = tmp_path / "bad.csv"
+    path.write_text("die_id,a,b\nD1,1,2\n")
+    r = _cli("agent", "predict", "--socket", str(sock), "--file", str(path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the agent expects 16" in r.stderr
+
+
+def test_health_and_info_commands(served):
+    _, sock, _, model = served
+    h = _cli("agent", "health", "--socket", str(sock))
+    assert h.returncode == 0 and json.loads(h.stdout)["status"] == "ok"
+    i = json.loads(_cli("agent", "info", "--socket", str(sock)).stdout)
+    assert i["model"]["version"] == model.manifest.version and i["n_features"] == N
+
+
+def test_sigterm_stops_the_agent_and_removes_its_socket(setup):
+    _, keyring, _, store = setup
+    with short_tmp() as tmp:
+        sock = tmp / "a.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket", str(sock),
+             "--store", str(store), "--keyring", str(keyring), "--metrics-addr", ""], cwd=REPO)
+        wait_for(sock.exists, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0 and not sock.exists()
+
+
+def test_serve_refuses_a_tampered_store_with_one_line(setup, tmp_path):
+    _, keyring, model, _ = setup
+    store = install_into_store(model, tmp_path / "store")
+    onnx = store / "active" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 1
+    onnx.write_bytes(bytes(data))
+    with short_tmp() as tmp:
+        r = _cli("agent", "serve", "--socket", str(tmp / "a.sock"), "--store", str(store),
+                 "--keyring", str(keyring), "--metrics-addr", "")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("edgefleet: error: ") and "sha256 expected" in r.stderr
+
+
+def test_serve_needs_a_keyring_for_a_stored_model(setup):
+    _, _, _, store = setup
+    with short_tmp() as tmp:
+        r = _cli("agent", "serve", "--socket", str(tmp / "a.sock"), "--store", str(store),
+                 "--metrics-addr", "")
+    assert r.returncode == 1 and "pass --keyring DIR" in r.stderr
+
+
+def test_serve_with_only_a_rules_file_screens_by_rules(tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"n_features": 3, "rules": [
+        {"feature": 0, "low": 0.0, "high": 1.0}]}))
+    with short_tmp() as tmp:
+        sock = tmp / "a.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket", str(sock),
+             "--rules", str(rules), "--metrics-addr", ""], cwd=REPO)
+        try:
+            wait_for(sock.exists, timeout=30)
+            r = _cli("agent", "predict", "--socket", str(sock), "-o", "json", "2", "0", "0")
+            a = json.loads(r.stdout)
+            assert a["decision"] == "fail" and a["source"] == "fallback"
+            assert a["top"][0]["index"] == 0 and np.isclose(a["top"][0]["contribution"], 1.0)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+
+
+def test_bad_flags_exit_2():
+    r = _cli("agent", "serve", "--socket", "/tmp/x.sock", "--max-missing-share", "2")
+    assert r.returncode == 2 and "max_missing_share must be in 0..1" in r.stderr
+    r = _cli("agent", "predict", "--socket", "/tmp/none.sock")
+    assert r.returncode == 2 and "give either VALUES" in r.stderr

@@ -1,0 +1,309 @@
+"""What k3s/ ships, checked against the code and the real programs it configures (the schema,
+policy and lint checks of the rendered manifests are scripts/check-manifests.sh):
+
+- the broker configuration in the central base is exactly broker/'s templates rendered for the
+  pod's paths, and a real mosquitto runs it: TLS with a client certificate, per-device ACLs;
+- the agent's settings (agent.env and the site overlay's) are read by the agent's own loaders;
+- the host directories a box needs are what systemd-tmpfiles makes from k3s/host/edgefleet.conf.
+
+Regenerate the rendered broker files after changing broker/ with
+`EDGEFLEET_RENDER_K3S=1 pytest tests/test_k3s_manifests.py -k rendered`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import AgentConfig, load_config
+from agent.link import LinkConfig
+from fleet.certs import init_ca, issue_client, issue_server
+from fleet.transport import render_acl
+from tests.conftest import REPO
+
+K3S = REPO / "k3s"
+MOSQUITTO_DIR = K3S / "base" / "central" / "mosquitto"
+# Where the central Deployment mounts things (k3s/base/central/mosquitto/deployment.yaml).
+POD_PATHS = {
+    "ACL_FILE": "/mosquitto/config/acl",
+    "PORT": "8883",
+    "BIND": "0.0.0.0",
+    "CA_FILE": "/mosquitto/certs/ca.crt",
+    "CERT_FILE": "/mosquitto/certs/broker.crt",
+    "KEY_FILE": "/mosquitto/certs/broker.key",
+    "DATA_DIR": "/mosquitto/data",
+    "USER": "mosquitto",
+}
+HEADER = ("# Rendered from broker/mosquitto-tls.conf for the Deployment's paths; do not edit:\n"
+          "# tests/test_k3s_manifests.py regenerates it (EDGEFLEET_RENDER_K3S=1).\n")
+
+
+def _render_conf() -> str:
+    out = (REPO / "broker" / "mosquitto-tls.conf").read_text()
+    for key, value in POD_PATHS.items():
+        out = out.replace("{{" + key + "}}", value)
+    left = re.search(r"\{\{[A-Z_]+\}\}", out)
+    assert left is None, f"broker template field {left.group()} has no value for K3s"
+    return HEADER + out
+
+
+def test_rendered_broker_config_matches_the_templates():
+    expected = {"mosquitto.conf": _render_conf(), "acl": render_acl()}
+    if os.environ.get("EDGEFLEET_RENDER_K3S") == "1":
+        for name, text in expected.items():
+            (MOSQUITTO_DIR / name).write_text(text)
+    for name, text in expected.items():
+        assert (MOSQUITTO_DIR / name).read_text() == text, (
+            f"k3s/base/central/mosquitto/{name} differs from broker/'s template: regenerate it "
+            "with EDGEFLEET_RENDER_K3S=1 pytest tests/test_k3s_manifests.py -k rendered")
+    kustomization = (K3S / "base" / "central" / "kustomization.yaml").read_text()
+    assert "- mosquitto/mosquitto.conf" in kustomization and "- mosquitto/acl" in kustomization
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _connect(port: int, ca: Path, cert: Path | None, key: Path | None, client_id: str
+             ) -> tuple[mqtt.Client | None, str]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    client.tls_set_context(ctx)
+    done = threading.Event()
+    result: dict[str, str] = {}
+
+    def on_connect(c, userdata, flags, reason, props):
+        result["reason"] = str(reason)
+        done.set()
+
+    def on_disconnect(c, userdata, flags, reason, props):
+        result.setdefault("reason", f"disconnected: {reason}")
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (OSError, ssl.SSLError) as e:
+        return None, f"refused: {e}"
+    client.loop_start()
+    if not done.wait(10):
+        client.loop_stop()
+        return None, "no CONNACK"
+    if result["reason"] != "Success":
+        client.loop_stop()
+        return None, result["reason"]
+    return client, "Success"
+
+
+def test_a_real_mosquitto_runs_the_k3s_broker_config(tmp_path: Path):
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(mosquitto).exists():
+        pytest.fail("mosquitto is not installed (.ci/run installs it)", pytrace=False)
+    pki = tmp_path / "pki"
+    init_ca(pki)
+    issue_server(pki, pki)
+    box = issue_client(pki, pki, "box-01")
+    ctl = issue_client(pki, pki, "edgefleet-controller", controller=True)
+    (tmp_path / "data").mkdir()
+    port = _free_port()
+    # The committed file, with the pod's paths mapped to this machine's.
+    conf = (MOSQUITTO_DIR / "mosquitto.conf").read_text()
+    for old, new in {
+        "/mosquitto/config/acl": str(MOSQUITTO_DIR / "acl"),
+        "/mosquitto/certs/": f"{pki}/",
+        "/mosquitto/data": str(tmp_path / "data"),
+        "listener 8883 0.0.0.0": f"listener {port} 127.0.0.1",
+        "user mosquitto": f"user {getpass.getuser()}",
+    }.items():
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    log = tmp_path / "mosquitto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")],
+                                stdout=out, stderr=subprocess.STDOUT)
+    clients: list[mqtt.Client] = []
+    try:
+        from tests.deploy_helpers import wait_for
+
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+
+        wait_for("mosquitto to listen", listening, 15,
+                 lambda: None if proc.poll() is None else log.read_text()[-2000:])
+
+        # No client certificate: the TLS handshake is refused.
+        none, why = _connect(port, pki / "ca.crt", None, None, "anonymous")
+        assert none is None, why
+
+        device, why = _connect(port, pki / "ca.crt", box.cert, box.key, "box-01")
+        assert device is not None, why
+        controller, why = _connect(port, pki / "ca.crt", ctl.cert, ctl.key, "ctl")
+        assert controller is not None, why
+        clients += [device, controller]
+        got: list[str] = []
+        seen = threading.Event()
+
+        def on_message(c, userdata, msg):
+            got.append(msg.topic)
+            if msg.topic.endswith("/box-01/state"):
+                seen.set()
+
+        controller.on_message = on_message
+        sub_done = threading.Event()
+        controller.on_subscribe = lambda *a: sub_done.set()
+        controller.subscribe("edgefleet/#", qos=1)
+        assert sub_done.wait(10)
+        # The ACL: a device writes only its own topics; the other publish is dropped.
+        device.publish("edgefleet/device/box-02/state", b"forged", qos=1).wait_for_publish(10)
+        device.publish("edgefleet/device/box-01/state", b"mine", qos=1).wait_for_publish(10)
+        assert seen.wait(10), got
+        assert got == ["edgefleet/device/box-01/state"]
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key] = value
+    return pairs
+
+
+def test_agent_settings_are_read_by_the_agents_own_loaders():
+    env = _env_file(K3S / "base" / "agent" / "agent.env")
+    env.update(_env_file(K3S / "overlays" / "site-example" / "site.env"))
+    fields = {f.name for f in dataclasses.fields(AgentConfig)}
+    unknown = [k for k in env if k.startswith("EDGEFLEET_AGENT_")
+               and k.removeprefix("EDGEFLEET_AGENT_").lower() not in fields]
+    assert unknown == []
+    cfg = load_config(env=env)
+    assert str(cfg.socket) == "/run/edgefleet/agent.sock"
+    assert str(cfg.store).startswith("/var/lib/edgefleet/")  # the host path volume
+    assert cfg.metrics_host_port() == ("0.0.0.0", 9464)
+    # What the DaemonSet adds per node (device id and certificate from the node name).
+    daemonset = (K3S / "base" / "agent" / "daemonset.yaml").read_text()
+    for name in ("EDGEFLEET_DEVICE_ID", "EDGEFLEET_MQTT_CERT", "EDGEFLEET_MQTT_KEY"):
+        assert f"name: {name}" in daemonset
+    link = LinkConfig.from_env({**env, "EDGEFLEET_DEVICE_ID": "box-01",
+                                "EDGEFLEET_MQTT_CERT": "/etc/edgefleet/tls/box-01.crt",
+                                "EDGEFLEET_MQTT_KEY": "/etc/edgefleet/tls/box-01.key"})
+    assert link.mqtt.port == 8883 and link.mqtt.tls
+    assert link.labels == {"site": "fab1"}
+    assert str(link.data_dir).startswith("/var/lib/edgefleet/")
+    # One metrics port everywhere: the agent, the pod, the scrape annotation, the policy.
+    for text in (daemonset, (K3S / "base" / "agent" / "networkpolicy.yaml").read_text()):
+        assert "9464" in text and "9100" not in text
+
+
+def test_host_directories_come_from_systemd_tmpfiles(tmp_path: Path):
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    if tmpfiles is None:
+        pytest.skip("systemd-tmpfiles is not on this machine")
+    root = tmp_path / "root"
+    subprocess.run([tmpfiles, f"--root={root}", "--create",
+                    str(K3S / "host" / "edgefleet.conf")], check=True, capture_output=True)
+    sock, store = (root / "run" / "edgefleet").stat(), (root / "var/lib/edgefleet").stat()
+    assert (sock.st_uid, sock.st_gid, oct(sock.st_mode & 0o7777)) == (10001, 10001, "0o2770")
+    assert (store.st_uid, store.st_gid, oct(store.st_mode & 0o7777)) == (10001, 10001, "0o750")
+    daemonset = (K3S / "base" / "agent" / "daemonset.yaml").read_text()
+    assert "path: /run/edgefleet\n            type: Directory" in daemonset
+    assert "path: /var/lib/edgefleet\n            type: Directory" in daemonset
+
+
+def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
+    """The artifact server's nginx configuration (k3s/base/central/artifacts/default.conf) on
+    Debian's nginx: the device's own downloader fetches a bundle from it, with a resumed Range
+    request; nothing but `sha256/<digest>` is served, and only to GET/HEAD."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    from agent.download import DownloadConfig, download
+    from fleet.artifacts import add_artifact
+    from tests.deploy_helpers import http_get, wait_for
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx is not installed (apt-get install nginx; .ci/run does this)",
+                    pytrace=False)
+    root = tmp_path / "artifacts"
+    payload = os.urandom(300_000)
+    digest = add_artifact(root, payload)
+    port = _free_port()
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    server = (K3S / "base" / "central" / "artifacts" / "default.conf").read_text()
+    for old, new in {"listen 8080;": f"listen 127.0.0.1:{port};",
+                     "root /srv/artifacts;": f"root {root};"}.items():
+        assert old in server, old
+        server = server.replace(old, new)
+    (conf_d / "default.conf").write_text(server)
+    # What the nginx-unprivileged image's main configuration provides (temp paths in /tmp).
+    temp = tmp_path / "temp"
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"user {getpass.getuser()};\nworker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+        f"error_log {tmp_path}/error.log warn;\nevents {{}}\nhttp {{\n"
+        f"  access_log {tmp_path}/access.log;\n  client_body_temp_path {temp}/body;\n"
+        f"  proxy_temp_path {temp}/proxy;\n  fastcgi_temp_path {temp}/fastcgi;\n"
+        f"  uwsgi_temp_path {temp}/uwsgi;\n  scgi_temp_path {temp}/scgi;\n"
+        f"  include {conf_d}/*.conf;\n}}\n")
+    temp.mkdir()
+    check = subprocess.run([nginx, "-t", "-c", str(main), "-g", "daemon off;"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([nginx, "-c", str(main), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("nginx to answer", lambda: http_get(url + "/healthz")[0] == 200, 15,
+                 lambda: None if proc.poll() is None else proc.stderr.read().decode())
+        # The device's downloader, resuming a transfer cut off halfway.
+        dest = tmp_path / "device" / "bundle.efb"
+        dest.parent.mkdir()
+        dest.with_name("bundle.efb.part").write_bytes(payload[:100_000])
+        download(f"{url}/sha256/{digest}", dest, sha256=digest, size=len(payload),
+                 config=DownloadConfig(attempts=1))
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest
+        assert f'"GET /sha256/{digest} HTTP/1.1" 206 ' in (tmp_path / "access.log").read_text()
+
+        head = urllib.request.Request(f"{url}/sha256/{digest}", method="HEAD")
+        with urllib.request.urlopen(head, timeout=5) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == len(payload)
+            assert r.headers["Content-Type"] == "application/octet-stream"
+        for path in (f"/sha256/{'0' * 64}", "/sha256/", f"/sha256/{digest[:10]}", "/",
+                     "/nginx.conf"):
+            assert http_get(url + path)[0] == 404, path
+        post = urllib.request.Request(f"{url}/sha256/{digest}", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(post, timeout=5)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

@@ -1,0 +1,86 @@
+"""Stage 7: the threshold hits the target false-fail rate on validation; confidence follows the
+bundle format; rules and the drift reference are valid manifest content for any column."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.manifest import parse_manifest
+from optimize.calibrate import (
+    calibrate_threshold,
+    confidence,
+    drift_reference,
+    fallback_rules,
+    rule_violations,
+)
+from optimize.data import ParamSpec
+from tests.conftest import manifest_fields
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1e4, allow_nan=False, width=32), min_size=1, max_size=400),
+    st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.2]),
+)
+def test_threshold_never_exceeds_the_target_false_fail_rate_on_validation(scores, target):
+    s = np.array(scores, dtype=np.float32)
+    d = calibrate_threshold(s, target)
+    ffr = float(np.mean(s > d.threshold))  # float32 scores as the device compares them
+    assert ffr <= target + 1e-12
+    assert d.val_ffr == ffr and d.confidence_scale > 0
+    if len(set(scores)) == len(scores):  # without ties it is exactly floor(target * n) / n
+        assert ffr == np.floor(target * len(s) + 1e-9) / len(s)
+
+
+def test_threshold_at_one_percent_on_a_realistic_score_distribution():
+    s = np.random.default_rng(0).lognormal(0, 0.3, size=4000)
+    d = calibrate_threshold(s, 0.01)
+    assert d.val_ffr == 0.01
+    assert np.quantile(s, 0.985) < d.threshold < np.quantile(s, 0.995)
+
+
+def test_confidence_is_zero_at_the_threshold_and_grows_away_from_it():
+    d = calibrate_threshold(np.linspace(0, 10, 1001), 0.01)
+    c = confidence(np.array([d.threshold, d.threshold + d.confidence_scale,
+                             d.threshold - 3 * d.confidence_scale, 1e9]), d)
+    np.testing.assert_allclose(c, [0.0, 1 - np.exp(-1), 1 - np.exp(-3), 1.0])
+
+
+def test_rules_come_from_spec_limits_when_given_else_from_robust_bounds():
+    rng = np.random.default_rng(0)
+    x = rng.normal(10, 2, size=(500, 3))
+    x[:, 2] = 4.0  # constant: no rule
+    spec = [ParamSpec("a", "g", "V", 0.0, 20.0), ParamSpec("b", "g", "V", None, 15.0),
+            ParamSpec("c", "g", "V", None, None)]
+    rules, source = fallback_rules(x, spec)
+    assert source == "spec"
+    assert rules == [{"feature": 0, "low": 0.0, "high": 20.0},
+                     {"feature": 1, "low": None, "high": 15.0}]
+    rules, source = fallback_rules(x, None, sigmas=6)
+    assert source == "robust" and [r["feature"] for r in rules] == [0, 1]
+    assert all(r["low"] < 10 - 10 and r["high"] > 10 + 10 for r in rules)  # ~6 sigma
+    probe = np.array([[10.0, 10.0, 99.0], [30.0, np.nan, 4.0], [np.nan, -50.0, np.nan]])
+    assert rule_violations(rules, probe).tolist() == [0, 1, 1]
+
+
+def test_drift_reference_is_valid_for_normal_constant_and_never_observed_columns():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(size=300), np.full(300, 3.5), np.full(300, np.nan),
+                         rng.integers(0, 3, 300).astype(float), rng.lognormal(0, 2, 300)])
+    x[::7, 0] = np.nan
+    ref = drift_reference(x, bins=10)
+    fields = manifest_fields(n=x.shape[1], drift_reference=ref)
+    fields.update(format="edgefleet-bundle", format_version=1, created="2026-01-01T00:00:00Z",
+                  signer="0" * 16, files={"model.onnx": {"sha256": "0" * 64, "size": 1}})
+    m = parse_manifest(fields)  # the device's own parser accepts it
+    edges, props = m.drift_edges, m.drift_proportions
+    for e, p in zip(edges, props, strict=True):
+        assert len(e) <= 9 and len(p) == len(e) + 1
+        assert np.isfinite(e).all() and (np.diff(e) > 0).all()
+        assert abs(sum(p) - 1) < 1e-6 and min(p) >= 0
+    assert edges[1] == (3.5,) and props[1] == (0.0, 1.0)  # constant: all mass above its value
+    assert edges[2] == () and props[2] == (1.0,)  # never observed: one bin
+    assert len(edges[0]) == 9 and abs(props[0][0] - 0.1) < 0.02  # deciles hold a tenth each
+    assert edges[3] == (0.0, 1.0, 2.0)  # three values: repeated quantiles merge

@@ -1,0 +1,95 @@
+"""Stages 5-6: the exported graph follows the model contract and matches PyTorch; its INT8
+version keeps the decisions and leaves preprocessing and the score reduction in float."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from agent.engine import INPUT_NAME, OUTPUT_NAMES
+from optimize.export import OPSET, check_export, run, session, to_onnx
+from optimize.quantize import QuantizeConfig, quantize, score_rows
+from optimize.train import Detector
+from tests.optimize_support import small_model, small_split
+
+TOP_K = 5
+
+
+@pytest.fixture(scope="module")
+def exported() -> tuple[Detector, bytes]:
+    split, prep = small_split()
+    det = Detector.fit(prep, small_model(), split.train.x)
+    return det, to_onnx(det, TOP_K)
+
+
+def test_graph_follows_the_model_contract(exported):
+    _, model = exported
+    proto = onnx.load_from_string(model)
+    assert proto.opset_import[0].version == OPSET >= 18
+    sess = session(model)
+    (inp,) = sess.get_inputs()
+    assert inp.name == INPUT_NAME and inp.type == "tensor(float)"
+    assert isinstance(inp.shape[0], str) and inp.shape[1] == 32  # dynamic batch
+    outs = {o.name: o for o in sess.get_outputs()}
+    assert set(outs) == set(OUTPUT_NAMES)
+    assert outs["top_index"].type == "tensor(int64)"
+    assert outs["top_contribution"].shape[1] == TOP_K
+
+
+def test_onnx_scores_match_pytorch(exported):
+    det, model = exported
+    split, _ = small_split()
+    x = split.test.x
+    ref = det.scores(x)
+    got = run(model, x)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert check_export(model, det, x) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_any_batch_size_missing_values_and_infinities_give_finite_scores(exported):
+    _, model = exported
+    x = small_split()[0].test.x[:7].astype(np.float32).copy()
+    x[1, :5] = np.nan
+    x[2, :] = np.nan  # nothing measured: score 0
+    x[3, 0], x[4, 1] = np.inf, -np.inf
+    score, top_index, top_contrib = run(model, x)
+    assert score.shape == (7,) and top_index.shape == (7, TOP_K)
+    assert np.isfinite(score).all() and np.isfinite(top_contrib).all()
+    assert score[2] == 0.0
+    assert not np.isin(top_index[1][top_contrib[1] > 0], np.arange(5)).any()  # missing: no blame
+    assert (np.diff(top_contrib, axis=1) <= 0).all()  # descending
+    assert (top_contrib.sum(axis=1) <= score * (1 + 1e-5) + 1e-6).all()
+    single = np.concatenate([run(model, x[i : i + 1])[0] for i in range(7)])
+    np.testing.assert_allclose(single, score, rtol=1e-6)
+
+
+def test_int8_keeps_decisions_and_quantizes_only_the_autoencoder(exported):
+    det, fp32 = exported
+    split, _ = small_split()
+    ref_val = run(fp32, split.val.x)[0]
+    threshold = float(np.quantile(ref_val[split.val.passes], 0.99))
+    q = quantize(fp32, det, TOP_K, split.train.x, split.val.x, threshold,
+                 QuantizeConfig(method="static"))
+    assert q.method == "static" and set(q.parity) == {"static"}
+    ref, got = run(fp32, split.test.x)[0], score_rows(q.model, split.test.x)
+    assert np.mean((ref > threshold) == (got > threshold)) >= 0.98
+    assert np.corrcoef(np.argsort(np.argsort(ref)), np.argsort(np.argsort(got)))[0, 1] > 0.99
+    nodes = onnx.load_from_string(q.model).graph.node
+    quantized = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    assert "z" not in quantized and "params" not in quantized  # preprocessing stays float
+    ops = {n.op_type for n in nodes}
+    assert {"IsNaN", "Where", "ReduceSum", "TopK"} <= ops
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(det.model.layers)
+    # static INT8 scores do not depend on the other rows of a batch
+    np.testing.assert_array_equal(run(q.model, split.test.x)[0], got)
+
+
+def test_auto_quantization_tries_both_and_keeps_the_better_parity(exported):
+    det, fp32 = exported
+    split, _ = small_split()
+    q = quantize(fp32, det, TOP_K, split.train.x, split.val.x, 1.0)
+    assert set(q.parity) == {"static", "dynamic"}
+    best = max(q.parity.values(), key=lambda p: p.key())
+    assert q.parity[q.method].key() == best.key()
+    assert len(q.model) < len(fp32)
