@@ -284,32 +284,33 @@ def _open(path: Path, limits: Limits) -> tuple[tarfile.TarFile, _Archive]:
     return tf, archive
 
 
-def _check_signature(path: Path, archive: _Archive, manifest: Manifest, keyring: Keyring) -> None:
+def _check_signature(where: Path, manifest_bytes: bytes, signature_bytes: bytes,
+                     manifest: Manifest, keyring: Keyring) -> None:
     try:
-        sig = json.loads(archive.signature_bytes.decode("utf-8"))
+        sig = json.loads(signature_bytes.decode("utf-8"))
         algorithm, kid = sig["algorithm"], sig["key_id"]
         signature = base64.b64decode(sig["signature"], validate=True)
         if base64.b64encode(signature).decode("ascii") != sig["signature"] or len(signature) != 64:
             raise ValueError("signature is not 64 bytes in canonical base64")
-        if canonical_json(sig) != archive.signature_bytes:
+        if canonical_json(sig) != signature_bytes:
             raise ValueError("not in canonical JSON form")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
-        raise SignatureError(f"{path}: {SIGNATURE_NAME} is malformed: {e}") from None
+        raise SignatureError(f"{where}: {SIGNATURE_NAME} is malformed: {e}") from None
     if algorithm != "ed25519":
         raise SignatureError(
-            f"{path}: signature algorithm: expected 'ed25519', found {algorithm!r}"
+            f"{where}: signature algorithm: expected 'ed25519', found {algorithm!r}"
         )
     if kid != manifest.signer:
         raise SignatureError(
-            f"{path}: signature key id {kid!r} does not match manifest signer {manifest.signer!r}"
+            f"{where}: signature key id {kid!r} does not match manifest signer {manifest.signer!r}"
         )
     try:
         public_key = keyring.public_key(kid, "release")
     except KeyringError as e:
-        raise SignatureError(f"{path}: {e}") from None
-    if not verify_signature(public_key, signature, SIGNING_CONTEXT + archive.manifest_bytes):
+        raise SignatureError(f"{where}: {e}") from None
+    if not verify_signature(public_key, signature, SIGNING_CONTEXT + manifest_bytes):
         raise SignatureError(
-            f"{path}: signature does not match {MANIFEST_NAME} for key {kid} "
+            f"{where}: signature does not match {MANIFEST_NAME} for key {kid} "
             "(manifest or signature was altered)"
         )
 
@@ -359,7 +360,8 @@ def verify_bundle(
     tf, archive = _open(path, limits)
     with tf:
         manifest = parse_manifest_bytes(archive.manifest_bytes, f"{path}: {MANIFEST_NAME}")
-        _check_signature(path, archive, manifest, keyring)
+        _check_signature(path, archive.manifest_bytes, archive.signature_bytes, manifest,
+                         keyring)
         _check_files(path, tf, archive, manifest)
     now = now or utc_now()
     if manifest.expires is not None and now >= manifest.expires:
@@ -384,6 +386,41 @@ def read_manifest_unverified(path: Path, limits: Limits = Limits()) -> Manifest:
     tf, archive = _open(Path(path), limits)
     tf.close()
     return parse_manifest_bytes(archive.manifest_bytes, f"{path}: {MANIFEST_NAME}")
+
+
+def verify_unpacked(directory: Path, keyring: Keyring) -> Manifest:
+    """Check a directory `unpack_bundle` wrote, as it sits in a model store: the manifest's
+    signature by a trusted, non-revoked release key (step 4), then every listed file's size and
+    SHA-256 (step 5). Expiry and sequence are install-time checks and are not repeated: a model
+    that was valid when installed stays servable. Revoking its signing key does make it
+    unservable, so rotate by shipping models signed with the new key first."""
+    directory = Path(directory)
+    try:
+        manifest_bytes = (directory / MANIFEST_NAME).read_bytes()
+        signature_bytes = (directory / SIGNATURE_NAME).read_bytes()
+    except OSError as e:
+        raise MissingFile(f"{directory}: cannot read {e.filename}: {e.strerror}") from None
+    manifest = parse_manifest_bytes(manifest_bytes, f"{directory}: {MANIFEST_NAME}")
+    _check_signature(directory, manifest_bytes, signature_bytes, manifest, keyring)
+    for name, entry in sorted(manifest.files.items()):
+        target = directory / name
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(target, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            raise MissingFile(
+                f"{target}: listed in the manifest but unreadable: {e.strerror}"
+            ) from None
+        if size != entry.size:
+            raise DigestMismatch(f"{target}: size expected {entry.size}, found {size}")
+        if digest.hexdigest() != entry.sha256:
+            raise DigestMismatch(
+                f"{target}: sha256 expected {entry.sha256}, found {digest.hexdigest()}"
+            )
+    return manifest
 
 
 def unpack_bundle(path: Path, manifest: Manifest, dest: Path, limits: Limits = Limits()) -> None:

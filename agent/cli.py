@@ -20,6 +20,7 @@ from pathlib import Path
 
 import typer
 
+from agent import admin_cli
 from agent.errors import UsageError
 
 app = typer.Typer(
@@ -33,8 +34,14 @@ _SOCKET_HELP = "The agent's Unix socket."
 @app.command("serve")
 def serve(
     socket: Path = typer.Option(None, "--socket", help="Unix socket to listen on."),
-    store: Path = typer.Option(None, "--store", help="Model store directory (STORE/active/)."),
-    keyring: Path = typer.Option(None, "--keyring", help="Keyring to verify the stored model."),
+    store: Path = typer.Option(
+        None, "--store", help="Model store directory (docs/operations.md); needs --keyring."
+    ),
+    keyring: Path = typer.Option(None, "--keyring", help="Keyring to verify models with."),
+    admin_socket: Path = typer.Option(
+        None, "--admin-socket",
+        help="Admin socket for install/rollback/models (default: admin.sock beside --socket).",
+    ),
     rules: Path = typer.Option(
         None, "--rules", help="Standalone fallback rules (JSON), used while no model is loaded."
     ),
@@ -52,11 +59,15 @@ def serve(
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
+    With --store, the model store is recovered and its active model self-tested before the
+    socket opens; installs and rollbacks then go through the admin socket (mode 0600). When
+    EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
     Settings come from flags, then EDGEFLEET_AGENT_* environment variables, then --config,
     then defaults. The protocol is in docs/protocol.md."""
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
+                      admin_socket=admin_socket,
                       metrics_addr=metrics_addr, socket_mode=socket_mode,
                       socket_group=socket_group, threads=threads,
                       max_missing_share=max_missing_share, log_level=log_level)
@@ -267,3 +278,6 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
 def _name(meta: dict, i: int) -> str:
     names = meta.get("feature_names")
     return names[i] if names else str(i)
+
+
+admin_cli.register(app)  # install, rollback, models: through the admin socket

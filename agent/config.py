@@ -35,6 +35,8 @@ class AgentConfig:
     socket_group: str | None = None
     store: Path | None = None
     keyring: Path | None = None
+    admin_socket: Path | None = None  # install/rollback/list; default: admin.sock beside socket
+    admin_socket_mode: int = 0o600
     rules: Path | None = None  # standalone fallback rules (JSON), for a box without a model
     metrics_addr: str | None = "127.0.0.1:9464"  # "" disables the HTTP endpoint
     threads: int = 1  # ONNX Runtime intra-op threads
@@ -77,7 +79,7 @@ def _coerce(name: str, kind: Any, value: Any, where: str) -> Any:
         return None
     text = str(kind)
     try:
-        if name == "socket_mode":
+        if name.endswith("socket_mode"):
             return int(value, 8) if isinstance(value, str) else int(value)
         if "Path" in text:
             return Path(value)
@@ -127,8 +129,10 @@ def load_config(file: Path | None = None, env: Mapping[str, str] | None = None,
 def _check(cfg: AgentConfig) -> None:
     if not 0.0 <= cfg.max_missing_share <= 1.0:
         raise UsageError(f"max_missing_share must be in 0..1, found {cfg.max_missing_share}")
-    if not 0 <= cfg.socket_mode <= 0o777:
-        raise UsageError(f"socket_mode must be an octal mode like 0660, found {cfg.socket_mode:o}")
+    for name in ("socket_mode", "admin_socket_mode"):
+        if not 0 <= getattr(cfg, name) <= 0o777:
+            raise UsageError(f"{name} must be an octal mode like 0660, "
+                             f"found {getattr(cfg, name):o}")
     for name in ("max_line_bytes", "max_frame_bytes", "max_connections", "threads",
                  "drift_window", "drift_top_k"):
         if getattr(cfg, name) < 1:

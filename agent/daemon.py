@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = AgentConfig.from_json(args[0])
         logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from agent.server import run
+        from agent.app import run
 
         run(cfg)
     except EdgefleetError as e:

@@ -50,6 +50,7 @@ itself right after persisting that state (or at the named point inside a step).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -64,7 +65,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agent.bundle import Incompatible, unpack_bundle, verify_bundle
+from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpacked
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
@@ -296,6 +297,8 @@ class Installer:
         self.record_path = store.root / RECORD_NAME
         self.integrity = IntegrityReport(True, 0.0, None)
         self.fallback_reason: str | None = None
+        # (op, outcome) -> jobs finished by this process, for edgefleet_installs_total
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock = threading.Lock()
         store.lock()
 
@@ -420,6 +423,7 @@ class Installer:
             self._drive(job, first, self._STEPS)
         finally:
             job.engine = None
+        self.outcomes[job.op, "rolled_back" if job.failed_at else job.outcome or "unknown"] += 1
         if job.failed_at is not None:
             raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "")
         if job.outcome == "committed":
@@ -462,7 +466,7 @@ class Installer:
             log.warning("%s: %s is active (was %s)", job.op, job.id, job.from_id)
 
     def _verify(self, job: _Job) -> State:
-        keyring = self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+        keyring = self._keyring()
         m = verify_bundle(Path(job.bundle or ""), keyring,
                           min_sequence=self.store.highest_sequence())
         job.manifest, job.id, job.sequence = m, version_id(m), m.sequence
@@ -628,6 +632,9 @@ class Installer:
         problems = s.check_integrity(active)
         if not problems and load:
             try:
+                # At start-up the signature is checked again too: a manifest edited on disk
+                # (a threshold, say) or one signed by a key revoked since must not serve.
+                verify_unpacked(s.version_dir(active), self._keyring())
                 manifest = s.manifest(active)
                 engine = Engine(s.model_path(active), manifest,
                                 threads=self.config.engine_threads)
@@ -653,6 +660,10 @@ class Installer:
             self.on_fallback(reason)
         self.fallback_reason = reason
         return IntegrityReport(False, now, active, tuple(problems), "fallback", None)
+
+    def _keyring(self) -> Keyring:
+        """Loaded afresh for each job: a key trusted or revoked since start applies at once."""
+        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
 
     # -- the record ---------------------------------------------------------------------------
 

@@ -84,6 +84,15 @@ class Runtime:
         log.warning("entering fallback: model unloaded: %s", reason)
         return old
 
+    def rules_of(self, manifest: Manifest, reason: str) -> Predictor:
+        """Answer with `manifest`'s fallback rules and no engine: a box whose model is damaged
+        on disk, with no previous version to go back to, keeps screening with that model's
+        rules (the manifest itself is intact) instead of refusing every die."""
+        old = self._set(self._build(None, manifest, reason))
+        log.warning("entering fallback: %s; screening with the rules of %s %s", reason,
+                    manifest.name, manifest.version)
+        return old
+
     def enter_fallback(self, reason: str) -> Predictor:
         """Answer with the rules while keeping the model loaded (`leave_fallback` resumes)."""
         cur = self._active

@@ -34,7 +34,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.dispatch import Dispatcher
 from agent.errors import EdgefleetError
-from agent.memory import Trimmer, limit_arenas
+from agent.memory import Trimmer
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.protocol import (
     HEADER,
@@ -379,49 +379,3 @@ def _remove_stale(path: Path) -> None:
         probe.close()
     raise ServerError(f"another process is listening on {path}",
                       hint="stop the other agent or choose another --socket")
-
-
-def build(config: AgentConfig) -> AgentServer:
-    """An agent from its configuration: rules file, model from the store, runtime, server.
-    Nothing is bound until `start()`."""
-    from agent.fallback import RuleSet
-    from agent.keys import Keyring
-    from agent.loader import load_from_store
-    from agent.predictor import Limits
-
-    limits = Limits(max_missing_share=config.max_missing_share,
-                    fallback_retry_s=config.fallback_retry_s, drift_window=config.drift_window,
-                    drift_top_k=config.drift_top_k, drift_interval_s=config.drift_interval_s)
-    rules = RuleSet.load(config.rules) if config.rules else None
-    loaded = None
-    if config.store is not None:
-        keyring = Keyring.load(config.keyring) if config.keyring else None
-        loaded = load_from_store(config.store, keyring, threads=config.threads)
-    return AgentServer(config, Runtime(limits, rules, loaded))
-
-
-def run(config: AgentConfig) -> None:
-    """Serve until SIGTERM or SIGINT (the CLI's `agent serve`)."""
-    import signal
-    import sys
-
-    sys.setswitchinterval(config.switch_interval_s)
-    limit_arenas(2)
-    from prometheus_client import disable_created_metrics
-
-    disable_created_metrics()  # no *_created series: they double the exposition for nothing
-    server = build(config)
-    stop = threading.Event()
-
-    def _on_signal(signum, frame) -> None:
-        log.warning("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    server.start()
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()

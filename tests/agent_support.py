@@ -20,8 +20,8 @@ from agent.config import AgentConfig
 from agent.drift import drift_reference
 from agent.engine import Engine
 from agent.fallback import RuleSet
+from agent.install import Installer
 from agent.keys import Keyring, generate_keypair, load_private_key, trust_key
-from agent.loader import ACTIVE_DIR
 from agent.manifest import Manifest
 from agent.predictor import Limits
 from agent.runtime import Runtime
@@ -92,10 +92,13 @@ def build_model(tmp: Path, keyring_dir: Path, key_path: Path, *, n_features: int
     return Model(manifest, model_dir, bundle, x)
 
 
-def install_into_store(model: Model, store: Path) -> Path:
-    """Today's store layout: STORE/active/ holds the unpacked bundle."""
-    store.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model.model_dir, store / ACTIVE_DIR)
+def install_into_store(model: Model, store: Path, keyring: Path) -> Path:
+    """Install the model's bundle into a model store through the real installer."""
+    installer = Installer.open(store, keyring)
+    try:
+        installer.install(model.bundle)
+    finally:
+        installer.close()
     return store
 
 

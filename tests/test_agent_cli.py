@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.client import Client
 from tests.agent_support import build_model, install_into_store, make_keys, short_tmp, wait_for
 
 N = 16
@@ -46,7 +47,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     keyring, key = make_keys(d)
     model = build_model(d, keyring, key, n_features=N)
-    store = install_into_store(model, d / "store")
+    store = install_into_store(model, d / "store", keyring)
     return d, keyring, model, store
 
 
@@ -128,8 +129,9 @@ def test_health_and_info_commands(served):
     assert i["model"]["version"] == model.manifest.version and i["n_features"] == N
 
 
-def test_sigterm_stops_the_agent_and_removes_its_socket(setup):
-    _, keyring, _, store = setup
+def test_sigterm_stops_the_agent_and_removes_its_socket(setup, tmp_path):
+    _, keyring, model, _ = setup
+    store = install_into_store(model, tmp_path / "store", keyring)  # one agent per store
     with short_tmp() as tmp:
         sock = tmp / "a.sock"
         proc = subprocess.Popen(
@@ -140,22 +142,35 @@ def test_sigterm_stops_the_agent_and_removes_its_socket(setup):
         assert proc.wait(timeout=10) == 0 and not sock.exists()
 
 
-def test_serve_refuses_a_tampered_store_with_one_line(setup, tmp_path):
+def test_serve_with_a_tampered_model_screens_by_its_rules_and_says_why(setup, tmp_path):
+    """A model that changed on disk is never used: with no previous version to return to, the
+    agent answers with that model's (intact) fallback rules and health names the damage."""
     _, keyring, model, _ = setup
-    store = install_into_store(model, tmp_path / "store")
+    store = install_into_store(model, tmp_path / "store", keyring)
     onnx = store / "active" / "model.onnx"
     data = bytearray(onnx.read_bytes())
     data[-1] ^= 1
     onnx.write_bytes(bytes(data))
     with short_tmp() as tmp:
-        r = _cli("agent", "serve", "--socket", str(tmp / "a.sock"), "--store", str(store),
-                 "--keyring", str(keyring), "--metrics-addr", "")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("edgefleet: error: ") and "sha256 expected" in r.stderr
+        sock = tmp / "a.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket", str(sock),
+             "--store", str(store), "--keyring", str(keyring), "--metrics-addr", ""], cwd=REPO)
+        try:
+            wait_for(sock.exists, timeout=30)
+            with Client(sock) as c:
+                health = c.health()
+                answer = c.predict(model.train[0], die_id=1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert "sha256" in health["fallback_reason"] and "model.onnx" in health["fallback_reason"]
+    assert answer.source == "fallback" and answer.decision == "pass"
 
 
-def test_serve_needs_a_keyring_for_a_stored_model(setup):
-    _, _, _, store = setup
+def test_serve_needs_a_keyring_for_a_stored_model(setup, tmp_path):
+    _, keyring, model, _ = setup
+    store = install_into_store(model, tmp_path / "store", keyring)
     with short_tmp() as tmp:
         r = _cli("agent", "serve", "--socket", str(tmp / "a.sock"), "--store", str(store),
                  "--metrics-addr", "")
