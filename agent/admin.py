@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,9 +79,11 @@ class AdminServer:
     def start(self) -> AdminServer:
         """Bind under a temporary name, set mode and group, rename into place: the socket never
         exists under its real name with looser permissions. A stale socket is replaced."""
+        from agent.server import remove_stale_socket  # the serving side only, not the client
+
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
+        remove_stale_socket(path, "--admin-socket")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -185,27 +186,6 @@ class AdminServer:
 def _error_line(kind: str, message: str, **extra: Any) -> bytes:
     return json.dumps({"ok": False, "error": {"kind": kind, "message": message, **extra}}
                       ).encode() + b"\n"
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket file nobody listens on (left by a crash); refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise EdgefleetError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    finally:
-        probe.close()
-    raise EdgefleetError(f"another agent listens on admin socket {path}",
-                         hint="stop it, or pass another --admin-socket")
 
 
 class AdminClient:

@@ -153,7 +153,7 @@ class AgentServer:
         if len(os.fsencode(tmp)) > _MAX_UNIX_PATH:
             raise ServerError(f"socket path {path} is too long for a Unix socket "
                               f"({_MAX_UNIX_PATH - 12} bytes at most)")
-        _remove_stale(path)
+        remove_stale_socket(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         gid = -1
@@ -356,14 +356,16 @@ class _Connection:
         raise _Closed
 
 
-def _remove_stale(path: Path) -> None:
+def remove_stale_socket(path: Path, option: str = "--socket") -> None:
+    """Remove a socket file nobody listens on (left by a crash); refuse a live one, or a path
+    that is not a socket. `option` names the flag to change in the error's hint."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ServerError(f"{path} exists and is not a socket; refusing to replace it",
-                          hint="remove it or choose another --socket")
+                          hint=f"remove it or choose another {option}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -378,4 +380,4 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise ServerError(f"another process is listening on {path}",
-                      hint="stop the other agent or choose another --socket")
+                      hint=f"stop the other agent or choose another {option}")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from agent.admin import AdminClient, AdminError, AdminServer, AdminUnreachable
 from agent.admin_cli import register
 from agent.install import Installer
+from agent.server import ServerError
 from tests.install_helpers import make_keys, real_bundle
 
 
@@ -77,7 +78,7 @@ def test_no_agent_is_a_clear_error(tmp_path):
 
 def test_stale_admin_socket_is_replaced_and_a_live_one_refused(agent, tmp_path):
     server, inst, *_ = agent
-    with pytest.raises(Exception, match="another agent listens"):
+    with pytest.raises(ServerError, match="another process is listening"):
         AdminServer(server.path, inst).start()
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX)
@@ -86,7 +87,7 @@ def test_stale_admin_socket_is_replaced_and_a_live_one_refused(agent, tmp_path):
     AdminServer(stale, inst).start().stop()
     plain = tmp_path / "plain"
     plain.write_text("x")
-    with pytest.raises(Exception, match="not a socket"):
+    with pytest.raises(ServerError, match="not a socket"):
         AdminServer(plain, inst).start()
 
 
