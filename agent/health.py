@@ -35,19 +35,10 @@ class HealthWindow:
         self.installer = installer
         self.window_s = window_s
         self._lock = threading.Lock()
-        self._snaps: deque[tuple[float, tuple]] = deque([(time.monotonic(), self._snapshot())])
-
-    def _snapshot(self) -> tuple:
-        m = self.metrics
-        with m._lock:
-            pred = tuple(m._pred)
-            errors = sum(m._errors)
-            latency = tuple(a + b for a, b in zip(*(h.counts for h in m._req.values()),
-                                                 strict=True))
-        return pred, errors, latency
+        self._snaps: deque[tuple[float, tuple]] = deque([(time.monotonic(), metrics.totals())])
 
     def health_summary(self) -> dict[str, Any]:
-        now, snap = time.monotonic(), self._snapshot()
+        now, snap = time.monotonic(), self.metrics.totals()
         with self._lock:
             self._snaps.append((now, snap))
             while len(self._snaps) > 2 and now - self._snaps[1][0] >= self.window_s:

@@ -164,6 +164,15 @@ class AgentMetrics:
         with self._lock:
             self._errors[code] += 1
 
+    def totals(self) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+        """Counters since start, for windowed health (agent.health): answered dies by
+        `decision * 3 + source`, refused requests and rows, and request-latency bucket counts
+        (both encodings, buckets `LATENCY_BUCKETS` then +Inf)."""
+        with self._lock:
+            latency = tuple(sum(c) for c in zip(*(h.counts for h in self._req.values()),
+                                                strict=True))
+            return tuple(self._pred), sum(self._errors), latency
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
