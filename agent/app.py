@@ -111,11 +111,18 @@ def _attach_store(agent: Agent) -> None:
     agent.services.append(_Monitor(IntegrityMonitor(installer)))
     if os.environ.get("EDGEFLEET_MQTT_HOST"):
         from agent.link import DeviceLink, LinkConfig
+        from agent.shadow import ShadowHost, ShadowScorer
 
         link_dir = cfg.store.parent / "link" if not os.environ.get("EDGEFLEET_LINK_DIR") else None
-        link = DeviceLink(LinkConfig.from_env(data_dir=link_dir), keyring=keyring,
-                          installer=installer,
-                          health=HealthWindow(agent.server.metrics, runtime, installer))
+        link_cfg = LinkConfig.from_env(data_dir=link_dir)
+        # rollouts' shadow stage: a candidate scores the answered rows off the hot path
+        rate = os.environ.get("EDGEFLEET_SHADOW_MAX_ROWS_PER_S")
+        scorer = ShadowScorer(**({"max_rows_per_s": float(rate) or None} if rate else {}))
+        agent.server.dispatch.shadow = scorer
+        link = DeviceLink(link_cfg, keyring=keyring, installer=installer,
+                          health=HealthWindow(agent.server.metrics, runtime, installer),
+                          shadow=ShadowHost(scorer, link_cfg.data_dir / "shadow",
+                                            engine_threads=cfg.threads))
         agent.services.append(link)
 
 

@@ -51,7 +51,10 @@ from agent.manifest import canonical_json, format_time, utc_now
 SIGNING_CONTEXT = b"edgefleet-command-v1\x00"
 ENVELOPE_VERSION = 1
 MAX_PAYLOAD = 16 * 1024
-COMMAND_TYPES = ("install", "rollback", "report-now")
+# shadow: install a candidate next to the live model, scoring live traffic off the hot path
+# (never answering); shadow-stop: drop it. Both are used by fleet rollouts (docs/rollouts.md).
+COMMAND_TYPES = ("install", "rollback", "report-now", "shadow", "shadow-stop")
+INSTALL_TYPES = ("install", "shadow")  # the command types that carry an `install` spec
 DEFAULT_MAX_SKEW = timedelta(minutes=5)
 DEFAULT_MAX_LIFETIME = timedelta(days=30)
 
@@ -312,7 +315,7 @@ def _parse_body(body: Any, claimed_id: str | None) -> Command:
     if expires <= issued:
         raise bad("expires", f"a time after issued ({format_time(issued)})", body["expires"])
     spec = None
-    if ctype == "install":
+    if ctype in INSTALL_TYPES:
         inst = body.get("install", _MISSING)
         if not isinstance(inst, dict):
             raise bad("install", "an object", inst)

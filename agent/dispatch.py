@@ -52,6 +52,9 @@ class Dispatcher:
     def __init__(self, runtime: Runtime, metrics: AgentMetrics) -> None:
         self.runtime = runtime
         self.metrics = metrics
+        # agent.shadow.ShadowScorer, when the fleet link runs: rows the model answered are
+        # copied to it (bounded, never waited on) for a candidate to score off the hot path
+        self.shadow: Any = None
 
     # ------------------------------------------------------------------ binary
 
@@ -86,6 +89,9 @@ class Dispatcher:
             body = p.record.pack(*row[:9], *row[9], *row[10])
             latency = _perf() - t0
             self.metrics.record_row(row, "binary", latency, t_inf, reason)
+            sh = self.shadow
+            if sh is not None and sh.active and row[2] == Source.MODEL:
+                sh.offer_one(v, row[6], p.manifest)
             return encode_one_result(body, p.k, tag, int(latency * 1e9), p.sequence_u64,
                                      p.version_padded, len(p.version_bytes))
         die_ids = np.frombuffer(buf, dtype="<u8", count=rows, offset=start)
@@ -96,6 +102,8 @@ class Dispatcher:
         records, t_inf, fallback = p.score_batch(x, die_ids)
         latency = _perf() - t0
         self.metrics.record_batch(records, "binary", latency, t_inf, fallback)
+        if self.shadow is not None and self.shadow.active:
+            self._shadow_batch(p, x, records)
         return encode_result(records, p.k, tag, int(latency * 1e9), p.sequence_u64,
                              p.version_bytes)
 
@@ -144,6 +152,9 @@ class Dispatcher:
         row, t_inf, reason = p.score_one(x, die_id)
         latency = _perf() - t0
         self.metrics.record_row(row, "json", latency, t_inf, reason)
+        sh = self.shadow
+        if sh is not None and sh.active and row[2] == Source.MODEL:
+            sh.offer_one(x, row[6], p.manifest)
         return (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
 
     def _json_batch(self, p: Predictor, items: list, t0: float) -> bytes:
@@ -164,11 +175,22 @@ class Dispatcher:
             records, t_inf, fallback = p.score_batch(x, np.zeros(len(ok_rows), dtype=np.uint64))
             latency = _perf() - t0
             self.metrics.record_batch(records, "json", latency, t_inf, fallback)
+            if self.shadow is not None and self.shadow.active:
+                self._shadow_batch(p, x, records)
             for pos, rec in zip(ok_pos, records.tolist(), strict=True):
                 item = items[pos]
                 row = (json_id(item, "die_id"), *rec[1:9], rec[9].tolist(), rec[10].tolist())
                 answers[pos] = self._row_text(p, row, json_id(item, "id"), latency)
         return ("[" + ",".join(answers) + "]\n").encode("utf-8")
+
+    def _shadow_batch(self, p: Predictor, x: np.ndarray, records: np.ndarray) -> None:
+        """Hand the rows the model answered (not the fallback's, not refused ones) to the
+        shadow candidate."""
+        model = records["source"] == Source.MODEL
+        if model.all():
+            self.shadow.offer(x, records["score"], p.manifest)
+        elif model.any():
+            self.shadow.offer(x[model], records["score"][model], p.manifest)
 
     def _row_text(self, p: Predictor, row: tuple, rid: Any, latency: float) -> str:
         """One answer object as JSON text, formatted directly (a third of json.dumps's cost on

@@ -71,7 +71,7 @@ from agent.keys import Keyring
 from agent.manifest import format_time, utc_now
 
 PROTOCOL_VERSION = 1
-TERMINAL_STEPS = ("live", "failed", "rolled-back", "reported")
+TERMINAL_STEPS = ("live", "failed", "rolled-back", "reported", "shadowing", "shadow-stopped")
 HEALTH_STATUSES = ("ok", "degraded", "fallback")
 _LOG = logging.getLogger("edgefleet.link")
 
@@ -369,6 +369,7 @@ class DeviceLink:
         fetch: Callable[..., Path] = download,
         agent_version: str = __version__,
         arch: str | None = None,
+        shadow: Any = None,
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
@@ -378,6 +379,7 @@ class DeviceLink:
         self.fetch = fetch
         self.agent_version = agent_version
         self.arch = arch or platform.machine()
+        self.shadow = shadow  # agent.shadow.ShadowHost: `shadow`/`shadow-stop` commands
         self.boot = secrets.token_hex(4)
         self.connected = threading.Event()
         self.stopping = threading.Event()
@@ -505,6 +507,10 @@ class DeviceLink:
             summary = {"status": "degraded", "reason": f"health summary unavailable: {e}"}
         status = summary.pop("status", "ok")
         reason = summary.pop("reason", None)
+        model = {"active": self._model("active"), "previous": self._model("previous")}
+        if self.shadow is not None:  # the candidate scoring live dies, and its counters
+            model["shadow"] = self.shadow.model_info()
+            summary["shadow"] = self.shadow.summary()
         if getattr(self.installer, "fallback_reason", None):
             status, reason = "fallback", self.installer.fallback_reason
         return {
@@ -518,7 +524,7 @@ class DeviceLink:
             "agent_version": self.agent_version,
             "arch": self.arch,
             "labels": dict(self.config.labels),
-            "model": {"active": self._model("active"), "previous": self._model("previous")},
+            "model": model,
             "health": {"status": status if status in HEALTH_STATUSES else "degraded",
                        "reason": reason},
             "summary": summary,
@@ -616,6 +622,13 @@ class DeviceLink:
                 self._install(cmd)
             elif cmd.type == "rollback":
                 self._rollback(cmd)
+            elif cmd.type in ("shadow", "shadow-stop"):
+                if self.shadow is None:
+                    self._fail(cmd, "unsupported", "this agent does not run shadow models")
+                elif cmd.type == "shadow":
+                    self.shadow.run(self, cmd)
+                else:
+                    self.shadow.stop(self, cmd)
             else:
                 self._event("reported", cmd)
                 self._finish(cmd, "reported")
@@ -658,6 +671,13 @@ class DeviceLink:
             self._event("live", cmd, model=self._model("active"), unchanged=True)
             self._finish(cmd, "live", unchanged=True)
             return
+        cached = self.shadow.cached(spec.sha256) if self.shadow is not None else None
+        if cached is not None:  # promoting the shadow: its verified bundle is here already
+            self._event("downloading", cmd, url=spec.url, size=spec.size, cached=True)
+            self._run_job(cmd, lambda **kw: self.installer.install(cached, **kw), "live",
+                          download_s=0.0)
+            self.shadow.promoted((self._model("active") or {}).get("digest"))
+            return
         self._event("downloading", cmd, url=spec.url, size=spec.size)
         dest = store.download_path(f"{spec.sha256}.efb")
         last_report = [time.monotonic()]
@@ -689,6 +709,8 @@ class DeviceLink:
         self._run_job(cmd, lambda **kw: self.installer.install(dest, **kw), "live",
                       download_s=round(download_s, 3))
         dest.unlink(missing_ok=True)
+        if self.shadow is not None:
+            self.shadow.promoted((self._model("active") or {}).get("digest"))
 
     def _rollback(self, cmd: Command) -> None:
         self._run_job(cmd, lambda **kw: self.installer.rollback(**kw), "rolled-back")

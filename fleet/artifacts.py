@@ -28,7 +28,8 @@ _PATH_RE = re.compile(r"^/sha256/([0-9a-f]{64})$")
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _CHUNK = 64 * 1024
 
-__all__ = ["ArtifactServer", "Faults", "Stats", "add_artifact"]
+__all__ = ["ArtifactServer", "Faults", "Published", "Stats", "add_artifact", "find_published",
+           "list_published", "publish"]
 
 
 @dataclass
@@ -250,3 +251,120 @@ class ArtifactServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- publishing (fleet publish) ----------------------------------------------------------------
+#
+#     <root>/sha256/<64 hex>       the bundle, named by its SHA-256 (served)
+#     <root>/meta/<64 hex>.json    what it is: model name, version, sequence, size, when, who
+#     <root>/incoming/             copies being verified (never served)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A verified bundle in the artifact store."""
+
+    digest: str
+    size: int
+    name: str
+    version: str
+    sequence: int
+    published: str  # RFC 3339
+    published_by: str
+    path: Path
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+def publish(root: Path, bundle: Path, keyring, *, who: str = "unknown") -> Published:
+    """Verify `bundle` exactly as a device does (`agent.bundle.verify_bundle` against the
+    device keyring: size limits, canonical archive, release signature, every file's digest,
+    expiry, format), then place it in the store under its SHA-256.
+
+    The bytes verified are the bytes stored: the bundle is first copied into `incoming/`
+    (hashed while copying), the copy is verified, then renamed into `sha256/`. Publishing the
+    same bundle twice is a no-op that returns the same record. Raises the `BundleError` of the
+    first check that fails."""
+    import json
+    import os
+    import uuid
+
+    from agent.bundle import verify_bundle
+    from agent.errors import EdgefleetError
+    from agent.manifest import format_time, utc_now
+
+    root = Path(root)
+    for d in ("sha256", "meta", "incoming"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    tmp = root / "incoming" / f"{uuid.uuid4().hex}.efb"
+    h = hashlib.sha256()
+    try:
+        with open(bundle, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        try:
+            manifest = verify_bundle(tmp, keyring)
+        except EdgefleetError as e:  # name the file the user gave, not our copy of it
+            e.message = e.message.replace(str(tmp), str(bundle))
+            raise
+        digest = h.hexdigest()
+        target = root / "sha256" / digest
+        if target.exists():
+            tmp.unlink()
+        else:
+            tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_path = root / "meta" / f"{digest}.json"
+    if meta_path.exists():
+        return find_published(root, digest)
+    meta = {"digest": digest, "size": target.stat().st_size, "name": manifest.name,
+            "version": manifest.version, "sequence": manifest.sequence,
+            "published": format_time(utc_now()), "published_by": who}
+    atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    return Published(**meta, path=target)
+
+
+def find_published(root: Path, ref: str) -> Published:
+    """The published bundle named by `ref`: a SHA-256 (`sha256:` optional) or a unique prefix
+    of at least 8 hex digits. Raises `EdgefleetError` if there is none (or several)."""
+    import json
+
+    from agent.errors import EdgefleetError, UsageError
+
+    root = Path(root)
+    want = ref.removeprefix("sha256:").lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", want):
+        raise UsageError(f"bundle {ref!r}: no such file, and not the SHA-256 of a published "
+                         "bundle", hint="give a bundle file or sha256:<digest>")
+    found = sorted(p for p in (root / "meta").glob(f"{want}*.json")) \
+        if (root / "meta").is_dir() else []
+    if not found:
+        raise UsageError(f"bundle {ref!r}: no published bundle with that SHA-256 in {root}",
+                         hint="publish it first: edgefleet fleet publish FILE")
+    if len(found) > 1:
+        raise UsageError(f"bundle {ref!r}: {len(found)} published bundles start with that; "
+                         "give more digits")
+    meta = json.loads(found[0].read_text())
+    path = root / "sha256" / meta["digest"]
+    if not path.is_file():
+        raise EdgefleetError(f"bundle {ref!r}: {path} is missing from the artifact store")
+    return Published(**meta, path=path)
+
+
+def list_published(root: Path) -> list[Published]:
+    import json
+
+    metas = sorted((Path(root) / "meta").glob("*.json")) if (Path(root) / "meta").is_dir() \
+        else []
+    out = []
+    for m in metas:
+        doc = json.loads(m.read_text())
+        out.append(Published(**doc, path=Path(root) / "sha256" / doc["digest"]))
+    return sorted(out, key=lambda p: p.published)

@@ -25,6 +25,7 @@ mid-install and comes back later.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -40,6 +41,7 @@ from agent.download import DownloadConfig, download
 from agent.install import InstallConfig, Installer, InstallFailed
 from agent.keys import Keyring
 from agent.link import DeviceLink, LinkConfig, MqttConfig, StaticHealth
+from agent.shadow import ShadowHost
 from fleet.transport import SelectorLoop
 
 __all__ = ["DeviceFaults", "SimConfig", "SimDevice", "Simulator"]
@@ -68,12 +70,19 @@ class SimConfig:
     download: DownloadConfig = field(default_factory=lambda: DownloadConfig(
         timeout_s=5, attempts=8, backoff_s=0.2, backoff_max_s=2.0))
     groups: tuple[str, ...] = ("canary", "wave-1", "wave-2", "wave-3")
+    # Rollout simulation (fleet/simtraffic.py): each device scores dies with its live model
+    # (and its shadow candidate) and reports health from them; `preinstall` puts a bundle in
+    # every device's store before it starts (installed once, the store copied to the others).
+    traffic: Any = None  # a fleet.simtraffic.TrafficConfig
+    preinstall: Path | None = None
+    sites: int = 1  # labels site=s0..s<sites-1> (round-robin) instead of site=sim
 
     def device_id(self, i: int) -> str:
         return self.id_format.format(i)
 
     def labels(self, i: int) -> dict[str, str]:
-        return {"site": "sim", "tester": f"t{i % 8}",
+        return {"site": "sim" if self.sites <= 1 else f"s{i % self.sites}",
+                "tester": f"t{i % 8}",
                 "group": self.groups[0] if i == 0 else self.groups[1 + i % (len(self.groups) - 1)]}
 
 
@@ -153,6 +162,7 @@ class SimDevice:
     link: DeviceLink
     network: _Network
     faults: DeviceFaults
+    traffic: Any = None  # fleet.simtraffic.DeviceTraffic, with SimConfig.traffic
 
 
 class Simulator:
@@ -171,18 +181,31 @@ class Simulator:
             SelectorLoop(reconnect_min_s=config.mqtt.reconnect_min_s,
                          reconnect_max_s=config.mqtt.reconnect_max_s)
             if config.driver == "selector" else _ThreadDriver())
+        self._traffic: Any = None
+        self._template: Path | None = None
 
     def _make(self, i: int) -> SimDevice:
         cfg = self.config
         dev_id = cfg.device_id(i)
         faults = self.faults.get(dev_id, DeviceFaults())
         base = Path(cfg.root) / dev_id
+        traffic = None
+        if cfg.traffic is not None:
+            from fleet.simtraffic import DeviceTraffic
+
+            traffic = DeviceTraffic(cfg.traffic, i)
+        if self._template is not None and not (base / "store").exists():
+            shutil.copytree(self._template, base / "store", symlinks=True,
+                            ignore=shutil.ignore_patterns("lock"))
         installer: Any = Installer.open(
             base / "store", self.keyring,
             InstallConfig(latency_rows=5,
                           max_latency_s=1e-9 if faults.self_test_failure else None),
-            on_commit=lambda engine, manifest: None)  # a simulated box serves nothing
-        installer.start()
+            # a simulated box serves nothing, unless it simulates traffic
+            on_commit=traffic.on_commit if traffic else lambda engine, manifest: None)
+        started = installer.start()
+        if traffic is not None and started.engine is not None:
+            traffic.on_commit(started.engine, started.manifest)
         if faults.install_failure:
             installer = _FailingInstaller(installer)
         holder: dict[str, Any] = {}
@@ -191,11 +214,13 @@ class Simulator:
                        labels=cfg.labels(i), state_interval_s=cfg.state_interval_s,
                        download=cfg.download),
             keyring=self.keyring, installer=installer,
-            health=StaticHealth(requests=1000 + i, p99_ms=0.2, fail_rate=0.01, max_psi=0.02),
+            health=traffic or StaticHealth(requests=1000 + i, p99_ms=0.2, fail_rate=0.01,
+                                           max_psi=0.02),
             executor=self._executor,
             fetch=lambda *a, **kw: self._fetch(holder["dev"], *a, **kw),
-            arch="sim")
-        dev = SimDevice(dev_id, installer, link, _Network(link.client), faults)
+            arch="sim",
+            shadow=ShadowHost(traffic.shadow, base / "link" / "shadow") if traffic else None)
+        dev = SimDevice(dev_id, installer, link, _Network(link.client), faults, traffic)
         holder["dev"] = dev
         return dev
 
@@ -218,12 +243,33 @@ class Simulator:
 
     def start(self) -> Simulator:
         """Create every device (store, installer, link) and start connecting them."""
+        if self.config.preinstall is not None:
+            self._template = self._install_template(Path(self.config.preinstall))
         self._driver.start()
         for i in range(self.config.devices):
             dev = self._make(i)
             self.devices[dev.device_id] = dev
             dev.link.start(driver=self._driver)
+        if self.config.traffic is not None:
+            from fleet.simtraffic import TrafficDriver
+
+            self._traffic = TrafficDriver(
+                lambda: [d.traffic for d in self.devices.values() if d.traffic is not None],
+                self.config.traffic.interval_s).start()
         return self
+
+    def _install_template(self, bundle: Path) -> Path:
+        """Install `bundle` once (the real installer) into a store the devices start from."""
+        template = Path(self.config.root) / ".template-store"
+        if not (template / "active").exists():
+            inst = Installer.open(template, self.keyring, InstallConfig(latency_rows=5,
+                                                                        max_latency_s=None))
+            try:
+                inst.start()
+                inst.install(bundle)
+            finally:
+                inst.close()
+        return template
 
     def connected(self) -> int:
         return sum(1 for d in self.devices.values() if d.link.connected.is_set())
@@ -242,6 +288,8 @@ class Simulator:
                    for d in self.devices.values())
 
     def stop(self) -> None:
+        if self._traffic is not None:
+            self._traffic.stop()
         for dev in self.devices.values():
             with contextlib.suppress(Exception):
                 dev.link.stop(timeout=2)

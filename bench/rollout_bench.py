@@ -1,0 +1,485 @@
+"""Rollout benchmark: the real controller (`edgefleet fleet rollout ...` in its own process)
+against simulated floors (fleet/sim.py: real device code, real ONNX Runtime traffic, shadow
+scoring) over a real Mosquitto, with the artifact server (`edgefleet fleet serve-artifacts`) in
+a third process.
+
+    .venv/bin/python bench/rollout_bench.py [--sizes 100,500,1000] [--fault-devices 200]
+                                            [--out bench/results/rollout.json]
+
+Scenarios (each on a fresh broker and a fresh floor whose devices already run v1):
+
+  scale-N          v1 -> v2 (a good candidate) on N devices: shadow stage on the canary, canary
+                   10, bake 10 s, waves 10%, 50%, 100% (10 s bake after each but the last),
+                   100 installing at once. Per-stage times, command-to-live latency
+                   distribution, time until every device is live (target: 60 s at 500).
+  shadow-reject    a candidate whose decisions disagree with v1's on the live traffic: stopped
+                   at the shadow stage; no device ever gets an install command
+  canary-rollback  no shadow stage, a candidate whose fail rate is far off v1's: the canary's
+                   gates fail, the canary is rolled back (target: within 10 s of the verdict),
+                   no other device gets an install command
+  budget-3pct      3% of the devices fail to install, budget 5% per stage (waves 50%, 100%):
+                   completes, lists them
+  budget-8pct      8% fail: stops at the wave where the budget runs out, rolls back (policy)
+  kill-resume      the controller is SIGKILLed mid-wave, then `rollout resume`: completes, no
+                   command sent twice, end state equal to an uninterrupted run's
+  broker-restart   Mosquitto restarted mid-wave: the rollout completes
+
+Device-side figures (the candidate's shadow scoring cost on the agent's p99) are measured by
+bench/shadow_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.keys import generate_keypair, trust_key  # noqa: E402
+from fleet.rollout import Plan, assign  # noqa: E402
+from fleet.sim import DeviceFaults, SimConfig, Simulator  # noqa: E402
+from fleet.simtraffic import TrafficConfig  # noqa: E402
+from fleet.state import StateDB  # noqa: E402
+from tests.broker_fixtures import Broker, free_port  # noqa: E402
+from tests.fleet.rollout_helpers import CommandSniffer, bundles  # noqa: E402
+
+logging.getLogger("edgefleet").setLevel(logging.ERROR)  # one line per install otherwise
+TARGET_500_S = 60.0
+TARGET_ROLLBACK_S = 10.0
+SITES = 4
+TRAFFIC = TrafficConfig(interval_s=1.0, batch=32)
+
+
+class Env:
+    """Keys, bundles, the artifact server (a subprocess); one broker per scenario."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        release = generate_keypair(root / "keys", "release")
+        fleet = generate_keypair(root / "keys", "fleet")
+        self.keyring = root / "keyring"
+        trust_key(self.keyring, release.public_path, "release")
+        trust_key(self.keyring, fleet.public_path, "fleet")
+        self.fleet_key = fleet.private_path
+        self.store = root / "artifacts"
+        self.pubs = bundles(root, release.private_path, self.keyring, self.store)
+        self.art_port = free_port()
+        self.artifacts = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "fleet", "serve-artifacts", "--store",
+             str(self.store), "--host", "127.0.0.1", "--port", str(self.art_port)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+
+    def close(self) -> None:
+        self.artifacts.terminate()
+        self.artifacts.wait(10)
+
+    def env(self, broker: Broker, db: Path) -> dict[str, str]:
+        return dict(os.environ, EDGEFLEET_MQTT_HOST=broker.host,
+                    EDGEFLEET_MQTT_PORT=str(broker.port), EDGEFLEET_KEYRING=str(self.keyring),
+                    EDGEFLEET_FLEET_KEY=str(self.fleet_key),
+                    EDGEFLEET_ARTIFACT_STORE=str(self.store), EDGEFLEET_ROLLOUT_DB=str(db),
+                    EDGEFLEET_ARTIFACT_URL=f"http://127.0.0.1:{self.art_port}",
+                    EDGEFLEET_ACTOR="bench")
+
+
+class Floor:
+    def __init__(self, env: Env, name: str, n: int, faults: dict | None = None) -> None:
+        self.env, self.n = env, n
+        self.dir = env.root / name
+        (self.dir / "broker").mkdir(parents=True)
+        self.broker = Broker(self.dir / "broker").start()
+        self.db_path = self.dir / "rollouts.db"
+        cfg = SimConfig(devices=n, root=self.dir / "sim",
+                        mqtt=self.broker.mqtt(reconnect_min_s=1, reconnect_max_s=4),
+                        keyring=env.keyring, state_interval_s=2.0, traffic=TRAFFIC,
+                        preinstall=env.pubs["v1"].path, sites=SITES, workers=4)
+        t0 = time.monotonic()
+        self.sim = Simulator(cfg, faults).start()
+        assert self.sim.wait_connected(120), "devices did not connect"
+        self.setup_s = time.monotonic() - t0
+        time.sleep(max(3.0, TRAFFIC.interval_s * 3))  # every device reports traffic
+        self.sniffer = CommandSniffer(self.broker.mqtt())
+
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=REPO,
+                              env=self.env.env(self.broker, self.db_path), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgefleet", *args], cwd=REPO,
+                                env=self.env.env(self.broker, self.db_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def actives(self) -> dict[str, str | None]:
+        from agent.link import bundle_digest
+
+        out = {}
+        for d, dev in self.sim.devices.items():
+            vid = dev.installer.store.active()
+            out[d] = bundle_digest(dev.installer.store.version_dir(vid)) if vid else None
+        return out
+
+    def close(self) -> None:
+        self.sniffer.close()
+        self.sim.stop()
+        self.broker.stop()
+
+
+def _flags(canary: int = 10, *, shadow: bool = True, extra: tuple[str, ...] = (),
+           waves: str = "10%,50%,100%") -> list[str]:
+    return ["--canary", str(canary), "--bake", "10s", "--wave-bake", "10s", "--waves",
+            waves, "--max-parallel", "100", "--shadow-min-dies", "1000",
+            "--shadow-timeout", "120s", "--min-requests", "200", "--measure-interval", "1s",
+            "--step-timeout", "60s", "--health-grace", "10s",
+            *([] if shadow else ["--no-shadow"]), *extra]
+
+
+def _plan_of(flags: list[str]) -> Plan:
+    kv = dict(zip(flags[::2], flags[1::2], strict=False))
+    return Plan(canary=kv["--canary"], waves=kv["--waves"], shadow="--no-shadow" not in flags)
+
+
+def _expected_stages(n: int, flags: list[str]) -> dict[str, tuple[str, ...]]:
+    from agent.link import MqttConfig
+    from fleet.inventory import Device, Inventory
+
+    cfg = SimConfig(devices=n, root=Path("/x"), mqtt=MqttConfig(), keyring=Path("."),
+                    sites=SITES)
+    inv = Inventory(Device.from_state({"device_id": cfg.device_id(i), "online": True,
+                                       "labels": cfg.labels(i), "health": {"status": "ok"}})
+                    for i in range(n))
+    return {s.name: s.devices for s in assign(_plan_of(flags), inv)}
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3)
+
+
+def _report(db_path: Path, rid: str) -> dict[str, Any]:
+    """Per-stage times and the command-to-live distribution, from the rollout database."""
+    db = StateDB(db_path)
+    row = db.rollout(rid)
+    steps = db.steps(rid)
+    stages = []
+    for s in db.stages(rid):
+        stages.append({
+            "stage": s.name, "kind": s.kind, "devices": s.devices, "state": s.state,
+            "deploy_s": round(s.deployed - s.started, 2) if s.deployed and s.started else None,
+            "bake_or_evidence_s": round(s.finished - s.bake_started, 2)
+            if s.finished and s.bake_started else None,
+            "total_s": round(s.finished - s.started, 2) if s.finished and s.started else None,
+            "verdict": (s.verdict or {}).get("verdict"),
+            "evidence": (s.verdict or {}).get("evidence")})
+    live = [s.finished - s.sent for s in steps if s.step == "install" and s.status == "done"
+            and s.sent and s.finished and s.result == "live"]
+    installs = [s for s in steps if s.step == "install" and s.sent]
+    first_cmd = min((s.sent for s in steps if s.sent), default=None)
+    last_live = max((s.finished for s in steps if s.step == "install" and s.status == "done"),
+                    default=None)
+    out = {
+        "rollout": rid, "state": row.state, "reason": row.reason,
+        "wall_s": round((row.finished or time.time()) - row.created, 2),
+        "first_command_to_all_live_s": round(last_live - first_cmd, 2)
+        if first_cmd and last_live else None,
+        "stages": stages,
+        "command_to_live_s": {"n": len(live), "p50": _pct(live, 50), "p90": _pct(live, 90),
+                              "p99": _pct(live, 99), "max": round(max(live), 3) if live
+                              else None, "mean": round(statistics.mean(live), 3) if live
+                              else None},
+        "install_commands": len(installs),
+        "step_status": dict(sorted(__import__("collections").Counter(
+            f"{s.step}:{s.status}" for s in steps).items())),
+    }
+    db.close()
+    return out
+
+
+def _dupes(fl: Floor) -> int:
+    return sum(c - 1 for c in fl.sniffer.ids().values() if c > 1)
+
+
+def scenario_scale(env: Env, n: int, shadow: bool = True) -> dict[str, Any]:
+    fl = Floor(env, f"scale-{n}", n)
+    try:
+        t0 = time.monotonic()
+        r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
+                   f"r-scale-{n}", *_flags(10, shadow=shadow))
+        wall = time.monotonic() - t0
+        out = {"devices": n, "setup_s": round(fl.setup_s, 1), "exit_code": r.returncode,
+               "cli_wall_s": round(wall, 2), **_report(fl.db_path, f"r-scale-{n}")}
+        actives = fl.actives()
+        out["devices_on_v2"] = sum(a == env.pubs["v2"].digest for a in actives.values())
+        out["duplicate_commands"] = _dupes(fl)
+        if r.returncode != 0:
+            out["stderr"] = r.stderr[-2000:]
+        return out
+    finally:
+        fl.close()
+
+
+def scenario_shadow_reject(env: Env, n: int) -> dict[str, Any]:
+    fl = Floor(env, "shadow-reject", n)
+    try:
+        r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['bad'].digest}", "--id",
+                   "r-shadow", *_flags(10))
+        rep = _report(fl.db_path, "r-shadow")
+        time.sleep(0.5)
+        return {"devices": n, "exit_code": r.returncode, **rep,
+                "install_commands_sent": len(fl.sniffer.by_type("install")),
+                "shadow_commands_sent": len(fl.sniffer.by_type("shadow")),
+                "shadow_stop_commands_sent": len(fl.sniffer.by_type("shadow-stop")),
+                "devices_answering_with_candidate": sum(
+                    a == env.pubs["bad"].digest for a in fl.actives().values()),
+                "stopped_at_shadow": rep["state"] == "failed"
+                and rep["stages"][0]["state"] == "failed"}
+    finally:
+        fl.close()
+
+
+def scenario_canary_rollback(env: Env, n: int) -> dict[str, Any]:
+    fl = Floor(env, "canary-rollback", n)
+    try:
+        flags = _flags(10, shadow=False, extra=("--on-failure", "rollback"))
+        r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['bad'].digest}", "--id",
+                   "r-canary", *flags)
+        rep = _report(fl.db_path, "r-canary")
+        db = StateDB(fl.db_path)
+        failed_at = next(a["ts"] for a in db.audit_log("r-canary")
+                         if a["action"] == "rolling-back")
+        rb = [s.finished for s in db.steps("r-canary") if s.step == "rollback" and s.finished]
+        canary = set(_expected_stages(n, flags)["canary"])
+        time.sleep(0.5)
+        installed = {c["device_id"] for c in fl.sniffer.by_type("install")}
+        out = {"devices": n, "exit_code": r.returncode, **rep,
+               "gate_failure": rep["reason"],
+               "gate_failed_to_canary_rolled_back_s": round(max(rb) - failed_at, 2)
+               if rb else None, "target_s": TARGET_ROLLBACK_S,
+               "install_commands_outside_canary": len(installed - canary),
+               "devices_on_candidate_after": sum(a == env.pubs["bad"].digest
+                                                 for a in fl.actives().values())}
+        db.close()
+        return out
+    finally:
+        fl.close()
+
+
+def scenario_budget(env: Env, n: int, share: float) -> dict[str, Any]:
+    # Two waves (45% and 50% of the fleet): a 5% budget per wave is then a few devices (it
+    # rounds down: 5% of a 10-device wave is 0). The failing devices are spread evenly over
+    # the waves; the canary (budget 0) stays clean.
+    flags = _flags(10, shadow=False, extra=("--max-failures", "5%", "--on-failure",
+                                            "rollback"), waves="50%,100%")
+    stages = _expected_stages(n, flags)
+    k = round(share * n)
+    waves = [devs for name, devs in stages.items() if name.startswith("wave")]
+    failing = [d for i in range(k) for d in [waves[i % len(waves)][i // len(waves)]]]
+    faults = {d: DeviceFaults(install_failure=True) for d in failing}
+    name = f"budget-{round(share * 100)}pct"
+    fl = Floor(env, name, n, faults)
+    try:
+        r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
+                   f"r-{name}", *flags)
+        rep = _report(fl.db_path, f"r-{name}")
+        db = StateDB(fl.db_path)
+        failed = sorted(s.device_id for s in db.steps(f"r-{name}")
+                        if s.step == "install" and s.status in ("failed", "timeout"))
+        db.close()
+        time.sleep(0.5)
+        installed = {c["device_id"] for c in fl.sniffer.by_type("install")}
+        later = [d for st, devs in stages.items() for d in devs
+                 if st.startswith("wave") and d not in installed]
+        return {"devices": n, "failing_devices": len(failing), "budget": "5% per stage",
+                "waves": {name: len(devs) for name, devs in stages.items()},
+                "exit_code": r.returncode, **rep, "failed_listed": failed,
+                "all_failing_listed": sorted(failing) == failed or set(failed) <= set(failing),
+                "devices_never_commanded": len(later)}
+    finally:
+        fl.close()
+
+
+def scenario_kill_resume(env: Env, n: int) -> dict[str, Any]:
+    fl = Floor(env, "kill-resume", n)
+    try:
+        flags = _flags(10)
+        ref = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
+                     "r-ref", *flags)
+        fl.sniffer.commands.clear()
+        proc = fl.popen("fleet", "rollout", "start", f"sha256:{env.pubs['v3'].digest}",
+                        "--id", "r-kill", *flags)
+        db = StateDB(fl.db_path)
+        deadline = time.monotonic() + 300
+        killed_at = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            st = {s.name: s for s in db.stages("r-kill")} if any(
+                r.id == "r-kill" for r in db.rollouts()) else {}
+            w = st.get("wave-2")
+            if w is not None and w.state == "deploying":
+                done = sum(1 for s in db.steps("r-kill") if s.status == "done")
+                if done > st["canary"].devices + st["wave-1"].devices + 20:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = {"stage": "wave-2", "devices_done": done}
+                    break
+            time.sleep(0.05)
+        proc.communicate(timeout=30)
+        t0 = time.monotonic()
+        r = fl.cli("fleet", "rollout", "resume", "r-kill")
+        resume_s = time.monotonic() - t0
+        time.sleep(0.5)
+
+        def final(rid: str) -> dict:
+            stage_of = {t["device_id"]: t["stage"] for t in db.targets(rid)}
+            return {s.device_id: (stage_of[s.device_id], s.step, s.status, s.result)
+                    for s in db.steps(rid)}
+
+        out = {"devices": n, "reference_exit_code": ref.returncode, "killed_at": killed_at,
+               "resume_exit_code": r.returncode, "resume_s": round(resume_s, 2),
+               **_report(fl.db_path, "r-kill"),
+               "duplicate_commands": _dupes(fl),
+               "commands_sent": len(fl.sniffer.commands),
+               "end_state_equals_uninterrupted_run": final("r-kill") == final("r-ref"),
+               "devices_on_v3": sum(a == env.pubs["v3"].digest for a in fl.actives().values())}
+        db.close()
+        return out
+    finally:
+        fl.close()
+
+
+def scenario_broker_restart(env: Env, n: int) -> dict[str, Any]:
+    fl = Floor(env, "broker-restart", n)
+    try:
+        proc = fl.popen("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}",
+                        "--id", "r-broker", *_flags(10))
+        db = StateDB(fl.db_path)
+        restarted = None
+        while proc.poll() is None:
+            st = {s.name: s for s in db.stages("r-broker")} if any(
+                r.id == "r-broker" for r in db.rollouts()) else {}
+            if st.get("wave-2") is not None and st["wave-2"].state == "deploying":
+                t0 = time.monotonic()
+                fl.broker.restart()
+                restarted = {"stage": "wave-2", "broker_down_s": round(time.monotonic() - t0,
+                                                                       2)}
+                break
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=600)
+        out = {"devices": n, "restarted": restarted, "exit_code": proc.returncode,
+               "stderr_tail": err[-1500:] if proc.returncode else None,
+               **_report(fl.db_path, "r-broker"), "duplicate_commands": _dupes(fl),
+               "devices_on_v2": sum(a == env.pubs["v2"].digest
+                                    for a in fl.actives().values())}
+        db.close()
+        return out
+    finally:
+        fl.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="100,500,1000")
+    p.add_argument("--fault-devices", type=int, default=200)
+    p.add_argument("--scenarios", default="scale,shadow-reject,canary-rollback,budget,"
+                   "kill-resume,broker-restart")
+    p.add_argument("--no-shadow", action="store_true", help="scale runs without the shadow "
+                   "stage")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "rollout.json")
+    args = p.parse_args()
+    wanted = set(args.scenarios.split(","))
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
+                                           "python": platform.python_version(),
+                                           "platform": platform.platform(),
+                                           "loadavg_start": os.getloadavg()}}
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
+        env = Env(Path(tmp))
+        try:
+            runs: list[tuple[str, Any]] = []
+            if "scale" in wanted:
+                runs += [(f"scale-{n}", lambda n=n: scenario_scale(env, n, not args.no_shadow))
+                         for n in map(int, args.sizes.split(","))]
+            nf = args.fault_devices
+            if "shadow-reject" in wanted:
+                runs.append(("shadow-reject", lambda: scenario_shadow_reject(env, nf)))
+            if "canary-rollback" in wanted:
+                runs.append(("canary-rollback", lambda: scenario_canary_rollback(env, nf)))
+            if "budget" in wanted:
+                runs.append(("budget-3pct", lambda: scenario_budget(env, nf, 0.03)))
+                runs.append(("budget-8pct", lambda: scenario_budget(env, nf, 0.08)))
+            if "kill-resume" in wanted:
+                runs.append(("kill-resume", lambda: scenario_kill_resume(env, nf)))
+            if "broker-restart" in wanted:
+                runs.append(("broker-restart", lambda: scenario_broker_restart(env, nf)))
+            for name, fn in runs:
+                print(f"running {name} ...", flush=True)
+                t0 = time.monotonic()
+                results[name] = fn()
+                results[name]["scenario_s"] = round(time.monotonic() - t0, 1)
+                print(json.dumps(results[name], indent=1)[:3000], flush=True)
+        finally:
+            env.close()
+    results["summary"] = _summary(results)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    print(json.dumps(results["summary"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    scale = {int(k.split("-")[1]): v for k, v in r.items() if k.startswith("scale-")}
+    if scale:
+        s["all_live_s_by_devices"] = {n: v.get("first_command_to_all_live_s")
+                                      for n, v in sorted(scale.items())}
+        s["wall_s_by_devices"] = {n: v.get("wall_s") for n, v in sorted(scale.items())}
+        s["command_to_live_p50_p99_s_by_devices"] = {
+            n: (v["command_to_live_s"]["p50"], v["command_to_live_s"]["p99"])
+            for n, v in sorted(scale.items())}
+        if 500 in scale:
+            s["target_500_all_live_s"] = TARGET_500_S
+            s["meets_500_target"] = (scale[500].get("wall_s") or 1e9) <= TARGET_500_S
+        ns = sorted(scale)
+        if len(ns) > 1:
+            base = scale[ns[0]]
+            s["growth_vs_smallest"] = {
+                n: {"devices_x": round(n / ns[0], 1),
+                    "wall_x": round(scale[n]["wall_s"] / base["wall_s"], 2),
+                    "deploy_only_x": round(
+                        sum(st["deploy_s"] or 0 for st in scale[n]["stages"])
+                        / max(1e-9, sum(st["deploy_s"] or 0 for st in base["stages"])), 2)}
+                for n in ns}
+    if "canary-rollback" in r:
+        c = r["canary-rollback"]
+        s["canary_rollback_s"] = c.get("gate_failed_to_canary_rolled_back_s")
+        s["canary_rollback_within_10s"] = (c.get("gate_failed_to_canary_rolled_back_s")
+                                           or 1e9) <= TARGET_ROLLBACK_S
+        s["installs_outside_canary"] = c.get("install_commands_outside_canary")
+    if "shadow-reject" in r:
+        s["shadow_reject_stopped_at_shadow"] = r["shadow-reject"].get("stopped_at_shadow")
+        s["shadow_reject_install_commands"] = r["shadow-reject"].get("install_commands_sent")
+    for k in ("budget-3pct", "budget-8pct", "kill-resume", "broker-restart"):
+        if k in r:
+            s[f"{k}_state"] = r[k].get("state")
+    if "kill-resume" in r:
+        s["kill_resume_duplicates"] = r["kill-resume"].get("duplicate_commands")
+        s["kill_resume_equal_end_state"] = r["kill-resume"].get(
+            "end_state_equals_uninterrupted_run")
+    return s
+
+
+if __name__ == "__main__":
+    main()

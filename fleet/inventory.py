@@ -1,0 +1,366 @@
+"""The fleet as the controller sees it: every device's retained state, label selectors, and the
+choice of devices for a canary spread across sites.
+
+    with open_controller(mqtt) as ctl:                       # epoll-driven FleetController
+        inv = Inventory.from_states(ctl.devices())
+    inv.select(Selector.parse("site=fab2,tester in (t5k,t7)"))
+    spread(devices, 10, keys=("site", "tester"))             # 10 devices, round-robin over sites
+
+Selectors follow kubectl's syntax (comma = AND): `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
+`k notin (a,b)`, `k` (label present), `!k` (label absent). The empty selector matches every
+device. Unlike kubectl, an empty value (`k=`) is refused as the likely typo it is; `!k` selects
+devices without the label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.errors import EdgefleetError, UsageError
+from agent.link import MqttConfig
+from fleet.transport import FleetController, SelectorLoop
+
+__all__ = [
+    "Device",
+    "Inventory",
+    "Requirement",
+    "Selector",
+    "devices_table",
+    "open_controller",
+    "spread",
+]
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$")
+_VALUE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_OPS = ("=", "!=", "in", "notin", "exists", "!")
+
+
+# -- selectors --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One term of a selector: `key op values`."""
+
+    key: str
+    op: str  # one of _OPS ("=" also stands for "==")
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        v = labels.get(self.key)
+        if self.op == "=":
+            return v == self.values[0]
+        if self.op == "!=":
+            return v != self.values[0]
+        if self.op == "in":
+            return v in self.values
+        if self.op == "notin":
+            return v not in self.values
+        if self.op == "exists":
+            return v is not None
+        return v is None  # "!"
+
+    def __str__(self) -> str:
+        if self.op in ("=", "!="):
+            return f"{self.key}{self.op}{self.values[0]}"
+        if self.op in ("in", "notin"):
+            return f"{self.key} {self.op} ({','.join(self.values)})"
+        return self.key if self.op == "exists" else f"!{self.key}"
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A conjunction of label requirements (kubectl syntax)."""
+
+    requirements: tuple[Requirement, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> Selector:
+        """Parse `-l` syntax; raises `UsageError` naming the bad term."""
+        text = (text or "").strip()
+        if not text:
+            return cls()
+        reqs = [_parse_term(term.strip(), text) for term in _split_terms(text)]
+        return cls(tuple(reqs))
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+    def __str__(self) -> str:
+        return ",".join(str(r) for r in self.requirements)
+
+    def __bool__(self) -> bool:
+        return bool(self.requirements)
+
+
+def _split_terms(text: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    terms, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"label selector {text!r}: unbalanced ')'")
+        if ch == "," and depth == 0:
+            terms.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise UsageError(f"label selector {text!r}: unbalanced '('")
+    terms.append("".join(cur))
+    return terms
+
+
+_SET_RE = re.compile(r"^(\S+)\s+(in|notin)\s*\((.*)\)$")
+_EQ_RE = re.compile(r"^([^=!\s]+)\s*(==|=|!=)\s*(\S*)$")
+
+
+def _parse_term(term: str, whole: str) -> Requirement:
+    def bad(why: str) -> UsageError:
+        return UsageError(f"label selector {whole!r}: term {term!r}: {why}",
+                          hint="use k=v, k!=v, 'k in (a,b)', 'k notin (a,b)', k or !k, "
+                               "joined by commas")
+
+    def key(k: str) -> str:
+        if not _KEY_RE.match(k):
+            raise bad(f"{k!r} is not a label key")
+        return k
+
+    def value(v: str) -> str:
+        if not _VALUE_RE.match(v):
+            raise bad(f"{v!r} is not a label value")
+        return v
+
+    if not term:
+        raise bad("empty term")
+    m = _SET_RE.match(term)
+    if m:
+        values = tuple(value(v.strip()) for v in m.group(3).split(","))
+        if not values or any(v == "" for v in values):
+            raise bad("empty value in the set")
+        return Requirement(key(m.group(1)), m.group(2), values)
+    m = _EQ_RE.match(term)
+    if m:
+        op = "=" if m.group(2) in ("=", "==") else "!="
+        return Requirement(key(m.group(1)), op, (value(m.group(3)),))
+    if term.startswith("!"):
+        return Requirement(key(term[1:].strip()), "!")
+    return Requirement(key(term), "exists")
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device from its retained state (docs/fleet-protocol.md, "Device state")."""
+
+    id: str
+    online: bool
+    labels: dict[str, str]
+    model_id: str | None
+    model_name: str | None
+    model_version: str | None
+    model_digest: str | None
+    sequence: int | None
+    health: str
+    health_reason: str | None
+    last_seen: str | None  # the state's `ts` (device clock, RFC 3339)
+    summary: dict[str, Any] = field(default_factory=dict)
+    busy: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None  # model.shadow, when the device runs a shadow model
+    state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_state(cls, doc: Mapping[str, Any]) -> Device:
+        model = doc.get("model") or {}
+        active = model.get("active") or {}
+        health = doc.get("health") or {}
+        labels = doc.get("labels") or {}
+        return cls(
+            id=str(doc.get("device_id")),
+            online=bool(doc.get("online")),
+            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict)
+            else {},
+            model_id=active.get("id"),
+            model_name=active.get("name"),
+            model_version=active.get("version"),
+            model_digest=active.get("digest"),
+            sequence=active.get("sequence"),
+            health=str(health.get("status") or "unknown"),
+            health_reason=health.get("reason"),
+            last_seen=doc.get("ts"),
+            summary=dict(doc.get("summary") or {}),
+            busy=doc.get("busy"),
+            shadow=model.get("shadow"),
+            state=dict(doc),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("state")
+        return d
+
+
+class Inventory:
+    """Every known device, by id."""
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        self.devices = {d.id: d for d in devices}
+
+    @classmethod
+    def from_states(cls, states: Mapping[str, Mapping[str, Any]]) -> Inventory:
+        return cls(Device.from_state(s) for s in states.values() if s.get("device_id"))
+
+    def select(self, selector: Selector) -> list[Device]:
+        """The devices matching `selector`, sorted by id."""
+        return sorted((d for d in self.devices.values() if selector.matches(d.labels)),
+                      key=lambda d: d.id)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __iter__(self) -> Iterator[Device]:
+        return iter(sorted(self.devices.values(), key=lambda d: d.id))
+
+
+def _stable_rank(device_id: str) -> str:
+    """A fixed pseudo-random order of devices (so picks are not just the lowest ids)."""
+    return hashlib.sha256(device_id.encode()).hexdigest()
+
+
+def spread(devices: Sequence[Device], n: int, keys: Sequence[str] = ("site",),
+           *, prefer: Iterable[str] = ()) -> list[Device]:
+    """Order `devices` so that any prefix of the result is spread as evenly as possible over
+    the values of `keys[0]` (round-robin over its groups), within each group over `keys[1]`,
+    and so on; then take the first `n`. Within the last level, devices named in `prefer`, then
+    online and healthy ones come first. Deterministic: the same devices give the same pick,
+    and it is not simply the lowest ids."""
+    preferred = set(prefer)
+
+    def order(devs: list[Device], rest: Sequence[str]) -> list[Device]:
+        if not rest:
+            return sorted(devs, key=lambda d: (d.id not in preferred, not d.online,
+                                               d.health != "ok", _stable_rank(d.id)))
+        groups: dict[str, list[Device]] = {}
+        for d in devs:
+            groups.setdefault(d.labels.get(rest[0], ""), []).append(d)
+        queues = [order(groups[g], rest[1:]) for g in
+                  sorted(groups, key=lambda g: hashlib.sha256(g.encode()).hexdigest())]
+        out: list[Device] = []
+        while any(queues):
+            for q in queues:
+                if q:
+                    out.append(q.pop(0))
+        return out
+
+    return order(list(devices), tuple(keys))[:n]
+
+
+# -- a controller connection ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | None = None,
+                    prefix: str = "edgefleet", client_id: str | None = None,
+                    connect_timeout: float = 10.0, settle_s: float = 0.5
+                    ) -> Iterator[FleetController]:
+    """A `FleetController` whose socket is driven by an epoll `SelectorLoop` (paho's own loop
+    uses select(), which stalls above descriptor 1023). Without `client_id` the session is
+    throw-away (a random id, session expiry 0): reading the fleet must not leave a session on
+    the broker or take over the rollout controller's. Waits until the retained states have
+    arrived (no new device for `settle_s`) before yielding."""
+    if client_id is None:
+        client_id = f"edgefleet-cli-{uuid.uuid4().hex[:8]}"
+        mqtt = dataclasses.replace(mqtt, session_expiry_s=0)
+    key = fleet_key if fleet_key is not None else Ed25519PrivateKey.generate()
+    ctl = FleetController(mqtt, fleet_key=key, prefix=prefix, client_id=client_id)
+    loop = SelectorLoop(reconnect_min_s=mqtt.reconnect_min_s,
+                        reconnect_max_s=mqtt.reconnect_max_s, tick_s=0.5,
+                        name="fleet-controller")
+    loop.add(ctl.client)
+    loop.start()
+    try:
+        if not ctl.connected.wait(connect_timeout):
+            raise EdgefleetError(
+                f"cannot reach the MQTT broker at {mqtt.host}:{mqtt.port} within "
+                f"{connect_timeout:.0f} s",
+                hint="is the broker running, and are --mqtt-host/--mqtt-port and the "
+                     "certificates right?")
+        wait_settled(ctl, settle_s)
+        yield ctl
+    finally:
+        with contextlib.suppress(Exception):
+            ctl.client.disconnect()
+        deadline = time.monotonic() + 1.0
+        while ctl.client.socket() is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        loop.remove(ctl.client)
+        loop.stop()
+
+
+def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 5.0) -> None:
+    """Wait until no new message arrived for `settle_s` (the retained burst is over)."""
+    deadline = time.monotonic() + max_s
+    last = -1
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        n = ctl.messages
+        if n != last:
+            last, quiet_since = n, time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
+            return
+        time.sleep(0.05)
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _ago(ts: str | None, now: datetime | None = None) -> str:
+    if not ts:
+        return "-"
+    try:
+        t = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return ts
+    secs = max(0, int(((now or datetime.now(UTC)) - t).total_seconds()))
+    if secs < 120:
+        ago = f"{secs}s"
+    elif secs < 7200:
+        ago = f"{secs // 60}m"
+    elif secs < 172800:
+        ago = f"{secs // 3600}h"
+    else:
+        ago = f"{secs // 86400}d"
+    return f"{ts} ({ago} ago)"
+
+
+def devices_table(devices: Sequence[Device]) -> str:
+    """The `fleet devices` table for people."""
+    rows = [("DEVICE", "ONLINE", "MODEL", "SEQ", "HEALTH", "LABELS", "LAST SEEN")]
+    for d in devices:
+        model = f"{d.model_name} {d.model_version}" if d.model_version else "-"
+        health = d.health if not d.health_reason else f"{d.health} ({d.health_reason[:40]})"
+        rows.append((d.id, "yes" if d.online else "no", model,
+                     str(d.sequence) if d.sequence is not None else "-", health,
+                     ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
+                     _ago(d.last_seen)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""Rollout persistence: one SQLite file (by default `<artifact store>/rollouts.db`) holding every
+rollout, its stages, each device's steps, and an append-only audit log.
+
+The engine (fleet/rollout.py) writes the *intent* before it acts: a step is marked `sending`
+and committed before its command is published, and its command id is derived from the rollout,
+the device and the step (`<rollout>:<device>:<step>`), so a controller killed at any moment and
+resumed neither forgets a command nor issues a second, different one for the same step.
+
+Schema (version 1):
+
+    rollouts  id PK, created, created_by, bundle_digest, bundle_size, bundle_url, model_name,
+              model_version, sequence, plan (JSON), state, stage, phase, reason,
+              request (pause | abort | rollback, set by another process), owner, heartbeat
+              (lease of the process driving it), updated, finished
+    stages    (rollout_id, idx) PK, name, kind (shadow | install), devices, state, started,
+              deployed, bake_started, finished, failures_accepted, verdict (JSON)
+    targets   (rollout_id, device_id) PK, stage, from_digest, from_version, labels (JSON),
+              baseline (JSON: the device's summary when the rollout started)
+    steps     (rollout_id, device_id, step) PK, command_id UNIQUE, status, result, reason,
+              detail, created, sent, finished, attempts
+    audit     seq PK, ts, rollout_id, actor, action, detail (JSON)
+
+Journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only a
+killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgefleetError, UsageError
+
+SCHEMA_VERSION = 1
+DB_NAME = "rollouts.db"
+
+# rollout states
+PENDING, RUNNING, PAUSED, ROLLING_BACK = "pending", "running", "paused", "rolling-back"
+SUCCEEDED, FAILED, ROLLED_BACK, ABORTED = "succeeded", "failed", "rolled-back", "aborted"
+TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, ABORTED)
+# step statuses
+S_PENDING, S_SENDING, S_SENT, S_DONE = "pending", "sending", "sent", "done"
+S_FAILED, S_TIMEOUT, S_SKIPPED = "failed", "timeout", "skipped"
+STEP_FINAL = (S_DONE, S_FAILED, S_TIMEOUT, S_SKIPPED)
+STEP_BAD = (S_FAILED, S_TIMEOUT)
+
+__all__ = [
+    "RolloutNotFound",
+    "RolloutRow",
+    "StageRow",
+    "StateDB",
+    "StepRow",
+    "actor",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS rollouts (
+  id TEXT PRIMARY KEY, created REAL NOT NULL, created_by TEXT NOT NULL,
+  bundle_digest TEXT NOT NULL, bundle_size INTEGER NOT NULL, bundle_url TEXT NOT NULL,
+  model_name TEXT, model_version TEXT, sequence INTEGER,
+  plan TEXT NOT NULL, state TEXT NOT NULL, stage INTEGER NOT NULL DEFAULT 0,
+  phase TEXT NOT NULL DEFAULT 'deploy', reason TEXT, request TEXT,
+  owner TEXT, heartbeat REAL, updated REAL NOT NULL, finished REAL);
+CREATE TABLE IF NOT EXISTS stages (
+  rollout_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+  devices INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending', started REAL,
+  deployed REAL, bake_started REAL, finished REAL, failures_accepted INTEGER NOT NULL DEFAULT 0,
+  verdict TEXT, PRIMARY KEY (rollout_id, idx));
+CREATE TABLE IF NOT EXISTS targets (
+  rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL,
+  from_digest TEXT, from_version TEXT, labels TEXT, baseline TEXT,
+  PRIMARY KEY (rollout_id, device_id));
+CREATE TABLE IF NOT EXISTS steps (
+  rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, step TEXT NOT NULL,
+  command_id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, result TEXT, reason TEXT,
+  detail TEXT, created REAL NOT NULL, sent REAL, finished REAL,
+  attempts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout_id, device_id, step));
+CREATE TABLE IF NOT EXISTS audit (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT, actor TEXT NOT NULL,
+  action TEXT NOT NULL, detail TEXT);
+CREATE INDEX IF NOT EXISTS steps_by_status ON steps (rollout_id, status);
+CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (rollout_id, seq);
+"""
+
+
+class RolloutNotFound(UsageError):
+    """No rollout with that id."""
+
+
+def actor() -> str:
+    """Who is acting: EDGEFLEET_ACTOR, else user@host."""
+    env = os.environ.get("EDGEFLEET_ACTOR")
+    if env:
+        return env
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: str
+    created: float
+    created_by: str
+    bundle_digest: str
+    bundle_size: int
+    bundle_url: str
+    model_name: str | None
+    model_version: str | None
+    sequence: int | None
+    plan: dict[str, Any]
+    state: str
+    stage: int
+    phase: str
+    reason: str | None
+    request: str | None
+    owner: str | None
+    heartbeat: float | None
+    updated: float
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class StageRow:
+    rollout_id: str
+    idx: int
+    name: str
+    kind: str
+    devices: int
+    state: str
+    started: float | None
+    deployed: float | None
+    bake_started: float | None
+    finished: float | None
+    failures_accepted: int
+    verdict: dict[str, Any] | None
+
+
+@dataclass
+class StepRow:
+    rollout_id: str
+    device_id: str
+    step: str
+    command_id: str
+    status: str
+    result: str | None
+    reason: str | None
+    detail: str | None
+    created: float
+    sent: float | None
+    finished: float | None
+    attempts: int
+
+
+class StateDB:
+    """The rollout database. Thread-safe (one connection, one lock); several processes may open
+    the same file (SQLite locking)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA busy_timeout=10000")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                               (str(SCHEMA_VERSION),))
+            found = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise EdgefleetError(f"rollout database {self.path}: {e}") from None
+        if found and int(found[0]) != SCHEMA_VERSION:
+            raise EdgefleetError(f"rollout database {self.path}: schema version {found[0]}, "
+                                 f"this controller knows {SCHEMA_VERSION}")
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- rollouts -----------------------------------------------------------------------------
+
+    def create(self, *, id: str, created_by: str, bundle_digest: str, bundle_size: int,
+               bundle_url: str, model_name: str, model_version: str, sequence: int,
+               plan: dict[str, Any], stages: Sequence[tuple[str, str, int]],
+               targets: Sequence[dict[str, Any]], steps: Sequence[tuple[str, str, str]]
+               ) -> None:
+        """Insert a rollout with its stages (name, kind, devices), targets and pending steps
+        (device, step, command id), and the audit record of its start, in one transaction."""
+        now = time.time()
+        with self.tx() as c:
+            if c.execute("SELECT 1 FROM rollouts WHERE id=?", (id,)).fetchone():
+                raise UsageError(f"rollout {id} already exists", hint="choose another --id")
+            c.execute("INSERT INTO rollouts (id, created, created_by, bundle_digest, bundle_size,"
+                      " bundle_url, model_name, model_version, sequence, plan, state, updated)"
+                      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (id, now, created_by, bundle_digest, bundle_size, bundle_url, model_name,
+                       model_version, sequence, json.dumps(plan), PENDING, now))
+            c.executemany("INSERT INTO stages (rollout_id, idx, name, kind, devices) "
+                          "VALUES (?,?,?,?,?)",
+                          [(id, i, n, k, d) for i, (n, k, d) in enumerate(stages)])
+            c.executemany("INSERT INTO targets VALUES (?,?,?,?,?,?,?)",
+                          [(id, t["device_id"], t["stage"], t.get("from_digest"),
+                            t.get("from_version"), json.dumps(t.get("labels") or {}),
+                            json.dumps(t.get("baseline") or {})) for t in targets])
+            c.executemany("INSERT INTO steps (rollout_id, device_id, step, command_id, status,"
+                          " created) VALUES (?,?,?,?,?,?)",
+                          [(id, d, s, cid, S_PENDING, now) for d, s, cid in steps])
+            self._audit(c, id, created_by, "start", {
+                "bundle_digest": bundle_digest, "model": f"{model_name} {model_version}",
+                "sequence": sequence, "devices": len(targets), "plan": plan})
+
+    def rollout(self, rid: str) -> RolloutRow:
+        rows = self._q("SELECT * FROM rollouts WHERE id=?", (rid,))
+        if not rows:
+            raise RolloutNotFound(f"no rollout {rid!r} in {self.path}",
+                                  hint="see: edgefleet fleet rollout list")
+        return _rollout(rows[0])
+
+    def rollouts(self, limit: int = 50) -> list[RolloutRow]:
+        return [_rollout(r) for r in
+                self._q("SELECT * FROM rollouts ORDER BY created DESC LIMIT ?", (limit,))]
+
+    def latest(self) -> RolloutRow | None:
+        rows = self.rollouts(1)
+        return rows[0] if rows else None
+
+    def update(self, rid: str, c: sqlite3.Connection | None = None, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        sql = "UPDATE rollouts SET " + ", ".join(f"{k}=?" for k in fields) + " WHERE id=?"
+        if c is not None:
+            c.execute(sql, (*fields.values(), rid))
+        else:
+            with self.tx() as conn:
+                conn.execute(sql, (*fields.values(), rid))
+
+    def request(self, rid: str, what: str | None, who: str, detail: dict | None = None) -> None:
+        """Record an operator request (pause, abort, rollback) for the driving process."""
+        with self.tx() as c:
+            c.execute("UPDATE rollouts SET request=?, updated=? WHERE id=?",
+                      (what, time.time(), rid))
+            if what:
+                self._audit(c, rid, who, f"request-{what}", detail or {})
+
+    # -- lease ---------------------------------------------------------------------------------
+
+    def acquire(self, rid: str, owner: str, *, stale_s: float = 10.0) -> str | None:
+        """Take the lease on a rollout unless a live process holds it; returns the holder that
+        refused us, or None when we hold it now."""
+        with self.tx() as c:
+            row = c.execute("SELECT owner, heartbeat FROM rollouts WHERE id=?",
+                            (rid,)).fetchone()
+            if row is None:
+                raise RolloutNotFound(f"no rollout {rid!r} in {self.path}")
+            holder, beat = row["owner"], row["heartbeat"]
+            if holder and holder != owner and _alive(holder) and beat and \
+                    time.time() - beat < stale_s:
+                return holder
+            c.execute("UPDATE rollouts SET owner=?, heartbeat=? WHERE id=?",
+                      (owner, time.time(), rid))
+        return None
+
+    def release(self, rid: str, owner: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE rollouts SET owner=NULL, heartbeat=NULL WHERE id=? AND owner=?",
+                      (rid, owner))
+
+    def holder(self, rid: str, stale_s: float = 10.0) -> str | None:
+        """The live process driving `rid`, if any."""
+        r = self.rollout(rid)
+        if r.owner and r.heartbeat and time.time() - r.heartbeat < stale_s and _alive(r.owner):
+            return r.owner
+        return None
+
+    # -- stages, targets, steps ------------------------------------------------------------
+
+    def stages(self, rid: str) -> list[StageRow]:
+        return [_stage(r) for r in
+                self._q("SELECT * FROM stages WHERE rollout_id=? ORDER BY idx", (rid,))]
+
+    def update_stage(self, rid: str, idx: int, c: sqlite3.Connection, **fields: Any) -> None:
+        if "verdict" in fields and fields["verdict"] is not None:
+            fields["verdict"] = json.dumps(fields["verdict"])
+        c.execute("UPDATE stages SET " + ", ".join(f"{k}=?" for k in fields)
+                  + " WHERE rollout_id=? AND idx=?", (*fields.values(), rid, idx))
+
+    def targets(self, rid: str) -> list[dict[str, Any]]:
+        out = []
+        for r in self._q("SELECT * FROM targets WHERE rollout_id=? ORDER BY stage, device_id",
+                         (rid,)):
+            d = dict(r)
+            d["labels"] = json.loads(d["labels"] or "{}")
+            d["baseline"] = json.loads(d["baseline"] or "{}")
+            out.append(d)
+        return out
+
+    def steps(self, rid: str) -> list[StepRow]:
+        return [StepRow(**dict(r)) for r in
+                self._q("SELECT * FROM steps WHERE rollout_id=? ORDER BY device_id, step",
+                        (rid,))]
+
+    def add_steps(self, rid: str, steps: Sequence[tuple[str, str, str]],
+                  c: sqlite3.Connection) -> None:
+        """Add pending steps (device, step, command id) that are not there yet."""
+        now = time.time()
+        c.executemany("INSERT OR IGNORE INTO steps (rollout_id, device_id, step, command_id, "
+                      "status, created) VALUES (?,?,?,?,?,?)",
+                      [(rid, d, s, cid, S_PENDING, now) for d, s, cid in steps])
+
+    def save_steps(self, rows: Sequence[StepRow], c: sqlite3.Connection) -> None:
+        c.executemany("UPDATE steps SET status=?, result=?, reason=?, detail=?, sent=?, "
+                      "finished=?, attempts=? WHERE rollout_id=? AND device_id=? AND step=?",
+                      [(s.status, s.result, s.reason, s.detail, s.sent, s.finished, s.attempts,
+                        s.rollout_id, s.device_id, s.step) for s in rows])
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    def _audit(self, c: sqlite3.Connection, rid: str | None, who: str, action: str,
+               detail: dict[str, Any]) -> None:
+        c.execute("INSERT INTO audit (ts, rollout_id, actor, action, detail) VALUES (?,?,?,?,?)",
+                  (time.time(), rid, who, action, json.dumps(detail, default=str)))
+
+    def audit(self, rid: str | None, who: str, action: str, detail: dict[str, Any] | None = None,
+              c: sqlite3.Connection | None = None) -> None:
+        if c is not None:
+            self._audit(c, rid, who, action, detail or {})
+        else:
+            with self.tx() as conn:
+                self._audit(conn, rid, who, action, detail or {})
+
+    def audit_log(self, rid: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self._q("SELECT * FROM audit WHERE (? IS NULL OR rollout_id=?) ORDER BY seq "
+                       "DESC LIMIT ?", (rid, rid, limit))
+        out = []
+        for r in reversed(rows):
+            d = dict(r)
+            d["detail"] = json.loads(d["detail"] or "{}")
+            out.append(d)
+        return out
+
+
+def _alive(owner: str) -> bool:
+    """Is the process named by an owner string `host:pid:token` alive? (Other hosts: assume
+    yes; the heartbeat decides.)"""
+    try:
+        host, pid, _ = owner.split(":", 2)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return _not_zombie(int(pid))
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _rollout(r: sqlite3.Row) -> RolloutRow:
+    d = dict(r)
+    d["plan"] = json.loads(d["plan"])
+    return RolloutRow(**d)
+
+
+def _stage(r: sqlite3.Row) -> StageRow:
+    d = dict(r)
+    d["verdict"] = json.loads(d["verdict"]) if d["verdict"] else None
+    return StageRow(**d)

@@ -1,0 +1,194 @@
+"""Shared set-up for the rollout tests and the rollout benchmark: a simulated floor (devices
+with traffic, already on a v1 model), published bundles, a rollout database, and a driver that
+runs the engine in-process or as the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.keys import Keyring
+from agent.link import MqttConfig
+from fleet.artifacts import ArtifactServer, Published, publish
+from fleet.inventory import Inventory, open_controller
+from fleet.rollout import Bundle, Engine, EngineOptions, NewRollout, Plan, create
+from fleet.sim import DeviceFaults, SimConfig, Simulator
+from fleet.simtraffic import TrafficConfig
+from fleet.state import StateDB
+from tests.broker_fixtures import make_real_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+FAST_TRAFFIC = TrafficConfig(interval_s=0.25, batch=32)
+
+
+def bundles(tmp: Path, release_key: Path, keyring: Path, store: Path) -> dict[str, Published]:
+    """v1 (the fleet runs it), v2 and v3 (good candidates: same data, other samples), bad
+    (fitted on shifted data: its decisions disagree and its fail rate is far off v1's)."""
+    out = {}
+    for name, seq, seed in (("v1", 1, 0), ("v2", 2, 5), ("v3", 4, 10), ("bad", 3, 1)):
+        path = make_real_bundle(tmp / f"{name}.efb", release_key, sequence=seq, seed=seed)
+        out[name] = publish(store, path, Keyring.load(keyring), who="test")
+    return out
+
+
+@dataclass
+class Floor:
+    sim: Simulator
+    artifacts: ArtifactServer
+    mqtt: MqttConfig
+    fleet_key: Path
+    keyring: Path
+    store: Path
+    pubs: dict[str, Published]
+    db: StateDB = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.db = StateDB(self.store / "rollouts.db")
+
+    def bundle(self, name: str) -> Bundle:
+        p = self.pubs[name]
+        return Bundle(p.digest, p.size, self.artifacts.url_for(p.digest), p.sequence, p.name,
+                      p.version)
+
+    def actives(self) -> dict[str, str | None]:
+        """device -> digest of its active model, from the devices' own stores."""
+        from agent.link import bundle_digest
+
+        out = {}
+        for d, dev in self.sim.devices.items():
+            vid = dev.installer.store.active()
+            out[d] = bundle_digest(dev.installer.store.version_dir(vid)) if vid else None
+        return out
+
+
+@contextlib.contextmanager
+def floor(tmp: Path, broker: Any, keys: Any, n: int, *, faults: Mapping[str, DeviceFaults]
+          | None = None, sites: int = 3, state_interval_s: float = 0.5,
+          traffic: TrafficConfig = FAST_TRAFFIC, workers: int = 4) -> Iterator[Floor]:
+    store = tmp / "artifacts"
+    pubs = bundles(tmp, keys.release_key, keys.keyring, store)
+    srv = ArtifactServer(store).start()
+    cfg = SimConfig(devices=n, root=tmp / "sim", mqtt=broker.mqtt(reconnect_min_s=0.5,
+                                                                 reconnect_max_s=2),
+                    keyring=keys.keyring, state_interval_s=state_interval_s, traffic=traffic,
+                    preinstall=pubs["v1"].path, sites=sites, workers=workers)
+    sim = Simulator(cfg, faults).start()
+    try:
+        assert sim.wait_connected(30)
+        yield Floor(sim, srv, broker.mqtt(reconnect_min_s=0.5, reconnect_max_s=2),
+                    keys.fleet_key, keys.keyring, store, pubs)
+    finally:
+        sim.stop()
+        srv.stop()
+
+
+def expected_stages(p: Plan, n: int, sites: int = 3) -> dict[str, tuple[str, ...]]:
+    """Which simulated device lands in which stage, computed before the floor exists (the
+    assignment depends only on ids and labels; every device is online and healthy)."""
+    from fleet.inventory import Device
+    from fleet.rollout import assign
+
+    cfg = SimConfig(devices=n, root=Path("/nonexistent"), mqtt=MqttConfig(), keyring=Path("."),
+                    sites=sites)
+    inv = Inventory(Device.from_state({"device_id": cfg.device_id(i), "online": True,
+                                       "labels": cfg.labels(i), "health": {"status": "ok"}})
+                    for i in range(n))
+    return {s.name: s.devices for s in assign(p, inv)}
+
+
+def plan(**kw: Any) -> Plan:
+    """A plan for tests: short bake, quick evidence."""
+    base = dict(canary="3", bake_s=2.5, wave_bake_s=1.5, waves=(50, 100), max_parallel=20,
+                shadow_min_dies=300, shadow_timeout_s=20, min_requests=50,
+                measure_interval_s=0.5, step_timeout_s=20, health_grace_s=5,
+                offline_wait_s=5)
+    base.update(kw)
+    return Plan(**base).validate()
+
+
+def wait_reporting(ctl: Any, n: int, timeout: float = 30) -> None:
+    """Until every device reported a state with traffic on its model."""
+    assert ctl.wait_for(lambda c: sum(
+        1 for s in c.devices().values()
+        if s.get("online") and (s.get("summary") or {}).get("requests")) >= n, timeout), \
+        "devices did not report traffic"
+
+
+def start_rollout(fl: Floor, ctl: Any, p: Plan, bundle: str = "v2",
+                  rid: str | None = None) -> str:
+    inv = Inventory.from_states(ctl.devices())
+    return create(fl.db, p, NewRollout(fl.bundle(bundle), inv, "tester", rid))
+
+
+def run_in_process(fl: Floor, p: Plan, bundle: str = "v2", rid: str | None = None,
+                   on_progress: Any = None, reporting: int | None = None) -> tuple[str, Any]:
+    """Create and drive a rollout in this process (once `reporting` devices, default all,
+    report traffic); returns (id, final row)."""
+    with open_controller(fl.mqtt, fleet_key=fl.fleet_key, client_id=f"ctl-{rid or 'x'}") as ctl:
+        wait_reporting(ctl, len(fl.sim.devices) if reporting is None else reporting)
+        rid = start_rollout(fl, ctl, p, bundle, rid)
+        row = Engine(fl.db, rid, ctl, EngineOptions(actor="tester", progress=on_progress)).run()
+    return rid, row
+
+
+class CommandSniffer:
+    """Subscribes to every device's command topic: what was actually published, per device."""
+
+    def __init__(self, mqtt_config: MqttConfig, prefix: str = "edgefleet") -> None:
+        self.commands: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=f"sniffer-{os.getpid()}-{id(self)}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/device/+/cmd", qos=1)
+        self.client.connect(mqtt_config.host, mqtt_config.port)
+        self.client.loop_start()
+        deadline = time.monotonic() + 5
+        while not self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        body = json.loads(json.loads(msg.payload)["body"])
+        with self._lock:
+            self.commands.append(body)
+
+    def ids(self) -> Counter:
+        with self._lock:
+            return Counter(c["id"] for c in self.commands)
+
+    def by_type(self, ctype: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [c for c in self.commands if c["type"] == ctype]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
+        **popen: Any) -> subprocess.CompletedProcess:
+    """Run the real `edgefleet` CLI."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgefleet", *args], capture_output=True,
+                          text=True, env=e, timeout=timeout, cwd=REPO, **popen)
+
+
+def cli_env(fl: Floor) -> dict[str, str]:
+    return {"EDGEFLEET_MQTT_HOST": fl.mqtt.host, "EDGEFLEET_MQTT_PORT": str(fl.mqtt.port),
+            "EDGEFLEET_KEYRING": str(fl.keyring), "EDGEFLEET_FLEET_KEY": str(fl.fleet_key),
+            "EDGEFLEET_ARTIFACT_STORE": str(fl.store),
+            "EDGEFLEET_ARTIFACT_URL": fl.artifacts.base_url, "EDGEFLEET_ACTOR": "tester"}

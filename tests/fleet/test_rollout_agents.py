@@ -1,0 +1,117 @@
+"""A rollout to real agents (`edgefleet agent serve` processes with their fleet link, serving
+dies on their sockets), driven by the real CLI: the candidate shadows the live model on the
+dies the testers send, through the agent's serving path, then goes live on every box. This is
+the sequence docs/rollouts.md gives for a few local agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.client import Client
+from agent.install import InstallConfig, Installer
+from fleet.artifacts import ArtifactServer
+from tests.broker_fixtures import Broker, FleetKeys, make_real_bundle
+from tests.fleet.rollout_helpers import REPO, cli
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+def _agent(root: Path, name: str, broker: Broker, keys: FleetKeys, v1: Path,
+           site: str) -> subprocess.Popen:
+    store = root / name / "store"
+    inst = Installer.open(store, keys.keyring, InstallConfig(max_latency_s=None))
+    inst.start()
+    inst.install(v1)
+    inst.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env.update(EDGEFLEET_MQTT_HOST=broker.host, EDGEFLEET_MQTT_PORT=str(broker.port),
+               EDGEFLEET_DEVICE_ID=name, EDGEFLEET_LABELS=f"site={site},tester=t1",
+               EDGEFLEET_STATE_INTERVAL_S="0.5", EDGEFLEET_MAX_LATENCY_MS="0")
+    log = open(root / f"{name}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket",
+         str(root / name / "agent.sock"), "--store", str(store), "--keyring",
+         str(keys.keyring), "--metrics-addr", ""], cwd=REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+
+
+def _tester(sock: Path, stop: threading.Event, seed: int) -> None:
+    """A tester: one die at a time, as fast as the answers come, ~1 ms apart."""
+    rng = np.random.default_rng(seed)
+    while not sock.exists() and not stop.is_set():
+        time.sleep(0.05)
+    with Client(sock) as c:
+        i = 0
+        while not stop.is_set():
+            x = rng.normal(size=8).astype(np.float32)
+            if rng.random() < 0.02:
+                x[:2] += 8
+            c.predict(x, die_id=i)
+            i += 1
+            time.sleep(0.001)
+
+
+def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker: Broker,
+                                                         fleet_keys: FleetKeys):
+    v1 = make_real_bundle(tmp_path / "v1.efb", fleet_keys.release_key, sequence=1, seed=0)
+    v2 = make_real_bundle(tmp_path / "v2.efb", fleet_keys.release_key, sequence=2, seed=5)
+    store = tmp_path / "art"
+    env = {"EDGEFLEET_MQTT_HOST": broker.host, "EDGEFLEET_MQTT_PORT": str(broker.port),
+           "EDGEFLEET_KEYRING": str(fleet_keys.keyring), "EDGEFLEET_ACTOR": "tester",
+           "EDGEFLEET_FLEET_KEY": str(fleet_keys.fleet_key),
+           "EDGEFLEET_ARTIFACT_STORE": str(store)}
+    r = cli("fleet", "publish", str(v2), env=env)
+    assert r.returncode == 0 and "published fleet-test 1.2.5" in r.stdout, r.stderr
+    digest = r.stdout.split("sha256:")[1].split()[0]
+    srv = ArtifactServer(store).start()
+    names = ["box-a", "box-b", "box-c"]
+    procs = [_agent(tmp_path, n, broker, fleet_keys, v1, site)
+             for n, site in zip(names, ("lab1", "lab2", "lab1"), strict=True)]
+    stop = threading.Event()
+    testers = [threading.Thread(target=_tester, args=(tmp_path / n / "agent.sock", stop, i),
+                                daemon=True) for i, n in enumerate(names)]
+    for t in testers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # every box online and reporting the dies it answered
+            r = cli("fleet", "devices", "-l", "site in (lab1,lab2)", "-o", "json", env=env)
+            rows = json.loads(r.stdout) if r.returncode == 0 else []
+            if len(rows) == 3 and all(d["online"] and (d["summary"].get("requests") or 0) > 50
+                                      for d in rows):
+                break
+            assert time.monotonic() < deadline, (r.stderr, rows)
+            time.sleep(0.5)
+        r = cli("fleet", "rollout", "start", f"sha256:{digest}", "-l", "site in (lab1,lab2)",
+                "--id", "r-agents", "--canary", "1", "--waves", "100%", "--bake", "3s",
+                "--shadow-min-dies", "300", "--min-requests", "50", "--measure-interval",
+                "0.5s", "--artifact-url", srv.base_url, "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        snap = json.loads(r.stdout)
+        assert snap["state"] == "succeeded"
+        ev = snap["stages"][0]["verdict"]["evidence"]
+        assert snap["stages"][0]["name"] == "shadow" and ev["dies"] >= 300
+        r = cli("fleet", "devices", "-o", "json", env=env)
+        rows = json.loads(r.stdout)
+        assert {d["model_digest"] for d in rows} == {digest}
+        assert all(d["health"] == "ok" and d["shadow"] is None for d in rows)
+    finally:
+        stop.set()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        srv.stop()

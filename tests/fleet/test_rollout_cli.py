@@ -1,0 +1,228 @@
+"""`edgefleet fleet rollout ...` as an operator runs it (the real CLI in subprocesses): bad input
+is refused in one line with nothing sent, a dry run shows the plan, pause / resume / abort /
+rollback / status / list, and a controller killed with SIGKILL mid-wave that `resume` finishes
+with no command sent twice and the same end state as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet.artifacts import list_published
+from fleet.state import S_DONE, StateDB
+from tests.broker_fixtures import Broker, FleetKeys, free_port, make_real_bundle
+from tests.fleet.rollout_helpers import (
+    REPO,
+    CommandSniffer,
+    Floor,
+    cli,
+    cli_env,
+    floor,
+    plan,
+    run_in_process,
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+FAST = ["--no-shadow", "--min-requests", "50", "--measure-interval", "0.5s",
+        "--step-timeout", "20s", "--health-grace", "5s"]
+
+
+def _one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgefleet: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _popen(fl: Floor, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, **cli_env(fl))
+    return subprocess.Popen([sys.executable, "-m", "edgefleet", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _stage(db: StateDB, rid: str, name: str):
+    rows = [s for s in db.stages(rid) if s.name == name] if _exists(db, rid) else []
+    return rows[0] if rows else None
+
+
+def _exists(db: StateDB, rid: str) -> bool:
+    return any(r.id == rid for r in db.rollouts())
+
+
+def test_bad_input_is_one_line_with_nothing_sent_and_dry_run_shows_the_plan(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    with floor(tmp_path, broker, fleet_keys, 6) as fl:
+        env = cli_env(fl)
+        sniffer = CommandSniffer(fl.mqtt)
+        v2 = tmp_path / "v2.efb"
+        published = len(list_published(fl.store))
+        start = ["fleet", "rollout", "start"]
+        # an unknown bundle, and one that does not verify as a device would
+        _one_line_error(cli(*start, str(tmp_path / "nope.efb"), env=env), 2, "nope.efb",
+                        "no such file")
+        _one_line_error(cli(*start, "sha256:" + "0" * 64, env=env), 2,
+                        "no published bundle with that SHA-256")
+        tampered = tmp_path / "tampered.efb"
+        data = bytearray(v2.read_bytes())
+        data[700] ^= 0x01
+        tampered.write_bytes(bytes(data))
+        _one_line_error(cli(*start, str(tampered), env=env), 1, "tampered.efb")
+        from agent.keys import generate_keypair
+        stranger = generate_keypair(tmp_path / "stranger", "release")
+        unsigned = make_real_bundle(tmp_path / "stranger.efb", stranger.private_path,
+                                    sequence=9)
+        _one_line_error(cli(*start, str(unsigned), env=env), 1, "stranger.efb", "key")
+        # a selector that matches nothing; a wave plan that does not end at 100%
+        _one_line_error(cli(*start, str(v2), "-l", "site=mars", env=env), 2,
+                        "selector 'site=mars' matches no device (6 known)")
+        _one_line_error(cli(*start, str(v2), "--waves", "10%,50%", env=env), 2,
+                        "wave plan 10%,50% does not end at 100%")
+        _one_line_error(cli(*start, str(v2), "--gate", "error_rate<=0.01", "--gate",
+                            "error_rate>=0.05", env=env), 2, "contradictory gates",
+                        "error_rate<=0.01 and error_rate>=0.05")
+        _one_line_error(cli(*start, str(v2), "--shadow-gate", "agreement>1.5", env=env), 2,
+                        "contradictory shadow gates")
+        dead = f"http://127.0.0.1:{free_port()}"
+        _one_line_error(cli(*start, str(v2), "--prometheus", dead, "--prom-gate",
+                            "sum(up) >= 1", env=env), 1, f"Prometheus at {dead}",
+                        "does not answer")
+        _one_line_error(cli(*start, str(v2), env={**env, "EDGEFLEET_ARTIFACT_URL": ""}), 2,
+                        "--artifact-url")
+        # a rollout id that does not exist
+        for cmd in ("status", "pause", "resume", "abort", "rollback"):
+            _one_line_error(cli("fleet", "rollout", cmd, "r-nope", env=env), 2,
+                            "no rollout 'r-nope'")
+        assert fl.db.rollouts() == []
+        # the dry run: which devices in which stage; nothing sent, nothing stored
+        r = cli(*start, str(v2), "--dry-run", "--canary", "2", "--waves", "50%,100%", "-o",
+                "json", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert [(s["name"], len(s["devices"])) for s in doc["stages"]] == [
+            ("shadow", 2), ("canary", 2), ("wave-1", 1), ("wave-2", 3)]
+        assert len({fl.sim.devices[d].link.config.labels["site"]
+                    for d in doc["stages"][1]["devices"]}) == 2  # spread over sites
+        r = cli(*start, str(v2), "--dry-run", "--no-shadow", env=env)
+        assert r.returncode == 0 and "dry run" in r.stdout and "wave-1" in r.stdout
+        time.sleep(0.3)
+        assert sniffer.commands == []
+        sniffer.close()
+        assert fl.db.rollouts() == []
+        assert len(list_published(fl.store)) == published
+
+
+def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Broker,
+                                                     fleet_keys: FleetKeys):
+    n = 8
+    with floor(tmp_path, broker, fleet_keys, n) as fl:
+        env = cli_env(fl)
+        v1, v2, v3 = (fl.pubs[k].digest for k in ("v1", "v2", "v3"))
+        _wait(lambda: all((d.link.health.health_summary()["requests"] or 0) > 0
+                          for d in fl.sim.devices.values()), 20, "traffic")
+        proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{v2}", "--id", "r-one",
+                      "--canary", "2", "--waves", "100%", "--bake", "4s", *FAST)
+        _wait(lambda: (s := _stage(fl.db, "r-one", "canary")) and s.state == "baking", 30,
+              "the canary bake")
+        r = cli("fleet", "rollout", "pause", "r-one", env=env)
+        assert r.returncode == 0 and "paused" in r.stdout, r.stderr
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1 and "paused by an operator (tester)" in err.splitlines()[-1]
+        r = cli("fleet", "rollout", "status", "r-one", "-o", "json", env=env)
+        snap = json.loads(r.stdout)
+        assert snap["state"] == "paused" and snap["stage"] == "canary"
+        r = cli("fleet", "rollout", "resume", "r-one", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "SUCCEEDED" in r.stdout and "wave-1" in r.stdout
+        assert {a for a in fl.actives().values()} == {v2}
+        r = cli("fleet", "rollout", "list", env=env)
+        assert r.returncode == 0 and "r-one" in r.stdout and "succeeded" in r.stdout
+        actions = [(a["action"], a["actor"]) for a in fl.db.audit_log("r-one")]
+        assert ("start", "tester") in actions and ("request-pause", "tester") in actions
+        assert ("resumed", "tester") in actions and actions[-1][0] == "succeeded"
+        # roll a finished rollout back: every device it moved returns to v1
+        r = cli("fleet", "rollout", "rollback", "r-one", env=env)
+        assert r.returncode == 0 and "ROLLED-BACK" in r.stdout, r.stderr
+        assert set(fl.actives().values()) == {v1}
+        # abort leaves devices as they are
+        proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{v3}", "--id", "r-two",
+                      "--canary", "2", "--bake", "30s", *FAST)
+        _wait(lambda: (s := _stage(fl.db, "r-two", "canary")) and s.state == "baking", 30,
+              "the second canary bake")
+        r = cli("fleet", "rollout", "abort", "r-two", env=env)
+        assert r.returncode == 0 and "aborted" in r.stdout, r.stderr
+        proc.communicate(timeout=30)
+        assert proc.returncode == 1
+        assert sorted(fl.actives().values()).count(v3) == 2
+        r = cli("fleet", "rollout", "status", env=env)  # the latest
+        assert r.returncode == 0 and "r-two" in r.stdout and "ABORTED" in r.stdout
+
+
+def test_controller_killed_mid_wave_resumes_without_duplicate_commands(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    n = 16
+    flags = ["--canary", "2", "--waves", "30%,60%,100%", "--bake", "2s", "--wave-bake",
+             "1s", "--max-parallel", "2", *FAST]
+    with floor(tmp_path, broker, fleet_keys, n) as fl:
+        # the reference: the same plan, uninterrupted (v1 -> v2)
+        ref_plan = plan(shadow=False, canary="2", waves=(30, 60, 100), max_parallel=2,
+                        bake_s=2, wave_bake_s=1)
+        ref_id, ref = run_in_process(fl, ref_plan)
+        assert ref.state == "succeeded", ref.reason
+        sniffer = CommandSniffer(fl.mqtt)
+        proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}",
+                      "--id", "r-kill", *flags)
+
+        def mid_wave():
+            st = _stage(fl.db, "r-kill", "wave-2")
+            return st is not None and st.state == "deploying" and any(
+                s.status == S_DONE for s in fl.db.steps("r-kill")
+                if s.device_id in _stage_devices(fl.db, "r-kill", "wave-2"))
+
+        _wait(mid_wave, 60, "wave-2 to be under way")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        row = fl.db.rollout("r-kill")
+        assert row.state == "running" and row.owner  # it died holding the rollout
+        r = cli("fleet", "rollout", "resume", "r-kill", env=cli_env(fl))
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+        sniffer.close()
+        ids = sniffer.ids()
+        assert len(ids) == n and max(ids.values()) == 1, \
+            [i for i, c in ids.items() if c > 1]  # no device commanded twice
+        assert {c["device_id"] for c in sniffer.commands} == set(fl.sim.devices)
+        assert set(fl.actives().values()) == {fl.pubs["v3"].digest}
+
+        def final(rid):
+            stage_of = {t["device_id"]: t["stage"] for t in fl.db.targets(rid)}
+            return {s.device_id: (stage_of[s.device_id], s.step, s.status, s.result)
+                    for s in fl.db.steps(rid)}
+
+        assert final("r-kill") == final(ref_id)
+        assert [(s.name, s.devices, s.state) for s in fl.db.stages("r-kill")] == \
+            [(s.name, s.devices, s.state) for s in fl.db.stages(ref_id)]
+        assert fl.db.rollout("r-kill").state == "succeeded"
+
+
+def _stage_devices(db: StateDB, rid: str, name: str) -> set[str]:
+    idx = next(s.idx for s in db.stages(rid) if s.name == name)
+    return {t["device_id"] for t in db.targets(rid) if t["stage"] == idx}
