@@ -230,9 +230,15 @@ class ShadowScorer:
                 self._r = self._w
                 self._gen += 1
                 self._live_m = live_manifest
-            if self.max_rows_per_s is not None and not _rated and not self._allow(n):
-                cand.counters.skipped += n
-                return
+            if self.max_rows_per_s is not None and not _rated:
+                # Take what this 0.1 s slice still allows: a batch bigger than a whole slice
+                # (256 rows against 50 at 500 rows/s) must still contribute, not be skipped.
+                allowed = self._take(n)
+                if allowed < n:
+                    cand.counters.skipped += n - allowed
+                    x, live_scores, n = x[:allowed], live_scores[:allowed], allowed
+                if n == 0:
+                    return
             if self._w - self._r + n > self.capacity:
                 cand.counters.dropped += n
                 return
@@ -258,7 +264,7 @@ class ShadowScorer:
             x_buf = self._x
             if self._cand is not cand or x_buf is None:
                 return
-            if self.max_rows_per_s is not None and not self._allow(1):
+            if self.max_rows_per_s is not None and not self._take(1):
                 cand.counters.skipped += 1
                 return
             if live_manifest is not self._live_m or self._w - self._r >= self.capacity:
@@ -277,15 +283,14 @@ class ShadowScorer:
         else:
             self._wake.set()
 
-    def _allow(self, n: int) -> bool:
-        """Rate cap, in 0.1 s slices (lock held)."""
+    def _take(self, n: int) -> int:
+        """Rate cap, in 0.1 s slices (lock held): how many of `n` rows this slice still takes."""
         now = _monotonic()
         if now - self._rate_t >= 0.1:
             self._rate_t, self._rate_n = now, 0
-        if self._rate_n + n > self.max_rows_per_s * 0.1:  # type: ignore[operator]
-            return False
-        self._rate_n += n
-        return True
+        taken = max(0, min(n, int(self.max_rows_per_s * 0.1) - self._rate_n))  # type: ignore[operator]
+        self._rate_n += taken
+        return taken
 
     # -- scoring ----------------------------------------------------------------------------
 

@@ -105,6 +105,17 @@ def test_a_full_queue_drops_and_counts_and_a_raising_candidate_is_counted():
     assert bad.summary()["errors"] == 3 and bad.summary()["dies"] == 0
 
 
+def test_a_batch_bigger_than_a_rate_slice_still_contributes_rows():
+    """At 500 rows/s a 0.1 s slice takes 50 rows: a 256-row batch (the CLI's default) gives
+    50 rows of evidence and counts the rest as skipped, instead of being skipped whole."""
+    s = ShadowScorer(threaded=False, max_rows_per_s=500)
+    live = _M(1.0, n=2)
+    s.attach(_Engine(lambda x: x[:, 0]), _M(1.0, n=2), digest="ef" * 32)
+    s.offer(np.zeros((256, 2), np.float32), np.zeros(256), live)
+    assert s.summary()["pending"] == 50 and s.summary()["skipped"] == 206
+    assert s.drain() == 50 and s.summary()["dies"] == 50
+
+
 @pytest.mark.parametrize("rows", [1, 64])
 def test_offer_is_cheap_when_no_candidate_is_attached(rows: int):
     s = ShadowScorer(threaded=False)
