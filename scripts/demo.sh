@@ -7,6 +7,8 @@
 #   4. verify the bundle as a device would
 #   5. start an agent with an empty model store, install the bundle through its admin socket,
 #      and screen the last 5,000 dies over its Unix socket, showing decisions and latency
+#   6. a fleet: three agents on one MQTT broker, all on that model; build a second model and
+#      roll it out (shadow on the canary, canary, then the rest) while testers keep sending dies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,5 +62,53 @@ echo "first decisions (all 5,000 are in $OUT/decisions.txt):"
 head -n 5 "$OUT/decisions.txt"
 grep -m 3 " fail " "$OUT/decisions.txt" || true
 
+step "6. Fleet: three agents on one broker; roll out a retrained model while dies keep flowing"
+"$EF" optimize build --data "$OUT/dies.csv" --key "$OUT/keys/release.key" --out "$OUT/build-v2" \
+    --seed 1 --sequence 2 -q
+"$EF" keys generate --out "$OUT/keys" --name fleet
+"$EF" keys trust "$OUT/keys/fleet.pub" --keyring "$OUT/keyring" --role fleet
+free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MQTT_PORT=$(free_port)
+ART_PORT=$(free_port)
+# A plain local broker for the demo only (the shipped TLS + ACL configuration is in broker/).
+/usr/sbin/mosquitto -p "$MQTT_PORT" > "$OUT/mosquitto.log" 2>&1 &
+PIDS+=($!)
+export EDGEFLEET_MQTT_HOST=127.0.0.1 EDGEFLEET_MQTT_PORT=$MQTT_PORT EDGEFLEET_STATE_INTERVAL_S=2
+BOXES=(box-a box-b box-c)
+head -n 1001 "$OUT/screen.csv" > "$OUT/tester.csv"
+for b in "${BOXES[@]}"; do
+    mkdir -p "$RUN/$b"
+    "$EF" agent install "$OUT/build/model.efb" --store "$OUT/fleet/$b/store" \
+        --keyring "$OUT/keyring" > /dev/null
+    EDGEFLEET_DEVICE_ID=$b EDGEFLEET_LABELS="site=lab,tester=$b" \
+        "$EF" agent serve --socket "$RUN/$b/agent.sock" --store "$OUT/fleet/$b/store" \
+        --keyring "$OUT/keyring" --metrics-addr '' --log-level warning 2> "$OUT/fleet/$b.log" &
+    PIDS+=($!)
+done
+for b in "${BOXES[@]}"; do
+    wait_for "$RUN/$b/agent.sock" 30
+    # The box's tester: 1,000 dies at a time, over and over, for the whole rollout.
+    (while true; do "$EF" agent predict --socket "$RUN/$b/agent.sock" -f "$OUT/tester.csv" -q \
+         >> "$OUT/fleet/$b.tester.log" 2>&1 || true; sleep 0.2; done) &
+    PIDS+=($!)
+done
+"$EF" fleet publish "$OUT/build-v2/model.efb" --keyring "$OUT/keyring" --store "$OUT/artifacts"
+"$EF" fleet serve-artifacts --store "$OUT/artifacts" --host 127.0.0.1 --port "$ART_PORT" \
+    > "$OUT/artifacts.log" 2>&1 &
+PIDS+=($!)
+sleep 3  # the agents' first state reports
+"$EF" fleet devices -l site=lab
+export EDGEFLEET_KEYRING=$OUT/keyring EDGEFLEET_FLEET_KEY=$OUT/keys/fleet.key \
+    EDGEFLEET_ARTIFACT_STORE=$OUT/artifacts EDGEFLEET_ARTIFACT_URL=http://127.0.0.1:$ART_PORT
+ROLLOUT=(-l site=lab --canary 1 --waves 100% --bake 15s --shadow-min-dies 300 --min-requests 50
+         --shadow-timeout 2m --step-timeout 2m)
+"$EF" fleet rollout start "$OUT/build-v2/model.efb" "${ROLLOUT[@]}" --dry-run
+"$EF" fleet rollout start "$OUT/build-v2/model.efb" "${ROLLOUT[@]}"
+"$EF" fleet rollout status
+"$EF" fleet devices -l site=lab
+echo "tester answers during the rollout (last summary per box):"
+for b in "${BOXES[@]}"; do printf '%s: ' "$b"; grep "dies:" "$OUT/fleet/$b.tester.log" | tail -n 1; done
+
 step "Done"
-echo "report: $OUT/build/report.md   bundle: $OUT/build/model.efb   agent log: $OUT/agent.log"
+echo "report: $OUT/build/report.md   bundles: $OUT/build/model.efb $OUT/build-v2/model.efb"
+echo "logs: $OUT/agent.log $OUT/fleet/"
