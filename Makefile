@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
+	bash scripts/system-deps.sh mosquitto
 	VENV=$(VENV) bash scripts/demo.sh
 
 test: venv
+	bash scripts/system-deps.sh mosquitto prometheus nginx
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
