@@ -36,6 +36,22 @@ class HealthWindow:
         self.window_s = window_s
         self._lock = threading.Lock()
         self._snaps: deque[tuple[float, tuple]] = deque([(time.monotonic(), metrics.totals())])
+        self._model = self._model_of(runtime.active())
+        runtime.add_listener(self._on_change)
+
+    @staticmethod
+    def _model_of(predictor: Any) -> tuple | None:
+        m = predictor.manifest if predictor.engine is not None else None
+        return (m.name, m.version, m.sequence, m.model_digest) if m is not None else None
+
+    def _on_change(self, predictor: Any) -> None:
+        """A new model starts a new window: a rollout's bake gate must judge the new model's
+        answers only, not minutes of the old one's."""
+        model = self._model_of(predictor)
+        if model != self._model:
+            self._model = model
+            with self._lock:
+                self._snaps = deque([(time.monotonic(), self.metrics.totals())])
 
     def health_summary(self) -> dict[str, Any]:
         now, snap = time.monotonic(), self.metrics.totals()

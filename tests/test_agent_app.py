@@ -108,3 +108,28 @@ def test_health_window_counts_requests_fails_and_fallback(tmp_path, keys):
             assert s["status"] == "fallback" and "test" in s["reason"] and s["fallback"] == 1
         finally:
             agent.stop()
+
+
+def test_health_window_restarts_when_the_model_changes(tmp_path, keys):
+    keyring, key = keys
+    v1 = build_model(tmp_path, keyring, key, n_features=N, version="1.0.0", sequence=1)
+    v2 = build_model(tmp_path, keyring, key, n_features=N, version="2.0.0", sequence=2)
+    store = install_into_store(v1, tmp_path / "store", keyring)
+    with short_tmp() as tmp:
+        cfg = replace(AgentConfig(), socket=tmp / "a.sock", metrics_addr="", store=store,
+                      keyring=keyring)
+        agent = build(cfg).start()
+        try:
+            window = HealthWindow(agent.server.metrics, agent.runtime, agent.installer)
+            with Client(cfg.socket) as c:
+                for i in range(20):
+                    c.predict(v1.train[i], die_id=i)
+            assert window.health_summary()["requests"] == 20
+            agent.installer.install(v2.bundle)
+            with Client(cfg.socket) as c:
+                for i in range(5):
+                    c.predict(v2.train[i], die_id=i)
+            assert window.health_summary()["requests"] == 5  # the new model's answers only
+        finally:
+            agent.stop()
+
