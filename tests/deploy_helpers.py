@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 from agent.install import Installer
 from agent.manifest import Manifest
 from tests.agent_support import build_model
+from tests.broker_fixtures import free_port  # noqa: F401  (re-exported)
 from tests.install_helpers import make_keys
 
 N_FEATURES = 16
@@ -58,10 +58,6 @@ def make_site(root: Path, *, install: bool = True) -> Site:
     return Site(store, ring, rules, model.manifest)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from agent.app import build
+from agent.app import Agent, build
 from agent.client import Client
 from agent.config import AgentConfig
 from agent.health import HealthWindow
 from tests.agent_support import build_model, install_into_store, make_keys, short_tmp, wait_for
+from tests.broker_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 N = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,6 +35,19 @@ def _metrics(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
+@contextlib.contextmanager
+def _agent_on(store: Path, keyring: Path) -> Iterator[Agent]:
+    """The assembled agent (`agent.app.build`) in this process, on a temp socket."""
+    with short_tmp() as tmp:
+        cfg = replace(AgentConfig(), socket=tmp / "a.sock", metrics_addr="", store=store,
+                      keyring=keyring)
+        agent = build(cfg).start()
+        try:
+            yield agent
+        finally:
+            agent.stop()
+
+
 @pytest.fixture
 def keys(tmp_path):
     return make_keys(tmp_path)
@@ -46,7 +57,7 @@ def test_empty_store_then_install_and_rollback_through_the_admin_socket(tmp_path
     keyring, key = keys
     v1 = build_model(tmp_path, keyring, key, n_features=N, version="1.0.0", sequence=1)
     v2 = build_model(tmp_path, keyring, key, n_features=N, version="2.0.0", sequence=2)
-    port = _free_port()
+    port = free_port()
     with short_tmp() as tmp:
         sock, admin = tmp / "agent.sock", tmp / "admin.sock"
         proc = subprocess.Popen(
@@ -86,28 +97,22 @@ def test_health_window_counts_requests_fails_and_fallback(tmp_path, keys):
     keyring, key = keys
     model = build_model(tmp_path, keyring, key, n_features=N)
     store = install_into_store(model, tmp_path / "store", keyring)
-    with short_tmp() as tmp:
-        cfg = replace(AgentConfig(), socket=tmp / "a.sock", metrics_addr="", store=store,
-                      keyring=keyring)
-        agent = build(cfg).start()
-        try:
-            window = HealthWindow(agent.server.metrics, agent.runtime, agent.installer)
-            with Client(cfg.socket) as c:
-                for i in range(100):
-                    c.predict(model.train[i], die_id=i)
-                c.predict(model.train[0] * 100, die_id=999)  # a clear fail
-                c.predict_json([1.0] * (N - 1), die_id="short")  # refused: wrong width
-            s = window.health_summary()
-            assert s["status"] == "ok" and s["requests"] == 102 and s["errors"] == 1
-            assert s["fallback"] == 0 and 0 < s["fail_rate"] < 0.1
-            assert s["p99_ms"] is not None and s["p99_ms"] < 1000
-            agent.runtime.enter_fallback("test")
-            with Client(cfg.socket) as c:
-                c.predict(model.train[1], die_id=1000)
-            s = window.health_summary()
-            assert s["status"] == "fallback" and "test" in s["reason"] and s["fallback"] == 1
-        finally:
-            agent.stop()
+    with _agent_on(store, keyring) as agent:
+        window = HealthWindow(agent.server.metrics, agent.runtime, agent.installer)
+        with Client(agent.config.socket) as c:
+            for i in range(100):
+                c.predict(model.train[i], die_id=i)
+            c.predict(model.train[0] * 100, die_id=999)  # a clear fail
+            c.predict_json([1.0] * (N - 1), die_id="short")  # refused: wrong width
+        s = window.health_summary()
+        assert s["status"] == "ok" and s["requests"] == 102 and s["errors"] == 1
+        assert s["fallback"] == 0 and 0 < s["fail_rate"] < 0.1
+        assert s["p99_ms"] is not None and s["p99_ms"] < 1000
+        agent.runtime.enter_fallback("test")
+        with Client(agent.config.socket) as c:
+            c.predict(model.train[1], die_id=1000)
+        s = window.health_summary()
+        assert s["status"] == "fallback" and "test" in s["reason"] and s["fallback"] == 1
 
 
 def test_health_window_restarts_when_the_model_changes(tmp_path, keys):
@@ -115,21 +120,15 @@ def test_health_window_restarts_when_the_model_changes(tmp_path, keys):
     v1 = build_model(tmp_path, keyring, key, n_features=N, version="1.0.0", sequence=1)
     v2 = build_model(tmp_path, keyring, key, n_features=N, version="2.0.0", sequence=2)
     store = install_into_store(v1, tmp_path / "store", keyring)
-    with short_tmp() as tmp:
-        cfg = replace(AgentConfig(), socket=tmp / "a.sock", metrics_addr="", store=store,
-                      keyring=keyring)
-        agent = build(cfg).start()
-        try:
-            window = HealthWindow(agent.server.metrics, agent.runtime, agent.installer)
-            with Client(cfg.socket) as c:
-                for i in range(20):
-                    c.predict(v1.train[i], die_id=i)
-            assert window.health_summary()["requests"] == 20
-            agent.installer.install(v2.bundle)
-            with Client(cfg.socket) as c:
-                for i in range(5):
-                    c.predict(v2.train[i], die_id=i)
-            assert window.health_summary()["requests"] == 5  # the new model's answers only
-        finally:
-            agent.stop()
+    with _agent_on(store, keyring) as agent:
+        window = HealthWindow(agent.server.metrics, agent.runtime, agent.installer)
+        with Client(agent.config.socket) as c:
+            for i in range(20):
+                c.predict(v1.train[i], die_id=i)
+        assert window.health_summary()["requests"] == 20
+        agent.installer.install(v2.bundle)
+        with Client(agent.config.socket) as c:
+            for i in range(5):
+                c.predict(v2.train[i], die_id=i)
+        assert window.health_summary()["requests"] == 5  # the new model's answers only
 

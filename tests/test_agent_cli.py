@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +16,7 @@ import pytest
 
 from agent.client import Client
 from tests.agent_support import build_model, install_into_store, make_keys, short_tmp, wait_for
+from tests.broker_fixtures import free_port
 
 N = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -27,12 +27,6 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO, timeout=timeout)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _ready(url: str) -> bool:
@@ -56,7 +50,7 @@ def served(setup):
     _, keyring, model, store = setup
     with short_tmp() as tmp:
         sock = tmp / "agent.sock"
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket", str(sock),
              "--store", str(store), "--keyring", str(keyring), "--metrics-addr",

@@ -31,6 +31,7 @@ from agent.config import AgentConfig, load_config
 from agent.link import LinkConfig
 from fleet.certs import init_ca, issue_client, issue_server
 from fleet.transport import render_acl
+from tests.broker_fixtures import free_port
 from tests.conftest import REPO
 
 K3S = REPO / "k3s"
@@ -72,10 +73,6 @@ def test_rendered_broker_config_matches_the_templates():
     assert "- mosquitto/mosquitto.conf" in kustomization and "- mosquitto/acl" in kustomization
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _connect(port: int, ca: Path, cert: Path | None, key: Path | None, client_id: str
@@ -123,7 +120,7 @@ def test_a_real_mosquitto_runs_the_k3s_broker_config(tmp_path: Path):
     box = issue_client(pki, pki, "box-01")
     ctl = issue_client(pki, pki, "edgefleet-controller", controller=True)
     (tmp_path / "data").mkdir()
-    port = _free_port()
+    port = free_port()
     # The committed file, with the pod's paths mapped to this machine's.
     conf = (MOSQUITTO_DIR / "mosquitto.conf").read_text()
     for old, new in {
@@ -255,7 +252,7 @@ def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
     root = tmp_path / "artifacts"
     payload = os.urandom(300_000)
     digest = add_artifact(root, payload)
-    port = _free_port()
+    port = free_port()
     conf_d = tmp_path / "conf.d"
     conf_d.mkdir()
     server = (K3S / "base" / "central" / "artifacts" / "default.conf").read_text()

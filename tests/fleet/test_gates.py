@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 from agent.errors import UsageError
 from fleet import gates as G
 from fleet.prometheus import PrometheusClient, PrometheusError
+from tests.broker_fixtures import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,10 +140,6 @@ def test_psi_is_zero_for_equal_distributions():
 # -- PromQL gates against a real Prometheus ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Exporter:
@@ -179,7 +175,7 @@ def prometheus(tmp_path: Path):
     if binary is None:
         pytest.fail("prometheus is not installed (apt-get install prometheus)", pytrace=False)
     exporter = _Exporter()
-    port = _free_port()
+    port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
@@ -229,7 +225,7 @@ def test_promql_gates_pass_fail_and_report_errors(prometheus):
 
 
 def test_a_prometheus_that_does_not_answer_fails_the_gate_with_the_reason():
-    dead = PrometheusClient(f"http://127.0.0.1:{_free_port()}", timeout_s=1)
+    dead = PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout_s=1)
     v = G.evaluate_prometheus([G.parse_prom_gate("up <= 1")], dead)
     assert v.verdict == "fail"
     assert "does not answer" in v.results[0].reason
