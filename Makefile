@@ -7,18 +7,25 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
+# The agent's C extension, built in place (agent/_jsonfloats.c; setup.py says why)
+NATIVE := agent/_jsonfloats$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
 .PHONY: venv demo test lint bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(NATIVE)
 
 # torch is installed first and exactly: a loose requirement lets pip take a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The editable install compiles the C extension (a C compiler: Debian's build-essential).
+$(STAMP): pyproject.toml setup.py
+	bash scripts/system-deps.sh gcc
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[optimize,dev,bench]'
 	touch $(STAMP)
+
+$(NATIVE): agent/_jsonfloats.c $(STAMP)
+	$(VENV)/bin/python setup.py --quiet build_ext --inplace
 
 demo: venv
 	bash scripts/system-deps.sh mosquitto

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.jsonfast import PARSER as JSON_PARSER
+from agent.jsonfast import parse_predict_line
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
 from agent.protocol import (
@@ -124,6 +126,13 @@ class Dispatcher:
 
     def _json(self, line, t0: float) -> bytes:
         line = bytes(line)
+        p = self.runtime.active()
+        if p.available:  # one die, the common case: params straight to float32 (agent.jsonfast)
+            fast = parse_predict_line(line, p.n_features)
+            if fast is not None and fast[0].get("op", "predict") == "predict":
+                obj = fast[0]
+                return self._json_one(p, fast[1], json_id(obj, "id"), json_id(obj, "die_id"),
+                                      t0)
         try:
             obj = parse_json_line(line)
         except ProtocolError as e:
@@ -149,6 +158,9 @@ class Dispatcher:
         except ProtocolError as e:
             self.metrics.record_error(e.code)
             return encode_json(error_json(e, rid, die_id))
+        return self._json_one(p, x, rid, die_id, t0)
+
+    def _json_one(self, p: Predictor, x: np.ndarray, rid: Any, die_id: Any, t0: float) -> bytes:
         row, t_inf, reason = p.score_one(x, die_id)
         latency = _perf() - t0
         self.metrics.record_row(row, "json", latency, t_inf, reason)
@@ -232,6 +244,7 @@ class Dispatcher:
         out: dict[str, Any] = {
             "id": json_id(obj, "id"),
             "protocol": PROTOCOL_VERSION,
+            "json_parser": JSON_PARSER,
             "model": None if m is None else {
                 "name": m.name, "version": m.version, "sequence": m.sequence,
                 "digest": m.model_digest, "created": m.raw.get("created"),

@@ -21,7 +21,7 @@ N_FEATURES, HIDDEN, LATENT, TOP_K = 512, 128, 32, 5
 
 @dataclass
 class BenchModel:
-    onnx_path: Path  # the unpacked model.onnx
+    onnx_path: Path  # the installed model.onnx (STORE/active/model.onnx)
     store: Path
     keyring: Path
     bundle: Path
@@ -89,11 +89,13 @@ def build_onnx(train: np.ndarray) -> bytes:
 
 
 def build(out: Path) -> BenchModel:
-    """Keys, keyring, a signed bundle, and the store layout the agent loads (STORE/active/)."""
+    """Keys, keyring, a signed bundle, and a model store with the bundle installed by the real
+    installer (what `agent serve --store` loads)."""
     import onnxruntime as ort
 
-    from agent.bundle import unpack_bundle, verify_bundle, write_bundle
+    from agent.bundle import write_bundle
     from agent.drift import drift_reference
+    from agent.install import InstallConfig, Installer
     from agent.keys import Keyring, generate_keypair, load_private_key, trust_key
 
     out.mkdir(parents=True, exist_ok=True)
@@ -128,16 +130,18 @@ def build(out: Path) -> BenchModel:
         trust_key(keyring, keys / "release.pub", "release")
     bundle = out / "model.efb"
     write_bundle(bundle, fields, {"model.onnx": onnx_bytes}, load_private_key(keys / "release.key"))
-    manifest = verify_bundle(bundle, Keyring.load(keyring))
     store = out / "store"
-    active = store / "active"
-    if active.exists():
+    if store.exists():
         import shutil
 
-        shutil.rmtree(active)
-    active.mkdir(parents=True)
-    unpack_bundle(bundle, manifest, active)
-    return BenchModel(active / "model.onnx", store, keyring, bundle,
+        shutil.rmtree(store)
+    installer = Installer.open(store, Keyring.load(keyring), InstallConfig(max_latency_s=None))
+    try:
+        installer.start()
+        installer.install(bundle)
+    finally:
+        installer.close()
+    return BenchModel(store / "active" / "model.onnx", store, keyring, bundle,
                       synthetic_dies(20000, seed=1), threshold)
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/agent_bench.py [--requests 20000] [--out bench/results/agent.json]
 
-Measured, on the same 512-feature autoencoder (bench/ae_model.py, or --model-dir DIR holding
-an optimizer's unpacked bundle and --keyring), with a Python client in this process and the
+Measured, on the same 512-feature autoencoder (bench/ae_model.py, or --bundle FILE, e.g. an
+optimizer's build/model.efb, with --keyring), with a Python client in this process and the
 servers in their own processes:
 
   floor   ONNX Runtime in-process, one row (the agent's engine options)
@@ -242,8 +242,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for the single-row figures")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "agent.json")
-    ap.add_argument("--model-dir", type=Path, help="an unpacked bundle (default: build one)")
-    ap.add_argument("--keyring", type=Path, help="keyring for --model-dir")
+    ap.add_argument("--bundle", type=Path, help="a signed model bundle, e.g. an optimizer's "
+                    "build/model.efb (default: build the stand-in autoencoder)")
+    ap.add_argument("--keyring", type=Path, help="keyring that trusts --bundle's key")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -407,11 +408,20 @@ def main() -> int:
 
 
 def _model(args, tmp: Path):
-    """(store, keyring, dies, threshold, n_features, name) for --model-dir or a built model."""
+    """(store, keyring, dies, threshold, n_features, name) for --bundle or the built stand-in."""
     rng = np.random.default_rng(3)
-    if args.model_dir:
+    if args.bundle:
+        from agent.install import InstallConfig, Installer
+
+        if args.keyring is None:
+            raise SystemExit("--bundle needs --keyring")
         store = tmp / "store"
-        shutil.copytree(args.model_dir, store / "active")
+        installer = Installer.open(store, args.keyring, InstallConfig(max_latency_s=None))
+        try:
+            installer.start()
+            installer.install(args.bundle)
+        finally:
+            installer.close()
         manifest = json.loads((store / "active" / "manifest.json").read_text())
         n = manifest["input"]["n_features"]
         golden = np.array([[np.nan if v is None else v for v in g["params"]]

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages the demo and the tests run for real (a broker, a Prometheus, a web
-# server), when they are missing. As root this uses apt-get; otherwise it says what to run.
-#   scripts/system-deps.sh mosquitto prometheus nginx
+# server, a C compiler), when they are missing. Each argument is a command; the package that
+# brings it is installed. As root this uses apt-get; otherwise it says what to run.
+#   scripts/system-deps.sh mosquitto prometheus nginx gcc
 set -euo pipefail
 missing=()
 for pkg in "$@"; do
     command -v "$pkg" >/dev/null 2>&1 || [ -x "/usr/sbin/$pkg" ] || [ -x "/usr/bin/$pkg" ] \
-        || missing+=("$pkg")
+        || case "$pkg" in
+            gcc) missing+=(build-essential) ;;  # gcc alone lacks the C library's headers
+            *) missing+=("$pkg") ;;
+        esac
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
