@@ -16,6 +16,7 @@ Everything here is a pure function of its input so the parsers can be fuzzed dir
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import warnings
@@ -383,19 +384,22 @@ def parse_params(record: Any, n_features: int, where: str = "", *,
                             field="params", index=i)
     try:
         return np.array(params, dtype=np.float32)  # null -> NaN; beyond float32 -> inf
-    except OverflowError:  # an integer beyond float range
-        i = next(i for i, v in enumerate(params) if type(v) is int and not _fits_float(v))
+    except OverflowError:  # an integer beyond float range; name the first non-finite value,
+        # as the finite check does when numpy returns inf instead (and agent.jsonfast always)
+        i = next(i for i, v in enumerate(params) if v is not None and not _finite32(v))
         raise ProtocolError(ErrorCode.NOT_FINITE,
                             f"{where}params[{i}]: infinite or outside the float32 range",
                             field="params", index=i) from None
 
 
-def _fits_float(v: int) -> bool:
+def _finite32(v: float) -> bool:
     try:
-        float(v)
-    except OverflowError:
+        return math.isfinite(v) and abs(v) < _FLOAT32_OVERFLOW
+    except OverflowError:  # an int beyond float range
         return False
-    return True
+
+
+_FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")  # and above, float32 rounding gives inf
 
 
 def _kind(v: Any) -> str:

@@ -294,6 +294,8 @@ def main() -> int:
         probe.connect(sock)
         probe.sendall(frames[0])
         answer_size = _recv_frame(probe, bytearray(1 << 16))
+        probe.sendall(b'{"op": "info"}\n')
+        res["json_parser"] = json.loads(probe.makefile("rb").readline())["json_parser"]
         probe.close()
 
         # -- the other servers: echo (plain, and request-in/answer-out sizes), FastAPI
@@ -488,7 +490,7 @@ def print_report(r: dict) -> None:
     row(f"echo {r['echo_request_bytes']} B in, {r['agent_answer_bytes']} B out",
         r["echo_sized"])
     row("agent binary, 1 row", r["agent_binary"])
-    row("agent JSON, 1 row", r["agent_json"])
+    row(f"agent JSON, 1 row ({r['json_parser']} reader)", r["agent_json"])
     row(f"agent binary, {r['concurrent']['clients']} clients", r["concurrent"])
     row("FastAPI + uvicorn, 1 row (JSON)", r["fastapi"])
     print(f"  floor = echo + ORT p50 = {r['floor_us']:.1f} us")
