@@ -9,6 +9,12 @@
 #   wheels    aarch64 wheels from PyPI (pip download --platform manylinux..._aarch64) at the
 #             versions in docker/constraints.txt, plus the test tools, installed with --target
 #             into the sysroot's dist-packages
+#   native    the agent's C extension (agent/_jsonfloats.c, the JSON params reader) built for
+#             aarch64 in place, as agent/_jsonfloats.cpython-311-aarch64-linux-gnu.so beside the
+#             host's x86_64 build. It is cross-compiled on this machine (scripts/arm64-native.sh)
+#             because the tests run the checkout, and they must run the reader the boxes run,
+#             not the json-module fallback. If the aarch64 interpreter does not load it, the run
+#             stops here.
 #   run       pytest on the aarch64 interpreter (QEMU_LD_PREFIX=sysroot; child processes run
 #             through the binfmt handler with the same prefix)
 #
@@ -22,27 +28,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
+# arm64_apt_init and arm64_apt (a private apt configuration for arm64), arm64_build_native.
+# shellcheck source=scripts/arm64-native.sh
+source scripts/arm64-native.sh
 
-DIR="${ARM64_DIR:-$REPO/build/arm64}"
+DIR="$ARM64_DIR"  # build/arm64 unless set (scripts/arm64-native.sh)
 SYSROOT="$DIR/sysroot"
 # Wheels go where the interpreter looks by itself (Debian's dist-packages under its prefix),
 # so child processes that set their own PYTHONPATH still find them.
 SITE="$SYSROOT/usr/lib/python3/dist-packages"
 WHEELS="$DIR/wheels"
+PY="$SYSROOT/usr/bin/python3.11"  # the aarch64 interpreter
 APTDIR="$DIR/apt"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-DEBIAN_SECURITY="${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
 DEB_PACKAGES=(python3.11 libstdc++6 libgcc-s1)
 # Test-only wheels (the agent's own come from docker/constraints.txt). onnx: the tests build
 # real models with optimize.baseline.to_onnx.
 TEST_WHEELS=(pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 onnx==1.23.2)
-# The agent's tests that need no broker: wire protocol, bundles and keys, signed commands, the
-# store, install/rollback/crash recovery, swap under load, the admin socket, fallback, the
-# server, drift and metrics.
-DEFAULT_TESTS="test_protocol test_bundle test_keys fleet/test_commands test_store test_install
-test_install_crash test_install_load test_admin test_agent_fallback test_agent_server
-test_agent_drift test_agent_metrics"
+# The agent's tests that need no broker: wire protocol, the native JSON params reader, bundles
+# and keys, signed commands, the store, install/rollback/crash recovery, swap under load, the
+# admin socket, fallback, the server, drift and metrics.
+DEFAULT_TESTS="test_protocol test_jsonfast test_bundle test_keys fleet/test_commands test_store
+test_install test_install_crash test_install_load test_admin test_agent_fallback
+test_agent_server test_agent_drift test_agent_metrics"
 
 # Tests that assume native speed, each with why; every correctness check in them passes under
 # emulation before the speed assumption fails. Remove an entry once its test no longer assumes.
@@ -84,24 +92,11 @@ step_sysroot() {
         log "sysroot: $SYSROOT is ready"
         return 0
     fi
-    rm -rf "$SYSROOT" "$APTDIR"
-    mkdir -p "$APTDIR"/etc/apt/{apt.conf.d,preferences.d,sources.list.d} \
-        "$APTDIR"/var/lib/apt/lists/partial "$APTDIR"/var/cache/apt/archives/partial \
-        "$APTDIR"/var/lib/dpkg "$SYSROOT"
-    : > "$APTDIR/var/lib/dpkg/status"
-    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    cat > "$APTDIR/etc/apt/sources.list" <<EOF
-deb [arch=arm64 signed-by=$keyring] $DEBIAN_MIRROR bookworm main
-deb [arch=arm64 signed-by=$keyring] $DEBIAN_MIRROR bookworm-updates main
-deb [arch=arm64 signed-by=$keyring] $DEBIAN_SECURITY bookworm-security main
-EOF
-    local apt_opts=(-o "Dir=$APTDIR" -o "Dir::Etc=$APTDIR/etc/apt"
-        -o "Dir::State::status=$APTDIR/var/lib/dpkg/status"
-        -o APT::Architecture=arm64 -o APT::Architectures=arm64
-        -o Debug::NoLocking=1 -o APT::Sandbox::User=root -q)
+    rm -rf "$SYSROOT" "$APTDIR/var/cache/apt/archives"/*.deb
+    mkdir -p "$SYSROOT"
     log "sysroot: resolving ${DEB_PACKAGES[*]} for arm64"
-    apt-get "${apt_opts[@]}" update >/dev/null
-    apt-get "${apt_opts[@]}" install -y --download-only --no-install-recommends \
+    arm64_apt_init "$APTDIR"
+    arm64_apt "$APTDIR" install -y --download-only --no-install-recommends \
         "${DEB_PACKAGES[@]}" >/dev/null
     local deb n=0
     for deb in "$APTDIR"/var/cache/apt/archives/*.deb; do
@@ -144,21 +139,40 @@ step_wheels() {
     log "wheels: $(du -sh "$SITE" | cut -f1)"
 }
 
+step_native() {
+    # Rebuilt on every run (well under a second): an extension older than agent/_jsonfloats.c
+    # would test code the boxes no longer get.
+    arm64_build_native "$REPO/agent" >/dev/null
+}
+
+step_check_native() {
+    # agent.jsonfast falls back to the json module without a word when the extension does not
+    # import: here that would be a green run that tested the wrong reader. Importing the
+    # extension itself names the reason (wrong architecture, missing symbol) when it fails.
+    local where
+    if ! where="$(qemu-aarch64-static "$PY" -c "$(printf '%s\n' \
+        'import agent._jsonfloats as ext, agent.jsonfast as j' \
+        'assert j.PARSER == "native", f"agent.jsonfast.PARSER is {j.PARSER!r}"' \
+        'print(ext.__file__)')")"; then
+        echo "test-arm64: the aarch64 interpreter does not load the native JSON reader" \
+            "(error above); the tests would run the json-module fallback" >&2
+        exit 1
+    fi
+    log "native: the aarch64 interpreter reads JSON params with the native parser" \
+        "(${where#"$REPO"/})"
+}
+
 step_run() {
     local tests=() t
     for t in ${ARM64_TESTS:-$DEFAULT_TESTS}; do
         [ -f "tests/$t.py" ] && tests+=("tests/$t.py")
     done
     [ "${#tests[@]}" -gt 0 ] || { echo "test-arm64: none of the test files exist" >&2; exit 1; }
-    local py="$SYSROOT/usr/bin/python3.11"
-    export QEMU_LD_PREFIX="$SYSROOT"
-    export PYTHONPATH="$REPO"
-    export PYTHONDONTWRITEBYTECODE=1
-    log "run: $(qemu-aarch64-static "$py" -c 'import platform, sys; print(platform.machine(), sys.version.split()[0])') on qemu-user-static"
+    log "run: $(qemu-aarch64-static "$PY" -c 'import platform, sys; print(platform.machine(), sys.version.split()[0])') on qemu-user-static"
     log "run: ${tests[*]}"
     local deselect=() d
     for d in "${DESELECT[@]}"; do deselect+=(--deselect "$d"); done
-    qemu-aarch64-static "$py" -m pytest -p no:cacheprovider -p tests.qemu_profile \
+    qemu-aarch64-static "$PY" -m pytest -p no:cacheprovider -p tests.qemu_profile \
         "${deselect[@]}" \
         "${tests[@]}" "$@"
 }
@@ -167,6 +181,13 @@ t0=$SECONDS
 step_deps
 step_sysroot
 step_wheels
+step_native
+# From here on the aarch64 interpreter runs; the child processes it starts run through the
+# binfmt handler and find the same sysroot and checkout through these.
+export QEMU_LD_PREFIX="$SYSROOT"
+export PYTHONPATH="$REPO"
+export PYTHONDONTWRITEBYTECODE=1
+step_check_native
 log "prepared in $((SECONDS - t0)) s"
 t1=$SECONDS
 status=0
