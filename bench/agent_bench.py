@@ -10,7 +10,8 @@ servers in their own processes:
   floor   Unix-socket round trip with no work (bench/echo_server.py), the binary request's size
           in and out (plain echo), and request size in / answer size out
   agent   binary frame, one row; JSON line, one row; binary batches of --batch rows on one
-          connection (throughput); 8 client processes at once (binary, one row each)
+          connection (throughput), and JSON batches of 64 (not a target); 8 client processes
+          at once (binary, one row each)
   agent   resident memory after all of the above (> 100k predictions); process start to /readyz
   base    the reference design: FastAPI + uvicorn on a Unix socket, same model, JSON
 
@@ -369,6 +370,23 @@ def main() -> int:
         elapsed = time.perf_counter() - t0
         s.close()
         res["throughput"] = {"dies_per_s": rows / elapsed, "batch": args.batch, "rows": rows}
+
+        # -- batched JSON on one connection (not a target: what a JSON-only tester gets)
+        json_batch = 64
+        batch_lines = [json.dumps([{"die_id": f"D{i + j}", "params": json_values(row)}
+                                   for j, row in enumerate(dies[i:i + json_batch])]).encode()
+                       + b"\n" for i in range(0, 32 * json_batch, json_batch)]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock)
+        rows, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            for line in batch_lines:
+                s.sendall(line)
+                _recv_line(s, buf)
+                rows += json_batch
+        res["json_throughput"] = {"dies_per_s": rows / (time.perf_counter() - t0),
+                                  "batch": json_batch, "rows": rows}
+        s.close()
         res["agent_rss_after_batches_mb"] = rss_mb(agent.pid)  # before the idle trim
 
         # -- concurrent clients, each its own process, one row per request, flat out
@@ -499,7 +517,9 @@ def print_report(r: dict) -> None:
     row("agent binary, 1 row, unpinned", r["unpinned"]["agent_binary"])
     row("agent JSON, 1 row, unpinned", r["unpinned"]["agent_json"])
     print(f"throughput: {r['throughput']['dies_per_s']:,.0f} dies/s "
-          f"(batches of {r['throughput']['batch']}, one connection)")
+          f"(batches of {r['throughput']['batch']}, one connection); JSON "
+          f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "
+          f"{r['json_throughput']['batch']})")
     print(f"agent: start to ready {r['start_to_ready_s']:.3f} s; RSS {r['agent_rss_mb']:.1f} MB "
           f"after {r['agent_predictions']:,} predictions ({r['agent_errors']} errors); "
           f"{r['agent_rss_after_batches_mb']:.1f} MB right after the batch run")

@@ -200,6 +200,48 @@ def test_a_line_means_the_same_to_the_fast_path_and_to_json(params, extra, param
     assert _same_bits(x, ref)
 
 
+@SETTINGS
+@given(st.lists(st.tuples(st.lists(params_item, min_size=N - 1, max_size=N + 1),
+                          st.dictionaries(st.sampled_from(["id", "die_id", "lot"]), scalar,
+                                          max_size=2),
+                          st.booleans()), min_size=1, max_size=5))
+def test_a_batch_means_the_same_to_the_fast_path_and_to_json(records):
+    objs = [{**extra, "params": params} if not nested else {**extra, "x": {"params": params}}
+            for params, extra, nested in records]
+    line = json.dumps(objs).encode()
+    fast = jsonfast.parse_batch_line(line, N)
+    plain = all(not nested and len(params) == N and all(
+        type(v) in (int, float, type(None)) and (type(v) is not float or math.isfinite(v))
+        for v in params) for params, _, nested in records)
+    if fast is None:
+        assert b"\\" in line or not plain
+        return
+    assert plain
+    items, x = fast
+    full = parse_json_line(line)
+    assert items == [{**o, "params": 0} for o in full] and x.shape == (len(full), N)
+    for row, obj in zip(x, full, strict=True):
+        try:
+            ref = parse_params(obj, N)
+        except ProtocolError as e:
+            assert e.code.label == "not_finite" and not np.isfinite(row[e.index])
+        else:
+            assert _same_bits(row, ref)
+
+
+@pytest.mark.parametrize("line", [
+    b'[{"params": [1,2,3,4,5,6]}, {"x": {"params": [1,2,3,4,5,6]}}]',
+    b'[{"params": [1,2,3,4,5,6], "y": {"params": [1,2,3,4,5,6]}}, {"z": 1}]',
+    b'[{"params": [1,2,3,4,5,6]}, [1]]',
+    b'[{"params": [1,2,3,4,5,6]}, {"params": [1,2,3,4,5]}]',
+    b'[{"params": [1,2,3,4,5,6]}, {"params": [1,2,3,4,5,6]}',
+    b'{"params": [1,2,3,4,5,6]}',
+    b'[]',
+])
+def test_batches_the_fast_path_cannot_vouch_for_are_left_to_json(line):
+    assert jsonfast.parse_batch_line(line, N) is None
+
+
 @pytest.mark.parametrize("line", [
     b'{"\\u0070arams": [1,2,3,4,5,6]}',  # an escaped key
     b'{"params": [1,2,3,4,5,6], "params": [1,2,3,4,5,6]}',  # twice: json keeps the last
@@ -237,9 +279,11 @@ def dispatcher(tmp_path_factory):
     return Dispatcher(runtime, AgentMetrics(runtime))
 
 
-def _answer(dispatcher: Dispatcher, line: bytes) -> dict:
+def _answer(dispatcher: Dispatcher, line: bytes) -> dict | list:
+    """The agent's answer without its latency (an object, or a batch's list of them)."""
     out = json.loads(dispatcher.json_line(line, time.perf_counter()))
-    out.pop("latency_us", None)
+    for a in out if isinstance(out, list) else [out]:
+        a.pop("latency_us", None)
     return out
 
 
@@ -251,6 +295,25 @@ def test_every_answer_is_the_same_with_and_without_the_fast_path(dispatcher, par
                                                                  op):
     req = {"id": 1, "die_id": die_id, "params": params, **({"op": op} if op else {})}
     line = json.dumps(req).encode()  # NaN/Infinity literals too: both paths refuse them
+    fast = _answer(dispatcher, line)
+    saved = jsonfast._parse_array
+    jsonfast._parse_array = None
+    try:
+        slow = _answer(dispatcher, line)
+    finally:
+        jsonfast._parse_array = saved
+    assert fast == slow
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.lists(st.one_of(st.none(), st.floats(width=32), st.integers(-3, 3),
+                                             st.sampled_from([1e39, 10**50, True, "x"])),
+                                   min_size=N - 1, max_size=N + 1),
+                          scalar, st.sampled_from(["predict", "nope", None])),
+                min_size=0, max_size=4))
+def test_every_batch_answer_is_the_same_with_and_without_the_fast_path(dispatcher, records):
+    line = json.dumps([{"die_id": d, "params": params, **({"op": op} if op else {})}
+                       for params, d, op in records]).encode()
     fast = _answer(dispatcher, line)
     saved = jsonfast._parse_array
     jsonfast._parse_array = None
