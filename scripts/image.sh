@@ -118,6 +118,9 @@ project_wheels() {
     local x86_so=agent/_jsonfloats.cpython-311-x86_64-linux-gnu.so
     local arm_so=agent/_jsonfloats.cpython-311-aarch64-linux-gnu.so
     tmp="$(mktemp -d)"
+    # setuptools builds in the tree (build/lib.*): a file removed from the sources since the
+    # last build would otherwise still ride along in the wheel
+    rm -rf "$REPO"/build/lib "$REPO"/build/lib.* "$REPO"/build/bdist.* "$REPO"/build/temp.*
     pip_quiet wheel --quiet --no-deps --wheel-dir "$tmp" "$REPO"
     local x86_whl=("$tmp"/edgefleet-*-cp311-cp311-linux_x86_64.whl)
     if [ ! -f "${x86_whl[0]}" ] || [ "$(wheel_extensions "${x86_whl[0]}")" != "$x86_so" ]; then

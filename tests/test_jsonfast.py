@@ -279,6 +279,18 @@ def dispatcher(tmp_path_factory):
     return Dispatcher(runtime, AgentMetrics(runtime))
 
 
+def _fast_and_slow(dispatcher: Dispatcher, line: bytes) -> tuple[dict | list, dict | list]:
+    """The agent's answer to a line, with the fast path and then without (as if the C reader
+    were not built)."""
+    fast = _answer(dispatcher, line)
+    saved = jsonfast._parse_array
+    jsonfast._parse_array = None
+    try:
+        return fast, _answer(dispatcher, line)
+    finally:
+        jsonfast._parse_array = saved
+
+
 def _answer(dispatcher: Dispatcher, line: bytes) -> dict | list:
     """The agent's answer without its latency (an object, or a batch's list of them)."""
     out = json.loads(dispatcher.json_line(line, time.perf_counter()))
@@ -295,13 +307,7 @@ def test_every_answer_is_the_same_with_and_without_the_fast_path(dispatcher, par
                                                                  op):
     req = {"id": 1, "die_id": die_id, "params": params, **({"op": op} if op else {})}
     line = json.dumps(req).encode()  # NaN/Infinity literals too: both paths refuse them
-    fast = _answer(dispatcher, line)
-    saved = jsonfast._parse_array
-    jsonfast._parse_array = None
-    try:
-        slow = _answer(dispatcher, line)
-    finally:
-        jsonfast._parse_array = saved
+    fast, slow = _fast_and_slow(dispatcher, line)
     assert fast == slow
 
 
@@ -314,13 +320,7 @@ def test_every_answer_is_the_same_with_and_without_the_fast_path(dispatcher, par
 def test_every_batch_answer_is_the_same_with_and_without_the_fast_path(dispatcher, records):
     line = json.dumps([{"die_id": d, "params": params, **({"op": op} if op else {})}
                        for params, d, op in records]).encode()
-    fast = _answer(dispatcher, line)
-    saved = jsonfast._parse_array
-    jsonfast._parse_array = None
-    try:
-        slow = _answer(dispatcher, line)
-    finally:
-        jsonfast._parse_array = saved
+    fast, slow = _fast_and_slow(dispatcher, line)
     assert fast == slow
 
 
