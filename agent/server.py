@@ -286,6 +286,8 @@ class _Connection:
                 self.start += total
             else:
                 idx = self._line_end()
+                if idx - self.start > _INITIAL_BUFFER:  # a big batch: trim once they stop
+                    self.trimmer.note()
                 t0 = _perf()
                 stop = idx - 1 if idx > self.start and self.buf[idx - 1] == 13 else idx  # \r\n
                 if stop > self.start:
