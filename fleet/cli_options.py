@@ -1,0 +1,111 @@
+"""Options and small helpers shared by the `edgefleet fleet ...` commands (`fleet/cli.py`,
+`fleet/cli_rollout.py`): the artifact store and rollout database, `--output`, the MQTT link,
+the fleet key, durations.
+
+Settings come from flags, then EDGEFLEET_* environment variables, then defaults (the MQTT
+ones are the device link's: EDGEFLEET_MQTT_HOST, _PORT, _CA, _CERT, _KEY).
+
+Everything heavier than typer is imported inside the helpers, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from agent.errors import UsageError
+
+_STORE_HELP = "Artifact store directory (content-addressed; the rollout database lives here)."
+
+
+def store_opt() -> Any:
+    return typer.Option(Path("artifacts"), "--store", envvar="EDGEFLEET_ARTIFACT_STORE",
+                        help=_STORE_HELP)
+
+
+def db_opt() -> Any:
+    return typer.Option(None, "--db", envvar="EDGEFLEET_ROLLOUT_DB",
+                        help="Rollout database (default: STORE/rollouts.db).")
+
+
+def output_opt() -> Any:
+    return typer.Option("text", "--output", "-o", help="text or json.")
+
+
+def fleet_key_opt() -> Any:
+    return typer.Option(None, "--fleet-key", envvar="EDGEFLEET_FLEET_KEY",
+                        help="Private key that signs commands.")
+
+
+def mqtt_opts() -> dict[str, Any]:
+    return {
+        "mqtt_host": typer.Option(None, "--mqtt-host", envvar="EDGEFLEET_MQTT_HOST",
+                                  help="Broker host (localhost)."),
+        "mqtt_port": typer.Option(None, "--mqtt-port", envvar="EDGEFLEET_MQTT_PORT",
+                                  help="Broker port (1883)."),
+        "mqtt_ca": typer.Option(None, "--mqtt-ca", envvar="EDGEFLEET_MQTT_CA",
+                                help="CA certificate (turns TLS on)."),
+        "mqtt_cert": typer.Option(None, "--mqtt-cert", envvar="EDGEFLEET_MQTT_CERT",
+                                  help="The controller's client certificate."),
+        "mqtt_key": typer.Option(None, "--mqtt-key", envvar="EDGEFLEET_MQTT_KEY",
+                                 help="Its private key."),
+        "prefix": typer.Option("edgefleet", "--prefix", envvar="EDGEFLEET_TOPIC_PREFIX",
+                               help="MQTT topic prefix."),
+    }
+
+
+def mqtt_config(mqtt_host: str | None, mqtt_port: int | None, mqtt_ca: Path | None,
+                mqtt_cert: Path | None, mqtt_key: Path | None) -> Any:
+    """The `mqtt_opts` values as the controller's `MqttConfig`."""
+    from agent.link import MqttConfig
+
+    return MqttConfig(host=mqtt_host or "localhost", port=mqtt_port or 1883,
+                      ca_file=mqtt_ca, cert_file=mqtt_cert, key_file=mqtt_key,
+                      reconnect_min_s=1.0, reconnect_max_s=5.0)
+
+
+def check_output(output: str) -> None:
+    if output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {output!r}")
+
+
+def open_db(store: Path, db: Path | None) -> Any:
+    """The rollout database (`--db`, else STORE/rollouts.db), created if missing."""
+    from fleet.state import DB_NAME, StateDB
+
+    return StateDB(db or Path(store) / DB_NAME)
+
+
+def existing_db(store: Path, db: Path | None) -> Any:
+    """The rollout database, which must exist already (commands on past rollouts)."""
+    from fleet.state import DB_NAME
+
+    path = db or Path(store) / DB_NAME
+    if not Path(path).exists():
+        raise UsageError(f"no rollout database at {path}",
+                         hint="pass --store (or --db) where rollouts were started")
+    return open_db(store, db)
+
+
+def parse_duration(text: str | None, what: str) -> float | None:
+    """`90`, `90s`, `5m`, `1h`, `1.5s` -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: expected a duration like 30s, 5m or 1h")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def load_fleet_key(fleet_key: Path | None) -> Any:
+    from agent.keys import load_private_key
+
+    if fleet_key is None:
+        raise UsageError("this command sends signed commands and needs the fleet key",
+                         hint="pass --fleet-key FILE or set EDGEFLEET_FLEET_KEY")
+    return load_private_key(fleet_key)
