@@ -15,7 +15,8 @@
  *   nulls (null -> NaN), written to out[0..n). Returns -1 for anything else: another kind of
  *   value, a number that is not valid JSON, the wrong count, text cut short. The caller then
  *   parses the line with the json module, which names what is wrong. It never raises for
- *   anything in `data`; it raises TypeError/ValueError for arguments of the wrong kind.
+ *   anything in `data`; it raises for arguments of the wrong kind (TypeError, BufferError)
+ *   and on a failed allocation (MemoryError).
  *
  * The values are bit-for-bit what json.loads followed by numpy's float32 conversion gives:
  *   - JSON's number grammar exactly: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?,

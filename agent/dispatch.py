@@ -153,7 +153,6 @@ class Dispatcher:
             return encode_json(self._health(obj))
         if op == "info":
             return encode_json(self._info(obj))
-        p = self.runtime.active()
         if isinstance(obj, list):
             return self._json_batch(p, obj, t0)
         rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")

@@ -49,10 +49,10 @@ def parse_predict_line(line: bytes, n_features: int) -> tuple[dict[str, Any], np
     read = _read(line, n_features, 1)
     if read is None:
         return None
-    obj, x = read
+    obj, rows = read
     if type(obj) is not dict or not _is_placeholder(obj):
         return None
-    return obj, x[0]
+    return obj, rows[0]
 
 
 def parse_batch_line(line: bytes,
@@ -65,13 +65,13 @@ def parse_batch_line(line: bytes,
     read = _read(line, n_features, None)
     if read is None:
         return None
-    items, x = read
-    if type(items) is not list or len(items) != len(x):
+    items, rows = read
+    if type(items) is not list or len(items) != len(rows):
         return None
     for item in items:
         if type(item) is not dict or not _is_placeholder(item):
             return None
-    return items, x
+    return items, np.stack(rows)
 
 
 def _is_placeholder(obj: dict[str, Any]) -> bool:
@@ -79,10 +79,10 @@ def _is_placeholder(obj: dict[str, Any]) -> bool:
     return type(v) is int and v == 0
 
 
-def _read(line: bytes, n: int, rows: int | None) -> tuple[Any, np.ndarray] | None:
-    """Every `"params": [...]` in the line read into a row of float32 (at most `rows` of them;
-    None: any number), and the line with each array replaced by 0 parsed as JSON. The search
-    for the next key starts after the array just read: arrays are most of a line's bytes."""
+def _read(line: bytes, n: int, rows: int | None) -> tuple[Any, list[np.ndarray]] | None:
+    """The line with each `"params": [...]` replaced by 0, parsed as JSON, and the arrays read
+    into float32 rows (at most `rows` of them; None: any number). The search for the next key
+    starts after the array just read: arrays are most of a line's bytes."""
     if _parse_array is None or b"\\" in line:
         return None
     at = line.find(_KEY)
@@ -109,4 +109,4 @@ def _read(line: bytes, n: int, rows: int | None) -> tuple[Any, np.ndarray] | Non
         obj = parse_json_line(b"".join(parts))
     except ProtocolError:
         return None
-    return obj, (read[0][None] if len(read) == 1 else np.stack(read))
+    return obj, read

@@ -95,8 +95,7 @@ def build(out: Path) -> BenchModel:
 
     from agent.bundle import write_bundle
     from agent.drift import drift_reference
-    from agent.install import InstallConfig, Installer
-    from agent.keys import Keyring, generate_keypair, load_private_key, trust_key
+    from agent.keys import generate_keypair, load_private_key, trust_key
 
     out.mkdir(parents=True, exist_ok=True)
     train = synthetic_dies(5000, seed=0)
@@ -135,14 +134,23 @@ def build(out: Path) -> BenchModel:
         import shutil
 
         shutil.rmtree(store)
-    installer = Installer.open(store, Keyring.load(keyring), InstallConfig(max_latency_s=None))
+    install_bundle(store, keyring, bundle)
+    return BenchModel(store / "active" / "model.onnx", store, keyring, bundle,
+                      synthetic_dies(20000, seed=1), threshold)
+
+
+def install_bundle(store: Path, keyring: Path, bundle: Path) -> Path:
+    """Install a bundle into a model store (created if new) through the real installer, as
+    `edgefleet agent install` would; returns the store."""
+    from agent.install import InstallConfig, Installer
+
+    installer = Installer.open(store, keyring, InstallConfig(max_latency_s=None))
     try:
         installer.start()
         installer.install(bundle)
     finally:
         installer.close()
-    return BenchModel(store / "active" / "model.onnx", store, keyring, bundle,
-                      synthetic_dies(20000, seed=1), threshold)
+    return store
 
 
 def write_dies_csv(path: Path, rows: int = 5000, seed: int = 7) -> Path:

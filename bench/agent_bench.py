@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -90,55 +91,35 @@ def _recv_line(sock: socket.socket, buf: bytearray) -> int:
             return got
 
 
-def binary_loop(path: str, frames: list[bytes], n: int, warmup: int = 500) -> np.ndarray:
-    """Latencies (ns) of n single-frame round trips; frames cycle."""
+def _round_trips(path: str, messages: list[bytes], n: int, receive, warmup: int) -> np.ndarray:
+    """Latencies (ns) of n request/answer round trips on one connection, messages cycling;
+    `receive(sock, buf)` reads one whole answer."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     buf = bytearray(1 << 22)
     out = np.empty(n, dtype=np.int64)
-    perf, m = time.perf_counter_ns, len(frames)
+    perf, m = time.perf_counter_ns, len(messages)
     for i in range(warmup + n):
-        f = frames[i % m]
+        message = messages[i % m]
         t0 = perf()
-        s.sendall(f)
-        _recv_frame(s, buf)
+        s.sendall(message)
+        receive(s, buf)
         if i >= warmup:
             out[i - warmup] = perf() - t0
     s.close()
     return out
+
+
+def binary_loop(path: str, frames: list[bytes], n: int, warmup: int = 500) -> np.ndarray:
+    return _round_trips(path, frames, n, _recv_frame, warmup)
 
 
 def json_loop(path: str, lines: list[bytes], n: int, warmup: int = 500) -> np.ndarray:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    buf = bytearray(1 << 20)
-    out = np.empty(n, dtype=np.int64)
-    perf, m = time.perf_counter_ns, len(lines)
-    for i in range(warmup + n):
-        line = lines[i % m]
-        t0 = perf()
-        s.sendall(line)
-        _recv_line(s, buf)
-        if i >= warmup:
-            out[i - warmup] = perf() - t0
-    s.close()
-    return out
+    return _round_trips(path, lines, n, _recv_line, warmup)
 
 
 def echo_loop(path: str, message: bytes, answer: int, n: int, warmup: int = 500) -> np.ndarray:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    buf = bytearray(1 << 20)
-    out = np.empty(n, dtype=np.int64)
-    perf = time.perf_counter_ns
-    for i in range(warmup + n):
-        t0 = perf()
-        s.sendall(message)
-        _recv_exact(s, buf, answer)
-        if i >= warmup:
-            out[i - warmup] = perf() - t0
-    s.close()
-    return out
+    return _round_trips(path, [message], n, functools.partial(_recv_exact, size=answer), warmup)
 
 
 def http_loop(path: str, bodies: list[bytes], n: int, warmup: int = 200) -> np.ndarray:
@@ -431,17 +412,11 @@ def _model(args, tmp: Path):
     """(store, keyring, dies, threshold, n_features, name) for --bundle or the built stand-in."""
     rng = np.random.default_rng(3)
     if args.bundle:
-        from agent.install import InstallConfig, Installer
+        from ae_model import install_bundle
 
         if args.keyring is None:
             raise SystemExit("--bundle needs --keyring")
-        store = tmp / "store"
-        installer = Installer.open(store, args.keyring, InstallConfig(max_latency_s=None))
-        try:
-            installer.start()
-            installer.install(args.bundle)
-        finally:
-            installer.close()
+        store = install_bundle(tmp / "store", args.keyring, args.bundle)
         manifest = json.loads((store / "active" / "manifest.json").read_text())
         n = manifest["input"]["n_features"]
         golden = np.array([[np.nan if v is None else v for v in g["params"]]

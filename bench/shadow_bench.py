@@ -156,18 +156,6 @@ def _candidate(tmp: Path, model) -> Path:
     return out
 
 
-def _store(tmp: Path, model) -> Path:
-    """A model store with the live model installed (the real installer)."""
-    from agent.install import InstallConfig, Installer
-
-    store = tmp / "store"
-    inst = Installer.open(store, model.keyring, InstallConfig(max_latency_s=None))
-    inst.start()
-    inst.install(model.bundle)
-    inst.close()
-    return store
-
-
 def _run_agent(tmp: Path, model, store: Path, candidate: Path | None, tag: str,
                cpus: set[int] | None) -> tuple[subprocess.Popen, str, Path]:
     (tmp / tag).mkdir()
@@ -221,7 +209,7 @@ def main() -> None:
         tmp = Path(t)
         model = build(tmp / "model")
         candidate = _candidate(tmp, model)
-        store = _store(tmp, model)
+        store = model.store  # the live model, installed by the real installer
         dies = model.normal[:512]
         frames = [encode_predict(r.reshape(1, -1), np.array([i], np.uint64))
                   for i, r in enumerate(dies)]
