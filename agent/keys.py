@@ -63,7 +63,7 @@ def _check_role(role: str) -> None:
         raise KeyringError(f"unknown key role {role!r}", hint=f"use one of {', '.join(ROLES)}")
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create the file with mode 0600 from the start, so the key is never readable by others."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -94,7 +94,7 @@ def generate_keypair(out_dir: Path, name: str, passphrase: bytes | None = None) 
         if passphrase
         else serialization.NoEncryption()
     )
-    _write_private(
+    write_private(
         priv_path,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc),
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.commands import valid_device_id
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
+from agent.keys import write_private
 
 CONTROLLER_NAME = "edgefleet-controller"
 BROKER_NAME = "broker"
@@ -66,12 +66,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
                              serialization.NoEncryption())
     if path.exists():
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private(path, data)
 
 
 def _refuse_existing(*paths: Path, force: bool) -> None:
