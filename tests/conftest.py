@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent.bundle import write_bundle
 from agent.keys import Keyring, generate_keypair, load_private_key, trust_key
@@ -22,6 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 collect_ignore = [] if os.environ.get("EDGEFLEET_IMAGE") else ["test_image.py"]
 SHARED = REPO.parent / "shared"
 N_FEATURES = 16
+
+# Hypothesis profiles. "ci", the default everywhere (not only where CI is set): derandomized, so
+# every run tries the same examples and a red run is a bug, never bad luck; no deadline and no
+# too-slow check, which a busy machine would trip; no example database; a failure prints the
+# blob that replays it. "dev", by hand: random examples, ten times as many, and the local
+# database replays the last failure first:
+#   HYPOTHESIS_PROFILE=dev .venv/bin/pytest tests/test_jsonfast.py
+#   .venv/bin/pytest --hypothesis-profile=dev tests/test_jsonfast.py
+settings.register_profile("ci", settings.get_profile("ci"), max_examples=100)
+settings.register_profile("dev", max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> int:
+    """A property test's example count: `n` under "ci", scaled like the loaded profile's own
+    max_examples (100 under "ci"), so "dev" runs each test ten times as long."""
+    return max(1, n * settings.default.max_examples // 100)
 
 
 @dataclass

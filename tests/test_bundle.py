@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +31,7 @@ from agent.bundle import (
 )
 from agent.keys import Keyring, generate_keypair, revoke_key, trust_key
 from agent.manifest import format_time
+from tests.conftest import examples
 
 
 def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
@@ -267,7 +267,7 @@ class _Pristine(tuple):
 
 
 @settings(
-    max_examples=int(os.environ.get("EDGEFLEET_PROPERTY_EXAMPLES", "300")),
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

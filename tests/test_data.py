@@ -32,6 +32,7 @@ from optimize.data import (
     write_npz,
     write_spec,
 )
+from tests.conftest import examples
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -240,7 +241,8 @@ _finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(40), deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     rows=st.integers(1, 6).flatmap(

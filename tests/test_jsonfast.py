@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import agent.jsonfast as jsonfast
@@ -22,9 +21,10 @@ from agent.metrics import AgentMetrics
 from agent.protocol import ProtocolError, json_values, parse_json_line, parse_params
 from agent.runtime import Runtime
 from tests.agent_support import build_model, make_keys
+from tests.conftest import examples
 
-# EDGEFLEET_PROPERTY_EXAMPLES=20000 for a long run (CI: 400 each)
-SETTINGS = settings(max_examples=int(os.environ.get("EDGEFLEET_PROPERTY_EXAMPLES", "400")),
+# 400 examples each; the "dev" Hypothesis profile runs ten times as many (tests/conftest.py)
+SETTINGS = settings(max_examples=examples(400),
                     deadline=None, suppress_health_check=list(HealthCheck))
 
 def test_the_native_reader_is_built():
@@ -68,6 +68,16 @@ def _reference(text: bytes, n: int) -> np.ndarray | None:
 
 def _refuse(constant: str) -> float:
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(value: object) -> bool:
+    """No infinite float anywhere in `value`: json.dumps writes one as Infinity, which is not
+    JSON, so the fast path must refuse the line (in any field, not only params)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    if isinstance(value, dict | list):
+        return all(map(_finite, value.values() if isinstance(value, dict) else value))
+    return True
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -180,14 +190,16 @@ scalar = st.one_of(st.none(), st.integers(), st.text(max_size=8), st.floats(allo
        st.dictionaries(st.sampled_from(["id", "die_id", "lot", "x", "params_"]), scalar,
                        max_size=3),
        st.booleans(), st.booleans())
+@example([0] * N, {"id": math.inf}, True, False)  # Infinity outside params: refused
 def test_a_line_means_the_same_to_the_fast_path_and_to_json(params, extra, params_first, spaced):
     obj = {"params": params, **extra} if params_first else {**extra, "params": params}
     line = json.dumps(obj, separators=(", ", ": ") if spaced else (",", ":")).encode()
     fast = jsonfast.parse_predict_line(line, N)
-    if fast is None:  # refused: only for an escape, or params that are not N numbers/nulls
+    if fast is None:  # refused: only for an escape, params that are not N numbers/nulls, or
+        # an Infinity anywhere in the line
         assert b"\\" in line or len(params) != N or any(
             type(v) not in (int, float, type(None)) or (type(v) is float and not math.isfinite(v))
-            for v in params)
+            for v in params) or not _finite(extra)
         return
     got, x = fast
     full = parse_json_line(line)
@@ -205,6 +217,7 @@ def test_a_line_means_the_same_to_the_fast_path_and_to_json(params, extra, param
                           st.dictionaries(st.sampled_from(["id", "die_id", "lot"]), scalar,
                                           max_size=2),
                           st.booleans()), min_size=1, max_size=5))
+@example([([None] * N, {"id": math.inf}, False)])  # Infinity outside params: refused
 def test_a_batch_means_the_same_to_the_fast_path_and_to_json(records):
     objs = [{**extra, "params": params} if not nested else {**extra, "x": {"params": params}}
             for params, extra, nested in records]
@@ -212,7 +225,7 @@ def test_a_batch_means_the_same_to_the_fast_path_and_to_json(records):
     fast = jsonfast.parse_batch_line(line, N)
     plain = all(not nested and len(params) == N and all(
         type(v) in (int, float, type(None)) and (type(v) is not float or math.isfinite(v))
-        for v in params) for params, _, nested in records)
+        for v in params) and _finite(extra) for params, extra, nested in records)
     if fast is None:
         assert b"\\" in line or not plain
         return

@@ -16,10 +16,10 @@ from optimize.calibrate import (
     rule_violations,
 )
 from optimize.data import ParamSpec
-from tests.conftest import manifest_fields
+from tests.conftest import examples, manifest_fields
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.lists(st.floats(0, 1e4, allow_nan=False, width=32), min_size=1, max_size=400),
     st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.2]),

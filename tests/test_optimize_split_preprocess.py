@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from optimize.data import DataError, Dataset
 from optimize.preprocess import fit_preprocessor
 from optimize.split import SplitConfig, SplitError, split_dataset
+from tests.conftest import examples
 from tests.optimize_support import small_dies
 
 
@@ -70,7 +71,7 @@ def test_all_missing_training_data_is_refused():
         fit_preprocessor(np.full((50, 4), np.nan), where="dies.csv")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=4,
                 max_size=4))
 def test_any_raw_row_maps_to_finite_bounded_inputs(row):

@@ -39,8 +39,9 @@ from agent.protocol import (
     request_op,
     row_struct,
 )
+from tests.conftest import examples
 
-SETTINGS = settings(max_examples=300, deadline=None,
+SETTINGS = settings(max_examples=examples(300), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

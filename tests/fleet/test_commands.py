@@ -35,6 +35,7 @@ from agent.keys import (
     trust_key,
 )
 from agent.manifest import utc_now
+from tests.conftest import examples
 
 SHA = "ab" * 32
 
@@ -156,7 +157,7 @@ def test_replay_guard_is_bounded_and_raises_a_floor(tmp_path: Path):
     guard.check(fresh)
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=examples(300), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_no_corruption_of_a_signed_command_is_accepted_as_another(fleet_keys, data):

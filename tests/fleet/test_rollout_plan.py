@@ -14,6 +14,7 @@ from agent.errors import UsageError
 from fleet.inventory import Device, Inventory
 from fleet.rollout import Plan, assign, command_id, parse_amount, plan_targets
 from fleet.state import RolloutNotFound, StateDB
+from tests.conftest import examples
 
 
 def _inv(n: int, sites: int = 4) -> Inventory:
@@ -87,7 +88,7 @@ def test_percent_canary_rounds_up_and_empty_waves_are_dropped():
         assign(Plan(selector="site=mars").validate(), _inv(30))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(n=st.integers(1, 60), canary=st.integers(1, 60),
        waves=st.lists(st.integers(1, 99), max_size=4, unique=True))
 def test_every_selected_device_is_in_exactly_one_stage(n, canary, waves):
