@@ -1,7 +1,9 @@
 """Fuzzing the agent: random bytes and random JSON into the request handler (hypothesis), and a
 timed run of garbage, mutated frames and abandoned connections against a live agent while a
 watchdog client checks that it keeps answering. EDGEFLEET_FUZZ_SECONDS sets the live run's
-length (CI default 2 s; run minutes locally: EDGEFLEET_FUZZ_SECONDS=300 pytest -k live)."""
+length (CI default 2 s, and at least MIN_SENT messages however slow the machine; run minutes
+locally: EDGEFLEET_FUZZ_SECONDS=300 pytest -k live); EDGEFLEET_FUZZ_SEED its seed (fixed by
+default)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ from agent.metrics import AgentMetrics
 from agent.protocol import HEADER_SIZE, MAGIC, ErrorCode, encode_predict
 from agent.runtime import Runtime
 from tests.agent_support import build_model, make_keys, running_agent
+from tests.conftest import examples
 
 N = 8
 FUZZ_SECONDS = float(os.environ.get("EDGEFLEET_FUZZ_SECONDS", "2"))
+MIN_SENT = 40  # the live run goes on past FUZZ_SECONDS until this many messages were sent
+HUNG_S = 5.0  # an answer slower than this is a hang, not a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ json_any = st.recursive(json_leaf, lambda c: st.one_of(
     st.lists(c, max_size=N + 2), st.dictionaries(
         st.sampled_from(["op", "id", "die_id", "params", "feature_names", "x"]), c, max_size=4)),
     max_leaves=40)
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _one_json_line(answer: bytes):
@@ -121,19 +126,22 @@ def _garbage(rng: random.Random, model) -> bytes:
     return b"\x89" * rng.randrange(1, 40)  # magic bytes alone
 
 
-@pytest.mark.timeout(FUZZ_SECONDS + 120)
+@pytest.mark.timeout(FUZZ_SECONDS + 180)
 def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
     caplog.set_level(logging.ERROR, "edgefleet.agent")
-    seed = int(os.environ.get("EDGEFLEET_FUZZ_SEED", time.time_ns() % 2**32))
+    seed = int(os.environ.get("EDGEFLEET_FUZZ_SEED", "20261204"))
     deadline = time.monotonic() + FUZZ_SECONDS
     problems: list[str] = []
     sent = [0]
+
+    def going() -> bool:  # the time asked for, and enough messages however slow the machine
+        return time.monotonic() < deadline or sent[0] < MIN_SENT
     with running_agent(model, io_timeout_s=0.2, max_line_bytes=32_768,
                        max_frame_bytes=65_536) as agent:
 
         def fuzzer(k: int) -> None:
             rng = random.Random(seed + k)
-            while time.monotonic() < deadline:
+            while going():
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.settimeout(0.5)
                 try:
@@ -151,10 +159,10 @@ def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
                     s.close()
 
         def watchdog() -> None:
-            with Client(agent.path, timeout=2.0) as c:
+            with Client(agent.path, timeout=2 * HUNG_S) as c:
                 x = model.train[0]
                 expected = c.predict(x).score
-                while time.monotonic() < deadline:
+                while going():
                     t0 = time.monotonic()
                     try:
                         if c.predict(x).score != expected or not c.health()["ok"]:
@@ -162,22 +170,22 @@ def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
                     except Exception as e:
                         problems.append(f"watchdog: {e!r}")
                         return
-                    if time.monotonic() - t0 > 1.0:
-                        problems.append(f"slow answer: {time.monotonic() - t0:.2f} s")
+                    if time.monotonic() - t0 > HUNG_S:
+                        problems.append(f"hung answer: {time.monotonic() - t0:.2f} s")
 
         threads = [threading.Thread(target=fuzzer, args=(k,)) for k in range(3)]
         threads.append(threading.Thread(target=watchdog))
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=FUZZ_SECONDS + 30)
+            t.join(timeout=FUZZ_SECONDS + 120)
         assert not any(t.is_alive() for t in threads), "a client thread hung"
         with Client(agent.path) as c:
             assert c.predict(model.train[1]).source == "model"
         internal = agent.metrics._errors[ErrorCode.INTERNAL]
     assert problems == [], f"seed {seed}: {problems[:5]}"
     assert internal == 0 and "Traceback" not in caplog.text, f"seed {seed}"
-    assert sent[0] > 10 * FUZZ_SECONDS
+    assert sent[0] >= MIN_SENT
     logging.getLogger(__name__).warning("live fuzz: %d messages in %.0f s, seed %d", sent[0],
                                         FUZZ_SECONDS, seed)
 
