@@ -12,7 +12,10 @@ requests around it.
    requests per second. Quiet windows (no installs: the baseline) alternate with install
    windows (installs and rollbacks back to back), 0.5 s each, so background load on the box
    weighs on both alike. Reported: p99 of requests sent within +-2 ms of a swap, and p99 of
-   all requests in install windows, each minus the baseline p99 of the same run.
+   all requests in install windows, each minus the baseline p99 of the same run; the rate the
+   client achieved; and the agent process's RSS growth over the install windows (per swap,
+   and against its RSS before them). tests/test_install_load.py asserts the behaviour (no
+   error, no fallback, no engine or session left alive); these figures only here.
 
 Writes bench/results/install.json and prints the figures.
 """
@@ -20,6 +23,7 @@ Writes bench/results/install.json and prints the figures.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -88,6 +92,13 @@ def _stats(xs: list[float]) -> dict[str, float]:
         np.percentile(a, 95)), 2), "max_ms": round(float(a.max()), 2), "n": len(xs)}
 
 
+def _rss_bytes() -> int:
+    """This process's resident set after a full collection."""
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def install_to_live(tmp: Path, ring: Path, bundles: list[Path]) -> dict:
     live_at: list[float] = []
     inst = Installer.open(tmp / "store-a", ring, InstallConfig(),
@@ -151,6 +162,7 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         swaps.clear()
         i, nxt = 0, 2
         time.sleep(0.2)
+        rss_before = _rss_bytes()
         for _ in range(max(1, int(seconds / (2 * PHASE_S)))):
             q0 = time.perf_counter()
             time.sleep(PHASE_S)
@@ -164,6 +176,7 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
                     inst.rollback()
                 i += 1
             busy.append((b0, time.perf_counter()))
+        rss_growth = _rss_bytes() - rss_before
         out, _ = client.communicate("", timeout=120)
     finally:
         server.stop()
@@ -192,6 +205,10 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
                                "added_p99_us": round(p99(at_swap) - p99(base), 1)},
         "whole_install_phase": {"n": len(during), "p99_us": round(p99(during), 1),
                                 "added_p99_us": round(p99(during) - p99(base), 1)},
+        "rss": {"before_mib": round(rss_before / 2**20, 1),
+                "growth_kib": round(rss_growth / 1024, 1),
+                "growth_per_swap_kib": round(rss_growth / 1024 / max(1, len(swaps)), 1),
+                "growth_vs_before": round(rss_growth / rss_before, 4)},
     }
 
 
@@ -233,6 +250,8 @@ def main() -> None:
     print(f"  whole install phase p99 {sw['whole_install_phase']['p99_us']} us (added "
           f"{sw['whole_install_phase']['added_p99_us']} us); {sw['requests']} requests at "
           f"{sw['rate_achieved']}/s, {sw['errors']} errors, {sw['fallback_answers']} fallback")
+    print(f"RSS growth {sw['rss']['growth_per_swap_kib']} KiB per swap over {sw['swaps']} swaps"
+          f" ({sw['rss']['growth_vs_before']:.2%} of the {sw['rss']['before_mib']} MiB before)")
     print(f"wrote {args.out}")
 
 
