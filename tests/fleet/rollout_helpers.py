@@ -144,38 +144,74 @@ def run_in_process(fl: Floor, p: Plan, bundle: str = "v2", rid: str | None = Non
 
 
 class CommandSniffer:
-    """Subscribes to every device's command topic: what was actually published, per device."""
+    """Subscribes to every device's command topic: what was actually published, per device.
 
-    def __init__(self, mqtt_config: MqttConfig, prefix: str = "edgefleet") -> None:
+    Ready once the broker acknowledged the subscription (its SUBACK), so a command published
+    after the constructor returns is seen. `sync()` (and `close()`, which calls it) proves
+    absence too: it publishes a marker on a command topic no device has and waits until the
+    marker comes back. The broker (mosquitto, one queue per subscriber) delivers in the order it
+    took the messages, so once the marker is back every command that the broker had
+    acknowledged before the call is in `commands`: assert "nothing was sent" after `sync()`,
+    never after a sleep."""
+
+    def __init__(self, mqtt_config: MqttConfig, prefix: str = "edgefleet",
+                 timeout: float = 10) -> None:
         self.commands: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._markers: set[str] = set()
+        self._marker_topic = f"{prefix}/device/sniffer-marker-{os.getpid()}-{id(self)}/cmd"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=f"sniffer-{os.getpid()}-{id(self)}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/device/+/cmd", qos=1)
+        self.client.on_subscribe = self._on_subscribe
         self.client.connect(mqtt_config.host, mqtt_config.port)
         self.client.loop_start()
-        deadline = time.monotonic() + 5
-        while not self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)
+        if not self._subscribed.wait(timeout):
+            self.close(sync=False)
+            raise AssertionError(f"the sniffer's subscription was not acknowledged within "
+                                 f"{timeout} s")
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: list[Any],
+                      properties: Any) -> None:
+        if not any(c.is_failure for c in codes):
+            self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        body = json.loads(json.loads(msg.payload)["body"])
-        with self._lock:
-            self.commands.append(body)
+        doc = json.loads(msg.payload)
+        with self._cond:
+            if "sniffer_marker" in doc:
+                self._markers.add(doc["sniffer_marker"])
+            else:
+                self.commands.append(json.loads(doc["body"]))
+            self._cond.notify_all()
+
+    def sync(self) -> None:
+        """Return once every command the broker took before this call has been received."""
+        marker = f"{time.monotonic_ns()}"
+        self.client.publish(self._marker_topic, json.dumps({"sniffer_marker": marker}), qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: marker in self._markers, self.timeout), \
+                f"the sniffer's marker did not come back within {self.timeout} s"
 
     def ids(self) -> Counter:
-        with self._lock:
+        with self._cond:
             return Counter(c["id"] for c in self.commands)
 
     def by_type(self, ctype: str) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._cond:
             return [c for c in self.commands if c["type"] == ctype]
 
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    def close(self, sync: bool = True) -> None:
+        """Stop listening, after `sync()`: what it has then is all that was sent before."""
+        try:
+            if sync:
+                self.sync()
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
 
 
 def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
