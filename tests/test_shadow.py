@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -118,9 +119,19 @@ def test_a_batch_bigger_than_a_rate_slice_still_contributes_rows():
 
 @pytest.mark.parametrize("rows", [1, 64])
 def test_offer_is_cheap_when_no_candidate_is_attached(rows: int):
+    """Without a candidate an offer copies nothing and queues nothing: what it costs in time
+    depends on the machine (bench/shadow_bench.py measures the live latency with and without
+    a candidate); here, that it allocates no copy of the rows."""
     s = ShadowScorer(threaded=False)
     x, live, m = np.zeros((rows, 512), np.float32), np.zeros(rows), _M(1.0, n=512)
-    t0 = time.perf_counter()
-    for _ in range(10000):
-        s.offer(x, live, m)
-    assert (time.perf_counter() - t0) / 10000 < 5e-6
+    s.offer(x, live, m)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(1000):
+            s.offer(x, live, m)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - base < x.nbytes // 2, f"{peak - base} bytes allocated"
+    assert s.summary() is None and s.drain() == 0

@@ -81,6 +81,7 @@ def test_too_little_shadow_evidence_pauses_and_never_passes(
         assert row.state == "paused"
         assert "shadow: not enough evidence" in row.reason
         assert "dies scored by the candidate, 10000000 needed before any verdict" in row.reason
+        sniffer.sync()  # all that was sent is in
         assert sniffer.by_type("install") == []
         # the operator gives up: rolling back stops the shadows
         request_rollback(fl.db, rid, "tester")
