@@ -18,6 +18,7 @@ from agent.link import DeviceLink, LinkConfig
 from agent.runtime import Runtime
 from agent.server import AgentServer
 from fleet.transport import FleetController
+from tests.agent_support import wait_for
 from tests.broker_fixtures import N_FEATURES, Broker, FleetKeys, make_real_bundle
 
 pytestmark = pytest.mark.timeout(90)
@@ -106,6 +107,7 @@ def test_broker_restart_during_install_completes_reports_and_never_fails_a_predi
     downloading = threading.Event()
     ctl.add_listener(lambda k, d, doc: doc.get("step") == "downloading" and downloading.set())
     with _Tester(server.path) as tester:
+        wait_for(lambda: tester.versions)  # the tester is served by v1 before the install
         cmd = _install(ctl, v2, 2)
         assert downloading.wait(10)
         broker.stop()
@@ -115,6 +117,8 @@ def test_broker_restart_during_install_completes_reports_and_never_fails_a_predi
         final = ctl.wait_command(cmd.id, 30)
         assert ctl.wait_for(lambda c: (c.state("box-1")["last_command"] or {}).get("id")
                             == cmd.id and c.state("box-1")["online"], 15)
+        # answers from v2 too, and a fair number in all, however slow the machine
+        wait_for(lambda: "1.2.2" in tester.versions and len(tester.latencies) > 100, 30)
     assert final["step"] == "live" and ctl.steps(cmd.id) == STEPS_OK
     assert ctl.state("box-1")["model"]["active"]["digest"] == v2[1]
     assert tester.errors == []
