@@ -4,7 +4,7 @@ verified model, the old or the new one, never a mix, and staging is empty.
 The driver (tests/install_driver.py) is a separate process that starts like the agent and
 installs; `EDGEFLEET_CRASH_AT` makes it SIGKILL itself at a named point, and the random loop
 kills it from outside at random moments (`EDGEFLEET_KILL_LOOP` iterations, default 20; the
-waits come from `EDGEFLEET_KILL_SEED`, fixed by default, 0 for a random seed).
+draws come from `EDGEFLEET_KILL_SEED`, fixed by default, 0 for a random seed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -121,9 +122,12 @@ def test_kill_during_recovery_is_recovered_on_the_next_start(box):
 
 
 def test_random_kills_during_many_installs_and_rollbacks(tmp_path):
-    """The driver installs and rolls back in a loop; we kill -9 it at random moments."""
+    """The driver installs and rolls back in a loop; we kill -9 it at random moments: after a
+    random number (0-3) of its operations are done, at a random time within about one
+    operation's length as measured in this run, so the kills land inside operations and some
+    operations complete however fast or slow the machine is."""
     rounds = int(os.environ.get("EDGEFLEET_KILL_LOOP", "20"))
-    # the sleeps before each kill come from a fixed seed (EDGEFLEET_KILL_SEED=0: a random one)
+    # the draws come from a fixed seed (EDGEFLEET_KILL_SEED=0: a random one)
     rng = random.Random(int(os.environ.get("EDGEFLEET_KILL_SEED", "12")) or None)
     key, ring = make_keys(tmp_path)
     bundles = []
@@ -135,6 +139,7 @@ def test_random_kills_during_many_installs_and_rollbacks(tmp_path):
     active: str | None = None
     kills_mid_operation = 0
     interrupted: list[str] = []
+    op_s: list[float] = []  # how long the driver's operations take here and now
     log = tmp_path / "driver.log"
     for _ in range(rounds):
         # stdout is read through its one file object only (readline, then read to the end):
@@ -143,22 +148,44 @@ def test_random_kills_during_many_installs_and_rollbacks(tmp_path):
         with open(log, "w") as err:
             proc = _driver(root, ring, "loop", *bundles, stderr=err)
         assert proc.stdout is not None
-        ready = proc.stdout.readline()
-        assert ready.startswith("ready"), ready + proc.stdout.read() + log.read_text()
-        time.sleep(rng.uniform(0.0, 0.3))  # the kill lands at a random moment: that is the test
+        lines = [proc.stdout.readline()]
+        assert lines[0].startswith("ready"), lines[0] + proc.stdout.read() + log.read_text()
+        lines += _operations(proc, rng.randint(0, 3), op_s)
+        typical = statistics.median(op_s) if op_s else 0.1
+        time.sleep(rng.uniform(0.0, 1.5 * typical))
         proc.send_signal(signal.SIGKILL)
-        lines = (ready + proc.stdout.read()).splitlines()
+        lines += proc.stdout.readlines()
         proc.stdout.close()
         assert proc.wait(60) == -signal.SIGKILL, log.read_text()
-        allowed = _allowed_after(lines, active)
+        allowed = _allowed_after([line.strip() for line in lines], active)
         kills_mid_operation += len(allowed) > 1
         record = root / "install.json"
         interrupted.append(json.loads(record.read_text())["state"] if record.exists() else "-")
         active = _assert_sound(root, ring, allowed)
     assert active is not None
-    print(f"\n{kills_mid_operation} of {rounds} kills inside an operation; states on disk at "
-          f"the kill: {sorted(interrupted)}")
+    print(f"\n{kills_mid_operation} of {rounds} kills inside an operation; operations took "
+          f"{statistics.median(op_s):.3f} s (median); states on disk at the kill: "
+          f"{sorted(interrupted)}")
     assert kills_mid_operation > 0  # the kills did land inside operations
+
+
+def _operations(proc: subprocess.Popen, n: int, took: list[float]) -> list[str]:
+    """The driver's lines until `n` operations are done (or it stops), appending to `took`
+    how long each one took from its `begin` line to its `done` line."""
+    lines: list[str] = []
+    began = None
+    while n > 0:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("begin"):
+            began = time.monotonic()
+        elif line.startswith("done"):
+            n -= 1
+            if began is not None:
+                took.append(time.monotonic() - began)
+    return lines
 
 
 def _allowed_after(lines: list[str], active_before: str | None) -> set[str | None]:
