@@ -134,8 +134,12 @@ def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
     problems: list[str] = []
     sent = [0]
 
-    def going() -> bool:  # the time asked for, and enough messages however slow the machine
-        return time.monotonic() < deadline or sent[0] < MIN_SENT
+    def going() -> bool:
+        """The time asked for, then on until MIN_SENT messages (a minute more at most: an
+        agent that takes none fails the count below)."""
+        now = time.monotonic()
+        return now < deadline or (sent[0] < MIN_SENT and now < deadline + 60)
+
     with running_agent(model, io_timeout_s=0.2, max_line_bytes=32_768,
                        max_frame_bytes=65_536) as agent:
 
