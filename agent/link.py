@@ -69,63 +69,21 @@ from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
 from agent.keys import Keyring
 from agent.manifest import format_time, utc_now
+from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics
 
-PROTOCOL_VERSION = 1
-TERMINAL_STEPS = ("live", "failed", "rolled-back", "reported", "shadowing", "shadow-stopped")
-HEALTH_STATUSES = ("ok", "degraded", "fallback")
 _LOG = logging.getLogger("edgefleet.link")
 
 __all__ = [
-    "HEALTH_STATUSES",
-    "PROTOCOL_VERSION",
-    "TERMINAL_STEPS",
     "DeviceLink",
     "HealthProvider",
     "LinkConfig",
     "MqttConfig",
     "StaticHealth",
-    "Topics",
     "bundle_digest",
 ]
 
 
-# -- the contract ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Topic names under a prefix (one or more levels, no wildcards)."""
-
-    prefix: str = "edgefleet"
-
-    def __post_init__(self) -> None:
-        if not self.prefix or any(c in self.prefix for c in "+#") or \
-                self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise UsageError(f"topic prefix {self.prefix!r}: no wildcards, no leading or "
-                             "trailing '/'")
-
-    def state(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/state"
-
-    def cmd(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/cmd"
-
-    def event(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/event"
-
-    def all(self, kind: str) -> str:
-        """Subscription filter for one kind (state, event, cmd) of every device."""
-        return f"{self.prefix}/device/+/{kind}"
-
-    def parse(self, topic: str) -> tuple[str, str] | None:
-        """(device id, kind) for a topic under this prefix, else None."""
-        head = f"{self.prefix}/device/"
-        if not topic.startswith(head):
-            return None
-        parts = topic[len(head):].split("/")
-        if len(parts) != 2 or parts[1] not in ("state", "cmd", "event"):
-            return None
-        return parts[0], parts[1]
+# -- broker and link configuration ----------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,8 @@ def test_events_published_while_the_broker_is_down_arrive_after_it_returns(
 
 
 def test_topics_and_configuration_from_the_environment(tmp_path: Path):
-    from agent.link import LinkConfig, Topics
+    from agent.link import LinkConfig
+    from agent.wire import Topics
 
     t = Topics("plant/a")
     assert t.state("box-1") == "plant/a/device/box-1/state"
