@@ -57,6 +57,7 @@ from agent.manifest import (
     parse_manifest_bytes,
     utc_now,
 )
+from agent.wire import Reason
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -87,43 +88,43 @@ __all__ = [
 
 
 class LimitExceeded(BundleError):
-    pass
+    reason = Reason.TOO_LARGE
 
 
 class UnsafeArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class CorruptArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class SignatureError(BundleError):
-    pass
+    reason = Reason.BUNDLE_SIGNATURE
 
 
 class DigestMismatch(BundleError):
-    pass
+    reason = Reason.DIGEST_MISMATCH
 
 
 class MissingFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class UnexpectedFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class Expired(BundleError):
-    pass
+    reason = Reason.BUNDLE_EXPIRED
 
 
 class Incompatible(BundleError):
-    pass
+    reason = Reason.INCOMPATIBLE
 
 
 class Downgrade(BundleError):
-    pass
+    reason = Reason.DOWNGRADE
 
 
 @dataclass(frozen=True)

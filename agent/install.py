@@ -72,6 +72,7 @@ from agent.fsio import atomic_write
 from agent.keys import Keyring
 from agent.manifest import Manifest
 from agent.store import Store, StoreError, version_id
+from agent.wire import Reason, reason_of
 
 log = logging.getLogger("edgefleet.agent")
 CRASH_ENV = "EDGEFLEET_CRASH_AT"
@@ -122,28 +123,39 @@ class InstallError(EdgefleetError):
 
 class InstallFailed(InstallError):
     """A job failed and was rolled back: the box is as it was before. `state` is where it
-    failed, `kind` the error class (e.g. "Downgrade", "SelfTestError"), `reason` the message."""
+    failed, `kind` the error class (e.g. "Downgrade", "SelfTestError"), `reason` the wire
+    reason code of that error (agent/wire.py), `detail` its message."""
 
-    def __init__(self, op: str, vid: str | None, state: str, kind: str, reason: str) -> None:
+    def __init__(self, op: str, vid: str | None, state: str, kind: str, detail: str,
+                 reason: str = Reason.INTERNAL) -> None:
         what = f"{op} of {vid}" if vid else op
-        super().__init__(f"{what} failed at {state} and was rolled back: {reason}")
-        self.op, self.id, self.state, self.kind, self.reason = op, vid, state, kind, reason
+        super().__init__(f"{what} failed at {state} and was rolled back: {detail}")
+        self.op, self.id, self.state, self.kind = op, vid, state, kind
+        self.detail, self.reason = detail, reason
 
 
 class InstallBusy(InstallError):
     """Another install or rollback is running."""
 
+    reason = Reason.INSTALL_BUSY
+
 
 class NoRollbackTarget(InstallError):
     """There is no retained version to roll back to."""
+
+    reason = Reason.NO_ROLLBACK_TARGET
 
 
 class LatencyTooHigh(SelfTestError):
     """The model answers, correctly, but slower than the configured limit."""
 
+    reason = Reason.LATENCY_TOO_HIGH
+
 
 class IntegrityError(StoreError):
     """A stored version no longer matches its manifest."""
+
+    reason = Reason.INTEGRITY
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,7 @@ class _Job:
     failed_at: str | None = None
     reason: str | None = None
     kind: str | None = None
+    code: str | None = None  # the wire reason of the failure (agent/wire.py)
     # in memory only
     manifest: Manifest | None = None
     engine: Engine | None = None
@@ -213,7 +226,7 @@ class _Job:
 
     _PERSISTED = ("op", "token", "state", "bundle", "force", "id", "from_id", "previous_before",
                   "previous_after", "sequence", "quarantine", "started", "failed_at", "reason",
-                  "kind")
+                  "kind", "code")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._PERSISTED}
@@ -425,7 +438,8 @@ class Installer:
             job.engine = None
         self.outcomes[job.op, "rolled_back" if job.failed_at else job.outcome or "unknown"] += 1
         if job.failed_at is not None:
-            raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "")
+            raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "",
+                                job.code or Reason.INTERNAL)
         if job.outcome == "committed":
             self.fallback_reason = None
         return InstallResult(job.op, job.outcome, job.id, job.from_id, job.sequence,
@@ -454,6 +468,7 @@ class Installer:
                         "it is completed at the next operation or start-up"
                     ) from e
                 job.failed_at, job.kind, job.reason = state.value, type(e).__name__, str(e)
+                job.code = reason_of(e)
                 state = State.ROLLBACK
             job.timings[job.state.value] = time.perf_counter() - t0
         job.state = State.IDLE

@@ -69,7 +69,7 @@ from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
 from agent.keys import Keyring
 from agent.manifest import format_time, utc_now
-from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics
+from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics, reason_of
 
 _LOG = logging.getLogger("edgefleet.link")
 
@@ -253,15 +253,6 @@ def bundle_digest(version_dir: Path) -> str:
     return h.hexdigest()
 
 
-_REASONS = {
-    "SignatureError": "bundle-signature", "DigestMismatch": "digest-mismatch",
-    "MissingFile": "bundle-corrupt", "UnexpectedFile": "bundle-corrupt",
-    "CorruptArchive": "bundle-corrupt", "UnsafeArchive": "bundle-corrupt",
-    "LimitExceeded": "too-large", "ManifestError": "bundle-corrupt",
-    "Expired": "bundle-expired", "Incompatible": "incompatible", "Downgrade": "downgrade",
-    "SelfTestError": "self-test-failed", "LatencyTooHigh": "latency-too-high",
-    "EngineError": "load-failed", "IntegrityError": "integrity",
-}
 # install.State value -> the step it reports, and which steps precede a failed state
 _STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
 _STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
@@ -694,9 +685,7 @@ class DeviceLink:
                 done = _STEP_ORDER[:_STEP_ORDER.index(failed_at) + 1]  # entered, then failed
                 for s in done[1:] if success == "live" else done[2:]:
                     on_state(s)
-            kind = getattr(e, "kind", None) or type(e).__name__
-            reason = _REASONS.get(kind) or _kebab(kind)
-            self._fail(cmd, reason, getattr(e, "reason", None) or str(e),
+            self._fail(cmd, reason_of(e), getattr(e, "detail", None) or str(e),
                        state=failed_at, **extra)
             return
         for s in ("unpack", "load", "self_test") if success == "live" else ("load", "self_test"):
@@ -758,9 +747,3 @@ def _accepts(job: Callable[..., Any], installer: Any, name: str) -> bool:
             except (TypeError, ValueError):
                 return False
     return True
-
-
-def _kebab(name: str) -> str:
-    """`SelfTestError` -> `self-test-error`, `OSError` -> `os-error`."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", name).lower() \
-        or "failed"

@@ -41,6 +41,7 @@ __all__ = [
     "Step",
     "Topics",
     "is_terminal",
+    "reason_of",
 ]
 
 
@@ -180,6 +181,15 @@ class Reason(StrEnum):
     OS_ERROR = "os-error"
     INTERNAL = "internal"
     INTERRUPTED = "interrupted"  # the agent stopped while the command ran (`recovered: true`)
+
+
+def reason_of(error: BaseException) -> str:
+    """The wire reason for an error: the class attribute `reason` the device's errors carry,
+    `os-error` for an OSError (disk full, permissions), else `internal` (a bug)."""
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, str) and reason in Reason._value2member_map_:
+        return reason
+    return Reason.OS_ERROR if isinstance(error, OSError) else Reason.INTERNAL
 
 
 # A `failed` event with one of these reasons refuses a *duplicate* delivery of a command: it
