@@ -69,7 +69,7 @@ from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpa
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
-from agent.keys import Keyring
+from agent.keys import Keyring, LiveKeyring
 from agent.manifest import Manifest
 from agent.store import Store, StoreError, version_id
 from agent.wire import Reason, reason_of
@@ -303,7 +303,7 @@ class Installer:
         on_fallback: OnFallback | None = None,
     ) -> None:
         self.store = store
-        self.keyring = keyring
+        self.keyring = LiveKeyring(keyring)  # re-read when the directory changes
         self.config = config
         self.on_commit = on_commit
         self.on_fallback = on_fallback
@@ -677,8 +677,10 @@ class Installer:
         return IntegrityReport(False, now, active, tuple(problems), "fallback", None)
 
     def _keyring(self) -> Keyring:
-        """Loaded afresh for each job: a key trusted or revoked since start applies at once."""
-        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+        """The keyring as it is on disk now, for every verification: a key trusted or revoked
+        since start applies at once (a keyring given as a loaded `Keyring` is followed to its
+        directory)."""
+        return self.keyring.current()
 
     # -- the record ---------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ from agent.commands import (
 from agent.download import DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
-from agent.keys import Keyring
+from agent.keys import Keyring, LiveKeyring
 from agent.manifest import format_time, utc_now
 from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics, reason_of
 
@@ -322,7 +322,7 @@ class DeviceLink:
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
-        self.keyring = keyring
+        self.keyring = LiveKeyring(keyring)  # re-read when the directory changes
         self.installer = installer
         self.health = health or StaticHealth()
         self.fetch = fetch
@@ -587,8 +587,10 @@ class DeviceLink:
             self._finish(cmd, "failed", "internal", str(e))
 
     def keyring_now(self) -> Keyring:
-        """The keyring as it is on disk now (rotation and revocation apply without restart)."""
-        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+        """The keyring as it is on disk now, for every command: rotation and revocation apply
+        without a restart (a keyring given as a loaded `Keyring` is followed to its
+        directory)."""
+        return self.keyring.current()
 
     def _finish(self, cmd: Command | None, result: str, reason: str | None = None,
                 detail: str | None = None, *, command_id: str | None = None,

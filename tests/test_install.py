@@ -429,3 +429,24 @@ def test_a_model_that_does_not_load_never_goes_live(kit, inst):
         inst.install(broken)
     assert (e.value.state, e.value.kind) == ("load", "EngineError")
     assert _box(kit.root) == before and kit.slot.swaps == ["1.1.1"]
+
+
+def test_a_release_key_revoked_on_disk_stops_its_bundles_at_once(kit):
+    """The agent hands the installer the keyring it loaded at start (agent/app.py): a key
+    revoked on disk afterwards must stop the very next install, without a restart."""
+    from agent.keys import Keyring, key_id, load_private_key, revoke_key
+
+    inst = Installer.open(kit.root, Keyring.load(kit.ring), InstallConfig(),
+                          on_commit=kit.slot.swap)
+    try:
+        inst.install(kit.bundle(1))
+        revoke_key(kit.ring, key_id(load_private_key(kit.key).public_key()))
+        before = _box(kit.root)
+        with pytest.raises(InstallFailed) as e:
+            inst.install(kit.bundle(2))
+        assert (e.value.state, e.value.kind, e.value.reason) == \
+            ("verify", "SignatureError", "bundle-signature")
+        assert "revoked" in e.value.detail
+        assert _box(kit.root) == before
+    finally:
+        inst.close()
