@@ -35,6 +35,19 @@ Start-up (`recover`, a loop over the record):
     cleanup                            -> cleanup -> idle
     rollback                           -> rollback -> idle     (every step is idempotent)
 
+Revoked keys and installed models. A model serves only while its manifest's signature
+verifies against the keyring as it is on disk when the model *starts* serving. From the moment
+a release key's id is in `revoked.txt`:
+ 1. no bundle it signed is installed or shadowed (reason `bundle-signature`);
+ 2. no retained version it signed becomes active again: a rollback to it is refused, and the
+    agent does not switch to it when the active version fails its integrity check;
+ 3. at the next agent start, an active version it signed does not load: the previous version
+    serves if it verifies, else the rule fallback;
+ 4. a version it signed that is serving keeps serving until one of the above replaces it:
+    revocation alone never swaps a running model. To take boxes off it, roll out a bundle
+    signed by a trusted key. Rotate before you revoke.
+A revoked fleet key's commands are refused from the next command on (`untrusted-key`).
+
 Wiring into the agent (start-up, before the serving socket opens):
 
     installer = Installer.open(store_dir, keyring_dir, InstallConfig.from_env())
@@ -509,11 +522,14 @@ class Installer:
 
     def _load(self, job: _Job) -> State:
         assert job.id is not None
-        if job.op != "install":  # a retained version: check it has not changed at rest
+        if job.op != "install":
+            # A retained version (rollback, or the previous one after an integrity failure):
+            # unchanged at rest, and signed by a release key the keyring trusts *now*.
             problems = self.store.check_integrity(job.id)
             if problems:
                 raise IntegrityError(f"{job.id}: " + "; ".join(problems))
-            job.manifest = self.store.manifest(job.id)
+            job.manifest = verify_unpacked(self.store.version_dir(job.id), self._keyring(),
+                                           files=False)
         assert job.manifest is not None
         job.engine = Engine(self.store.model_path(job.id), job.manifest,
                             threads=self.config.engine_threads)
@@ -649,7 +665,7 @@ class Installer:
             try:
                 # At start-up the signature is checked again too: a manifest edited on disk
                 # (a threshold, say) or one signed by a key revoked since must not serve.
-                verify_unpacked(s.version_dir(active), self._keyring())
+                verify_unpacked(s.version_dir(active), self._keyring(), files=False)
                 manifest = s.manifest(active)
                 engine = Engine(s.model_path(active), manifest,
                                 threads=self.config.engine_threads)
