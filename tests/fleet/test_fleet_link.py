@@ -254,11 +254,13 @@ def test_topics_and_configuration_from_the_environment(tmp_path: Path):
         "EDGEFLEET_DEVICE_ID": "box-9", "EDGEFLEET_MQTT_HOST": "mqtt.floor",
         "EDGEFLEET_MQTT_PORT": "8883", "EDGEFLEET_MQTT_CA": "/etc/ef/ca.crt",
         "EDGEFLEET_LABELS": "site=fab2,group=canary", "EDGEFLEET_LINK_DIR": str(tmp_path),
-        "EDGEFLEET_TOPIC_PREFIX": "plant/a", "EDGEFLEET_DOWNLOAD_ATTEMPTS": "3"})
+        "EDGEFLEET_TOPIC_PREFIX": "plant/a", "EDGEFLEET_DOWNLOAD_ATTEMPTS": "3",
+        "EDGEFLEET_DOWNLOAD_MIN_RATE_BPS": "4096", "EDGEFLEET_DOWNLOAD_GRACE_S": "30"})
     assert (cfg.device_id, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.tls) == \
         ("box-9", "mqtt.floor", 8883, True)
     assert cfg.labels == {"site": "fab2", "group": "canary"} and cfg.prefix == "plant/a"
-    assert cfg.download.attempts == 3
+    assert (cfg.download.attempts, cfg.download.min_rate_bps, cfg.download.grace_s) == \
+        (3, 4096, 30)
     with pytest.raises(Exception, match="device id"):
         LinkConfig("box/1", tmp_path)
 
