@@ -21,10 +21,28 @@ covers the whole bundle.
  6. expiry                                                                  -> Expired
  7. format compatibility  format_version <= FORMAT_VERSION                  -> Incompatible
  8. anti-downgrade        sequence >= min_sequence                          -> Downgrade
+                          and, at min_sequence itself, the very version
+                          installed with it (`sequence_holder`)             -> SequenceReused
 
 Verification reads the archive without writing anything; `unpack_bundle` then writes the verified
 files into a staging directory, hashing again as it writes (the file could change between the two
 reads), and fsyncs them. Nothing reaches its final place unverified. See docs/bundle-format.md.
+
+`verify_unpacked` checks an installed version again (signature, files) whenever it is about to
+serve:
+
+Revoked keys and installed models. A model serves only while its manifest's signature
+verifies against the keyring as it is on disk when the model *starts* serving. From the moment
+a release key's id is in `revoked.txt`:
+ 1. no bundle it signed is installed or shadowed (reason `bundle-signature`);
+ 2. no retained version it signed becomes active again: a rollback to it is refused, and the
+    agent does not switch to it when the active version fails its integrity check;
+ 3. at the next agent start, an active version it signed does not load: the previous version
+    serves if it verifies, else the rule fallback;
+ 4. a version it signed that is serving keeps serving until one of the above replaces it:
+    revocation alone never swaps a running model. To take boxes off it, roll out a bundle
+    signed by a trusted key. Rotate before you revoke.
+A revoked fleet key's commands are refused from the next command on (`untrusted-key`).
 """
 
 from __future__ import annotations
@@ -57,6 +75,8 @@ from agent.manifest import (
     parse_manifest_bytes,
     utc_now,
 )
+from agent.store import version_id
+from agent.wire import Reason
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -76,6 +96,7 @@ __all__ = [
     "Limits",
     "ManifestError",
     "MissingFile",
+    "SequenceReused",
     "SignatureError",
     "UnexpectedFile",
     "UnsafeArchive",
@@ -87,43 +108,49 @@ __all__ = [
 
 
 class LimitExceeded(BundleError):
-    pass
+    reason = Reason.TOO_LARGE
 
 
 class UnsafeArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class CorruptArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class SignatureError(BundleError):
-    pass
+    reason = Reason.BUNDLE_SIGNATURE
 
 
 class DigestMismatch(BundleError):
-    pass
+    reason = Reason.DIGEST_MISMATCH
 
 
 class MissingFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class UnexpectedFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class Expired(BundleError):
-    pass
+    reason = Reason.BUNDLE_EXPIRED
 
 
 class Incompatible(BundleError):
-    pass
+    reason = Reason.INCOMPATIBLE
 
 
 class Downgrade(BundleError):
-    pass
+    reason = Reason.DOWNGRADE
+
+
+class SequenceReused(BundleError):
+    """Another bundle was installed with this sequence: a sequence names one bundle for ever."""
+
+    reason = Reason.SEQUENCE_REUSED
 
 
 @dataclass(frozen=True)
@@ -348,6 +375,7 @@ def verify_bundle(
     keyring: Keyring,
     *,
     min_sequence: int | None = None,
+    sequence_holder: str | None = None,
     now: datetime | None = None,
     limits: Limits = Limits(),
 ) -> Manifest:
@@ -378,6 +406,13 @@ def verify_bundle(
         raise Downgrade(
             f"{path}: sequence {manifest.sequence} is below the minimum allowed {min_sequence}"
         )
+    if sequence_holder is not None and manifest.sequence == min_sequence \
+            and version_id(manifest) != sequence_holder:
+        raise SequenceReused(
+            f"{path}: sequence {manifest.sequence} was installed here as {sequence_holder}; "
+            f"this bundle is {version_id(manifest)}",
+            hint="give a new bundle a new sequence",
+        )
     return manifest
 
 
@@ -388,12 +423,14 @@ def read_manifest_unverified(path: Path, limits: Limits = Limits()) -> Manifest:
     return parse_manifest_bytes(archive.manifest_bytes, f"{path}: {MANIFEST_NAME}")
 
 
-def verify_unpacked(directory: Path, keyring: Keyring) -> Manifest:
+def verify_unpacked(directory: Path, keyring: Keyring, *, files: bool = True) -> Manifest:
     """Check a directory `unpack_bundle` wrote, as it sits in a model store: the manifest's
-    signature by a trusted, non-revoked release key (step 4), then every listed file's size and
-    SHA-256 (step 5). Expiry and sequence are install-time checks and are not repeated: a model
-    that was valid when installed stays servable. Revoking its signing key does make it
-    unservable, so rotate by shipping models signed with the new key first."""
+    signature by a trusted, non-revoked release key (step 4), then, with `files`, every listed
+    file's size and SHA-256 (step 5; the store's own integrity check does that too). Expiry and
+    sequence are install-time checks and are not repeated: a model that was valid when
+    installed stays servable. The keyring is the one on disk *now*: this is how revocation
+    reaches installed models (see "Revoked keys and installed models" in the module
+    docstring)."""
     directory = Path(directory)
     try:
         manifest_bytes = (directory / MANIFEST_NAME).read_bytes()
@@ -402,7 +439,7 @@ def verify_unpacked(directory: Path, keyring: Keyring) -> Manifest:
         raise MissingFile(f"{directory}: cannot read {e.filename}: {e.strerror}") from None
     manifest = parse_manifest_bytes(manifest_bytes, f"{directory}: {MANIFEST_NAME}")
     _check_signature(directory, manifest_bytes, signature_bytes, manifest, keyring)
-    for name, entry in sorted(manifest.files.items()):
+    for name, entry in sorted(manifest.files.items()) if files else ():
         target = directory / name
         digest, size = hashlib.sha256(), 0
         try:
