@@ -1,0 +1,147 @@
+"""The controller service (`edgefleet fleet controller`, real processes): killed with SIGKILL
+mid-wave and restarted, it completes the rollout with no command sent twice and the same end
+state as an uninterrupted run; it holds a lease (a second one refuses to start), serves
+/metrics and /healthz, and `rollout status` shows it driving, with its heartbeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fleet.state import S_DONE, StateDB
+from tests.broker_fixtures import Broker, FleetKeys, free_port
+from tests.fleet.rollout_helpers import (
+    REPO,
+    CommandSniffer,
+    Floor,
+    cli,
+    cli_env,
+    floor,
+    plan,
+    run_in_process,
+)
+
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
+
+FAST = ["--no-shadow", "--min-requests", "50", "--measure-interval", "0.5s",
+        "--step-timeout", "20s", "--health-grace", "5s"]
+
+
+def _controller(fl: Floor, port: int) -> subprocess.Popen:
+    """A controller as a supervisor would run it (its own process, its own session)."""
+    env = dict(os.environ, **cli_env(fl))
+    return subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "controller",
+                             "--metrics-port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _stage_devices(db: StateDB, rid: str, name: str) -> set[str]:
+    idx = next(s.idx for s in db.stages(rid) if s.name == name)
+    return {t["device_id"] for t in db.targets(rid) if t["stage"] == idx}
+
+
+def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_command(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    n = 16
+    flags = ["--canary", "2", "--waves", "30%,60%,100%", "--bake", "2s", "--wave-bake",
+             "1s", "--max-parallel", "2", *FAST]
+    with floor(tmp_path, broker, fleet_keys, n) as fl:
+        env = cli_env(fl)
+        # the reference: the same plan, uninterrupted (v1 -> v2)
+        ref_plan = plan(shadow=False, canary="2", waves=(30, 60, 100), max_parallel=2,
+                        bake_s=2, wave_bake_s=1)
+        ref_id, ref = run_in_process(fl, ref_plan)
+        assert ref.state == "succeeded", ref.reason
+        sniffer = CommandSniffer(fl.mqtt)
+        port = free_port()
+        first = _controller(fl, port)
+        _wait(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "healthz")
+        second = _controller(fl, free_port())  # one controller per state store
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1 and "another controller" in err.splitlines()[-1], err
+        r = cli("fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}", "--id",
+                "r-kill", *flags, env=env)
+        assert r.returncode == 0 and "the controller" in r.stdout, r.stderr
+        r = cli("fleet", "rollout", "status", "r-kill", "-o", "json", env=env)
+        drv = json.loads(r.stdout)["driver"]
+        assert drv["controller"] or drv["live"]
+
+        def mid_wave():
+            st = next((s for s in fl.db.stages("r-kill") if s.name == "wave-2"), None)
+            return st is not None and st.state == "deploying" and any(
+                s.status == S_DONE for s in fl.db.steps("r-kill")
+                if s.device_id in _stage_devices(fl.db, "r-kill", "wave-2"))
+
+        _wait(mid_wave, 90, "wave-2 to be under way")
+        code, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        assert 'edgefleet_rollout_stage{phase="deploy",rollout="r-kill",stage="wave-2"} 1.0' \
+            in metrics
+        assert 'edgefleet_rollout_devices{rollout="r-kill",status="targeted"} 16.0' in metrics
+        assert 'edgefleet_rollouts{state="succeeded"} 1.0' in metrics
+        owner = json.loads(cli("fleet", "rollout", "status", "r-kill", "-o", "json",
+                               env=env).stdout)["driver"]["owner"]
+        r = cli("fleet", "rollout", "status", "r-kill", env=env)
+        assert f"driver  {owner} (heartbeat" in r.stdout, r.stdout
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)
+        row = fl.db.rollout("r-kill")
+        assert row.state == "running" and row.owner  # it died holding the rollout
+        r = cli("fleet", "rollout", "status", "r-kill", env=env)
+        assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
+        port2 = free_port()
+        again = _controller(fl, port2)  # the supervisor restarts it
+        try:
+            _wait(lambda: fl.db.rollout("r-kill").state == "succeeded", 90, "the rollout")
+            assert _get(f"http://127.0.0.1:{port2}/healthz") == (200, "ok: driving 0 "
+                                                                  "rollouts\n")
+        finally:
+            again.send_signal(signal.SIGTERM)
+            again.communicate(timeout=20)
+        assert again.returncode == 0
+        time.sleep(0.5)
+        sniffer.close()
+        ids = sniffer.ids()
+        assert len(ids) == n and max(ids.values()) == 1, \
+            [i for i, c in ids.items() if c > 1]  # no device commanded twice
+        assert {c["device_id"] for c in sniffer.commands} == set(fl.sim.devices)
+        assert set(fl.actives().values()) == {fl.pubs["v3"].digest}
+
+        def final(rid):
+            stage_of = {t["device_id"]: t["stage"] for t in fl.db.targets(rid)}
+            return {s.device_id: (stage_of[s.device_id], s.step, s.status, s.result)
+                    for s in fl.db.steps(rid)}
+
+        assert final("r-kill") == final(ref_id)
+        assert [(s.name, s.devices, s.state) for s in fl.db.stages("r-kill")] == \
+            [(s.name, s.devices, s.state) for s in fl.db.stages(ref_id)]
+        assert fl.db.lease()["owner"] is None  # released on SIGTERM
