@@ -25,6 +25,22 @@ covers the whole bundle.
 Verification reads the archive without writing anything; `unpack_bundle` then writes the verified
 files into a staging directory, hashing again as it writes (the file could change between the two
 reads), and fsyncs them. Nothing reaches its final place unverified. See docs/bundle-format.md.
+
+`verify_unpacked` checks an installed version again (signature, files) whenever it is about to
+serve:
+
+Revoked keys and installed models. A model serves only while its manifest's signature
+verifies against the keyring as it is on disk when the model *starts* serving. From the moment
+a release key's id is in `revoked.txt`:
+ 1. no bundle it signed is installed or shadowed (reason `bundle-signature`);
+ 2. no retained version it signed becomes active again: a rollback to it is refused, and the
+    agent does not switch to it when the active version fails its integrity check;
+ 3. at the next agent start, an active version it signed does not load: the previous version
+    serves if it verifies, else the rule fallback;
+ 4. a version it signed that is serving keeps serving until one of the above replaces it:
+    revocation alone never swaps a running model. To take boxes off it, roll out a bundle
+    signed by a trusted key. Rotate before you revoke.
+A revoked fleet key's commands are refused from the next command on (`untrusted-key`).
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ from agent.manifest import (
     parse_manifest_bytes,
     utc_now,
 )
+from agent.wire import Reason
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -87,43 +104,43 @@ __all__ = [
 
 
 class LimitExceeded(BundleError):
-    pass
+    reason = Reason.TOO_LARGE
 
 
 class UnsafeArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class CorruptArchive(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class SignatureError(BundleError):
-    pass
+    reason = Reason.BUNDLE_SIGNATURE
 
 
 class DigestMismatch(BundleError):
-    pass
+    reason = Reason.DIGEST_MISMATCH
 
 
 class MissingFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class UnexpectedFile(BundleError):
-    pass
+    reason = Reason.BUNDLE_CORRUPT
 
 
 class Expired(BundleError):
-    pass
+    reason = Reason.BUNDLE_EXPIRED
 
 
 class Incompatible(BundleError):
-    pass
+    reason = Reason.INCOMPATIBLE
 
 
 class Downgrade(BundleError):
-    pass
+    reason = Reason.DOWNGRADE
 
 
 @dataclass(frozen=True)
@@ -388,12 +405,14 @@ def read_manifest_unverified(path: Path, limits: Limits = Limits()) -> Manifest:
     return parse_manifest_bytes(archive.manifest_bytes, f"{path}: {MANIFEST_NAME}")
 
 
-def verify_unpacked(directory: Path, keyring: Keyring) -> Manifest:
+def verify_unpacked(directory: Path, keyring: Keyring, *, files: bool = True) -> Manifest:
     """Check a directory `unpack_bundle` wrote, as it sits in a model store: the manifest's
-    signature by a trusted, non-revoked release key (step 4), then every listed file's size and
-    SHA-256 (step 5). Expiry and sequence are install-time checks and are not repeated: a model
-    that was valid when installed stays servable. Revoking its signing key does make it
-    unservable, so rotate by shipping models signed with the new key first."""
+    signature by a trusted, non-revoked release key (step 4), then, with `files`, every listed
+    file's size and SHA-256 (step 5; the store's own integrity check does that too). Expiry and
+    sequence are install-time checks and are not repeated: a model that was valid when
+    installed stays servable. The keyring is the one on disk *now*: this is how revocation
+    reaches installed models (see "Revoked keys and installed models" in the module
+    docstring)."""
     directory = Path(directory)
     try:
         manifest_bytes = (directory / MANIFEST_NAME).read_bytes()
@@ -402,7 +421,7 @@ def verify_unpacked(directory: Path, keyring: Keyring) -> Manifest:
         raise MissingFile(f"{directory}: cannot read {e.filename}: {e.strerror}") from None
     manifest = parse_manifest_bytes(manifest_bytes, f"{directory}: {MANIFEST_NAME}")
     _check_signature(directory, manifest_bytes, signature_bytes, manifest, keyring)
-    for name, entry in sorted(manifest.files.items()):
+    for name, entry in sorted(manifest.files.items()) if files else ():
         target = directory / name
         digest, size = hashlib.sha256(), 0
         try:

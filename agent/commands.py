@@ -47,14 +47,11 @@ from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
 from agent.keys import Keyring, KeyringError, key_id, verify_signature
 from agent.manifest import canonical_json, format_time, utc_now
+from agent.wire import COMMAND_TYPES, INSTALL_TYPES, Reason
 
 SIGNING_CONTEXT = b"edgefleet-command-v1\x00"
 ENVELOPE_VERSION = 1
 MAX_PAYLOAD = 16 * 1024
-# shadow: install a candidate next to the live model, scoring live traffic off the hot path
-# (never answering); shadow-stop: drop it. Both are used by fleet rollouts (docs/rollouts.md).
-COMMAND_TYPES = ("install", "rollback", "report-now", "shadow", "shadow-stop")
-INSTALL_TYPES = ("install", "shadow")  # the command types that carry an `install` spec
 DEFAULT_MAX_SKEW = timedelta(minutes=5)
 DEFAULT_MAX_LIFETIME = timedelta(days=30)
 
@@ -89,7 +86,7 @@ class CommandError(EdgefleetError):
     """A command was refused. `reason` is a stable code for events; `command_id` is the id the
     payload *claims* (None if it could not be read) so the refusal can be correlated."""
 
-    reason = "refused"
+    reason = Reason.REFUSED
 
     def __init__(self, message: str, *, command_id: str | None = None,
                  rollout_id: str | None = None) -> None:
@@ -99,35 +96,35 @@ class CommandError(EdgefleetError):
 
 
 class Malformed(CommandError):
-    reason = "malformed"
+    reason = Reason.MALFORMED
 
 
 class Unsigned(CommandError):
-    reason = "unsigned"
+    reason = Reason.UNSIGNED
 
 
 class UntrustedKey(CommandError):
-    reason = "untrusted-key"
+    reason = Reason.UNTRUSTED_KEY
 
 
 class BadSignature(CommandError):
-    reason = "bad-signature"
+    reason = Reason.BAD_SIGNATURE
 
 
 class WrongDevice(CommandError):
-    reason = "wrong-device"
+    reason = Reason.WRONG_DEVICE
 
 
 class NotYetValid(CommandError):
-    reason = "not-yet-valid"
+    reason = Reason.NOT_YET_VALID
 
 
 class Expired(CommandError):
-    reason = "expired"
+    reason = Reason.EXPIRED
 
 
 class Replayed(CommandError):
-    reason = "replayed"
+    reason = Reason.REPLAYED
 
 
 def valid_device_id(device_id: str) -> bool:

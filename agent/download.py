@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import EdgefleetError
+from agent.wire import Reason
 
 _CHUNK = 64 * 1024
 _RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -53,27 +54,27 @@ __all__ = [
 class DownloadError(EdgefleetError):
     """A bundle could not be fetched. `reason` is a stable code for device events."""
 
-    reason = "download-failed"
+    reason = Reason.DOWNLOAD_FAILED
 
 
 class TooLarge(DownloadError):
-    reason = "too-large"
+    reason = Reason.TOO_LARGE
 
 
 class DigestMismatch(DownloadError):
-    reason = "digest-mismatch"
+    reason = Reason.DIGEST_MISMATCH
 
 
 class HTTPStatusError(DownloadError):
-    reason = "http-error"
+    reason = Reason.HTTP_ERROR
 
 
 class DownloadFailed(DownloadError):
-    reason = "download-failed"
+    reason = Reason.DOWNLOAD_FAILED
 
 
 class DownloadCancelled(DownloadError):
-    reason = "cancelled"
+    reason = Reason.CANCELLED
 
 
 @dataclass(frozen=True)

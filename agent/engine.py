@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from agent.errors import EdgefleetError
 from agent.manifest import Manifest
+from agent.wire import Reason
 
 INPUT_NAME = "params"
 OUTPUT_NAMES = ("score", "top_index", "top_contribution")
@@ -26,9 +27,13 @@ OUTPUT_NAMES = ("score", "top_index", "top_contribution")
 class EngineError(EdgefleetError):
     """The model could not be loaded or does not follow the model contract."""
 
+    reason = Reason.LOAD_FAILED
+
 
 class SelfTestError(EngineError):
     """The model's scores on the bundle's golden vectors are outside the stated tolerance."""
+
+    reason = Reason.SELF_TEST_FAILED
 
 
 class Scores(NamedTuple):

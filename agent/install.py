@@ -35,6 +35,19 @@ Start-up (`recover`, a loop over the record):
     cleanup                            -> cleanup -> idle
     rollback                           -> rollback -> idle     (every step is idempotent)
 
+Revoked keys and installed models. A model serves only while its manifest's signature
+verifies against the keyring as it is on disk when the model *starts* serving. From the moment
+a release key's id is in `revoked.txt`:
+ 1. no bundle it signed is installed or shadowed (reason `bundle-signature`);
+ 2. no retained version it signed becomes active again: a rollback to it is refused, and the
+    agent does not switch to it when the active version fails its integrity check;
+ 3. at the next agent start, an active version it signed does not load: the previous version
+    serves if it verifies, else the rule fallback;
+ 4. a version it signed that is serving keeps serving until one of the above replaces it:
+    revocation alone never swaps a running model. To take boxes off it, roll out a bundle
+    signed by a trusted key. Rotate before you revoke.
+A revoked fleet key's commands are refused from the next command on (`untrusted-key`).
+
 Wiring into the agent (start-up, before the serving socket opens):
 
     installer = Installer.open(store_dir, keyring_dir, InstallConfig.from_env())
@@ -69,9 +82,10 @@ from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpa
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
-from agent.keys import Keyring
+from agent.keys import Keyring, LiveKeyring
 from agent.manifest import Manifest
 from agent.store import Store, StoreError, version_id
+from agent.wire import Reason, reason_of
 
 log = logging.getLogger("edgefleet.agent")
 CRASH_ENV = "EDGEFLEET_CRASH_AT"
@@ -122,28 +136,39 @@ class InstallError(EdgefleetError):
 
 class InstallFailed(InstallError):
     """A job failed and was rolled back: the box is as it was before. `state` is where it
-    failed, `kind` the error class (e.g. "Downgrade", "SelfTestError"), `reason` the message."""
+    failed, `kind` the error class (e.g. "Downgrade", "SelfTestError"), `reason` the wire
+    reason code of that error (agent/wire.py), `detail` its message."""
 
-    def __init__(self, op: str, vid: str | None, state: str, kind: str, reason: str) -> None:
+    def __init__(self, op: str, vid: str | None, state: str, kind: str, detail: str,
+                 reason: str = Reason.INTERNAL) -> None:
         what = f"{op} of {vid}" if vid else op
-        super().__init__(f"{what} failed at {state} and was rolled back: {reason}")
-        self.op, self.id, self.state, self.kind, self.reason = op, vid, state, kind, reason
+        super().__init__(f"{what} failed at {state} and was rolled back: {detail}")
+        self.op, self.id, self.state, self.kind = op, vid, state, kind
+        self.detail, self.reason = detail, reason
 
 
 class InstallBusy(InstallError):
     """Another install or rollback is running."""
 
+    reason = Reason.INSTALL_BUSY
+
 
 class NoRollbackTarget(InstallError):
     """There is no retained version to roll back to."""
+
+    reason = Reason.NO_ROLLBACK_TARGET
 
 
 class LatencyTooHigh(SelfTestError):
     """The model answers, correctly, but slower than the configured limit."""
 
+    reason = Reason.LATENCY_TOO_HIGH
+
 
 class IntegrityError(StoreError):
     """A stored version no longer matches its manifest."""
+
+    reason = Reason.INTEGRITY
 
 
 @dataclass(frozen=True)
@@ -200,6 +225,7 @@ class _Job:
     failed_at: str | None = None
     reason: str | None = None
     kind: str | None = None
+    code: str | None = None  # the wire reason of the failure (agent/wire.py)
     # in memory only
     manifest: Manifest | None = None
     engine: Engine | None = None
@@ -213,7 +239,7 @@ class _Job:
 
     _PERSISTED = ("op", "token", "state", "bundle", "force", "id", "from_id", "previous_before",
                   "previous_after", "sequence", "quarantine", "started", "failed_at", "reason",
-                  "kind")
+                  "kind", "code")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._PERSISTED}
@@ -290,7 +316,7 @@ class Installer:
         on_fallback: OnFallback | None = None,
     ) -> None:
         self.store = store
-        self.keyring = keyring
+        self.keyring = LiveKeyring(keyring)  # re-read when the directory changes
         self.config = config
         self.on_commit = on_commit
         self.on_fallback = on_fallback
@@ -425,7 +451,8 @@ class Installer:
             job.engine = None
         self.outcomes[job.op, "rolled_back" if job.failed_at else job.outcome or "unknown"] += 1
         if job.failed_at is not None:
-            raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "")
+            raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "",
+                                job.code or Reason.INTERNAL)
         if job.outcome == "committed":
             self.fallback_reason = None
         return InstallResult(job.op, job.outcome, job.id, job.from_id, job.sequence,
@@ -454,6 +481,7 @@ class Installer:
                         "it is completed at the next operation or start-up"
                     ) from e
                 job.failed_at, job.kind, job.reason = state.value, type(e).__name__, str(e)
+                job.code = reason_of(e)
                 state = State.ROLLBACK
             job.timings[job.state.value] = time.perf_counter() - t0
         job.state = State.IDLE
@@ -494,11 +522,14 @@ class Installer:
 
     def _load(self, job: _Job) -> State:
         assert job.id is not None
-        if job.op != "install":  # a retained version: check it has not changed at rest
+        if job.op != "install":
+            # A retained version (rollback, or the previous one after an integrity failure):
+            # unchanged at rest, and signed by a release key the keyring trusts *now*.
             problems = self.store.check_integrity(job.id)
             if problems:
                 raise IntegrityError(f"{job.id}: " + "; ".join(problems))
-            job.manifest = self.store.manifest(job.id)
+            job.manifest = verify_unpacked(self.store.version_dir(job.id), self._keyring(),
+                                           files=False)
         assert job.manifest is not None
         job.engine = Engine(self.store.model_path(job.id), job.manifest,
                             threads=self.config.engine_threads)
@@ -634,7 +665,7 @@ class Installer:
             try:
                 # At start-up the signature is checked again too: a manifest edited on disk
                 # (a threshold, say) or one signed by a key revoked since must not serve.
-                verify_unpacked(s.version_dir(active), self._keyring())
+                verify_unpacked(s.version_dir(active), self._keyring(), files=False)
                 manifest = s.manifest(active)
                 engine = Engine(s.model_path(active), manifest,
                                 threads=self.config.engine_threads)
@@ -662,8 +693,10 @@ class Installer:
         return IntegrityReport(False, now, active, tuple(problems), "fallback", None)
 
     def _keyring(self) -> Keyring:
-        """Loaded afresh for each job: a key trusted or revoked since start applies at once."""
-        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+        """The keyring as it is on disk now, for every verification: a key trusted or revoked
+        since start applies at once (a keyring given as a loaded `Keyring` is followed to its
+        directory)."""
+        return self.keyring.current()
 
     # -- the record ---------------------------------------------------------------------------
 

@@ -8,9 +8,17 @@ devices. A keyring is a directory:
       fleet/<key_id>.pub     PEM public keys trusted to sign fleet commands
       revoked.txt            optional: one key id per line (# comments); wins over trust
 
+or, the same keyring flat (one Kubernetes Secret mounted as a directory, docs/deploy-k3s.md):
+`release.<key_id>.pub`, `fleet.<key_id>.pub` and `revoked.txt` side by side.
+
 A key id is the first 16 hex characters of the SHA-256 of the raw 32-byte public key, so it can be
 recomputed from the key alone and cannot be chosen by whoever writes the file name. Rotation: trust
 the new key, ship bundles signed by it, then revoke the old one.
+
+The directory is the truth. `LiveKeyring` (what the installer and the device link verify with)
+re-reads it whenever anything in it changed (names, inodes, sizes, times, followed through
+symlinks as Kubernetes swaps them), so a key revoked or trusted on disk applies to the very next
+verification, without a restart; a keyring that cannot be read then refuses everything.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,12 +183,15 @@ class Keyring:
             )
         trusted: dict[str, dict[str, Ed25519PublicKey]] = {r: {} for r in ROLES}
         for role in ROLES:
-            for pub in sorted((directory / role).glob("*.pub")):
+            files = [(p, p.stem) for p in sorted((directory / role).glob("*.pub"))]
+            files += [(p, p.name[len(role) + 1:-4])  # flat: <role>.<key_id>.pub
+                      for p in sorted(directory.glob(f"{role}.*.pub"))]
+            for pub, named in files:
                 key = load_public_key(pub)
                 kid = key_id(key)
-                if pub.stem != kid:
+                if named != kid:
                     raise KeyringError(
-                        f"keyring file {pub} holds key {kid}, but its name says {pub.stem}",
+                        f"keyring file {pub} holds key {kid}, but its name says {named}",
                         hint="re-add it with: edgefleet keys trust",
                     )
                 trusted[role][kid] = key
@@ -204,6 +216,61 @@ class Keyring:
                     f"key {kid} is trusted for role {other!r}, not for {role!r}",
                 )
         raise UnknownKey(f"key {kid} is not in keyring {self.path} for role {role!r}")
+
+
+class LiveKeyring:
+    """A keyring directory as it is on disk now (see the module docstring).
+
+    `current()` costs a few `stat` calls when nothing changed; it re-reads the keyring when the
+    fingerprint of the directory (every entry of it and of its role directories: name, inode,
+    size, mtime, ctime, following symlinks) differs from the one it was loaded with. The
+    fingerprint is taken *before* loading, so a change racing the load is seen next time.
+    A `Keyring` with no directory (built in memory) is served as it is."""
+
+    def __init__(self, source: Keyring | Path) -> None:
+        self._static = source if isinstance(source, Keyring) and source.path is None else None
+        self.directory = None if self._static is not None else Path(
+            source.path if isinstance(source, Keyring) else source)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._loaded: tuple[tuple, Keyring] | None = None
+        self.reloads = 0  # how many times the directory was read (for tests and metrics)
+
+    def current(self) -> Keyring:
+        """The keyring as the directory says now; raises `KeyringError`/`KeyFileError` if it
+        cannot be read (the caller refuses what it was verifying)."""
+        if self._static is not None:
+            return self._static
+        assert self.directory is not None
+        fingerprint = _fingerprint(self.directory)
+        with self._lock:
+            if self._loaded is not None and self._loaded[0] == fingerprint:
+                return self._loaded[1]
+            ring = Keyring.load(self.directory)
+            self._loaded = (fingerprint, ring)
+            self.reloads += 1
+            return ring
+
+
+def _fingerprint(directory: Path) -> tuple:
+    """What changes whenever a key file or revoked.txt is added, removed or rewritten."""
+    out = []
+    for d in (directory, *(directory / r for r in ROLES)):
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            out.append((str(d), None))
+            continue
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring directory {d}: {e.strerror}") from None
+        for name in names:
+            try:
+                st = os.stat(d / name)  # follows symlinks (Kubernetes' ..data swap)
+            except FileNotFoundError:  # a dangling link, or removed meanwhile
+                out.append((str(d), name, None))
+                continue
+            out.append((str(d), name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                        st.st_ctime_ns))
+    return tuple(out)
 
 
 def _read_revoked(path: Path) -> frozenset[str]:

@@ -67,65 +67,23 @@ from agent.commands import (
 from agent.download import DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
-from agent.keys import Keyring
+from agent.keys import Keyring, LiveKeyring
 from agent.manifest import format_time, utc_now
+from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics, reason_of
 
-PROTOCOL_VERSION = 1
-TERMINAL_STEPS = ("live", "failed", "rolled-back", "reported", "shadowing", "shadow-stopped")
-HEALTH_STATUSES = ("ok", "degraded", "fallback")
 _LOG = logging.getLogger("edgefleet.link")
 
 __all__ = [
-    "HEALTH_STATUSES",
-    "PROTOCOL_VERSION",
-    "TERMINAL_STEPS",
     "DeviceLink",
     "HealthProvider",
     "LinkConfig",
     "MqttConfig",
     "StaticHealth",
-    "Topics",
     "bundle_digest",
 ]
 
 
-# -- the contract ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Topic names under a prefix (one or more levels, no wildcards)."""
-
-    prefix: str = "edgefleet"
-
-    def __post_init__(self) -> None:
-        if not self.prefix or any(c in self.prefix for c in "+#") or \
-                self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise UsageError(f"topic prefix {self.prefix!r}: no wildcards, no leading or "
-                             "trailing '/'")
-
-    def state(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/state"
-
-    def cmd(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/cmd"
-
-    def event(self, device_id: str) -> str:
-        return f"{self.prefix}/device/{device_id}/event"
-
-    def all(self, kind: str) -> str:
-        """Subscription filter for one kind (state, event, cmd) of every device."""
-        return f"{self.prefix}/device/+/{kind}"
-
-    def parse(self, topic: str) -> tuple[str, str] | None:
-        """(device id, kind) for a topic under this prefix, else None."""
-        head = f"{self.prefix}/device/"
-        if not topic.startswith(head):
-            return None
-        parts = topic[len(head):].split("/")
-        if len(parts) != 2 or parts[1] not in ("state", "cmd", "event"):
-            return None
-        return parts[0], parts[1]
+# -- broker and link configuration ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -295,15 +253,6 @@ def bundle_digest(version_dir: Path) -> str:
     return h.hexdigest()
 
 
-_REASONS = {
-    "SignatureError": "bundle-signature", "DigestMismatch": "digest-mismatch",
-    "MissingFile": "bundle-corrupt", "UnexpectedFile": "bundle-corrupt",
-    "CorruptArchive": "bundle-corrupt", "UnsafeArchive": "bundle-corrupt",
-    "LimitExceeded": "too-large", "ManifestError": "bundle-corrupt",
-    "Expired": "bundle-expired", "Incompatible": "incompatible", "Downgrade": "downgrade",
-    "SelfTestError": "self-test-failed", "LatencyTooHigh": "latency-too-high",
-    "EngineError": "load-failed", "IntegrityError": "integrity",
-}
 # install.State value -> the step it reports, and which steps precede a failed state
 _STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
 _STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
@@ -373,7 +322,7 @@ class DeviceLink:
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
-        self.keyring = keyring
+        self.keyring = LiveKeyring(keyring)  # re-read when the directory changes
         self.installer = installer
         self.health = health or StaticHealth()
         self.fetch = fetch
@@ -638,8 +587,10 @@ class DeviceLink:
             self._finish(cmd, "failed", "internal", str(e))
 
     def keyring_now(self) -> Keyring:
-        """The keyring as it is on disk now (rotation and revocation apply without restart)."""
-        return self.keyring if isinstance(self.keyring, Keyring) else Keyring.load(self.keyring)
+        """The keyring as it is on disk now, for every command: rotation and revocation apply
+        without a restart (a keyring given as a loaded `Keyring` is followed to its
+        directory)."""
+        return self.keyring.current()
 
     def _finish(self, cmd: Command | None, result: str, reason: str | None = None,
                 detail: str | None = None, *, command_id: str | None = None,
@@ -736,9 +687,7 @@ class DeviceLink:
                 done = _STEP_ORDER[:_STEP_ORDER.index(failed_at) + 1]  # entered, then failed
                 for s in done[1:] if success == "live" else done[2:]:
                     on_state(s)
-            kind = getattr(e, "kind", None) or type(e).__name__
-            reason = _REASONS.get(kind) or _kebab(kind)
-            self._fail(cmd, reason, getattr(e, "reason", None) or str(e),
+            self._fail(cmd, reason_of(e), getattr(e, "detail", None) or str(e),
                        state=failed_at, **extra)
             return
         for s in ("unpack", "load", "self_test") if success == "live" else ("load", "self_test"):
@@ -800,9 +749,3 @@ def _accepts(job: Callable[..., Any], installer: Any, name: str) -> bool:
             except (TypeError, ValueError):
                 return False
     return True
-
-
-def _kebab(name: str) -> str:
-    """`SelfTestError` -> `self-test-error`, `OSError` -> `os-error`."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", name).lower() \
-        or "failed"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.errors import EdgefleetError
+from agent.wire import Reason
 
 FORMAT_NAME = "edgefleet-bundle"
 FORMAT_VERSION = 1  # the newest format this code understands
@@ -31,9 +32,13 @@ _KID_RE = re.compile(r"^[0-9a-f]{16}$")
 class BundleError(EdgefleetError):
     """Base of every way a bundle can be refused."""
 
+    reason = Reason.BUNDLE_CORRUPT
+
 
 class ManifestError(BundleError):
     """The manifest is not valid JSON or does not follow the v1 schema."""
+
+    reason = Reason.BUNDLE_CORRUPT
 
 
 @dataclass(frozen=True)

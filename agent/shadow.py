@@ -417,7 +417,7 @@ class ShadowHost:
         link._finish(cmd, "shadow-stopped")
 
     def run(self, link: Any, cmd: Any) -> None:
-        from agent.bundle import unpack_bundle, verify_bundle
+        from agent.bundle import Incompatible, unpack_bundle, verify_bundle
         from agent.download import DownloadError
         from agent.engine import Engine
         from agent.errors import EdgefleetError
@@ -451,7 +451,7 @@ class ShadowHost:
             running = store.trusted_manifest(active["id"]) if active and active.get("id") \
                 else None
             if running is not None and running.input.n_features != manifest.input.n_features:
-                raise EdgefleetError(f"input width {manifest.input.n_features}, the live model "
+                raise Incompatible(f"input width {manifest.input.n_features}, the live model "
                                      f"takes {running.input.n_features}: it cannot score the "
                                      "same dies")
             link._event("verified", cmd)
@@ -469,10 +469,9 @@ class ShadowHost:
         except (EdgefleetError, OSError) as e:
             self._drop()
             part.unlink(missing_ok=True)
-            from agent.link import _REASONS, _kebab
+            from agent.wire import reason_of
 
-            kind = type(e).__name__
-            link._fail(cmd, _REASONS.get(kind) or _kebab(kind), str(e), state=state)
+            link._fail(cmd, reason_of(e), str(e), state=state)
             return
         part.replace(self.dir / f"{spec.sha256}.efb")
         self.scorer.attach(engine, manifest, digest=spec.sha256, model_id=version_id(manifest),

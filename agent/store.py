@@ -313,8 +313,9 @@ class Store:
 
         Checks: the directory exists; manifest.json hashes to the digest in the id and parses;
         every listed file exists with the listed size and SHA-256; there is no other file but
-        manifest.sig. (The signature was checked at install; it is not re-checked here, so a key
-        revoked later does not take a box off its model.) With no active version, returns []."""
+        manifest.sig. (The signature is checked whenever a version is about to serve, not here:
+        see "Revoked keys and installed models" in agent/install.py.) With no active version,
+        returns []."""
         if vid is None:
             vid = self.pointer_target("active")
             if vid is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
-from agent.link import Topics
+from agent.wire import Topics
 
 REPO_BROKER_DIR = Path(__file__).resolve().parents[1] / "broker"
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.wire import DUPLICATE_REASONS, TERMINAL_STEPS, CommandType, Health, Step
+from agent.wire import SUCCESS as WIRE_SUCCESS
 from fleet import gates as G
 from fleet.machine import IN_FLIGHT, STEP_BAD, StepStatus
 from fleet.plan import Plan, amount_of
@@ -52,14 +54,11 @@ __all__ = [
     "rollback_steps",
 ]
 
-# step -> command type, and the device step that means it worked
-STEP_COMMAND = {"shadow": "shadow", "install": "install", "rollback": "rollback",
-                "shadow-stop": "shadow-stop", "report": "report-now"}
-SUCCESS = {"shadow": "shadowing", "install": "live", "rollback": "rolled-back",
-           "shadow-stop": "shadow-stopped", "report": "reported"}
-TERMINAL_STEPS = frozenset(("live", "failed", "rolled-back", "reported", "shadowing",
-                            "shadow-stopped"))
-IGNORED_REASONS = ("replayed",)  # a refusal of a duplicate says nothing about the first
+# a rollout step -> the command type it sends, and the device step that means it worked
+STEP_COMMAND = {"shadow": CommandType.SHADOW, "install": CommandType.INSTALL,
+                "rollback": CommandType.ROLLBACK, "shadow-stop": CommandType.SHADOW_STOP,
+                "report": CommandType.REPORT_NOW}
+SUCCESS = {step: WIRE_SUCCESS[ctype] for step, ctype in STEP_COMMAND.items()}
 UNDO_STEPS = ("rollback", "shadow-stop")
 
 
@@ -150,7 +149,7 @@ def accept_event(step_device: str | None, topic_device: str, doc: Mapping[str, A
     is not a refusal of a duplicate (which says nothing about the first copy)."""
     if step_device is None or step_device != topic_device:
         return False
-    return not (doc.get("step") == "failed" and doc.get("reason") in IGNORED_REASONS)
+    return not (doc.get("step") == Step.FAILED and doc.get("reason") in DUPLICATE_REASONS)
 
 
 def fold_event(seen: Seen, doc: Mapping[str, Any]) -> None:
@@ -164,7 +163,7 @@ def settled(step: str, dev: DeviceView, digest: str) -> tuple[bool, str | None]:
     if step == "install":
         if dev.active != digest:
             return False, f"reported live, but its state shows model {dev.active} active"
-        if dev.health != "ok":
+        if dev.health != Health.OK:
             return False, f"live, but health is {dev.health}: {dev.health_reason}"
         return True, None
     if step == "shadow":
@@ -197,8 +196,8 @@ def resolve_step(step: StepView, dev: DeviceView, seen: Seen | None, ctx: Ctx,
     elif last.get("id") == cid and last.get("result"):
         outcome, reason, detail = last.get("result"), last.get("reason"), last.get("detail")
     want = SUCCESS[step.step]
-    if outcome == "failed":
-        return StepChange(StepStatus.FAILED, "failed", reason or "failed", detail)
+    if outcome == Step.FAILED:
+        return StepChange(StepStatus.FAILED, Step.FAILED, reason or "failed", detail)
     if outcome in TERMINAL_STEPS and outcome != want:  # an agent that does not know it
         return StepChange(StepStatus.FAILED, outcome, "unsupported",
                           f"the device answered {outcome!r} to a {STEP_COMMAND[step.step]} "
@@ -235,7 +234,7 @@ def budget(plan: Plan, devices: int, accepted: int = 0) -> int:
 def already_there(step: str, dev: DeviceView, digest: str) -> bool:
     """Does the device look like it is where `step` would take it (no command needed)?"""
     if step == "install":
-        return dev.active == digest and dev.health == "ok" and dev.online
+        return dev.active == digest and dev.health == Health.OK and dev.online
     if step == "shadow":
         return dev.active == digest or dev.shadow == digest
     return False

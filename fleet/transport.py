@@ -42,7 +42,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.commands import Command, InstallSpec, sign_command
 from agent.errors import EdgefleetError
 from agent.keys import load_private_key
-from agent.link import TERMINAL_STEPS, MqttConfig, Topics
+from agent.link import MqttConfig
+from agent.wire import TERMINAL_STEPS, Topics
 from fleet.broker_config import REPO_BROKER_DIR, render_acl, render_broker_config
 from fleet.selector_loop import SelectorLoop
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agent.bundle as bundle_module
 from agent.bundle import (
     BundleError,
     CorruptArchive,
@@ -291,3 +292,23 @@ def test_random_corruption_is_always_rejected_with_a_bundle_error(pristine, data
     path.write_bytes(bytes(corrupted))
     with pytest.raises(BundleError):
         verify_bundle(path, ring)
+
+
+def test_one_written_rule_for_revoked_keys_and_installed_models():
+    """docs/operations.md, docs/fleet-protocol.md and the docstrings of agent/install.py and
+    agent/bundle.py state the same rule, word for word (the tests of agent/install.py and of
+    the device link check that the code follows it)."""
+    import agent.install
+    from tests.conftest import REPO
+
+    def rule(text: str) -> str:
+        start = text.index("A model serves only while")
+        end = text.index("(`untrusted-key`).", start)
+        return " ".join(text[start:end].split())
+
+    texts = {"install.py": agent.install.__doc__, "bundle.py": bundle_module.__doc__,
+             "operations.md": (REPO / "docs" / "operations.md").read_text(),
+             "fleet-protocol.md": (REPO / "docs" / "fleet-protocol.md").read_text()}
+    rules = {name: rule(text or "") for name, text in texts.items()}
+    assert len(set(rules.values())) == 1, rules
+    assert "a rollback to it is refused" in rules["install.py"]

@@ -429,3 +429,78 @@ def test_a_model_that_does_not_load_never_goes_live(kit, inst):
         inst.install(broken)
     assert (e.value.state, e.value.kind) == ("load", "EngineError")
     assert _box(kit.root) == before and kit.slot.swaps == ["1.1.1"]
+
+
+def test_a_release_key_revoked_on_disk_stops_its_bundles_at_once(kit):
+    """The agent hands the installer the keyring it loaded at start (agent/app.py): a key
+    revoked on disk afterwards must stop the very next install, without a restart."""
+    from agent.keys import Keyring, key_id, load_private_key, revoke_key
+
+    inst = Installer.open(kit.root, Keyring.load(kit.ring), InstallConfig(),
+                          on_commit=kit.slot.swap)
+    try:
+        inst.install(kit.bundle(1))
+        revoke_key(kit.ring, key_id(load_private_key(kit.key).public_key()))
+        before = _box(kit.root)
+        with pytest.raises(InstallFailed) as e:
+            inst.install(kit.bundle(2))
+        assert (e.value.state, e.value.kind, e.value.reason) == \
+            ("verify", "SignatureError", "bundle-signature")
+        assert "revoked" in e.value.detail
+        assert _box(kit.root) == before
+    finally:
+        inst.close()
+
+
+def _second_release_key(kit: Kit) -> Path:
+    from agent.keys import generate_keypair, trust_key
+
+    pair = generate_keypair(kit.tmp / "keys", "release-b")
+    trust_key(kit.ring, pair.public_path, "release")
+    return pair.private_path
+
+
+def _revoke(kit: Kit, key: Path) -> None:
+    from agent.keys import key_id, load_private_key, revoke_key
+
+    revoke_key(kit.ring, key_id(load_private_key(key).public_key()))
+
+
+def test_a_retained_version_signed_by_a_revoked_key_is_never_rolled_back_to(kit, inst):
+    key_b = _second_release_key(kit)
+    one = kit.bundle(1)  # signed by key A
+    two = kit.tmp / "two.efb"
+    real_bundle(two, key_b, sequence=2, seed=2)
+    inst.install(one)
+    inst.install(two)
+    _revoke(kit, kit.key)
+    before = _box(kit.root)
+    with pytest.raises(InstallFailed) as e:
+        inst.rollback()
+    assert (e.value.state, e.value.reason) == ("load", "bundle-signature")
+    assert "revoked" in e.value.detail
+    assert _box(kit.root) == before and inst.store.active() == kit.vid(two)
+
+
+def test_at_restart_the_previous_version_is_verified_before_it_serves(kit):
+    """The active model is damaged at rest and the previous one was signed by a key revoked
+    since: at start-up neither may serve, the rules answer (and say why)."""
+    key_b = _second_release_key(kit)
+    one = kit.bundle(1)  # signed by key A
+    two = kit.tmp / "two.efb"
+    real_bundle(two, key_b, sequence=2, seed=2)
+    inst = kit.installer()
+    inst.install(one)
+    inst.install(two)
+    inst.close()
+    _revoke(kit, kit.key)
+    model = Store(kit.root).model_path(kit.vid(two))
+    model.write_bytes(model.read_bytes() + b"\x00")
+    inst = kit.installer()
+    try:
+        start = inst.start()
+        assert start.engine is None and start.integrity.action == "fallback"
+        assert "revoked" in start.fallback_reason and kit.vid(one) in start.fallback_reason
+        assert inst.store.active() == kit.vid(two)  # nothing moved to a revoked model
+    finally:
+        inst.close()

@@ -12,6 +12,7 @@ from agent.keys import (
     KeyFileError,
     Keyring,
     KeyringError,
+    LiveKeyring,
     RevokedKey,
     UnknownKey,
     WrongRole,
@@ -107,3 +108,55 @@ def test_keyring_file_named_for_another_key_is_refused(tmp_path: Path):
     )
     with pytest.raises(KeyringError, match="its name says 0000000000000000"):
         Keyring.load(tmp_path / "ring")
+
+
+def test_live_keyring_follows_the_directory_and_reads_it_only_when_it_changed(tmp_path: Path):
+    old = generate_keypair(tmp_path / "k", "old")
+    new = generate_keypair(tmp_path / "k", "new")
+    ring_dir = tmp_path / "ring"
+    trust_key(ring_dir, old.public_path, "release")
+    live = LiveKeyring(Keyring.load(ring_dir))  # a loaded keyring stands for its directory
+    assert live.current().public_key(old.key_id, "release")
+    assert live.current() is live.current() and live.reloads == 1  # unchanged: not re-read
+    trust_key(ring_dir, new.public_path, "release")
+    assert live.current().public_key(new.key_id, "release")
+    revoke_key(ring_dir, old.key_id)
+    with pytest.raises(RevokedKey):
+        live.current().public_key(old.key_id, "release")
+    (ring_dir / "revoked.txt").write_text("# nothing revoked\n")  # rewritten in place
+    assert live.current().public_key(old.key_id, "release")
+    assert live.reloads == 4
+    # unreadable now: refuse, never fall back to what was loaded before
+    (ring_dir / "release" / f"{old.key_id}.pub").write_text("not a key")
+    with pytest.raises(KeyFileError):
+        live.current()
+    # a keyring built in memory has no directory to follow
+    mem = Keyring({"release": {}, "fleet": {}}, frozenset())
+    assert LiveKeyring(mem).current() is mem
+
+
+def test_live_keyring_sees_a_kubernetes_secret_update(tmp_path: Path):
+    """A Secret mounted as a directory (no subPath): kubelet writes the new contents to a fresh
+    timestamped directory and swaps the `..data` symlink; the visible names are symlinks
+    through it. The keyring is flat there: `<role>.<key_id>.pub` and `revoked.txt`."""
+    rel = generate_keypair(tmp_path / "k", "rel")
+    mount = tmp_path / "keyring"
+    mount.mkdir()
+
+    def publish(version: str, revoked: str) -> None:
+        d = mount / f"..{version}"
+        d.mkdir()
+        (d / f"release.{rel.key_id}.pub").write_bytes(rel.public_path.read_bytes())
+        (d / "revoked.txt").write_text(revoked)
+        tmp = mount / "..data_tmp"
+        tmp.symlink_to(d.name)
+        os.replace(tmp, mount / "..data")
+
+    publish("2026_12_04_01", "")
+    for name in (f"release.{rel.key_id}.pub", "revoked.txt"):
+        (mount / name).symlink_to(f"..data/{name}")
+    live = LiveKeyring(mount)
+    assert live.current().public_key(rel.key_id, "release")
+    publish("2026_12_04_02", f"{rel.key_id}\n")  # the operator revoked it in the Secret
+    with pytest.raises(RevokedKey):
+        live.current().public_key(rel.key_id, "release")

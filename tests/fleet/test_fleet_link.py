@@ -241,7 +241,8 @@ def test_events_published_while_the_broker_is_down_arrive_after_it_returns(
 
 
 def test_topics_and_configuration_from_the_environment(tmp_path: Path):
-    from agent.link import LinkConfig, Topics
+    from agent.link import LinkConfig
+    from agent.wire import Topics
 
     t = Topics("plant/a")
     assert t.state("box-1") == "plant/a/device/box-1/state"
@@ -260,3 +261,42 @@ def test_topics_and_configuration_from_the_environment(tmp_path: Path):
     assert cfg.download.attempts == 3
     with pytest.raises(Exception, match="device id"):
         LinkConfig("box/1", tmp_path)
+
+
+def test_keys_revoked_on_disk_bite_at_once_on_a_running_device(
+        tmp_path: Path, broker: Broker, ctl: FleetController, fleet_keys: FleetKeys,
+        artifacts):
+    """The agent loads its keyring once at start and hands it to the installer and the link
+    (agent/app.py): revocations written to the keyring directory afterwards still apply to
+    the next bundle (release key) and the next command (fleet key), without a restart."""
+    import dataclasses
+
+    from agent.keys import Keyring, key_id, load_private_key, revoke_key
+
+    loaded = dataclasses.replace(fleet_keys, keyring=Keyring.load(fleet_keys.keyring))
+    box = make_box(tmp_path / "boxes", broker, loaded)
+    try:
+        assert ctl.wait_for(lambda c: (c.state("box-1") or {}).get("online"), 10)
+        url, sha, size = _bundle(tmp_path, fleet_keys, artifacts, 1)
+        first = ctl.install("box-1", url=url, sha256=sha, size=size, sequence=1, rollout_id="r")
+        assert ctl.wait_command(first.id, 20)["step"] == "live"
+
+        def kid(path: Path) -> str:
+            return key_id(load_private_key(path).public_key())
+
+        revoke_key(fleet_keys.keyring, kid(fleet_keys.release_key))
+        url2, sha2, size2 = _bundle(tmp_path, fleet_keys, artifacts, 2, seed=2)
+        cmd = ctl.install("box-1", url=url2, sha256=sha2, size=size2, sequence=2,
+                          rollout_id="r")
+        final = ctl.wait_command(cmd.id, 20)
+        assert (final["step"], final["reason"]) == ("failed", "bundle-signature"), final
+        assert "revoked" in final["detail"]
+        assert _settled(ctl, cmd.id)["model"]["active"]["digest"] == sha
+
+        revoke_key(fleet_keys.keyring, kid(fleet_keys.fleet_key))
+        refused = ctl.report_now("box-1")
+        ev = _refusal(ctl, refused.id)
+        assert ev["reason"] == "untrusted-key" and "revoked" in ev["detail"]
+        assert ctl.steps(refused.id) == ["failed"]  # never received, never reported
+    finally:
+        box.stop()
