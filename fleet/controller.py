@@ -158,6 +158,12 @@ class Controller:
                 if rest > 0:
                     time.sleep(rest)
                 last = time.monotonic()
+            if stop.is_set() and not self.service:
+                self.interrupt("stopped")
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a bug: never leave it running
+            if not self.service:
+                self.interrupt("interrupted")
+            raise
         finally:
             self.release_all()
 

@@ -151,13 +151,7 @@ def drive(db: StateDB, rid: str, ctl: FleetController, *, actor: str = "controll
         return rounds[0] > 1 and rid not in loop.drivers and \
             db.rollout(rid).state not in DRIVEN and not db.open_requests(rid)
 
-    try:
-        loop.run(stop, finished)
-    except BaseException:
-        loop.interrupt("interrupted")
-        raise
-    if stop.is_set():
-        loop.interrupt("stopped")
+    loop.run(stop, finished)
     return db.rollout(rid)
 
 

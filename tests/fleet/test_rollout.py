@@ -4,11 +4,13 @@ restart. The engine runs in this process; tests/fleet/test_rollout_cli.py drives
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from fleet.actions import apply
@@ -28,14 +30,52 @@ from tests.fleet.rollout_helpers import (
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 
+class Forger:
+    """A compromised device: it reads the command ids meant for others (learnable from its
+    own: `<rollout>:<device>:<step>`) and publishes `failed` for each on its *own* event
+    topic, as the broker's ACL lets it."""
+
+    def __init__(self, mqtt_config, me: str) -> None:
+        self.me, self.forged = me, 0
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5,
+                                  client_id=f"forger-{me}")
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe("edgefleet/device/+/cmd", qos=1)
+        self.client.on_message = self._on_command
+        self.client.connect(mqtt_config.host, mqtt_config.port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_command(self, client, userdata, msg) -> None:
+        body = json.loads(json.loads(msg.payload)["body"])
+        if body["device_id"] == self.me:
+            return
+        self.forged += 1
+        client.publish(f"edgefleet/device/{self.me}/event", json.dumps({
+            "v": 1, "device_id": self.me, "boot": "forged", "seq": self.forged,
+            "command_id": body["id"], "rollout_id": body["rollout_id"], "type": body["type"],
+            "step": "failed", "reason": "os-error", "detail": "forged"}), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def test_rollout_moves_every_device_through_canary_and_waves_one_command_each(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    """...and a device that answers other devices' commands from its own topic (issue 14:
+    it rolled a whole rollout back) changes nothing: an event counts only from the device
+    the command was for."""
     n = 24
     p = plan(shadow=False, canary="3", waves=(25, 100))
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
+        forger = Forger(fl.mqtt, sorted(fl.sim.devices)[-1])
         rid, row = run_in_process(fl, p)
         sniffer.close()
+        forger.close()
+        assert forger.forged >= n - 1  # every other device's install was answered falsely
         assert row.state == "succeeded", row.reason
         assert set(fl.actives().values()) == {fl.pubs["v2"].digest}
         snap = snapshot(fl.db, rid)

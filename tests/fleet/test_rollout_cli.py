@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,6 +153,10 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         assert snap["state"] == "paused" and snap["stage"] == "canary"
         r = cli("fleet", "rollout", "status", "r-one", env=env)
         assert "driver  none (nothing to drive while paused)" in r.stdout, r.stdout
+        # one rollout per device: the paused one still holds its devices
+        _one_line_error(cli("fleet", "rollout", "start", f"sha256:{v3}", "--once", *FAST,
+                            env=env), 2, "rollout r-one (paused) already targets 8",
+                        "--replace")
         r = cli("fleet", "rollout", "resume", "r-one", env=env)  # recorded; nobody drives it
         _one_line_error(r, 1, "no controller is running", "--once")
         r = cli("fleet", "rollout", "status", "r-one", env=env)
@@ -169,15 +174,20 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         r = cli("fleet", "rollout", "rollback", "r-one", "--once", env=env)
         assert r.returncode == 0 and "ROLLED-BACK" in r.stdout, r.stderr
         assert set(fl.actives().values()) == {v1}
-        # abort leaves devices as they are
+        # Ctrl-C on a one-shot driver pauses the rollout, saying so (issue 14: it stayed
+        # `running` with nobody driving it); abort then leaves devices as they are
         proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{v3}", "--id", "r-two",
                       "--canary", "2", "--bake", "30s", "--once", *FAST)
         _wait(lambda: (s := _stage(fl.db, "r-two", "canary")) and s.state == "baking", 30,
               "the second canary bake")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        row = fl.db.rollout("r-two")
+        assert row.state == "paused" and "its driver stopped (interrupted)" in row.reason
+        assert "interrupted: rollout r-two is paused" in err.splitlines()[-1]
         r = cli("fleet", "rollout", "abort", "r-two", env=env)
         assert r.returncode == 0 and "aborted" in r.stdout, r.stderr
-        proc.communicate(timeout=30)
-        assert proc.returncode == 1
         assert sorted(fl.actives().values()).count(v3) == 2
         r = cli("fleet", "rollout", "status", env=env)  # the latest
         assert r.returncode == 0 and "r-two" in r.stdout and "ABORTED" in r.stdout
