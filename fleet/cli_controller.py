@@ -1,6 +1,7 @@
 """`edgefleet fleet controller`: the long-lived process that drives every rollout
 (fleet/controller.py), with `/metrics` and `/healthz` (fleet/controller_metrics.py), and,
-optionally, rollouts declared in a Git repository (fleet/apply.py).
+optionally, rollouts declared in a Git repository (fleet/apply.py); and `edgefleet fleet
+apply -f rollout.yaml`, which records declared rollouts for it.
 
     edgefleet fleet controller --store artifacts --fleet-key keys/fleet.key \\
         [--metrics-port 9470] [--git-repo URL --git-branch main --git-path rollouts]
@@ -100,3 +101,57 @@ def controller_command(
             metrics.stop()
     if loop.lost_lease:
         raise SystemExit(1)
+
+
+def apply_command(
+    file: Path = typer.Option(..., "--file", "-f", help="YAML with one or more Rollout "
+                              "documents (apiVersion: edgefleet/v1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change on which "
+                                 "devices; touch nothing."),
+    keyring: Path = typer.Option(..., "--keyring", envvar="EDGEFLEET_KEYRING",
+                                 help="The keyring devices trust (to verify the bundle)."),
+    artifact_url: str = typer.Option(..., "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
+                                     help="Base URL devices download from."),
+    store: Path = store_opt(), db: Path = db_opt(),
+    output: str = typer.Option("text", "--output", "-o", help="text or json."),
+    mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
+    mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
+    mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
+) -> None:
+    """Make the fleet match declared rollouts, idempotently: a new spec starts a rollout
+    (superseding the one it replaces), the same spec changes nothing, the previous spec (a
+    revert) rolls the latest one back. The controller drives what this records."""
+    import dataclasses
+    import json
+
+    from agent.errors import UsageError
+    from fleet.apply import apply_doc, load_docs, plan_doc, resolve
+    from fleet.cli_options import check_output
+    from fleet.cli_rollout import _need_controller
+    from fleet.inventory import Inventory, open_controller
+    from fleet.state import actor
+
+    check_output(output)
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise UsageError(f"{file}: {e.strerror}") from None
+    docs = load_docs(text, str(file))
+    resolved = [resolve(d, store=store, keyring=keyring, artifact_url=artifact_url,
+                        where=str(file)) for d in docs]
+    database = open_db(store, db)
+    mqtt = mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key)
+    with open_controller(mqtt, prefix=prefix) as ctl:
+        inv = Inventory.from_states(ctl.devices())
+    if dry_run:
+        changes = [plan_doc(database, r, inv) for r in resolved]
+    else:
+        if any(plan_doc(database, r, inv).action != "unchanged" for r in resolved):
+            _need_controller(database, "apply", None)
+        changes = [apply_doc(database, r, inv, actor(), f"file:{file}") for r in resolved]
+    if output == "json":
+        typer.echo(json.dumps([dataclasses.asdict(c) | {"dry_run": dry_run} for c in changes],
+                              indent=2))
+        return
+    for c in changes:
+        typer.echo(("(dry run) " if dry_run else "") + c.text())
