@@ -148,6 +148,19 @@ def test_a_device_left_behind_never_makes_a_success_until_retry_brings_it(
         step = next(s for s in fl.db.steps(rid) if s.device_id == away)
         assert step.status == S_DONE  # under a new command id: a device runs an id once
         assert step.command_id.startswith(f"{rid}:{away}:install.")
+        # the same bundle again: every device is already there, which is taken only from a
+        # report made after this rollout began (asked for with report-now when needed)
+        sniffer = CommandSniffer(fl.mqtt)
+        rid2, row2 = run_in_process(fl, plan(shadow=False, canary="2", waves=(100,)))
+        sniffer.close()
+        assert row2.state == "succeeded", row2.reason
+        installs = [s for s in fl.db.steps(rid2) if s.step == "install"]
+        assert {(s.status, s.result) for s in installs} == {(S_DONE, "unchanged")}
+        assert sniffer.by_type("install") == []
+        reports = [s for s in fl.db.steps(rid2) if s.step == "report"]
+        assert {c["device_id"] for c in sniffer.by_type("report-now")} == \
+            {s.device_id for s in reports}
+        assert all(s.status == S_DONE for s in reports)
 
 
 def test_broker_restart_mid_rollout_completes(tmp_path: Path, broker: Broker,

@@ -141,3 +141,41 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
             ("wave-3", 4, "passed")]
         assert fl.db.rollout("r-kill").reason is None
         assert fl.db.lease()["owner"] is None  # released on SIGTERM
+
+
+def test_fleet_controller_bookkeeping_is_bounded_and_binds_events_to_their_device(
+        monkeypatch: pytest.MonkeyPatch):
+    """No broker needed: messages go straight to the MQTT callback. Issue 18 measured ~2 KB
+    kept per event forever; issue 14, another device's answer taken as a command's."""
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.commands import Command
+    from agent.link import MqttConfig
+    from fleet import transport
+    from fleet.transport import FleetController
+
+    monkeypatch.setattr(transport, "_SEEN_MAX", 100)
+    ctl = FleetController(MqttConfig(), fleet_key=Ed25519PrivateKey.generate())
+    sent = []
+    ctl.client.publish = lambda *a, **kw: sent.append(a)  # type: ignore[method-assign]
+    cmd = Command.new("report-now", "box-1", id="c-1", rollout_id="r")
+    ctl.publish(cmd)
+    assert sent and ctl.track("c-1") is not None
+
+    def event(device: str, seq: int, cid: str, step: str = "received") -> None:
+        ctl._on_message(ctl.client, None, SimpleNamespace(
+            topic=f"edgefleet/device/{device}/event", retain=False, payload=json.dumps({
+                "device_id": device, "boot": "b", "seq": seq, "command_id": cid,
+                "step": step}).encode()))
+
+    event("box-2", 1, cmd.id, "reported")  # forged: box-2 answers box-1's command
+    assert ctl.track("c-1").events == [] and ctl.forged == 1
+    event("box-1", 1, cmd.id, "reported")
+    assert [e["step"] for e in ctl.track("c-1").events] == ["reported"]
+    for i in range(5000):
+        event("box-3", i + 10, f"other-{i}")
+    assert len(ctl._seen_events) <= 100 and len(ctl.orphan_events()) <= 1000
+    ctl.forget("c-1")
+    assert ctl.track("c-1") is None
