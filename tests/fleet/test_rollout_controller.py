@@ -179,3 +179,38 @@ def test_fleet_controller_bookkeeping_is_bounded_and_binds_events_to_their_devic
     assert len(ctl._seen_events) <= 100 and len(ctl.orphan_events()) <= 1000
     ctl.forget("c-1")
     assert ctl.track("c-1") is None
+
+
+def test_the_shipped_controller_units_run_the_real_command_with_settings_it_reads():
+    """k3s/overlays/central/controller/deployment.yaml (rendered by kustomize) and
+    k3s/host/edgefleet-controller.service start `edgefleet fleet controller` with options and
+    environment variables the command actually has."""
+    import shutil
+
+    import typer.main
+    import yaml
+
+    from fleet.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands["controller"]  # type: ignore[attr-defined]
+    envvars = {e for p in cmd.params
+               for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
+    options = {o for p in cmd.params for o in p.opts}
+    if shutil.which("kubectl"):
+        text = subprocess.run(["kubectl", "kustomize", str(REPO / "k3s/overlays/central")],
+                              check=True, capture_output=True, text=True).stdout
+    else:
+        text = (REPO / "k3s/overlays/central/controller/deployment.yaml").read_text()
+    dep = next(d for d in yaml.safe_load_all(text)
+               if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "controller")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["fleet", "controller"] and dep["spec"]["replicas"] == 1
+    names = {e["name"] for e in c["env"]} - {"EDGEFLEET_ACTOR"}  # read by fleet.state.actor
+    assert names <= envvars, names - envvars
+    unit = (REPO / "k3s/host/edgefleet-controller.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.split("=", 1)[1].split()
+    assert argv[1:3] == ["fleet", "controller"]
+    assert {a for a in argv[3:] if a.startswith("--")} <= options
+    assert "Restart=always" in unit
