@@ -111,11 +111,15 @@ class RolloutDriver:
         self.targets = {t["device_id"]: t for t in self.db.targets(self.rid)}
         self.steps: dict[tuple[str, str], StepRow] = {}
         self.by_cid: dict[str, StepRow] = {}
+        self.reports: dict[str, StepRow] = {}  # report-now steps, by device
         for s in self.db.steps(self.rid):
             self._index(s)
             if s.status == StepStatus.SENDING and s.command_id not in self._infos:
                 s.resend_after = now + self.opt.resend_grace_s  # published by a dead driver
         self.stage_of: dict[str, int] = {d: t["stage"] for d, t in self.targets.items()}
+        self.by_stage: dict[int, list[str]] = collections.defaultdict(list)
+        for d in sorted(self.stage_of):
+            self.by_stage[self.stage_of[d]].append(d)
         self._count()
         self._prom = PrometheusClient(self.plan.prometheus, self.opt.prometheus_timeout_s) \
             if self.plan.prometheus else None
@@ -135,6 +139,8 @@ class RolloutDriver:
     def _index(self, s: StepRow) -> None:
         self.steps[(s.device_id, s.step)] = s
         self.by_cid[s.command_id] = s
+        if s.step == "report":
+            self.reports[s.device_id] = s
 
     def _stage_step(self, s: StepRow) -> int | None:
         """The stage whose progress this step counts for (None: an undo or report step)."""
@@ -356,8 +362,7 @@ class RolloutDriver:
 
     def stage_devices(self, idx: int) -> list[str]:
         """Devices of stage `idx` (the shadow stage has the canary's devices)."""
-        own = idx + 1 if self.kinds[idx] == "shadow" else idx
-        return sorted(d for d, i in self.stage_of.items() if i == own)
+        return self.by_stage[idx + 1 if self.kinds[idx] == "shadow" else idx]
 
     def _stage_steps(self, idx: int) -> list[StepRow]:
         name = "shadow" if self.kinds[idx] == "shadow" else "install"
@@ -371,7 +376,7 @@ class RolloutDriver:
                                                               "phase": "deploy"})
             stage = self.stages[idx]
         steps = self._stage_steps(idx)
-        reports = {d: s.status for (d, st), s in self.steps.items() if st == "report"}
+        reports = {d: s.status for d, s in self.reports.items()}
         dec = D.decide_deploy(steps, self.views, self.ctx, now,  # type: ignore[arg-type]
                               stage_started=stage.started or now,
                               accepted=stage.failures_accepted, reports=reports,
