@@ -21,6 +21,8 @@ covers the whole bundle.
  6. expiry                                                                  -> Expired
  7. format compatibility  format_version <= FORMAT_VERSION                  -> Incompatible
  8. anti-downgrade        sequence >= min_sequence                          -> Downgrade
+                          and, at min_sequence itself, the very version
+                          installed with it (`sequence_holder`)             -> SequenceReused
 
 Verification reads the archive without writing anything; `unpack_bundle` then writes the verified
 files into a staging directory, hashing again as it writes (the file could change between the two
@@ -73,6 +75,7 @@ from agent.manifest import (
     parse_manifest_bytes,
     utc_now,
 )
+from agent.store import version_id
 from agent.wire import Reason
 
 MANIFEST_NAME = "manifest.json"
@@ -93,6 +96,7 @@ __all__ = [
     "Limits",
     "ManifestError",
     "MissingFile",
+    "SequenceReused",
     "SignatureError",
     "UnexpectedFile",
     "UnsafeArchive",
@@ -141,6 +145,12 @@ class Incompatible(BundleError):
 
 class Downgrade(BundleError):
     reason = Reason.DOWNGRADE
+
+
+class SequenceReused(BundleError):
+    """Another bundle was installed with this sequence: a sequence names one bundle for ever."""
+
+    reason = Reason.SEQUENCE_REUSED
 
 
 @dataclass(frozen=True)
@@ -365,6 +375,7 @@ def verify_bundle(
     keyring: Keyring,
     *,
     min_sequence: int | None = None,
+    sequence_holder: str | None = None,
     now: datetime | None = None,
     limits: Limits = Limits(),
 ) -> Manifest:
@@ -394,6 +405,13 @@ def verify_bundle(
     if min_sequence is not None and manifest.sequence < min_sequence:
         raise Downgrade(
             f"{path}: sequence {manifest.sequence} is below the minimum allowed {min_sequence}"
+        )
+    if sequence_holder is not None and manifest.sequence == min_sequence \
+            and version_id(manifest) != sequence_holder:
+        raise SequenceReused(
+            f"{path}: sequence {manifest.sequence} was installed here as {sequence_holder}; "
+            f"this bundle is {version_id(manifest)}",
+            hint="give a new bundle a new sequence",
         )
     return manifest
 

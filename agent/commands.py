@@ -27,7 +27,8 @@ re-serialized before checking (see docs/fleet-protocol.md):
  9. replay        id never seen, issued after the replay floor             -> Replayed
 
 Step 9 is `ReplayGuard.check`; the caller records the id (`ReplayGuard.record`, durable) before
-it acts on the command, so the same command id runs at most once even across restarts.
+it acts on the command, so the same command id runs at most once even across restarts, and
+forgetting an id raises the replay floor, so no window reopens when the clock is set back.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import base64
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -349,16 +351,24 @@ _MISSING = _Missing()
 class ReplayGuard:
     """The command ids a device has accepted, on disk, bounded.
 
-    An id is kept until its command expires (an expired command is refused anyway), so the file
-    holds at most the commands still valid. If more than `capacity` are valid at once, the oldest
-    by issue time are dropped and the *floor* is raised to their issue time: any command issued
-    at or before the floor is refused as a possible replay. Nothing that was accepted can ever be
+    An id is kept until its command expires by the device's clock, or until more than
+    `capacity` are kept (then the oldest by issue time go). Whatever is forgotten, for either
+    reason, raises the *floor* to its issue time: any command issued at or before the floor is
+    refused as a possible replay. The floor only ever rises, and it is in the controller's time
+    (issue times), not the device's: a device clock that jumps ahead forgets commands early,
+    but when it is set back their windows stay closed. Nothing that was accepted can ever be
     accepted again. The file is replaced atomically on every `record`.
+
+    The cost: a command issued before one that was forgotten, but delivered only after that,
+    is refused too (`replayed`, "not after the replay floor"); the controller re-issues it.
+    `clock` is the device's clock (injected in tests).
     """
 
-    def __init__(self, path: Path, *, capacity: int = 1024) -> None:
+    def __init__(self, path: Path, *, capacity: int = 1024,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.path = Path(path)
         self.capacity = capacity
+        self.clock = clock
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, float]] = {}  # id -> (issued, expires), unix time
         self._floor = float("-inf")
@@ -375,7 +385,7 @@ class ReplayGuard:
                 hint="the file is replaced atomically; restore it or delete it to accept "
                      "commands issued after now only",
             ) from None
-        self._floor = float(data.get("floor") if data.get("floor") is not None else "-inf")
+        self._floor = float(data["floor"]) if data.get("floor") is not None else float("-inf")
         self._seen = {k: (float(v[0]), float(v[1])) for k, v in data.get("seen", {}).items()}
 
     def check(self, cmd: Command) -> None:
@@ -393,18 +403,23 @@ class ReplayGuard:
                 "floor (older commands were forgotten)", **ids,
             )
 
+    @property
+    def floor(self) -> float:
+        """Unix time (an issue time): commands issued at or before it are refused."""
+        return self._floor
+
     def record(self, cmd: Command, *, now: datetime | None = None) -> None:
         """Check and remember `cmd` durably (raises `Replayed` like `check`)."""
-        now_ts = (now or utc_now()).timestamp()
+        now_ts = (now or self.clock()).timestamp()
         with self._lock:
             self._check(cmd)
             self._seen[cmd.id] = (cmd.issued.timestamp(), cmd.expires.timestamp())
-            self._seen = {k: v for k, v in self._seen.items() if v[1] > now_ts}
-            if len(self._seen) > self.capacity:
-                by_age = sorted(self._seen.items(), key=lambda kv: kv[1][0])
-                for k, (issued, _) in by_age[: len(self._seen) - self.capacity]:
-                    self._floor = max(self._floor, issued)
-                    del self._seen[k]
+            forget = {k for k, (_, expires) in self._seen.items() if expires <= now_ts}
+            by_age = sorted((kv for kv in self._seen.items() if kv[0] not in forget),
+                            key=lambda kv: kv[1][0])
+            forget.update(k for k, _ in by_age[: max(0, len(by_age) - self.capacity)])
+            for k in forget:
+                self._floor = max(self._floor, self._seen.pop(k)[0])
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps({
                 "floor": None if self._floor == float("-inf") else self._floor,

@@ -9,7 +9,8 @@ still serves the old version, after it the new one.
     state       step                                                  next
     ---------   ---------------------------------------------------   ---------------------
     verify      signature, digests, expiry, sequence >= highest ever   unpack
-                installed, input width == running model's (or force)   (idle: already active)
+                installed (and, equal, the same version), input width  (idle: already active)
+                == running model's (or force)
     unpack      files to staging/<id>, fsync, rename to versions/<id>  load
     load        new ONNX Runtime session (a retained version's files   self_test
                 are re-hashed first)
@@ -496,7 +497,8 @@ class Installer:
     def _verify(self, job: _Job) -> State:
         keyring = self._keyring()
         m = verify_bundle(Path(job.bundle or ""), keyring,
-                          min_sequence=self.store.highest_sequence())
+                          min_sequence=self.store.highest_sequence(),
+                          sequence_holder=self.store.highest_holder())
         job.manifest, job.id, job.sequence = m, version_id(m), m.sequence
         running = self.store.trusted_manifest(job.from_id) if job.from_id else None
         if running is not None and not job.force and running.input.n_features != m.input.n_features:

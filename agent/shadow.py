@@ -447,7 +447,8 @@ class ShadowHost:
             return
         state = "verify"
         try:
-            manifest = verify_bundle(part, link.keyring_now(), min_sequence=highest)
+            manifest = verify_bundle(part, link.keyring_now(), min_sequence=highest,
+                                     sequence_holder=store.highest_holder())
             running = store.trusted_manifest(active["id"]) if active and active.get("id") \
                 else None
             if running is not None and running.input.n_features != manifest.input.n_features:

@@ -378,11 +378,33 @@ class Store:
                 seqs.append(int(vid.split("-", 1)[0]))
         return max(seqs) if seqs else None
 
+    def highest_holder(self) -> str | None:
+        """The version id that was installed with the highest sequence (two different bundles
+        never share a sequence): recorded with it, else found in the history or among the
+        active and previous versions (a store written before it was recorded). None if
+        unknown."""
+        rec = self.read_record()
+        highest = self.highest_sequence()
+        if highest is None:
+            return None
+        if rec.get("highest_sequence") == highest and rec.get("highest_id"):
+            return rec["highest_id"]
+        prefix = f"{highest}-"
+        for ev in reversed(rec["history"]):
+            if ev.get("event") == "install" and str(ev.get("id") or "").startswith(prefix):
+                return ev["id"]
+        for vid in (self.active(), self.previous()):
+            if vid is not None and vid.startswith(prefix):
+                return vid
+        return None
+
     def record_event(self, event: dict[str, Any], *, sequence: int | None = None) -> None:
         """Append an event to the history (bounded) and raise the highest sequence to
-        `sequence`; written atomically."""
+        `sequence` (its holder: the event's `id`); written atomically."""
         rec = self.read_record()
         if sequence is not None:
+            if rec["highest_sequence"] is None or sequence > rec["highest_sequence"]:
+                rec["highest_id"] = event.get("id")
             rec["highest_sequence"] = max(sequence, rec["highest_sequence"] or sequence)
         rec["history"] = [*rec["history"], {"time": time.time(), **event}][-HISTORY_LIMIT:]
         atomic_write(self.record_path, json.dumps(rec, separators=(",", ":")).encode() + b"\n")

@@ -504,3 +504,19 @@ def test_at_restart_the_previous_version_is_verified_before_it_serves(kit):
         assert inst.store.active() == kit.vid(two)  # nothing moved to a revoked model
     finally:
         inst.close()
+
+
+def test_a_sequence_names_one_bundle_for_ever(kit, inst):
+    one, two = kit.bundle(1), kit.bundle(2)
+    inst.install(one)
+    inst.install(two)
+    inst.rollback()  # back on 1; 2 stays the highest sequence installed here
+    other_two = kit.bundle(2)  # signed, valid, same sequence, different content
+    before = _box(kit.root)
+    with pytest.raises(InstallFailed) as e:
+        inst.install(other_two)
+    assert (e.value.state, e.value.kind, e.value.reason) == \
+        ("verify", "SequenceReused", "sequence-reused")
+    assert kit.vid(two) in e.value.detail
+    assert _box(kit.root) == before
+    assert inst.install(two).id == kit.vid(two)  # the bundle that holds it may come back

@@ -176,3 +176,67 @@ def test_no_corruption_of_a_signed_command_is_accepted_as_another(fleet_keys, da
     except CommandError:
         return
     assert got == cmd  # only unsigned envelope whitespace may change; the command may not
+
+
+def test_a_clock_jump_ahead_then_back_cannot_reopen_a_replay_window(fleet_keys, tmp_path: Path):
+    """The device clock jumps two days ahead, a long-lived command arrives and the short-lived
+    rollback recorded before is forgotten as expired; once the clock is corrected, that
+    rollback's window is open again, and a captured copy of it must still be refused."""
+    key, _, ring = fleet_keys
+    t0 = utc_now().replace(microsecond=0)
+    clock = [t0]
+    path = tmp_path / "seen.json"
+    guard = ReplayGuard(path, clock=lambda: clock[0])
+
+    def receive(payload: bytes) -> Command:
+        cmd = verify_command(payload, Keyring.load(ring), device_id="box-1", now=clock[0])
+        guard.record(cmd)
+        return cmd
+
+    rollback = sign_command(Command.new("rollback", "box-1", id="rb-1", rollout_id="r",
+                                        now=t0, ttl=timedelta(hours=1)), key)
+    receive(rollback)
+    clock[0] = t0 + timedelta(days=2)  # NTP glitch
+    receive(sign_command(Command.new("report-now", "box-1", id="long", rollout_id="r",
+                                     now=t0 + timedelta(seconds=5), ttl=timedelta(days=30)),
+                         key))
+    assert "rb-1" not in guard  # forgotten: it had expired by the (wrong) clock
+    clock[0] = t0 + timedelta(minutes=2)  # corrected: rb-1's window is open again
+    with pytest.raises(Replayed, match="replay floor"):
+        receive(rollback)
+    with pytest.raises(Replayed):  # and after a restart
+        ReplayGuard(path, clock=lambda: clock[0]).check(
+            verify_command(rollback, Keyring.load(ring), device_id="box-1", now=clock[0]))
+    receive(sign_command(Command.new("report-now", "box-1", id="new", rollout_id="r",
+                                     now=clock[0]), key))  # newer commands still run
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 30), st.integers(-50, 50)),
+                      min_size=1, max_size=30))
+def test_the_replay_floor_never_drops_and_no_id_runs_twice(tmp_path: Path, steps):
+    """Any mix of issue times, lifetimes and device clock jumps (minutes), with a tiny capacity
+    so that both ways of forgetting happen: the floor never goes down, even across reloads, and
+    an id accepted once is refused for ever after."""
+    t0 = utc_now().replace(microsecond=0)
+    path = tmp_path / f"seen-{len(list(tmp_path.iterdir()))}.json"
+    accepted: dict[str, Command] = {}
+    floor = float("-inf")
+    for i, (issued, ttl, clock) in enumerate(steps):
+        now = t0 + timedelta(minutes=clock)
+        guard = ReplayGuard(path, capacity=3, clock=lambda now=now: now)  # a restart each step
+        assert guard.floor >= floor
+        for old in accepted.values():
+            with pytest.raises(Replayed):
+                guard.check(old)
+        cmd = Command.new("report-now", "box-1", id=f"c{i}", rollout_id="r",
+                          now=t0 + timedelta(minutes=issued), ttl=timedelta(minutes=ttl))
+        try:
+            guard.record(cmd)
+        except Replayed:
+            assert cmd.issued.timestamp() <= guard.floor
+        else:
+            accepted[cmd.id] = cmd
+        assert guard.floor >= floor
+        floor = guard.floor
