@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[optimize,dev,bench]'
+	$(PIP) install --quiet -e '.[optimize,dev,bench,controller]'
 	touch $(STAMP)
 
 $(NATIVE): agent/_jsonfloats.c $(STAMP)

@@ -1,5 +1,6 @@
-"""Rollout benchmark: the real controller (`edgefleet fleet rollout ...` in its own process)
-against simulated floors (fleet/sim.py: real device code, real ONNX Runtime traffic, shadow
+"""Rollout benchmark: the real controller service (`edgefleet fleet controller` in its own
+process; `edgefleet fleet rollout start --follow` asks it for each rollout) against simulated
+floors (fleet/sim.py: real device code, real ONNX Runtime traffic, shadow
 scoring) over a real Mosquitto, with the artifact server (`edgefleet fleet serve-artifacts`) in
 a third process.
 
@@ -20,8 +21,9 @@ Scenarios (each on a fresh broker and a fresh floor whose devices already run v1
   budget-3pct      3% of the devices fail to install, budget 5% per stage (waves 50%, 100%):
                    completes, lists them
   budget-8pct      8% fail: stops at the wave where the budget runs out, rolls back (policy)
-  kill-resume      the controller is SIGKILLed mid-wave, then `rollout resume`: completes, no
-                   command sent twice, end state equal to an uninterrupted run's
+  kill-resume      the controller service is SIGKILLed mid-wave and started again (as its
+                   supervisor would): completes, no command sent twice, end state equal to an
+                   uninterrupted run's
   broker-restart   Mosquitto restarted mid-wave: the rollout completes
 
 Device-side figures (the candidate's shadow scoring cost on the agent's p99) are measured by
@@ -112,6 +114,23 @@ class Floor:
         self.setup_s = time.monotonic() - t0
         time.sleep(max(3.0, TRAFFIC.interval_s * 3))  # every device reports traffic
         self.sniffer = CommandSniffer(self.broker.mqtt())
+        self.controller = self.start_controller()
+
+    def start_controller(self) -> subprocess.Popen:
+        """`edgefleet fleet controller`, returned once it holds the lease."""
+        proc = self.popen("fleet", "controller", "--metrics-port", "0")
+        db = StateDB(self.db_path)
+        deadline = time.monotonic() + 60
+        while not db.lease()["live"]:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the controller did not take its lease"
+            time.sleep(0.1)
+        db.close()
+        self.cpu0 = _cpu_s(proc.pid)
+        return proc
+
+    def controller_cpu_s(self) -> float:
+        return round(_cpu_s(self.controller.pid) - self.cpu0, 2)
 
     def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=REPO,
@@ -133,9 +152,17 @@ class Floor:
         return out
 
     def close(self) -> None:
+        self.controller.terminate()
+        self.controller.communicate(timeout=30)
         self.sniffer.close()
         self.sim.stop()
         self.broker.stop()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _flags(canary: int = 10, *, shadow: bool = True, extra: tuple[str, ...] = (),
@@ -143,12 +170,12 @@ def _flags(canary: int = 10, *, shadow: bool = True, extra: tuple[str, ...] = ()
     return ["--canary", str(canary), "--bake", "10s", "--wave-bake", "10s", "--waves",
             waves, "--max-parallel", "100", "--shadow-min-dies", "1000",
             "--shadow-timeout", "120s", "--min-requests", "200", "--measure-interval", "1s",
-            "--step-timeout", "60s", "--health-grace", "10s",
+            "--step-timeout", "60s", "--health-grace", "10s", "--follow",
             *([] if shadow else ["--no-shadow"]), *extra]
 
 
 def _plan_of(flags: list[str]) -> Plan:
-    kv = dict(zip(flags[::2], flags[1::2], strict=False))
+    kv = dict(zip(flags[::2], flags[1::2], strict=False))  # --follow comes after the pairs
     return Plan(canary=kv["--canary"], waves=kv["--waves"], shadow="--no-shadow" not in flags)
 
 
@@ -222,7 +249,9 @@ def scenario_scale(env: Env, n: int, shadow: bool = True) -> dict[str, Any]:
                    f"r-scale-{n}", *_flags(10, shadow=shadow))
         wall = time.monotonic() - t0
         out = {"devices": n, "setup_s": round(fl.setup_s, 1), "exit_code": r.returncode,
-               "cli_wall_s": round(wall, 2), **_report(fl.db_path, f"r-scale-{n}")}
+               "cli_wall_s": round(wall, 2), "controller_cpu_s": fl.controller_cpu_s(),
+               **_report(fl.db_path, f"r-scale-{n}")}
+        out["controller_cpu_ms_per_device"] = round(1000 * out["controller_cpu_s"] / n, 2)
         actives = fl.actives()
         out["devices_on_v2"] = sum(a == env.pubs["v2"].digest for a in actives.values())
         out["duplicate_commands"] = _dupes(fl)
@@ -284,7 +313,7 @@ def scenario_budget(env: Env, n: int, share: float) -> dict[str, Any]:
     # rounds down: 5% of a 10-device wave is 0). The failing devices are spread evenly over
     # the waves; the canary (budget 0) stays clean.
     flags = _flags(10, shadow=False, extra=("--max-failures", "5%", "--on-failure",
-                                            "rollback"), waves="50%,100%")
+                                            "rollback", "--allow-partial"), waves="50%,100%")
     stages = _expected_stages(n, flags)
     k = round(share * n)
     waves = [devs for name, devs in stages.items() if name.startswith("wave")]
@@ -320,26 +349,33 @@ def scenario_kill_resume(env: Env, n: int) -> dict[str, Any]:
         ref = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
                      "r-ref", *flags)
         fl.sniffer.commands.clear()
-        proc = fl.popen("fleet", "rollout", "start", f"sha256:{env.pubs['v3'].digest}",
-                        "--id", "r-kill", *flags)
+        start = [a for a in flags if a != "--follow"]  # the controller drives; we watch the db
+        r0 = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v3'].digest}", "--id",
+                    "r-kill", *start)
+        assert r0.returncode == 0, r0.stderr
         db = StateDB(fl.db_path)
         deadline = time.monotonic() + 300
         killed_at = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            st = {s.name: s for s in db.stages("r-kill")} if any(
-                r.id == "r-kill" for r in db.rollouts()) else {}
+        while time.monotonic() < deadline:
+            st = {s.name: s for s in db.stages("r-kill")}
             w = st.get("wave-2")
             if w is not None and w.state == "deploying":
                 done = sum(1 for s in db.steps("r-kill") if s.status == "done")
                 if done > st["canary"].devices + st["wave-1"].devices + 20:
-                    proc.send_signal(signal.SIGKILL)
+                    fl.controller.send_signal(signal.SIGKILL)
                     killed_at = {"stage": "wave-2", "devices_done": done}
                     break
             time.sleep(0.05)
-        proc.communicate(timeout=30)
+        fl.controller.communicate(timeout=30)
         t0 = time.monotonic()
-        r = fl.cli("fleet", "rollout", "resume", "r-kill")
+        fl.controller = fl.start_controller()  # the supervisor restarts it
+        while db.rollout("r-kill").state not in ("succeeded", "failed", "paused",
+                                                 "rolled-back", "aborted"):
+            assert time.monotonic() - t0 < 600, "the restarted controller did not finish"
+            time.sleep(0.2)
         resume_s = time.monotonic() - t0
+        r = subprocess.CompletedProcess([], 0 if db.rollout("r-kill").state == "succeeded"
+                                        else 1)
         time.sleep(0.5)
 
         def final(rid: str) -> dict:
@@ -348,7 +384,7 @@ def scenario_kill_resume(env: Env, n: int) -> dict[str, Any]:
                     for s in db.steps(rid)}
 
         out = {"devices": n, "reference_exit_code": ref.returncode, "killed_at": killed_at,
-               "resume_exit_code": r.returncode, "resume_s": round(resume_s, 2),
+               "resume_exit_code": r.returncode, "restart_to_end_s": round(resume_s, 2),
                **_report(fl.db_path, "r-kill"),
                "duplicate_commands": _dupes(fl),
                "commands_sent": len(fl.sniffer.commands),

@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from agent.errors import EdgefleetError, UsageError
+from fleet.cli_controller import apply_command, controller_command
 from fleet.cli_options import check_output, mqtt_config, mqtt_opts, output_opt, store_opt
 from fleet.cli_rollout import rollout_app
 
@@ -28,6 +29,8 @@ app = typer.Typer(
     help="Publish bundles and roll them out to devices over MQTT: canary, waves, rollback.",
     no_args_is_help=True,
 )
+app.command("controller")(controller_command)  # fleet/cli_controller.py
+app.command("apply")(apply_command)
 
 # -- certificates (fleet/certs.py) ------------------------------------------------------------
 

@@ -1,11 +1,14 @@
-"""`edgefleet fleet rollout ...`: start a rollout and drive it in the foreground, watch it,
-list them, pause, abort, resume or roll one back. The staging, gates and persistence are
-`fleet/rollout.py` and `fleet/state.py`; the text shown for a rollout is `fleet/rollout_view.py`.
+"""`edgefleet fleet rollout ...`: start rollouts and act on them; the controller service
+(`edgefleet fleet controller`, fleet/controller.py) drives them. Every action is a request
+in the state store that the process driving the rollout applies (fleet/actions.py); without a
+running controller the commands say so, and `--once` drives the rollout from this terminal
+(scripts, the demo). The staging, gates and persistence are fleet/plan.py, fleet/decide.py,
+fleet/driver.py and fleet/state.py; the text shown for a rollout is fleet/rollout_view.py.
 
     edgefleet fleet rollout start model.efb --canary 10 --bake 10m --waves 10%,50%,100% \\
-        --keyring keyring --fleet-key keys/fleet.key --artifact-url http://ctl:8080 [--dry-run]
+        --keyring keyring --artifact-url http://ctl:8080 [--replace] [--follow | --once]
     edgefleet fleet rollout status [ID] [--watch] [-o json]
-    edgefleet fleet rollout pause|resume|abort|rollback ID
+    edgefleet fleet rollout pause|resume|abort|rollback|promote|retry ID [--follow | --once]
     edgefleet fleet rollout list
 
 See docs/rollouts.md.
@@ -41,7 +44,8 @@ from fleet.rollout_view import (
 )
 
 rollout_app = typer.Typer(
-    help="Roll a bundle out in stages: shadow, canary, waves; gates; pause, resume, rollback.",
+    help="Roll a bundle out in stages (shadow, canary, waves, gates); pause, resume, abort, "
+         "rollback, promote, retry. The controller (`edgefleet fleet controller`) drives them.",
     no_args_is_help=True,
 )
 
@@ -99,6 +103,18 @@ def rollout_start(
     plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it)."),
     rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; touch nothing."),
+    replace: bool = typer.Option(False, "--replace", help="Supersede a non-final rollout "
+                                 "that targets any of the same devices (else refused)."),
+    allow_partial: bool = typer.Option(None, "--allow-partial/--no-allow-partial",
+                                       help="Succeed with devices left behind (listed); "
+                                       "default: pause naming them."),
+    exclude: str = typer.Option(None, "--exclude", help="Device ids the selector matches but "
+                                "this rollout leaves alone (comma-separated)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses or "
+                                "ends (exit 0 only when it succeeded)."),
+    once: bool = typer.Option(False, "--once", help="No controller service: drive this "
+                              "rollout from this process until it pauses or ends (Ctrl-C "
+                              "pauses it)."),
     keyring: Path = typer.Option(..., "--keyring", envvar="EDGEFLEET_KEYRING",
                                  help="The keyring devices trust (to verify the bundle)."),
     fleet_key: Path = fleet_key_opt(),
@@ -110,8 +126,9 @@ def rollout_start(
     mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
     mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
 ) -> None:
-    """Start a rollout and drive it in the foreground (progress on stderr). Exit 0 when every
-    stage passed, 1 when it paused, failed or was rolled back (resume with `rollout resume`)."""
+    """Start a rollout: the controller drives it (`--follow` watches it), or this process
+    does (`--once`, progress on stderr). With --follow or --once: exit 0 when it succeeded,
+    1 when it paused, failed or was rolled back (the message says what to run next)."""
 
     from agent.bundle import verify_bundle
     from agent.keys import Keyring
@@ -134,7 +151,9 @@ def rollout_start(
         health_grace_s=parse_duration(health_grace, "--health-grace"),
         gates=tuple(gate or ()) or None,
         min_requests=min_requests, prometheus=prometheus, prom_gates=tuple(prom_gate or ()) or None,
-        measure_interval_s=parse_duration(measure_interval, "--measure-interval"))
+        measure_interval_s=parse_duration(measure_interval, "--measure-interval"),
+        allow_partial=allow_partial,
+        exclude=tuple(x for x in exclude.split(",") if x) if exclude is not None else None)
     ring = Keyring.load(keyring)
     key = None if dry_run else load_fleet_key(fleet_key)
     if not dry_run and not artifact_url:
@@ -175,14 +194,28 @@ def rollout_start(
     with open_controller(mqtt, fleet_key=key, prefix=prefix,
                          client_id=f"edgefleet-rollout-{rid}") as ctl:
         inv = Inventory.from_states(ctl.devices())
+        R.plan_targets(plan, inv)  # a selector that matches nothing is refused first
+        if not once:
+            _need_controller(database, "rollout", "--once")
+        elif (lease := database.lease())["live"]:
+            raise UsageError(f"a controller ({lease['owner']}) is running: it drives "
+                             "rollouts", hint="drop --once (add --follow to watch)")
         R.create(database, plan, R.NewRollout(
-            R.Bundle(digest, size, url, seq, name, version), inv, actor(), rid))
+            R.Bundle(digest, size, url, seq, name, version), inv, actor(), rid),
+            replace=replace)
         snap = R.snapshot(database, rid)
         typer.echo(f"rollout {rid}: {name} {version} (sequence {seq}, sha256:{digest[:12]}) to "
                    f"{snap['devices']} devices in {len(snap['stages'])} stages: "
                    + ", ".join(f"{s['name']} {s['devices']}" for s in snap["stages"]), err=True)
-        row = _drive(database, rid, ctl, output)
-    _finish_line(database, row, output)
+        if once:
+            row = _drive(database, rid, ctl, output)
+            _finish_line(database, row, output)
+            return
+    if follow:
+        _finish_line(database, _follow(database, rid, output), output)
+        return
+    typer.echo(f"rollout {rid}: pending; the controller {database.lease()['owner']} drives it "
+               f"(watch: edgefleet fleet rollout status {rid} --watch)")
 
 
 def _sha256(path: Path) -> str:
@@ -247,32 +280,74 @@ def _print_dry_run(output: str, plan: Any, stages: Any, inv: Any, digest: str, n
     typer.echo(dry_run_text(plan, stages, inv, digest, name, version, seq))
 
 
+def _need_controller(database: Any, what: str, once_flag: str | None) -> None:
+    """Refuse (exit 1) when no controller service is running to act on `what`."""
+    if database.lease()["live"]:
+        return
+    alt = f", or pass {once_flag} to drive it from this terminal" if once_flag else ""
+    raise EdgefleetError(f"no controller is running on {database.path}: nobody would drive "
+                         f"this {what}",
+                         hint=f"start one: edgefleet fleet controller --db {database.path} "
+                              f"(docs/operations.md: systemd unit, K3s Deployment){alt}")
+
+
 def _drive(database: Any, rid: str, ctl: Any, output: str) -> Any:
-    """Run the engine with a progress display on stderr."""
+    """Drive the rollout from this process (`--once`), progress on stderr. Ctrl-C pauses it,
+    saying its driver stopped, then exits 130."""
     import sys
 
-    from fleet.rollout import Engine, EngineOptions
+    from fleet.rollout import drive, snapshot
     from fleet.state import actor
 
     tty = sys.stderr.isatty() and output == "text"
     shown: dict[str, Any] = {"lines": 0, "last": None}
 
-    def progress(snap: dict[str, Any]) -> None:
-        if tty:
-            text = render_status(snap, bars=True)
+    def progress(p: dict[str, Any]) -> None:
+        key = progress_key(p)
+        if key == shown["last"]:
+            return
+        shown["last"] = key
+        if tty:  # the full table, redrawn when something shown changes
+            text = render_status(snapshot(database, rid), bars=True)
             if shown["lines"]:
                 sys.stderr.write(f"\x1b[{shown['lines']}F\x1b[J")
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
             shown["lines"] = text.count("\n") + 1
         else:
-            key = progress_key(snap)
-            if key != shown["last"]:
-                shown["last"] = key
-                print(progress_line(snap), file=sys.stderr, flush=True)
+            print(progress_line(p), file=sys.stderr, flush=True)
 
-    engine = Engine(database, rid, ctl, EngineOptions(actor=actor(), progress=progress))
-    return engine.run()
+    try:
+        return drive(database, rid, ctl, actor=actor(), progress=progress)
+    except KeyboardInterrupt:
+        row = database.rollout(rid)
+        print(f"edgefleet: interrupted: rollout {rid} is {row.state}: {row.reason}",
+              file=sys.stderr, flush=True)
+        raise typer.Exit(130) from None
+
+
+def _follow(database: Any, rid: str, output: str, timeout: float | None = None) -> Any:
+    """Watch a rollout another process drives until it no longer needs driving; progress
+    lines on stderr. Returns its row."""
+    import sys
+    import time
+
+    from fleet.machine import DRIVEN
+    from fleet.rollout import snapshot
+
+    last = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        snap = snapshot(database, rid)
+        key = progress_key(snap)
+        if key != last and output == "text":
+            last = key
+            print(progress_line(snap), file=sys.stderr, flush=True)
+        if snap["state"] not in DRIVEN and not database.open_requests(rid):
+            return database.rollout(rid)
+        if deadline is not None and time.monotonic() > deadline:
+            return database.rollout(rid)
+        time.sleep(0.5)
 
 
 def _finish_line(database: Any, row: Any, output: str, ok: str = "succeeded") -> None:
@@ -289,20 +364,21 @@ def _finish_line(database: Any, row: Any, output: str, ok: str = "succeeded") ->
     if row.state == ok:
         return
     if row.state == "paused":
-        raise EdgefleetError(f"rollout {row.id} paused: {row.reason}",
-                             hint=f"edgefleet fleet rollout resume {row.id}, or rollback "
-                             f"{row.id}")
+        raise EdgefleetError(f"rollout {row.id} paused: {row.reason}")
     raise EdgefleetError(f"rollout {row.id} {row.state}: {row.reason}")
 
 
-def _resolve_id(database: Any, rid: str | None) -> str:
-    if rid:
-        database.rollout(rid)  # raises RolloutNotFound (exit 2)
-        return rid
-    latest = database.latest()
-    if latest is None:
-        raise UsageError("no rollouts yet", hint="start one: edgefleet fleet rollout start")
-    return latest.id
+def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
+    """The database, or None after printing that there are no rollouts (exit 0)."""
+    from fleet.state import DB_NAME
+
+    path = db or Path(store) / DB_NAME
+    if Path(path).exists():
+        database = open_db(store, db)
+        if database.latest() is not None:
+            return database
+    typer.echo("[]" if output == "json" else "no rollouts")
+    return None
 
 
 @rollout_app.command("status")
@@ -311,22 +387,29 @@ def rollout_status(
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until it stops."),
     store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
 ) -> None:
-    """Progress per stage, gate verdicts, failed devices, and (json) the audit log."""
+    """Progress per stage, gate verdicts, failed devices, who drives it and when it was last
+    heard from, and (json) the audit log."""
     import json
     import sys
     import time
 
+    from fleet.machine import DRIVEN
     from fleet.rollout import snapshot
-    from fleet.state import PAUSED, TERMINAL
 
     check_output(output)
-    database = existing_db(store, db)
-    rid = _resolve_id(database, rollout_id)
+    if rollout_id:
+        database = existing_db(store, db)
+        database.rollout(rollout_id)  # raises RolloutNotFound (exit 2)
+    else:
+        database = _no_rollouts(store, db, output)
+        if database is None:
+            return
+        rollout_id = database.latest().id
     lines = 0
     while True:
-        snap = snapshot(database, rid)
+        snap = snapshot(database, rollout_id)
         if output == "json":
-            snap["audit"] = database.audit_log(rid)
+            snap["audit"] = database.audit_log(rollout_id)
             typer.echo(json.dumps(snap, indent=2))
             return
         text = render_status(snap)
@@ -334,8 +417,9 @@ def rollout_status(
             sys.stdout.write(f"\x1b[{lines}F\x1b[J")
         typer.echo(text)
         lines = text.count("\n") + 1
-        if not watch or snap["state"] in (*TERMINAL, PAUSED):
-            return
+        if not watch or snap["state"] not in DRIVEN or (not snap["driver"]["live"] and \
+                not snap["driver"]["controller"]):
+            return  # nothing will change it (see the driver line)
         time.sleep(1.0)
 
 
@@ -348,7 +432,9 @@ def rollout_list(
     import json
 
     check_output(output)
-    database = existing_db(store, db)
+    database = _no_rollouts(store, db, output)
+    if database is None:
+        return
     rows = database.rollouts(limit)
     if output == "json":
         typer.echo(json.dumps([{
@@ -364,144 +450,115 @@ def rollout_list(
     typer.echo(rollouts_table(rows, stage_names))
 
 
-def _request(store: Path, db: Path | None, rid: str, what: str) -> tuple[Any, Any]:
-    """Hand `what` to the live driver, if there is one; returns (database, driver or None)."""
+# -- operator actions: requests to whoever drives the rollout ---------------------------------
+
+_NEEDS_DRIVER = ("resume", "rollback", "promote", "retry")
+_OK_STATE = {"rollback": "rolled-back"}
+
+
+def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, output: str,
+            follow: bool, once: bool, args: dict[str, Any] | None = None,
+            mqtt: Any = None, prefix: str = "edgefleet", fleet_key: Path | None = None,
+            wait_s: float = 30.0) -> None:
+    """One operator action. With a live driver (the controller, or a `--once` process) it
+    is queued for it and this waits for its answer; with none, it is applied here, and an
+    action that needs driving says so (or, with --once, is driven from here)."""
+    import time
+
+    from fleet.actions import apply
+    from fleet.machine import DRIVEN
     from fleet.state import actor
 
-    database = existing_db(store, db)
-    database.rollout(rid)
-    holder = database.holder(rid)
-    if holder is not None:
-        database.request(rid, what, actor())
-    return database, holder
-
-
-def _wait_state(database: Any, rid: str, states: tuple[str, ...], timeout: float) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = database.rollout(rid)
-        if row.state in states:
-            return row
-        time.sleep(0.2)
-    return database.rollout(rid)
-
-
-@rollout_app.command("pause")
-def rollout_pause(rollout_id: str = typer.Argument(..., help="Rollout id."),
-                  store: Path = store_opt(), db: Path = db_opt()) -> None:
-    """Stop sending new commands; running device steps finish. Resume with `resume`."""
-    from fleet.state import PAUSED, PENDING, RUNNING, actor
-
-    database, holder = _request(store, db, rollout_id, "pause")
-    row = database.rollout(rollout_id)
-    if row.state == PAUSED:
-        typer.echo(f"rollout {rollout_id} is already paused ({row.reason})")
-        return
-    if row.state not in (RUNNING, PENDING):
-        raise EdgefleetError(f"rollout {rollout_id} is {row.state}; only a running rollout "
-                             "can be paused")
-    if holder is None:
-        with database.tx() as c:
-            database.update(rollout_id, c, state=PAUSED,
-                            reason=f"paused by an operator ({actor()})")
-            database.audit(rollout_id, actor(), "paused", {"driver": None}, c)
-    else:
-        row = _wait_state(database, rollout_id, (PAUSED,), 15)
-    typer.echo(f"rollout {rollout_id}: {database.rollout(rollout_id).state}")
-
-
-@rollout_app.command("abort")
-def rollout_abort(rollout_id: str = typer.Argument(..., help="Rollout id."),
-                  store: Path = store_opt(), db: Path = db_opt()) -> None:
-    """Stop the rollout for good, leaving every device as it is (see `rollback` to undo)."""
-    import time
-
-    from fleet.state import ABORTED, TERMINAL, actor
-
-    database, holder = _request(store, db, rollout_id, "abort")
-    row = database.rollout(rollout_id)
-    if row.state in TERMINAL:
-        raise EdgefleetError(f"rollout {rollout_id} is already {row.state}")
-    if holder is None:
-        with database.tx() as c:
-            database.update(rollout_id, c, state=ABORTED, finished=time.time(),
-                            reason=f"aborted by an operator ({actor()})")
-            database.audit(rollout_id, actor(), "aborted", {"driver": None}, c)
-    else:
-        _wait_state(database, rollout_id, (ABORTED,), 15)
-    typer.echo(f"rollout {rollout_id}: {database.rollout(rollout_id).state}")
-
-
-def _drive_existing(rollout_id: str, store: Path, db: Path | None, fleet_key: Path | None,
-                    output: str, mqtt: Any, prefix: str, prepare: Any,
-                    ok: str = "succeeded") -> None:
-    database = existing_db(store, db)
-    database.rollout(rollout_id)
-    key = load_fleet_key(fleet_key)
-    holder = database.holder(rollout_id)
-    if holder is not None:
-        raise EdgefleetError(f"rollout {rollout_id} is being driven by {holder}",
-                             hint="pause, abort or roll it back; the driver acts on it")
-    from fleet.inventory import open_controller
-
-    with open_controller(mqtt, fleet_key=key, prefix=prefix,
-                         client_id=f"edgefleet-rollout-{rollout_id}") as ctl:
-        prepare(database)
-        row = _drive(database, rollout_id, ctl, output)
-    _finish_line(database, row, output, ok)
-
-
-@rollout_app.command("resume")
-def rollout_resume(
-    rollout_id: str = typer.Argument(..., help="Rollout id."),
-    fleet_key: Path = fleet_key_opt(),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
-    mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
-    mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
-    mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
-) -> None:
-    """Continue a paused rollout (failures so far are accepted; a bake starts again), or one
-    whose controller died, and drive it to the end in the foreground."""
-    from fleet.rollout import resume
-    from fleet.state import TERMINAL, actor
-
     check_output(output)
     database = existing_db(store, db)
+    database.rollout(rollout_id)  # RolloutNotFound: exit 2
+    who = actor()
+    holder, lease = database.holder(rollout_id), database.lease()
+    if once and (holder or lease["live"]):
+        raise UsageError(f"rollout {rollout_id} has a driver ({holder or lease['owner']})",
+                         hint="drop --once: the request goes to it")
     row = database.rollout(rollout_id)
-    if row.state in TERMINAL:
-        raise EdgefleetError(f"rollout {rollout_id} is already {row.state}; nothing to resume")
-    _drive_existing(rollout_id, store, db, fleet_key, output,
-                    mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key), prefix,
-                    lambda d: resume(d, rollout_id, actor()))
-
-
-@rollout_app.command("rollback")
-def rollout_rollback(
-    rollout_id: str = typer.Argument(..., help="Rollout id."),
-    fleet_key: Path = fleet_key_opt(),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
-    mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
-    mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
-    mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
-) -> None:
-    """Roll back every device this rollout moved to the new model and stop its shadows (also
-    after it succeeded). With a live driver, it does it; otherwise this command does."""
-    from fleet.rollout import request_rollback
-    from fleet.state import ROLLED_BACK, ROLLING_BACK, actor
-
-    check_output(output)
-    database = existing_db(store, db)
+    if action == "resume" and row.state in DRIVEN:  # nothing to change: it needs driving
+        ok, msg = True, f"rollout {rollout_id}: {row.state}, driven by " + (
+            holder or lease["owner"] or "nobody")
+    elif holder or lease["live"]:
+        seq = database.add_request(rollout_id, action, who, args)
+        deadline = time.monotonic() + wait_s
+        while (result := database.request_result(seq)) is None:
+            if time.monotonic() > deadline:
+                raise EdgefleetError(f"the controller did not answer the {action} request "
+                                     f"within {wait_s:.0f} s",
+                                     hint="see: edgefleet fleet rollout status "
+                                          f"{rollout_id}")
+            time.sleep(0.1)
+        ok, msg = result.startswith("ok: "), result.split(": ", 1)[1]
+    else:
+        ok, msg = apply(database, rollout_id, action, who, args)
+    if not ok:
+        raise EdgefleetError(msg)
     row = database.rollout(rollout_id)
-    if row.state == ROLLED_BACK:
-        raise EdgefleetError(f"rollout {rollout_id} is already rolled back")
-    holder = database.holder(rollout_id)
-    if holder is not None and row.state != ROLLING_BACK:
-        database.request(rollout_id, "rollback", actor())
-        row = _wait_state(database, rollout_id, ("rolled-back", "failed"), 600)
-        _finish_line(database, row, output, ok=ROLLED_BACK)
+    if row.state in DRIVEN and once:
+        from fleet.inventory import open_controller
+
+        key = load_fleet_key(fleet_key)
+        with open_controller(mqtt, fleet_key=key, prefix=prefix,
+                             client_id=f"edgefleet-rollout-{rollout_id}") as ctl:
+            row = _drive(database, rollout_id, ctl, output)
+        _finish_line(database, row, output, _OK_STATE.get(action, "succeeded"))
         return
-    _drive_existing(rollout_id, store, db, fleet_key, output,
-                    mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key), prefix,
-                    lambda d: request_rollback(d, rollout_id, actor()), ok=ROLLED_BACK)
+    if row.state in DRIVEN and follow:
+        _finish_line(database, _follow(database, rollout_id, output), output,
+                     _OK_STATE.get(action, "succeeded"))
+        return
+    typer.echo(msg)
+    if row.state in DRIVEN and not (holder or lease["live"]):
+        _need_controller(database, f"{action} of rollout {rollout_id} (it is recorded)",
+                         "--once")
+
+
+def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) -> None:
+    """Register `rollout <action> ID` with the shared options."""
+
+    def command(
+        rollout_id: str = typer.Argument(..., help="Rollout id."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses "
+                                    "or ends."),
+        once: bool = typer.Option(False, "--once", help="No controller running: drive it "
+                                  "from this process until it pauses or ends."),
+        full: bool = typer.Option(False, "--full", help="promote: skip the remaining waves' "
+                                  "bakes; every device left goes in one last stage."),
+        allow_partial: bool = typer.Option(False, "--allow-partial", help="resume: accept "
+                                           "the devices left behind (listed in the end "
+                                           "state)."),
+        fleet_key: Path = fleet_key_opt(),
+        store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+        mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
+        mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
+        mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
+    ) -> None:
+        args: dict[str, Any] = {}
+        if full:
+            args["full"] = True
+        if allow_partial:
+            args["allow_partial"] = True
+        operate(action, rollout_id, store=store, db=db, output=output, follow=follow,
+                once=once, args=args, prefix=prefix, fleet_key=fleet_key,
+                mqtt=mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key))
+
+    command.__doc__ = doc
+    rollout_app.command(action)(command)
+
+
+_action_command("pause", "Stop sending new commands; running device steps finish. Resume "
+                "with `resume`.")
+_action_command("resume", "Continue a paused rollout: its stage accepts the failures so far, "
+                "a paused bake bakes again; at the final check, --allow-partial accepts the "
+                "devices left behind.")
+_action_command("abort", "Stop the rollout for good, leaving every device as it is (see "
+                "`rollback` to undo).")
+_action_command("rollback", "Roll back every device this rollout moved and stop its shadows "
+                "(also after it succeeded).")
+_action_command("promote", "End the current bake now as passed; with --full, also merge the "
+                "remaining waves into one last stage (no more bakes).")
+_action_command("retry", "Command the failed, timed-out and skipped devices again (new "
+                "command ids), from the first stage that had one.")

@@ -35,6 +35,23 @@ def progress_line(snap: dict[str, Any]) -> str:
     return line
 
 
+def driver_line(snap: dict[str, Any]) -> str:
+    """Who drives the rollout and when it was last heard from; for a rollout that needs a
+    driver and has none, what to run."""
+    d = snap.get("driver") or {}
+    if d.get("live"):
+        return f"  driver  {d['owner']} (heartbeat {d.get('heartbeat_age_s')} s ago)"
+    if not d.get("needs_driver"):
+        return "  driver  none (nothing to drive while " + snap["state"] + ")"
+    if d.get("controller"):
+        return (f"  driver  none yet: the controller {d['controller']} picks it up "
+                f"(heartbeat {d.get('controller_heartbeat_age_s')} s ago)")
+    last = f"; last driver {d['owner']}, heard from {d['heartbeat_age_s']} s ago" \
+        if d.get("owner") and d.get("heartbeat_age_s") is not None else ""
+    return (f"  driver  NONE: nobody is driving it{last}; start a controller: edgefleet "
+            f"fleet controller, or: edgefleet fleet rollout resume {snap['id']} --once")
+
+
 def bar(done: int, failed: int, total: int, width: int = 24) -> str:
     if total <= 0:
         return "[" + " " * width + "]"
@@ -59,13 +76,14 @@ def render_status(snap: dict[str, Any], *, bars: bool = True) -> str:
         f"sha256:{b['digest'][:16]}  {b['size']} bytes",
         f"  started {when(snap['created'])} by {snap['created_by']}; {snap['devices']} devices"
         f"; selector {snap['plan'].get('selector') or '(all)'}",
+        driver_line(snap),
         f"  {'STAGE':<8} {'KIND':<8} {'DEVICES':>7}  {'PROGRESS':<26} {'DONE':>9} "
         f"{'FAILED':>6} {'SKIP':>4}  STATE",
     ]
     for s in snap["stages"]:
         verdict = s.get("verdict") or {}
         note = ""
-        if verdict and s["state"] in ("baking", "failed", "paused", "passed"):
+        if verdict and s["state"] in ("baking", "failed", "paused", "passed", "partial"):
             ev = verdict.get("evidence") or {}
             if s["kind"] == "shadow":
                 note = f"  {verdict.get('verdict')} ({ev.get('dies', 0)} dies)"

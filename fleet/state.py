@@ -6,12 +6,12 @@ and committed before its command is published, and its command id is derived fro
 the device and the step (`<rollout>:<device>:<step>`), so a controller killed at any moment and
 resumed neither forgets a command nor issues a second, different one for the same step.
 
-Schema (version 1):
+Schema (version 2; a version-1 file gains the last three tables when opened):
 
     rollouts  id PK, created, created_by, bundle_digest, bundle_size, bundle_url, model_name,
-              model_version, sequence, plan (JSON), state, stage, phase, reason,
-              request (pause | abort | rollback, set by another process), owner, heartbeat
-              (lease of the process driving it), updated, finished
+              model_version, sequence, plan (JSON), state, stage, phase, reason, request
+              (`promote`: the driver ends the current bake), owner, heartbeat (lease of the
+              process driving it), updated, finished
     stages    (rollout_id, idx) PK, name, kind (shadow | install), devices, state, started,
               deployed, bake_started, finished, failures_accepted, verdict (JSON)
     targets   (rollout_id, device_id) PK, stage, from_digest, from_version, labels (JSON),
@@ -19,6 +19,13 @@ Schema (version 1):
     steps     (rollout_id, device_id, step) PK, command_id UNIQUE, status, result, reason,
               detail, created, sent, finished, attempts
     audit     seq PK, ts, rollout_id, actor, action, detail (JSON)
+    requests  seq PK, ts, rollout_id, action (start | pause | resume | abort | rollback |
+              promote | retry | supersede), actor, args (JSON), done, result: what operators
+              asked of the controller, applied in order by whoever drives the rollout
+    leases    name PK (`controller`), owner (`host:pid:token`), heartbeat, info (JSON): the
+              running controller service and when it was last heard from
+    declared  (name, seq) PK, rollout_id, spec_hash, spec (JSON), applied, source: each
+              version of a declarative rollout (`fleet apply`) and the rollout it became
 
 Journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only a
 killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
@@ -40,19 +47,26 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError, UsageError
+from fleet.machine import STEP_FINAL as _STEP_FINAL
+from fleet.machine import TERMINAL as _TERMINAL
+from fleet.machine import RolloutState, StepStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "rollouts.db"
 
-# rollout states
-PENDING, RUNNING, PAUSED, ROLLING_BACK = "pending", "running", "paused", "rolling-back"
-SUCCEEDED, FAILED, ROLLED_BACK, ABORTED = "succeeded", "failed", "rolled-back", "aborted"
-TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, ABORTED)
-# step statuses
-S_PENDING, S_SENDING, S_SENT, S_DONE = "pending", "sending", "sent", "done"
-S_FAILED, S_TIMEOUT, S_SKIPPED = "failed", "timeout", "skipped"
-STEP_FINAL = (S_DONE, S_FAILED, S_TIMEOUT, S_SKIPPED)
+# rollout states and step statuses (the enums of fleet/machine.py, under their old names)
+PENDING, RUNNING, PAUSED, ROLLING_BACK = (RolloutState.PENDING, RolloutState.RUNNING,
+                                          RolloutState.PAUSED, RolloutState.ROLLING_BACK)
+SUCCEEDED, FAILED, ROLLED_BACK, ABORTED = (RolloutState.SUCCEEDED, RolloutState.FAILED,
+                                           RolloutState.ROLLED_BACK, RolloutState.ABORTED)
+SUPERSEDED = RolloutState.SUPERSEDED
+TERMINAL = tuple(s for s in RolloutState if s in _TERMINAL)
+S_PENDING, S_SENDING, S_SENT, S_DONE = (StepStatus.PENDING, StepStatus.SENDING,
+                                        StepStatus.SENT, StepStatus.DONE)
+S_FAILED, S_TIMEOUT, S_SKIPPED = StepStatus.FAILED, StepStatus.TIMEOUT, StepStatus.SKIPPED
+STEP_FINAL = tuple(s for s in StepStatus if s in _STEP_FINAL)
 STEP_BAD = (S_FAILED, S_TIMEOUT)
+CONTROLLER_LEASE = "controller"
 
 __all__ = [
     "RolloutNotFound",
@@ -89,6 +103,15 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE TABLE IF NOT EXISTS audit (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT, actor TEXT NOT NULL,
   action TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS requests (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT NOT NULL,
+  action TEXT NOT NULL, actor TEXT NOT NULL, args TEXT, done REAL, result TEXT);
+CREATE TABLE IF NOT EXISTS leases (
+  name TEXT PRIMARY KEY, owner TEXT, heartbeat REAL, info TEXT);
+CREATE TABLE IF NOT EXISTS declared (
+  name TEXT NOT NULL, seq INTEGER NOT NULL, rollout_id TEXT NOT NULL, spec_hash TEXT NOT NULL,
+  spec TEXT NOT NULL, applied REAL NOT NULL, source TEXT, PRIMARY KEY (name, seq));
+CREATE INDEX IF NOT EXISTS requests_open ON requests (done, seq);
 CREATE INDEX IF NOT EXISTS steps_by_status ON steps (rollout_id, status);
 CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (rollout_id, seq);
 """
@@ -163,6 +186,7 @@ class StepRow:
     sent: float | None
     finished: float | None
     attempts: int
+    resend_after: float | None = None  # in memory only (fleet/driver.py), never stored
 
 
 class StateDB:
@@ -181,6 +205,8 @@ class StateDB:
             self._conn.executescript(_SCHEMA)
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                                (str(SCHEMA_VERSION),))
+            self._conn.execute("UPDATE meta SET value=? WHERE key='schema' AND value='1'",
+                               (str(SCHEMA_VERSION),))  # v1 -> v2: new tables only
             found = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as e:
             raise EdgefleetError(f"rollout database {self.path}: {e}") from None
@@ -253,6 +279,22 @@ class StateDB:
         return [_rollout(r) for r in
                 self._q("SELECT * FROM rollouts ORDER BY created DESC LIMIT ?", (limit,))]
 
+    def active(self) -> list[RolloutRow]:
+        """Every rollout not in a final state, oldest first."""
+        marks = ",".join("?" * len(TERMINAL))
+        return [_rollout(r) for r in self._q(
+            f"SELECT * FROM rollouts WHERE state NOT IN ({marks}) ORDER BY created",
+            tuple(str(t) for t in TERMINAL))]
+
+    def state_counts(self) -> dict[str, int]:
+        """Rollouts per state."""
+        return {r["state"]: r["n"] for r in
+                self._q("SELECT state, COUNT(*) AS n FROM rollouts GROUP BY state")}
+
+    def target_ids(self, rid: str) -> list[str]:
+        return [r["device_id"] for r in
+                self._q("SELECT device_id FROM targets WHERE rollout_id=?", (rid,))]
+
     def latest(self) -> RolloutRow | None:
         rows = self.rollouts(1)
         return rows[0] if rows else None
@@ -265,14 +307,6 @@ class StateDB:
         else:
             with self.tx() as conn:
                 conn.execute(sql, (*fields.values(), rid))
-
-    def request(self, rid: str, what: str | None, who: str, detail: dict | None = None) -> None:
-        """Record an operator request (pause, abort, rollback) for the driving process."""
-        with self.tx() as c:
-            c.execute("UPDATE rollouts SET request=?, updated=? WHERE id=?",
-                      (what, time.time(), rid))
-            if what:
-                self._audit(c, rid, who, f"request-{what}", detail or {})
 
     # -- lease ---------------------------------------------------------------------------------
 
@@ -303,6 +337,86 @@ class StateDB:
         if r.owner and r.heartbeat and time.time() - r.heartbeat < stale_s and _alive(r.owner):
             return r.owner
         return None
+
+    # -- operator requests (for whoever drives the rollout) -----------------------------
+
+    def add_request(self, rid: str, action: str, who: str, args: dict | None = None,
+                    c: sqlite3.Connection | None = None) -> int:
+        """Queue an operator request; returns its sequence number (see `request_result`)."""
+        def put(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("INSERT INTO requests (ts, rollout_id, action, actor, args) "
+                               "VALUES (?,?,?,?,?)", (time.time(), rid, action, who,
+                                                      json.dumps(args or {})))
+            self._audit(conn, rid, who, f"request-{action}", args or {})
+            return int(cur.lastrowid or 0)
+
+        if c is not None:
+            return put(c)
+        with self.tx() as conn:
+            return put(conn)
+
+    def open_requests(self, rid: str | None = None) -> list[dict[str, Any]]:
+        rows = self._q("SELECT * FROM requests WHERE done IS NULL AND (? IS NULL OR "
+                       "rollout_id=?) ORDER BY seq", (rid, rid))
+        return [{**dict(r), "args": json.loads(r["args"] or "{}")} for r in rows]
+
+    def close_request(self, seq: int, result: str, c: sqlite3.Connection) -> None:
+        c.execute("UPDATE requests SET done=?, result=? WHERE seq=?", (time.time(), result, seq))
+
+    def request_result(self, seq: int) -> str | None:
+        rows = self._q("SELECT result FROM requests WHERE seq=? AND done IS NOT NULL", (seq,))
+        return rows[0]["result"] if rows else None
+
+    # -- the controller's lease ------------------------------------------------------------
+
+    def take_lease(self, owner: str, info: dict[str, Any], *, stale_s: float = 10.0,
+                   name: str = CONTROLLER_LEASE) -> str | None:
+        """Take (or renew) the named lease unless another live holder has it; returns that
+        holder, or None when `owner` holds it now."""
+        with self.tx() as c:
+            row = c.execute("SELECT owner, heartbeat FROM leases WHERE name=?",
+                            (name,)).fetchone()
+            if row is not None and row["owner"] and row["owner"] != owner and \
+                    _alive(row["owner"]) and row["heartbeat"] and \
+                    time.time() - row["heartbeat"] < stale_s:
+                return str(row["owner"])
+            c.execute("INSERT INTO leases (name, owner, heartbeat, info) VALUES (?,?,?,?) "
+                      "ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, "
+                      "heartbeat=excluded.heartbeat, info=excluded.info",
+                      (name, owner, time.time(), json.dumps(info)))
+        return None
+
+    def drop_lease(self, owner: str, name: str = CONTROLLER_LEASE) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE leases SET owner=NULL WHERE name=? AND owner=?", (name, owner))
+
+    def lease(self, name: str = CONTROLLER_LEASE, stale_s: float = 10.0) -> dict[str, Any]:
+        """{owner, heartbeat, info, live}: who holds the lease and whether it is alive."""
+        rows = self._q("SELECT * FROM leases WHERE name=?", (name,))
+        if not rows:
+            return {"owner": None, "heartbeat": None, "info": {}, "live": False}
+        r = rows[0]
+        live = bool(r["owner"] and r["heartbeat"] and time.time() - r["heartbeat"] < stale_s
+                    and _alive(r["owner"]))
+        return {"owner": r["owner"], "heartbeat": r["heartbeat"],
+                "info": json.loads(r["info"] or "{}"), "live": live}
+
+    # -- declarative rollouts ----------------------------------------------------------------
+
+    def declared(self, name: str) -> list[dict[str, Any]]:
+        """Every applied version of declarative rollout `name`, oldest first."""
+        rows = self._q("SELECT * FROM declared WHERE name=? ORDER BY seq", (name,))
+        return [{**dict(r), "spec": json.loads(r["spec"])} for r in rows]
+
+    def declared_names(self) -> list[str]:
+        return [r["name"] for r in self._q("SELECT DISTINCT name FROM declared ORDER BY name")]
+
+    def declare(self, name: str, rid: str, spec_hash: str, spec: dict[str, Any],
+                source: str | None, c: sqlite3.Connection) -> None:
+        seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM declared WHERE name=?",
+                        (name,)).fetchone()[0]
+        c.execute("INSERT INTO declared VALUES (?,?,?,?,?,?,?)",
+                  (name, seq, rid, spec_hash, json.dumps(spec), time.time(), source))
 
     # -- stages, targets, steps ------------------------------------------------------------
 

@@ -103,7 +103,7 @@ export EDGEFLEET_KEYRING=$OUT/keyring EDGEFLEET_FLEET_KEY=$OUT/keys/fleet.key \
 ROLLOUT=(-l site=lab --canary 1 --waves 100% --bake 15s --shadow-min-dies 300 --min-requests 50
          --shadow-timeout 2m --step-timeout 2m)
 "$EF" fleet rollout start "$OUT/build-v2/model.efb" "${ROLLOUT[@]}" --dry-run
-"$EF" fleet rollout start "$OUT/build-v2/model.efb" "${ROLLOUT[@]}"
+"$EF" fleet rollout start "$OUT/build-v2/model.efb" "${ROLLOUT[@]}" --once  # or: a controller
 "$EF" fleet rollout status
 "$EF" fleet devices -l site=lab
 echo "tester answers during the rollout (last summary per box):"

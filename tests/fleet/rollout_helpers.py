@@ -1,6 +1,6 @@
 """Shared set-up for the rollout tests and the rollout benchmark: a simulated floor (devices
 with traffic, already on a v1 model), published bundles, a rollout database, and a driver that
-runs the engine in-process or as the real CLI in a subprocess."""
+runs the rollout in-process or as the real CLI in a subprocess."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from agent.keys import Keyring
 from agent.link import MqttConfig
 from fleet.artifacts import ArtifactServer, Published, publish
 from fleet.inventory import Inventory, open_controller
-from fleet.rollout import Bundle, Engine, EngineOptions, NewRollout, Plan, create
+from fleet.rollout import Bundle, NewRollout, Plan, create, drive
 from fleet.sim import DeviceFaults, SimConfig, Simulator
 from fleet.simtraffic import TrafficConfig
 from fleet.state import StateDB
@@ -139,7 +139,7 @@ def run_in_process(fl: Floor, p: Plan, bundle: str = "v2", rid: str | None = Non
     with open_controller(fl.mqtt, fleet_key=fl.fleet_key, client_id=f"ctl-{rid or 'x'}") as ctl:
         wait_reporting(ctl, len(fl.sim.devices) if reporting is None else reporting)
         rid = start_rollout(fl, ctl, p, bundle, rid)
-        row = Engine(fl.db, rid, ctl, EngineOptions(actor="tester", progress=on_progress)).run()
+        row = drive(fl.db, rid, ctl, actor="tester", progress=on_progress)
     return rid, row
 
 

@@ -95,7 +95,7 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
         r = cli("fleet", "rollout", "start", f"sha256:{digest}", "-l", "site in (lab1,lab2)",
                 "--id", "r-agents", "--canary", "1", "--waves", "100%", "--bake", "3s",
                 "--shadow-min-dies", "300", "--min-requests", "50", "--measure-interval",
-                "0.5s", "--artifact-url", srv.base_url, "-o", "json", env=env)
+                "0.5s", "--artifact-url", srv.base_url, "--once", "-o", "json", env=env)
         assert r.returncode == 0, r.stderr
         snap = json.loads(r.stdout)
         assert snap["state"] == "succeeded"

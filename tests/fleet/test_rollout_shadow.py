@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.rollout import request_rollback, snapshot
+from fleet.actions import apply
+from fleet.rollout import drive, snapshot
 from tests.broker_fixtures import Broker, FleetKeys
 from tests.fleet.rollout_helpers import (
     CommandSniffer,
@@ -84,12 +85,11 @@ def test_too_little_shadow_evidence_pauses_and_never_passes(
         sniffer.sync()  # all that was sent is in
         assert sniffer.by_type("install") == []
         # the operator gives up: rolling back stops the shadows
-        request_rollback(fl.db, rid, "tester")
+        assert apply(fl.db, rid, "rollback", "tester")[0]
         from fleet.inventory import open_controller
-        from fleet.rollout import Engine, EngineOptions
 
         with open_controller(fl.mqtt, fleet_key=fl.fleet_key, client_id="ctl-rb") as ctl:
-            row = Engine(fl.db, rid, ctl, EngineOptions(actor="tester")).run()
+            row = drive(fl.db, rid, ctl, actor="tester")
         sniffer.close()
         assert row.state == "rolled-back", row.reason
         assert len(sniffer.by_type("shadow-stop")) == 2 and sniffer.by_type("rollback") == []

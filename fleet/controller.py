@@ -1,0 +1,243 @@
+"""The controller: the one long-lived process that drives every rollout (`edgefleet fleet
+controller`), or, in one-shot mode (`rollout start --once`), the same loop limited to one
+rollout in the operator's terminal.
+
+    ctl_loop = Controller(db, fleet_controller, ControllerOptions())
+    ctl_loop.run(stop_event)      # until stop_event is set (SIGTERM)
+
+What it does, every round (`step`):
+1. lease (service mode): renews the `controller` lease in the state store every
+   `heartbeat_s`; a second controller finds it held and refuses to start; a controller whose
+   lease was taken (it stalled past `stale_s`) stops driving.
+2. requests: operator actions queued in the store (`rollout pause|resume|...`), in order,
+   each applied through fleet/actions.py (the transition table) by the process that holds the
+   rollout; its driver flushes first and reloads after.
+3. pick-up: every rollout that needs driving (pending, running, rolling-back) and has no live
+   driver gets one (the per-rollout lease: `owner`, `heartbeat`); a pending one waits while
+   another non-final rollout holds any of its devices (one rollout per device). So after a
+   restart, or a kill -9, what was running is resumed.
+4. drive: `tick` every driver (fleet/driver.py); one that no longer needs driving releases
+   its rollout.
+
+A one-shot run that is interrupted (Ctrl-C) pauses its rollout, saying so, instead of leaving
+it `running` with nobody driving it; a service that stops (SIGTERM) only releases its
+rollouts, which the next controller resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import EdgefleetError
+from fleet import actions
+from fleet.driver import DriverOptions, RolloutDriver
+from fleet.machine import DRIVEN, RolloutState
+from fleet.state import StateDB
+from fleet.transport import FleetController
+
+__all__ = ["Controller", "ControllerOptions", "new_owner"]
+
+_LOG = logging.getLogger("edgefleet.fleet")
+
+
+def new_owner() -> str:
+    """`host:pid:token`: names a driving process (its liveness is checkable on this host)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass
+class ControllerOptions:
+    actor: str = "controller"
+    tick_s: float = 0.1
+    scan_s: float = 0.5
+    heartbeat_s: float = 1.0
+    stale_s: float = 10.0
+    only: frozenset[str] | None = None  # one-shot: drive just these, hold no service lease
+    driver: DriverOptions | None = None
+    on_apply: Callable[[Controller], None] | None = None  # git follow: runs every scan
+
+
+class Controller:
+    def __init__(self, db: StateDB, ctl: FleetController,
+                 options: ControllerOptions | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db, self.ctl = db, ctl
+        self.opt = options or ControllerOptions()
+        self.clock = clock
+        self.owner = new_owner()
+        self.drivers: dict[str, RolloutDriver] = {}
+        self.started = clock()
+        self.last_round = 0.0
+        self._last_beat = self._last_scan = 0.0
+        self.lost_lease: str | None = None
+        self.wake = threading.Event()
+        ctl.add_listener(lambda *_: self.wake.set())
+
+    @property
+    def service(self) -> bool:
+        return self.opt.only is None
+
+    # -- lease ------------------------------------------------------------------------
+
+    def take_lease(self) -> None:
+        """Service mode: hold the controller lease or raise `EdgefleetError` naming who
+        does."""
+        holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s)
+        if holder is not None:
+            raise EdgefleetError(f"another controller ({holder}) is running on this state store",
+                                 hint="one controller drives every rollout; stop that one "
+                                      "first")
+        self._last_beat = self.clock()
+
+    def _info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                "rollouts": sorted(self.drivers)}
+
+    def _heartbeat(self, now: float) -> None:
+        if self.service:
+            holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s)
+            if holder is not None:
+                self.lost_lease = holder
+                _LOG.error("controller lease taken by %s: stopping", holder)
+                self.drivers.clear()
+                return
+        with self.db.tx() as c:
+            c.execute("UPDATE rollouts SET heartbeat=? WHERE owner=?", (now, self.owner))
+        for rid in list(self.drivers):
+            row = self.db.rollout(rid)
+            if row.owner != self.owner:  # taken over while we were not heard from
+                _LOG.error("rollout %s taken over by %s: no longer driving it", rid, row.owner)
+                del self.drivers[rid]
+
+    # -- one round --------------------------------------------------------------------
+
+    def step(self) -> None:
+        now = self.clock()
+        if now - self._last_beat >= self.opt.heartbeat_s:
+            self._last_beat = now
+            self._heartbeat(now)
+        if self.lost_lease:
+            return
+        if now - self._last_scan >= self.opt.scan_s:
+            self._last_scan = now
+            if self.opt.on_apply is not None:
+                try:
+                    self.opt.on_apply(self)
+                except Exception:
+                    _LOG.exception("applying declared rollouts failed")
+            self._requests()
+            self._pick_up()
+        for rid, drv in list(self.drivers.items()):
+            if not drv.tick():
+                drv.flush()
+                self.db.release(rid, self.owner)
+                del self.drivers[rid]
+        self.last_round = self.clock()
+
+    def run(self, stop: threading.Event, until: Callable[[], bool] | None = None) -> None:
+        """Drive until `stop` is set (or `until()` is true, or the lease is lost)."""
+        if self.service:
+            self.take_lease()
+        last = 0.0
+        try:
+            while not stop.is_set() and not self.lost_lease:
+                self.step()
+                if until is not None and until():
+                    break
+                self.wake.wait(self.opt.tick_s)
+                self.wake.clear()
+                rest = last + 0.02 - time.monotonic()  # a message storm does not spin it
+                if rest > 0:
+                    time.sleep(rest)
+                last = time.monotonic()
+            if stop.is_set() and not self.service:
+                self.interrupt("stopped")
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a bug: never leave it running
+            if not self.service:
+                self.interrupt("interrupted")
+            raise
+        finally:
+            self.release_all()
+
+    def release_all(self) -> None:
+        for rid, drv in list(self.drivers.items()):
+            drv.flush()
+            self.db.release(rid, self.owner)
+        self.drivers.clear()
+        if self.service:
+            self.db.drop_lease(self.owner)
+
+    def interrupt(self, why: str) -> None:
+        """One-shot mode stopped early: pause what it drove, saying so."""
+        for rid, drv in list(self.drivers.items()):
+            drv.flush()
+            if drv.row.state in (RolloutState.RUNNING, RolloutState.PENDING):
+                actions.apply(self.db, rid, "pause", self.opt.actor, {
+                    "reason": f"its driver stopped ({why}); next: edgefleet fleet rollout "
+                              f"resume {rid} --once, or start a controller: edgefleet fleet "
+                              "controller"})
+
+    def _mine(self, rid: str) -> bool:
+        return self.opt.only is None or rid in self.opt.only
+
+    def _requests(self) -> None:
+        for req in self.db.open_requests():
+            rid = req["rollout_id"]
+            if not self._mine(rid):
+                continue
+            holder = self.db.holder(rid, self.opt.stale_s)
+            if holder is not None and holder != self.owner:
+                continue  # the process driving it handles it
+            drv = self.drivers.get(rid)
+            if drv is not None:
+                drv.flush()
+            ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"])
+            with self.db.tx() as c:
+                self.db.close_request(req["seq"], ("ok: " if ok else "refused: ") + msg, c)
+            if drv is not None:
+                drv.reload()
+
+    def _pick_up(self) -> None:
+        active = self.db.active()
+        busy: dict[str, str] = {}
+        for r in active:
+            if r.state != RolloutState.PENDING:
+                for d in self.db.target_ids(r.id):
+                    busy[d] = r.id
+        for r in active:
+            if r.id in self.drivers or r.state not in DRIVEN or not self._mine(r.id):
+                continue
+            if r.state == RolloutState.PENDING and any(
+                    busy.get(d, r.id) != r.id for d in self.db.target_ids(r.id)):
+                continue  # waits for the rollout it overlaps to end (superseded, say)
+            if self.db.acquire(r.id, self.owner, stale_s=self.opt.stale_s) is not None:
+                continue
+            self.db.audit(r.id, self.opt.actor, "driver", {"owner": self.owner,
+                                                           "state": r.state})
+            drv = RolloutDriver(self.db, r.id, self.ctl, self.owner,
+                                self.opt.driver or DriverOptions(actor=self.opt.actor),
+                                clock=self.clock)
+            self.drivers[r.id] = drv
+            if r.state != RolloutState.PENDING:
+                for d in drv.targets:
+                    busy[d] = r.id
+
+    # -- what /metrics and `status` show ----------------------------------------------
+
+    def healthy(self, max_age_s: float = 5.0) -> tuple[bool, str]:
+        if self.lost_lease:
+            return False, f"lease lost to {self.lost_lease}"
+        if not self.ctl.connected.is_set():
+            return False, "not connected to the MQTT broker"
+        age = self.clock() - self.last_round
+        if age > max_age_s:
+            return False, f"no round for {age:.1f} s"
+        return True, f"ok: driving {len(self.drivers)} rollouts"

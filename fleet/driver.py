@@ -1,0 +1,616 @@
+"""The rollout driver: carries out what fleet/decide.py decides for one rollout, publishes
+commands, and persists every change (fleet/state.py). It holds no rules of its own: each
+`tick` folds in the events that arrived, resolves the steps in flight, asks the decision core
+what the current phase needs, and does it. State changes go through the transition table
+(fleet/machine.py); nothing is decided by raising.
+
+    driver = RolloutDriver(db, rollout_id, ctl, owner="host:pid:tok")
+    while driver.tick():          # True while the rollout still needs driving
+        wait_for_a_message_or(0.1)
+
+Intent first: a step is committed `sending` before its command is published, with a command
+id derived from the rollout, the device and the step; a driver loaded after a crash publishes
+a `sending` step again (same id, which a device refuses to run twice) only if the device
+shows no sign of it within `resend_grace_s`.
+
+Cost: the steps in flight (at most `max_parallel`) are resolved each tick; progress is
+counters per stage, updated when a step changes, so nothing is rebuilt from the database
+while driving; a command's events are dropped once its step is final.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from agent.commands import Command, InstallSpec
+from fleet import decide as D
+from fleet import gates as G
+from fleet.machine import (
+    DRIVEN,
+    IN_FLIGHT,
+    STEP_BAD,
+    STEP_FINAL,
+    Phase,
+    RolloutState,
+    StageState,
+    StepStatus,
+    Trigger,
+    next_state,
+)
+from fleet.plan import Plan, command_id
+from fleet.prometheus import PrometheusClient
+from fleet.state import RolloutRow, StateDB, StepRow
+from fleet.transport import FleetController
+
+__all__ = ["Bundle", "DriverOptions", "RolloutDriver"]
+
+_LOG = logging.getLogger("edgefleet.fleet")
+
+
+@dataclass
+class Bundle:
+    digest: str
+    size: int
+    url: str
+    sequence: int
+    name: str
+    version: str
+
+
+@dataclass
+class DriverOptions:
+    actor: str = "controller"
+    commit_every_s: float = 0.25
+    resend_grace_s: float = 5.0  # after a restart: how long to look for a sign of a step
+    rollback_timeout_s: float | None = None  # default: the plan's step timeout
+    prometheus_timeout_s: float = 5.0
+    progress: Callable[[dict[str, Any]], None] | None = None
+
+
+class RolloutDriver:
+    """Drives one rollout; see the module docstring. Not thread-safe except `on_message`
+    (called on the network thread), which only queues."""
+
+    def __init__(self, db: StateDB, rollout_id: str, ctl: FleetController, owner: str,
+                 options: DriverOptions | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db, self.rid, self.ctl, self.owner = db, rollout_id, ctl, owner
+        self.opt = options or DriverOptions()
+        self.clock = clock
+        self._inbox: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._seen: dict[str, D.Seen] = {}
+        self._infos: dict[str, Any] = {}  # command id -> paho message info (until acked)
+        self._dirty: set[tuple[str, str]] = set()
+        self._last_commit = 0.0
+        self._next_measure = 0.0
+        self.verdict: G.Verdict | None = None
+        self.forged = 0
+        self.wake = threading.Event()
+        self._load(first=True)
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load(self, first: bool = False) -> None:
+        now = self.clock()
+        self.row: RolloutRow = self.db.rollout(self.rid)
+        self.plan = Plan.from_json(self.row.plan)
+        self.bundle = Bundle(self.row.bundle_digest, self.row.bundle_size, self.row.bundle_url,
+                             self.row.sequence or 0, self.row.model_name or "",
+                             self.row.model_version or "")
+        self.ctx = D.Ctx(self.plan, self.bundle.digest, self.row.created,
+                         self.opt.rollback_timeout_s)
+        self.stages = self.db.stages(self.rid)
+        self.kinds = [s.kind for s in self.stages]
+        self.targets = {t["device_id"]: t for t in self.db.targets(self.rid)}
+        self.steps: dict[tuple[str, str], StepRow] = {}
+        self.by_cid: dict[str, StepRow] = {}
+        self.reports: dict[str, StepRow] = {}  # report-now steps, by device
+        for s in self.db.steps(self.rid):
+            self._index(s)
+            if s.status == StepStatus.SENDING and s.command_id not in self._infos:
+                s.resend_after = now + self.opt.resend_grace_s  # published by a dead driver
+        self.stage_of: dict[str, int] = {d: t["stage"] for d, t in self.targets.items()}
+        self.by_stage: dict[int, list[str]] = collections.defaultdict(list)
+        for d in sorted(self.stage_of):
+            self.by_stage[self.stage_of[d]].append(d)
+        self._count()
+        self._prom = PrometheusClient(self.plan.prometheus, self.opt.prometheus_timeout_s) \
+            if self.plan.prometheus else None
+        if first:
+            self.ctl.add_listener(self.on_message)
+            for ev in self.ctl.orphan_events():  # delivered before our listener existed
+                if ev.get("rollout_id") == self.rid:
+                    self._inbox.append((str(ev.get("device_id")), ev))
+        self.views = {d: D.DeviceView.from_state(self.ctl.state(d)) for d in self.targets}
+
+    def reload(self) -> None:
+        """Re-read the rollout after an operator action changed it in the database; what was
+        seen and published by this driver is kept."""
+        self.flush()
+        self._load()
+
+    def _index(self, s: StepRow) -> None:
+        self.steps[(s.device_id, s.step)] = s
+        self.by_cid[s.command_id] = s
+        if s.step == "report":
+            self.reports[s.device_id] = s
+
+    def _stage_step(self, s: StepRow) -> int | None:
+        """The stage whose progress this step counts for (None: an undo or report step)."""
+        if s.step == "install":
+            return self.stage_of.get(s.device_id)
+        if s.step == "shadow":
+            idx = self.stage_of.get(s.device_id)
+            return idx - 1 if idx is not None and idx > 0 and \
+                self.kinds[idx - 1] == "shadow" else None
+        return None
+
+    def _count(self) -> None:
+        self.counts: dict[int, collections.Counter] = collections.defaultdict(
+            collections.Counter)
+        self.in_flight: set[tuple[str, str]] = set()
+        for key, s in self.steps.items():
+            idx = self._stage_step(s)
+            if idx is not None:
+                self.counts[idx][s.status] += 1
+            if s.status in IN_FLIGHT:
+                self.in_flight.add(key)
+
+    # -- messages (network thread) ------------------------------------------------------
+
+    def on_message(self, kind: str, device_id: str, doc: dict[str, Any]) -> None:
+        if kind == "event" and doc.get("rollout_id") == self.rid:
+            self._inbox.append((device_id, doc))
+            self.wake.set()
+        elif kind == "state" and device_id in self.targets:
+            self.views[device_id] = D.DeviceView.from_state(self.ctl.state(device_id))
+            self.wake.set()
+
+    def _fold_inbox(self) -> None:
+        while self._inbox:
+            device, doc = self._inbox.popleft()
+            cid = doc.get("command_id") or ""
+            step = self.by_cid.get(cid)
+            if step is None or step.status in STEP_FINAL:
+                continue
+            if not D.accept_event(step.device_id, device, doc):
+                if step.device_id != device:
+                    self.forged += 1
+                    _LOG.warning("rollout %s: dropped an event from %s for %s's command %s",
+                                 self.rid, device, step.device_id, cid)
+                continue
+            D.fold_event(self._seen.setdefault(cid, D.Seen()), doc)
+
+    # -- one round ----------------------------------------------------------------------
+
+    @property
+    def driving(self) -> bool:
+        return self.row.state in DRIVEN
+
+    def tick(self) -> bool:
+        """One round; returns whether the rollout still needs driving."""
+        self.wake.clear()
+        now = self.clock()
+        self._fold_inbox()
+        self._acks()
+        for key in list(self.in_flight):
+            self._resolve(self.steps[key], now)
+        state, phase = self.row.state, self.row.phase
+        if state == RolloutState.PENDING:
+            self._move(Trigger.START, audit="running")
+        elif state == RolloutState.RUNNING:
+            if self.row.stage >= len(self.stages) or phase == Phase.FINISH:
+                self._finish_phase(now)
+            elif phase == Phase.BAKE:
+                self._bake(self.row.stage, now)
+            else:
+                self._deploy(self.row.stage, now)
+        elif state == RolloutState.ROLLING_BACK:
+            self._roll_back(now)
+        self._commit()
+        return self.driving
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _set(self, s: StepRow, change: D.StepChange, now: float) -> None:
+        key = (s.device_id, s.step)
+        if change.status is not None and change.status != s.status:
+            idx = self._stage_step(s)
+            if idx is not None:
+                self.counts[idx][s.status] -= 1
+                self.counts[idx][change.status] += 1
+            s.status = change.status
+            if s.status in IN_FLIGHT:
+                self.in_flight.add(key)
+            else:
+                self.in_flight.discard(key)
+            if s.status in STEP_FINAL:
+                s.finished = now
+                s.reason = change.reason
+                s.detail = change.detail[:500] if change.detail else None
+                self._seen.pop(s.command_id, None)  # forgotten once applied
+                self._infos.pop(s.command_id, None)
+        if change.result is not None:
+            s.result = change.result
+        self._dirty.add(key)
+
+    def _resolve(self, s: StepRow, now: float) -> None:
+        change = D.resolve_step(s, self.views.get(s.device_id, D.DeviceView()),  # type: ignore[arg-type]
+                                self._seen.get(s.command_id), self.ctx, now)
+        if change is None:
+            return
+        if change.resend:
+            s.attempts += 1
+            s.sent, s.resend_after = now, None
+            self._dirty.add((s.device_id, s.step))
+            self.db.audit(self.rid, self.opt.actor, "resent", {
+                "command_id": s.command_id,
+                "why": "no sign of it on the device after the controller restarted"})
+            self._publish(s)
+            return
+        self._set(s, change, now)
+
+    def _acks(self) -> None:
+        """The broker's PUBACK turns `sending` into `sent`."""
+        for cid, info in list(self._infos.items()):
+            s = self.by_cid[cid]
+            if s.status != StepStatus.SENDING:
+                del self._infos[cid]
+                continue
+            try:
+                acked = info.is_published()
+            except ValueError:  # paho's queue was full: never queued; send it again
+                del self._infos[cid]
+                self._set(s, D.StepChange(StepStatus.PENDING), self.clock())
+                s.sent = None
+                continue
+            except RuntimeError:  # published while disconnected: sent after the reconnect
+                acked = bool(getattr(info, "_published", False))
+            if acked:
+                del self._infos[cid]
+                self._set(s, D.StepChange(StepStatus.SENT), self.clock())
+
+    def _add_steps(self, pairs: list[tuple[str, str]]) -> list[StepRow]:
+        new = [(d, st, command_id(self.rid, d, st)) for d, st in pairs
+               if (d, st) not in self.steps]
+        if new:
+            with self.db.tx() as c:
+                self.db.add_steps(self.rid, new, c)
+            have = {(s.device_id, s.step): s for s in self.db.steps(self.rid)}
+            for d, st, _ in new:
+                self._index(have[(d, st)])
+        return [self.steps[p] for p in pairs]
+
+    def _send(self, steps: list[StepRow]) -> None:
+        """Record the intent (committed), then publish."""
+        if not steps:
+            return
+        now = self.clock()
+        for s in steps:
+            s.sent, s.attempts = now, s.attempts + 1
+            self._set(s, D.StepChange(StepStatus.SENDING), now)
+        self._commit(force=True)
+        for s in steps:
+            self._publish(s)
+
+    def _publish(self, s: StepRow) -> None:
+        ctype = D.STEP_COMMAND[s.step]
+        spec = InstallSpec(self.bundle.url, self.bundle.digest, self.bundle.size,
+                           self.bundle.sequence) if ctype in ("install", "shadow") else None
+        ttl = timedelta(seconds=self.ctx.timeout(s.step) + 120 + (
+            self.plan.offline_wait_s if self.plan.offline == "wait" else 0))
+        cmd = Command.new(ctype, s.device_id, id=s.command_id, rollout_id=self.rid, ttl=ttl,
+                          install=spec)
+        self._infos[s.command_id] = self.ctl.publish(cmd, track=False)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def _commit(self, force: bool = False) -> None:
+        now = self.clock()
+        if not self._dirty or (not force and now - self._last_commit < self.opt.commit_every_s):
+            return
+        with self.db.tx() as c:
+            self.db.save_steps([self.steps[k] for k in self._dirty], c)
+        self._dirty.clear()
+        self._last_commit = now
+
+    def flush(self) -> None:
+        self._commit(force=True)
+
+    def _move(self, trigger: Trigger, *, reason: str | None = None, audit: str | None = None,
+              detail: dict[str, Any] | None = None, **fields: Any) -> bool:
+        """A rollout transition through the table, persisted with the dirty steps and its
+        audit record in one transaction. Returns False (and changes nothing) when the table
+        has no such move."""
+        new = next_state(self.row.state, trigger)
+        if new is None:
+            _LOG.error("rollout %s: no transition %s from %s", self.rid, trigger,
+                       self.row.state)
+            return False
+        return self._update(state=new, reason=reason, audit=audit, detail=detail, **fields)
+
+    def _update(self, *, audit: str | None = None, detail: dict[str, Any] | None = None,
+                **fields: Any) -> bool:
+        if fields.get("state") in (RolloutState.SUCCEEDED, RolloutState.FAILED,
+                                   RolloutState.ROLLED_BACK):
+            fields["finished"] = self.clock()
+        with self.db.tx() as c:
+            self.db.save_steps([self.steps[k] for k in self._dirty], c)
+            self._dirty.clear()
+            self.db.update(self.rid, c, **fields)
+            if audit:
+                self.db.audit(self.rid, self.opt.actor, audit,
+                              {"reason": fields.get("reason"), **(detail or {})}, c)
+        self.row = self.db.rollout(self.rid)
+        self._report()
+        return True
+
+    def _stage(self, idx: int, **fields: Any) -> None:
+        with self.db.tx() as c:
+            self.db.update_stage(self.rid, idx, c, **fields)
+        self.stages = self.db.stages(self.rid)
+        self._report()
+
+    # -- deploy -------------------------------------------------------------------------
+
+    def stage_devices(self, idx: int) -> list[str]:
+        """Devices of stage `idx` (the shadow stage has the canary's devices)."""
+        return self.by_stage[idx + 1 if self.kinds[idx] == "shadow" else idx]
+
+    def _stage_steps(self, idx: int) -> list[StepRow]:
+        name = "shadow" if self.kinds[idx] == "shadow" else "install"
+        return [self.steps[(d, name)] for d in self.stage_devices(idx)]
+
+    def _deploy(self, idx: int, now: float) -> None:
+        stage = self.stages[idx]
+        if stage.state in (StageState.PENDING, StageState.PAUSED) or stage.started is None:
+            self._stage(idx, state=StageState.DEPLOYING, started=stage.started or now)
+            self.db.audit(self.rid, self.opt.actor, "stage", {"stage": stage.name,
+                                                              "phase": "deploy"})
+            stage = self.stages[idx]
+        steps = self._stage_steps(idx)
+        reports = {d: s.status for d, s in self.reports.items()}
+        dec = D.decide_deploy(steps, self.views, self.ctx, now,  # type: ignore[arg-type]
+                              stage_started=stage.started or now,
+                              accepted=stage.failures_accepted, reports=reports,
+                              connected=self.ctl.connected.is_set())
+        for d, change in dec.finish.items():
+            self._set(self.steps[(d, steps[0].step)], change, now)
+        if dec.report:
+            self._send(self._add_steps([(d, "report") for d in dec.report]))
+        if dec.send:
+            name = steps[0].step
+            self._send([self.steps[(d, name)] for d in dec.send])
+        if dec.over_budget:
+            bad = [s for s in steps if s.status in STEP_BAD]
+            n_budget = D.budget(self.plan, len(steps), stage.failures_accepted)
+            shown = ", ".join(f"{s.device_id} ({s.reason})" for s in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            self._stage(idx, state=StageState.FAILED, finished=now)
+            self._on_failure(f"{stage.name}: {len(bad)} of {len(steps)} devices failed, "
+                             f"budget {n_budget}: {shown}{more}",
+                             {"stage": stage.name, "failed": [s.device_id for s in bad]},
+                             shadow=stage.kind == "shadow")
+        elif dec.deployed:
+            self._commit(force=True)
+            self._deployed(idx, now)
+
+    def _deployed(self, idx: int, now: float) -> None:
+        stage = self.stages[idx]
+        c = self.counts[idx]
+        self.db.audit(self.rid, self.opt.actor, "stage-deployed", {
+            "stage": stage.name, **{k: c.get(k, 0) for k in (StepStatus.DONE, StepStatus.FAILED,
+                                                             StepStatus.TIMEOUT,
+                                                             StepStatus.SKIPPED)}})
+        bake = D.bake_time(self.plan, self.kinds, idx)
+        if bake <= 0 and stage.kind == "install":  # no bake: no gates either
+            self._stage(idx, state=self._passed_state(idx), deployed=now, finished=now)
+            self._advance(idx)
+            return
+        self._stage(idx, state=StageState.BAKING, deployed=now, bake_started=now)
+        self._next_measure = 0.0
+        self._update(phase=Phase.BAKE)
+
+    def _passed_state(self, idx: int) -> StageState:
+        """A stage with a failed or skipped device did not simply pass."""
+        c = self.counts[idx]
+        bad = sum(c.get(k, 0) for k in (*STEP_BAD, StepStatus.SKIPPED))
+        return StageState.PARTIAL if bad else StageState.PASSED
+
+    def _advance(self, idx: int) -> None:
+        nxt = idx + 1
+        while nxt < len(self.stages) and self.stages[nxt].state == StageState.MERGED:
+            nxt += 1
+        if nxt >= len(self.stages):
+            self._update(phase=Phase.FINISH)
+        else:
+            self._update(stage=nxt, phase=Phase.DEPLOY)
+
+    def _on_failure(self, reason: str, detail: dict[str, Any], *, shadow: bool) -> None:
+        rid = self.rid
+        if shadow:  # nothing answered with the candidate: stop the shadows; the rollout failed
+            self._move(Trigger.ROLLBACK, reason=reason, audit="shadow-failed", detail=detail,
+                       phase=Phase.SHADOW_STOP)
+        elif self.plan.on_failure == "rollback":
+            self._move(Trigger.ROLLBACK, reason=reason, audit="rolling-back", detail=detail,
+                       phase=Phase.ROLLBACK)
+        else:
+            self._move(Trigger.PAUSE, reason=f"{reason}; next: edgefleet fleet rollout retry "
+                       f"{rid} (command the failed devices again), resume {rid} (accept them "
+                       f"and go on) or rollback {rid}", audit="paused", detail=detail)
+
+    # -- bake ---------------------------------------------------------------------------
+
+    def moved(self) -> set[str]:
+        """Devices this rollout made run the new model (their install step is done)."""
+        return {d for (d, st), s in self.steps.items() if st == "install"
+                and s.status == StepStatus.DONE and s.result != "unchanged"}
+
+    def measure(self, idx: int) -> G.Verdict:
+        if self.kinds[idx] == "shadow":
+            shadows = []
+            for s in self._stage_steps(idx):
+                if s.status != StepStatus.DONE:
+                    continue
+                sh = ((self.ctl.state(s.device_id) or {}).get("summary") or {}).get("shadow") \
+                    or {}
+                if sh.get("digest") == self.bundle.digest:
+                    shadows.append(sh)
+            return G.evaluate_shadow(self.plan.shadow_gate_list, shadows,
+                                     min_dies=self.plan.shadow_min_dies)
+        moved = {d for (d, st), s in self.steps.items() if st == "install"
+                 and s.status == StepStatus.DONE}
+        states = {d: self.ctl.state(d) or {} for d in self.targets}
+        new, old, baseline = D.bake_inputs(self.targets, moved, states, self.bundle.digest)
+        verdict = G.evaluate_bake(self.plan.bake_gates, new, old,
+                                  min_requests=self.plan.min_requests, baseline=baseline)
+        if self.plan.prom_gates:
+            verdict = verdict.merge(G.evaluate_prometheus(
+                self.plan.prom_gate_list, self._prom,
+                {"rollout": self.rid, "digest": self.bundle.digest,
+                 "version": self.bundle.version, "model": self.bundle.name}))
+        return verdict
+
+    def _bake(self, idx: int, now: float) -> None:
+        stage = self.stages[idx]
+        shadow = stage.kind == "shadow"
+        if self.row.request == "promote":  # an operator ended the bake early
+            self._update(request=None, audit="promoted", detail={"stage": stage.name})
+            self._bake_passed(idx, now, self.verdict, promoted=True)
+            return
+        if now >= self._next_measure:
+            self._next_measure = now + self.plan.measure_interval_s
+            self.verdict = self.measure(idx)
+            self._stage(idx, verdict=self.verdict.to_json())
+        length = D.bake_time(self.plan, self.kinds, idx)
+        outcome = D.decide_bake(shadow, stage.bake_started or now, length, self.verdict, now)
+        v = self.verdict
+        if outcome == D.BakeOutcome.FAIL and v is not None:
+            self._stage(idx, state=StageState.FAILED, finished=now)
+            self._on_failure(f"{stage.name}: gates failed: {v.explain()}",
+                             {"stage": stage.name, "verdict": v.to_json()}, shadow=shadow)
+        elif outcome == D.BakeOutcome.INCONCLUSIVE and v is not None:
+            self._stage(idx, state=StageState.PAUSED)
+            why = "not enough evidence" if shadow else "gates inconclusive"
+            hint = "" if shadow else D.explain_no_evidence(
+                len(self.moved() & set(self.stage_devices(idx))), len(self.moved()),
+                sum(1 for d in self.stage_devices(idx)
+                    if (s := self.steps.get((d, "install"))) and s.result == "unchanged"))
+            self._move(Trigger.PAUSE, reason=f"{stage.name}: {why}: {v.explain()}"
+                       + (f" ({hint})" if hint else "")
+                       + f"; next: edgefleet fleet rollout resume {self.rid} (bake again), "
+                       f"promote {self.rid} (accept the stage) or rollback {self.rid}",
+                       audit="paused", detail={"verdict": v.to_json()})
+        elif outcome == D.BakeOutcome.PASS:
+            self._bake_passed(idx, now, v)
+
+    def _bake_passed(self, idx: int, now: float, verdict: G.Verdict | None,
+                     promoted: bool = False) -> None:
+        stage = self.stages[idx]
+        state = StageState.PASSED if stage.kind == "shadow" else self._passed_state(idx)
+        self._stage(idx, state=state, finished=now)
+        self.db.audit(self.rid, self.opt.actor, "stage-passed", {
+            "stage": stage.name, "promoted": promoted,
+            "verdict": verdict.to_json() if verdict else None})
+        self.verdict = None
+        self._advance(idx)
+
+    # -- finish: the honest end ---------------------------------------------------------
+
+    def _finish_phase(self, now: float) -> None:
+        if self.row.phase != Phase.FINISH:
+            self._update(phase=Phase.FINISH)
+        views = self.views
+        targets = sorted(self.targets)
+        leftovers = D.leftover_shadows(targets, self.steps, views,  # type: ignore[arg-type]
+                                       self.bundle.digest)
+        todo = self._add_steps([(d, "shadow-stop") for d in leftovers])
+        self._send([s for s in todo if s.status == StepStatus.PENDING])
+        if any(s.status not in STEP_FINAL for s in todo):
+            return
+        behind = D.left_behind(targets, self.steps, views,  # type: ignore[arg-type]
+                               self.bundle.digest)
+        detail = {"left_behind": [{"device": d, "why": w} for d, w in behind]}
+        if not behind:
+            self._move(Trigger.SUCCEED, reason=None, audit="succeeded", detail=detail)
+            return
+        shown = ", ".join(f"{d} ({w})" for d, w in behind[:10]) + \
+            (f" and {len(behind) - 10} more" if len(behind) > 10 else "")
+        if self.plan.allow_partial:
+            self._move(Trigger.SUCCEED, reason=f"partial (allow_partial): {len(behind)} of "
+                       f"{len(targets)} devices left behind: {shown}", audit="succeeded",
+                       detail=detail)
+            return
+        self._move(Trigger.PAUSE, reason=f"{len(behind)} of {len(targets)} devices do not run "
+                   f"the bundle: {shown}; next: edgefleet fleet rollout retry {self.rid} "
+                   f"(command them again) or rollback {self.rid}", audit="paused",
+                   detail=detail)
+
+    # -- rolling back -------------------------------------------------------------------
+
+    def _roll_back(self, now: float) -> None:
+        """Let running installs and shadows finish, then roll back every device on the new
+        model and stop every shadow of the candidate; no install is sent any more."""
+        if any(k[1] in ("install", "shadow", "report") for k in self.in_flight):
+            return
+        targets = sorted(self.targets)
+        undo = D.rollback_steps(targets, self.steps, self.views,  # type: ignore[arg-type]
+                                self.bundle.digest)
+        undo = [p for p in undo if p not in self.steps or
+                self.steps[p].status != StepStatus.DONE or p[1] != "rollback"] + \
+            [p for p in self.steps if p[1] in D.UNDO_STEPS and p not in undo]
+        todo = self._add_steps(undo)
+        self._send([s for s in todo if s.status == StepStatus.PENDING])
+        if any(s.status not in STEP_FINAL for s in todo):
+            return
+        bad = [s for s in todo if s.status != StepStatus.DONE]
+        reason = self.row.reason
+        if bad:
+            shown = ", ".join(f"{s.device_id} ({s.reason})" for s in bad[:5])
+            self._move(Trigger.FAIL, reason=f"{reason}; rollback failed on {len(bad)} "
+                       f"devices: {shown}", audit="rollback-failed",
+                       detail={"failed": [s.device_id for s in bad]})
+        elif self.row.phase == Phase.SHADOW_STOP:
+            self._move(Trigger.FAIL, reason=reason, audit="failed",
+                       detail={"shadows_stopped": len(todo)})
+        else:
+            self._move(Trigger.ROLLED_BACK, reason=reason, audit="rolled-back",
+                       detail={"rolled_back": sum(s.step == "rollback" for s in todo),
+                               "shadows_stopped": sum(s.step == "shadow-stop" for s in todo)})
+
+    # -- progress -----------------------------------------------------------------------
+
+    def progress(self) -> dict[str, Any]:
+        """Where the rollout stands, from the counters (no database read)."""
+        stages = []
+        for st in self.stages:
+            c = self.counts[st.idx]
+            stages.append({
+                "name": st.name, "kind": st.kind, "state": st.state,
+                "devices": len(self.stage_devices(st.idx)) if st.state != StageState.MERGED
+                else 0,
+                "done": c.get(StepStatus.DONE, 0),
+                "failed": c.get(StepStatus.FAILED, 0) + c.get(StepStatus.TIMEOUT, 0),
+                "skipped": c.get(StepStatus.SKIPPED, 0),
+                "in_flight": c.get(StepStatus.SENDING, 0) + c.get(StepStatus.SENT, 0),
+                "pending": c.get(StepStatus.PENDING, 0),
+                "started": st.started, "bake_started": st.bake_started})
+        cur = self.stages[self.row.stage].name if self.row.stage < len(self.stages) else None
+        return {"id": self.rid, "state": self.row.state, "stage": cur, "stage_idx":
+                self.row.stage, "phase": self.row.phase, "reason": self.row.reason,
+                "devices": len(self.targets), "stages": stages,
+                "verdict": self.verdict.to_json() if self.verdict else None}
+
+    def _report(self) -> None:
+        if self.opt.progress is not None:
+            try:
+                self.opt.progress(self.progress())
+            except Exception:
+                _LOG.exception("progress callback failed")

@@ -1,0 +1,215 @@
+"""One thread for many MQTT clients: `SelectorLoop` drives paho clients with `selectors`
+(epoll) instead of one network thread per client. The simulator runs thousands of devices on
+it, the controller its one client (paho's own loop uses select(), which stalls above
+descriptor 1023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+_LOG = logging.getLogger("edgefleet.fleet")
+
+__all__ = ["SelectorLoop"]
+
+
+@dataclass
+class _Entry:
+    client: mqtt.Client
+    tick: Callable[[], None] | None
+    sock: Any = None
+    next_connect: float = 0.0
+    delay: float = 0.0
+    connected_since: float | None = None
+
+
+class SelectorLoop:
+    """Drives many paho clients (each with `connect_async` already called) from one thread with
+    `selectors`, `loop_read`, `loop_write` and `loop_misc`, instead of one network thread per
+    client (`loop_start`). Reconnects with exponential backoff and jitter. `tick` callables run
+    on the loop thread about every `tick_s` seconds and must not block.
+
+    `reconnect()` (TCP connect and TLS handshake) blocks the loop thread while it runs; against a
+    broker on the local network that is milliseconds, and a refused connection returns at once.
+    """
+
+    def __init__(self, *, reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0,
+                 tick_s: float = 1.0, name: str = "mqtt-selector") -> None:
+        self.reconnect_min_s, self.reconnect_max_s, self.tick_s = (
+            reconnect_min_s, reconnect_max_s, tick_s)
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._entries: dict[int, _Entry] = {}  # id(client) -> entry
+        self._ops: deque[Callable[[], None]] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._connect_budget = 64  # new connections per loop iteration (spreads a start burst)
+
+    def start(self) -> SelectorLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, client: mqtt.Client, tick: Callable[[], None] | None = None) -> None:
+        entry = _Entry(client, tick)
+        client.on_socket_open = lambda c, u, s: self._call(lambda: self._opened(entry, s))
+        client.on_socket_close = lambda c, u, s: self._call(lambda: self._closed(entry, s))
+        client.on_socket_register_write = lambda c, u, s: self._call(
+            lambda: self._set_write(entry, True))
+        client.on_socket_unregister_write = lambda c, u, s: self._call(
+            lambda: self._set_write(entry, False))
+        self._call(lambda: self._entries.__setitem__(id(client), entry))
+
+    def remove(self, client: mqtt.Client) -> None:
+        """Forget a client (call after `client.disconnect()`); the loop flushes nothing more."""
+        done = threading.Event()
+
+        def op() -> None:
+            entry = self._entries.pop(id(client), None)
+            if entry is not None and entry.sock is not None:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._sel.unregister(entry.sock)
+            done.set()
+
+        self._call(op)
+        if threading.current_thread() is not self._thread:
+            done.wait(5)
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def _call(self, op: Callable[[], None]) -> None:
+        self._ops.append(op)
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def _opened(self, entry: _Entry, sock: Any) -> None:
+        if id(entry.client) not in self._entries:
+            return
+        entry.sock = sock
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.client.want_write()
+                                         else 0)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.register(sock, events, entry)
+
+    def _closed(self, entry: _Entry, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(sock)
+        if entry.sock is sock:
+            entry.sock = None
+            entry.connected_since = None
+            self._schedule_reconnect(entry)
+
+    def _set_write(self, entry: _Entry, on: bool) -> None:
+        if entry.sock is None or id(entry.client) not in self._entries:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.modify(entry.sock, events, entry)
+
+    def _schedule_reconnect(self, entry: _Entry) -> None:
+        entry.delay = min(max(entry.delay * 2, self.reconnect_min_s), self.reconnect_max_s)
+        entry.next_connect = time.monotonic() + entry.delay * random.uniform(0.5, 1.0)
+
+    def _run_ops(self) -> None:
+        while self._ops:
+            op = self._ops.popleft()
+            try:
+                op()
+            except Exception:
+                _LOG.exception("selector loop operation failed")
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            self._run_ops()
+            timeout = max(0.0, min(next_tick - time.monotonic(), 0.25))
+            for key, mask in self._sel.select(timeout):
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._service(key.data, mask)
+            self._run_ops()
+            now = time.monotonic()
+            self._connect_due(now)
+            if now >= next_tick:
+                next_tick = now + self.tick_s
+                for entry in list(self._entries.values()):
+                    self._misc(entry, now)
+
+    def _service(self, entry: _Entry, mask: int) -> None:
+        client = entry.client
+        if mask & selectors.EVENT_READ:
+            rc = client.loop_read()
+            sock = entry.sock
+            # TLS: decrypted bytes may wait inside the SSL object where select cannot see them.
+            while rc == mqtt.MQTT_ERR_SUCCESS and sock is not None and \
+                    hasattr(sock, "pending") and sock.pending() > 0:
+                rc = client.loop_read()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+        if mask & selectors.EVENT_WRITE and entry.sock is not None:
+            client.loop_write()
+
+    def _misc(self, entry: _Entry, now: float) -> None:
+        client = entry.client
+        if entry.sock is not None:
+            client.loop_misc()
+            if client.is_connected():
+                entry.connected_since = entry.connected_since or now
+                if now - entry.connected_since > 10:
+                    entry.delay = 0.0  # stable again: the next loss retries quickly
+        if entry.tick is not None:
+            try:
+                entry.tick()
+            except Exception:
+                _LOG.exception("tick failed")
+
+    def _connect_due(self, now: float) -> None:
+        budget = self._connect_budget
+        for entry in list(self._entries.values()):
+            if budget <= 0:
+                self._wake()  # more to connect: come straight back
+                return
+            if entry.sock is None and now >= entry.next_connect:
+                budget -= 1
+                try:
+                    entry.client.reconnect()
+                except (OSError, ValueError, ssl.SSLError) as e:
+                    _LOG.debug("connect failed: %s", e)
+                    if entry.sock is not None:
+                        with contextlib.suppress(KeyError, ValueError, OSError):
+                            self._sel.unregister(entry.sock)
+                        entry.sock = None
+                    self._schedule_reconnect(entry)
+                else:
+                    self._run_ops()  # register the new socket now
+

@@ -1,0 +1,215 @@
+"""The controller service (`edgefleet fleet controller`, real processes): killed with SIGKILL
+mid-wave and restarted, it completes the rollout with no command sent twice and the same end
+state as an uninterrupted run would have; it holds a lease (a second one refuses to start), serves
+/metrics and /healthz, and `rollout status` shows it driving, with its heartbeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fleet.state import S_DONE, StateDB
+from tests.broker_fixtures import Broker, FleetKeys, free_port
+from tests.fleet.rollout_helpers import (
+    REPO,
+    CommandSniffer,
+    Floor,
+    cli,
+    cli_env,
+    floor,
+)
+
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
+
+FAST = ["--no-shadow", "--min-requests", "50", "--measure-interval", "0.5s",
+        "--step-timeout", "20s", "--health-grace", "5s"]
+
+
+def _controller(fl: Floor, port: int) -> subprocess.Popen:
+    """A controller as a supervisor would run it (its own process, its own session)."""
+    env = dict(os.environ, **cli_env(fl))
+    return subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "controller",
+                             "--metrics-port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _stage_devices(db: StateDB, rid: str, name: str) -> set[str]:
+    idx = next(s.idx for s in db.stages(rid) if s.name == name)
+    return {t["device_id"] for t in db.targets(rid) if t["stage"] == idx}
+
+
+def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_command(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    n = 10
+    flags = ["--canary", "2", "--waves", "30%,60%,100%", "--bake", "2s", "--wave-bake",
+             "1s", "--max-parallel", "1", *FAST]
+    with floor(tmp_path, broker, fleet_keys, n) as fl:
+        env = cli_env(fl)
+        sniffer = CommandSniffer(fl.mqtt)
+        port = free_port()
+        first = _controller(fl, port)
+        _wait(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "healthz")
+        second = _controller(fl, free_port())  # one controller per state store
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1 and "another controller" in err.splitlines()[-1], err
+        r = cli("fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}", "--id",
+                "r-kill", *flags, env=env)
+        assert r.returncode == 0 and "the controller" in r.stdout, r.stderr
+        r = cli("fleet", "rollout", "status", "r-kill", "-o", "json", env=env)
+        drv = json.loads(r.stdout)["driver"]
+        assert drv["controller"] or drv["live"]
+
+        _wait(lambda: any(s.name == "canary" and s.state == "baking"
+                          for s in fl.db.stages("r-kill")), 60, "the canary bake")
+        gate = 'edgefleet_rollout_gate_passing{gate="error_rate<=0.01",rollout="r-kill"}'
+        metrics = _wait(lambda: (m := _get(f"http://127.0.0.1:{port}/metrics")[1]) and
+                        gate in m and m, 30, "a gate verdict in /metrics")
+        assert 'edgefleet_rollout_stage{phase="bake",rollout="r-kill",stage="canary"} 1.0' \
+            in metrics
+        assert 'edgefleet_rollout_devices{rollout="r-kill",status="targeted"} 10.0' in metrics
+        assert 'edgefleet_rollouts{state="running"} 1.0' in metrics
+        owner = json.loads(cli("fleet", "rollout", "status", "r-kill", "-o", "json",
+                               env=env).stdout)["driver"]["owner"]
+        r = cli("fleet", "rollout", "status", "r-kill", env=env)
+        assert f"driver  {owner} (heartbeat" in r.stdout, r.stdout
+
+        def mid_wave():
+            st = next((s for s in fl.db.stages("r-kill") if s.name == "wave-2"), None)
+            return st is not None and st.state == "deploying" and any(
+                s.status == S_DONE for s in fl.db.steps("r-kill")
+                if s.device_id in _stage_devices(fl.db, "r-kill", "wave-2"))
+
+        _wait(mid_wave, 90, "wave-2 to be under way")
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)
+        row = fl.db.rollout("r-kill")
+        assert row.state == "running" and row.owner  # it died holding the rollout
+        r = cli("fleet", "rollout", "status", "r-kill", env=env)
+        assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
+        port2 = free_port()
+        again = _controller(fl, port2)  # the supervisor restarts it
+        try:
+            _wait(lambda: fl.db.rollout("r-kill").state == "succeeded", 90, "the rollout")
+            assert _get(f"http://127.0.0.1:{port2}/healthz") == (200, "ok: driving 0 "
+                                                                  "rollouts\n")
+        finally:
+            again.send_signal(signal.SIGTERM)
+            again.communicate(timeout=20)
+        assert again.returncode == 0
+        sniffer.close()  # waits for its own marker: anything sent before it is in
+        ids = sniffer.ids()
+        assert len(ids) == n and max(ids.values()) == 1, \
+            [i for i, c in ids.items() if c > 1]  # no device commanded twice
+        assert {c["device_id"] for c in sniffer.commands} == set(fl.sim.devices)
+        assert set(fl.actives().values()) == {fl.pubs["v3"].digest}
+
+        # the end state of an uninterrupted run: every device live on it, every stage passed
+        assert {(s.step, s.status, s.result) for s in fl.db.steps("r-kill")} == \
+            {("install", "done", "live")}
+        assert [(s.name, s.devices, s.state) for s in fl.db.stages("r-kill")] == [
+            ("canary", 2, "passed"), ("wave-1", 1, "passed"), ("wave-2", 3, "passed"),
+            ("wave-3", 4, "passed")]
+        assert fl.db.rollout("r-kill").reason is None
+        assert fl.db.lease()["owner"] is None  # released on SIGTERM
+
+
+def test_fleet_controller_bookkeeping_is_bounded_and_binds_events_to_their_device(
+        monkeypatch: pytest.MonkeyPatch):
+    """No broker needed: messages go straight to the MQTT callback. Issue 18 measured ~2 KB
+    kept per event forever; issue 14, another device's answer taken as a command's."""
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.commands import Command
+    from agent.link import MqttConfig
+    from fleet import transport
+    from fleet.transport import FleetController
+
+    monkeypatch.setattr(transport, "_SEEN_MAX", 100)
+    ctl = FleetController(MqttConfig(), fleet_key=Ed25519PrivateKey.generate())
+    sent = []
+    ctl.client.publish = lambda *a, **kw: sent.append(a)  # type: ignore[method-assign]
+    cmd = Command.new("report-now", "box-1", id="c-1", rollout_id="r")
+    ctl.publish(cmd)
+    assert sent and ctl.track("c-1") is not None
+
+    def event(device: str, seq: int, cid: str, step: str = "received") -> None:
+        ctl._on_message(ctl.client, None, SimpleNamespace(
+            topic=f"edgefleet/device/{device}/event", retain=False, payload=json.dumps({
+                "device_id": device, "boot": "b", "seq": seq, "command_id": cid,
+                "step": step}).encode()))
+
+    event("box-2", 1, cmd.id, "reported")  # forged: box-2 answers box-1's command
+    assert ctl.track("c-1").events == [] and ctl.forged == 1
+    event("box-1", 1, cmd.id, "reported")
+    assert [e["step"] for e in ctl.track("c-1").events] == ["reported"]
+    for i in range(5000):
+        event("box-3", i + 10, f"other-{i}")
+    assert len(ctl._seen_events) <= 100 and len(ctl.orphan_events()) <= 1000
+    ctl.forget("c-1")
+    assert ctl.track("c-1") is None
+
+
+def test_the_shipped_controller_units_run_the_real_command_with_settings_it_reads():
+    """k3s/overlays/central/controller/deployment.yaml (rendered by kustomize) and
+    k3s/host/edgefleet-controller.service start `edgefleet fleet controller` with options and
+    environment variables the command actually has."""
+    import shutil
+
+    import typer.main
+    import yaml
+
+    from fleet.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands["controller"]  # type: ignore[attr-defined]
+    envvars = {e for p in cmd.params
+               for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
+    options = {o for p in cmd.params for o in p.opts}
+    if shutil.which("kubectl"):
+        text = subprocess.run(["kubectl", "kustomize", str(REPO / "k3s/overlays/central")],
+                              check=True, capture_output=True, text=True).stdout
+    else:
+        text = (REPO / "k3s/overlays/central/controller/deployment.yaml").read_text()
+    dep = next(d for d in yaml.safe_load_all(text)
+               if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "controller")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["fleet", "controller"] and dep["spec"]["replicas"] == 1
+    names = {e["name"] for e in c["env"]} - {"EDGEFLEET_ACTOR"}  # read by fleet.state.actor
+    assert names <= envvars, names - envvars
+    unit = (REPO / "k3s/host/edgefleet-controller.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.split("=", 1)[1].split()
+    assert argv[1:3] == ["fleet", "controller"]
+    assert {a for a in argv[3:] if a.startswith("--")} <= options
+    assert "Restart=always" in unit
