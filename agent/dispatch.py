@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.jsonfast import PARSER as JSON_PARSER
-from agent.jsonfast import parse_batch_line, parse_predict_line
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
 from agent.protocol import (
     DECISION_LABELS,
     HEADER_SIZE,
+    JSON_PARSER,
     PROTOCOL_VERSION,
     Decision,
     ErrorCode,
@@ -125,20 +124,7 @@ class Dispatcher:
             return encode_json(error_json(ProtocolError(ErrorCode.INTERNAL, "internal error")))
 
     def _json(self, line, t0: float) -> bytes:
-        line = bytes(line)
-        p = self.runtime.active()
-        if p.available:  # params straight to float32 (agent.jsonfast), else the json module
-            if line[:1] == b"[":
-                batch = parse_batch_line(line, p.n_features)
-                if batch is not None and all(o.get("op", "predict") == "predict"
-                                             for o in batch[0]):
-                    return self._json_batch(p, batch[0], t0, batch[1])
-            else:
-                one = parse_predict_line(line, p.n_features)
-                if one is not None and one[0].get("op", "predict") == "predict":
-                    obj = one[0]
-                    return self._json_one(p, one[1], json_id(obj, "id"), json_id(obj, "die_id"),
-                                          t0)
+        line = bytes(line)  # the text checks below need bytes, not the server's memoryview
         try:
             obj = parse_json_line(line)
         except ProtocolError as e:
@@ -153,13 +139,15 @@ class Dispatcher:
             return encode_json(self._health(obj))
         if op == "info":
             return encode_json(self._info(obj))
+        p = self.runtime.active()
+        numeric = params_text_is_numeric(line)
         if isinstance(obj, list):
-            return self._json_batch(p, obj, t0)
+            return self._json_batch(p, obj, t0, numeric)
         rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
         if not p.available:
             return encode_json(self._json_unavailable(rid, die_id))
         try:
-            x = parse_params(obj, p.n_features, numeric=params_text_is_numeric(line))
+            x = parse_params(obj, p.n_features, numeric=numeric)
         except ProtocolError as e:
             self.metrics.record_error(e.code)
             return encode_json(error_json(e, rid, die_id))
@@ -174,26 +162,22 @@ class Dispatcher:
             sh.offer_one(x, row[6], p.manifest)
         return (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
 
-    def _json_batch(self, p: Predictor, items: list, t0: float,
-                    params: np.ndarray | None = None) -> bytes:
-        """Answer a batch; `params` are every item's, already read (agent.jsonfast)."""
+    def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:
+        """Answer a batch; `numeric`: every params list is known to hold numbers and nulls
+        only (`params_text_is_numeric`)."""
         if not p.available:
             return encode_json([self._json_unavailable(json_id(o, "id"), json_id(o, "die_id"))
                                 for o in items])
         answers: list[str] = [""] * len(items)
-        if params is not None:
-            x, ok_pos = params, range(len(items))
-        else:
-            ok_rows, ok_pos = [], []
-            for i, item in enumerate(items):
-                try:
-                    ok_rows.append(parse_params(item, p.n_features, f"[{i}]."))
-                    ok_pos.append(i)
-                except ProtocolError as e:
-                    self.metrics.record_error(e.code)
-                    answers[i] = _dumps(error_json(e, json_id(item, "id"),
-                                                   json_id(item, "die_id")))
-            x = np.stack(ok_rows) if ok_rows else None
+        ok_rows, ok_pos = [], []
+        for i, item in enumerate(items):
+            try:
+                ok_rows.append(parse_params(item, p.n_features, f"[{i}].", numeric=numeric))
+                ok_pos.append(i)
+            except ProtocolError as e:
+                self.metrics.record_error(e.code)
+                answers[i] = _dumps(error_json(e, json_id(item, "id"), json_id(item, "die_id")))
+        x = np.stack(ok_rows) if ok_rows else None
         if x is not None and len(x):
             records, t_inf, fallback = p.score_batch(x, np.zeros(len(x), dtype=np.uint64))
             latency = _perf() - t0

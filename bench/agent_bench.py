@@ -9,9 +9,10 @@ servers in their own processes:
   floor   ONNX Runtime in-process, one row (the agent's engine options)
   floor   Unix-socket round trip with no work (bench/echo_server.py), the binary request's size
           in and out (plain echo), and request size in / answer size out
-  agent   binary frame, one row; JSON line, one row; binary batches of --batch rows on one
-          connection (throughput), and JSON batches of 64 (not a target); 8 client processes
-          at once (binary, one row each)
+  agent   binary frame, one row; JSON line, one row, params as the shortest float32 text and
+          as 17-digit text (how many C and Python programs print a float); binary batches of
+          --batch rows on one connection (throughput), and JSON batches of 64 (not a target);
+          8 client processes at once (binary, one row each)
   agent   resident memory after all of the above (> 100k predictions); process start to /readyz
   base    the reference design: FastAPI + uvicorn on a Unix socket, same model, JSON
 
@@ -242,6 +243,9 @@ def main() -> int:
                   for i, row in enumerate(sample)]
         lines = [json.dumps({"id": i, "die_id": f"D{i}", "params": json_values(row)}).encode()
                  + b"\n" for i, row in enumerate(sample)]
+        lines17 = [json.dumps({"id": i, "die_id": f"D{i}", "params": [
+            None if v != v else float(f"{v:.17g}") for v in row.astype(np.float64).tolist()]
+        }).encode() + b"\n" for i, row in enumerate(sample)]
         onnx_path = store / "active" / "model.onnx"
         res: dict = {"model": model_name, "n_features": n, "host": {
             "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -321,6 +325,7 @@ def main() -> int:
         res["echo_sized"] = pct(echo_loop(echo_sized, frames[0], answer_size, args.requests))
         res["agent_binary"] = pct(binary_loop(sock, frames, args.requests))
         res["agent_json"] = pct(json_loop(sock, lines, args.requests))
+        res["agent_json_17"] = pct(json_loop(sock, lines17, args.requests))
         bodies = [line.rstrip(b"\n") for line in lines]
         res["fastapi"] = pct(http_loop(fa_sock, bodies, max(args.requests // 4, 2000)))
 
@@ -332,6 +337,7 @@ def main() -> int:
             "echo_plain": pct(echo_loop(echo_plain, frames[0], len(frames[0]), args.requests)),
             "agent_binary": pct(binary_loop(sock, frames, args.requests)),
             "agent_json": pct(json_loop(sock, lines, args.requests)),
+            "agent_json_17": pct(json_loop(sock, lines17, args.requests)),
         }
 
         # -- batched throughput on one connection
@@ -440,10 +446,13 @@ def judge(res: dict) -> dict:
     floor_sized = res["echo_sized"]["p50_us"] + res["ort_inprocess"]["p50_us"]
     floor = min(floor, floor_sized)  # the lower (stricter) of the two transport floors
     b, j, f = res["agent_binary"], res["agent_json"], res["fastapi"]
+    j17 = res["agent_json_17"]
     targets = [
         ("binary single-row p50 vs floor", b["p50_us"], "us", b["p50_us"] / floor, "<=", 1.5),
         ("binary single-row p99", b["p99_us"], "us", b["p99_us"] / 300, "<=", 1.0),
         ("json single-row p50 vs floor", j["p50_us"], "us", j["p50_us"] / floor, "<=", 2.5),
+        ("json 17-digit single-row p50 vs floor", j17["p50_us"], "us", j17["p50_us"] / floor,
+         "<=", 2.5),
         ("fastapi p50 / agent binary p50", f["p50_us"], "us", f["p50_us"] / b["p50_us"], ">=", 8),
         ("batched binary throughput", res["throughput"]["dies_per_s"], "dies/s",
          res["throughput"]["dies_per_s"] / 100_000, ">=", 1.0),
@@ -483,7 +492,8 @@ def print_report(r: dict) -> None:
     row(f"echo {r['echo_request_bytes']} B in, {r['agent_answer_bytes']} B out",
         r["echo_sized"])
     row("agent binary, 1 row", r["agent_binary"])
-    row(f"agent JSON, 1 row ({r['json_parser']} reader)", r["agent_json"])
+    row(f"agent JSON, 1 row ({r['json_parser']})", r["agent_json"])
+    row("agent JSON, 1 row, 17-digit numbers", r["agent_json_17"])
     row(f"agent binary, {r['concurrent']['clients']} clients", r["concurrent"])
     row("FastAPI + uvicorn, 1 row (JSON)", r["fastapi"])
     print(f"  floor = echo + ORT p50 = {r['floor_us']:.1f} us")
@@ -491,6 +501,7 @@ def print_report(r: dict) -> None:
     row("echo, unpinned", r["unpinned"]["echo_plain"])
     row("agent binary, 1 row, unpinned", r["unpinned"]["agent_binary"])
     row("agent JSON, 1 row, unpinned", r["unpinned"]["agent_json"])
+    row("agent JSON 17-digit, unpinned", r["unpinned"]["agent_json_17"])
     print(f"throughput: {r['throughput']['dies_per_s']:,.0f} dies/s "
           f"(batches of {r['throughput']['batch']}, one connection); JSON "
           f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "

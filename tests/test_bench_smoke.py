@@ -30,4 +30,4 @@ def test_agent_benchmark_runs_and_reports_every_figure(tmp_path: Path):
         "batched binary throughput", "2 clients p99.9", "start to ready"}
     assert report["agent_errors"] == 0 and report["agent_predictions"] > 1000
     assert report["throughput"]["dies_per_s"] > 0 and report["json_throughput"]["dies_per_s"] > 0
-    assert report["json_parser"] == "native"  # the figure is of the fast path boxes run
+    assert report["json_parser"] == "orjson"

@@ -261,9 +261,13 @@ def test_the_numeric_shortcut_never_lets_a_non_number_through(params, extra, spa
         assert np.array_equal(slow, fast, equal_nan=True)
 
 
-def test_the_numeric_shortcut_is_refused_for_escaped_or_repeated_keys():
+def test_the_numeric_shortcut_is_refused_for_escaped_keys_or_any_non_numeric_params():
     assert params_text_is_numeric(b'{"id":1,"params":[1,2.5,null,-3e4]}')
+    assert params_text_is_numeric(b'[{"params":[1]},{"params" : [ 2 , null ]}]')
+    assert params_text_is_numeric(b'{"x":{"params":[1]},"params":[1]}')  # both numeric
     assert not params_text_is_numeric(b'{"params":[1,true]}')
     assert not params_text_is_numeric(b'{"x":{"params":[1]},"\\u0070arams":[true]}')
-    assert not params_text_is_numeric(b'{"x":{"params":[1]},"params":[1]}')
+    assert not params_text_is_numeric(b'{"x":{"params":[true]},"params":[1]}')
+    assert not params_text_is_numeric(b'[{"params":[1]},{"params":[false]}]')
+    assert not params_text_is_numeric(b'{"die_id":"params","params":[1]}')  # a value: unsure
     assert not params_text_is_numeric(b'{"params":[1,"2"]}')
