@@ -290,7 +290,7 @@ def test_a_garbage_flood_gets_errors_and_never_stalls_other_clients(agent, model
 
 
 def test_a_stalled_half_frame_does_not_block_other_clients_and_times_out(model):
-    with running_agent(model, io_timeout_s=0.3) as agent:
+    with running_agent(model, message_timeout_s=0.3) as agent:
         stalled = _raw(agent.path)
         stalled.sendall(encode_predict(model.train[:1])[:HEADER_SIZE + 10])
         with Client(agent.path) as c:

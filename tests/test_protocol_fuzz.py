@@ -128,7 +128,7 @@ def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
     deadline = time.monotonic() + FUZZ_SECONDS
     problems: list[str] = []
     sent = [0]
-    with running_agent(model, io_timeout_s=0.2, max_line_bytes=32_768,
+    with running_agent(model, io_timeout_s=0.2, message_timeout_s=0.2, max_line_bytes=32_768,
                        max_frame_bytes=65_536) as agent:
 
         def fuzzer(k: int) -> None:
