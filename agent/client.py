@@ -6,6 +6,11 @@
         batch = c.predict_batch(matrix, die_ids)    # binary frame, many dies -> BatchResult
         obj = c.predict_json(values, die_id="W3-12-07")  # JSON line -> dict
         c.health(), c.info()
+        c.described()["n_features"]                 # info, cached; re-read on a model change
+
+Models change on a live connection (a rollout lands): every answer names the model's sequence,
+and when it differs from the last one seen, the client reads `info` again (`described()`), so
+n_features and top_k stay current. A `bad_width` answer also drops the cached info.
 
 Not thread-safe: give each thread its own `Client`.
 """
@@ -29,6 +34,7 @@ from agent.protocol import (
     HEADER_SIZE,
     SOURCE_LABELS,
     Decision,
+    ErrorCode,
     ProtocolError,
     decode_answer_frame,
     encode_predict,
@@ -99,6 +105,21 @@ class Client:
                                    hint="is `edgefleet agent serve` running?") from None
         self._buf = bytearray(1 << 16)
         self._tag = 0
+        self.model_sequence: int | None = None  # of the model that gave the last answer
+        self._info: dict[str, Any] | None = None
+
+    def described(self) -> dict[str, Any]:
+        """The agent's `info`, read once and again after the model changed."""
+        if self._info is None:
+            self._info = self.info()
+        return self._info
+
+    def _saw(self, sequence: int | None) -> None:
+        """Note the model sequence of an answer; a new model means info must be read again."""
+        if sequence != self.model_sequence:
+            self.model_sequence = sequence
+            if self._info is not None:
+                self._info = self.info()
 
     def close(self) -> None:
         self.sock.close()
@@ -145,7 +166,13 @@ class Client:
         else:
             values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v
                       for v in params]
-        return self.request({"id": request_id, "die_id": die_id, "params": values})
+        answer = self.request({"id": request_id, "die_id": die_id, "params": values})
+        error = answer.get("error")
+        if error is None:
+            self._saw(answer.get("model_sequence"))
+        elif error.get("code") == "bad_width":
+            self._info = None
+        return answer
 
     # -- binary
 
@@ -172,7 +199,10 @@ class Client:
         try:
             answer = decode_answer_frame(header, payload)
         except ProtocolError as e:
+            if e.code == ErrorCode.BAD_WIDTH:
+                self._info = None
             raise AgentError(e.code.label, e.message) from None
+        self._saw(answer.model_sequence)
         return BatchResult(answer.records, answer.model_version, answer.model_sequence,
                            answer.latency_ns / 1e3)
 

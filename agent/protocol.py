@@ -446,12 +446,26 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool, type(None)))
 
 
+def check_ids(obj: dict[str, Any], where: str = "") -> None:
+    """Refuse an `id` or `die_id` that cannot be echoed as sent: an array or object, or a number
+    beyond the double range (the client would lose its correlation key)."""
+    for key in ("id", "die_id"):
+        v = obj.get(key)
+        if v is None or type(v) in (str, int, bool) or (type(v) is float and math.isfinite(v)):
+            continue
+        found = _kind(v) if type(v) is not float else "a number beyond the double range"
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"{where}{key}: expected a string, a number, true/false or null, "
+                            f"found {found}", field=key)
+
+
 def json_id(obj: Any, key: str) -> Any:
-    """The `id` or `die_id` to echo: any JSON scalar; containers are echoed as null."""
+    """The `id` or `die_id` to echo: any JSON scalar; containers (refused by `check_ids`) are
+    echoed as null."""
     if not isinstance(obj, dict):
         return None
     v = obj.get(key)
-    return v if _jsonable(v) else None
+    return v if _jsonable(v) and (type(v) is not float or math.isfinite(v)) else None
 
 
 _JSON_SPECIAL = {"nan": None, "inf": 1e39, "-inf": -1e39}
