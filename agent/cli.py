@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from agent import admin_cli
+from agent.config import AgentConfig
 from agent.errors import UsageError
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 
 _SOCKET_HELP = "The agent's Unix socket."
+_D = AgentConfig()  # the defaults, shown in --help
 
 
 @app.command("serve")
@@ -53,24 +55,52 @@ def serve(
     socket_group: str = typer.Option(None, "--socket-group", help="Group owning the socket."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (1)."),
     max_missing_share: float = typer.Option(
-        None, "--max-missing-share", help="Refuse a die with more missing values than this."
+        None, "--max-missing-share", help="Refuse a die with more missing values than this "
+        f"share of its parameters ({_D.max_missing_share:g})."
     ),
     log_level: str = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    max_line_bytes: int = typer.Option(
+        None, "--max-line-bytes", help=f"Longest JSON line; longer: too_large, closed "
+        f"({_D.max_line_bytes})."),
+    max_frame_bytes: int = typer.Option(
+        None, "--max-frame-bytes", help=f"Largest binary frame, header included; larger: "
+        f"too_large, closed ({_D.max_frame_bytes})."),
+    max_connections: int = typer.Option(
+        None, "--max-connections", help=f"Open connections; when all are taken the one idle "
+        f"longest (1 s or more) is closed for a new one, else busy ({_D.max_connections})."),
+    max_connections_per_peer: int = typer.Option(
+        None, "--max-connections-per-peer", help="Open connections from one process (its pid); "
+        f"beyond: busy ({_D.max_connections_per_peer})."),
+    idle_timeout_s: float = typer.Option(
+        None, "--idle-timeout", help="Seconds a connection may wait between messages; 0: "
+        f"forever ({_D.idle_timeout_s:g})."),
+    message_timeout_s: float = typer.Option(
+        None, "--message-timeout", help="Seconds a message may take to arrive whole, from its "
+        f"first bytes ({_D.message_timeout_s:g})."),
+    io_timeout_s: float = typer.Option(
+        None, "--io-timeout", help="Seconds an answer may wait for the client to read it "
+        f"({_D.io_timeout_s:g})."),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
     With --store, the model store is recovered and its active model self-tested before the
     socket opens; installs and rollbacks then go through the admin socket (mode 0600). When
     EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
-    Settings come from flags, then EDGEFLEET_AGENT_* environment variables, then --config,
-    then defaults. The protocol is in docs/protocol.md."""
+    Settings come from flags, then EDGEFLEET_AGENT_<SETTING> environment variables (the
+    setting's name in capitals, e.g. EDGEFLEET_AGENT_IDLE_TIMEOUT_S=60), then --config, then
+    the defaults in brackets. The protocol and its limits are in docs/protocol.md."""
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
                       admin_socket=admin_socket,
                       metrics_addr=metrics_addr, socket_mode=socket_mode,
                       socket_group=socket_group, threads=threads,
-                      max_missing_share=max_missing_share, log_level=log_level)
+                      max_missing_share=max_missing_share, log_level=log_level,
+                      max_line_bytes=max_line_bytes, max_frame_bytes=max_frame_bytes,
+                      max_connections=max_connections,
+                      max_connections_per_peer=max_connections_per_peer,
+                      idle_timeout_s=idle_timeout_s, message_timeout_s=message_timeout_s,
+                      io_timeout_s=io_timeout_s)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -126,7 +126,9 @@ class Predictor:
         self.limits = limits
         if manifest is not None:
             n, k = manifest.input.n_features, manifest.top_k
-            self.threshold = float(manifest.threshold)
+            # as float32, like the score: the one-row path compares in double, batches in
+            # float32 (numpy), and a client compares the two float32 fields it gets
+            self.threshold = float(np.float32(manifest.threshold))
             self.inv_scale = 1.0 / manifest.confidence_scale
             self.version: str | None = manifest.version
             self.sequence: int | None = manifest.sequence
@@ -149,7 +151,7 @@ class Predictor:
             self.feature_names = None
         self.rules = rules.with_top_k(k) if rules is not None else None
         # JSON text of the constant parts of every answer
-        self.threshold_json = json.dumps(self.threshold)
+        self.threshold_json = str(np.float32(self.threshold))  # shortest float32 text
         self.version_json = json.dumps(self.version)
         # the bundle's sha256, the digest the fleet names a model by (None: not from a store)
         self.bundle_digest = _bundle_digest(engine) if manifest is not None else None

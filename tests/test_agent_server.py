@@ -495,3 +495,16 @@ def test_an_id_that_cannot_be_echoed_is_refused(agent, model, bad):
     assert batch[0]["error"]["code"] == "bad_request" and batch[0]["error"]["message"].startswith(
         f"[0].{key}: expected a string, a number, true/false or null")
     assert batch[1]["id"] == 9 and batch[1]["decision"] == "pass"
+
+
+def test_score_and_threshold_compare_in_float32_on_every_path(agent, model):
+    """One row (compared in double by the agent) and batches (float32 in numpy) agree, and a
+    client comparing the two float32 fields it gets finds the agent's decision."""
+    thr32 = np.float32(model.manifest.threshold)
+    with Client(agent.path) as c:
+        one = c.predict(model.train[0])
+        batch = c.predict_batch(model.train[:50]).records
+        text = c.request_raw(json.dumps({"params": model.train[0].tolist()}).encode() + b"\n")
+    assert np.float32(one.threshold) == thr32 and (batch["threshold"] == thr32).all()
+    assert json.loads(text)["threshold"] == float(str(thr32))
+    assert ((batch["score"] > batch["threshold"]) == (batch["decision"] == 1)).all()
