@@ -15,6 +15,7 @@ Everything here is a pure function of its input so the parsers can be fuzzed dir
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -123,6 +124,7 @@ _RECORD_HEAD = [
 ]
 
 
+@functools.cache
 def record_dtype(k: int) -> np.dtype:
     """One RESULT row: 32 bytes, then k int32 top indices and k float32 contributions."""
     return np.dtype([*_RECORD_HEAD, ("top_index", "<i4", (k,)), ("top_contribution", "<f4", (k,))])
@@ -131,6 +133,7 @@ def record_dtype(k: int) -> np.dtype:
 RESULT_PREFIX = struct.Struct("<4sBBHIIIIQQH6x")  # HEADER + RESULT_BLOCK, packed in one call
 
 
+@functools.cache
 def row_struct(k: int) -> struct.Struct:
     """A whole record (head and top-k tail) as one struct, for one-row answers."""
     return struct.Struct(f"<QBBHIifff{k}i{k}f")
