@@ -253,22 +253,26 @@ def _fast_rows(lines: list[bytes], id_col: int | None, cols: list[int], width: i
             return None
         if id_col is None:
             ids.append(str(line_no - 1 + i))
-            nums.append(line)
+            num = line
         elif id_col == 0:
-            die, _, rest = line.partition(b",")
+            die, _, num = line.partition(b",")
             ids.append(die)
-            nums.append(rest)
         else:
             cells = line.split(b",")
             if len(cells) != width:
                 return None
             ids.append(cells.pop(id_col))
-            nums.append(b",".join(cells))
+            num = b",".join(cells)
+        if num[:1] == b",":  # an empty first or last cell: null
+            num = b"null" + num
+        if num[-1:] == b",":
+            num += b"null"
+        nums.append(num)
     doc = b"[[" + b"],[".join(nums) + b"]]"
     if any(c in doc for c in (b'"', b"t", b"f", b"{", b"\\")):  # text, true/false, inf, ...
         return None
-    for a, b in ((b",,", b",null,"), (b",,", b",null,"), (b"[,", b"[null,"), (b",]", b",null]")):
-        doc = doc.replace(a, b)
+    while b",," in doc:  # empty cells inside a row (twice for runs of them)
+        doc = doc.replace(b",,", b",null,")
     try:
         x = np.array(orjson.loads(doc), dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
