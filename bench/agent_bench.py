@@ -13,6 +13,9 @@ servers in their own processes:
           as 17-digit text (how many C and Python programs print a float); binary batches of
           --batch rows on one connection (throughput), and JSON batches of 64 (not a target);
           8 client processes at once (binary, one row each)
+  client  agent.client.Client.predict, one row, beside the raw binary round trip; and
+          `edgefleet agent predict --file` on a CSV of --file-dies dies beside Client.predict_batch
+          on the same rows (batches of 256)
   agent   resident memory after all of the above (> 100k predictions); process start to /readyz
   base    the reference design: FastAPI + uvicorn on a Unix socket, same model, JSON
 
@@ -150,6 +153,45 @@ def http_loop(path: str, bodies: list[bytes], n: int, warmup: int = 200) -> np.n
     return out
 
 
+def client_loop(path: str, rows: np.ndarray, n: int, warmup: int = 500) -> np.ndarray:
+    """Latencies (ns) of agent.client.Client.predict, one row each."""
+    from agent.client import Client
+
+    out = np.empty(n, dtype=np.int64)
+    perf = time.perf_counter_ns
+    with Client(path) as c:
+        for i in range(warmup + n):
+            t0 = perf()
+            c.predict(rows[i % len(rows)], die_id=i)
+            if i >= warmup:
+                out[i - warmup] = perf() - t0
+    return out
+
+
+def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
+    """`edgefleet agent predict --file --quiet` on a CSV of `dies` (shortest float32 text, empty
+    cells for missing values), whole process, beside Client.predict_batch on the same rows."""
+    from agent.client import Client
+
+    csv_path = tmp / "dies.csv"
+    with open(csv_path, "w") as f:
+        f.write("die_id," + ",".join(f"p{i}" for i in range(dies.shape[1])) + "\n")
+        for i, row in enumerate(dies):
+            cells = ("" if v is None else repr(v) for v in json_values(row))
+            f.write(f"D{i}," + ",".join(cells) + "\n")
+    with Client(path) as c:
+        t0 = time.perf_counter()
+        for i in range(0, len(dies), 256):
+            c.predict_batch(dies[i:i + 256])
+        client = len(dies) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path, "--file",
+                    str(csv_path), "--quiet"], cwd=REPO, check=True, capture_output=True)
+    cli = len(dies) / (time.perf_counter() - t0)
+    return {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6,
+            "cli_dies_per_s": cli, "client_dies_per_s": client, "ratio": cli / client}
+
+
 def _concurrent_worker(args) -> np.ndarray:
     path, frames, n, start_at = args
     while time.time() < start_at:  # all clients start together
@@ -223,6 +265,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1024, help="rows per throughput frame")
     ap.add_argument("--seconds", type=float, default=3.0, help="throughput run length")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--file-dies", type=int, default=20000, help="dies in the CSV screened by "
+                    "`edgefleet agent predict --file`")
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for the single-row figures")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "agent.json")
     ap.add_argument("--bundle", type=Path, help="a signed model bundle, e.g. an optimizer's "
@@ -324,6 +368,7 @@ def main() -> int:
         res["echo_plain"] = pct(echo_loop(echo_plain, frames[0], len(frames[0]), args.requests))
         res["echo_sized"] = pct(echo_loop(echo_sized, frames[0], answer_size, args.requests))
         res["agent_binary"] = pct(binary_loop(sock, frames, args.requests))
+        res["client_predict"] = pct(client_loop(sock, sample, args.requests))
         res["agent_json"] = pct(json_loop(sock, lines, args.requests))
         res["agent_json_17"] = pct(json_loop(sock, lines17, args.requests))
         bodies = [line.rstrip(b"\n") for line in lines]
@@ -385,6 +430,9 @@ def main() -> int:
                              [(sock, frames[i::args.clients], per_client, start_at)
                               for i in range(args.clients)])
         res["concurrent"] = {"clients": args.clients, **pct(np.concatenate(parts))}
+
+        # -- file screening: the CLI on a CSV, beside the Client's batches of the same rows
+        res["file_screening"] = file_screening(sock, tmp, dies[:args.file_dies])
 
         # -- memory after all of it (the agent gives batch buffers back after 1 s without one)
         time.sleep(1.5)
@@ -454,6 +502,10 @@ def judge(res: dict) -> dict:
         ("json 17-digit single-row p50 vs floor", j17["p50_us"], "us", j17["p50_us"] / floor,
          "<=", 2.5),
         ("fastapi p50 / agent binary p50", f["p50_us"], "us", f["p50_us"] / b["p50_us"], ">=", 8),
+        ("Client.predict p50 / raw binary p50", res["client_predict"]["p50_us"], "us",
+         res["client_predict"]["p50_us"] / b["p50_us"], "<=", 1.2),
+        ("predict --file / Client batches", res["file_screening"]["cli_dies_per_s"], "dies/s",
+         res["file_screening"]["ratio"], ">=", 0.5),
         ("batched binary throughput", res["throughput"]["dies_per_s"], "dies/s",
          res["throughput"]["dies_per_s"] / 100_000, ">=", 1.0),
         (f"{res['concurrent']['clients']} clients p99.9", res["concurrent"]["p999_us"], "us",
@@ -492,6 +544,7 @@ def print_report(r: dict) -> None:
     row(f"echo {r['echo_request_bytes']} B in, {r['agent_answer_bytes']} B out",
         r["echo_sized"])
     row("agent binary, 1 row", r["agent_binary"])
+    row("Client.predict, 1 row", r["client_predict"])
     row(f"agent JSON, 1 row ({r['json_parser']})", r["agent_json"])
     row("agent JSON, 1 row, 17-digit numbers", r["agent_json_17"])
     row(f"agent binary, {r['concurrent']['clients']} clients", r["concurrent"])
@@ -506,6 +559,10 @@ def print_report(r: dict) -> None:
           f"(batches of {r['throughput']['batch']}, one connection); JSON "
           f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "
           f"{r['json_throughput']['batch']})")
+    fs = r["file_screening"]
+    print(f"file screening ({fs['dies']} dies, {fs['csv_mb']:.0f} MB CSV): predict --file "
+          f"{fs['cli_dies_per_s']:,.0f} dies/s (whole process), Client batches of 256 "
+          f"{fs['client_dies_per_s']:,.0f} dies/s")
     print(f"agent: start to ready {r['start_to_ready_s']:.3f} s; RSS {r['agent_rss_mb']:.1f} MB "
           f"after {r['agent_predictions']:,} predictions ({r['agent_errors']} errors); "
           f"{r['agent_rss_after_batches_mb']:.1f} MB right after the batch run")
