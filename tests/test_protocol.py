@@ -155,6 +155,10 @@ def test_json_numbers_beyond_float32_become_inf_for_the_finite_check():
     (b'{"params": [Infinity]}', "Infinity is not valid JSON"),
     (b'{"a": 1} {"b": 2}', "extra data"),
     (b"[" * 100_000, "nested too deeply"),
+    (b"[" * 1025 + b"]" * 1025, "nested too deeply"),  # orjson's limit, 1024 levels
+    (b'\xef\xbb\xbf{"params": [1]}', "not valid JSON"),  # a BOM is not JSON
+    (b'{"params": [1, -Infinity]}', "-Infinity is not valid JSON"),
+    (b'{"id": "\xff"}', "not UTF-8"),
     (b"", "not valid JSON"),
 ])
 def test_a_line_that_is_not_json_is_refused(line, needle):
