@@ -7,32 +7,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
-# The agent's C extension, built in place (agent/_jsonfloats.c; setup.py says why)
-NATIVE := agent/_jsonfloats$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
 .PHONY: venv demo test lint bench clean
 
-venv: $(STAMP) $(NATIVE)
+venv: $(STAMP)
 
 # torch is installed first and exactly: a loose requirement lets pip take a multi-GB CUDA build.
-# The editable install compiles the C extension (a C compiler: Debian's build-essential).
-$(STAMP): pyproject.toml setup.py
-	bash scripts/system-deps.sh gcc
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[optimize,dev,bench,controller]'
 	touch $(STAMP)
 
-$(NATIVE): agent/_jsonfloats.c $(STAMP)
-	$(VENV)/bin/python setup.py --quiet build_ext --inplace
-
 demo: venv
 	bash scripts/system-deps.sh mosquitto
 	VENV=$(VENV) bash scripts/demo.sh
 
+# gcc: tests build the C client example (examples/c/) and run it against a real agent.
 test: venv
-	bash scripts/system-deps.sh mosquitto prometheus nginx
+	bash scripts/system-deps.sh mosquitto prometheus nginx gcc
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

@@ -147,11 +147,6 @@ def run(config: AgentConfig) -> None:
 
     disable_created_metrics()  # no *_created series: they double the exposition for nothing
     agent = build(config)
-    from agent.jsonfast import PARSER
-
-    if PARSER != "native":  # answers are the same, JSON requests just cost ~30 us more
-        log.warning("agent._jsonfloats is not built: JSON params are read by the json module "
-                    "(rebuild with `pip install .` or `make venv` where a C compiler is present)")
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:

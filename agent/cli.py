@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -18,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import typer
 
 from agent import admin_cli
+from agent.config import AgentConfig
 from agent.errors import UsageError
 
 app = typer.Typer(
@@ -29,6 +32,7 @@ app = typer.Typer(
 )
 
 _SOCKET_HELP = "The agent's Unix socket."
+_D = AgentConfig()  # the defaults, shown in --help
 
 
 @app.command("serve")
@@ -53,24 +57,52 @@ def serve(
     socket_group: str = typer.Option(None, "--socket-group", help="Group owning the socket."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (1)."),
     max_missing_share: float = typer.Option(
-        None, "--max-missing-share", help="Refuse a die with more missing values than this."
+        None, "--max-missing-share", help="Refuse a die with more missing values than this "
+        f"share of its parameters ({_D.max_missing_share:g})."
     ),
     log_level: str = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    max_line_bytes: int = typer.Option(
+        None, "--max-line-bytes", help=f"Longest JSON line; longer: too_large, closed "
+        f"({_D.max_line_bytes})."),
+    max_frame_bytes: int = typer.Option(
+        None, "--max-frame-bytes", help=f"Largest binary frame, header included; larger: "
+        f"too_large, closed ({_D.max_frame_bytes})."),
+    max_connections: int = typer.Option(
+        None, "--max-connections", help=f"Open connections; when all are taken the one idle "
+        f"longest (1 s or more) is closed for a new one, else busy ({_D.max_connections})."),
+    max_connections_per_peer: int = typer.Option(
+        None, "--max-connections-per-peer", help="Open connections from one process (its pid); "
+        f"beyond: busy ({_D.max_connections_per_peer})."),
+    idle_timeout_s: float = typer.Option(
+        None, "--idle-timeout", help="Seconds a connection may wait between messages; 0: "
+        f"forever ({_D.idle_timeout_s:g})."),
+    message_timeout_s: float = typer.Option(
+        None, "--message-timeout", help="Seconds a message may take to arrive whole, from its "
+        f"first bytes ({_D.message_timeout_s:g})."),
+    io_timeout_s: float = typer.Option(
+        None, "--io-timeout", help="Seconds an answer may wait for the client to read it "
+        f"({_D.io_timeout_s:g})."),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
     With --store, the model store is recovered and its active model self-tested before the
     socket opens; installs and rollbacks then go through the admin socket (mode 0600). When
     EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
-    Settings come from flags, then EDGEFLEET_AGENT_* environment variables, then --config,
-    then defaults. The protocol is in docs/protocol.md."""
+    Settings come from flags, then EDGEFLEET_AGENT_<SETTING> environment variables (the
+    setting's name in capitals, e.g. EDGEFLEET_AGENT_IDLE_TIMEOUT_S=60), then --config, then
+    the defaults in brackets. The protocol and its limits are in docs/protocol.md."""
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
                       admin_socket=admin_socket,
                       metrics_addr=metrics_addr, socket_mode=socket_mode,
                       socket_group=socket_group, threads=threads,
-                      max_missing_share=max_missing_share, log_level=log_level)
+                      max_missing_share=max_missing_share, log_level=log_level,
+                      max_line_bytes=max_line_bytes, max_frame_bytes=max_frame_bytes,
+                      max_connections=max_connections,
+                      max_connections_per_peer=max_connections_per_peer,
+                      idle_timeout_s=idle_timeout_s, message_timeout_s=message_timeout_s,
+                      io_timeout_s=io_timeout_s)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -175,14 +207,15 @@ def _describe(a: dict) -> str:
 
 def _csv_batches(path: Path, id_column: str, names: list[str] | None, n: int, batch: int):
     """Yield (die ids, float32 rows) of up to `batch` dies, streaming the file. Columns are the
-    model's feature names when the header has them all, else every column but the id."""
-    import numpy as np
+    model's feature names when the header has them all, else every column but the id.
 
+    Each block of lines is read by `_fast_rows` (orjson, C speed) when it can vouch for it,
+    else cell by cell (`_exact_rows`, which also names a bad cell); both give the same values."""
     if not path.is_file():
         raise UsageError(f"cannot read {path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8")
+        header = next(csv.reader([first]), None)
         if header is None:
             raise UsageError(f"{path} is empty", hint="the first line must be a header")
         pos = {h: i for i, h in enumerate(header)}
@@ -197,25 +230,84 @@ def _csv_batches(path: Path, id_column: str, names: list[str] | None, n: int, ba
                     f"feature names; the agent expects {n}",
                     hint="name columns as in the model (edgefleet agent info) or give exactly "
                     f"{n} columns")
-        ids: list[str] = []
-        rows: list[list[float]] = []
-        for line_no, rec in enumerate(reader, start=2):
-            if not rec:
-                continue
-            try:
-                rows.append([_parse_value(rec[j], f"column {header[j]!r}") for j in cols])
-            except IndexError:
-                raise UsageError(f"{path}:{line_no}: {len(rec)} cells, the header has "
-                                 f"{len(header)}") from None
-            except UsageError as e:
-                raise UsageError(f"{path}:{line_no}: {e}") from None
-            ids.append(rec[id_col] if id_col is not None and id_col < len(rec) else
-                       str(line_no - 1))
-            if len(rows) == batch:
-                yield ids, np.array(rows, dtype=np.float32)
-                ids, rows = [], []
-        if rows:
-            yield ids, np.array(rows, dtype=np.float32)
+        line_no = 2
+        while lines := list(itertools.islice(f, batch)):
+            block = (_fast_rows(lines, id_col, cols, len(header), line_no)
+                     or _exact_rows(path, lines, header, id_col, cols, line_no))
+            line_no += len(lines)
+            if len(block[0]):
+                yield block
+
+
+def _fast_rows(lines: list[bytes], id_col: int | None, cols: list[int], width: int,
+               line_no: int):
+    """(ids, rows) for a block of plain numeric CSV lines, read by orjson as one JSON array of
+    arrays (an empty cell becomes null); None when the block has anything else (quotes, nan,
+    text cells, blank lines, a short row), for `_exact_rows` to read."""
+    import numpy as np
+
+    ids, nums = [], []
+    for i, raw in enumerate(lines):
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            return None
+        if id_col is None:
+            ids.append(str(line_no - 1 + i))
+            num = line
+        elif id_col == 0:
+            die, _, num = line.partition(b",")
+            ids.append(die)
+        else:
+            cells = line.split(b",")
+            if len(cells) != width:
+                return None
+            ids.append(cells.pop(id_col))
+            num = b",".join(cells)
+        if num[:1] == b",":  # an empty first or last cell: null
+            num = b"null" + num
+        if num[-1:] == b",":
+            num += b"null"
+        nums.append(num)
+    doc = b"[[" + b"],[".join(nums) + b"]]"
+    if any(c in doc for c in (b'"', b"t", b"f", b"{", b"\\")):  # text, true/false, inf, ...
+        return None
+    while b",," in doc:  # empty cells inside a row (twice for runs of them)
+        doc = doc.replace(b",,", b",null,")
+    try:
+        x = np.array(orjson.loads(doc), dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    ncols = width - (id_col is not None)
+    if x.shape != (len(lines), ncols):
+        return None
+    if id_col is not None:
+        idx = [j - (j > id_col) for j in cols]
+        ids = [d.decode("utf-8") for d in ids]
+    else:
+        idx = cols
+    return ids, x if idx == list(range(ncols)) else x[:, idx]
+
+
+def _exact_rows(path: Path, lines: list[bytes], header: list[str], id_col: int | None,
+                cols: list[int], line_no: int):
+    """(ids, rows) read cell by cell with the csv module: any CSV, and errors name the line."""
+    import numpy as np
+
+    ids: list[str] = []
+    rows: list[list[float]] = []
+    for i, rec in enumerate(csv.reader(line.decode("utf-8") for line in lines)):
+        if not rec:
+            continue
+        at = line_no + i
+        try:
+            rows.append([_parse_value(rec[j], f"column {header[j]!r}") for j in cols])
+        except IndexError:
+            raise UsageError(f"{path}:{at}: {len(rec)} cells, the header has "
+                             f"{len(header)}") from None
+        except UsageError as e:
+            raise UsageError(f"{path}:{at}: {e}") from None
+        ids.append(rec[id_col] if id_col is not None and id_col < len(rec) else str(at - 1))
+    return ids, np.array(rows, dtype=np.float32).reshape(len(rows), len(cols))
 
 
 def _count_rows(path: Path) -> int:
@@ -225,7 +317,9 @@ def _count_rows(path: Path) -> int:
 
 
 def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet: bool) -> bool:
-    import numpy as np
+    """Screen a CSV: blocks are read and sent while the agent scores the previous one
+    (`Client.predict_stream`); answers are read as arrays, and only printed dies become text."""
+    from collections import deque
 
     from agent.client import AgentError
 
@@ -237,32 +331,29 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
     server_us: list[float] = []
     t_start, done, last = time.perf_counter(), 0, 0.0
     tty = sys.stderr.isatty()
-    for ids, x in _csv_batches(path, id_column, meta.get("feature_names"), meta["n_features"],
-                               batch):
-        res = c.predict_batch(x, np.arange(len(x), dtype=np.uint64))
-        server_us.append(res.latency_us / len(x))
-        for r in res.results():
-            counts[r.decision] += 1
-            counts["fallback"] += r.source == "fallback"
-            if quiet:
-                continue
-            die = ids[int(r.die_id)]
-            if output == "json":
-                typer.echo(json.dumps({"die_id": die, "decision": r.decision, "score": r.score,
-                                       "source": r.source, "error": r.error,
-                                       "top": [list(t) for t in r.top]}))
-            elif r.error:
-                typer.echo(f"{die}\terror\t{r.error}: {r.message}")
-            else:
-                top = " ".join(f"{_name(meta, i)}={v:.3g}" for i, v in r.top)
-                typer.echo(f"{die}\t{r.decision}\t{r.score:.4g}\t{r.source}\t{top}")
-        done += len(x)
+    sent_ids: deque[list[str]] = deque()
+
+    def blocks():
+        for ids, x in _csv_batches(path, id_column, meta.get("feature_names"),
+                                   meta["n_features"], batch):
+            sent_ids.append(ids)
+            yield x, None  # die ids 0..rows-1: positions in `ids`
+
+    for res in c.predict_stream(blocks()):
+        ids = sent_ids.popleft()
+        for key, value in res.counts().items():
+            counts[key] += value
+        server_us.append(res.latency_us / len(res))
+        if not quiet:
+            sys.stdout.write(_answer_lines(res, ids, meta, output))
+        done += len(res)
         now = time.perf_counter()
         if now - last > (0.2 if tty else 5.0):  # progress: live on a terminal, sparse in logs
             last = now
             print(f"\r{done}/{total} dies ({100 * done / max(total, 1):.0f}%), "
                   f"{done / max(now - t_start, 1e-9):,.0f} dies/s", end="" if tty else "\n",
                   file=sys.stderr, flush=True)
+    sys.stdout.flush()
     elapsed = time.perf_counter() - t_start
     print(f"\r{done}/{total} dies (100%)", file=sys.stderr)
     per_die = sorted(server_us)
@@ -273,6 +364,35 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
           f"p50 {p50:.1f} us (batches of {batch}); {done / max(elapsed, 1e-9):,.0f} dies/s "
           "end to end", file=sys.stderr)
     return counts["error"] == 0
+
+
+def _answer_lines(res, ids: list[str], meta: dict, output: str) -> str:
+    """One batch's answers as text (or JSON) lines, from its record arrays."""
+    from agent.protocol import DECISION_LABELS, SOURCE_LABELS, row_error
+
+    out = []
+    rec = res.records
+    for pos, decision, source, code, imputed, col, score, top_i, top_c in zip(
+            rec["die_id"].tolist(), rec["decision"].tolist(), rec["source"].tolist(),
+            rec["error_code"].tolist(), rec["imputed"].tolist(), rec["error_column"].tolist(),
+            rec["score"].tolist(), rec["top_index"].tolist(), rec["top_contribution"].tolist(),
+            strict=True):
+        die = ids[pos]
+        err = row_error(code, col, imputed, 0, 0) if decision == 2 else None
+        top = [(i, v) for i, v in zip(top_i, top_c, strict=True) if i >= 0] if decision == 1 \
+            else []
+        if output == "json":
+            out.append(json.dumps({"die_id": die, "decision": DECISION_LABELS[decision],
+                                   "score": score, "source": SOURCE_LABELS[source],
+                                   "error": err.code.label if err else None,
+                                   "top": [list(t) for t in top]}) + "\n")
+        elif err:
+            out.append(f"{die}\terror\t{err.code.label}: {err.message}\n")
+        else:
+            names = " ".join(f"{_name(meta, i)}={v:.3g}" for i, v in top)
+            out.append(f"{die}\t{DECISION_LABELS[decision]}\t{score:.4g}\t"
+                       f"{SOURCE_LABELS[source]}\t{names}\n")
+    return "".join(out)
 
 
 def _name(meta: dict, i: int) -> str:

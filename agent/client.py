@@ -6,6 +6,11 @@
         batch = c.predict_batch(matrix, die_ids)    # binary frame, many dies -> BatchResult
         obj = c.predict_json(values, die_id="W3-12-07")  # JSON line -> dict
         c.health(), c.info()
+        c.described()["n_features"]                 # info, cached; re-read on a model change
+
+Models change on a live connection (a rollout lands): every answer names the model's sequence,
+and when it differs from the last one seen, the client reads `info` again (`described()`), so
+n_features and top_k stay current. A `bad_width` answer also drops the cached info.
 
 Not thread-safe: give each thread its own `Client`.
 """
@@ -15,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,14 +33,24 @@ from agent.protocol import (
     DECISION_LABELS,
     HEADER,
     HEADER_SIZE,
+    MAGIC,
+    NO_SEQUENCE,
+    PROTOCOL_VERSION,
+    RESULT_BLOCK,
     SOURCE_LABELS,
     Decision,
+    ErrorCode,
+    FrameType,
     ProtocolError,
     decode_answer_frame,
     encode_predict,
     json_values,
     row_error,
+    row_struct,
 )
+
+_ONE_HEAD = struct.Struct("<4sBBHIIIIQ")  # a one-row PREDICT's header and die id
+_FAIL, _ERROR = int(Decision.FAIL), int(Decision.ERROR)
 
 
 class AgentError(EdgefleetError):
@@ -49,8 +65,9 @@ class AgentUnreachable(EdgefleetError):
     """No agent answers on the socket, or the connection broke."""
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
+    """One die's answer (a named tuple: cheap to make, on the one-die path)."""
+
     die_id: Any
     decision: str  # pass, fail, or error
     score: float
@@ -67,23 +84,45 @@ class Result:
 
 @dataclass(frozen=True)
 class BatchResult:
+    """The answer to a batch, as numpy arrays over the raw records (no Python object per die):
+    `decision` (0 pass, 1 fail, 2 error), `source`, `score`, `die_id`, `error_code`, ... are
+    views into `records`; `results()` builds a `Result` per die when they are wanted."""
+
     records: np.ndarray  # agent.protocol.record_dtype(k): the raw answer rows
     model_version: str | None
     model_sequence: int | None
     latency_us: float  # server-side, for the whole batch
 
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        """A field of every record: die_id, decision, source, error_code, imputed,
+        error_column, score, threshold, confidence, top_index, top_contribution."""
+        records = self.__dict__.get("records")
+        if records is None or name not in records.dtype.names:
+            raise AttributeError(name)
+        return records[name]
+
+    def counts(self) -> dict[str, int]:
+        """Dies by decision (pass, fail, error) and how many the fallback rules answered."""
+        by = np.bincount(self.records["decision"], minlength=3)
+        return {"pass": int(by[0]), "fail": int(by[1]), "error": int(by[2]),
+                "fallback": int(np.count_nonzero(self.records["source"] == 1))}
+
     def results(self) -> list[Result]:
-        out = []
-        for r in self.records.tolist():
-            decision = r[1]
-            top = tuple((int(i), float(c)) for i, c in zip(r[9].tolist(), r[10].tolist(),
-                                                            strict=True) if i >= 0)
-            err = row_error(r[3], r[5], r[4], 0, 0) if decision == Decision.ERROR else None
-            out.append(Result(r[0], DECISION_LABELS[decision], r[6], r[7], r[8],
-                              SOURCE_LABELS[r[2]], self.model_version, r[4], top,
-                              self.latency_us, err.code.label if err else None,
-                              err.message if err else None))
-        return out
+        return [_result(r, self.model_version, self.latency_us) for r in self.records.tolist()]
+
+
+def _result(r: tuple, model_version: str | None, latency_us: float) -> Result:
+    """A `Result` from one record as a tuple (record field order)."""
+    decision = r[1]
+    top = (tuple((int(i), float(c)) for i, c in zip(r[9], r[10], strict=True) if i >= 0)
+           if decision == _FAIL else ())
+    err = row_error(r[3], r[5], r[4], 0, 0) if decision == _ERROR else None
+    return Result(r[0], DECISION_LABELS[decision], r[6], r[7], r[8], SOURCE_LABELS[r[2]],
+                  model_version, r[4], top, latency_us, err.code.label if err else None,
+                  err.message if err else None)
 
 
 class Client:
@@ -97,8 +136,32 @@ class Client:
             self.sock.close()
             raise AgentUnreachable(f"cannot connect to the agent at {self.path}: {e.strerror}",
                                    hint="is `edgefleet agent serve` running?") from None
+        # The timeout as socket options on a blocking socket: a Python-level timeout costs a
+        # poll() before every send and receive (a third of a one-die round trip).
+        self.sock.settimeout(None)
+        if timeout:
+            us = max(int(timeout * 1e6), 1)
+            tv = struct.pack("ll", us // 1_000_000, us % 1_000_000)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._buf = bytearray(1 << 16)
+        self._left = 0  # bytes of the next answer already in _buf (pipelined batches)
         self._tag = 0
+        self.model_sequence: int | None = None  # of the model that gave the last answer
+        self._info: dict[str, Any] | None = None
+
+    def described(self) -> dict[str, Any]:
+        """The agent's `info`, read once and again after the model changed."""
+        if self._info is None:
+            self._info = self.info()
+        return self._info
+
+    def _saw(self, sequence: int | None) -> None:
+        """Note the model sequence of an answer; a new model means info must be read again."""
+        if sequence != self.model_sequence:
+            self.model_sequence = sequence
+            if self._info is not None:
+                self._info = self.info()
 
     def close(self) -> None:
         self.sock.close()
@@ -145,49 +208,110 @@ class Client:
         else:
             values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v
                       for v in params]
-        return self.request({"id": request_id, "die_id": die_id, "params": values})
+        answer = self.request({"id": request_id, "die_id": die_id, "params": values})
+        error = answer.get("error")
+        if error is None:
+            self._saw(answer.get("model_sequence"))
+        elif error.get("code") == "bad_width":
+            self._info = None
+        return answer
 
     # -- binary
 
     def predict(self, params: Sequence[float] | np.ndarray, die_id: int = 0) -> Result:
-        """One die over a binary frame; NaN = not measured. Raises `AgentError` if refused."""
-        batch = self.predict_batch(np.asarray(params, dtype=np.float32).reshape(1, -1),
-                                   np.array([die_id], dtype=np.uint64))
-        result = batch.results()[0]
-        if result.error:
-            raise AgentError(result.error, result.message or "")
-        return result
+        """One die over a binary frame; NaN = not measured. Raises `AgentError` if refused.
+        The lean path: one pack for the request, one unpack of the record, no numpy views."""
+        x = np.asarray(params, dtype="<f4")
+        self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
+        frame = _ONE_HEAD.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, 0, tag, 1, x.size,
+                               8 + 4 * x.size, die_id) + x.tobytes()
+        header, payload = self._exchange(frame)
+        if header[5] != FrameType.RESULT or header[12:16] != b"\x01\x00\x00\x00":
+            self._answer(header, payload)  # raises for an ERROR frame; a RESULT of 1 row here
+        k = HEADER.unpack_from(header)[6]
+        _lat, seq, vlen = RESULT_BLOCK.unpack_from(payload)
+        start = RESULT_BLOCK.size + vlen + (-vlen % 8)
+        row = row_struct(k).unpack_from(payload, start)
+        self._saw(None if seq == NO_SEQUENCE else seq)
+        r = _result((*row[:9], row[9:9 + k], row[9 + k:]),
+                    payload[RESULT_BLOCK.size:RESULT_BLOCK.size + vlen].decode("ascii") or None,
+                    _lat / 1e3)
+        if r.error:
+            raise AgentError(r.error, r.message or "")
+        return r
 
     def predict_batch(self, params: np.ndarray, die_ids: np.ndarray | None = None
                       ) -> BatchResult:
         """Many dies in one binary frame (rows refused individually come back as error rows).
         Raises `AgentError` when the agent refuses the whole frame."""
-        self._tag = (self._tag + 1) & 0xFFFFFFFF
-        frame = encode_predict(params, die_ids, tag=self._tag)
+        return self._answer(*self._exchange(self._frame(params, die_ids)))
+
+    def predict_stream(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]
+                       ) -> Iterator[BatchResult]:
+        """Answers to (params, die_ids) batches, in order, with the next batch sent before the
+        previous answer is read: the agent scores one batch while this process prepares the
+        next (reading a file, say)."""
+        pending = 0
         try:
-            self.sock.sendall(frame)
-            header, payload = self._recv_frame()
+            for params, die_ids in batches:
+                self._send(self._frame(params, die_ids))
+                pending += 1
+                if pending == 2:
+                    pending -= 1
+                    yield self._answer(*self._receive())
+            while pending:
+                pending -= 1
+                yield self._answer(*self._receive())
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.path}: {e}") from None
+
+    def _frame(self, params: np.ndarray, die_ids: np.ndarray | None) -> bytes:
+        self._tag = (self._tag + 1) & 0xFFFFFFFF
+        return encode_predict(params, die_ids, tag=self._tag)
+
+    def _exchange(self, frame: bytes) -> tuple[bytes, bytes]:
+        try:
+            self.sock.sendall(frame)
+            return self._recv_frame()
+        except OSError as e:
+            raise AgentUnreachable(f"agent at {self.path}: {e}") from None
+
+    def _send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def _receive(self) -> tuple[bytes, bytes]:
+        return self._recv_frame()
+
+    def _answer(self, header: bytes, payload: bytes) -> BatchResult:
         try:
             answer = decode_answer_frame(header, payload)
         except ProtocolError as e:
+            if e.code == ErrorCode.BAD_WIDTH:
+                self._info = None
             raise AgentError(e.code.label, e.message) from None
+        self._saw(answer.model_sequence)
         return BatchResult(answer.records, answer.model_version, answer.model_sequence,
                            answer.latency_ns / 1e3)
 
     def _recv_frame(self) -> tuple[bytes, bytes]:
-        """One answer frame: (header, payload), copied out of the receive buffer."""
-        buf, got, need = self._buf, 0, HEADER_SIZE
-        while got < need:
-            n = self.sock.recv_into(memoryview(buf)[got:])
-            if not n:
-                raise AgentUnreachable(f"agent at {self.path} closed the connection")
-            got += n
-            if need == HEADER_SIZE and got >= HEADER_SIZE:
+        """One answer frame: (header, payload), copied out of the receive buffer. Bytes read
+        past it (the next pipelined answer's) stay at the buffer's start for the next call."""
+        buf, got, need = self._buf, self._left, 0
+        while True:
+            if not need and got >= HEADER_SIZE:
                 need = HEADER_SIZE + HEADER.unpack_from(buf)[7]
                 if need > len(buf):
                     bigger = bytearray(need)
                     bigger[:got] = buf[:got]
                     self._buf = buf = bigger
-        return bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
+            if need and got >= need:
+                break
+            n = self.sock.recv_into(memoryview(buf)[got:])
+            if not n:
+                raise AgentUnreachable(f"agent at {self.path} closed the connection")
+            got += n
+        header, payload = bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
+        self._left = got - need
+        if self._left:
+            buf[:self._left] = buf[need:got]
+        return header, payload

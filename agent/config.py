@@ -43,8 +43,11 @@ class AgentConfig:
     max_missing_share: float = 0.2  # more missing values than this share of a row: error
     max_line_bytes: int = 4 << 20
     max_frame_bytes: int = 64 << 20
-    max_connections: int = 64
-    io_timeout_s: float = 10.0  # a message stalled halfway, or an answer nobody reads
+    max_connections: int = 64  # when all are taken, the longest idle (>= 1 s) makes room
+    max_connections_per_peer: int = 16  # from one process (its pid, by SO_PEERCRED)
+    idle_timeout_s: float = 300.0  # no message for this long: closed (0: never)
+    message_timeout_s: float = 10.0  # a message must arrive whole within this, from its start
+    io_timeout_s: float = 10.0  # an answer the client does not take within this: closed
     fallback_retry_s: float = 5.0  # after the session raises, try the model again after this
     drift_window: int = 2048
     drift_top_k: int = 5
@@ -133,8 +136,13 @@ def _check(cfg: AgentConfig) -> None:
         if not 0 <= getattr(cfg, name) <= 0o777:
             raise UsageError(f"{name} must be an octal mode like 0660, "
                              f"found {getattr(cfg, name):o}")
-    for name in ("max_line_bytes", "max_frame_bytes", "max_connections", "threads",
-                 "drift_window", "drift_top_k"):
+    for name in ("max_line_bytes", "max_frame_bytes", "max_connections",
+                 "max_connections_per_peer", "threads", "drift_window", "drift_top_k"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{name} must be at least 1, found {getattr(cfg, name)}")
+    for name in ("message_timeout_s", "io_timeout_s"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"{name} must be more than 0, found {getattr(cfg, name)}")
+    if cfg.idle_timeout_s < 0:
+        raise UsageError(f"idle_timeout_s must be 0 (never) or more, found {cfg.idle_timeout_s}")
     cfg.metrics_host_port()

@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from agent.jsonfast import PARSER as JSON_PARSER
-from agent.jsonfast import parse_batch_line, parse_predict_line
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
 from agent.protocol import (
     DECISION_LABELS,
     HEADER_SIZE,
+    JSON_PARSER,
     PROTOCOL_VERSION,
     Decision,
     ErrorCode,
     ProtocolError,
     Source,
+    check_ids,
     encode_error_frame,
     encode_json,
     encode_one_result,
@@ -80,7 +80,7 @@ class Dispatcher:
         if columns != n:
             return self._frame_error(
                 ErrorCode.BAD_WIDTH, f"columns: expected {n} float32 values per row, found "
-                f"{columns}", tag)
+                f"{columns}{_model_note(p)}", tag)
         start = offset + HEADER_SIZE
         if rows == 1:
             die_id = _U64(buf, start)[0]
@@ -125,20 +125,7 @@ class Dispatcher:
             return encode_json(error_json(ProtocolError(ErrorCode.INTERNAL, "internal error")))
 
     def _json(self, line, t0: float) -> bytes:
-        line = bytes(line)
-        p = self.runtime.active()
-        if p.available:  # params straight to float32 (agent.jsonfast), else the json module
-            if line[:1] == b"[":
-                batch = parse_batch_line(line, p.n_features)
-                if batch is not None and all(o.get("op", "predict") == "predict"
-                                             for o in batch[0]):
-                    return self._json_batch(p, batch[0], t0, batch[1])
-            else:
-                one = parse_predict_line(line, p.n_features)
-                if one is not None and one[0].get("op", "predict") == "predict":
-                    obj = one[0]
-                    return self._json_one(p, one[1], json_id(obj, "id"), json_id(obj, "die_id"),
-                                          t0)
+        line = bytes(line)  # the text checks below need bytes, not the server's memoryview
         try:
             obj = parse_json_line(line)
         except ProtocolError as e:
@@ -149,18 +136,25 @@ class Dispatcher:
         except ProtocolError as e:
             self.metrics.record_error(e.code)
             return encode_json(error_json(e, json_id(obj, "id")))
+        p = self.runtime.active()
+        if isinstance(obj, list):
+            return self._json_batch(p, obj, t0, params_text_is_numeric(line))
+        rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
+        try:
+            check_ids(obj)
+        except ProtocolError as e:
+            self.metrics.record_error(e.code)
+            return encode_json(error_json(e, rid, die_id))
         if op == "health":
             return encode_json(self._health(obj))
         if op == "info":
             return encode_json(self._info(obj))
-        if isinstance(obj, list):
-            return self._json_batch(p, obj, t0)
-        rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
         if not p.available:
             return encode_json(self._json_unavailable(rid, die_id))
         try:
             x = parse_params(obj, p.n_features, numeric=params_text_is_numeric(line))
         except ProtocolError as e:
+            _note_model(e, p)
             self.metrics.record_error(e.code)
             return encode_json(error_json(e, rid, die_id))
         return self._json_one(p, x, rid, die_id, t0)
@@ -174,26 +168,26 @@ class Dispatcher:
             sh.offer_one(x, row[6], p.manifest)
         return (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
 
-    def _json_batch(self, p: Predictor, items: list, t0: float,
-                    params: np.ndarray | None = None) -> bytes:
-        """Answer a batch; `params` are every item's, already read (agent.jsonfast)."""
-        if not p.available:
-            return encode_json([self._json_unavailable(json_id(o, "id"), json_id(o, "die_id"))
-                                for o in items])
+    def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:
+        """Answer a batch; `numeric`: every params list is known to hold numbers and nulls
+        only (`params_text_is_numeric`)."""
         answers: list[str] = [""] * len(items)
-        if params is not None:
-            x, ok_pos = params, range(len(items))
-        else:
-            ok_rows, ok_pos = [], []
-            for i, item in enumerate(items):
-                try:
-                    ok_rows.append(parse_params(item, p.n_features, f"[{i}]."))
-                    ok_pos.append(i)
-                except ProtocolError as e:
-                    self.metrics.record_error(e.code)
-                    answers[i] = _dumps(error_json(e, json_id(item, "id"),
-                                                   json_id(item, "die_id")))
-            x = np.stack(ok_rows) if ok_rows else None
+        ok_rows, ok_pos = [], []
+        for i, item in enumerate(items):
+            try:
+                if type(item) is dict:
+                    check_ids(item, f"[{i}].")
+                if not p.available:
+                    answers[i] = _dumps(self._json_unavailable(json_id(item, "id"),
+                                                               json_id(item, "die_id")))
+                    continue
+                ok_rows.append(parse_params(item, p.n_features, f"[{i}].", numeric=numeric))
+                ok_pos.append(i)
+            except ProtocolError as e:
+                _note_model(e, p)
+                self.metrics.record_error(e.code)
+                answers[i] = _dumps(error_json(e, json_id(item, "id"), json_id(item, "die_id")))
+        x = np.stack(ok_rows) if ok_rows else None
         if x is not None and len(x):
             records, t_inf, fallback = p.score_batch(x, np.zeros(len(x), dtype=np.uint64))
             latency = _perf() - t0
@@ -234,7 +228,7 @@ class Dispatcher:
                 f'"threshold":{p.threshold_json if model else "0.0"},'
                 f'"confidence":{round(float(row[8]), 6)!r},'
                 f'"source":"{"model" if model else "fallback"}",'
-                f'"model_version":{p.version_json},"imputed":{row[4]},"top":{top},'
+                f'{p.model_json},"imputed":{row[4]},"top":{top},'
                 f'"latency_us":{latency * 1e6:.1f}}}')
 
     def _json_unavailable(self, rid: Any, die_id: Any) -> dict[str, Any]:
@@ -243,40 +237,64 @@ class Dispatcher:
 
     def _health(self, obj: dict) -> dict[str, Any]:
         p = self.runtime.active()
-        reason = p.fallback_reason()
-        status = "unavailable" if not p.available else "fallback" if reason else "ok"
-        return {"id": json_id(obj, "id"), "ok": p.available, "status": status,
-                "fallback_reason": reason, "model_version": p.version,
+        return {"id": json_id(obj, "id"), "ok": p.available, "status": _status(p),
+                "fallback_reason": p.fallback_reason(), "model_version": p.version,
+                "model_sequence": p.sequence, "model_digest": p.bundle_digest,
                 "uptime_s": round(self.runtime.uptime(), 3)}
 
     def _info(self, obj: dict) -> dict[str, Any]:
+        """What serves now; consistent with health: without a model or rules (`unavailable`)
+        there is no width, top-k or fallback to describe, so those are null."""
         p = self.runtime.active()
         m = p.manifest
+        up = p.available
+        reason = p.fallback_reason()
         out: dict[str, Any] = {
             "id": json_id(obj, "id"),
             "protocol": PROTOCOL_VERSION,
             "json_parser": JSON_PARSER,
+            "status": _status(p),
             "model": None if m is None else {
                 "name": m.name, "version": m.version, "sequence": m.sequence,
-                "digest": m.model_digest, "created": m.raw.get("created"),
+                "digest": p.bundle_digest, "model_sha256": m.model_digest,
+                "created": m.raw.get("created"),
             },
-            "n_features": p.n_features,
+            "n_features": p.n_features if up else None,
             "threshold": p.threshold if m is not None else None,
             "confidence_scale": m.confidence_scale if m is not None else None,
-            "top_k": p.k,
-            "max_missing": p.max_missing,
+            "top_k": p.k if up else None,
+            "max_missing": p.max_missing if up else None,
             "fallback": {
-                "active": p.fallback_reason() is not None,
-                "reason": p.fallback_reason(),
+                "active": up and reason is not None,
+                "reason": reason,
                 "rules": p.rules.count if p.rules is not None else 0,
                 "rules_version": p.rules.version if p.rules is not None else None,
             },
             "uptime_s": round(self.runtime.uptime(), 3),
-            "ready": p.available,
+            "ready": up,
         }
         if obj.get("feature_names") is True:
             out["feature_names"] = list(p.feature_names) if p.feature_names else None
         return out
+
+
+def _status(p: Predictor) -> str:
+    """`ok` (the model answers), `fallback` (the rules do) or `unavailable` (nothing can)."""
+    return "unavailable" if not p.available else "fallback" if p.fallback_reason() else "ok"
+
+
+def _model_note(p: Predictor) -> str:
+    """What a bad_width message adds: which model now answers. Models change on a live
+    connection (a rollout), and a width that was right a moment ago is then wrong."""
+    if p.sequence is None:
+        return ""
+    return (f" (the model answering now is {p.version}, sequence {p.sequence}: if it changed "
+            "since you read info, read it again)")
+
+
+def _note_model(e: ProtocolError, p: Predictor) -> None:
+    if e.code == ErrorCode.BAD_WIDTH:
+        e.message += _model_note(p)
 
 
 def _num(v: float) -> str:

@@ -15,6 +15,7 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_inference_duration_seconds | histogram | |
 | edgefleet_anomaly_score | histogram | (model answers only) |
 | edgefleet_connections_active, edgefleet_connections_total | gauge, counter | |
+| edgefleet_connections_closed_total | counter | reason (agent.server.CloseReason) |
 | edgefleet_model_info | gauge = 1 | name, version, sequence, digest |
 | edgefleet_model_swaps_total | counter | |
 | edgefleet_fallback_active, edgefleet_ready | gauge 0/1 | |
@@ -114,6 +115,9 @@ class AgentMetrics:
                                         "Open client connections.", registry=self.registry)
         self.connections_total = Counter("edgefleet_connections", "Accepted client connections.",
                                          registry=self.registry)
+        self.connections_closed = Counter(
+            "edgefleet_connections_closed", "Client connections closed (refused ones too), by "
+            "reason (agent.server.CloseReason).", ["reason"], registry=self.registry)
         self.registry.register(_RequestCollector(self))
         self.registry.register(_RuntimeCollector(runtime))
 

@@ -126,7 +126,9 @@ class Predictor:
         self.limits = limits
         if manifest is not None:
             n, k = manifest.input.n_features, manifest.top_k
-            self.threshold = float(manifest.threshold)
+            # as float32, like the score: the one-row path compares in double, batches in
+            # float32 (numpy), and a client compares the two float32 fields it gets
+            self.threshold = float(np.float32(manifest.threshold))
             self.inv_scale = 1.0 / manifest.confidence_scale
             self.version: str | None = manifest.version
             self.sequence: int | None = manifest.sequence
@@ -149,8 +151,13 @@ class Predictor:
             self.feature_names = None
         self.rules = rules.with_top_k(k) if rules is not None else None
         # JSON text of the constant parts of every answer
-        self.threshold_json = json.dumps(self.threshold)
+        self.threshold_json = str(np.float32(self.threshold))  # shortest float32 text
         self.version_json = json.dumps(self.version)
+        # the bundle's sha256, the digest the fleet names a model by (None: not from a store)
+        self.bundle_digest = _bundle_digest(engine) if manifest is not None else None
+        self.model_json = (f'"model_version":{self.version_json},"model_sequence":'
+                           f'{json.dumps(self.sequence)},"model_digest":'
+                           f'{json.dumps(self.bundle_digest)}')
         self.feature_names_json = ([json.dumps(nm) for nm in self.feature_names]
                                    if self.feature_names else None)
         self.n_features, self.k = n, k
@@ -353,6 +360,21 @@ class Predictor:
         rec["error_column"][idx] = column
         for f in ("score", "threshold", "confidence"):
             rec[f][idx] = np.nan
+
+
+def _bundle_digest(engine: Engine | None) -> str | None:
+    """sha256 of the bundle an installed model came from, rebuilt from its version directory
+    (agent.link.bundle_digest); None for an engine not loaded from a store version."""
+    path = getattr(engine, "model_path", None)
+    if path is None or not (path.parent / "manifest.sig").is_file():
+        return None
+    from agent.link import bundle_digest  # the fleet link's definition; imported on a swap only
+
+    try:
+        return bundle_digest(path.parent)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("cannot compute the bundle digest of %s: %s", path.parent, e)
+        return None
 
 
 def _short(e: Exception) -> str:

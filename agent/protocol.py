@@ -15,6 +15,7 @@ Everything here is a pure function of its input so the parsers can be fuzzed dir
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from enum import IntEnum
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 # A value beyond float32 becomes inf and is refused by the caller's finite check with its
 # index; numpy's warning about the cast says nothing more (and np.errstate costs ~1 us a call).
@@ -122,6 +124,7 @@ _RECORD_HEAD = [
 ]
 
 
+@functools.cache
 def record_dtype(k: int) -> np.dtype:
     """One RESULT row: 32 bytes, then k int32 top indices and k float32 contributions."""
     return np.dtype([*_RECORD_HEAD, ("top_index", "<i4", (k,)), ("top_contribution", "<f4", (k,))])
@@ -130,6 +133,7 @@ def record_dtype(k: int) -> np.dtype:
 RESULT_PREFIX = struct.Struct("<4sBBHIIIIQQH6x")  # HEADER + RESULT_BLOCK, packed in one call
 
 
+@functools.cache
 def row_struct(k: int) -> struct.Struct:
     """A whole record (head and top-k tail) as one struct, for one-row answers."""
     return struct.Struct(f"<QBBHIifff{k}i{k}f")
@@ -294,6 +298,10 @@ def _refuse_constant(name: str) -> float:
 
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 _LEADING_SPACE = re.compile(r"[ \t\r]*")
+_orjson_loads = orjson.loads
+_OrjsonError = orjson.JSONDecodeError
+JSON_PARSER = "orjson"
+"""Which library reads JSON lines (`info` answers say it)."""
 
 
 def _raw_decode(text: str) -> tuple[Any, int]:
@@ -301,28 +309,57 @@ def _raw_decode(text: str) -> tuple[Any, int]:
     return _decoder.raw_decode(text, start)
 
 
-_PARAMS_KEY = re.compile(rb'"params"\s*:\s*\[')
+# `"params"`, then JSON whitespace, `:`, `[`, and up to the first `]` only what numbers and
+# null are spelled with: digits, sign, point, exponent, the letters of null, commas, whitespace
+_NUMERIC_PARAMS = re.compile(rb'"params"[ \t\r\n]*:[ \t\r\n]*\[[-+0-9.eEnul, \t\r\n]*\]')
 
 
-def params_text_is_numeric(line: bytes) -> bool:
-    """True when the text of a line that parsed as JSON proves its params list holds only
-    numbers and nulls, so `parse_params` may skip its per-element type scan (~6 us of a ~40 us
-    JSON request). Conservative: False whenever unsure. Why it is sound: with no backslash in
-    the line no key is escaped, so a single literal `"params"` is the top-level key (a string
-    cannot hold an unescaped quote); a string, list or object inside the list would put a `"`,
-    `[` or `{` before its first `]`, and true/false a `t` or `f` (numbers and null have none)."""
+def params_text_is_numeric(line: bytes | bytearray | memoryview) -> bool:
+    """True when the text of a line that parsed as JSON proves that every `params` list in it
+    (one request, or each request of a batch) holds only numbers and nulls, so `parse_params`
+    may skip its per-element type scan (~9 us of a JSON request). Conservative: False whenever
+    unsure. Why it is sound: with no backslash in the line no key is escaped and no string
+    holds a quote, so every key named params is a literal `"params"` in the text, and a literal
+    `"params"` followed by `:` is a key (a string value is never followed by `:` in valid JSON);
+    when each such literal is followed by a list whose text has no quote (no string), no `[`
+    or `{` (no container) and no `t` or `f` (no true/false), that list holds numbers and nulls."""
     if b"\\" in line:
         return False
-    m = _PARAMS_KEY.search(line)
-    if m is None or line.find(b'"params"') != m.start() or line.find(b'"params"', m.end()) >= 0:
-        return False
-    seg = line[m.end():line.find(b"]", m.end())]
-    return not (b'"' in seg or b"[" in seg or b"{" in seg or b"t" in seg or b"f" in seg)
+    keys = line.count(b'"params"')
+    return keys > 0 and len(_NUMERIC_PARAMS.findall(line)) == keys
+
+
 _NUMBER_OR_NULL = frozenset((float, int, type(None)))
 
 
 def parse_json_line(line: bytes | bytearray | memoryview) -> Any:
-    """Decode one line (without its newline); raise `ProtocolError(BAD_JSON)`."""
+    """Decode one line (without its newline); raise `ProtocolError(BAD_JSON)`.
+
+    orjson reads the line. What it refuses goes to the json module, which names the error in
+    the agent's words, or takes what orjson does not but the agent always has: a number beyond
+    double range (it becomes inf, refused later as not_finite with its index), a lone
+    surrogate escape. orjson also reads an integer beyond 64 bits as a float; an `id` or
+    `die_id` must come back exactly as sent, so a line whose ids read as floats is read again
+    by the json module (a float id is rare; a huge integer id is the only case this changes).
+    Nesting: orjson takes up to 1024 levels, the json module's recursion limit less; deeper is
+    refused with "JSON nested too deeply"."""
+    try:
+        obj = _orjson_loads(line)
+    except _OrjsonError:
+        return _json_module_loads(line)
+    t = type(obj)
+    if t is dict:
+        if type(obj.get("id")) is float or type(obj.get("die_id")) is float:
+            return _json_module_loads(line)
+    elif t is list:
+        for item in obj:
+            if type(item) is dict and (type(item.get("id")) is float
+                                       or type(item.get("die_id")) is float):
+                return _json_module_loads(line)
+    return obj
+
+
+def _json_module_loads(line: bytes | bytearray | memoryview) -> Any:
     try:
         text = str(line, "utf-8")
         obj, end = _raw_decode(text)
@@ -412,12 +449,26 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool, type(None)))
 
 
+def check_ids(obj: dict[str, Any], where: str = "") -> None:
+    """Refuse an `id` or `die_id` that cannot be echoed as sent: an array or object, or a number
+    beyond the double range (the client would lose its correlation key)."""
+    for key in ("id", "die_id"):
+        v = obj.get(key)
+        if v is None or type(v) in (str, int, bool) or (type(v) is float and math.isfinite(v)):
+            continue
+        found = _kind(v) if type(v) is not float else "a number beyond the double range"
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"{where}{key}: expected a string, a number, true/false or null, "
+                            f"found {found}", field=key)
+
+
 def json_id(obj: Any, key: str) -> Any:
-    """The `id` or `die_id` to echo: any JSON scalar; containers are echoed as null."""
+    """The `id` or `die_id` to echo: any JSON scalar; containers (refused by `check_ids`) are
+    echoed as null."""
     if not isinstance(obj, dict):
         return None
     v = obj.get(key)
-    return v if _jsonable(v) else None
+    return v if _jsonable(v) and (type(v) is not float or math.isfinite(v)) else None
 
 
 _JSON_SPECIAL = {"nan": None, "inf": 1e39, "-inf": -1e39}

@@ -3,14 +3,25 @@
 Why threads and not asyncio: a request is ~15 us of ONNX Runtime (which releases the GIL) and a
 few microseconds of Python, and an event loop's own overhead per message is of the same order.
 A thread per connection (a handful of test heads per box) keeps the hot path to one `recv_into`
-and one `sendall`, and a slow or broken client only ever blocks its own thread:
+and one `sendall`, and a slow or broken client only ever blocks its own thread.
 
-- a message that stops halfway, or an answer the client does not read, times out after
-  `io_timeout_s` (socket-level SO_RCVTIMEO/SO_SNDTIMEO) and that connection is closed;
-- an oversized line or frame, or an unparseable frame header, gets an error answer and the
+Fairness: no client, however it behaves, keeps another from getting answers.
+- A connection idle between messages for `idle_timeout_s` is closed (0: never).
+- A message must arrive whole within `message_timeout_s` of its first bytes (a client that
+  trickles a byte at a time is closed when it runs out, however often bytes come).
+- An answer the client does not take within `io_timeout_s` closes the connection.
+- At most `max_connections` connections, and at most `max_connections_per_peer` from one
+  process (the peer's pid, from SO_PEERCRED). When every slot is taken, a new connection
+  evicts the connection idle the longest, if it has been idle `EVICT_IDLE_S` or more; only
+  when none has is the newcomer refused with `busy`. So held-open connections (a leaky test
+  program, a crashed handler that never closed) can never lock a tester out.
+- `busy` comes in the client's own framing: the agent waits up to `BUSY_PEEK_S` for the first
+  bytes; a 0x89 gets an ERROR frame (with the request's tag once its header arrived), anything
+  else, or nothing, a JSON line.
+- An oversized line or frame, or an unparseable frame header, gets an error answer and the
   connection is closed (the stream cannot be resynchronized); every other error is answered
-  and the connection stays open;
-- beyond `max_connections`, new connections get a `busy` error line and are closed.
+  and the connection stays open.
+Every close is counted by reason (`CloseReason`, `edgefleet_connections_closed_total`).
 
 Start-up handles a stale socket file (left by a crash): it is removed when nothing answers on
 it; a live agent on the same path, or a path that is not a socket, is refused. The socket is
@@ -29,6 +40,8 @@ import stat
 import struct
 import threading
 import time
+from collections import Counter
+from enum import StrEnum
 from pathlib import Path
 
 from agent.config import AgentConfig
@@ -54,9 +67,34 @@ from agent.runtime import Runtime
 
 log = logging.getLogger("edgefleet.agent")
 _perf = time.perf_counter
+_mono = time.monotonic
 _INITIAL_BUFFER = 1 << 16
 _MAX_UNIX_PATH = 107
 HEADER_UNPACK = HEADER.unpack_from
+_UCRED = struct.Struct("3i")  # pid, uid, gid (SO_PEERCRED)
+EVICT_IDLE_S = 1.0
+"""A connection idle at least this long may be closed to make room for a new one."""
+BUSY_PEEK_S = 0.1
+"""How long a refused connection's first bytes are waited for, to answer `busy` in its framing."""
+_MAX_REFUSING = 8  # refusals waiting for first bytes at once; beyond, busy goes out as JSON
+_DRAIN_BYTES = 1 << 20
+
+
+class CloseReason(StrEnum):
+    """Why a connection ended (the `reason` label of edgefleet_connections_closed_total)."""
+
+    CLIENT = "client"  # the client closed between messages
+    INCOMPLETE = "incomplete"  # the client hung up mid-message
+    IDLE_TIMEOUT = "idle_timeout"  # no message for idle_timeout_s
+    MESSAGE_TIMEOUT = "message_timeout"  # a message not whole within message_timeout_s
+    SEND_TIMEOUT = "send_timeout"  # an answer not taken within io_timeout_s
+    EVICTED = "evicted"  # the longest idle, closed to make room for a new connection
+    BUSY = "busy"  # refused on connect: no slot free, or the peer's limit reached
+    TOO_LARGE = "too_large"  # a line or frame over the limit (answered, then closed)
+    BAD_FRAME = "bad_frame"  # an untrustworthy frame header (answered, then closed)
+    RESET = "reset"  # the socket failed: reset by the peer, broken pipe
+    SHUTDOWN = "shutdown"  # the agent stopped
+    INTERNAL = "internal"  # a bug in the connection loop (logged)
 
 
 class ServerError(EdgefleetError):
@@ -64,7 +102,20 @@ class ServerError(EdgefleetError):
 
 
 class _Closed(Exception):
-    """The connection ended (cleanly, by timeout, or because we closed it)."""
+    """The connection ends, for `reason`."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _timeval(seconds: float) -> bytes:
+    """SO_RCVTIMEO/SO_SNDTIMEO value; 0 means no timeout, so a positive time never rounds to
+    it."""
+    if seconds <= 0:
+        return struct.pack("ll", 0, 0)
+    us = max(int(seconds * 1e6), 1)
+    return struct.pack("ll", us // 1_000_000, us % 1_000_000)
 
 
 class AgentServer:
@@ -82,14 +133,16 @@ class AgentServer:
         self.http: MetricsServer | None = None
         self._listener: socket.socket | None = None
         self._inode: int | None = None
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, _Connection] = {}
+        self._per_peer: Counter[int] = Counter()
         self._conns_lock = threading.Lock()
+        self._refusing = threading.BoundedSemaphore(_MAX_REFUSING)
         self._stopping = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self.trimmer = Trimmer()
-        self._timeout = struct.pack("ll", int(config.io_timeout_s),
-                                    int((config.io_timeout_s % 1) * 1e6))
-        self._no_timeout = struct.pack("ll", 0, 0)
+        self._send_timeout = _timeval(config.io_timeout_s)
+        self._idle_timeout = _timeval(config.idle_timeout_s)
+        self._closed = {r: self.metrics.connections_closed.labels(r) for r in CloseReason}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -192,75 +245,198 @@ class AgentServer:
                     return
                 time.sleep(0.01)  # EMFILE and the like: back off, keep serving the others
                 continue
-            with self._conns_lock:
-                busy = len(self._conns) >= self.config.max_connections
-                if not busy:
-                    self._conns.add(conn)
-            if busy:
-                self._refuse(conn)
-                continue
-            self.metrics.connections_total.inc()
-            self.metrics.connections_active.inc()
-            threading.Thread(target=self._serve, args=(conn,), name="agent-conn",
-                             daemon=True).start()
+            self._admit(conn)
 
-    def _refuse(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve `conn` in its own thread, evicting the longest-idle connection when every slot
+        is taken, or refuse it with `busy`."""
+        pid = _peer_pid(conn)
+        cfg = self.config
+        refusal = victim = None
+        with self._conns_lock:
+            if self._per_peer[pid] >= cfg.max_connections_per_peer:
+                refusal = (f"too many connections from this process (pid {pid}): at most "
+                           f"{cfg.max_connections_per_peer}; close some and try again")
+            elif len(self._conns) >= cfg.max_connections:
+                victim = self._longest_idle()
+                if victim is None:
+                    refusal = (f"too many connections ({cfg.max_connections}), none idle; "
+                               "try again later")
+                else:
+                    self._forget(victim)
+                    victim.evicted = True
+            if refusal is None:
+                c = _Connection(self, conn, pid)
+                self._conns[conn] = c
+                self._per_peer[pid] += 1
+        if victim is not None:
+            log.info("closing the connection idle longest (pid %d) for a new one", victim.pid)
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+        if refusal is not None:
+            self._refuse(conn, refusal)
+            return
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.inc()
+        threading.Thread(target=self._serve, args=(c,), name="agent-conn", daemon=True).start()
+
+    def _longest_idle(self) -> _Connection | None:
+        """The connection waiting for its next message the longest, if EVICT_IDLE_S or more."""
+        oldest, since = None, _mono() - EVICT_IDLE_S
+        for c in self._conns.values():
+            t = c.idle_since
+            if t is not None and t <= since:
+                oldest, since = c, t
+        return oldest
+
+    def _forget(self, c: _Connection) -> None:
+        """Free `c`'s slot (under the lock); idempotent."""
+        if self._conns.pop(c.sock, None) is not None:
+            self._per_peer[c.pid] -= 1
+            if not self._per_peer[c.pid]:
+                del self._per_peer[c.pid]
+
+    def _refuse(self, conn: socket.socket, message: str) -> None:
+        """Answer `busy` and close; in the client's framing when its first bytes come within
+        BUSY_PEEK_S (on a short-lived thread, so accepting goes on)."""
         self.metrics.record_error(ErrorCode.BUSY)
-        err = ProtocolError(ErrorCode.BUSY, f"too many connections "
-                            f"({self.config.max_connections}); try again later")
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 100_000))
-            conn.sendall(encode_json(error_json(err)))
-        conn.close()
+        self._closed[CloseReason.BUSY].inc()
+        err = ProtocolError(ErrorCode.BUSY, message)
+        if not self._refusing.acquire(blocking=False):  # a flood of refusals: no waiting
+            _send_and_close(conn, encode_json(error_json(err)))
+            return
 
-    def _serve(self, conn: socket.socket) -> None:
+        def answer() -> None:
+            try:
+                _send_and_close(conn, _busy_answer(conn, err))
+            finally:
+                self._refusing.release()
+
+        threading.Thread(target=answer, name="agent-busy", daemon=True).start()
+
+    def _serve(self, c: _Connection) -> None:
+        reason = CloseReason.INTERNAL
+        conn = c.sock
         try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeout)
-            _Connection(self, conn).run()
-        except _Closed:
-            pass
-        except OSError as e:  # the client hung up, or stopped reading its answers
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeout)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._idle_timeout)
+            c.run()
+        except _Closed as e:
+            reason = e.reason
+        except (BlockingIOError, TimeoutError):  # sendall: the client does not read answers
+            reason = CloseReason.SEND_TIMEOUT
+        except OSError as e:  # the client hung up, or we shut the socket down
             log.debug("connection closed: %s", e)
+            reason = CloseReason.RESET
         except Exception:
             log.exception("connection handler failed")
         finally:
             with self._conns_lock:
-                self._conns.discard(conn)
+                self._forget(c)
+            if c.evicted:
+                reason = CloseReason.EVICTED
+            elif self._stopping.is_set():
+                reason = CloseReason.SHUTDOWN
+            self._closed[reason].inc()
             self.metrics.connections_active.dec()
             conn.close()
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    """The connecting process's pid (SO_PEERCRED); 0 where the platform does not say."""
+    try:
+        return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             _UCRED.size))[0]
+    except (OSError, AttributeError):
+        return 0
+
+
+def _busy_answer(conn: socket.socket, err: ProtocolError) -> bytes:
+    """`busy` as an ERROR frame when the client's first byte is 0x89 (tag echoed when its whole
+    header came within BUSY_PEEK_S), else as a JSON line."""
+    data = b""
+    deadline = _mono() + BUSY_PEEK_S
+    with contextlib.suppress(OSError):
+        while True:
+            conn.settimeout(max(deadline - _mono(), 0.001))
+            chunk = conn.recv(HEADER_SIZE - len(data))
+            data += chunk
+            if not chunk or data[0] != MAGIC_BYTE or len(data) == HEADER_SIZE:
+                break
+    if not data or data[0] != MAGIC_BYTE:
+        return encode_json(error_json(err))
+    tag = HEADER.unpack(data)[4] if len(data) == HEADER_SIZE else 0
+    return encode_error_frame(err, tag)
+
+
+def _send_and_close(conn: socket.socket, answer: bytes) -> None:
+    _send_last(conn, answer)
+    conn.close()
+
+
+def _send_last(conn: socket.socket, answer: bytes) -> None:
+    """Send a closing answer, then read and drop what the client still sends, for up to
+    BUSY_PEEK_S and 1 MiB: a Unix socket closed with unread data makes the client's next read
+    fail with ECONNRESET, before it has read the answer that says why."""
+    deadline = _mono() + BUSY_PEEK_S
+    with contextlib.suppress(OSError):
+        conn.settimeout(BUSY_PEEK_S)
+        conn.sendall(answer)
+        conn.shutdown(socket.SHUT_WR)
+        dropped = 0
+        while dropped < _DRAIN_BYTES and (left := deadline - _mono()) > 0:
+            conn.settimeout(left)
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            dropped += len(chunk)
 
 
 class _Connection:
     """The read loop of one client: find the next complete message in the buffer, answer it.
 
     `buf[start:end]` holds received bytes not yet answered. A message that is already complete
-    costs one `recv_into` and one `sendall`; only a partial one waits (with a timeout) for more.
+    costs one `recv_into` and one `sendall`; only a partial one waits for more, against the
+    message's deadline. `idle_since` is set while waiting for the next message (the server
+    picks the connection to evict by it).
     """
 
-    def __init__(self, server: AgentServer, sock: socket.socket) -> None:
+    def __init__(self, server: AgentServer, sock: socket.socket, pid: int) -> None:
         self.server = server
         self.sock = sock
+        self.pid = pid
+        self.idle_since: float | None = None
+        self.evicted = False
         self.dispatch = server.dispatch
         self.metrics = server.metrics
         self.max_line = server.config.max_line_bytes
         self.max_frame = server.config.max_frame_bytes
+        self.message_timeout = server.config.message_timeout_s
         self.buf = bytearray(_INITIAL_BUFFER)
         self.start = self.end = 0
-        self._timed = False
+        self._deadline: float | None = None  # of the message being read, once it is partial
+        self._timed = False  # SO_RCVTIMEO holds a message's deadline, not the idle timeout
         self.trimmer = server.trimmer
 
     def run(self) -> None:
         sock, dispatch = self.sock, self.dispatch
         while True:
-            if self.start == self.end:  # idle: wait as long as it takes for the next message
+            if self.start == self.end:  # idle: wait up to idle_timeout_s for the next message
                 self.start = self.end = 0
-                if self._timed:
-                    self._set_read_timeout(False)
+                if self._timed:  # back from a message's deadline to the idle timeout
+                    self._timed = False
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                    self.server._idle_timeout)
                     if len(self.buf) > _INITIAL_BUFFER:  # after a big frame: give memory back
                         self.buf = bytearray(_INITIAL_BUFFER)
-                n = sock.recv_into(self.buf)
+                self.idle_since = _mono()
+                try:
+                    n = sock.recv_into(self.buf)
+                except (BlockingIOError, TimeoutError):
+                    raise _Closed(CloseReason.IDLE_TIMEOUT) from None
+                self.idle_since = None
                 if not n:
-                    return
+                    raise _Closed(CloseReason.CLIENT)
                 self.end = n
             if self.buf[self.start] == MAGIC_BYTE:
                 if self.end - self.start < HEADER_SIZE:
@@ -272,12 +448,14 @@ class _Connection:
                     try:
                         parse_header(self.buf, self.start)  # names what is wrong
                     except ProtocolError as e:
-                        self._fatal(encode_error_frame(e, h[4]), e.code)
+                        self._fatal(encode_error_frame(e, h[4]), e.code,
+                                    CloseReason.BAD_FRAME)
                 total = HEADER_SIZE + h[7]
                 if total > self.max_frame:
                     self._fatal(encode_error_frame(ProtocolError(
                         ErrorCode.TOO_LARGE, f"frame: {total} bytes, at most {self.max_frame} "
-                        "allowed (send smaller batches)"), h[4]), ErrorCode.TOO_LARGE)
+                        "allowed (send smaller batches)"), h[4]), ErrorCode.TOO_LARGE,
+                        CloseReason.TOO_LARGE)
                 if self.end - self.start < total:
                     self._need(total)
                     if total > _INITIAL_BUFFER:
@@ -295,6 +473,8 @@ class _Connection:
                 else:
                     answer = b""  # blank line: ignored
                 self.start = idx + 1
+            if self._deadline is not None:
+                self._deadline = None  # the next message gets its own
             if answer:
                 sock.sendall(answer)
 
@@ -313,7 +493,8 @@ class _Connection:
             self._read_more(self.end - self.start + 1)
         self._fatal(encode_json(error_json(ProtocolError(
             ErrorCode.TOO_LARGE, f"line: longer than {self.max_line} bytes "
-            "(send smaller batches, or binary frames)"))), ErrorCode.TOO_LARGE)
+            "(send smaller batches, or binary frames)"))), ErrorCode.TOO_LARGE,
+            CloseReason.TOO_LARGE)
         raise AssertionError  # unreachable
 
     def _need(self, size: int) -> None:
@@ -323,7 +504,8 @@ class _Connection:
 
     def _read_more(self, want: int) -> None:
         """Receive more of a message in progress (at least `want` bytes buffered in total is the
-        goal); gives up after io_timeout_s without data."""
+        goal); gives up when the message is not whole `message_timeout_s` after this first
+        wait for it."""
         if len(self.buf) - self.start < want:  # make room: compact, or grow
             if want <= len(self.buf):
                 pending = self.end - self.start
@@ -333,29 +515,31 @@ class _Connection:
                 new = bytearray(max(want, 2 * len(self.buf)))
                 new[:self.end - self.start] = self.buf[self.start:self.end]
                 self.buf, self.start, self.end = new, 0, self.end - self.start
-        if not self._timed:
-            self._set_read_timeout(True)
+        now = _mono()
+        if self._deadline is None:
+            self._deadline = now + self.message_timeout
+        left = self._deadline - now
+        if left <= 0:
+            self._incomplete(CloseReason.MESSAGE_TIMEOUT)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+        self._timed = True
         try:
             n = self.sock.recv_into(memoryview(self.buf)[self.end:])
         except (BlockingIOError, TimeoutError):
-            self.metrics.record_error(ErrorCode.INCOMPLETE)
-            raise _Closed from None
+            self._incomplete(CloseReason.MESSAGE_TIMEOUT)
         if not n:
-            self.metrics.record_error(ErrorCode.INCOMPLETE)  # hung up mid-message
-            raise _Closed
+            self._incomplete(CloseReason.INCOMPLETE)  # hung up mid-message
         self.end += n
 
-    def _set_read_timeout(self, on: bool) -> None:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                             self.server._timeout if on else self.server._no_timeout)
-        self._timed = on
+    def _incomplete(self, reason: CloseReason) -> None:
+        self.metrics.record_error(ErrorCode.INCOMPLETE)
+        raise _Closed(reason)
 
-    def _fatal(self, answer: bytes, code: ErrorCode) -> None:
+    def _fatal(self, answer: bytes, code: ErrorCode, reason: CloseReason) -> None:
         """Answer, then close: the stream cannot be trusted to continue."""
         self.metrics.record_error(code)
-        with contextlib.suppress(OSError):
-            self.sock.sendall(answer)
-        raise _Closed
+        _send_last(self.sock, answer)
+        raise _Closed(reason)
 
 
 def remove_stale_socket(path: Path, option: str = "--socket") -> None:

@@ -9,9 +9,13 @@ servers in their own processes:
   floor   ONNX Runtime in-process, one row (the agent's engine options)
   floor   Unix-socket round trip with no work (bench/echo_server.py), the binary request's size
           in and out (plain echo), and request size in / answer size out
-  agent   binary frame, one row; JSON line, one row; binary batches of --batch rows on one
-          connection (throughput), and JSON batches of 64 (not a target); 8 client processes
-          at once (binary, one row each)
+  agent   binary frame, one row; JSON line, one row, params as the shortest float32 text and
+          as 17-digit text (how many C and Python programs print a float); binary batches of
+          --batch rows on one connection (throughput), and JSON batches of 64 (not a target);
+          8 client processes at once (binary, one row each)
+  client  agent.client.Client.predict, one row, beside the raw binary round trip; and
+          `edgefleet agent predict --file` on a CSV of --file-dies dies beside Client.predict_batch
+          on the same rows (batches of 256)
   agent   resident memory after all of the above (> 100k predictions); process start to /readyz
   base    the reference design: FastAPI + uvicorn on a Unix socket, same model, JSON
 
@@ -149,6 +153,45 @@ def http_loop(path: str, bodies: list[bytes], n: int, warmup: int = 200) -> np.n
     return out
 
 
+def client_loop(path: str, rows: np.ndarray, n: int, warmup: int = 500) -> np.ndarray:
+    """Latencies (ns) of agent.client.Client.predict, one row each."""
+    from agent.client import Client
+
+    out = np.empty(n, dtype=np.int64)
+    perf = time.perf_counter_ns
+    with Client(path) as c:
+        for i in range(warmup + n):
+            t0 = perf()
+            c.predict(rows[i % len(rows)], die_id=i)
+            if i >= warmup:
+                out[i - warmup] = perf() - t0
+    return out
+
+
+def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
+    """`edgefleet agent predict --file --quiet` on a CSV of `dies` (shortest float32 text, empty
+    cells for missing values), whole process, beside Client.predict_batch on the same rows."""
+    from agent.client import Client
+
+    csv_path = tmp / "dies.csv"
+    with open(csv_path, "w") as f:
+        f.write("die_id," + ",".join(f"p{i}" for i in range(dies.shape[1])) + "\n")
+        for i, row in enumerate(dies):
+            cells = ("" if v is None else repr(v) for v in json_values(row))
+            f.write(f"D{i}," + ",".join(cells) + "\n")
+    with Client(path) as c:
+        t0 = time.perf_counter()
+        for i in range(0, len(dies), 256):
+            c.predict_batch(dies[i:i + 256])
+        client = len(dies) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path, "--file",
+                    str(csv_path), "--quiet"], cwd=REPO, check=True, capture_output=True)
+    cli = len(dies) / (time.perf_counter() - t0)
+    return {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6,
+            "cli_dies_per_s": cli, "client_dies_per_s": client, "ratio": cli / client}
+
+
 def _concurrent_worker(args) -> np.ndarray:
     path, frames, n, start_at = args
     while time.time() < start_at:  # all clients start together
@@ -222,6 +265,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1024, help="rows per throughput frame")
     ap.add_argument("--seconds", type=float, default=3.0, help="throughput run length")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--file-dies", type=int, default=20000, help="dies in the CSV screened by "
+                    "`edgefleet agent predict --file`")
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for the single-row figures")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "agent.json")
     ap.add_argument("--bundle", type=Path, help="a signed model bundle, e.g. an optimizer's "
@@ -242,6 +287,9 @@ def main() -> int:
                   for i, row in enumerate(sample)]
         lines = [json.dumps({"id": i, "die_id": f"D{i}", "params": json_values(row)}).encode()
                  + b"\n" for i, row in enumerate(sample)]
+        lines17 = [json.dumps({"id": i, "die_id": f"D{i}", "params": [
+            None if v != v else float(f"{v:.17g}") for v in row.astype(np.float64).tolist()]
+        }).encode() + b"\n" for i, row in enumerate(sample)]
         onnx_path = store / "active" / "model.onnx"
         res: dict = {"model": model_name, "n_features": n, "host": {
             "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -320,7 +368,9 @@ def main() -> int:
         res["echo_plain"] = pct(echo_loop(echo_plain, frames[0], len(frames[0]), args.requests))
         res["echo_sized"] = pct(echo_loop(echo_sized, frames[0], answer_size, args.requests))
         res["agent_binary"] = pct(binary_loop(sock, frames, args.requests))
+        res["client_predict"] = pct(client_loop(sock, sample, args.requests))
         res["agent_json"] = pct(json_loop(sock, lines, args.requests))
+        res["agent_json_17"] = pct(json_loop(sock, lines17, args.requests))
         bodies = [line.rstrip(b"\n") for line in lines]
         res["fastapi"] = pct(http_loop(fa_sock, bodies, max(args.requests // 4, 2000)))
 
@@ -332,6 +382,7 @@ def main() -> int:
             "echo_plain": pct(echo_loop(echo_plain, frames[0], len(frames[0]), args.requests)),
             "agent_binary": pct(binary_loop(sock, frames, args.requests)),
             "agent_json": pct(json_loop(sock, lines, args.requests)),
+            "agent_json_17": pct(json_loop(sock, lines17, args.requests)),
         }
 
         # -- batched throughput on one connection
@@ -379,6 +430,9 @@ def main() -> int:
                              [(sock, frames[i::args.clients], per_client, start_at)
                               for i in range(args.clients)])
         res["concurrent"] = {"clients": args.clients, **pct(np.concatenate(parts))}
+
+        # -- file screening: the CLI on a CSV, beside the Client's batches of the same rows
+        res["file_screening"] = file_screening(sock, tmp, dies[:args.file_dies])
 
         # -- memory after all of it (the agent gives batch buffers back after 1 s without one)
         time.sleep(1.5)
@@ -440,11 +494,18 @@ def judge(res: dict) -> dict:
     floor_sized = res["echo_sized"]["p50_us"] + res["ort_inprocess"]["p50_us"]
     floor = min(floor, floor_sized)  # the lower (stricter) of the two transport floors
     b, j, f = res["agent_binary"], res["agent_json"], res["fastapi"]
+    j17 = res["agent_json_17"]
     targets = [
         ("binary single-row p50 vs floor", b["p50_us"], "us", b["p50_us"] / floor, "<=", 1.5),
         ("binary single-row p99", b["p99_us"], "us", b["p99_us"] / 300, "<=", 1.0),
         ("json single-row p50 vs floor", j["p50_us"], "us", j["p50_us"] / floor, "<=", 2.5),
+        ("json 17-digit single-row p50 vs floor", j17["p50_us"], "us", j17["p50_us"] / floor,
+         "<=", 2.5),
         ("fastapi p50 / agent binary p50", f["p50_us"], "us", f["p50_us"] / b["p50_us"], ">=", 8),
+        ("Client.predict p50 / raw binary p50", res["client_predict"]["p50_us"], "us",
+         res["client_predict"]["p50_us"] / b["p50_us"], "<=", 1.2),
+        ("predict --file / Client batches", res["file_screening"]["cli_dies_per_s"], "dies/s",
+         res["file_screening"]["ratio"], ">=", 0.5),
         ("batched binary throughput", res["throughput"]["dies_per_s"], "dies/s",
          res["throughput"]["dies_per_s"] / 100_000, ">=", 1.0),
         (f"{res['concurrent']['clients']} clients p99.9", res["concurrent"]["p999_us"], "us",
@@ -483,7 +544,9 @@ def print_report(r: dict) -> None:
     row(f"echo {r['echo_request_bytes']} B in, {r['agent_answer_bytes']} B out",
         r["echo_sized"])
     row("agent binary, 1 row", r["agent_binary"])
-    row(f"agent JSON, 1 row ({r['json_parser']} reader)", r["agent_json"])
+    row("Client.predict, 1 row", r["client_predict"])
+    row(f"agent JSON, 1 row ({r['json_parser']})", r["agent_json"])
+    row("agent JSON, 1 row, 17-digit numbers", r["agent_json_17"])
     row(f"agent binary, {r['concurrent']['clients']} clients", r["concurrent"])
     row("FastAPI + uvicorn, 1 row (JSON)", r["fastapi"])
     print(f"  floor = echo + ORT p50 = {r['floor_us']:.1f} us")
@@ -491,10 +554,15 @@ def print_report(r: dict) -> None:
     row("echo, unpinned", r["unpinned"]["echo_plain"])
     row("agent binary, 1 row, unpinned", r["unpinned"]["agent_binary"])
     row("agent JSON, 1 row, unpinned", r["unpinned"]["agent_json"])
+    row("agent JSON 17-digit, unpinned", r["unpinned"]["agent_json_17"])
     print(f"throughput: {r['throughput']['dies_per_s']:,.0f} dies/s "
           f"(batches of {r['throughput']['batch']}, one connection); JSON "
           f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "
           f"{r['json_throughput']['batch']})")
+    fs = r["file_screening"]
+    print(f"file screening ({fs['dies']} dies, {fs['csv_mb']:.0f} MB CSV): predict --file "
+          f"{fs['cli_dies_per_s']:,.0f} dies/s (whole process), Client batches of 256 "
+          f"{fs['client_dies_per_s']:,.0f} dies/s")
     print(f"agent: start to ready {r['start_to_ready_s']:.3f} s; RSS {r['agent_rss_mb']:.1f} MB "
           f"after {r['agent_predictions']:,} predictions ({r['agent_errors']} errors); "
           f"{r['agent_rss_after_batches_mb']:.1f} MB right after the batch run")

@@ -6,9 +6,9 @@
 #   scripts/image.sh test       start the image and check it (tests/test_image.py; make image-test)
 #   scripts/image.sh deps       Debian packages (podman, buildah, runc, qemu-user-static,
 #                               debootstrap) and the qemu binfmt handler for foreign binaries
-#   scripts/image.sh wheelhouse docker/wheelhouse/: the project's wheel for each of arm64 and
-#                               amd64, and every runtime wheel for both, at the versions in
-#                               docker/constraints.txt
+#   scripts/image.sh wheelhouse docker/wheelhouse/: the project's wheel (pure Python, one for
+#                               both) and every runtime wheel for arm64 and amd64, at the
+#                               versions in docker/constraints.txt
 #   scripts/image.sh base       a Debian bookworm base (debootstrap, minbase + python3), imported
 #                               into podman as localhost/edgefleet-base:bookworm-ARCH; skipped when
 #                               that image exists (FORCE_BASE=1 rebuilds it)
@@ -20,19 +20,9 @@
 # localhost/edgefleet-agent:VERSION-ARCH), BASE_IMAGE (default the debootstrap'ed base; set it to
 # python:3.11-slim-bookworm where a registry or mirror is reachable), DEBIAN_MIRROR.
 # Podman reads the project's settings in docker/podman/ (runc, ulimits, its own storage).
-#
-# The project's wheel is platform-specific: the agent carries a C extension (agent/_jsonfloats.c,
-# its JSON params reader). `pip wheel` here makes the x86_64 one; the aarch64 one is the same
-# content with the extension cross-compiled for aarch64 (scripts/arm64-native.sh) in place of
-# the x86_64 build, tagged linux_aarch64. Cross-compiling takes a second; building the wheel
-# under qemu would need a compiler in an arm64 root and take minutes, for the same object code.
-# Each build stage's pip then picks the wheel for its own platform from the one wheelhouse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
-# arm64_build_native: the aarch64 build of the C extension.
-# shellcheck source=scripts/arm64-native.sh
-source scripts/arm64-native.sh
 
 ARCH="${ARCH:-arm64}"
 VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n1)"
@@ -44,10 +34,6 @@ WHEELHOUSE="$REPO/docker/wheelhouse"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
 # The pip that the build stage runs from the wheelhouse (it is not left in the image).
 PIP_VERSION="25.3"
-# `wheel unpack`/`wheel pack` (which rewrites RECORD) for the aarch64 project wheel, in a venv
-# of their own under build/ so the host's Python is left as it is.
-WHEEL_TOOL_REQS=(wheel==0.48.0 packaging==26.4)
-WHEEL_TOOL="$BUILD_DIR/wheel-tool"
 
 export CONTAINERS_CONF="$REPO/docker/podman/containers.conf"
 export CONTAINERS_STORAGE_CONF="$REPO/docker/podman/storage.conf"
@@ -61,12 +47,9 @@ case "$ARCH" in
     *) echo "image.sh: ARCH must be arm64 or amd64, not '$ARCH'" >&2; exit 2 ;;
 esac
 
-# pip's --platform takes exact tags: name every manylinux level bookworm's glibc (2.36) runs,
-# and linux_ARCH, the project's own wheel's tag (PyPI takes no linux_ wheels, so nothing else
-# matches it).
+# pip's --platform takes exact tags: name every manylinux level bookworm's glibc (2.36) runs.
 platform_args() {
     local arch="$1" v
-    printf -- '--platform\nlinux_%s\n' "$arch"
     printf -- '--platform\nmanylinux2014_%s\n' "$arch"
     for v in $(seq 17 36); do printf -- '--platform\nmanylinux_2_%s_%s\n' "$v" "$arch"; done
 }
@@ -106,69 +89,36 @@ cmd_deps() {
     register_binfmt "$QEMU_ARCH"
 }
 
-# The C extension files a project wheel holds, one per line.
-wheel_extensions() {
-    "$HOST_PYTHON" -c 'import sys, zipfile
-print("\n".join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith(".so")))' "$1"
-}
-
-# project_wheels DEST: the project's wheel for x86_64 and for aarch64 in DEST.
-project_wheels() {
+# project_wheel DEST: the project's wheel (pure Python: py3-none-any) in DEST.
+project_wheel() {
     local dest="$1" tmp
-    local x86_so=agent/_jsonfloats.cpython-311-x86_64-linux-gnu.so
-    local arm_so=agent/_jsonfloats.cpython-311-aarch64-linux-gnu.so
     tmp="$(mktemp -d)"
-    # setuptools builds in the tree (build/lib.*): a file removed from the sources since the
-    # last build would otherwise still ride along in the wheel
+    # setuptools builds in the tree (build/lib): a file removed from the sources since the last
+    # build would otherwise still ride along in the wheel
     rm -rf "$REPO"/build/lib "$REPO"/build/lib.* "$REPO"/build/bdist.* "$REPO"/build/temp.*
     pip_quiet wheel --quiet --no-deps --wheel-dir "$tmp" "$REPO"
-    local x86_whl=("$tmp"/edgefleet-*-cp311-cp311-linux_x86_64.whl)
-    if [ ! -f "${x86_whl[0]}" ] || [ "$(wheel_extensions "${x86_whl[0]}")" != "$x86_so" ]; then
-        echo "image.sh: expected an x86_64 project wheel holding $x86_so only, got:" \
-            "$(ls "$tmp")" >&2
+    local whl=("$tmp"/edgefleet-*-py3-none-any.whl)
+    if [ ! -f "${whl[0]}" ]; then
+        echo "image.sh: expected a pure-Python project wheel, got: $(ls "$tmp")" >&2
         exit 1
     fi
-    if [ "$(cat "$WHEEL_TOOL/.requirements" 2>/dev/null)" != "${WHEEL_TOOL_REQS[*]}" ]; then
-        log "wheelhouse: installing ${WHEEL_TOOL_REQS[*]} into $WHEEL_TOOL"
-        rm -rf "$WHEEL_TOOL"
-        "$HOST_PYTHON" -m venv "$WHEEL_TOOL"
-        HOST_PYTHON="$WHEEL_TOOL/bin/python" pip_quiet install --quiet \
-            --disable-pip-version-check "${WHEEL_TOOL_REQS[@]}"
-        echo "${WHEEL_TOOL_REQS[*]}" > "$WHEEL_TOOL/.requirements"
-    fi
-    # aarch64: unpack, swap the extension, retag, pack (pack names the file after the WHEEL's
-    # Tag and writes a new RECORD with every file's hash and size).
-    "$WHEEL_TOOL/bin/python" -m wheel unpack --dest "$tmp/unpacked" "${x86_whl[0]}" >/dev/null
-    local root=("$tmp"/unpacked/edgefleet-*)
-    rm "${root[0]}/$x86_so"
-    arm64_build_native "${root[0]}/agent" >/dev/null
-    sed -i 's/^Tag: cp311-cp311-linux_x86_64$/Tag: cp311-cp311-linux_aarch64/' \
-        "${root[0]}"/edgefleet-*.dist-info/WHEEL
-    "$WHEEL_TOOL/bin/python" -m wheel pack --dest-dir "$tmp" "${root[0]}" >/dev/null
-    local arm_whl=("$tmp"/edgefleet-*-cp311-cp311-linux_aarch64.whl)
-    if [ ! -f "${arm_whl[0]}" ] || [ "$(wheel_extensions "${arm_whl[0]}")" != "$arm_so" ]; then
-        echo "image.sh: expected an aarch64 project wheel holding $arm_so only, got:" \
-            "$(ls "$tmp")" >&2
-        exit 1
-    fi
-    cp "${x86_whl[0]}" "${arm_whl[0]}" "$dest/"
+    cp "${whl[0]}" "$dest/"
     rm -rf "$tmp"
 }
 
 cmd_wheelhouse() {
-    log "wheelhouse: project wheels (x86_64 built, aarch64 with the cross-compiled extension)"
+    log "wheelhouse: project wheel"
     rm -rf "$WHEELHOUSE"
     mkdir -p "$WHEELHOUSE"
-    project_wheels "$WHEELHOUSE"
+    project_wheel "$WHEELHOUSE"
     local arch
     for arch in aarch64 x86_64; do
         log "wheelhouse: runtime wheels for $arch"
         mapfile -t plat < <(platform_args "$arch")
-        # Resolved from that arch's own project wheel: pip refuses a wheel for another platform.
         pip_quiet download --quiet --dest "$WHEELHOUSE" --only-binary=:all: "${plat[@]}" \
             --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
             --constraint "$REPO/docker/constraints.txt" \
-            "$WHEELHOUSE"/edgefleet-*-linux_"$arch".whl "pip==$PIP_VERSION"
+            "$WHEELHOUSE"/edgefleet-*.whl "pip==$PIP_VERSION"
     done
     log "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 }
@@ -177,12 +127,12 @@ cmd_lock() {
     local tmp report
     tmp="$(mktemp -d)"
     report="$tmp/report.json"
-    project_wheels "$tmp"
+    project_wheel "$tmp"
     mapfile -t plat < <(platform_args aarch64)
     pip_quiet install --quiet --dry-run --ignore-installed --report "$report" \
         --target "$tmp/t" --only-binary=:all: "${plat[@]}" \
         --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-        "$tmp"/edgefleet-*-linux_aarch64.whl
+        "$tmp"/edgefleet-*.whl
     {
         sed -n '1,/^[^#]/{/^#/p}' "$REPO/docker/constraints.txt"
         "$HOST_PYTHON" -c '

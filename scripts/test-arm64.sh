@@ -9,12 +9,6 @@
 #   wheels    aarch64 wheels from PyPI (pip download --platform manylinux..._aarch64) at the
 #             versions in docker/constraints.txt, plus the test tools, installed with --target
 #             into the sysroot's dist-packages
-#   native    the agent's C extension (agent/_jsonfloats.c, the JSON params reader) built for
-#             aarch64 in place, as agent/_jsonfloats.cpython-311-aarch64-linux-gnu.so beside the
-#             host's x86_64 build. It is cross-compiled on this machine (scripts/arm64-native.sh)
-#             because the tests run the checkout, and they must run the reader the boxes run,
-#             not the json-module fallback. If the aarch64 interpreter does not load it, the run
-#             stops here.
 #   run       pytest on the aarch64 interpreter (QEMU_LD_PREFIX=sysroot; child processes run
 #             through the binfmt handler with the same prefix)
 #
@@ -28,11 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
-# arm64_apt_init and arm64_apt (a private apt configuration for arm64), arm64_build_native.
-# shellcheck source=scripts/arm64-native.sh
-source scripts/arm64-native.sh
 
-DIR="$ARM64_DIR"  # build/arm64 unless set (scripts/arm64-native.sh)
+DIR="${ARM64_DIR:-$REPO/build/arm64}"
 SYSROOT="$DIR/sysroot"
 # Wheels go where the interpreter looks by itself (Debian's dist-packages under its prefix),
 # so child processes that set their own PYTHONPATH still find them.
@@ -45,8 +36,8 @@ DEB_PACKAGES=(python3.11 libstdc++6 libgcc-s1)
 # Test-only wheels (the agent's own come from docker/constraints.txt). onnx: the tests build
 # real models with optimize.baseline.to_onnx.
 TEST_WHEELS=(pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 onnx==1.23.2)
-# The agent's tests that need no broker: wire protocol, the native JSON params reader, bundles
-# and keys, signed commands, the store, install/rollback/crash recovery, swap under load, the
+# The agent's tests that need no broker: wire protocol, the JSON reader (orjson's aarch64
+# wheel), bundles and keys, signed commands, the store, install/rollback/crash recovery, swap under load, the
 # admin socket, fallback, the server, drift and metrics.
 DEFAULT_TESTS="test_protocol test_jsonfast test_bundle test_keys fleet/test_commands test_store
 test_install test_install_crash test_install_load test_admin test_agent_fallback
@@ -67,6 +58,42 @@ DESELECT=(
 )
 
 log() { printf '[test-arm64 %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# The options that make apt-get work on its own state under APTDIR, for arm64 only: the host's
+# package database and sources are never read or changed.
+_arm64_apt_opts() {
+    local aptdir="$1"
+    printf '%s\n' -o "Dir=$aptdir" -o "Dir::Etc=$aptdir/etc/apt" \
+        -o "Dir::State::status=$aptdir/var/lib/dpkg/status" \
+        -o APT::Architecture=arm64 -o APT::Architectures=arm64 \
+        -o Debug::NoLocking=1 -o APT::Sandbox::User=root -q
+}
+
+# arm64_apt_init APTDIR: a private apt state for bookworm arm64 (main, updates, security),
+# with an empty package database, and fresh package lists.
+arm64_apt_init() {
+    local aptdir="$1" keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    local mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+    local security="${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}"
+    mkdir -p "$aptdir"/etc/apt/{apt.conf.d,preferences.d,sources.list.d} \
+        "$aptdir"/var/lib/apt/lists/partial "$aptdir"/var/cache/apt/archives/partial \
+        "$aptdir"/var/lib/dpkg
+    : > "$aptdir/var/lib/dpkg/status"
+    cat > "$aptdir/etc/apt/sources.list" <<EOF
+deb [arch=arm64 signed-by=$keyring] $mirror bookworm main
+deb [arch=arm64 signed-by=$keyring] $mirror bookworm-updates main
+deb [arch=arm64 signed-by=$keyring] $security bookworm-security main
+EOF
+    arm64_apt "$aptdir" update >/dev/null
+}
+
+# arm64_apt APTDIR ARGS...: apt-get on that private state.
+arm64_apt() {
+    local aptdir="$1" opts
+    shift
+    mapfile -t opts < <(_arm64_apt_opts "$aptdir")
+    apt-get "${opts[@]}" "$@"
+}
 
 step_deps() {
     if [ ! -x /usr/bin/qemu-aarch64-static ]; then
@@ -139,29 +166,6 @@ step_wheels() {
     log "wheels: $(du -sh "$SITE" | cut -f1)"
 }
 
-step_native() {
-    # Rebuilt on every run (well under a second): an extension older than agent/_jsonfloats.c
-    # would test code the boxes no longer get.
-    arm64_build_native "$REPO/agent" >/dev/null
-}
-
-step_check_native() {
-    # agent.jsonfast falls back to the json module without a word when the extension does not
-    # import: here that would be a green run that tested the wrong reader. Importing the
-    # extension itself names the reason (wrong architecture, missing symbol) when it fails.
-    local where
-    if ! where="$(qemu-aarch64-static "$PY" -c "$(printf '%s\n' \
-        'import agent._jsonfloats as ext, agent.jsonfast as j' \
-        'assert j.PARSER == "native", f"agent.jsonfast.PARSER is {j.PARSER!r}"' \
-        'print(ext.__file__)')")"; then
-        echo "test-arm64: the aarch64 interpreter does not load the native JSON reader" \
-            "(error above); the tests would run the json-module fallback" >&2
-        exit 1
-    fi
-    log "native: the aarch64 interpreter reads JSON params with the native parser" \
-        "(${where#"$REPO"/})"
-}
-
 step_run() {
     local tests=() t
     for t in ${ARM64_TESTS:-$DEFAULT_TESTS}; do
@@ -181,13 +185,11 @@ t0=$SECONDS
 step_deps
 step_sysroot
 step_wheels
-step_native
 # From here on the aarch64 interpreter runs; the child processes it starts run through the
 # binfmt handler and find the same sysroot and checkout through these.
 export QEMU_LD_PREFIX="$SYSROOT"
 export PYTHONPATH="$REPO"
 export PYTHONDONTWRITEBYTECODE=1
-step_check_native
 log "prepared in $((SECONDS - t0)) s"
 t1=$SECONDS
 status=0

@@ -94,7 +94,12 @@ def test_no_model_and_no_rules_refuses_dies_and_is_not_ready():
         assert urllib.request.urlopen(agent.http.url + "/healthz", timeout=5).status == 200
         assert c.health() | {"uptime_s": 0} == {"id": None, "ok": False, "status": "unavailable",
                                                 "fallback_reason": "no model loaded",
-                                                "model_version": None, "uptime_s": 0}
+                                                "model_version": None, "model_sequence": None,
+                                                "model_digest": None, "uptime_s": 0}
+        info = c.info()  # says the same as health: nothing to describe
+        assert info["status"] == "unavailable" and info["ready"] is False
+        assert info["n_features"] is None and info["top_k"] is None
+        assert info["fallback"]["active"] is False and info["fallback"]["rules"] == 0
 
 
 def test_installing_a_model_leaves_fallback(tmp_path, model):

@@ -3,6 +3,7 @@ many clients, slow and broken clients, the socket file, and swapping models unde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -150,8 +151,12 @@ def test_json_answer_echoes_ids_and_counts_imputed_values(agent, model):
     assert a["id"] == "req-1" and a["die_id"] == "W3-12-07" and a["imputed"] == 1
     assert a["decision"] == "pass" and a["source"] == "model" and a["top"] == []
     assert a["model_version"] == model.manifest.version and a["latency_us"] > 0
+    # the model is named as the fleet names it: sequence and the bundle's sha256
+    assert a["model_sequence"] == model.manifest.sequence
+    assert a["model_digest"] == hashlib.sha256(model.bundle.read_bytes()).hexdigest()
     assert set(a) == {"id", "die_id", "decision", "score", "threshold", "confidence", "source",
-                      "model_version", "imputed", "top", "latency_us"}
+                      "model_version", "model_sequence", "model_digest", "imputed", "top",
+                      "latency_us"}
 
 
 def test_json_fail_names_the_top_parameters(agent, model):
@@ -183,7 +188,10 @@ def test_health_and_info_describe_the_model(agent, model):
         i = c.info(feature_names=True)
     assert h["ok"] and h["status"] == "ok" and h["model_version"] == model.manifest.version
     assert i["model"]["sequence"] == model.manifest.sequence
-    assert i["model"]["digest"] == model.manifest.model_digest
+    assert i["model"]["digest"] == hashlib.sha256(model.bundle.read_bytes()).hexdigest()
+    assert i["model"]["model_sha256"] == model.manifest.model_digest
+    assert h["model_sequence"] == model.manifest.sequence
+    assert h["model_digest"] == i["model"]["digest"]
     assert i["n_features"] == N and i["threshold"] == model.manifest.threshold
     assert i["feature_names"][0] == "p000" and i["uptime_s"] >= 0 and i["ready"]
 
@@ -292,7 +300,7 @@ def test_a_stalled_half_frame_does_not_block_other_clients_and_times_out(model):
     half = encode_predict(model.train[:1])[:HEADER_SIZE + 10]
     # an agent that waited for the stalled client would answer no one for a minute, past the
     # other client's timeout: no timing of ours decides this
-    with running_agent(model, io_timeout_s=60) as agent:
+    with running_agent(model, message_timeout_s=60) as agent:
         stalled = _raw(agent.path)
         stalled.sendall(half)
         with Client(agent.path, timeout=20) as c:
@@ -302,7 +310,7 @@ def test_a_stalled_half_frame_does_not_block_other_clients_and_times_out(model):
         with pytest.raises(BlockingIOError):  # still open, waiting for the rest
             stalled.recv(1)
         stalled.close()
-    with running_agent(model, io_timeout_s=0.3) as agent:
+    with running_agent(model, message_timeout_s=0.3) as agent:
         stalled = _raw(agent.path)
         stalled.sendall(half)
         wait_for(lambda: _closed(stalled), timeout=10)
@@ -449,3 +457,61 @@ def test_refused_single_die_raises_with_the_code(agent):
     with Client(agent.path) as c, pytest.raises(AgentError) as e:
         c.predict(np.full(N, np.inf, dtype=np.float32))
     assert e.value.code == "not_finite"
+
+
+# ---------------------------------------------------------------------------- model changes
+
+
+def test_a_model_with_another_width_on_a_live_connection_is_named_and_reread(tmp_path, keys,
+                                                                              model):
+    """A rollout can change n_features under an open connection: the old width gets bad_width
+    naming the model now answering, and the Python client re-reads info when an answer's
+    sequence changes."""
+    wide = build_model(tmp_path, *keys, n_features=N + 4, version="2.0.0", sequence=2)
+    with running_agent(model) as agent, Client(agent.path) as c:
+        assert c.described()["n_features"] == N
+        assert c.predict(model.train[0]).model_version == "1.0.0" and c.model_sequence == 1
+        agent.runtime.swap(wide.engine(), wide.manifest)
+        with pytest.raises(AgentError) as e:
+            c.predict(model.train[0])
+        assert e.value.code == "bad_width" and "2.0.0, sequence 2" in str(e.value)
+        a = c.predict_json(model.train[0])
+        assert a["error"]["code"] == "bad_width" and "sequence 2" in a["error"]["message"]
+        assert c.described()["n_features"] == N + 4  # dropped on bad_width, read again
+        r = c.predict(wide.train[0])
+        assert r.model_version == "2.0.0" and c.model_sequence == 2
+        agent.runtime.swap(model.engine(), model.manifest)  # back to 1.0.0: seen in an answer
+        assert c.predict_json(model.train[0])["model_sequence"] == 1
+        assert c.model_sequence == 1 and c.described()["n_features"] == N
+
+
+@pytest.mark.parametrize("bad", [{"id": [1]}, {"die_id": {"lot": 3}}, {"id": 1e400}])
+def test_an_id_that_cannot_be_echoed_is_refused(agent, model, bad):
+    line = json.dumps({"params": model.train[0].tolist(), **bad}).replace("Infinity", "1e400")
+    with Client(agent.path) as c:
+        a = json.loads(c.request_raw(line.encode() + b"\n"))
+        batch = json.loads(c.request_raw(b"[" + line.encode() + b"," + json.dumps(
+            {"id": 9, "params": model.train[0].tolist()}).encode() + b"]\n"))
+        for op in ("health", "info"):
+            other = json.loads(c.request_raw(json.dumps({"op": op, **bad}).replace(
+                "Infinity", "1e400").encode() + b"\n"))
+            assert other["error"]["code"] == "bad_request"
+    key = next(iter(bad))
+    assert a["error"]["code"] == "bad_request" and a["error"]["field"] == key
+    assert a["id"] is None and a["die_id"] is None
+    assert batch[0]["error"]["code"] == "bad_request" and batch[0]["error"]["message"].startswith(
+        f"[0].{key}: expected a string, a number, true/false or null")
+    assert batch[1]["id"] == 9 and batch[1]["decision"] == "pass"
+
+
+def test_score_and_threshold_compare_in_float32_on_every_path(agent, model):
+    """One row (compared in double by the agent) and batches (float32 in numpy) agree, and a
+    client comparing the two float32 fields it gets finds the agent's decision."""
+    thr32 = np.float32(model.manifest.threshold)
+    with Client(agent.path) as c:
+        one = c.predict(model.train[0])
+        batch = c.predict_batch(model.train[:50]).records
+        text = c.request_raw(json.dumps({"params": model.train[0].tolist()}).encode() + b"\n")
+    assert np.float32(one.threshold) == thr32 and (batch["threshold"] == thr32).all()
+    assert json.loads(text)["threshold"] == float(str(thr32))
+    assert ((batch["score"] > batch["threshold"]) == (batch["decision"] == 1)).all()

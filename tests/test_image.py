@@ -154,15 +154,13 @@ def test_agent_answers_a_prediction_on_the_host_mounted_socket(box):
     assert json.dumps(info)  # the agent describes what it serves
 
 
-def test_agent_reads_json_params_with_the_native_reader_built_for_its_architecture(box):
-    # The project's wheel for this architecture carries its own build of the C extension (the
-    # arm64 one cross-compiled, scripts/arm64-native.sh); without it the agent would answer the
-    # same, only slower, through the json module.
+def test_agent_reads_json_with_orjson_built_for_its_architecture(box):
+    # orjson's wheel for this architecture, from the wheelhouse (docker/constraints.txt)
     rng = np.random.default_rng(6)
     with Client(box["socket"], timeout=60) as c:
         info = c.info()
         answer = c.predict_json(rng.normal(1.0, 0.1, N_FEATURES), die_id=8)
-    assert info["json_parser"] == "native"
+    assert info["json_parser"] == "orjson"
     assert answer["decision"] in ("pass", "fail") and answer["source"] == "model"
     assert answer["die_id"] == 8
 

@@ -156,6 +156,10 @@ def test_json_numbers_beyond_float32_become_inf_for_the_finite_check():
     (b'{"params": [Infinity]}', "Infinity is not valid JSON"),
     (b'{"a": 1} {"b": 2}', "extra data"),
     (b"[" * 100_000, "nested too deeply"),
+    (b"[" * 1025 + b"]" * 1025, "nested too deeply"),  # orjson's limit, 1024 levels
+    (b'\xef\xbb\xbf{"params": [1]}', "not valid JSON"),  # a BOM is not JSON
+    (b'{"params": [1, -Infinity]}', "-Infinity is not valid JSON"),
+    (b'{"id": "\xff"}', "not UTF-8"),
     (b"", "not valid JSON"),
 ])
 def test_a_line_that_is_not_json_is_refused(line, needle):
@@ -262,9 +266,13 @@ def test_the_numeric_shortcut_never_lets_a_non_number_through(params, extra, spa
         assert np.array_equal(slow, fast, equal_nan=True)
 
 
-def test_the_numeric_shortcut_is_refused_for_escaped_or_repeated_keys():
+def test_the_numeric_shortcut_is_refused_for_escaped_keys_or_any_non_numeric_params():
     assert params_text_is_numeric(b'{"id":1,"params":[1,2.5,null,-3e4]}')
+    assert params_text_is_numeric(b'[{"params":[1]},{"params" : [ 2 , null ]}]')
+    assert params_text_is_numeric(b'{"x":{"params":[1]},"params":[1]}')  # both numeric
     assert not params_text_is_numeric(b'{"params":[1,true]}')
     assert not params_text_is_numeric(b'{"x":{"params":[1]},"\\u0070arams":[true]}')
-    assert not params_text_is_numeric(b'{"x":{"params":[1]},"params":[1]}')
+    assert not params_text_is_numeric(b'{"x":{"params":[true]},"params":[1]}')
+    assert not params_text_is_numeric(b'[{"params":[1]},{"params":[false]}]')
+    assert not params_text_is_numeric(b'{"die_id":"params","params":[1]}')  # a value: unsure
     assert not params_text_is_numeric(b'{"params":[1,"2"]}')

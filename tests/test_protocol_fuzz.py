@@ -140,7 +140,7 @@ def test_live_fuzz_finds_no_crash_and_no_hang(model, caplog):
         now = time.monotonic()
         return now < deadline or (sent[0] < MIN_SENT and now < deadline + 60)
 
-    with running_agent(model, io_timeout_s=0.2, max_line_bytes=32_768,
+    with running_agent(model, io_timeout_s=0.2, message_timeout_s=0.2, max_line_bytes=32_768,
                        max_frame_bytes=65_536) as agent:
 
         def fuzzer(k: int) -> None:
