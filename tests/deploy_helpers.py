@@ -5,6 +5,7 @@ and `edgefleet agent serve` run as a separate process, as on a box."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ class Site:
     keyring: Path
     rules: Path
     manifest: Manifest
+    bundle_digest: str  # sha256 of the bundle: what devices report and metrics label
 
 
 def make_site(root: Path, *, install: bool = True) -> Site:
@@ -55,7 +57,8 @@ def make_site(root: Path, *, install: bool = True) -> Site:
         "n_features": N_FEATURES, "version": "floor-rules-1",
         "rules": [{"feature": i, "low": -6.0, "high": 6.0} for i in range(N_FEATURES)],
     }))
-    return Site(store, ring, rules, model.manifest)
+    return Site(store, ring, rules, model.manifest,
+                hashlib.sha256(model.bundle.read_bytes()).hexdigest())
 
 
 
