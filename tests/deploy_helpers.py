@@ -40,9 +40,17 @@ class Site:
     bundle_digest: str  # sha256 of the bundle: what devices report and metrics label
 
 
-def make_site(root: Path, *, install: bool = True) -> Site:
+def make_site(root: Path, *, install: bool = True, drift_alert_psi: float | None = None) -> Site:
+    """`drift_alert_psi`: the drift alert threshold the bundle ships (none by default)."""
     key, ring = make_keys(root / "release")
-    model = build_model(root / "build", ring, key, n_features=N_FEATURES)
+    extra = {}
+    if drift_alert_psi is not None:
+        from agent.drift import drift_reference
+        from tests.agent_support import training_rows
+
+        extra["drift_reference"] = {**drift_reference(training_rows(N_FEATURES)),
+                                    "alert_psi": drift_alert_psi}
+    model = build_model(root / "build", ring, key, n_features=N_FEATURES, **extra)
     store = root / "store"
     store.mkdir(parents=True)
     if install:

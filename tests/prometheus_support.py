@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.deploy_helpers import free_port, http_get, wait_for
+from tests.deploy_helpers import N_FEATURES, agent_process, free_port, http_get, make_site, wait_for
 
 PROM_DIR = REPO / "k3s" / "prometheus"
 
@@ -128,3 +128,29 @@ def prometheus_procs_fixture() -> Iterator[Callable[..., Prometheus]]:
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture(name="fed_prometheus")
+def fed_prometheus_fixture(tmp_path: Path, prometheus_procs) -> Iterator[tuple[Prometheus, str]]:
+    """A Prometheus scraping one real agent (`edgefleet agent serve`, a signed model that ships
+    a drift threshold) that has screened 1,024 dies; yields it and the served bundle's digest.
+    Queries may need a few scrapes before rate() and drift answer: wait on them."""
+    import numpy as np
+
+    from agent.client import Client
+    from tests.agent_support import short_tmp
+
+    site = make_site(tmp_path / "box", drift_alert_psi=0.5)
+    port = free_port()
+    root = tmp_path / "prom"
+    root.mkdir()
+    (root / "prometheus.yml").write_text(static_config(port))
+    prom = prometheus_procs(root, root / "prometheus.yml")
+    with short_tmp() as d, agent_process(d / "agent.sock", port, store=site.store,
+                                         keyring=site.keyring, rules=site.rules,
+                                         log=tmp_path / "agent.log"):
+        rng = np.random.default_rng(7)
+        with Client(d / "agent.sock") as c:
+            for _ in range(4):  # above the drift monitor's 200 rows
+                c.predict_batch(rng.normal(1.0, 0.1, (256, N_FEATURES)).astype(np.float32))
+        yield prom, site.bundle_digest

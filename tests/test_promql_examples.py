@@ -7,38 +7,34 @@ Where examples are found: ```promql blocks in README.md and docs/*.md (one query
 lines are comments), and every `--prom-gate '...'` in those files and in the help of every
 command. Placeholders are filled as a rollout fills them, `{{digest}}` with the bundle digest
 of the model the agent serves. Queries on the rollout controller's series (`edgefleet_rollout_*`)
-are only parsed: no controller runs here yet.
+are only parsed: no controller runs here yet (its exporter is fleet/controller_metrics.py).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import typer
 
-from agent.client import Client
 from agent.errors import UsageError
 from fleet.gate_check import check_gates_return_series, relaxed_query
 from fleet.gates import parse_prom_gate
 from fleet.prometheus import PrometheusClient
 from tests.conftest import REPO
-from tests.deploy_helpers import N_FEATURES, agent_process, free_port, make_site, wait_for
-from tests.prometheus_support import (
-    Prometheus,
-    prometheus_procs_fixture,  # noqa: F401 (fixture)
-    static_config,
+from tests.deploy_helpers import wait_for
+from tests.prometheus_support import (  # noqa: F401 (fixtures)
+    fed_prometheus_fixture,
+    prometheus_procs_fixture,
 )
 
 pytestmark = pytest.mark.slow
 
 _FENCE = re.compile(r"```promql\n(.*?)```", re.S)
 _GATE = re.compile(r"--prom-gate\s+'([^']+\d)'")  # ends in its threshold
-CONTROLLER_PREFIX = "edgefleet_rollout_"
+CONTROLLER_PREFIX = "edgefleet_rollout"  # edgefleet_rollouts, edgefleet_rollout_*
 
 
 def help_texts() -> Iterator[tuple[str, str]]:
@@ -78,28 +74,6 @@ def fill(query: str, digest: str) -> str:
                  ("rollout", "r-test")):
         query = query.replace("{{" + k + "}}", v)
     return query
-
-
-@pytest.fixture
-def fed_prometheus(tmp_path: Path, prometheus_procs) -> Iterator[tuple[Prometheus, str]]:
-    """A Prometheus scraping one real agent that screens dies; yields it and the bundle digest
-    of the served model."""
-    from tests.agent_support import short_tmp
-
-    site = make_site(tmp_path / "box")
-    port = free_port()
-    root = tmp_path / "prom"
-    root.mkdir()
-    (root / "prometheus.yml").write_text(static_config(port))
-    prom = prometheus_procs(root, root / "prometheus.yml")
-    with short_tmp() as d, agent_process(d / "agent.sock", port, store=site.store,
-                                         keyring=site.keyring, rules=site.rules,
-                                         log=tmp_path / "agent.log"):
-        rng = np.random.default_rng(7)
-        with Client(d / "agent.sock") as c:
-            for _ in range(4):  # above the drift monitor's 200 rows
-                c.predict_batch(rng.normal(1.0, 0.1, (256, N_FEATURES)).astype(np.float32))
-            yield prom, site.bundle_digest
 
 
 def test_the_docs_show_promql_examples():
