@@ -61,7 +61,14 @@ def certs_init(
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
     """Create a CA, the broker's certificate, the fleet controller's client certificate, and
-    OUT/broker/mosquitto.conf + acl (TLS, client certificates required, per-device ACL)."""
+    OUT/broker/mosquitto.conf + acl (TLS, client certificates required, per-device ACL).
+
+    Examples:
+
+      edgefleet fleet certs init --out pki --broker-host broker.fab.example
+
+      edgefleet fleet certs init --out pki --broker-host 10.20.0.5 --port 8883
+    """
     from fleet.certs import CONTROLLER_NAME, init_ca, issue_client, issue_server
     from fleet.transport import render_broker_config
 
@@ -87,7 +94,12 @@ def certs_issue(
     days: int = typer.Option(825, "--days", help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
-    """Issue a client certificate per device (ECDSA P-256, clientAuth, CN = device id)."""
+    """Issue a client certificate per device (ECDSA P-256, clientAuth, CN = device id).
+
+    Examples:
+
+      edgefleet fleet certs issue box-a box-b --ca pki --out pki/devices
+    """
     from fleet.certs import issue_client
 
     for device_id in device_ids:
@@ -215,7 +227,14 @@ def publish_cmd(
     output: str = output_opt(),
 ) -> None:
     """Verify a bundle exactly as a device would, then put it in the content-addressed artifact
-    store that `serve-artifacts` serves (STORE/sha256/<digest>)."""
+    store that `serve-artifacts` serves (STORE/sha256/<digest>).
+
+    Examples:
+
+      edgefleet fleet publish model.efb --keyring keyring --store /srv/edgefleet/artifacts
+
+      edgefleet fleet publish model.efb --keyring keyring -o json
+    """
     import json
 
     from agent.keys import Keyring
@@ -244,7 +263,14 @@ def serve_artifacts_cmd(
 ) -> None:
     """Serve STORE/sha256/<digest> over HTTP(S) (Range, HEAD) until SIGTERM or Ctrl-C. Devices
     trust none of it: the signed command pins size and digest, the bundle carries its own
-    signature."""
+    signature.
+
+    Examples:
+
+      edgefleet fleet serve-artifacts --store /srv/edgefleet/artifacts --port 8080
+
+      edgefleet fleet serve-artifacts --tls-cert art.crt --tls-key art.key --port 8443
+    """
     import signal
     import ssl
     import threading
