@@ -57,6 +57,7 @@ def serve(
         None, "--max-missing-share", help="Refuse a die with more missing values than this."
     ),
     log_level: str = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    log_format: str = typer.Option(None, "--log-format", help="text or json (one object a line)."),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
@@ -71,7 +72,8 @@ def serve(
                       admin_socket=admin_socket,
                       metrics_addr=metrics_addr, socket_mode=socket_mode,
                       socket_group=socket_group, threads=threads,
-                      max_missing_share=max_missing_share, log_level=log_level)
+                      max_missing_share=max_missing_share, log_level=log_level,
+                      log_format=log_format)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

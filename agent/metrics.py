@@ -244,10 +244,11 @@ class _RuntimeCollector:
         if self._digest[0] is not engine:
             from agent.link import bundle_digest  # paho is loaded only when a model is
 
+            path = getattr(engine, "model_path", None)
             try:
-                digest = bundle_digest(engine.model_path.parent)
+                digest = bundle_digest(path.parent) if path is not None else ""
             except (OSError, ValueError, KeyError) as e:
-                log.warning("no bundle digest for %s: %s", engine.model_path, e)
+                log.warning("no bundle digest for %s: %s", path, e)
                 digest = ""
             self._digest = (engine, digest)
         return self._digest[1]

@@ -2,9 +2,10 @@
 and maps errors to exit codes: 0 ok, 1 failed, 2 bad usage. Every error is one line on stderr
 (typer's own usage errors too, which it would draw as a box), never a traceback.
 
-Global: `--version`, and shell completion (`--show-completion bash|zsh|fish` prints the script,
-`--install-completion` adds it to the shell's start-up file; typer's completion, answered by
-this same entry point under `_EDGEFLEET_COMPLETE`).
+Global: `--version`; `--log-level` and `--log-format text|json` for the CLI's own log (the
+fleet controller's MQTT link, for one); shell completion (`--show-completion` prints the
+script, `--install-completion` adds it to the shell's start-up file: typer's completion,
+answered by this same entry point under `_EDGEFLEET_COMPLETE`).
 
 Group modules import heavy libraries (torch, onnx) inside their commands, so `edgefleet agent ...`
 on a device never loads the optimizer's dependencies.
@@ -20,6 +21,7 @@ from agent import __version__
 from agent.cli import app as agent_app
 from agent.cli_bundle import bundle_app, keys_app
 from agent.errors import EdgefleetError, UsageError
+from agent.logfmt import FORMATS, LEVELS, configure
 from fleet.cli import app as fleet_app
 from optimize.cli import app as optimize_app
 
@@ -48,8 +50,18 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    log_level: str = typer.Option("warning", "--log-level", envvar="EDGEFLEET_LOG_LEVEL",
+                                  help="debug, info, warning or error (the CLI's own log; "
+                                       "`agent serve` has its own)."),
+    log_format: str = typer.Option("text", "--log-format", envvar="EDGEFLEET_LOG_FORMAT",
+                                   help="text or json (one object a line)."),
 ) -> None:
     """Edge inference agent and fleet-update tool for semiconductor test floors."""
+    if log_level not in LEVELS:
+        raise UsageError(f"--log-level must be {', '.join(LEVELS)}, not {log_level!r}")
+    if log_format not in FORMATS:
+        raise UsageError(f"--log-format must be text or json, not {log_format!r}")
+    configure(log_level, log_format)
 
 
 def main(argv: list[str] | None = None) -> None:
