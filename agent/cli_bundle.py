@@ -238,8 +238,5 @@ def _sha256(path: Path) -> str:
     """The file's SHA-256: for a bundle, the digest devices report and rollouts name."""
     import hashlib
 
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,6 +75,20 @@ class Prometheus:
         status, body = http_get(f"{self.url}/api/v1/query?query={urllib.parse.quote(expr)}")
         reply = json.loads(body)
         return None if status == 200 else reply.get("error", body.decode())
+
+    def without_series(self, queries: list[tuple[str, str]], timeout: float = 60
+                       ) -> list[tuple[str, str]]:
+        """The (where, query) pairs that still return no series after waiting up to
+        `timeout` s for them all (rate() needs two scrapes, drift its first computation)."""
+        pending = list(queries)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            died = self.alive()
+            assert died is None, died
+            pending = [(w, q) for w, q in pending if not self.query(q)]
+            if pending:
+                time.sleep(0.2)
+        return pending  # the caller asserts on what is left, naming the queries
 
     def rules(self) -> list[dict]:
         return [r for g in self._api("/api/v1/rules")["groups"] for r in g["rules"]]
