@@ -103,7 +103,7 @@ class AdminServer:
         self._sock, self._inode = sock, os.lstat(path).st_ino
         self._thread = threading.Thread(target=self._accept, name="admin-accept", daemon=True)
         self._thread.start()
-        log.warning("admin socket on %s (mode %04o)", path, self.mode)
+        log.info("admin socket on %s (mode %04o)", path, self.mode)
         return self
 
     def stop(self) -> None:
@@ -170,10 +170,10 @@ class AdminServer:
             bundle = req.get("bundle")
             if not isinstance(bundle, str) or not os.path.isabs(bundle):
                 raise EdgefleetError("install: 'bundle' must be an absolute path")
-            log.warning("admin: install %s%s", bundle, " (forced)" if req.get("force") else "")
+            log.info("admin: install %s%s", bundle, " (forced)" if req.get("force") else "")
             return inst.install(Path(bundle), force=bool(req.get("force"))).to_json()
         if op == "rollback":
-            log.warning("admin: rollback to %s", req.get("to") or "previous")
+            log.info("admin: rollback to %s", req.get("to") or "previous")
             return inst.rollback(req.get("to")).to_json()
         if op == "models":
             versions = inst.store.list_versions(check=bool(req.get("check")))

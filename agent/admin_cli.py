@@ -11,7 +11,6 @@ Wire into the agent group with `register(app)`.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from agent.admin import AdminClient, default_socket
+from agent.cli_output import READ_FORMATS, WRITE_FORMATS, emit, read_output, write_output
+from agent.cli_output import check as check_format  # `check` is also --check
 from agent.errors import UsageError
 
 if TYPE_CHECKING:
@@ -42,11 +43,18 @@ def install_cmd(
     admin_socket: Path = typer.Option(None, "--admin-socket", help=_SOCKET_HELP),
     store: Path = typer.Option(None, "--store", help=_STORE_HELP),
     keyring: Path = typer.Option(None, "--keyring", help="Keyring directory (with --store)."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = write_output(),
 ) -> None:
     """Install a model bundle: verify, unpack, load, self-test, then switch to it. On any
-    failure the agent keeps serving what it served before, and this says why (exit 1)."""
-    _check_output(output)
+    failure the agent keeps serving what it served before, and this says why (exit 1).
+
+    Examples:
+
+      edgefleet agent install model.efb --admin-socket /run/edgefleet/admin.sock
+
+      edgefleet agent install model.efb --store /var/lib/edgefleet/store --keyring keyring
+    """
+    check_format(output, WRITE_FORMATS)
     if not bundle.is_file():
         raise UsageError(f"{bundle}: no such file")
     if store is not None:
@@ -63,11 +71,18 @@ def rollback_cmd(
     to: str = typer.Option(None, "--to", help="Version id to return to (default: previous)."),
     admin_socket: Path = typer.Option(None, "--admin-socket", help=_SOCKET_HELP),
     store: Path = typer.Option(None, "--store", help=_STORE_HELP),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = write_output(),
 ) -> None:
     """Go back to the previous model (or a retained one, --to), locally, without a download.
-    Allowed although its sequence is lower; it is checked and self-tested first."""
-    _check_output(output)
+    Allowed although its sequence is lower; it is checked and self-tested first.
+
+    Examples:
+
+      edgefleet agent rollback --admin-socket /run/edgefleet/admin.sock
+
+      edgefleet agent rollback --to 3-1.2.0-0a1b2c3d4e5f -o json
+    """
+    check_format(output, WRITE_FORMATS)
     if store is not None:
         _existing(store)
         with _offline(store, None) as inst:
@@ -81,10 +96,17 @@ def models_cmd(
     check: bool = typer.Option(False, "--check", help="Also verify each version's digests."),
     admin_socket: Path = typer.Option(None, "--admin-socket", help=_SOCKET_HELP),
     store: Path = typer.Option(None, "--store", help=_STORE_HELP),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = read_output(),
 ) -> None:
-    """List installed model versions: which is active, which is the rollback target."""
-    _check_output(output)
+    """List installed model versions: which is active, which is the rollback target.
+
+    Examples:
+
+      edgefleet agent models --admin-socket /run/edgefleet/admin.sock
+
+      edgefleet agent models --check -o wide
+    """
+    check_format(output, READ_FORMATS)
     if store is not None:
         from agent.store import Store
 
@@ -96,7 +118,9 @@ def models_cmd(
         }
     else:
         result = AdminClient(admin_socket or default_socket()).models(check=check)
-    _show(output, result, _models_table)
+    emit(output, result, text=lambda: _models_table(result, False),
+         wide=lambda: _models_table(result, True),
+         names=lambda: [f"model/{v['id']}" for v in result["versions"]])
 
 
 # --
@@ -108,13 +132,8 @@ def _existing(store: Path) -> Path:
     return store
 
 
-def _check_output(output: str) -> None:
-    if output not in ("text", "json"):
-        raise UsageError(f"--output must be text or json, not {output!r}")
-
-
 def _show(output: str, result: dict[str, Any], text) -> None:
-    typer.echo(json.dumps(result, indent=2) if output == "json" else text(result))
+    emit(output, result, text=lambda: text(result))
 
 
 def _result_line(r: dict[str, Any]) -> str:
@@ -125,15 +144,19 @@ def _result_line(r: dict[str, Any]) -> str:
     return f"{verb} {r['id']} (was {r['from_id'] or 'none'}) in {ms:.0f} ms"
 
 
-def _models_table(r: dict[str, Any]) -> str:
+def _models_table(r: dict[str, Any], wide: bool = False) -> str:
     rows = [("", "ID", "NAME", "VERSION", "SEQ", "LAST ACTIVE", "CHECK")]
+    if wide:
+        rows[0] = ("", "ID", "NAME", "VERSION", "SEQ", "CREATED", "LAST ACTIVE", "CHECK")
     for v in r["versions"]:
         mark = "*" if v["active"] else ("p" if v["previous"] else "")
         last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["last_active"]))
                 if v["last_active"] else "-")
         checked = "-" if v["problems"] is None else ("ok" if not v["problems"] else
                                                     "DAMAGED: " + v["problems"][0])
-        rows.append((mark, v["id"], v["name"], v["version"], str(v["sequence"]), last, checked))
+        extra = (str(v.get("created") or "-"),) if wide else ()
+        rows.append((mark, v["id"], v["name"], v["version"], str(v["sequence"]), *extra, last,
+                     checked))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
              for row in rows]

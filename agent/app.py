@@ -78,6 +78,7 @@ def build(config: AgentConfig) -> Agent:
     agent = Agent(config, AgentServer(config, runtime))
     if config.store is not None:
         _attach_store(agent)
+    runtime.log_state()
     return agent
 
 
@@ -150,7 +151,7 @@ def run(config: AgentConfig) -> None:
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
-        log.warning("signal %d: shutting down", signum)
+        log.info("signal %d: shutting down", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)

@@ -4,8 +4,8 @@
         --keyring /etc/edgefleet/keyring [--metrics-addr 0.0.0.0:9464] [--config agent.toml]
     edgefleet agent predict --socket S --die-id W3-12-07 0.51 0.49 '' 1.2 ...   # one die
     edgefleet agent predict --socket S --file dies.csv                          # a CSV file
-    edgefleet agent health --socket S
-    edgefleet agent info --socket S
+    edgefleet agent health --socket S [-o text|wide|json|yaml|name]
+    edgefleet agent info --socket S [-o text|wide|json|yaml|name]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import orjson
 import typer
 
 from agent import admin_cli
+from agent.cli_output import check, emit, read_output
 from agent.config import AgentConfig
 from agent.errors import UsageError
 
@@ -82,6 +83,7 @@ def serve(
     io_timeout_s: float = typer.Option(
         None, "--io-timeout", help="Seconds an answer may wait for the client to read it "
         f"({_D.io_timeout_s:g})."),
+    log_format: str = typer.Option(None, "--log-format", help="text or json (one object a line)."),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
@@ -102,7 +104,8 @@ def serve(
                       max_connections=max_connections,
                       max_connections_per_peer=max_connections_per_peer,
                       idle_timeout_s=idle_timeout_s, message_timeout_s=message_timeout_s,
-                      io_timeout_s=io_timeout_s)
+                      io_timeout_s=io_timeout_s,
+                      log_format=log_format)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -114,24 +117,75 @@ def serve(
 
 
 @app.command("health")
-def health(socket: Path = typer.Option(..., "--socket", help=_SOCKET_HELP)) -> None:
-    """Ask a running agent whether it can answer (exit 1 when it cannot)."""
+def health(socket: Path = typer.Option(..., "--socket", help=_SOCKET_HELP),
+           output: str = read_output()) -> None:
+    """Ask a running agent whether it can answer (exit 1 when it cannot).
+
+    Examples:
+
+      edgefleet agent health --socket /run/edgefleet/agent.sock
+
+      edgefleet agent health --socket /run/edgefleet/agent.sock -o json
+    """
     from agent.client import Client
 
+    check(output)
     with Client(socket) as c:
         h = c.health()
-    typer.echo(json.dumps(h))
+    h.pop("id", None)
+
+    def text(wide: bool = False) -> str:
+        line = f"{h.get('status')}: " + (
+            f"model {h['model_version']}" if h.get("model_version") else "no model")
+        if h.get("fallback_reason"):
+            line += f", answering from the fallback rules ({h['fallback_reason']})"
+        return line + (f", up {h.get('uptime_s', 0):.0f} s" if wide else "")
+
+    emit(output, h, text=text, wide=lambda: text(True),
+         names=lambda: [f"agent/{socket}"])
     if not h.get("ok"):
         raise typer.Exit(1)
 
 
 @app.command("info")
-def info(socket: Path = typer.Option(..., "--socket", help=_SOCKET_HELP)) -> None:
-    """Show what a running agent serves: model, width, threshold, fallback, uptime."""
+def info(socket: Path = typer.Option(..., "--socket", help=_SOCKET_HELP),
+         output: str = read_output()) -> None:
+    """Show what a running agent serves: model, width, threshold, fallback, uptime.
+
+    Examples:
+
+      edgefleet agent info --socket /run/edgefleet/agent.sock
+
+      edgefleet agent info --socket /run/edgefleet/agent.sock -o yaml
+    """
     from agent.client import Client
 
+    check(output)
     with Client(socket) as c:
-        typer.echo(json.dumps(c.info(), indent=2))
+        i = c.info()
+    i.pop("id", None)
+    emit(output, i, text=lambda: _info_text(i, False), wide=lambda: _info_text(i, True),
+         names=lambda: [f"agent/{socket}"])
+
+
+def _info_text(i: dict, wide: bool) -> str:
+    m, fb = i.get("model"), i.get("fallback") or {}
+    rows = [("model", f"{m['name']} {m['version']} (sequence {m['sequence']})" if m else
+             "none"),
+            ("input", f"{i.get('n_features')} parameters"),
+            ("threshold", f"{i['threshold']:.6g} (top_k {i.get('top_k')})"
+             if i.get("threshold") is not None else "-"),
+            ("fallback", (f"active: {fb.get('reason')}" if fb.get("active") else "inactive")
+             + f", {fb.get('rules', 0)} rules"),
+            ("ready", "yes" if i.get("ready") else "no"),
+            ("uptime", f"{i.get('uptime_s', 0):.0f} s")]
+    if wide:
+        rows += [("model sha256", m["digest"] if m else "-"), ("protocol", str(i.get("protocol"))),
+                 ("json parser", str(i.get("json_parser"))),
+                 ("max missing", str(i.get("max_missing"))),
+                 ("rules version", str(fb.get("rules_version") or "-"))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 @app.command("predict")

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from agent.bundle import read_manifest_unverified, verify_bundle, write_bundle
+from agent.cli_output import WRITE_FORMATS, check, emit, read_output, write_output
 from agent.errors import UsageError
 from agent.keys import (
     PASSPHRASE_ENV,
@@ -42,10 +43,21 @@ def keys_generate(
     passphrase_env: str = typer.Option(
         PASSPHRASE_ENV, help="Environment variable holding a passphrase to encrypt the key with."
     ),
+    output: str = write_output(),
 ) -> None:
-    """Generate an Ed25519 key pair: NAME.key (PEM, mode 0600) and NAME.pub."""
+    """Generate an Ed25519 key pair: NAME.key (PEM, mode 0600) and NAME.pub.
+
+    Examples:
+
+      edgefleet keys generate --out keys --name release
+
+      EDGEFLEET_KEY_PASSPHRASE=... edgefleet keys generate --out keys --name fleet -o json
+    """
+    check(output, WRITE_FORMATS)
     pair = generate_keypair(out, name, _passphrase(passphrase_env))
-    typer.echo(f"key id {pair.key_id}: wrote {pair.private_path} and {pair.public_path}")
+    emit(output, {"key_id": pair.key_id, "private_key": str(pair.private_path),
+                  "public_key": str(pair.public_path)},
+         text=lambda: f"key id {pair.key_id}: wrote {pair.private_path} and {pair.public_path}")
 
 
 @keys_app.command("trust")
@@ -53,32 +65,63 @@ def keys_trust(
     public_key: Path = typer.Argument(..., help="PEM public key file (NAME.pub)."),
     keyring: Path = typer.Option(..., "--keyring", help="Keyring directory (created if needed)."),
     role: str = typer.Option(..., "--role", help="release (signs bundles) or fleet (commands)."),
+    output: str = write_output(),
 ) -> None:
-    """Trust a public key for one role. Rotate by trusting the new key before revoking the old."""
+    """Trust a public key for one role. Rotate by trusting the new key before revoking the old.
+
+    Examples:
+
+      edgefleet keys trust keys/release.pub --keyring keyring --role release
+
+      edgefleet keys trust keys/fleet.pub --keyring keyring --role fleet -o json
+    """
+    check(output, WRITE_FORMATS)
     if role not in ROLES:
         raise UsageError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     kid = trust_key(keyring, public_key, role)
-    typer.echo(f"trusted key {kid} for role {role} in {keyring}")
+    emit(output, {"key_id": kid, "role": role, "keyring": str(keyring), "trusted": True},
+         text=lambda: f"trusted key {kid} for role {role} in {keyring}")
 
 
 @keys_app.command("revoke")
 def keys_revoke(
     key_id: str = typer.Argument(..., help="Key id to revoke (16 hex digits)."),
     keyring: Path = typer.Option(..., "--keyring", help="Keyring directory."),
+    output: str = write_output(),
 ) -> None:
-    """Add a key id to the keyring's revocation list; revoked keys are refused for every role."""
+    """Add a key id to the keyring's revocation list; revoked keys are refused for every role.
+
+    Examples:
+
+      edgefleet keys revoke 0123456789abcdef --keyring keyring
+
+      edgefleet keys revoke 0123456789abcdef --keyring keyring -o json
+    """
+    check(output, WRITE_FORMATS)
     revoke_key(keyring, key_id)
-    typer.echo(f"revoked key {key_id} in {keyring}")
+    emit(output, {"key_id": key_id, "keyring": str(keyring), "revoked": True},
+         text=lambda: f"revoked key {key_id} in {keyring}")
 
 
 @keys_app.command("list")
-def keys_list(keyring: Path = typer.Option(..., "--keyring", help="Keyring directory.")) -> None:
-    """List trusted keys by role, and which of them are revoked."""
+def keys_list(keyring: Path = typer.Option(..., "--keyring", help="Keyring directory."),
+              output: str = read_output()) -> None:
+    """List trusted keys by role, and which of them are revoked.
+
+    Examples:
+
+      edgefleet keys list --keyring /etc/edgefleet/keyring
+
+      edgefleet keys list --keyring keyring -o json
+    """
+    check(output)
     ring = Keyring.load(keyring)
-    for role in ROLES:
-        for kid in sorted(ring.trusted[role]):
-            state = "revoked" if kid in ring.revoked else "trusted"
-            typer.echo(f"{kid}  {role:8s} {state}")
+    keys = [{"key_id": kid, "role": role,
+             "state": "revoked" if kid in ring.revoked else "trusted"}
+            for role in ROLES for kid in sorted(ring.trusted[role])]
+    emit(output, keys,
+         text=lambda: "\n".join(f"{k['key_id']}  {k['role']:8s} {k['state']}" for k in keys),
+         names=lambda: [f"key/{k['key_id']}" for k in keys])
 
 
 @bundle_app.command("sign")
@@ -88,8 +131,17 @@ def bundle_sign(
     ),
     key: Path = typer.Option(..., "--key", help="Release private key (PEM, mode 0600)."),
     out: Path = typer.Option(..., "--out", help="Bundle file to write (*.efb)."),
+    output: str = write_output(),
 ) -> None:
-    """Sign a directory into a bundle: every file next to manifest.json is pinned by SHA-256."""
+    """Sign a directory into a bundle: every file next to manifest.json is pinned by SHA-256.
+
+    Examples:
+
+      edgefleet bundle sign build/bundle-src --key keys/release.key --out model.efb
+
+      edgefleet bundle sign src --key keys/release.key --out model.efb -o json
+    """
+    check(output, WRITE_FORMATS)
     manifest_path = source / "manifest.json"
     if not manifest_path.is_file():
         raise UsageError(f"{manifest_path} not found", hint="SOURCE must hold manifest.json")
@@ -99,10 +151,12 @@ def bundle_sign(
         raise UsageError(f"{manifest_path}: not valid JSON: {e}") from None
     files = {p.name: p for p in sorted(source.iterdir()) if p.is_file() and p != manifest_path}
     manifest = write_bundle(out, fields, files, load_private_key(key))
-    typer.echo(
-        f"signed {out}: {manifest.name} {manifest.version} sequence {manifest.sequence}, "
-        f"{len(manifest.files)} files, signer {manifest.signer}"
-    )
+    emit(output, {"bundle": str(out), "sha256": _sha256(out), "name": manifest.name,
+                  "version": manifest.version, "sequence": manifest.sequence,
+                  "files": len(manifest.files), "signer": manifest.signer},
+         text=lambda: f"signed {out}: {manifest.name} {manifest.version} sequence "
+                      f"{manifest.sequence}, {len(manifest.files)} files, signer "
+                      f"{manifest.signer}")
 
 
 @bundle_app.command("verify")
@@ -110,32 +164,58 @@ def bundle_verify(
     bundle: Path = typer.Argument(..., help="Bundle file (*.efb)."),
     keyring: Path = typer.Option(..., "--keyring", help="Keyring directory of trusted keys."),
     min_sequence: int = typer.Option(None, help="Refuse bundles with a lower sequence."),
+    output: str = read_output(),
 ) -> None:
-    """Verify a bundle exactly as a device does; exit 1 with the reason if it is refused."""
+    """Verify a bundle exactly as a device does; exit 1 with the reason if it is refused.
+    The bundle's sha256 is the digest devices report and rollouts name.
+
+    Examples:
+
+      edgefleet bundle verify model.efb --keyring /etc/edgefleet/keyring
+
+      edgefleet bundle verify model.efb --keyring keyring --min-sequence 3 -o json
+    """
+    check(output)
     m = verify_bundle(bundle, Keyring.load(keyring), min_sequence=min_sequence)
-    typer.echo(
-        f"OK {bundle}: {m.name} {m.version} sequence {m.sequence}, signer {m.signer}, "
-        f"model sha256 {m.model_digest[:16]}..."
-    )
+    digest = _sha256(bundle)
+    emit(output, {"bundle": str(bundle), "verified": True, "sha256": digest, "name": m.name,
+                  "version": m.version, "sequence": m.sequence, "signer": m.signer,
+                  "model_sha256": m.model_digest},
+         text=lambda: f"OK {bundle}: {m.name} {m.version} sequence {m.sequence}, signer "
+                      f"{m.signer}, bundle sha256:{digest[:16]}...",
+         wide=lambda: f"OK {bundle}: {m.name} {m.version} sequence {m.sequence}, signer "
+                      f"{m.signer}, bundle sha256:{digest}, model sha256:{m.model_digest}",
+         names=lambda: [f"sha256:{digest}"])
 
 
 @bundle_app.command("inspect")
 def bundle_inspect(
     bundle: Path = typer.Argument(..., help="Bundle file (*.efb)."),
     keyring: Path = typer.Option(None, "--keyring", help="Verify against this keyring first."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = read_output(),
 ) -> None:
-    """Show a bundle's manifest. Without --keyring nothing is verified, and it says so."""
+    """Show a bundle's manifest. Without --keyring nothing is verified, and it says so.
+
+    Examples:
+
+      edgefleet bundle inspect model.efb --keyring keyring
+
+      edgefleet bundle inspect model.efb -o yaml
+    """
+    check(output)
     if keyring is not None:
         m, verified = verify_bundle(bundle, Keyring.load(keyring)), "verified"
     else:
         m, verified = read_manifest_unverified(bundle), "NOT verified (pass --keyring)"
-    if output == "json":
-        typer.echo(json.dumps({"verified": keyring is not None, "manifest": m.raw}, indent=2))
-        return
-    if output != "text":
-        raise UsageError(f"--output must be text or json, not {output!r}")
+    emit(output, {"verified": keyring is not None, "sha256": _sha256(bundle),
+                  "manifest": m.raw},
+         text=lambda: _inspect_text(bundle, m, verified),
+         names=lambda: [f"sha256:{_sha256(bundle)}"])
+
+
+def _inspect_text(bundle: Path, m, verified: str) -> str:
     rows = [
+        ("bundle sha256", _sha256(bundle)),
         ("model", f"{m.name} {m.version}"),
         ("sequence", str(m.sequence)),
         ("signature", f"{verified}, signer {m.signer}"),
@@ -151,5 +231,12 @@ def bundle_inspect(
     rows += [(f"file {n}", f"{e.size} bytes sha256 {e.sha256[:16]}...")
              for n, e in sorted(m.files.items())]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        typer.echo(f"{k:<{width}}  {v}")
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256: for a bundle, the digest devices report and rollouts name."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -54,6 +54,7 @@ class AgentConfig:
     drift_interval_s: float = 10.0
     switch_interval_s: float = 0.0005  # sys.setswitchinterval for the serving process
     log_level: str = "info"
+    log_format: str = "text"  # or json (agent/logfmt.py)
 
     def to_json(self) -> str:
         return json.dumps({k: (str(v) if isinstance(v, Path) else v)
@@ -130,6 +131,8 @@ def load_config(file: Path | None = None, env: Mapping[str, str] | None = None,
 
 
 def _check(cfg: AgentConfig) -> None:
+    if cfg.log_format not in ("text", "json"):
+        raise UsageError(f"log_format must be text or json, not {cfg.log_format!r}")
     if not 0.0 <= cfg.max_missing_share <= 1.0:
         raise UsageError(f"max_missing_share must be in 0..1, found {cfg.max_missing_share}")
     for name in ("socket_mode", "admin_socket_mode"):

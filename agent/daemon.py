@@ -8,11 +8,11 @@ box running for months has no use for.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from agent.config import AgentConfig
 from agent.errors import EdgefleetError
+from agent.logfmt import configure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         cfg = AgentConfig.from_json(args[0])
-        logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure(cfg.log_level, cfg.log_format)
         from agent.app import run
 
         run(cfg)

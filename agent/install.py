@@ -497,7 +497,7 @@ class Installer:
             log.warning("%s of %s failed at %s and was rolled back: %s", job.op, job.id,
                         job.failed_at, job.reason)
         elif job.outcome == "committed":
-            log.warning("%s: %s is active (was %s)", job.op, job.id, job.from_id)
+            log.info("%s: %s is active (was %s)", job.op, job.id, job.from_id or "none")
 
     def _verify(self, job: _Job) -> State:
         keyring = self._keyring()

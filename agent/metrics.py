@@ -16,7 +16,10 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_anomaly_score | histogram | (model answers only) |
 | edgefleet_connections_active, edgefleet_connections_total | gauge, counter | |
 | edgefleet_connections_closed_total | counter | reason (agent.server.CloseReason) |
-| edgefleet_model_info | gauge = 1 | name, version, sequence, digest |
+| edgefleet_model_info | gauge = 1 | name, version, sequence, digest (the bundle's sha256, as
+  devices report it and rollouts name it), model_sha256 (the ONNX file's) |
+| edgefleet_drift_psi_threshold | gauge | (only when the bundle ships one: the build's alert
+  threshold, above its measured noise floor) |
 | edgefleet_model_swaps_total | counter | |
 | edgefleet_fallback_active, edgefleet_ready | gauge 0/1 | |
 | edgefleet_uptime_seconds | gauge | |
@@ -233,18 +236,41 @@ class _RuntimeCollector:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._digest: tuple[object, str] = (None, "")  # (engine, its bundle digest)
 
     def describe(self) -> list:
         return []  # series vary with the model; collected fresh on every scrape
 
+    def _bundle_digest(self, engine) -> str:
+        """The bundle digest of the loaded model (one identifier everywhere: the state devices
+        publish, rollouts and gates use it too), rebuilt once per model from its directory;
+        "" if that directory is not an unpacked bundle."""
+        if self._digest[0] is not engine:
+            from agent.link import bundle_digest  # paho is loaded only when a model is
+
+            path = getattr(engine, "model_path", None)
+            try:
+                digest = bundle_digest(path.parent) if path is not None else ""
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("no bundle digest for %s: %s", path, e)
+                digest = ""
+            self._digest = (engine, digest)
+        return self._digest[1]
+
     def collect(self) -> Iterable[Metric]:
         p = self.runtime.active()
         info = GaugeMetricFamily("edgefleet_model_info", "The model being served (value 1).",
-                                 labels=["name", "version", "sequence", "digest"])
+                                 labels=["name", "version", "sequence", "digest", "model_sha256"])
         if p.manifest is not None and p.engine is not None:
             m = p.manifest
-            info.add_metric([m.name, m.version, str(m.sequence), m.model_digest], 1)
+            info.add_metric([m.name, m.version, str(m.sequence), self._bundle_digest(p.engine),
+                             m.model_digest], 1)
         yield info
+        threshold = _drift_threshold(p.manifest)
+        if threshold is not None:
+            yield GaugeMetricFamily("edgefleet_drift_psi_threshold",
+                                    "PSI above which the build calls drift real (shipped in the "
+                                    "bundle, from its measured noise floor).", value=threshold)
         swaps = CounterMetricFamily("edgefleet_model_swaps", "Models swapped in since start.")
         swaps.add_metric([], self.runtime.swaps)
         yield swaps
@@ -275,6 +301,14 @@ class _RuntimeCollector:
             for rank, (j, value) in enumerate(report.worst, 1):
                 worst.add_metric([str(rank), names[j] if names else str(j)], value)
             yield worst
+
+
+def _drift_threshold(manifest) -> float | None:
+    """`drift_reference.alert_psi` of the manifest, when the build shipped one."""
+    if manifest is None:
+        return None
+    value = (manifest.raw.get("drift_reference") or {}).get("alert_psi")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 class MetricsServer:

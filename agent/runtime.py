@@ -47,12 +47,18 @@ class Runtime:
         self._active = self._build(None, None, None)
         if model is not None:
             self.swap(*model)
-        elif rules is None:
+
+    def log_state(self) -> None:
+        """Say once, at start-up, what answers requests (after the store loaded its model)."""
+        p = self._active
+        if p.engine is not None:
+            return  # `swap` said which model serves
+        if p.rules is None:
             log.warning("no model and no fallback rules: requests are refused until a model "
                         "is installed")
-        else:
-            log.warning("entering fallback: no model loaded; screening with %d rules (%s)",
-                        rules.count, rules.version)
+        elif p.manifest is None:
+            log.warning("no model installed: screening with %d fallback rules (%s) until one "
+                        "is", p.rules.count, p.rules.version)
 
     def active(self) -> Predictor:
         """The snapshot to answer one request with. Read it once per request."""
@@ -74,7 +80,7 @@ class Runtime:
         new = self._build(engine, manifest, None)
         old = self._set(new)
         self.swaps += 1
-        log.warning("serving model %s %s (sequence %d, sha256 %s...)", manifest.name,
+        log.info("serving model %s %s (sequence %d, sha256 %s...)", manifest.name,
                     manifest.version, manifest.sequence, manifest.model_digest[:12])
         return old
 
@@ -107,7 +113,7 @@ class Runtime:
         new = self._build(cur.engine, cur.manifest, None, drift=cur.drift)
         old = self._set(new)
         if cur.forced_reason and cur.engine is not None:
-            log.warning("leaving fallback: model %s answers again", cur.version)
+            log.info("leaving fallback: model %s answers again", cur.version)
         return old
 
     def uptime(self) -> float:

@@ -163,12 +163,12 @@ class AgentServer:
             raise
         if self.http is not None:
             self.http.start()
-            log.warning("metrics on %s/metrics (probes /healthz, /readyz)", self.http.url)
+            log.info("metrics on %s/metrics (probes /healthz, /readyz)", self.http.url)
         self.trimmer.start()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="agent-accept",
                                                daemon=True)
         self._accept_thread.start()
-        log.warning("agent listening on %s (mode %04o)", self.path, self.config.socket_mode)
+        log.info("agent listening on %s (mode %04o)", self.path, self.config.socket_mode)
 
     def stop(self) -> None:
         """Stop accepting, close every connection, remove the socket file if it is ours."""

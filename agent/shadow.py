@@ -166,8 +166,8 @@ class ShadowScorer:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
             self._thread.start()
-        log.warning("shadow scoring with %s %s (sha256 %s...)", manifest.name, manifest.version,
-                    digest[:12])
+        log.info("shadow scoring with %s %s (sha256 %s...)", manifest.name, manifest.version,
+                 digest[:12])
 
     def detach(self) -> dict[str, Any] | None:
         """Stop shadowing; returns the final counters (None if nothing was attached)."""

@@ -1,6 +1,7 @@
 """`edgefleet fleet ...`: publish bundles and run rollouts across the fleet.
 
-    edgefleet fleet devices [-l site=fab2] [-o json]
+    edgefleet fleet devices [NAME] [-l site=fab2] [-o text|wide|json|yaml|name]
+    edgefleet fleet artifacts [--store artifacts] [-o ...]
     edgefleet fleet publish model.efb --keyring keyring --store artifacts
     edgefleet fleet serve-artifacts --store artifacts --port 8080
     edgefleet fleet rollout start model.efb --canary 10 --bake 10m --waves 10%,50%,100% \\
@@ -20,9 +21,18 @@ from pathlib import Path
 
 import typer
 
+from agent.cli_output import check, emit, read_output
 from agent.errors import EdgefleetError, UsageError
 from fleet.cli_controller import apply_command, controller_command
-from fleet.cli_options import check_output, mqtt_config, mqtt_opts, output_opt, store_opt
+from fleet.cli_options import (
+    check_output,
+    db_opt,
+    existing_db,
+    mqtt_config,
+    mqtt_opts,
+    output_opt,
+    store_opt,
+)
 from fleet.cli_rollout import rollout_app
 
 app = typer.Typer(
@@ -54,7 +64,14 @@ def certs_init(
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
     """Create a CA, the broker's certificate, the fleet controller's client certificate, and
-    OUT/broker/mosquitto.conf + acl (TLS, client certificates required, per-device ACL)."""
+    OUT/broker/mosquitto.conf + acl (TLS, client certificates required, per-device ACL).
+
+    Examples:
+
+      edgefleet fleet certs init --out pki --broker-host broker.fab.example
+
+      edgefleet fleet certs init --out pki --broker-host 10.20.0.5 --port 8883
+    """
     from fleet.certs import CONTROLLER_NAME, init_ca, issue_client, issue_server
     from fleet.transport import render_broker_config
 
@@ -80,7 +97,12 @@ def certs_issue(
     days: int = typer.Option(825, "--days", help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
-    """Issue a client certificate per device (ECDSA P-256, clientAuth, CN = device id)."""
+    """Issue a client certificate per device (ECDSA P-256, clientAuth, CN = device id).
+
+    Examples:
+
+      edgefleet fleet certs issue box-a box-b --ca pki --out pki/devices
+    """
     from fleet.certs import issue_client
 
     for device_id in device_ids:
@@ -93,34 +115,107 @@ def certs_issue(
 
 @app.command("devices")
 def devices_cmd(
+    name: str = typer.Argument(None, metavar="NAME",
+                               help="One device: its state, labels and history."),
     selector: str = typer.Option("", "--selector", "-l",
                                  help="Label selector, e.g. site=fab2,tester in (t5k,t7)."),
-    output: str = output_opt(),
+    output: str = read_output(),
+    store: Path = store_opt(), db: Path = db_opt(),
     mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
     mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
     mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
 ) -> None:
-    """Every known device from its retained state: online, model, health, labels, last seen."""
-    import json
+    """Every known device from its retained state: online, model, health, labels, last seen.
+    An offline device's HEALTH is `unknown` (its last report is in `-o json`). With NAME,
+    one device: its state, both models, its last command, and the rollouts that targeted it
+    (from the rollout database in --store, when there is one).
 
-    from fleet.inventory import Inventory, Selector, devices_table, open_controller
+    Examples:
 
-    check_output(output)
+      edgefleet fleet devices -l site=fab2
+
+      edgefleet fleet devices -o wide
+
+      edgefleet fleet devices box-a --store /srv/edgefleet/artifacts
+
+      edgefleet fleet devices -l site=fab2 -o name
+    """
+    from fleet.inventory import (
+        Inventory,
+        Selector,
+        device_history,
+        device_view,
+        devices_table,
+        open_controller,
+    )
+
+    check(output)
     sel = Selector.parse(selector)
     with open_controller(mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key),
                          prefix=prefix) as ctl:
         inv = Inventory.from_states(ctl.devices())
-    devs = inv.select(sel)
-    if output == "json":
-        typer.echo(json.dumps([d.to_json() for d in devs], indent=2))
+    if name is not None:
+        name = name.removeprefix("device/")
+        if name not in inv.devices:
+            raise UsageError(f"no device {name!r} ({len(inv)} known)",
+                             hint="edgefleet fleet devices lists them")
+        dev = inv.devices[name]
+        history = None
+        if db is not None or (Path(store) / "rollouts.db").exists():
+            history = device_history(existing_db(store, db), name)
+        emit(output, {**dev.to_json(), "state": dev.state, "history": history},
+             text=lambda: device_view(dev, history), names=lambda: [f"device/{dev.id}"])
         return
-    if not devs:
+    devs = inv.select(sel)
+    if not devs and output in ("text", "wide"):
         typer.echo(f"no devices{' match ' + repr(str(sel)) if sel else ''} "
                    f"({len(inv)} known)", err=True)
         return
-    typer.echo(devices_table(devs))
-    online = sum(d.online for d in devs)
-    typer.echo(f"{len(devs)} devices, {online} online")
+
+    def text(wide: bool) -> str:
+        online = sum(d.online for d in devs)
+        return f"{devices_table(devs, wide=wide)}\n{len(devs)} devices, {online} online"
+
+    emit(output, [d.to_json() for d in devs], text=lambda: text(False),
+         wide=lambda: text(True), names=lambda: [f"device/{d.id}" for d in devs])
+
+
+@app.command("artifacts")
+def artifacts_cmd(
+    store: Path = store_opt(),
+    output: str = read_output(),
+) -> None:
+    """Bundles published in the artifact store, oldest first: digest, model, sequence, size,
+    when and by whom. The digest is what `rollout start sha256:DIGEST` and devices name.
+
+    Examples:
+
+      edgefleet fleet artifacts --store /srv/edgefleet/artifacts
+
+      edgefleet fleet artifacts -o wide
+
+      edgefleet fleet artifacts -o name
+    """
+    from fleet.artifacts import list_published
+    from fleet.inventory import table
+
+    check(output)
+    if not Path(store).is_dir():
+        raise UsageError(f"artifact store {store} does not exist",
+                         hint="publish a bundle first: edgefleet fleet publish FILE --store DIR")
+    pubs = list_published(store)
+
+    def text(wide: bool) -> str:
+        if not pubs:
+            return f"no bundles published in {store}"
+        head = ("DIGEST", "MODEL", "SEQ", "SIZE", "PUBLISHED", "BY")
+        return table([head + (("PATH",) if wide else ())] + [
+            (p.digest if wide else p.digest[:12], f"{p.name} {p.version}", str(p.sequence),
+             str(p.size), p.published, p.published_by) + ((str(p.path),) if wide else ())
+            for p in pubs])
+
+    emit(output, [p.to_json() for p in pubs], text=lambda: text(False),
+         wide=lambda: text(True), names=lambda: [f"sha256:{p.digest}" for p in pubs])
 
 
 # -- publish, serve-artifacts -----------------------------------------------------------------
@@ -135,7 +230,14 @@ def publish_cmd(
     output: str = output_opt(),
 ) -> None:
     """Verify a bundle exactly as a device would, then put it in the content-addressed artifact
-    store that `serve-artifacts` serves (STORE/sha256/<digest>)."""
+    store that `serve-artifacts` serves (STORE/sha256/<digest>).
+
+    Examples:
+
+      edgefleet fleet publish model.efb --keyring keyring --store /srv/edgefleet/artifacts
+
+      edgefleet fleet publish model.efb --keyring keyring -o json
+    """
     import json
 
     from agent.keys import Keyring
@@ -164,7 +266,14 @@ def serve_artifacts_cmd(
 ) -> None:
     """Serve STORE/sha256/<digest> over HTTP(S) (Range, HEAD) until SIGTERM or Ctrl-C. Devices
     trust none of it: the signed command pins size and digest, the bundle carries its own
-    signature."""
+    signature.
+
+    Examples:
+
+      edgefleet fleet serve-artifacts --store /srv/edgefleet/artifacts --port 8080
+
+      edgefleet fleet serve-artifacts --tls-cert art.crt --tls-key art.key --port 8443
+    """
     import signal
     import ssl
     import threading

@@ -37,9 +37,12 @@ __all__ = [
     "Inventory",
     "Requirement",
     "Selector",
+    "device_history",
+    "device_view",
     "devices_table",
     "open_controller",
     "spread",
+    "table",
 ]
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$")
@@ -211,9 +214,16 @@ class Device:
             state=dict(doc),
         )
 
+    @property
+    def shown_health(self) -> str:
+        """The health to show: `unknown` while the device is offline (its last report says
+        how it was, not how it is)."""
+        return self.health if self.online else "unknown"
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("state")
+        d["health"], d["reported_health"] = self.shown_health, self.health
         return d
 
 
@@ -350,17 +360,88 @@ def _ago(ts: str | None, now: datetime | None = None) -> str:
     return f"{ts} ({ago} ago)"
 
 
-def devices_table(devices: Sequence[Device]) -> str:
-    """The `fleet devices` table for people."""
-    rows = [("DEVICE", "ONLINE", "MODEL", "SEQ", "HEALTH", "LABELS", "LAST SEEN")]
+def devices_table(devices: Sequence[Device], *, wide: bool = False) -> str:
+    """The `fleet devices` table for people; `wide` adds the bundle digest, the agent's
+    version and what the device is busy with (kubectl's `-o wide`)."""
+    head = ("DEVICE", "ONLINE", "MODEL", "SEQ", "HEALTH", "LABELS", "LAST SEEN")
+    rows = [head + (("DIGEST", "AGENT", "BUSY") if wide else ())]
     for d in devices:
         model = f"{d.model_name} {d.model_version}" if d.model_version else "-"
-        health = d.health if not d.health_reason else f"{d.health} ({d.health_reason[:40]})"
-        rows.append((d.id, "yes" if d.online else "no", model,
-                     str(d.sequence) if d.sequence is not None else "-", health,
-                     ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
-                     _ago(d.last_seen)))
+        health = d.shown_health
+        if d.online and d.health_reason:
+            health = f"{health} ({d.health_reason[:40]})"
+        row = (d.id, "yes" if d.online else "no", model,
+               str(d.sequence) if d.sequence is not None else "-", health,
+               ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
+               _ago(d.last_seen))
+        if wide:
+            row += (d.model_digest[:12] if d.model_digest else "-",
+                    str(d.state.get("agent_version") or "-"),
+                    str((d.busy or {}).get("type") or "-"))
+        rows.append(row)
+    return table(rows)
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, as kubectl prints them."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def device_history(db: Any, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The steps of the last `limit` rollouts that targeted `device_id` (rollout database
+    `db`, a fleet.state.StateDB), newest rollout first: what was sent to it and how it ended."""
+    out = []
+    for r in db.rollouts(limit):
+        for st in db.steps(r.id):
+            if st.device_id == device_id:
+                out.append({"rollout": r.id, "rollout_state": r.state,
+                            "bundle_digest": r.bundle_digest,
+                            "model": f"{r.model_name} {r.model_version}", "step": st.step,
+                            "status": st.status, "result": st.result, "reason": st.reason,
+                            "created": st.created, "finished": st.finished})
+    return out
+
+
+def device_view(d: Device, history: Sequence[Mapping[str, Any]] | None) -> str:
+    """`fleet devices NAME` for people: state, labels, models, last command, then the install
+    and rollout history (None: no rollout database was found)."""
+    def model(m: Mapping[str, Any] | None) -> str:
+        if not m:
+            return "-"
+        if m.get("error"):
+            return f"{m.get('id')} (unreadable: {m['error']})"
+        return (f"{m.get('name')} {m.get('version')} (sequence {m.get('sequence')}, "
+                f"bundle sha256:{m.get('digest')})")
+
+    models = d.state.get("model") or {}
+    last = d.state.get("last_command") or {}
+    health = d.shown_health + (f" ({d.health_reason})" if d.online and d.health_reason else "")
+    if not d.online:
+        health += f"; last reported {d.health}"
+    lines = [
+        f"Device:        {d.id}",
+        f"Online:        {'yes' if d.online else 'no'}",
+        f"Last seen:     {_ago(d.last_seen)}",
+        f"Health:        {health}",
+        f"Labels:        {', '.join(f'{k}={v}' for k, v in sorted(d.labels.items())) or '-'}",
+        f"Agent:         {d.state.get('agent_version') or '-'} ({d.state.get('arch') or '-'})",
+        f"Active model:  {model(models.get('active'))}",
+        f"Previous:      {model(models.get('previous'))}",
+    ]
+    if d.shadow:
+        lines.append(f"Shadow:        {model(d.shadow)}")
+    if last:
+        lines.append(f"Last command:  {last.get('type', '-')} {last.get('id', '')} -> "
+                     f"{last.get('result') or last.get('status') or '-'}")
+    if history is None:
+        lines.append("History:       no rollout database (pass --store or --db)")
+    elif not history:
+        lines.append("History:       no rollout has targeted this device")
+    else:
+        lines += ["History (rollouts, newest first):", table(
+            [("ROLLOUT", "STATE", "BUNDLE", "MODEL", "STEP", "STATUS", "REASON")]
+            + [(h["rollout"], h["rollout_state"], h["bundle_digest"][:12], h["model"],
+                h["step"], h["status"], (h["reason"] or "-")[:60]) for h in history])]
     return "\n".join(lines)

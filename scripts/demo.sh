@@ -23,7 +23,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+START=$SECONDS
+elapsed() { printf '%d:%02d' $(( (SECONDS - START) / 60 )) $(( (SECONDS - START) % 60 )); }
+step() { printf '\n\033[1m== %s\033[0m  (at %s)\n' "$*" "$(elapsed)"; }
 wait_for() {  # wait_for PATH SECONDS
     for _ in $(seq 1 $(( $2 * 10 ))); do [ -e "$1" ] && return 0; sleep 0.1; done
     echo "demo: $1 did not appear within $2 s" >&2; return 1
@@ -60,11 +62,14 @@ wait_for "$RUN/admin.sock" 30
 "$EF" agent predict --socket "$RUN/agent.sock" --file "$OUT/screen.csv" > "$OUT/decisions.txt"
 echo "first decisions (all 5,000 are in $OUT/decisions.txt):"
 head -n 5 "$OUT/decisions.txt"
-grep -m 3 " fail " "$OUT/decisions.txt" || true
+echo "the first 3 fail decisions (die, decision, score, worst parameters):"
+# decisions.txt is tab-separated: die id, decision, score, ... (agent predict's text output)
+awk -F '\t' '$2 == "fail" && n++ < 3' "$OUT/decisions.txt"
 
 step "6. Fleet: three agents on one broker; roll out a retrained model while dies keep flowing"
+echo "building a retrained model (sequence 2) to roll out; its progress follows"
 "$EF" optimize build --data "$OUT/dies.csv" --key "$OUT/keys/release.key" --out "$OUT/build-v2" \
-    --seed 1 --sequence 2 -q
+    --seed 1 --sequence 2
 "$EF" keys generate --out "$OUT/keys" --name fleet
 "$EF" keys trust "$OUT/keys/fleet.pub" --keyring "$OUT/keyring" --role fleet
 free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -109,6 +114,6 @@ ROLLOUT=(-l site=lab --canary 1 --waves 100% --bake 15s --shadow-min-dies 300 --
 echo "tester answers during the rollout (last summary per box):"
 for b in "${BOXES[@]}"; do printf '%s: ' "$b"; grep "dies:" "$OUT/fleet/$b.tester.log" | tail -n 1; done
 
-step "Done"
+step "Done in $(elapsed)"
 echo "report: $OUT/build/report.md   bundles: $OUT/build/model.efb $OUT/build-v2/model.efb"
 echo "logs: $OUT/agent.log $OUT/fleet/"

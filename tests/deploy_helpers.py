@@ -5,6 +5,7 @@ and `edgefleet agent serve` run as a separate process, as on a box."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -36,11 +37,20 @@ class Site:
     keyring: Path
     rules: Path
     manifest: Manifest
+    bundle_digest: str  # sha256 of the bundle: what devices report and metrics label
 
 
-def make_site(root: Path, *, install: bool = True) -> Site:
+def make_site(root: Path, *, install: bool = True, drift_alert_psi: float | None = None) -> Site:
+    """`drift_alert_psi`: the drift alert threshold the bundle ships (none by default)."""
     key, ring = make_keys(root / "release")
-    model = build_model(root / "build", ring, key, n_features=N_FEATURES)
+    extra = {}
+    if drift_alert_psi is not None:
+        from agent.drift import drift_reference
+        from tests.agent_support import training_rows
+
+        extra["drift_reference"] = {**drift_reference(training_rows(N_FEATURES)),
+                                    "alert_psi": drift_alert_psi}
+    model = build_model(root / "build", ring, key, n_features=N_FEATURES, **extra)
     store = root / "store"
     store.mkdir(parents=True)
     if install:
@@ -55,7 +65,8 @@ def make_site(root: Path, *, install: bool = True) -> Site:
         "n_features": N_FEATURES, "version": "floor-rules-1",
         "rules": [{"feature": i, "low": -6.0, "high": 6.0} for i in range(N_FEATURES)],
     }))
-    return Site(store, ring, rules, model.manifest)
+    return Site(store, ring, rules, model.manifest,
+                hashlib.sha256(model.bundle.read_bytes()).hexdigest())
 
 
 

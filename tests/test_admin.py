@@ -108,6 +108,11 @@ def test_cli_commands_talk_to_the_admin_socket(agent):
     assert r.exit_code == 0
     lines = r.output.splitlines()
     assert lines[1].startswith("*") and " ok" in lines[1] and lines[2].startswith("p")
+    ids = [ln.split()[1] for ln in lines[1:3]]
+    r = runner.invoke(app, ["models", *sock, "-o", "name"])
+    assert sorted(r.output.split()) == sorted(f"model/{i}" for i in ids)
+    r = runner.invoke(app, ["models", *sock, "-o", "wide"])
+    assert r.output.splitlines()[0].split()[4] == "CREATED"
     r = runner.invoke(app, ["rollback", *sock])
     assert r.exit_code == 0 and "rolled back to 1-" in r.output
     r = runner.invoke(app, ["install", str(one), *sock])

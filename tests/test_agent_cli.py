@@ -122,9 +122,19 @@ def test_predict_refuses_a_csv_it_cannot_map(served, tmp_path):
 def test_health_and_info_commands(served):
     _, sock, _, model = served
     h = _cli("agent", "health", "--socket", str(sock))
+    assert h.returncode == 0 and h.stdout == f"ok: model {model.manifest.version}\n"
+    h = _cli("agent", "health", "--socket", str(sock), "-o", "json")
     assert h.returncode == 0 and json.loads(h.stdout)["status"] == "ok"
-    i = json.loads(_cli("agent", "info", "--socket", str(sock)).stdout)
+    i = json.loads(_cli("agent", "info", "--socket", str(sock), "-o", "json").stdout)
     assert i["model"]["version"] == model.manifest.version and i["n_features"] == N
+    text = _cli("agent", "info", "--socket", str(sock)).stdout
+    assert text.splitlines()[0].split() == ["model", "robust-z", model.manifest.version,
+                                            "(sequence", f"{model.manifest.sequence})"]
+    assert f"input      {N} parameters" in text and "model sha256" not in text
+    wide = _cli("agent", "info", "--socket", str(sock), "-o", "wide").stdout
+    assert f"model sha256   {model.manifest.model_digest}" in wide
+    assert _cli("agent", "info", "--socket", str(sock), "-o", "name").stdout == \
+        f"agent/{sock}\n"
 
 
 def test_sigterm_stops_the_agent_and_removes_its_socket(setup, tmp_path):

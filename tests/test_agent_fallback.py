@@ -69,6 +69,7 @@ def test_no_model_screens_dies_with_the_rules_file_and_marks_every_answer(tmp_pa
         rs = c.predict_batch(x).results()
         a = c.request({"id": 1, "params": x[1].tolist()})
         h = c.health()
+        agent.runtime.log_state()  # what the agent says at start-up (agent/app.py)
         url = agent.http.url
         assert _gauge(url, "edgefleet_fallback_active") == 1
         assert _series(url, "edgefleet_fallback_answers_total", reason="no_model") == 4
@@ -81,7 +82,7 @@ def test_no_model_screens_dies_with_the_rules_file_and_marks_every_answer(tmp_pa
     assert a["source"] == "fallback" and a["model_version"] is None and a["threshold"] == 0.0
     assert a["top"][0]["name"] == "p004" and a["confidence"] == 1.0
     assert h["status"] == "fallback" and h["fallback_reason"] == "no model loaded"
-    assert "entering fallback: no model loaded; screening with 16 rules (limits-7)" in caplog.text
+    assert "no model installed: screening with 16 fallback rules (limits-7)" in caplog.text
 
 
 def test_no_model_and_no_rules_refuses_dies_and_is_not_ready():

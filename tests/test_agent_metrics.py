@@ -3,6 +3,7 @@ sent, histograms that resolve tens of microseconds, model info, probes, one regi
 
 from __future__ import annotations
 
+import hashlib
 import urllib.request
 
 import numpy as np
@@ -86,9 +87,14 @@ def test_model_info_names_the_served_model(model):
     with running_agent(model) as agent:
         m = scrape(agent.http.url)
     info = [dict(k[1]) for k in m if k[0] == "edgefleet_model_info"]
+    # One digest everywhere: the bundle's sha256 (what `fleet devices`, rollouts and gates
+    # name); the ONNX file's own digest under its own label.
+    bundle_sha256 = hashlib.sha256(model.bundle.read_bytes()).hexdigest()
     assert info == [{"name": "robust-z", "version": "1.0.0", "sequence": "1",
-                     "digest": model.manifest.model_digest}]
+                     "digest": bundle_sha256, "model_sha256": model.manifest.model_digest}]
+    assert bundle_sha256 != model.manifest.model_digest
     assert get(m, "edgefleet_model_swaps_total") == 1
+    assert not any(k[0] == "edgefleet_drift_psi_threshold" for k in m)  # none shipped
 
 
 def test_every_label_value_is_bounded(model):

@@ -10,55 +10,32 @@ API, as the central Prometheus of a test floor would see it.
 - Two alert rules under test have their `for:` shortened from 5m to 3s; everything else in the
   rules file is as shipped.
 
-If prometheus is not installed the test fails (it never skips): `.ci/run` installs it.
+Prometheus itself is started by tests/prometheus_support.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import signal
-import subprocess
-import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.client import Client
-from tests.conftest import REPO
-from tests.deploy_helpers import (
-    N_FEATURES,
-    agent_process,
-    free_port,
-    http_get,
-    make_site,
-    wait_for,
+from tests.deploy_helpers import N_FEATURES, agent_process, free_port, make_site, wait_for
+from tests.prometheus_support import (
+    PROM_DIR,
+    Prometheus,
+    fast,
+    prometheus_procs_fixture,  # noqa: F401 (fixture)
 )
 
 pytestmark = pytest.mark.slow
 
-PROM_DIR = REPO / "k3s" / "prometheus"
 K8S_NODE, K8S_POD = "box-k8s-01", "edgefleet-agent-x7k2p"
 STATIC_DEVICE = "box-static-01"
-
-
-def _prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if not found:
-        pytest.fail("prometheus is not installed (apt-get install prometheus; .ci/run does this)",
-                    pytrace=False)
-    return found
-
-
-def _fast(text: str) -> str:
-    """Second-scale intervals, so a test sees in seconds what production sees in minutes."""
-    text = text.replace("scrape_interval: 15s", "scrape_interval: 1s")
-    text = text.replace("evaluation_interval: 15s", "evaluation_interval: 1s")
-    return text.replace("scrape_timeout: 5s", "scrape_timeout: 1s")
 
 
 def write_config(root: Path, agent_port: int, dead_port: int) -> Path:
@@ -76,7 +53,7 @@ def write_config(root: Path, agent_port: int, dead_port: int) -> Path:
     jobs = (jobs[:start] + f"    file_sd_configs:\n      - files:\n          - {root}/pods.json\n"
             + jobs[end:])
     config = root / "prometheus.yml"
-    config.write_text(_fast(static.rstrip("\n") + "\n\n" + jobs))
+    config.write_text(fast(static.rstrip("\n") + "\n\n" + jobs))
 
     rules = (PROM_DIR / "rules" / "edgefleet.rules.yml").read_text()
     assert rules.count("for: 5m") == 2  # EdgefleetFallbackActive, EdgefleetDeviceOffline
@@ -115,64 +92,16 @@ def write_config(root: Path, agent_port: int, dead_port: int) -> Path:
     return config
 
 
-@dataclass
-class Prometheus:
-    url: str
-
-    def query(self, expr: str) -> list[dict]:
-        status, body = http_get(f"{self.url}/api/v1/query?query={urllib.parse.quote(expr)}")
-        reply = json.loads(body)
-        assert status == 200 and reply["status"] == "success", reply
-        return reply["data"]["result"]
-
-    def rules(self) -> list[dict]:
-        status, body = http_get(f"{self.url}/api/v1/rules")
-        assert status == 200, body
-        return [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
-
-    def alerts(self, name: str, state: str | None = None) -> list[dict]:
-        status, body = http_get(f"{self.url}/api/v1/alerts")
-        assert status == 200, body
-        return [a for a in json.loads(body)["data"]["alerts"]
-                if a["labels"]["alertname"] == name and (state is None or a["state"] == state)]
-
-
 @pytest.fixture
-def prometheus_for(tmp_path: Path):
+def prometheus_for(tmp_path: Path, prometheus_procs):
     """Start Prometheus on a free port with the shipped configuration aimed at an agent."""
-    procs: list[subprocess.Popen] = []
 
     def start(agent_port: int, dead_port: int) -> Prometheus:
         root = tmp_path / "prometheus"
         root.mkdir()
-        config = write_config(root, agent_port, dead_port)
-        port = free_port()
-        log = root / "prometheus.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [_prometheus_binary(), f"--config.file={config}",
-                 f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                 "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
+        return prometheus_procs(root, write_config(root, agent_port, dead_port))
 
-        def alive() -> str | None:
-            if proc.poll() is None:
-                return None
-            return f"prometheus exited with {proc.returncode}: {log.read_text()[-3000:]}"
-
-        wait_for("Prometheus to be ready", lambda: http_get(url + "/-/ready")[0] == 200, 60,
-                 alive)
-        return Prometheus(url)
-
-    yield start
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return start
 
 
 @pytest.fixture
@@ -222,7 +151,9 @@ def test_prometheus_scrapes_the_agent_and_fires_the_fallback_alert(tmp_path: Pat
 
         info = _by_job(prom.query("edgefleet_model_info"))
         assert set(info) == jobs
-        assert {i["metric"]["digest"] for i in info.values()} == {site.manifest.model_digest}
+        assert {i["metric"]["digest"] for i in info.values()} == {site.bundle_digest}
+        assert {i["metric"]["model_sha256"] for i in info.values()} == \
+            {site.manifest.model_digest}
         assert {i["metric"]["sequence"] for i in info.values()} == {str(site.manifest.sequence)}
         fallback = prom.query("edgefleet_fallback_active")
         assert {f["metric"]["job"]: f["value"][1] for f in fallback} == dict.fromkeys(jobs, "0")
