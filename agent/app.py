@@ -78,6 +78,9 @@ def build(config: AgentConfig) -> Agent:
     agent = Agent(config, AgentServer(config, runtime))
     if config.store is not None:
         _attach_store(agent)
+    from agent.predlog import attach as attach_predlog
+
+    attach_predlog(agent)  # prediction log, capture, labels (docs/operations.md)
     return agent
 
 

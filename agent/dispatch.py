@@ -19,6 +19,7 @@ import numpy as np
 
 from agent.jsonfast import PARSER as JSON_PARSER
 from agent.jsonfast import parse_batch_line, parse_predict_line
+from agent.labels import answer_label_json
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
 from agent.protocol import (
@@ -57,6 +58,8 @@ class Dispatcher:
         # agent.shadow.ShadowScorer, when the fleet link runs: rows the model answered are
         # copied to it (bounded, never waited on) for a candidate to score off the hot path
         self.shadow: Any = None
+        # agent.labels.LabelDesk, when the prediction log runs: the `label` op's receiver
+        self.labels: Any = None
 
     # ------------------------------------------------------------------ binary
 
@@ -153,6 +156,8 @@ class Dispatcher:
             return encode_json(self._health(obj))
         if op == "info":
             return encode_json(self._info(obj))
+        if op == "label":
+            return encode_json(answer_label_json(self.labels, obj))
         if isinstance(obj, list):
             return self._json_batch(p, obj, t0)
         rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
