@@ -30,6 +30,7 @@ and at most `queue_size`); a power cut also loses what was written since the las
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -58,11 +59,16 @@ from agent.protocol import (
     Source,
     parse_json_line,
     record_dtype,
+    row_struct,
 )
 from agent.segring import RingConfig, RingFull, SegmentRing
 
 log = logging.getLogger("edgefleet.agent")
 
+# The writer hands the GIL to the serving threads every this many answers (about 50 us of
+# work): a request that arrives while the writer runs waits at most that long, not a whole
+# switch interval.
+_YIELD_EVERY = 8
 NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
 _F4 = np.dtype("<f4")
 _FAIL_TEXT = b'"decision":"fail"'
@@ -97,6 +103,13 @@ class PredLogConfig:
         return RingConfig(max_bytes=size, max_age_s=self.max_age_s,
                           segment_bytes=min(self.segment_bytes, max(size // 4, 4096)),
                           min_free_bytes=self.min_free_bytes)
+
+
+_row_struct = functools.lru_cache(maxsize=8)(row_struct)
+
+
+def _yield_gil() -> None:
+    time.sleep(0)  # releases the GIL; a waiting serving thread takes it
 
 
 # ---------------------------------------------------------------------------- record formats
@@ -522,7 +535,7 @@ class PredictionLog:
         preds: list[bytes] = []
         caps: list[tuple[int, bytes]] = []  # (position in preds, capture payload)
         q = self._queue
-        for _ in range(len(q)):
+        for i in range(len(q)):
             try:
                 item = q.popleft()
             except IndexError:
@@ -534,7 +547,8 @@ class PredictionLog:
             if len(preds) >= 4096:
                 self._write(preds, caps)
                 preds, caps = [], []
-                time.sleep(0)  # let a serving thread have the GIL between chunks
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                _yield_gil()
         self._write(preds, caps)
         now = self.clock()
         if now - self._last_sync >= self.config.fsync_interval_s:
@@ -551,15 +565,21 @@ class PredictionLog:
     def _decode(self, item: tuple, preds: list, caps: list) -> None:
         t, p, answer, extra, kind = item
         model = self.models.index_of(p)
-        if kind in (1, 2):
+        if kind == 1:  # one row: the record as a tuple, no numpy
+            vlen = answer[40] | answer[41] << 8
+            k = int.from_bytes(answer[16:20], "little")
+            r = _row_struct(k).unpack_from(answer, _RESULT_OFF + vlen + (-vlen % 8))
+            if r[1] != Decision.ERROR:
+                self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
+                          r[9:9 + k], r[9 + k:], None if extra is None else
+                          np.frombuffer(extra, _F4))
+        elif kind == 2:
             vlen = answer[40] | answer[41] << 8
             rows, k = int.from_bytes(answer[12:16], "little"), int.from_bytes(answer[16:20],
                                                                               "little")
             rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
             sampled: dict[int, np.ndarray] = {}
-            if kind == 1 and extra is not None:
-                sampled[0] = np.frombuffer(extra, _F4)
-            elif kind == 2 and extra is not None:
+            if extra is not None:
                 sampled = dict(zip(extra[0].tolist(), extra[1], strict=True))
             for i, r in enumerate(rec.tolist()):
                 if r[1] == Decision.ERROR:

@@ -162,17 +162,30 @@ class SegmentRing:
     # ------------------------------------------------------------------ writing
 
     def append(self, payloads: list[bytes]) -> int:
-        """Append records; return the seq of the first. Raises `RingFull` (nothing written)."""
-        if not payloads:
-            return self.next_seq
-        if self._size >= self.config.segment_bytes:
+        """Append records (a new segment whenever the active one is full); return the seq of the
+        first. Raises `RingFull`: the records of the failed write are not on disk."""
+        first = self.next_seq
+        limit = self.config.segment_bytes
+        start = size = 0
+        for i, p in enumerate(payloads):
+            if i > start and self._size + size + len(p) > limit:
+                self._append(payloads[start:i])
+                start, size = i, 0
+            size += RECORD.size + len(p)
+        if start < len(payloads):
+            self._append(payloads[start:])
+        return first
+
+    def _append(self, payloads: list[bytes]) -> None:
+        batch = sum(RECORD.size + len(p) for p in payloads)
+        if self._size and self._size + batch > self.config.segment_bytes:
             self._start_segment(self.next_seq)
             self.enforce()
         if self.config.min_free_bytes:
             st = os.statvfs(self.dir)
             if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
                 raise RingFull(f"{self.dir}: less than {self.config.min_free_bytes} bytes free")
-        first = seq = self.next_seq
+        seq = self.next_seq
         parts = []
         for p in payloads:
             s = SEQ.pack(seq)
@@ -190,7 +203,6 @@ class SegmentRing:
             raise RingFull(f"{self._active}: {e.strerror or e}") from None
         self._size += len(blob)
         self.next_seq = seq
-        return first
 
     def sync(self) -> None:
         if self._fd >= 0:
