@@ -15,8 +15,9 @@ The writer thread of the prediction log (agent/predlog.py) calls `tick` every pa
 the drop directory (every `poll_interval_s`), then joins the queued labels by die id against the
 log's index (the newest prediction of that die) and appends one record per label to the label
 ring (`<log dir>/labels`, JSON payloads, what `fleet collect` pulls). The outcome of each label
-is counted by source: `joined`, `unknown_die` (never logged), `expired` (logged, but the ring has
-since dropped it), `dropped` (queue full). Nothing is lost silently.
+is counted by source: `joined`, `unknown_die` (not in the log: never screened here, or dropped
+by retention long ago), `expired` (logged, but the ring has since dropped it; told apart for one
+more retention span), `invalid`, `dropped` (queue full). Nothing is lost silently.
 
 Metrics (per model `digest`, the bundle digest; `predicted` is the device's decision, `actual`
 the label): `edgefleet_label_joins_total{digest,predicted,actual}` - so a central Prometheus
@@ -182,7 +183,14 @@ def encode_labeled(accepted: int, dropped: int, tag: int) -> bytes:
 def parse_label_csv(text: str) -> list[tuple[str, int, float | None]]:
     """An MES export: header `die_id,label[,time]` (any column order, extra columns ignored).
     Raises `ValueError` naming the line."""
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return _parse_csv(reader)
+    except csv.Error as e:
+        raise ValueError(f"line {reader.line_num}: {e}") from None
+
+
+def _parse_csv(reader: csv.DictReader) -> list[tuple[str, int, float | None]]:
     fields = [f.strip() for f in reader.fieldnames or []]
     if "die_id" not in fields or "label" not in fields:
         raise ValueError(f"line 1: header must name die_id and label, found {fields}")
@@ -284,8 +292,7 @@ class LabelDesk:
             except FileNotFoundError:
                 continue
             src = f"file:{path.name}"
-            with self._lock:
-                items = [Label(d, v, t, src) for d, v, t in labels]
+            items = [Label(d, v, t, src) for d, v, t in labels]
             # files are not subject to the socket queue's cap: they are already on disk
             self._join(items)
             self.ring.sync()

@@ -377,9 +377,12 @@ class DieIndex:
         self.recent_first = None
         self.covered = last + 1
 
-    def prune(self, first_seq: int) -> None:
+    def prune(self, first_seq: int, next_seq: int) -> None:
+        """Delete sidecars older than the ring by more than the ring's own span: a label that
+        comes a little too late is still told apart (`expired`) from a die never seen."""
+        horizon = first_seq - (next_seq - first_seq)
         for _a, b, p in self.sidecars():
-            if b < first_seq:
+            if b < horizon:
                 p.unlink(missing_ok=True)
 
     def lookup(self, keys: list[int]) -> dict[int, Hit]:
@@ -555,7 +558,7 @@ class PredictionLog:
             self.predictions.sync()
             self.capture.sync()
             if self.predictions.enforce() + self.capture.enforce():
-                self.index.prune(self.predictions.first_seq())
+                self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
             self._last_sync = now
         if self.labels is not None:
             self.labels.tick(self)
