@@ -717,10 +717,11 @@ def _model_families(models: ModelTable, stats: dict) -> Iterable[Metric]:
                               labels=["digest", "decision", "source"])
     margin = CounterMetricFamily("edgefleet_model_score_margin",
                                  "Model answers per margin bucket, (score - threshold) / "
-                                 "confidence_scale, le = upper edge.", labels=["digest", "le"])
+                                 "confidence_scale in (previous edge, upper].",
+                                 labels=["digest", "upper"])
     confidence = CounterMetricFamily("edgefleet_model_confidence",
-                                     "Model answers per confidence bucket, le = upper edge.",
-                                     labels=["digest", "le"])
+                                     "Model answers per confidence bucket, in (previous "
+                                     "edge, upper].", labels=["digest", "upper"])
     drift = GaugeMetricFamily("edgefleet_model_score_psi",
                               "PSI of the margin distribution vs the build's reference (only "
                               "for bundles that ship one).", labels=["digest"])

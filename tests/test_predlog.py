@@ -281,3 +281,30 @@ def test_capture_stays_within_its_size_cap(model, tmp_path):
         plog.flush()
         assert plog.capture.disk_bytes() <= 40_000 + 10_000  # the cap plus the active segment
         assert plog.records["capture"] == 2000
+
+
+def test_proxy_metrics_per_model_before_any_label(tmp_path):
+    """Fail rate, margin and confidence distributions per model digest; the margin PSI against
+    the build's reference only for a bundle that ships one."""
+    from agent.predlog import MARGIN_EDGES
+
+    ref = {"edges": list(MARGIN_EDGES), "proportions": [0.0] * 3 + [1.0] + [0.0] * 10}
+    m = build_model(tmp_path, *make_keys(tmp_path), n_features=N,
+                    evaluation={"kind": "test", "score_margin_reference": ref})
+    x = m.train[:50].copy()
+    x[:5] += 50.0
+    with logged_agent(m, tmp_path / "log") as (server, plog):
+        with Client(server.path) as c:
+            c.predict_batch(x, np.arange(50, dtype=np.uint64))
+        assert wait_flushed(plog)
+        text = server.metrics.exposition().decode()
+    digest = plog.models.models[0].digest
+
+    def decisions(d: str) -> float:
+        return _metric(text, f'edgefleet_model_decisions_total{{decision="{d}",digest="{digest}",'
+                             'source="model"}')
+
+    assert decisions("fail") >= 5 and decisions("fail") + decisions("pass") == 50
+    assert _metric(text, f'edgefleet_model_score_margin_total{{digest="{digest}",upper="+Inf"}}'
+                   ) >= 5
+    assert _metric(text, f'edgefleet_model_score_psi{{digest="{digest}"}}') > 1.0
