@@ -199,11 +199,10 @@ class ModelInfo:
     threshold: float
     confidence_scale: float
     reference: dict[str, Any] | None = None  # score-margin reference of the build, if shipped
+    feature_names: list[str] | None = None  # for a dataset built from captured rows
 
     def to_json(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out.pop("reference")
-        return out
+        return dict(self.__dict__)
 
 
 class ModelTable:
@@ -234,7 +233,7 @@ class ModelTable:
                 return info.index
         info = ModelInfo(len(self.models), digest, m.model_digest, m.name, m.version,
                          m.sequence, float(m.threshold), float(m.confidence_scale),
-                         _score_reference(m))
+                         _score_reference(m), list(m.input.feature_names or ()) or None)
         self.models.append(info)
         atomic_write(self.path, json.dumps([i.to_json() for i in self.models]).encode())
         self._by_engine[key] = info.index

@@ -9,6 +9,7 @@
     edgefleet fleet rollout pause|resume|abort|rollback ID
     edgefleet fleet rollout list
     edgefleet fleet certs init|issue ...
+    edgefleet fleet collect -d box-a=10.0.0.5:9465 --out dataset/ --ca ... --cert ... --key ...
 
 This module is the `fleet` group and its small commands; the `rollout` group is
 fleet/cli_rollout.py, the options both share are fleet/cli_options.py. See docs/rollouts.md.
@@ -21,6 +22,7 @@ from pathlib import Path
 import typer
 
 from agent.errors import EdgefleetError, UsageError
+from fleet.cli_collect import collect_cmd
 from fleet.cli_options import check_output, mqtt_config, mqtt_opts, output_opt, store_opt
 from fleet.cli_rollout import rollout_app
 
@@ -192,6 +194,10 @@ def serve_artifacts_cmd(
     finally:
         srv.stop()
 
+
+# -- collect (fleet/cli_collect.py) -----------------------------------------------------------
+
+app.command("collect")(collect_cmd)
 
 # -- rollouts (fleet/cli_rollout.py) ----------------------------------------------------------
 
