@@ -522,6 +522,11 @@ class PredictionLog:
         self.capture.close()
 
     def _run(self) -> None:
+        # SCHED_IDLE (else nice +10), as the shadow scorer: a serving thread that wakes up
+        # preempts the writer at once; the writer only takes CPU nobody else wants
+        from agent.shadow import _lower_priority
+
+        _lower_priority(10)
         while not self._stop.wait(self.config.flush_interval_s):
             try:
                 self.flush()
@@ -758,16 +763,19 @@ class PredLogCollector:
             yield from self.plog.labels.collect(self.plog.models)
 
 
-def wait_flushed(plog: PredictionLog, timeout: float = 10.0) -> bool:
-    """Until the queue is empty and written (tests and tools; the agent never waits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not plog._queue:
-            plog.flush()
-            return True
-        time.sleep(0.01)
-    return False
-
+def wait_flushed(plog: PredictionLog, server: Any = None, timeout: float = 60.0) -> bool:
+    """Tests and tools (the agent never waits): write everything answered so far. A connection's
+    thread taps each answer before it reads the next message, so after a round trip on a
+    connection every earlier answer of it is queued; with `server` (an AgentServer), first wait
+    until it has no open connection left, which covers every connection's last answer."""
+    if server is not None:
+        deadline = time.monotonic() + timeout
+        while server._conns:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+    plog.flush()
+    return True
 
 
 def attach(agent: Any) -> PredictionLog | None:

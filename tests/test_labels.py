@@ -103,6 +103,7 @@ def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_count
             c.predict(bad, die_id=2)       # fail; the label says pass: a false fail
             c.predict_json(bad, die_id="W7")  # fail; the label says fail: a true fail
             c.predict(good, die_id=4)      # pass; the label says fail: a miss
+            c.health()  # a round trip: every earlier answer has been tapped
             assert wait_flushed(plog)
             assert c.request({"op": "label", "die_id": 1, "label": "pass"})["accepted"] == 1
             ftype, body = _frame_round_trip(server.path, encode_label_frame([2, 4], [0, 1]))
@@ -112,7 +113,7 @@ def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_count
                 {"die_id": "never-seen", "label": "fail"},
                 {"die_id": 999, "label": 0}]})
             assert answer == {"id": "r1", "ok": True, "accepted": 3, "dropped": 0}
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         m = _metrics(server)
     digest = plog.models.models[0].digest
 
@@ -138,6 +139,7 @@ def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unkn
         with Client(server.path) as c:
             for i in range(400):
                 c.predict(model.train[i % 100], die_id=i)
+            c.health()  # a round trip: every earlier answer has been tapped
             assert wait_flushed(plog)
             plog.flush()
             first = plog.predictions.first_seq()
@@ -146,7 +148,7 @@ def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unkn
             c.request({"op": "label", "labels": [{"die_id": first - 2, "label": "pass"},
                                                  {"die_id": 0, "label": "pass"},
                                                  {"die_id": 399, "label": "pass"}]})
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         m = _metrics(server)
     assert m['edgefleet_labels_total{result="expired",source="socket"}'] == 1
     assert m['edgefleet_labels_total{result="unknown_die",source="socket"}'] == 1
@@ -159,12 +161,12 @@ def test_the_join_index_survives_a_restart(model, tmp_path):
         with Client(server.path) as c:
             for i in range(120):
                 c.predict(model.train[i % 100], die_id=i)
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
     with labelled_agent(model, tmp_path / "log", index_rows=50) as (server, plog):
         with Client(server.path) as c:
             c.request({"op": "label", "labels": [{"die_id": i, "label": "pass"}
                                                  for i in (0, 60, 119)]})
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         assert _metrics(server)['edgefleet_labels_total{result="joined",source="socket"}'] == 3
 
 
@@ -173,7 +175,7 @@ def test_mes_files_are_joined_then_moved_to_done_or_rejected_with_a_reason(model
     with labelled_agent(model, tmp_path / "log", drop=drop) as (server, plog):
         with Client(server.path) as c:
             c.predict(model.train[0], die_id=11)
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         (drop / "incoming" / "lot42.csv.tmp").write_text("die_id,label\n11,pass\n")
         (drop / "incoming" / "lot42.csv.tmp").rename(drop / "incoming" / "lot42.csv")
         (drop / "incoming" / "bad.csv").write_text("die_id,label,time\n11,pass,\n12,maybe,\n")

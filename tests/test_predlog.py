@@ -73,7 +73,7 @@ def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(mo
             c.request([{"die_id": "B0", "params": x[0].tolist()},
                        {"die_id": "B1", "params": x[1].tolist()}])
             c.request({"die_id": "bad", "params": [1.0]})  # refused: not a decision, not logged
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
     preds = [decode_prediction(p) for _, p in _records(tmp_path / "log" / "predictions")]
     assert [p["die_id"] for p in preds] == ["7", "8", "10", "11", "12", "W1-X3", "B0", "B1"]
     assert [p["decision"] for p in preds] == ["pass", "fail", "pass", "fail", "pass", "fail",
@@ -99,7 +99,7 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
         with Client(server.path) as c:
             for i, r in enumerate(rows):
                 c.predict(r, die_id=i)
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
     caps = [decode_capture(p)[0] for _, p in _records(tmp_path / "log" / "capture")]
     fails = sum(c["reason"] == "fail" for c in caps)
     sampled = len(caps) - fails
@@ -253,12 +253,13 @@ def test_capture_on_a_full_disk_drops_and_counts_and_answers_keep_coming(model, 
                 for _ in range(500):
                     assert c.predict(model.train[i % 100], die_id=i).decision
                     i += 1
+                c.health()  # a round trip: every earlier answer has been tapped
                 assert wait_flushed(plog)
                 assert i < 200_000
             for _ in range(200):  # still answering, the log still dropping and counting
                 assert c.predict(model.train[0], die_id=i).decision
                 i += 1
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         text = server.metrics.exposition().decode()
     st = os.statvfs(tiny_fs)
     assert st.f_blocks * st.f_frsize <= 1 << 20
@@ -277,7 +278,7 @@ def test_capture_stays_within_its_size_cap(model, tmp_path):
         with Client(server.path) as c:
             for i in range(2000):
                 c.predict(model.train[i % 100], die_id=i)
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         plog.flush()
         assert plog.capture.disk_bytes() <= 40_000 + 10_000  # the cap plus the active segment
         assert plog.records["capture"] == 2000
@@ -296,7 +297,7 @@ def test_proxy_metrics_per_model_before_any_label(tmp_path):
     with logged_agent(m, tmp_path / "log") as (server, plog):
         with Client(server.path) as c:
             c.predict_batch(x, np.arange(50, dtype=np.uint64))
-        assert wait_flushed(plog)
+        assert wait_flushed(plog, server)
         text = server.metrics.exposition().decode()
     digest = plog.models.models[0].digest
 

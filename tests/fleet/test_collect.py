@@ -75,7 +75,7 @@ def _screen(server, plog, dies, ids, labels=None, label_ids=None) -> None:
             c.request({"op": "label", "labels": [
                 {"die_id": int(i), "label": int(v)}
                 for i, v in zip(ids if label_ids is None else label_ids, labels, strict=True)]})
-    assert wait_flushed(plog)
+    assert wait_flushed(plog, server)
     plog.flush()  # the labels queued after the last pass
 
 
@@ -167,3 +167,22 @@ def test_optimize_build_reads_a_collected_directory(model, pki, tmp_path, capsys
               str(tmp_path / "build"), "--config", str(config), "-q"])
     assert e.value.code in (0, None), capsys.readouterr().err
     assert (tmp_path / "build" / "model.efb").exists()
+
+
+def test_the_collect_command_prints_what_it_pulled_and_exits_1_for_a_device_it_missed(
+        model, pki, tmp_path, capsys):
+    with device(model, pki, "box-a", tmp_path / "log") as (server, plog, feed):
+        _screen(server, plog, small_dies().X[:10] + 50.0, np.arange(10))
+        args = ["fleet", "collect", "-d", f"box-a=127.0.0.1:{feed.port}", "--out",
+                str(tmp_path / "ds"), "--ca", str(pki["ca"]), "--cert", str(pki["ctl"].cert),
+                "--key", str(pki["ctl"].key)]
+        with pytest.raises(SystemExit) as e:
+            main([*args, "-o", "json"])
+        assert e.value.code in (0, None)
+        [report] = json.loads(capsys.readouterr().out)
+        assert report["ok"] and report["pulled"]["capture"] == 10
+        with pytest.raises(SystemExit) as e:
+            main([*args, "-d", "box-b=127.0.0.1:1"])
+        assert e.value.code == 1
+        captured = capsys.readouterr()
+        assert "box-a" in captured.out and "1 of 2 devices not collected (box-b)" in captured.err
