@@ -117,8 +117,13 @@ def main() -> int:
                 lat[name]["binary"].append(binary_loop(sock, frames, args.requests, 200))
                 lat[name]["json"].append(json_loop(sock, lines, args.requests, 200))
         load_end = os.getloadavg()
-        time.sleep(0.5)  # one flush interval: the log's counters catch up
-        written = scrape(agents["on"][1])
+        # the writer runs at idle priority: give it until every answer is written (or 60 s)
+        expected = args.rounds * 2 * (args.requests + 200)
+        key = 'edgefleet_predlog_records_total{log="predictions"}'
+        deadline = time.monotonic() + 60
+        while (written := scrape(agents["on"][1])).get(key, 0) < expected and (
+                time.monotonic() < deadline):
+            time.sleep(0.2)
         res: dict = {"requests_per_agent_and_encoding": args.requests * args.rounds,
                      "pinned_cpu": args.pin_cpu, "loadavg_start": load_start,
                      "loadavg_end": load_end, "figures": {}}
