@@ -685,33 +685,26 @@ class PredictionLog:
             stats = {k: (list(v.decisions), v.margin.copy(), v.confidence.copy())
                      for k, v in self.stats.items()}
         dropped["queue_full"] += self.dropped_queue
-        fam = CounterMetricFamily("edgefleet_predlog_records", "Records written to the log.",
-                                  labels=["log"])
-        for k, v in records.items():
-            fam.add_metric([k], v)
-        yield fam
-        fam = CounterMetricFamily("edgefleet_predlog_written_bytes", "Bytes appended.",
-                                  labels=["log"])
-        for k, v in written.items():
-            fam.add_metric([k], v)
-        yield fam
-        fam = CounterMetricFamily("edgefleet_predlog_dropped",
-                                  "Records not logged: the queue was full or the disk was.",
-                                  labels=["reason"])
-        for k, v in dropped.items():
-            fam.add_metric([k], v)
-        yield fam
-        fam = CounterMetricFamily("edgefleet_capture_rows", "Input rows captured, by why.",
-                                  labels=["reason"])
-        for k, v in captured.items():
-            fam.add_metric([k], v)
-        yield fam
+        yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
+                        records)
+        yield _by_label("edgefleet_predlog_written_bytes", "Bytes appended.", "log", written)
+        yield _by_label("edgefleet_predlog_dropped", "Records not logged: the queue was full or "
+                        "the disk was.", "reason", dropped)
+        yield _by_label("edgefleet_capture_rows", "Input rows captured, by why.", "reason",
+                        captured)
         fam = GaugeMetricFamily("edgefleet_predlog_disk_bytes", "Bytes the rings hold on disk.",
                                 labels=["log"])
         fam.add_metric(["predictions"], self.predictions.disk_bytes())
         fam.add_metric(["capture"], self.capture.disk_bytes())
         yield fam
         yield from _model_families(self.models, stats)
+
+
+def _by_label(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for k, v in values.items():
+        fam.add_metric([k], v)
+    return fam
 
 
 def _model_families(models: ModelTable, stats: dict) -> Iterable[Metric]:
@@ -778,6 +771,14 @@ def wait_flushed(plog: PredictionLog, server: Any = None, timeout: float = 60.0)
     return True
 
 
+def plug_in(server: Any, plog: PredictionLog) -> None:
+    """Connect a log (and its label desk, if any) to an AgentServer: its tap after each answer,
+    the `label` op, its metrics."""
+    server.tap = plog.tap
+    server.dispatch.labels = plog.labels
+    server.metrics.registry.register(PredLogCollector(plog))
+
+
 def attach(agent: Any) -> PredictionLog | None:
     """Give an assembled agent (agent/app.py) its prediction log, label desk and, with
     `data_addr`, the data feed; None when the log is off or there is nowhere to keep it."""
@@ -793,10 +794,7 @@ def attach(agent: Any) -> PredictionLog | None:
         capture_rate=cfg.capture_rate, capture_fails=bool(cfg.capture_fails),
         queue_size=cfg.predlog_queue, fsync_interval_s=cfg.predlog_fsync_s), agent.runtime)
     plog.labels = LabelDesk(LabelConfig(drop_dir=cfg.labels_dir), plog.dir)
-    server = agent.server
-    server.tap = plog.tap
-    server.dispatch.labels = plog.labels
-    server.metrics.registry.register(PredLogCollector(plog))
+    plug_in(agent.server, plog)
     agent.services.insert(0, plog)
     if cfg.data_addr:
         from agent.datafeed import DataFeed

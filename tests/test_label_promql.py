@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from agent.client import Client
-from agent.labels import LabelConfig, LabelDesk
-from agent.predlog import PredictionLog, PredLogCollector, PredLogConfig, wait_flushed
-from tests.agent_support import build_model, make_keys, running_agent, wait_for
+from agent.predlog import wait_flushed
+from tests.agent_support import build_model, make_keys, wait_for
 from tests.broker_fixtures import free_port
 from tests.conftest import REPO
+from tests.predlog_support import logged_agent
 
 pytestmark = pytest.mark.slow
 N = 8
@@ -84,12 +84,7 @@ def test_the_documented_false_fail_query_gives_the_realized_rate(tmp_path):
     model = build_model(tmp_path, *make_keys(tmp_path), n_features=N)
     x = model.train[:30].copy()
     x[20:] += 50.0  # dies 20..29 fail on the device
-    with running_agent(model) as server:
-        plog = PredictionLog(PredLogConfig(directory=tmp_path / "log", min_free_bytes=0),
-                             server.runtime)
-        plog.labels = LabelDesk(LabelConfig(), plog.dir)
-        server.tap, server.dispatch.labels = plog.tap, plog.labels
-        server.metrics.registry.register(PredLogCollector(plog))
+    with logged_agent(model, tmp_path / "log") as (server, plog):
         with Client(server.path) as c:
             decisions = [c.predict(row, die_id=i).decision for i, row in enumerate(x)]
         assert wait_flushed(plog, server)

@@ -26,7 +26,7 @@ from agent.labels import (
     parse_label_payload,
 )
 from agent.metrics import AgentMetrics
-from agent.predlog import PredictionLog, PredLogCollector, PredLogConfig, wait_flushed
+from agent.predlog import wait_flushed
 from agent.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -38,6 +38,7 @@ from agent.protocol import (
 )
 from agent.runtime import Runtime
 from tests.agent_support import build_model, make_keys, running_agent
+from tests.predlog_support import logged_agent
 
 N = 8
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -48,22 +49,6 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     return build_model(d, *make_keys(d), n_features=N)
-
-
-@contextlib.contextmanager
-def labelled_agent(model, directory: Path, drop: Path | None = None, **config):
-    with running_agent(model) as server:
-        plog = PredictionLog(PredLogConfig(directory=directory, min_free_bytes=0, **config),
-                             server.runtime)
-        plog.labels = LabelDesk(LabelConfig(drop_dir=drop, poll_interval_s=0.0), plog.dir)
-        server.tap = plog.tap
-        server.dispatch.labels = plog.labels
-        server.metrics.registry.register(PredLogCollector(plog))
-        plog.start()
-        try:
-            yield server, plog
-        finally:
-            plog.stop()
 
 
 def _metrics(server) -> dict[str, float]:
@@ -97,7 +82,7 @@ def _recv(s: socket.socket, n: int) -> bytes:
 def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_counted(model,
                                                                                     tmp_path):
     good, bad = model.train[0], model.train[1] + 50.0
-    with labelled_agent(model, tmp_path / "log") as (server, plog):
+    with logged_agent(model, tmp_path / "log") as (server, plog):
         with Client(server.path) as c:
             c.predict(good, die_id=1)      # pass; the label says pass: a true pass
             c.predict(bad, die_id=2)       # fail; the label says pass: a false fail
@@ -134,7 +119,7 @@ def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_count
 
 def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unknown(
         model, tmp_path):
-    with labelled_agent(model, tmp_path / "log", max_bytes=3000, segment_bytes=1000,
+    with logged_agent(model, tmp_path / "log", max_bytes=3000, segment_bytes=1000,
                         fsync_interval_s=0.0, index_rows=64) as (server, plog):
         with Client(server.path) as c:
             for i in range(400):
@@ -157,12 +142,12 @@ def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unkn
 
 def test_the_join_index_survives_a_restart(model, tmp_path):
     """Dies logged before a restart still join: sidecars plus a rescan of the log's tail."""
-    with labelled_agent(model, tmp_path / "log", index_rows=50) as (server, plog):
+    with logged_agent(model, tmp_path / "log", index_rows=50) as (server, plog):
         with Client(server.path) as c:
             for i in range(120):
                 c.predict(model.train[i % 100], die_id=i)
         assert wait_flushed(plog, server)
-    with labelled_agent(model, tmp_path / "log", index_rows=50) as (server, plog):
+    with logged_agent(model, tmp_path / "log", index_rows=50) as (server, plog):
         with Client(server.path) as c:
             c.request({"op": "label", "labels": [{"die_id": i, "label": "pass"}
                                                  for i in (0, 60, 119)]})
@@ -172,7 +157,7 @@ def test_the_join_index_survives_a_restart(model, tmp_path):
 
 def test_mes_files_are_joined_then_moved_to_done_or_rejected_with_a_reason(model, tmp_path):
     drop = tmp_path / "drop"
-    with labelled_agent(model, tmp_path / "log", drop=drop) as (server, plog):
+    with logged_agent(model, tmp_path / "log", drop=drop) as (server, plog):
         with Client(server.path) as c:
             c.predict(model.train[0], die_id=11)
         assert wait_flushed(plog, server)
@@ -193,7 +178,7 @@ def test_mes_files_are_joined_then_moved_to_done_or_rejected_with_a_reason(model
 
 
 def test_bad_labels_get_named_errors_and_the_connection_stays_open(model, tmp_path):
-    with labelled_agent(model, tmp_path / "log") as (server, _plog), Client(server.path) as c:
+    with logged_agent(model, tmp_path / "log") as (server, _plog), Client(server.path) as c:
         e = c.request({"op": "label", "die_id": 1, "label": "maybe"})["error"]
         assert e["code"] == "bad_value" and e["field"] == "label"
         e = c.request({"op": "label", "labels": [{"die_id": 1, "label": "pass"},
@@ -299,7 +284,7 @@ def test_random_label_headers_are_accepted_only_when_consistent(data):
 
 def test_live_label_frames_mutated_then_a_prediction_still_answers(model, tmp_path):
     rng = np.random.default_rng(0)
-    with labelled_agent(model, tmp_path / "log") as (server, _plog):
+    with logged_agent(model, tmp_path / "log") as (server, _plog):
         for _ in range(200):
             frame = bytearray(encode_label_frame(rng.integers(0, 2**63, 3).tolist(),
                                                  rng.integers(0, 2, 3).tolist()))

@@ -3,7 +3,6 @@ crash safety with a real `kill -9`, retention caps, and a really full disk (a tm
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -16,9 +15,6 @@ import pytest
 
 from agent.client import Client
 from agent.predlog import (
-    PredictionLog,
-    PredLogCollector,
-    PredLogConfig,
     decode_capture,
     decode_prediction,
     wait_flushed,
@@ -28,11 +24,11 @@ from tests.agent_support import (
     build_model,
     install_into_store,
     make_keys,
-    running_agent,
     short_tmp,
     wait_for,
 )
 from tests.conftest import REPO
+from tests.predlog_support import logged_agent
 
 N = 8
 
@@ -41,20 +37,6 @@ N = 8
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     return build_model(d, *make_keys(d), n_features=N)
-
-
-@contextlib.contextmanager
-def logged_agent(model, directory: Path, **config):
-    """An in-process agent whose answers go to a prediction log in `directory`."""
-    with running_agent(model) as server:
-        plog = PredictionLog(PredLogConfig(directory=directory, **config), server.runtime)
-        server.tap = plog.tap
-        server.metrics.registry.register(PredLogCollector(plog))
-        plog.start()
-        try:
-            yield server, plog
-        finally:
-            plog.stop()
 
 
 def _records(ring_dir: Path) -> list[tuple[int, bytes]]:

@@ -15,14 +15,14 @@ import pytest
 
 from agent.client import Client
 from agent.datafeed import DataFeed
-from agent.labels import LabelConfig, LabelDesk
-from agent.predlog import PredictionLog, PredLogConfig, wait_flushed
+from agent.predlog import wait_flushed
 from edgefleet.cli import main
 from fleet.certs import CONTROLLER_NAME, init_ca, issue_client
 from fleet.collect import CollectTLS, Device, collect
 from optimize.dataset_dir import load_collected
-from tests.agent_support import build_model, make_keys, running_agent
+from tests.agent_support import build_model, make_keys
 from tests.optimize_support import fast_config_file, small_dies
+from tests.predlog_support import logged_agent
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,7 @@ def model(tmp_path_factory):
 @contextlib.contextmanager
 def device(model, pki, name: str, logdir: Path, **config):
     """An agent with a prediction log, a label desk and its data feed on a free port."""
-    with running_agent(model) as server:
-        plog = PredictionLog(PredLogConfig(directory=logdir, min_free_bytes=0, **config),
-                             server.runtime)
-        plog.labels = LabelDesk(LabelConfig(), plog.dir)
-        server.tap = plog.tap
-        server.dispatch.labels = plog.labels
-        plog.start()
+    with logged_agent(model, logdir, **config) as (server, plog):
         cert = pki[name]
         feed = DataFeed(plog, "127.0.0.1", 0, device_id=name,
                         provenance={"site": "fab1", "tester": "t5"}, cert=cert.cert,
@@ -60,7 +54,6 @@ def device(model, pki, name: str, logdir: Path, **config):
             yield server, plog, feed
         finally:
             feed.stop()
-            plog.stop()
 
 
 def _tls(pki) -> CollectTLS:
