@@ -56,6 +56,15 @@ def serve(
         None, "--max-missing-share", help="Refuse a die with more missing values than this."
     ),
     log_level: str = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    predlog_dir: Path = typer.Option(
+        None, "--predlog-dir", help="Prediction log and capture (default: beside --store)."
+    ),
+    capture_rate: float = typer.Option(
+        None, "--capture-rate", help="Share of dies whose input row is captured (0.01)."
+    ),
+    labels_dir: Path = typer.Option(
+        None, "--labels-dir", help="MES label drop directory (incoming/, done/, rejected/)."
+    ),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
@@ -63,14 +72,16 @@ def serve(
     socket opens; installs and rollbacks then go through the admin socket (mode 0600). When
     EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
     Settings come from flags, then EDGEFLEET_AGENT_* environment variables, then --config,
-    then defaults. The protocol is in docs/protocol.md."""
+    then defaults. The protocol is in docs/protocol.md; the prediction log, capture and labels
+    (EDGEFLEET_AGENT_PREDLOG_*, CAPTURE_*, LABELS_DIR, DATA_ADDR) in docs/operations.md."""
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
                       admin_socket=admin_socket,
                       metrics_addr=metrics_addr, socket_mode=socket_mode,
                       socket_group=socket_group, threads=threads,
-                      max_missing_share=max_missing_share, log_level=log_level)
+                      max_missing_share=max_missing_share, log_level=log_level,
+                      predlog_dir=predlog_dir, capture_rate=capture_rate, labels_dir=labels_dir)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -141,12 +141,11 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
     with short_tmp() as tmp:
         for run in range(2):
             port = free_port()
-            env = dict(os.environ, EDGEFLEET_AGENT_PREDLOG_DIR=str(logdir),
-                       EDGEFLEET_AGENT_CAPTURE_RATE="1.0")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket",
                  str(tmp / "a.sock"), "--store", str(store), "--keyring", str(keyring),
-                 "--metrics-addr", f"127.0.0.1:{port}"], cwd=REPO, env=env)
+                 "--metrics-addr", f"127.0.0.1:{port}", "--predlog-dir", str(logdir),
+                 "--capture-rate", "1.0"], cwd=REPO)
             try:
                 wait_for(lambda p=port: _ready(p), timeout=120)  # the killed one left its socket
                 before = len(_records(logdir / "predictions"))
