@@ -148,9 +148,12 @@ def encode_prediction(t: float, model: int, die_id: str, decision: int, source: 
                       score: float, threshold: float, confidence: float,
                       top_index: Iterable[int] = (), top_contribution: Iterable[float] = ()
                       ) -> bytes:
+    raw = _id_bytes(die_id)
+    if decision != _FAIL:  # a pass has no top contributions: the common, short record
+        return _PRED.pack(t, model, decision, source, 0, len(raw), score, threshold,
+                          confidence) + raw
     idx = [int(i) for i in top_index if i >= 0]
     con = list(top_contribution)[:len(idx)]
-    raw = _id_bytes(die_id)
     return (_PRED.pack(t, model, decision, source, len(idx), len(raw), score, threshold,
                        confidence) + raw + struct.pack(f"<{len(idx)}i{len(idx)}f", *idx, *con))
 
@@ -281,13 +284,13 @@ class ModelStats:
     and confidence distributions of model answers."""
 
     decisions: list[int] = field(default_factory=lambda: [0] * 4)  # decision * 2 + source
-    margin: np.ndarray = field(default_factory=lambda: np.zeros(len(MARGIN_EDGES) + 1, np.int64))
-    confidence: np.ndarray = field(
-        default_factory=lambda: np.zeros(len(CONFIDENCE_EDGES) + 1, np.int64))
+    margin: list[int] = field(default_factory=lambda: [0] * (len(MARGIN_EDGES) + 1))
+    confidence: list[int] = field(default_factory=lambda: [0] * (len(CONFIDENCE_EDGES) + 1))
 
 
-def psi(counts: np.ndarray, proportions: Iterable[float], floor: float = 1e-4) -> float:
+def psi(counts: Iterable[int], proportions: Iterable[float], floor: float = 1e-4) -> float:
     """Population stability index of observed bucket counts against reference proportions."""
+    counts = np.asarray(list(counts), dtype=np.float64)
     p = np.maximum(np.asarray(list(proportions), dtype=np.float64), floor)
     total = counts.sum()
     if not total:
@@ -539,8 +542,8 @@ class PredictionLog:
             self._flush()
 
     def _flush(self) -> None:
-        preds: list[bytes] = []
-        caps: list[tuple[int, bytes]] = []  # (position in preds, capture payload)
+        preds: list[tuple] = []  # (payload, die id, time, model, decision, source, score)
+        caps: list[tuple[int, tuple]] = []  # (position in preds, capture fields)
         q = self._queue
         for i in range(len(q)):
             try:
@@ -626,8 +629,9 @@ class PredictionLog:
 
     def _add(self, preds, caps, t, model, die, decision, source, score, thr, conf, top_i, top_c,
              row) -> None:
-        preds.append(encode_prediction(t, model, die, decision, source, score, thr, conf,
-                                       top_i, top_c))
+        # the payload, and what the die index needs (so _write need not decode it again)
+        preds.append((encode_prediction(t, model, die, decision, source, score, thr, conf,
+                                        top_i, top_c), die, t, model, decision, source, score))
         if row is not None:
             reason = CAPTURE_FAIL if decision == _FAIL else CAPTURE_SAMPLE
             caps.append((len(preds) - 1, (t, model, die, decision, reason, score, row)))
@@ -641,21 +645,23 @@ class PredictionLog:
             stats.margin[bisect.bisect_left(MARGIN_EDGES, m)] += 1
             stats.confidence[bisect.bisect_left(CONFIDENCE_EDGES, conf)] += 1
 
-    def _write(self, preds: list[bytes], caps: list) -> None:
+    def _write(self, preds: list[tuple], caps: list) -> None:
         if not preds:
             return
+        payloads = [p[0] for p in preds]
         try:
-            first = self.predictions.append(preds)
+            first = self.predictions.append(payloads)
         except RingFull as e:
             with self._lock:
                 self.dropped["disk_full"] += len(preds)
             log.debug("prediction log: %s", e)
             return
-        for i, payload in enumerate(preds):
-            t, model, decision, source, _n, idlen, score, _, _ = _PRED.unpack_from(payload)
-            if idlen:
-                die = payload[_PRED.size:_PRED.size + idlen].decode("utf-8", "replace")
-                self.index.add(die_key(die), first + i, t, model, decision, source, score)
+        add = self.index.add
+        for i, (_, die, t, model, decision, source, score) in enumerate(preds):
+            if die:
+                if len(die) > 63:  # as stored: at most 255 bytes of UTF-8
+                    die = _id_bytes(die).decode("utf-8", "replace")
+                add(die_key(die), first + i, t, model, decision, source, score)
         cap_payloads = [encode_capture(t, model, first + pos, die, decision, reason, score, row)
                         for pos, (t, model, die, decision, reason, score, row) in caps]
         cap_ok = True
@@ -667,7 +673,7 @@ class PredictionLog:
                 log.debug("capture: %s", e)
         with self._lock:
             self.records["predictions"] += len(preds)
-            self.bytes_written["predictions"] += sum(map(len, preds))
+            self.bytes_written["predictions"] += sum(map(len, payloads))
             if cap_ok:
                 self.records["capture"] += len(cap_payloads)
                 self.bytes_written["capture"] += sum(map(len, cap_payloads))
@@ -682,7 +688,7 @@ class PredictionLog:
         with self._lock:
             records, written = dict(self.records), dict(self.bytes_written)
             dropped, captured = dict(self.dropped), dict(self.captured)
-            stats = {k: (list(v.decisions), v.margin.copy(), v.confidence.copy())
+            stats = {k: (list(v.decisions), list(v.margin), list(v.confidence))
                      for k, v in self.stats.items()}
         dropped["queue_full"] += self.dropped_queue
         yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
@@ -729,11 +735,11 @@ def _model_families(models: ModelTable, stats: dict) -> Iterable[Metric]:
             for s in (0, 1):
                 dec.add_metric([digest, DECISION_LABELS[d], "model" if s == 0 else "fallback"],
                                decisions[d * 2 + s])
-        for edge, c in zip([*MARGIN_EDGES, "+Inf"], m_hist.tolist(), strict=True):
+        for edge, c in zip([*MARGIN_EDGES, "+Inf"], m_hist, strict=True):
             margin.add_metric([digest, str(edge)], c)
-        for edge, c in zip([*CONFIDENCE_EDGES, "+Inf"], c_hist.tolist(), strict=True):
+        for edge, c in zip([*CONFIDENCE_EDGES, "+Inf"], c_hist, strict=True):
             confidence.add_metric([digest, str(edge)], c)
-        if info is not None and info.reference is not None and m_hist.sum():
+        if info is not None and info.reference is not None and sum(m_hist):
             drift.add_metric([digest], psi(m_hist, info.reference["proportions"]))
     yield dec
     yield margin

@@ -166,6 +166,11 @@ class SegmentRing:
         first. Raises `RingFull`: the records of the failed write are not on disk."""
         first = self.next_seq
         limit = self.config.segment_bytes
+        total = sum(map(len, payloads)) + RECORD.size * len(payloads)
+        if self._size + total <= limit:  # the common case: the batch fits
+            if payloads:
+                self._append(payloads, total)
+            return first
         start = size = 0
         for i, p in enumerate(payloads):
             if i > start and self._size + size + len(p) > limit:
@@ -176,8 +181,9 @@ class SegmentRing:
             self._append(payloads[start:])
         return first
 
-    def _append(self, payloads: list[bytes]) -> None:
-        batch = sum(RECORD.size + len(p) for p in payloads)
+    def _append(self, payloads: list[bytes], batch: int | None = None) -> None:
+        if batch is None:
+            batch = sum(map(len, payloads)) + RECORD.size * len(payloads)
         if self._size and self._size + batch > self.config.segment_bytes:
             self._start_segment(self.next_seq)
             self.enforce()
@@ -187,9 +193,9 @@ class SegmentRing:
                 raise RingFull(f"{self.dir}: less than {self.config.min_free_bytes} bytes free")
         seq = self.next_seq
         parts = []
+        crc, pack, seq_pack = zlib.crc32, RECORD.pack, SEQ.pack
         for p in payloads:
-            s = SEQ.pack(seq)
-            parts.append(RECORD.pack(len(p), zlib.crc32(p, zlib.crc32(s)), seq))
+            parts.append(pack(len(p), crc(p, crc(seq_pack(seq))), seq))
             parts.append(p)
             seq += 1
         blob = b"".join(parts)
