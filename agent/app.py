@@ -79,6 +79,9 @@ def build(config: AgentConfig) -> Agent:
     if config.store is not None:
         _attach_store(agent)
     runtime.log_state()
+    from agent.predlog import attach as attach_predlog
+
+    attach_predlog(agent)  # prediction log, capture, labels (docs/operations.md)
     return agent
 
 

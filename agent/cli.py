@@ -84,6 +84,15 @@ def serve(
         None, "--io-timeout", help="Seconds an answer may wait for the client to read it "
         f"({_D.io_timeout_s:g})."),
     log_format: str = typer.Option(None, "--log-format", help="text or json (one object a line)."),
+    predlog_dir: Path = typer.Option(
+        None, "--predlog-dir", help="Prediction log and capture (default: beside --store)."
+    ),
+    capture_rate: float = typer.Option(
+        None, "--capture-rate", help="Share of dies whose input row is captured (0.01)."
+    ),
+    labels_dir: Path = typer.Option(
+        None, "--labels-dir", help="MES label drop directory (incoming/, done/, rejected/)."
+    ),
 ) -> None:
     """Serve predictions on a Unix socket until SIGTERM.
 
@@ -92,7 +101,9 @@ def serve(
     EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
     Settings come from flags, then EDGEFLEET_AGENT_<SETTING> environment variables (the
     setting's name in capitals, e.g. EDGEFLEET_AGENT_IDLE_TIMEOUT_S=60), then --config, then
-    the defaults in brackets. The protocol and its limits are in docs/protocol.md."""
+    the defaults in brackets. The protocol and its limits are in docs/protocol.md; the
+    prediction log, capture and labels (EDGEFLEET_AGENT_PREDLOG_*, CAPTURE_*, LABELS_DIR,
+    DATA_ADDR) in docs/operations.md."""
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
@@ -105,7 +116,8 @@ def serve(
                       max_connections_per_peer=max_connections_per_peer,
                       idle_timeout_s=idle_timeout_s, message_timeout_s=message_timeout_s,
                       io_timeout_s=io_timeout_s,
-                      log_format=log_format)
+                      log_format=log_format,
+                      predlog_dir=predlog_dir, capture_rate=capture_rate, labels_dir=labels_dir)
     if cfg.socket is None:
         raise UsageError("no socket path", hint="pass --socket PATH or set it in --config")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -53,6 +53,18 @@ class AgentConfig:
     drift_top_k: int = 5
     drift_interval_s: float = 10.0
     switch_interval_s: float = 0.0005  # sys.setswitchinterval for the serving process
+    # prediction log, capture and labels (agent/predlog.py, agent/labels.py, docs/operations.md)
+    predlog: str = "on"  # "off": no log, no capture, no label op
+    predlog_dir: Path | None = None  # default: <store>/../predlog (no store: no log)
+    predlog_max_mb: int = 256
+    predlog_max_age_h: float = 720.0
+    predlog_fsync_s: float = 1.0
+    predlog_queue: int = 65536
+    capture_rate: float = 0.01  # share of answered dies whose input row is kept (and every fail)
+    capture_fails: int = 1
+    capture_max_mb: int = 256
+    labels_dir: Path | None = None  # MES drop directory (incoming/, done/, rejected/)
+    data_addr: str | None = None  # HOST:PORT of the mTLS data feed `fleet collect` pulls from
     log_level: str = "info"
     log_format: str = "text"  # or json (agent/logfmt.py)
 
@@ -149,3 +161,10 @@ def _check(cfg: AgentConfig) -> None:
     if cfg.idle_timeout_s < 0:
         raise UsageError(f"idle_timeout_s must be 0 (never) or more, found {cfg.idle_timeout_s}")
     cfg.metrics_host_port()
+    if cfg.predlog not in ("on", "off"):
+        raise UsageError(f"predlog must be on or off, found {cfg.predlog!r}")
+    if not 0.0 <= cfg.capture_rate <= 1.0:
+        raise UsageError(f"capture_rate must be in 0..1, found {cfg.capture_rate}")
+    for name in ("predlog_max_mb", "capture_max_mb", "predlog_queue"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name} must be at least 1, found {getattr(cfg, name)}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.labels import answer_label_json
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
 from agent.protocol import (
@@ -57,6 +58,8 @@ class Dispatcher:
         # agent.shadow.ShadowScorer, when the fleet link runs: rows the model answered are
         # copied to it (bounded, never waited on) for a candidate to score off the hot path
         self.shadow: Any = None
+        # agent.labels.LabelDesk, when the prediction log runs: the `label` op's receiver
+        self.labels: Any = None
 
     # ------------------------------------------------------------------ binary
 
@@ -149,6 +152,8 @@ class Dispatcher:
             return encode_json(self._health(obj))
         if op == "info":
             return encode_json(self._info(obj))
+        if op == "label":
+            return encode_json(answer_label_json(self.labels, obj))
         if not p.available:
             return encode_json(self._json_unavailable(rid, die_id))
         try:

@@ -42,12 +42,15 @@ HEADER_SIZE = HEADER.size  # 24
 RESULT_BLOCK = struct.Struct("<QQH6x")  # latency_ns, model_sequence, version_len; 24 bytes
 ERROR_BLOCK = struct.Struct("<HHii")  # code, reserved, row, column; then a UTF-8 message
 NO_SEQUENCE = 2**64 - 1  # model_sequence when no model is loaded
+LABEL_RECORD_SIZE = 24  # u64 die id, f64 time, u8 label, 7 reserved (agent/labels.py)
 
 
 class FrameType(IntEnum):
     PREDICT = 1  # client -> agent
     RESULT = 2  # agent -> client
     ERROR = 3  # agent -> client
+    LABEL = 4  # client -> agent: final-test labels (agent/labels.py)
+    LABELED = 5  # agent -> client: how many labels were accepted
 
 
 class Decision(IntEnum):
@@ -183,13 +186,20 @@ def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> Heade
         raise ProtocolError(ErrorCode.BAD_FRAME,
                             f"header: version expected {PROTOCOL_VERSION}, found {version}",
                             field="version")
-    if ftype != FrameType.PREDICT:
+    if ftype not in (FrameType.PREDICT, FrameType.LABEL):
         raise ProtocolError(ErrorCode.BAD_FRAME,
-                            f"header: type expected {int(FrameType.PREDICT)} (PREDICT), "
-                            f"found {ftype}", field="type")
+                            f"header: type expected {int(FrameType.PREDICT)} (PREDICT) or "
+                            f"{int(FrameType.LABEL)} (LABEL), found {ftype}", field="type")
     if flags:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header: flags expected 0, found {flags}",
                             field="flags")
+    if ftype == FrameType.LABEL:
+        if columns or length != rows * LABEL_RECORD_SIZE:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, f"header: a LABEL frame has columns 0 and length rows * "
+                f"{LABEL_RECORD_SIZE} = {rows * LABEL_RECORD_SIZE}, found columns {columns}, "
+                f"length {length}", field="length")
+        return Header(ftype, flags, tag, rows, columns, length)
     if length != rows * (8 + 4 * columns):
         raise ProtocolError(
             ErrorCode.BAD_FRAME,
@@ -289,7 +299,7 @@ def row_error(code: int, column: int, imputed: int, n_features: int, limit: int)
 
 # ---------------------------------------------------------------------------- JSON lines
 
-OPS = ("predict", "health", "info")
+OPS = ("predict", "health", "info", "label")
 
 
 def _refuse_constant(name: str) -> float:

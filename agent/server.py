@@ -47,6 +47,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.dispatch import Dispatcher
 from agent.errors import EdgefleetError
+from agent.labels import answer_label_frame
 from agent.memory import Trimmer
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.protocol import (
@@ -130,6 +131,9 @@ class AgentServer:
         self.runtime = runtime
         self.metrics = metrics or AgentMetrics(runtime)
         self.dispatch = Dispatcher(runtime, self.metrics)
+        # agent.predlog.PredictionLog.tap when the log runs: (buf, start, end, answer) after
+        # each answer is sent
+        self.tap = None
         self.http: MetricsServer | None = None
         self._listener: socket.socket | None = None
         self._inode: int | None = None
@@ -417,6 +421,7 @@ class _Connection:
         self._deadline: float | None = None  # of the message being read, once it is partial
         self._timed = False  # SO_RCVTIMEO holds a message's deadline, not the idle timeout
         self.trimmer = server.trimmer
+        self.tap = server.tap
 
     def run(self) -> None:
         sock, dispatch = self.sock, self.dispatch
@@ -460,14 +465,19 @@ class _Connection:
                     self._need(total)
                     if total > _INITIAL_BUFFER:
                         self.trimmer.note()
-                answer = dispatch.frame(self.buf, self.start, h[4], h[5], h[6], _perf())
-                self.start += total
+                m0 = self.start
+                if h[2] == FrameType.PREDICT:
+                    answer = dispatch.frame(self.buf, m0, h[4], h[5], h[6], _perf())
+                else:  # a LABEL frame (agent/labels.py)
+                    answer = answer_label_frame(dispatch.labels, self.buf, m0, h[4], h[5])
+                self.start = m1 = m0 + total
             else:
                 idx = self._line_end()
                 if idx - self.start > _INITIAL_BUFFER:  # a big batch: trim once they stop
                     self.trimmer.note()
                 t0 = _perf()
                 stop = idx - 1 if idx > self.start and self.buf[idx - 1] == 13 else idx  # \r\n
+                m0, m1 = self.start, stop
                 if stop > self.start:
                     answer = dispatch.json_line(memoryview(self.buf)[self.start:stop], t0)
                 else:
@@ -477,6 +487,8 @@ class _Connection:
                 self._deadline = None  # the next message gets its own
             if answer:
                 sock.sendall(answer)
+                if self.tap is not None:  # the prediction log, after the answer went out
+                    self.tap(self.buf, m0, m1, answer)
 
     def _line_end(self) -> int:
         """Index of the newline ending the line at `start`, reading more as needed."""

@@ -10,6 +10,7 @@
     edgefleet fleet rollout pause|resume|abort|rollback ID
     edgefleet fleet rollout list
     edgefleet fleet certs init|issue ...
+    edgefleet fleet collect -d box-a=10.0.0.5:9465 --out dataset/ --ca ... --cert ... --key ...
 
 This module is the `fleet` group and its small commands; the `rollout` group is
 fleet/cli_rollout.py, the options both share are fleet/cli_options.py. See docs/rollouts.md.
@@ -23,6 +24,7 @@ import typer
 
 from agent.cli_output import check, emit, read_output
 from agent.errors import EdgefleetError, UsageError
+from fleet.cli_collect import collect_cmd
 from fleet.cli_controller import apply_command, controller_command
 from fleet.cli_options import (
     check_output,
@@ -304,6 +306,10 @@ def serve_artifacts_cmd(
     finally:
         srv.stop()
 
+
+# -- collect (fleet/cli_collect.py) -----------------------------------------------------------
+
+app.command("collect")(collect_cmd)
 
 # -- rollouts (fleet/cli_rollout.py) ----------------------------------------------------------
 

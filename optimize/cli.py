@@ -89,7 +89,7 @@ def make_data(
 def build(
     data: Path = typer.Option(
         ..., "--data", help="Die data: .csv (header row; optional label/defect/time columns and a "
-        ".spec.json sidecar with limits) or .npz."
+        ".spec.json sidecar with limits), .npz, or a directory from `edgefleet fleet collect`."
     ),
     key: Path = typer.Option(..., "--key", help="Release private key (PEM, mode 0600)."),
     out: Path = typer.Option(
@@ -175,8 +175,11 @@ def build(
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False  # ORT's quantizer configures the root logger
+    from optimize.dataset_dir import data_file
+
     try:
-        result = run_build(data, key, out, cfg, sequence=sequence)
+        with data_file(data) as data_path:  # a `fleet collect` directory becomes a temp .npz
+            result = run_build(data_path, key, out, cfg, sequence=sequence)
     finally:
         if not quiet:
             logger.removeHandler(handler)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from agent.client import Client
 from agent.dispatch import Dispatcher
+from agent.labels import encode_label_frame
 from agent.metrics import AgentMetrics
 from agent.protocol import HEADER_SIZE, MAGIC, ErrorCode, encode_predict
 from agent.runtime import Runtime
@@ -100,7 +101,7 @@ def test_any_row_of_numbers_and_nulls_gets_a_decision_or_a_named_error(dispatche
 
 
 def _garbage(rng: random.Random, model) -> bytes:
-    kind = rng.randrange(8)
+    kind = rng.randrange(9)
     x = model.train[rng.randrange(100):][: rng.randrange(1, 5)]
     if kind == 0:
         return rng.randbytes(rng.randrange(1, 3000))
@@ -123,6 +124,13 @@ def _garbage(rng: random.Random, model) -> bytes:
         return (json.dumps({"id": rng.random(), "params": params}) + "\n").encode()
     if kind == 6:  # a valid frame and a valid line: must be answered
         return encode_predict(x) + (json.dumps({"params": x[0].tolist()}) + "\n").encode()
+    if kind == 7:  # a LABEL frame or a label line, mutated
+        if rng.random() < 0.5:
+            return (json.dumps({"op": "label", "die_id": rng.choice([1, "a", None, -1]),
+                                "label": rng.choice(["pass", "fail", 2, None])}) + "\n").encode()
+        frame = bytearray(encode_label_frame([rng.randrange(2**63)], [rng.randrange(2)]))
+        frame[rng.randrange(len(frame))] = rng.randrange(256)
+        return bytes(frame)
     return b"\x89" * rng.randrange(1, 40)  # magic bytes alone
 
 

@@ -1,0 +1,292 @@
+"""The prediction log and the capture (agent/predlog.py, agent/segring.py): what is recorded,
+crash safety with a real `kill -9`, retention caps, and a really full disk (a tmpfs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.client import Client
+from agent.predlog import (
+    decode_capture,
+    decode_prediction,
+    wait_flushed,
+)
+from agent.segring import RECORD, RingConfig, SegmentRing, read_ring
+from tests.agent_support import (
+    build_model,
+    install_into_store,
+    make_keys,
+    short_tmp,
+    wait_for,
+)
+from tests.conftest import REPO
+from tests.predlog_support import logged_agent
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    return build_model(d, *make_keys(d), n_features=N)
+
+
+def _records(ring_dir: Path) -> list[tuple[int, bytes]]:
+    return read_ring(ring_dir, 0, max_records=10**9, max_bytes=1 << 40).records
+
+
+def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(model, tmp_path):
+    x = model.train[:6].copy()
+    x[1] += 50.0  # a fail
+    with logged_agent(model, tmp_path / "log", capture_rate=0.0) as (server, plog):
+        with Client(server.path) as c:
+            c.predict(x[0], die_id=7)
+            c.predict(x[1], die_id=8)
+            c.predict_batch(x[:3], np.array([10, 11, 12], np.uint64))
+            c.predict_json(x[1], die_id="W1-X3")
+            c.request([{"die_id": "B0", "params": x[0].tolist()},
+                       {"die_id": "B1", "params": x[1].tolist()}])
+            c.request({"die_id": "bad", "params": [1.0]})  # refused: not a decision, not logged
+        assert wait_flushed(plog, server)
+    preds = [decode_prediction(p) for _, p in _records(tmp_path / "log" / "predictions")]
+    assert [p["die_id"] for p in preds] == ["7", "8", "10", "11", "12", "W1-X3", "B0", "B1"]
+    assert [p["decision"] for p in preds] == ["pass", "fail", "pass", "fail", "pass", "fail",
+                                              "pass", "fail"]
+    assert {p["source"] for p in preds} == {"model"} and {p["model"] for p in preds} == {0}
+    fail = preds[1]
+    assert len(fail["top"]) == model.manifest.top_k and fail["score"] > fail["threshold"]
+    assert preds[0]["top"] == []
+    # capture_rate 0: only the fails' input rows, each pointing at its prediction record
+    caps = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
+    assert [(c["die_id"], c["reason"], c["prediction_seq"]) for c, _ in caps] == [
+        ("8", "fail", 1), ("11", "fail", 3), ("W1-X3", "fail", 5), ("B1", "fail", 7)]
+    for _, row in caps:
+        np.testing.assert_allclose(row, x[1], rtol=1e-6)
+    models = plog.models.models
+    assert len(models) == 1 and models[0].model_sha256 == model.manifest.model_digest
+    assert len(models[0].digest) == 64  # the bundle digest, rebuilt from the unpacked model
+
+
+def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
+    rows = model.train[:400]
+    with logged_agent(model, tmp_path / "log", capture_rate=0.25) as (server, plog):
+        with Client(server.path) as c:
+            for i, r in enumerate(rows):
+                c.predict(r, die_id=i)
+        assert wait_flushed(plog, server)
+    caps = [decode_capture(p)[0] for _, p in _records(tmp_path / "log" / "capture")]
+    fails = sum(c["reason"] == "fail" for c in caps)
+    sampled = len(caps) - fails
+    assert 40 <= sampled <= 180  # 25% of ~396 passes; binomial, far from both bounds
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks(model, tmp_path):
+    with logged_agent(model, tmp_path / "log", queue_size=5, flush_interval_s=3600) as (
+            server, plog):
+        with Client(server.path) as c:
+            for i in range(20):
+                assert c.predict(model.train[i], die_id=i).decision in ("pass", "fail")
+        # the tap runs after the answer is sent: wait for the last one
+        wait_for(lambda: plog.dropped_queue + len(plog._queue) == 20)
+        assert plog.dropped_queue == 15
+        plog.flush()
+        text = server.metrics.exposition().decode()
+    assert 'edgefleet_predlog_dropped_total{reason="queue_full"} 15.0' in text
+    assert 'edgefleet_predlog_records_total{log="predictions"} 5.0' in text
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def _written(port: int) -> float:
+    try:
+        return _metric(_scrape(port), 'edgefleet_predlog_records_total{log="predictions"}')
+    except OSError:
+        return 0.0
+
+
+def _ready(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_path):
+    """A real agent process (`edgefleet agent serve`) killed with SIGKILL twice: everything the
+    writer had flushed before the kill is on disk, intact and readable; what is lost is at most
+    the answers sent after that (the queue); a restart continues the sequence."""
+    from tests.test_agent_app import free_port
+
+    keyring = model.bundle.parent.parent / "keyring"
+    store = install_into_store(model, tmp_path / "store", keyring)
+    logdir = tmp_path / "predlog"
+    lost = []
+    with short_tmp() as tmp:
+        for run in range(2):
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgefleet", "agent", "serve", "--socket",
+                 str(tmp / "a.sock"), "--store", str(store), "--keyring", str(keyring),
+                 "--metrics-addr", f"127.0.0.1:{port}", "--predlog-dir", str(logdir),
+                 "--capture-rate", "1.0"], cwd=REPO)
+            try:
+                wait_for(lambda p=port: _ready(p), timeout=120)  # the killed one left its socket
+                before = len(_records(logdir / "predictions"))
+                with Client(tmp / "a.sock") as c:
+                    for i in range(300):
+                        c.predict(model.train[i % 100], die_id=run * 1000 + i)
+                wait_for(lambda p=port: _written(p) >= 300, timeout=120)
+                with Client(tmp / "a.sock") as c:  # the unflushed tail: these may be lost
+                    for i in range(300, 400):
+                        c.predict(model.train[i % 100], die_id=run * 1000 + i)
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+            recs = _records(logdir / "predictions")
+            assert [s for s, _ in recs] == list(range(len(recs)))  # no hole, no duplicate
+            ids = [int(decode_prediction(p)["die_id"]) for _, p in recs[before:]]
+            assert ids[:300] == [run * 1000 + i for i in range(300)]
+            assert len(ids) <= 400
+            lost.append(400 - len(ids))
+            caps = _records(logdir / "capture")
+            assert all(decode_capture(p)[0]["prediction_seq"] < len(recs) for _, p in caps)
+    assert all(0 <= n <= 100 for n in lost)
+
+
+def test_a_torn_tail_is_cut_off_at_open_and_appending_continues(tmp_path):
+    ring = SegmentRing(tmp_path / "r", RingConfig(min_free_bytes=0))
+    ring.append([b"a" * 10, b"b" * 20, b"c" * 30])
+    ring.close()
+    seg = ring.segments()[-1]
+    data = seg.read_bytes()
+    seg.write_bytes(data[:-7])  # a write cut short by the crash
+    ring = SegmentRing(tmp_path / "r", RingConfig(min_free_bytes=0))
+    assert ring.truncated_bytes == RECORD.size + 30 - 7
+    assert ring.append([b"d"]) == 2
+    assert [p for _, p in ring.read(0).records] == [b"a" * 10, b"b" * 20, b"d"]
+    # a flipped bit inside a record: the reader stops that segment there (checksum)
+    raw = bytearray(seg.read_bytes())
+    raw[RECORD.size + 3] ^= 1
+    seg.write_bytes(bytes(raw))
+    assert read_ring(tmp_path / "r", 0).records == []
+
+
+def test_size_and_age_caps_delete_whole_old_segments_and_readers_see_the_gap(tmp_path):
+    now = [1000.0]
+    ring = SegmentRing(tmp_path / "r", RingConfig(max_bytes=4000, segment_bytes=1000,
+                                                  max_age_s=100, min_free_bytes=0),
+                       clock=lambda: now[0])
+    for i in range(100):
+        ring.append([bytes([i]) * 84])  # 100-byte records
+    ring.enforce()
+    assert ring.disk_bytes() <= 4000 + 1000
+    first = ring.first_seq()
+    assert first > 0
+    batch = ring.read(0, max_records=5)
+    assert batch.gap == first and batch.records[0][0] == first
+    for p in ring.segments():
+        os.utime(p, (0, 0))  # every segment is old now
+    now[0] = 10**6
+    ring.enforce()
+    assert len(ring.segments()) == 1  # the active one is never deleted
+
+
+@pytest.fixture
+def tiny_fs():
+    """A real 1 MiB tmpfs: the disk really fills up (root only; skipped elsewhere)."""
+    with short_tmp() as d:
+        mnt = d / "mnt"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                           capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_capture_on_a_full_disk_drops_and_counts_and_answers_keep_coming(model, tiny_fs):
+    with logged_agent(model, tiny_fs / "log", capture_rate=1.0, min_free_bytes=0,
+                      max_bytes=64 << 20, capture_max_bytes=64 << 20,
+                      segment_bytes=256 << 10) as (server, plog):
+        with Client(server.path) as c:
+            i = 0
+            while plog.dropped["disk_full"] == 0:
+                for _ in range(500):
+                    assert c.predict(model.train[i % 100], die_id=i).decision
+                    i += 1
+                c.health()  # a round trip: every earlier answer has been tapped
+                assert wait_flushed(plog)
+                assert i < 200_000
+            for _ in range(200):  # still answering, the log still dropping and counting
+                assert c.predict(model.train[0], die_id=i).decision
+                i += 1
+        assert wait_flushed(plog, server)
+        text = server.metrics.exposition().decode()
+    st = os.statvfs(tiny_fs)
+    assert st.f_blocks * st.f_frsize <= 1 << 20
+    assert _metric(text, 'edgefleet_predlog_dropped_total{reason="disk_full"}') > 0
+    # what is on disk is whole records: every ring reads back to its end without a torn one
+    for name in ("predictions", "capture"):
+        ring_bytes = sum(p.stat().st_size for p in (tiny_fs / "log" / name).glob("*.seg"))
+        recs = _records(tiny_fs / "log" / name)
+        assert sum(RECORD.size + len(p) for _, p in recs) == ring_bytes
+
+
+def test_capture_stays_within_its_size_cap(model, tmp_path):
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0, capture_max_bytes=40_000,
+                      segment_bytes=8192, min_free_bytes=0, fsync_interval_s=0.0) as (
+            server, plog):
+        with Client(server.path) as c:
+            for i in range(2000):
+                c.predict(model.train[i % 100], die_id=i)
+        assert wait_flushed(plog, server)
+        plog.flush()
+        assert plog.capture.disk_bytes() <= 40_000 + 10_000  # the cap plus the active segment
+        assert plog.records["capture"] == 2000
+
+
+def test_proxy_metrics_per_model_before_any_label(tmp_path):
+    """Fail rate, margin and confidence distributions per model digest; the margin PSI against
+    the build's reference only for a bundle that ships one."""
+    from agent.predlog import MARGIN_EDGES
+
+    ref = {"edges": list(MARGIN_EDGES), "proportions": [0.0] * 3 + [1.0] + [0.0] * 10}
+    m = build_model(tmp_path, *make_keys(tmp_path), n_features=N,
+                    evaluation={"kind": "test", "score_margin_reference": ref})
+    x = m.train[:50].copy()
+    x[:5] += 50.0
+    with logged_agent(m, tmp_path / "log") as (server, plog):
+        with Client(server.path) as c:
+            c.predict_batch(x, np.arange(50, dtype=np.uint64))
+        assert wait_flushed(plog, server)
+        text = server.metrics.exposition().decode()
+    digest = plog.models.models[0].digest
+
+    def decisions(d: str) -> float:
+        return _metric(text, f'edgefleet_model_decisions_total{{decision="{d}",digest="{digest}",'
+                             'source="model"}')
+
+    assert decisions("fail") >= 5 and decisions("fail") + decisions("pass") == 50
+    assert _metric(text, f'edgefleet_model_score_margin_total{{digest="{digest}",upper="+Inf"}}'
+                   ) >= 5
+    assert _metric(text, f'edgefleet_model_score_psi{{digest="{digest}"}}') > 1.0

@@ -1,0 +1,27 @@
+"""bench/predlog_bench.py still runs end to end (small budget; its figures are judged only in
+full runs, on a quiet machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
+    out = tmp_path / "predlog.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/predlog_bench.py", "--requests", "100", "--rounds", "2",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the target missed on a busy box
+    report = json.loads(out.read_text())
+    for enc in ("binary", "json"):
+        assert report["figures"][enc]["p99_ratio"] > 0
+    written = report["log_records"]['edgefleet_predlog_records_total{log="predictions"}']
+    assert written == 2 * 2 * (100 + 200)  # rounds x encodings x (requests + warm-up): all
