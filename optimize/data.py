@@ -74,8 +74,8 @@ Loaders
 `load_csv`, `load_npz` (or `load_dataset`, by suffix) return a frozen `Dataset`. Columns that
 are not measurements never reach `Dataset.X`; they are recognized by name, case-insensitive:
 `NON_FEATURE_COLUMNS` (id, die_id, row, index, timestamp, time, date, label, defect, lot, wafer,
-x, y) plus any names passed as `non_feature_columns=`, `label_column=`, `time_column=`,
-`id_column=`. Feature cells that are empty, `nan`, `na`, `n/a`, `null` or `none`
+x, y, tester, site) plus any names passed as `non_feature_columns=`, `label_column=`,
+`time_column=`, `id_column=`. Feature cells that are empty, `nan`, `na`, `n/a`, `null` or `none`
 (case-insensitive) are missing (NaN). Labels map to 1 = fail, 0 = pass from pass/fail, 1/0,
 true/false, good/bad, and -1 (= pass, the UCI SECOM convention), case-insensitive. Any bad
 input raises `DataError` whose message names the file, the line (1-based) or column, and what
@@ -105,7 +105,7 @@ SPEC_FORMAT = "edgefleet-die-spec"
 SPEC_VERSION = 1
 NON_FEATURE_COLUMNS = frozenset(
     {"id", "die_id", "row", "index", "timestamp", "time", "date", "label", "defect", "lot",
-     "wafer", "x", "y"}
+     "wafer", "x", "y", "tester", "site"}
 )  # fmt: skip
 DEFECTS = ("none", "gross", "subtle")
 FLOAT_FORMAT = "%.6g"
