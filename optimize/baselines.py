@@ -35,25 +35,25 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from optimize.preprocess import log_columns
+
 _CLIP = 10.0
 
-__all__ = ["BASELINES", "Judged", "RobustScaler", "fit_baselines", "judge"]
+__all__ = [
+    "BASELINES",
+    "Judged",
+    "RobustScaler",
+    "compare",
+    "failing_classes",
+    "fit_baselines",
+    "judge",
+]
 
 BASELINES = ("static_pat", "dynamic_pat", "pca_t2", "iforest", "supervised")
 UNSUPERVISED = ("static_pat", "dynamic_pat", "pca_t2", "iforest")
 TITLES = {"static_pat": "static PAT", "dynamic_pat": "dynamic PAT (per lot)",
           "pca_t2": "Hotelling T2 on PCA", "iforest": "IsolationForest",
           "supervised": "logistic regression (labels)"}
-
-
-def _log_columns(x: np.ndarray) -> np.ndarray:
-    """(F,) bool: positive, right-skewed columns (leakage, IDDQ) that PAT judges in log space:
-    the upper tail from the median to the 99th percentile is over twice the lower one."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        q01, q50, q99 = np.nanpercentile(x, [1, 50, 99], axis=0)
-        low = np.nanmin(x, axis=0)
-    return np.isfinite(q50) & (low > 0) & ((q99 - q50) > 2.0 * (q50 - q01))
 
 
 def _maybe_log(x: np.ndarray, log: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ class RobustScaler:
 
     @classmethod
     def fit(cls, x: np.ndarray, log: np.ndarray | None = None) -> RobustScaler:
-        log = _log_columns(x) if log is None else log
+        log = log_columns(x) if log is None else log
         x = _maybe_log(x, log)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -267,3 +267,63 @@ def judge(test_scores: np.ndarray, val_pass_scores: np.ndarray, labels: np.ndarr
     return Judged(thr, auc, _interval(aucs) if both else None, ffr, _interval(ffrs),
                   (int(flagged[fails].sum()), int(fails.sum())),
                   (int(flagged[passes].sum()), int(passes.sum())), recall)
+
+
+# --------------------------------------------------------------------------------------------
+# The build's comparison
+
+
+def failing_classes(defect: np.ndarray | None, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Failing classes of some rows -> (n,) bool masks (one class `fail` without defects)."""
+    if defect is not None:
+        return {str(c): defect == c for c in sorted(set(defect.tolist())) if c != "none"}
+    if labels is not None:
+        return {"fail": labels == 1}
+    return {}
+
+
+def compare(split: Any, shipped_val: np.ndarray, shipped_test: np.ndarray, target_ffr: float,
+            *, seed: int = 0, boot: int = 200,
+            focus: str = "subtle_multi") -> dict[str, Any] | None:
+    """Fit every baseline on the split's training rows, judge them and the shipped model on the
+    test rows the same way, and say which baseline the model beats and by how much. None when
+    the data has no labels (nothing to judge on)."""
+    t, v = split.test, split.val
+    if t.labels is None or not (0 < t.labels.sum() < len(t.labels)):
+        return None
+    period = split.train_period
+    lots_val, lots_test = v.groups.get("lot"), t.groups.get("lot")
+    methods = fit_baselines(split.train.x, has_lots=lots_test is not None,
+                            x_fit=None if period is None else period.x,
+                            y_fit=None if period is None else period.labels, seed=seed)
+    classes = failing_classes(t.defect, t.labels)
+    scores = {"model": (shipped_val, shipped_test)}
+    for name, score in methods.items():
+        scores[name] = (score(v.x, lots_val), score(t.x, lots_test))
+    judged = {name: judge(te, va[v.passes], t.labels, classes, target_ffr, boot=boot, seed=seed)
+              for name, (va, te) in scores.items()}
+    out: dict[str, Any] = {"methods": {k: j.as_dict() for k, j in judged.items()},
+                           "titles": {k: TITLES.get(k, "shipped model") for k in judged}}
+    unsup = [k for k in UNSUPERVISED if k in judged]
+    best = max(unsup, key=lambda k: judged[k].auc or 0.0)
+    margin = (judged["model"].auc or 0.0) - (judged[best].auc or 0.0)
+    out["best_unsupervised"] = best
+    out["auc_margin_vs_best_unsupervised"] = margin
+    focus_class = focus if focus in classes else None
+    if focus_class:
+        mine = judged["model"].recall[focus_class]["recall_equal_ffr"]
+        others = {k: j.recall[focus_class]["recall_equal_ffr"] for k, j in judged.items()
+                  if k != "model" and focus_class in j.recall}
+        out["focus"] = {"class": focus_class, "model": mine, "baselines": others,
+                        "beats_all": all(mine > r for r in others.values())}
+    verb = "beats" if margin > 0 else "does NOT beat"
+    text = (f"The model {verb} the best unsupervised baseline, {TITLES[best]}, on ROC AUC: "
+            f"{judged['model'].auc:.4f} vs {judged[best].auc:.4f} ({margin:+.4f}).")
+    if focus_class:
+        f = out["focus"]
+        runner = max(f["baselines"], key=f["baselines"].get)
+        text += (f" On {focus_class} at equal false-fail ({target_ffr:.2%} of test passes) it "
+                 f"catches {f['model']:.1%} vs {f['baselines'][runner]:.1%} for the best baseline, "
+                 f"{TITLES[runner]}.")
+    out["verdict"] = text
+    return out

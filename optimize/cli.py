@@ -139,6 +139,11 @@ def build(
         None, "--quantization", help="auto (better parity of static and dynamic), static or "
         "dynamic (default: auto)."
     ),
+    accept_risk: str = typer.Option(
+        None, "--accept-risk", help="Sign even when a build gate fails (model not better than "
+        "the best unsupervised baseline, test false-fail > 2x target, test part drifted, rules "
+        "failing > 5x target); the reason is written into the manifest and the report."
+    ),
     output: str = typer.Option("text", "--output", "-o", help="text or json (the report)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -148,10 +153,18 @@ def build(
     preprocessing, trains a dense autoencoder, prunes whole hidden units,
     exports one ONNX graph (raw parameters in; score and top-k contributing
     parameters out), quantizes it to INT8, calibrates the threshold at the
-    target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback on
-    the test split, and writes OUT/model.efb signed with KEY, with report.md,
+    target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback and
+    the baselines (static and dynamic PAT, Hotelling T2 on PCA,
+    IsolationForest, logistic regression when labels exist) on the test
+    split, and writes OUT/model.efb signed with KEY, with report.md,
     report.json, plots and the ONNX models next to it. Progress goes to
     stderr, the summary table to stdout.
+
+    Gates: the build is refused (exit 1, report written, no bundle) when the
+    model does not beat the best unsupervised baseline on test ROC AUC, when
+    test false-fail is above 2x the target, when the test part drifts beyond
+    the alert threshold, or when the fallback rules fail above 5x the target
+    of test passes; --accept-risk "why" signs it anyway and records why.
 
     Example: edgefleet optimize build --data dies.csv --key release.key --out build/
     """
@@ -175,6 +188,7 @@ def build(
         "calibrate": {"target_ffr": target_ffr, "top_k": top_k},
         "quantize": {"method": quantization},
         "package": {"name": name},
+        "gate": {"accept_risk": accept_risk},
     })
     logger = logging.getLogger("edgefleet.optimize")
     if not quiet:
