@@ -9,7 +9,7 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_predictions_total | counter | decision (pass, fail), source (model, fallback) |
 | edgefleet_errors_total | counter | code (see agent.protocol.ErrorCode) |
 | edgefleet_fallback_answers_total | counter | reason (no_model, forced, model_error,
-  non_finite_score) |
+  non_finite_score, too_many_missing) |
 | edgefleet_imputed_values_total | counter | |
 | edgefleet_request_duration_seconds | histogram | encoding (json, binary) |
 | edgefleet_inference_duration_seconds | histogram | |
@@ -20,6 +20,7 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_fallback_active, edgefleet_ready | gauge 0/1 | |
 | edgefleet_uptime_seconds | gauge | |
 | edgefleet_drift_psi_max | gauge | |
+| edgefleet_drift_psi_alert | gauge | (the bundle's drift alert threshold) |
 | edgefleet_drift_feature_psi | gauge | rank (1..k), feature (its name) |
 | edgefleet_drift_window_rows | gauge | |
 
@@ -264,6 +265,9 @@ class _RuntimeCollector:
             yield GaugeMetricFamily("edgefleet_drift_psi_max",
                                     "Largest population stability index over all features.",
                                     value=report.psi_max)
+            yield GaugeMetricFamily("edgefleet_drift_psi_alert",
+                                    "The bundle's drift alert threshold (PSI).",
+                                    value=report.alert_psi)
             worst = GaugeMetricFamily("edgefleet_drift_feature_psi",
                                       "PSI of the worst features (rank 1 = worst).",
                                       labels=["rank", "feature"])

@@ -33,9 +33,12 @@ Drift reference: from the most recent passing dies before the test part (the las
 `bins - 1` inner edges at their quantiles and the share in each bin, built by the agent's own
 `agent.drift.drift_reference` so writer and monitor cannot disagree on the binning (bin =
 number of edges <= value; NaN left out; repeated quantiles merged). Noise floor: the agent's
-own PSI max (`agent.drift.DriftMonitor`) of in-distribution windows of the agent's window size
-from that pool (consecutive windows, which carry lot-to-lot variation, and random samples);
-the shipped alert threshold is `alert_factor` times the worst of them, at least `alert_min`.
+own PSI max (`agent.drift.DriftMonitor`) of random samples of the agent's window size from that
+pool (sampling noise only), and the typical (median) PSI of its consecutive windows (which
+carry lot-to-lot variation: a new lot is not drift). The shipped alert threshold is
+`alert_factor` times the larger of the two, at least `alert_min`.
+The window is the agent's, or smaller when the pool or the test part is small (PSI grows as the
+sample shrinks, so the test part is judged by `window_psi` at the same size).
 A lower threshold fires on every lot change; a fixed 0.25 fired on shuffled dev rows of SECOM.
 """
 
@@ -55,6 +58,7 @@ from optimize.data import ParamSpec
 __all__ = [
     "CalibrateConfig", "Decision", "calibrate_threshold", "confidence", "drift_reference",
     "drift_with_noise_floor", "fallback_rules", "learn_max_missing", "psi_max", "rule_violations",
+    "window_psi",
 ]
 
 
@@ -161,26 +165,34 @@ def learn_max_missing(x_passes: np.ndarray) -> dict[str, Any]:
             "histogram": {str(k): int(c) for k, c in enumerate(counts) if c}}
 
 
-def drift_with_noise_floor(x_recent: np.ndarray, cfg: CalibrateConfig,
-                           seed: int = 0) -> dict[str, Any]:
+def drift_with_noise_floor(x_recent: np.ndarray, cfg: CalibrateConfig, seed: int = 0,
+                           max_window: int | None = None) -> dict[str, Any]:
     """The drift reference from the recent passes `x_recent` (time order), its PSI noise floor
     and the alert threshold (module docstring). Returns the manifest's `drift_reference` object
     (edges, proportions, alert_psi, noise_floor_psi)."""
     pool = np.asarray(x_recent, dtype=np.float32)[-cfg.drift_pool:]
     ref = drift_reference(pool, cfg.drift_bins)
-    window = int(min(cfg.drift_window, max(len(pool) // 2, 1)))
-    samples: list[float] = []
+    window = int(min(cfg.drift_window, max(len(pool) // 2, 1), max_window or cfg.drift_window))
     rng = np.random.default_rng(seed)
     starts = range(0, max(len(pool) - window, 0) + 1, max(window, 1))
-    picks = [pool[s:s + window] for s in starts] + \
-        [pool[np.sort(rng.choice(len(pool), window, replace=False))] for _ in range(4)]
-    for rows in picks:
-        samples.append(psi_max(ref, rows))
-    finite = [v for v in samples if np.isfinite(v)]
-    floor = max(finite) if finite else 0.0
-    alert = max(cfg.alert_min, cfg.alert_factor * floor)
+    lots = [psi_max(ref, pool[s:s + window]) for s in starts]  # consecutive: lot to lot
+    noise = [psi_max(ref, pool[np.sort(rng.choice(len(pool), window, replace=False))])
+             for _ in range(4)]  # random samples: sampling noise only
+    floor = max([v for v in noise if np.isfinite(v)], default=0.0)
+    typical = float(np.median([v for v in lots if np.isfinite(v)] or [0.0]))
+    alert = max(cfg.alert_min, cfg.alert_factor * max(floor, typical))
     return {**ref, "alert_psi": round(float(alert), 4), "noise_floor_psi": round(float(floor), 4),
-            "window": window, "pool": len(pool)}
+            "lot_to_lot_psi": round(typical, 4), "window": window, "pool": len(pool)}
+
+
+def window_psi(reference: dict[str, Any], x: np.ndarray) -> float | None:
+    """Median PSI max over consecutive windows of `x` of the reference's own window size (a
+    small sample has a larger PSI: the test part is judged at the noise floor's size)."""
+    w = int(reference["window"])
+    if len(x) < min(w, 200):
+        return None
+    return float(np.median([psi_max(reference, x[s:s + w])
+                            for s in range(0, len(x) - w + 1, w)]))
 
 
 def psi_max(reference: dict[str, Any], x: np.ndarray, min_rows: int = 200) -> float:

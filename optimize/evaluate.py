@@ -382,8 +382,10 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
         psi = "not measured (under 200 test dies)" if d["test_psi"] is None else \
             f"{d['test_psi']:.3f}"
         lines.append(f"Drift: test part PSI max {psi} against a reference of the "
-                     f"{d['reference_rows']} most recent passes; in-distribution noise floor "
-                     f"{d['noise_floor_psi']:.3f}, shipped alert threshold {d['alert_psi']:.3f}.")
+                     f"{d['reference_rows']} most recent passes (windows of {d['window']} dies); "
+                     f"sampling noise floor {d['noise_floor_psi']:.3f}, typical lot-to-lot "
+                     f"{d.get('lot_to_lot_psi', 0.0):.3f}, shipped alert threshold "
+                     f"{d['alert_psi']:.3f}.")
     m = report.get("missing")
     if m:
         lines.append(f"Missing values: passes lack at most {m['most_missing_seen']}; max_missing "

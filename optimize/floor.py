@@ -10,7 +10,8 @@ floor is messier, and this generator adds what makes methods differ:
   threshold fails more good dies on one tester than on another;
 - slow drift: the process factors wander over the run (a smooth random walk, `walk_sd` sigma
   per lot), on top of the lot, wafer and radial structure of the classic program;
-  `drift=True` adds a shift of `drift_size` sigma of the speed factor over the second half;
+  `drift=True` adds a shift of `drift_size` (2.5) sigma of the speed factor over the second
+  half, a real excursion;
 - correlated parameter families: the same 15 groups and four latent factors (speed, Vt,
   leakage, temperature) as the classic program (`optimize.data.PARAM_GROUPS`), same spec;
 - quantized signals: every `quantized_every`-th parameter is read at a tester resolution of
@@ -100,7 +101,7 @@ class FloorConfig:
     sparse_die_rate: float = 0.001  # dies with 25-45% of their values missing
     cell_missing_rate: float = 0.0005
     drift: bool = False
-    drift_size: float = 1.5  # speed shift over the second half, sigma of the factor
+    drift_size: float = 2.5  # speed shift over the second half, sigma of the factor
 
     def __post_init__(self) -> None:
         _check_n_params(self.n_params)

@@ -42,8 +42,8 @@ from optimize.calibrate import (
     drift_with_noise_floor,
     fallback_rules,
     learn_max_missing,
-    psi_max,
     rule_violations,
+    window_psi,
 )
 from optimize.data import Dataset, load_dataset
 from optimize.evaluate import EvaluateConfig, Scored, evaluate, measure_latency, write_report
@@ -299,7 +299,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
                              rule_violations(rules, split.test.x).astype(np.float64), 0.5)
     recent = np.vstack([split.train.x, x_val_pass])  # time order: training, then validation
     missing = learn_max_missing(recent)
-    drift = drift_with_noise_floor(recent, cfg.calibrate, cfg.train.seed)
+    drift = drift_with_noise_floor(recent, cfg.calibrate, cfg.train.seed,
+                                   max_window=max(len(split.test), 200))
     log.info("threshold %.4g (validation false-fail %.2f%% of %d passes), confidence scale "
              "%.3g, %d fallback rules from %s, max_missing %d, drift alert PSI %.3g (noise "
              "floor %.3g)", decision.threshold, 100 * decision.val_ffr, decision.n_val_passes,
@@ -465,10 +466,10 @@ def _floor_figures(split: Split, cfg: BuildConfig, scored: dict[str, Scored],
     out["missing"] = {**missing, "test_dies_beyond": int((test_missing > missing["max_missing"])
                                                          .sum()),
                       "test_most_missing": int(test_missing.max()) if len(t) else 0}
-    test_psi = psi_max(drift, t.x) if len(t) >= 200 else None
+    test_psi = window_psi(drift, t.x)
     out["drift"] = {"alert_psi": drift["alert_psi"], "noise_floor_psi": drift["noise_floor_psi"],
-                    "test_psi": test_psi, "reference_rows": drift["pool"],
-                    "window": drift["window"],
+                    "lot_to_lot_psi": drift["lot_to_lot_psi"], "test_psi": test_psi,
+                    "reference_rows": drift["pool"], "window": drift["window"],
                     "reference": "the most recent passing dies before the test part"}
     out["fallback"] = {"source": rules_source, "rules": len(rules),
                        "skipped": {k: len(v) for k, v in rules_skipped.items()},

@@ -121,7 +121,8 @@ def test_drift_alert_is_set_above_the_in_distribution_noise_floor():
     x = rng.normal(size=(6000, 8)).astype(np.float32)
     cfg = CalibrateConfig(drift_pool=4096, drift_window=1024)
     ref = drift_with_noise_floor(x, cfg)
-    assert 0 < ref["noise_floor_psi"] < 0.05 and ref["alert_psi"] == 0.1  # alert_min
+    assert 0 < ref["noise_floor_psi"] < 0.05 and ref["lot_to_lot_psi"] < 0.05
+    assert ref["alert_psi"] == 0.1  # alert_min
     assert ref["pool"] == 4096 and len(ref["edges"]) == 8
     fresh = rng.normal(size=(2048, 8)).astype(np.float32)
     assert psi_max(ref, fresh) < ref["alert_psi"]
