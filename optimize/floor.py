@@ -47,7 +47,6 @@ import numpy as np
 from optimize.data import (
     _DIE_SD,
     _FACTOR_VAR,
-    _GROSS_MODES,
     _LOT_SD,
     _RADIAL,
     _START_TIME,
@@ -60,6 +59,7 @@ from optimize.data import (
     _check_n_params,
     _program,
     _wafer_map,
+    gross_defects,
     out_of_spec,
     spec_limits,
 )
@@ -226,7 +226,7 @@ def generate_floor(config: FloorConfig = FloorConfig()) -> Dataset:
     X = np.where(prog.log, prog.centre * np.exp(prog.scale * u), prog.centre + prog.scale * u)
     low, high = spec_limits(prog.spec)
     keep = np.zeros((n, n_par), dtype=bool)  # cells never blanked to missing
-    _gross(rng, X, keep, np.flatnonzero(defect == "gross"), prog, low, high)
+    gross_defects(rng, X, keep, np.flatnonzero(defect == "gross"), prog)
     tcols = np.flatnonzero(np.isin(groups, [_GROUP_NAMES.index(g) for g in _TESTER_GROUPS]))
     for i in np.flatnonzero(defect == "tester"):  # a contact fault: a block of currents reads high
         cols = rng.choice(tcols, size=min(len(tcols), int(rng.integers(3, 9))), replace=False)
@@ -256,26 +256,6 @@ def generate_floor(config: FloorConfig = FloorConfig()) -> Dataset:
         spec=prog.spec, source=None,
         extra={"lot": lots, "wafer": wafer_no, "x": xy[:, 0], "y": xy[:, 1], "tester": testers},
     )
-
-
-def _gross(rng: np.random.Generator, X: np.ndarray, keep: np.ndarray, rows: np.ndarray,
-           prog, low: np.ndarray, high: np.ndarray) -> None:
-    """One to three parameters of one group far outside a limit (the classic gross modes)."""
-    mode_p = np.array([mo[2] for mo in _GROSS_MODES])
-    for i in rows:
-        grp, side, _ = _GROSS_MODES[rng.choice(len(_GROSS_MODES), p=mode_p / mode_p.sum())]
-        g = _GROUP_NAMES.index(grp[rng.integers(len(grp))])
-        cols = np.flatnonzero(prog.groups == g)
-        cols = rng.choice(cols, size=min(len(cols), int(rng.integers(1, 4))), replace=False)
-        for c in cols:
-            s = side if side != 0 else (1 if rng.random() < 0.5 else -1)
-            if prog.log[c]:
-                f = rng.uniform(1.5, 20.0)
-                X[i, c] = high[c] * f if s > 0 else low[c] / f
-            else:
-                over = (high[c] - low[c]) * rng.uniform(0.25, 1.5)
-                X[i, c] = high[c] + over if s > 0 else low[c] - over
-            keep[i, c] = True
 
 
 def _missing(rng: np.random.Generator, cfg: FloorConfig, X: np.ndarray, keep: np.ndarray,
