@@ -1,12 +1,14 @@
 """`edgefleet optimize build`: data file in, signed bundle and report out.
 
     load -> split -> preprocess -> train -> prune -> export -> quantize -> calibrate
-         -> evaluate -> package
+         -> evaluate -> baselines -> gates -> package
 
 Each stage is a function in its own module; `build` calls them in order and is the only place
 that knows the order. Everything is written into a staging directory inside `out_dir` and moved
 into place only when the bundle is signed and has passed its own golden self-test, so a failed
-build leaves the previous build's files untouched and no partial bundle behind.
+build leaves the previous build's files untouched and no partial bundle behind. A build that
+fails a gate (`optimize.gates`) writes its report but no bundle and raises `BuildRefused`
+(exit 1), unless the config's `gate.accept_risk` (`--accept-risk`) gives a reason to sign.
 
 Configuration: one frozen dataclass per stage, gathered in `BuildConfig`. `load_config` reads,
 in increasing precedence, the defaults, a JSON file (`{"train": {"epochs": 10}, ...}`),
@@ -291,7 +293,6 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     val8, test8 = score_rows(quant.model, split.val.x), score_rows(quant.model, split.test.x)
     decision = calibrate_threshold(val8[split.val.passes], cfg.calibrate.target_ffr)
     scored["pruned_int8"] = Scored(val8, test8, decision.threshold, decision, quant.model)
-    x_val_pass = split.val.x[split.val.passes]
     rules, rules_source, rules_skipped = fallback_rules(
         split.train.x, data.spec, cfg.calibrate.rule_sigmas, x_val_passes=x_val_pass,
         target_ffr=cfg.calibrate.target_ffr, min_distinct=cfg.calibrate.min_distinct)

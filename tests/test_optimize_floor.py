@@ -109,3 +109,22 @@ def test_bad_config_is_refused():
         FloorConfig(n_testers=0)
     with pytest.raises(DataError, match="at most 0.5"):
         FloorConfig(gross_rate=0.4, subtle_multi_rate=0.3)
+
+
+def test_the_make_data_commands_in_docs_model_md_run(tmp_path: Path):
+    """Every `edgefleet optimize make-data` line of docs/model.md, on 300 dies."""
+    import shlex
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
+    lines = [ln.split("#")[0].strip() for ln in doc.splitlines()
+             if ln.startswith("edgefleet optimize make-data")]
+    assert len(lines) == 3
+    for line in lines:
+        args = [*shlex.split(line)[1:], "--n", "300"]
+        run = subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (line, run.stderr)
+        out = tmp_path / args[args.index("--out") + 1]
+        assert load_csv(out).n_rows == 300
