@@ -335,8 +335,10 @@ def _floor_plots(plt: Any, report: dict[str, Any], split: Split,
         for ax, (kind, g) in zip(axes[0], by.items(), strict=True):
             names = list(g["groups"])
             rates = [g["groups"][n]["ffr"] for n in names]
-            lo = [r - g["groups"][n]["ci"][0] for n, r in zip(names, rates, strict=True)]
-            hi = [g["groups"][n]["ci"][1] - r for n, r in zip(names, rates, strict=True)]
+            lo = [max(0.0, r - g["groups"][n]["ci"][0]) for n, r in zip(names, rates,
+                                                                        strict=True)]
+            hi = [max(0.0, g["groups"][n]["ci"][1] - r) for n, r in zip(names, rates,
+                                                                        strict=True)]
             ax.errorbar(range(len(names)), rates, yerr=[lo, hi], fmt="o", ms=3)
             for edge in g["band"]:
                 ax.axhline(edge, color="r", ls="--", lw=1)

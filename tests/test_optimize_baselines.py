@@ -45,6 +45,10 @@ def test_wilson_interval_and_the_share_of_groups_inside_half_to_twice_the_target
     assert wilson(0, 100)[0] == 0.0 and 0.03 < wilson(0, 100)[1] < 0.04
     lo, hi = wilson(10, 1000)
     assert lo < 0.01 < hi
+    for n in (1, 2, 7, 200, 3838):  # the rate itself always inside (a plot's error bars)
+        for k in range(0, n + 1, max(1, n // 50)):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
     flagged = np.zeros(1000, bool)
     flagged[:3] = True  # lot A: 3 of 500 = 0.6%
     flagged[500:530] = True  # lot B: 30 of 500 = 6%
