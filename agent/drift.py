@@ -9,9 +9,15 @@ optimizer can import it.
 The monitor keeps the last `window` rows in a ring buffer (a row copy per request, about a
 microsecond) and computes PSI on demand, at most once per `interval` seconds (the metrics scrape
 asks). PSI per feature = sum over bins of (p - q) * ln(p / q), p the window's shares, q the
-reference's, both floored at `EPS`. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a
-real shift. Only the worst few features and the maximum are exported, never one series per
-feature.
+reference's, both floored at `EPS`. Only the worst few features and the maximum are exported,
+never one series per feature.
+
+Alert threshold: the bundle's `drift_reference.alert_psi`, which the build sets from the PSI
+noise floor it measured on in-distribution windows of the reference period (a lot change moves
+PSI too; a fixed 0.25 fired on in-distribution SECOM rows). Bundles without it get
+`DEFAULT_ALERT_PSI` (the rule of thumb: > 0.25 a real shift). `DriftReport.alerting` says
+whether the window is beyond it; the metrics export both, and the Prometheus alert compares
+them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 EPS = 1e-4
+DEFAULT_ALERT_PSI = 0.25
 _CHUNK = 256  # rows binned per numpy call, so no call holds the GIL for long
 
 
@@ -32,6 +39,20 @@ class DriftReport:
     rows: int  # rows in the window
     psi_max: float  # NaN until the window has `min_rows`
     worst: tuple[tuple[int, float], ...]  # (feature, psi), worst first
+    alert_psi: float = DEFAULT_ALERT_PSI
+
+    @property
+    def alerting(self) -> bool:
+        """The window has drifted beyond the shipped alert threshold."""
+        return bool(self.psi_max > self.alert_psi)  # NaN (too few rows) compares False
+
+
+def alert_threshold(drift_reference: dict | None) -> float:
+    """The bundle's `alert_psi` when it is a positive finite number, else the default."""
+    v = (drift_reference or {}).get("alert_psi")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+        return DEFAULT_ALERT_PSI
+    return float(v)
 
 
 def drift_reference(x: np.ndarray, bins: int = 10) -> dict[str, list[list[float]]]:
@@ -63,8 +84,10 @@ class DriftMonitor:
 
     def __init__(self, edges: tuple[tuple[float, ...], ...],
                  proportions: tuple[tuple[float, ...], ...], *, window: int = 2048,
-                 min_rows: int = 200, top_k: int = 5, interval: float = 10.0) -> None:
+                 min_rows: int = 200, top_k: int = 5, interval: float = 10.0,
+                 alert_psi: float = DEFAULT_ALERT_PSI) -> None:
         n = len(edges)
+        self.alert_psi = alert_psi
         k = max((len(e) for e in edges), default=0)
         self.n_features = n
         self.window = window
@@ -82,7 +105,7 @@ class DriftMonitor:
         self._written = 0  # rows ever observed
         self._slots = itertools.count()  # next row's sequence number
         self._lock = threading.Lock()
-        self._report = DriftReport(0, float("nan"), ())
+        self._report = DriftReport(0, float("nan"), (), alert_psi)
         self._computed_at = -np.inf
         self._computed_written = -1
 
@@ -126,7 +149,7 @@ class DriftMonitor:
         n, bins = self._ref.shape
         rows = window.shape[0]
         if rows < self.min_rows:
-            return DriftReport(rows, float("nan"), ())
+            return DriftReport(rows, float("nan"), (), self.alert_psi)
         offsets = np.arange(n, dtype=np.int64) * bins
         counts = np.zeros(n * bins, dtype=np.int64)
         for start in range(0, rows, _CHUNK):
@@ -139,7 +162,7 @@ class DriftMonitor:
         values = psi(shares, self._ref)
         values[measured[:, 0] < self.min_rows] = np.nan  # too few measurements to judge
         if np.all(np.isnan(values)):
-            return DriftReport(rows, float("nan"), ())
+            return DriftReport(rows, float("nan"), (), self.alert_psi)
         order = np.argsort(-np.nan_to_num(values, nan=-1.0), kind="stable")[:self.top_k]
         worst = tuple((int(j), float(values[j])) for j in order if not np.isnan(values[j]))
-        return DriftReport(rows, float(np.nanmax(values)), worst)
+        return DriftReport(rows, float(np.nanmax(values)), worst, self.alert_psi)

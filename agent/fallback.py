@@ -7,6 +7,12 @@ dies. A fallback answer reports: score = number of violated rules, threshold = 0
 score > threshold still means fail), confidence = 1 (limits are not graded), and as top
 parameters the violated ones, largest violation (distance outside the limit) first.
 
+A die with more missing values than the bundle's `input.max_missing` is unlike anything the
+model learnt from. When the bundle's `fallback.min_measured` is set, such a die gets a rules
+decision if at least that share of the rules' parameters is measured (`RuleSet.enough_measured`),
+else it is refused (too_many_missing). Bundles without these fields keep the agent's own limit
+(`max_missing_share` of the features) and refuse every die beyond it.
+
 Rules file (JSON):
 
     {"n_features": 512, "top_k": 5, "version": "limits-2026-11",
@@ -44,8 +50,10 @@ class RuleSet:
 
     def __init__(self, n_features: int, rules: list[tuple[int, float | None, float | None]],
                  *, top_k: int = 5, version: str = "rules",
-                 feature_names: tuple[str, ...] | None = None) -> None:
+                 feature_names: tuple[str, ...] | None = None,
+                 min_measured: float | None = None) -> None:
         self.n_features = n_features
+        self.min_measured = min_measured  # None: never answer a die beyond max_missing
         self.top_k = max(1, min(top_k, n_features))
         self.version = version
         self.feature_names = feature_names
@@ -53,12 +61,22 @@ class RuleSet:
         self._feature = np.array([r[0] for r in rules], dtype=np.intp)
         self._low = np.array([-np.inf if r[1] is None else r[1] for r in rules], dtype=np.float32)
         self._high = np.array([np.inf if r[2] is None else r[2] for r in rules], dtype=np.float32)
+        self._ruled = np.unique(self._feature)  # features that have a rule
+
+    def enough_measured(self, x: np.ndarray) -> np.ndarray:
+        """(rows,) bool: rows of a (rows, n_features) batch with at least `min_measured` of the
+        ruled features measured (never, when `min_measured` is None or there are no rules)."""
+        if self.min_measured is None or not len(self._ruled):
+            return np.zeros(x.shape[0], dtype=bool)
+        measured = (~np.isnan(x[:, self._ruled])).mean(axis=1)
+        return measured >= self.min_measured
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> RuleSet:
         return cls(manifest.input.n_features, [(r.feature, r.low, r.high) for r in manifest.rules],
                    top_k=manifest.top_k, version=manifest.version,
-                   feature_names=manifest.input.feature_names)
+                   feature_names=manifest.input.feature_names,
+                   min_measured=_share((manifest.raw.get("fallback") or {}).get("min_measured")))
 
     @classmethod
     def load(cls, path: Path) -> RuleSet:
@@ -142,6 +160,21 @@ class RuleSet:
             top_index[i, :len(feats)] = [f for f, _ in feats]
             top_contribution[i, :len(feats)] = [e for _, e in feats]
         return Screen(violations, top_index, top_contribution)
+
+
+def max_missing(manifest: Manifest | None, n_features: int, default_share: float) -> int:
+    """The bundle's learnt `input.max_missing` (an int in 0..n_features), else the agent's
+    `default_share` of the features."""
+    raw = (manifest.raw.get("input") or {}).get("max_missing") if manifest is not None else None
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= n_features:
+        return raw
+    return math.floor(default_share * n_features)
+
+
+def _share(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        return None
+    return float(v)
 
 
 def _limit(v: Any, where: str) -> float | None:

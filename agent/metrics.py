@@ -9,7 +9,7 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_predictions_total | counter | decision (pass, fail), source (model, fallback) |
 | edgefleet_errors_total | counter | code (see agent.protocol.ErrorCode) |
 | edgefleet_fallback_answers_total | counter | reason (no_model, forced, model_error,
-  non_finite_score) |
+  non_finite_score, too_many_missing) |
 | edgefleet_imputed_values_total | counter | |
 | edgefleet_request_duration_seconds | histogram | encoding (json, binary) |
 | edgefleet_inference_duration_seconds | histogram | |

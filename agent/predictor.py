@@ -7,8 +7,9 @@ that snapshot to the end, so a swap never mixes two models in one answer.
 
 Per row, in order:
   1. an infinite value (float32 overflow included) -> error NOT_FINITE naming the column;
-     more than `max_missing` NaNs -> error TOO_MANY_MISSING; NaNs below that are imputed by
-     the model's graph and counted in `imputed`;
+     more than `max_missing` NaNs (the bundle's learnt limit, else the agent's share) -> the
+     rules' decision when they have enough measured values (`agent.fallback`), else error
+     TOO_MANY_MISSING; NaNs below that are imputed by the model's graph and counted;
   2. the model, unless there is none, it is forced off, or it failed less than `retry_s` ago;
   3. the rules when the session raised (the whole batch) or the score is not finite (that row);
      without rules the row gets error UNAVAILABLE.
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.drift import DriftMonitor
+from agent.drift import DriftMonitor, alert_threshold
 from agent.engine import Engine
-from agent.fallback import RuleSet
+from agent.fallback import RuleSet, max_missing
 from agent.manifest import Manifest
 from agent.protocol import (
     NO_SEQUENCE,
@@ -52,7 +53,8 @@ NO_MODEL = "no_model"
 FORCED = "forced"
 MODEL_ERROR = "model_error"
 NON_FINITE_SCORE = "non_finite_score"
-FALLBACK_REASONS = (NO_MODEL, FORCED, MODEL_ERROR, NON_FINITE_SCORE)
+TOO_MANY_MISSING = "too_many_missing"  # beyond the bundle's max_missing, rules measured enough
+FALLBACK_REASONS = (NO_MODEL, FORCED, MODEL_ERROR, NON_FINITE_SCORE, TOO_MANY_MISSING)
 BATCH_SLICE = 256
 # Plain ints for the single-row path (IntEnum member lookups cost more than the arithmetic).
 _PASS, _FAIL = int(Decision.PASS), int(Decision.FAIL)
@@ -161,7 +163,7 @@ class Predictor:
         self.feature_names_json = ([json.dumps(nm) for nm in self.feature_names]
                                    if self.feature_names else None)
         self.n_features, self.k = n, k
-        self.max_missing = math.floor(limits.max_missing_share * n)
+        self.max_missing = max_missing(manifest, n, limits.max_missing_share)
         self.dtype = record_dtype(k)
         self.record = row_struct(k)
         self.version_bytes = (self.version or "").encode("ascii")
@@ -172,7 +174,8 @@ class Predictor:
         if drift is None and manifest is not None and manifest.drift_edges is not None:
             self.drift = DriftMonitor(manifest.drift_edges, manifest.drift_proportions or (),
                                       window=limits.drift_window, top_k=limits.drift_top_k,
-                                      interval=limits.drift_interval_s)
+                                      interval=limits.drift_interval_s,
+                                      alert_psi=alert_threshold(manifest.raw.get("drift_reference")))
         self._use_model = engine is not None and forced_reason is None
         self.available = self._use_model or self.rules is not None  # a model, or rules
         self._no_top = ([-1] * k, [0.0] * k)
@@ -208,8 +211,7 @@ class Predictor:
                 return self._error_row(die_id, ErrorCode.NOT_FINITE, col, 0), 0.0, None
             imputed = int(nan.sum())
             if imputed > self.max_missing:
-                return (self._error_row(die_id, ErrorCode.TOO_MANY_MISSING, -1, imputed),
-                        0.0, None)
+                return self._beyond_max_missing(v, die_id, imputed)
         drift = self.drift
         if drift is not None:
             drift.observe_one(v)
@@ -247,6 +249,19 @@ class Predictor:
         n = int(sc.violations[0])
         return ((die_id, _FAIL if n else _PASS, _FALLBACK, 0, imputed, -1, float(n), 0.0, 1.0,
                  sc.top_index[0].tolist(), sc.top_contribution[0].tolist()), t_inf, reason)
+
+    def _beyond_max_missing(self, v: np.ndarray, die_id: int | str | None,
+                            imputed: int) -> tuple[Row, float, str | None]:
+        """A die missing more than max_missing: the rules' decision when they have enough of
+        its values (agent.fallback), else a refusal."""
+        rules = self.rules
+        if rules is None or not rules.enough_measured(v.reshape(1, -1))[0]:
+            return self._error_row(die_id, ErrorCode.TOO_MANY_MISSING, -1, imputed), 0.0, None
+        sc = rules.screen(v.reshape(1, -1))
+        n = int(sc.violations[0])
+        return ((die_id, _FAIL if n else _PASS, _FALLBACK, 0, imputed, -1, float(n), 0.0, 1.0,
+                 sc.top_index[0].tolist(), sc.top_contribution[0].tolist()), 0.0,
+                TOO_MANY_MISSING)
 
     def _error_row(self, die_id, code: ErrorCode, column: int, imputed: int) -> Row:
         return (die_id, Decision.ERROR, Source.NONE, int(code), imputed, column, math.nan,
@@ -289,8 +304,17 @@ class Predictor:
             too_many = (missing > self.max_missing) & ~bad_inf
             self._set_errors(rec, np.flatnonzero(bad_inf), ErrorCode.NOT_FINITE,
                              np.argmax(infinite[bad_inf], axis=1) if bad_inf.any() else -1)
+            answered = bad_inf.copy()  # rows the model must not see
+            if too_many.any() and self.rules is not None:
+                ruled = np.flatnonzero(too_many)
+                ruled = ruled[self.rules.enough_measured(x[ruled])]
+                if len(ruled):
+                    self._rules_answer(rec, x, ruled)
+                    fallback[TOO_MANY_MISSING] = len(ruled)
+                    too_many[ruled] = False
+                    answered[ruled] = True
             self._set_errors(rec, np.flatnonzero(too_many), ErrorCode.TOO_MANY_MISSING, -1)
-            ok = np.flatnonzero(~(bad_inf | too_many))
+            ok = np.flatnonzero(~(answered | too_many))
             xs = x[ok]
         if not len(ok):
             return rec, 0.0, fallback
@@ -339,16 +363,20 @@ class Predictor:
         if self.rules is None:
             self._set_errors(rec, to_rules, ErrorCode.UNAVAILABLE, -1)
             return rec, t_inf, fallback
-        sc = self.rules.screen(x[to_rules])
-        rec["decision"][to_rules] = np.where(sc.violations > 0, Decision.FAIL, Decision.PASS)
-        rec["source"][to_rules] = Source.FALLBACK
-        rec["score"][to_rules] = sc.violations
-        rec["threshold"][to_rules] = 0.0
-        rec["confidence"][to_rules] = 1.0
-        rec["top_index"][to_rules] = sc.top_index
-        rec["top_contribution"][to_rules] = sc.top_contribution
-        fallback[reason] = len(to_rules)
+        self._rules_answer(rec, x, to_rules)
+        fallback[reason] = fallback.get(reason, 0) + len(to_rules)
         return rec, t_inf, fallback
+
+    def _rules_answer(self, rec: np.ndarray, x: np.ndarray, rows: np.ndarray) -> None:
+        """Fill `rec[rows]` with the rules' decisions on `x[rows]`."""
+        sc = self.rules.screen(x[rows])  # type: ignore[union-attr]
+        rec["decision"][rows] = np.where(sc.violations > 0, Decision.FAIL, Decision.PASS)
+        rec["source"][rows] = Source.FALLBACK
+        rec["score"][rows] = sc.violations
+        rec["threshold"][rows] = 0.0
+        rec["confidence"][rows] = 1.0
+        rec["top_index"][rows] = sc.top_index
+        rec["top_contribution"][rows] = sc.top_contribution
 
     @staticmethod
     def _set_errors(rec: np.ndarray, idx: np.ndarray, code: ErrorCode, column) -> None:

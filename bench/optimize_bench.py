@@ -46,8 +46,11 @@ def main() -> int:
         generate_keypair(key_dir, "bench")
     out = work / "build"
 
+    # The classic data this measures size and speed on is too easy to tell models apart (every
+    # method near AUC 1); the quality gates are bench/fidelity_bench.py's job.
     cmd = [sys.executable, "-m", "edgefleet", "optimize", "build", "--data", str(data),
-           "--key", str(key_dir / "bench.key"), "--out", str(out), "--output", "json"]
+           "--key", str(key_dir / "bench.key"), "--out", str(out), "--output", "json",
+           "--accept-risk", "size and speed benchmark on the classic data"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # stderr: progress
     seconds = time.perf_counter() - t0

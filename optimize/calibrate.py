@@ -12,19 +12,34 @@ pass-to-pass score difference away from the threshold gets 0.63, three away 0.95
 right at the threshold 0, whichever side it is on.
 
 Fallback rules: a die fails when a measured value is below `low` or above `high`. From the
-data's spec limits when it has them, else robust bounds from training passes: median +- k
+data's spec limits when it has them, else static PAT limits from training passes: median +- k
 sigmas (k = 6 by default), sigma being the larger of IQR / 1.349 and the half-width of the
 central 99% range / 2.576. Both equal the standard deviation for a normal signal; the second
 keeps heavy-tailed and lumpy signals (most of SECOM) from failing every die, as IQR alone did
-(97% false fails over 207 rules). Constant and never-observed columns get no rule: there is no
-spread to set a limit from.
+(97% false fails over 207 rules). Guards (`rule_guards`): no rule on a column that is constant,
+never observed, quantized or near-constant (fewer than `min_distinct` distinct values among the
+training passes, or its most common value on over half of them: a tester resolution step there
+moves the median by a whole band, SECOM's f543 failed 76% of later passes that way), nor on one
+whose limits already fail more than `target / 4` of the validation passes on their own. The
+rules' false-fail on validation passes is reported, and the build gate bounds it on test passes.
 
-Drift reference: per feature, up to `bins - 1` inner edges at the training passes' quantiles
-and the share of training passes in each bin, built by the agent's own `agent.drift
-.drift_reference` so writer and monitor cannot disagree on the binning (bin = number of edges
-<= value; NaN left out; repeated quantiles merged, so a constant column has one edge and all its
-mass above it, a never-observed column no edge and one bin). Edges are finite and increasing,
-shares sum to 1.
+max_missing: the most values any training or validation pass lacks, times 1.5, plus 2 (never
+above the feature count): a die beyond it is unlike anything the model learnt from. The agent
+then answers with the rules when at least `rules_min_measured` of the rules' parameters are
+measured, else refuses the die (too_many_missing).
+
+Drift reference: from the most recent passing dies before the test part (the last
+`drift_pool` passes of the training and validation periods, in time order), per feature up to
+`bins - 1` inner edges at their quantiles and the share in each bin, built by the agent's own
+`agent.drift.drift_reference` so writer and monitor cannot disagree on the binning (bin =
+number of edges <= value; NaN left out; repeated quantiles merged). Noise floor: the agent's
+own PSI max (`agent.drift.DriftMonitor`) of random samples of the agent's window size from that
+pool (sampling noise only), and the typical (median) PSI of its consecutive windows (which
+carry lot-to-lot variation: a new lot is not drift). The shipped alert threshold is
+`alert_factor` times the larger of the two, at least `alert_min`.
+The window is the agent's, or smaller when the pool or the test part is small (PSI grows as the
+sample shrinks, so the test part is judged by `window_psi` at the same size).
+A lower threshold fires on every lot change; a fixed 0.25 fired on shuffled dev rows of SECOM.
 """
 
 from __future__ import annotations
@@ -42,7 +57,8 @@ from optimize.data import ParamSpec
 
 __all__ = [
     "CalibrateConfig", "Decision", "calibrate_threshold", "confidence", "drift_reference",
-    "fallback_rules", "rule_violations",
+    "drift_with_noise_floor", "fallback_rules", "learn_max_missing", "psi_max", "rule_violations",
+    "window_psi",
 ]
 
 
@@ -50,8 +66,14 @@ __all__ = [
 class CalibrateConfig:
     target_ffr: float = 0.01  # false-fail rate on validation passes
     top_k: int = 5  # contributing parameters reported per die
-    rule_sigmas: float = 6.0  # robust bounds when the data has no spec limits
+    rule_sigmas: float = 6.0  # static PAT limits when the data has no spec limits
+    min_distinct: int = 20  # distinct values a column needs for a PAT rule
     drift_bins: int = 10
+    drift_pool: int = 8192  # most recent passes the drift reference is built from
+    drift_window: int = 2048  # the agent's drift window (agent Limits.drift_window)
+    alert_factor: float = 2.0  # alert threshold = factor x in-distribution PSI noise floor
+    alert_min: float = 0.1
+    rules_min_measured: float = 0.5  # share of rule parameters a die beyond max_missing needs
 
 
 @dataclass(frozen=True)
@@ -99,20 +121,90 @@ def _robust_center_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fallback_rules(
-    x_train: np.ndarray, spec: Sequence[ParamSpec] | None = None, sigmas: float = 6.0
-) -> tuple[list[dict[str, Any]], str]:
-    """(rules for the manifest, where they came from: "spec" or "robust")."""
+    x_train: np.ndarray, spec: Sequence[ParamSpec] | None = None, sigmas: float = 6.0,
+    *, x_val_passes: np.ndarray | None = None, target_ffr: float = 0.01, min_distinct: int = 20,
+) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """(rules for the manifest, where they came from: "spec" or "pat", what the guards left
+    out and why)."""
     if spec is not None:
         rules = [{"feature": j, "low": p.low, "high": p.high}
                  for j, p in enumerate(spec) if p.low is not None or p.high is not None]
-        return rules, "spec"
-    median, sigma = _robust_center_scale(np.asarray(x_train, dtype=np.float64))
+        return rules, "spec", {}
+    x = np.asarray(x_train, dtype=np.float64)
+    median, sigma = _robust_center_scale(x)
+    skipped: dict[str, list[int]] = {"constant": [], "quantized": [], "too_tight": []}
     rules = []
     for j, (m, s) in enumerate(zip(median, sigma, strict=True)):
-        if np.isfinite(m) and s > 1e-6 * max(abs(m), 1e-30):
-            low, high = float(m - sigmas * s), float(m + sigmas * s)
-            rules.append({"feature": j, "low": low, "high": high})
-    return rules, "robust"
+        if not (np.isfinite(m) and s > 1e-6 * max(abs(m), 1e-30)):
+            skipped["constant"].append(j)
+            continue
+        col = x[:, j][~np.isnan(x[:, j])]
+        values, counts = np.unique(col, return_counts=True)
+        if len(values) < min_distinct or counts.max() > 0.5 * len(col):
+            skipped["quantized"].append(j)
+            continue
+        low, high = float(m - sigmas * s), float(m + sigmas * s)
+        if x_val_passes is not None and len(x_val_passes):
+            v = x_val_passes[:, j]
+            with np.errstate(invalid="ignore"):
+                if float(np.mean((v < low) | (v > high))) > target_ffr / 4:
+                    skipped["too_tight"].append(j)
+                    continue
+        rules.append({"feature": j, "low": low, "high": high})
+    return rules, "pat", skipped
+
+
+def learn_max_missing(x_passes: np.ndarray) -> dict[str, Any]:
+    """max_missing (module docstring) and the histogram of missing values per pass."""
+    per_die = np.isnan(np.asarray(x_passes)).sum(axis=1)
+    n = int(np.asarray(x_passes).shape[1])
+    seen = int(per_die.max()) if len(per_die) else 0
+    limit = min(n, math.ceil(seen * 1.5) + 2)
+    counts = np.bincount(per_die, minlength=seen + 1)
+    return {"max_missing": limit, "most_missing_seen": seen,
+            "histogram": {str(k): int(c) for k, c in enumerate(counts) if c}}
+
+
+def drift_with_noise_floor(x_recent: np.ndarray, cfg: CalibrateConfig, seed: int = 0,
+                           max_window: int | None = None) -> dict[str, Any]:
+    """The drift reference from the recent passes `x_recent` (time order), its PSI noise floor
+    and the alert threshold (module docstring). Returns the manifest's `drift_reference` object
+    (edges, proportions, alert_psi, noise_floor_psi)."""
+    pool = np.asarray(x_recent, dtype=np.float32)[-cfg.drift_pool:]
+    ref = drift_reference(pool, cfg.drift_bins)
+    window = int(min(cfg.drift_window, max(len(pool) // 2, 1), max_window or cfg.drift_window))
+    rng = np.random.default_rng(seed)
+    starts = range(0, max(len(pool) - window, 0) + 1, max(window, 1))
+    lots = [psi_max(ref, pool[s:s + window]) for s in starts]  # consecutive: lot to lot
+    noise = [psi_max(ref, pool[np.sort(rng.choice(len(pool), window, replace=False))])
+             for _ in range(4)]  # random samples: sampling noise only
+    floor = max([v for v in noise if np.isfinite(v)], default=0.0)
+    typical = float(np.median([v for v in lots if np.isfinite(v)] or [0.0]))
+    alert = max(cfg.alert_min, cfg.alert_factor * max(floor, typical))
+    return {**ref, "alert_psi": round(float(alert), 4), "noise_floor_psi": round(float(floor), 4),
+            "lot_to_lot_psi": round(typical, 4), "window": window, "pool": len(pool)}
+
+
+def window_psi(reference: dict[str, Any], x: np.ndarray) -> float | None:
+    """Median PSI max over consecutive windows of `x` of the reference's own window size (a
+    small sample has a larger PSI: the test part is judged at the noise floor's size)."""
+    w = int(reference["window"])
+    if len(x) < min(w, 200):
+        return None
+    return float(np.median([psi_max(reference, x[s:s + w])
+                            for s in range(0, len(x) - w + 1, w)]))
+
+
+def psi_max(reference: dict[str, Any], x: np.ndarray, min_rows: int = 200) -> float:
+    """The agent's PSI max of rows `x` against `reference`, computed by `agent.drift`."""
+    from agent.drift import DriftMonitor
+
+    x = np.asarray(x, dtype=np.float32)
+    mon = DriftMonitor(tuple(tuple(e) for e in reference["edges"]),
+                       tuple(tuple(p) for p in reference["proportions"]),
+                       window=max(len(x), 1), min_rows=min(min_rows, max(len(x), 1)))
+    mon.observe(x)
+    return float(mon.report(force=True).psi_max)
 
 
 def rule_violations(rules: Sequence[dict[str, Any]], x: np.ndarray) -> np.ndarray:

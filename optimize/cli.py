@@ -22,28 +22,40 @@ def make_data(
     out: Path = typer.Option(
         ..., "--out", help="File to write: .csv (or .npz); the spec goes next to it as .spec.json."
     ),
+    profile: str = typer.Option(
+        "floor", "--profile", help="floor (lots, wafers, testers with their own offset and gain, "
+        "slow drift, quantized signals, missing blocks, five defect classes; 256 parameters) or "
+        "classic (one population, gross and subtle defects; 512 parameters)."
+    ),
     n: int = typer.Option(20_000, "--n", min=1, help="Number of dies."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
-    params: int = typer.Option(512, "--params", min=15, help="Parameters measured per die."),
+    params: int = typer.Option(
+        None, "--params", min=15, help="Parameters measured per die (default: 256 floor, 512 "
+        "classic)."
+    ),
     drift: bool = typer.Option(
         False, "--drift/--no-drift", help="Shift the process speed factor over the second half."
     ),
     missing_rate: float = typer.Option(
-        0.001, "--missing-rate", min=0.0, max=0.5, help="Share of cells left empty (missing)."
+        0.001, "--missing-rate", min=0.0, max=0.5,
+        help="classic: share of cells left empty (missing).",
     ),
     gross_rate: float = typer.Option(
-        0.02, "--gross-rate", min=0.0, max=1.0, help="Share of dies with a parameter out of spec."
+        None, "--gross-rate", min=0.0, max=1.0,
+        help="Share of dies with a parameter out of spec (default: 0.01 floor, 0.02 classic).",
     ),
     subtle_rate: float = typer.Option(
-        0.03,
-        "--subtle-rate",
-        min=0.0,
-        max=1.0,
-        help="Share of dies inside spec on every parameter but with broken correlations.",
+        0.03, "--subtle-rate", min=0.0, max=1.0,
+        help="classic: share of dies inside spec on every parameter but with broken correlations.",
     ),
 ) -> None:
-    """Generate synthetic die test records (a seeded parametric test program with lots, wafers,
-    process factors and labelled gross/subtle defects) and write them with their spec limits."""
+    """Generate synthetic die test records with their spec limits.
+
+    floor (default): a test floor, with lots, wafers, die x/y, several testers, slow drift,
+    correlated parameter families, quantized signals, missing test blocks and five labelled
+    defect classes (gross, subtle_uni, subtle_multi, spatial, tester); see optimize/floor.py.
+    classic: the earlier single-population generator (gross and subtle defects).
+    """
     import numpy as np
 
     from optimize.data import (
@@ -54,19 +66,21 @@ def make_data(
         write_npz,
         write_spec,
     )
+    from optimize.floor import FloorConfig, generate_floor
 
-    if gross_rate + subtle_rate > 1.0:
-        raise UsageError("--gross-rate plus --subtle-rate must be at most 1")
-    cfg = DieConfig(
-        n_dies=n,
-        n_params=params,
-        seed=seed,
-        gross_rate=gross_rate,
-        subtle_rate=subtle_rate,
-        missing_rate=missing_rate,
-        drift=drift,
-    )
-    data = generate_dies(cfg)
+    if profile == "floor":
+        data = generate_floor(FloorConfig(
+            n_dies=n, n_params=params or 256, seed=seed, drift=drift,
+            gross_rate=0.010 if gross_rate is None else gross_rate))
+    elif profile == "classic":
+        gross = 0.02 if gross_rate is None else gross_rate
+        if gross + subtle_rate > 1.0:
+            raise UsageError("--gross-rate plus --subtle-rate must be at most 1")
+        data = generate_dies(DieConfig(
+            n_dies=n, n_params=params or 512, seed=seed, gross_rate=gross,
+            subtle_rate=subtle_rate, missing_rate=missing_rate, drift=drift))
+    else:
+        raise UsageError(f"--profile must be floor or classic, not {profile!r}")
     assert data.defect is not None and data.spec is not None
     if out.suffix.lower() == ".npz":
         write_npz(out, data)
@@ -75,13 +89,13 @@ def make_data(
     else:
         write_csv(out, data)
         columns = 4 + len(data.extra) + data.n_features  # id, time, label, defect, extra, params
-    counts = {k: int((data.defect == k).sum()) for k in ("gross", "subtle")}
+    kinds, counts = np.unique(data.defect[data.defect != "none"], return_counts=True)
+    classes = ", ".join(f"{k} {c}" for k, c in zip(kinds.tolist(), counts.tolist(), strict=True))
     missing = float(np.isnan(data.X).mean()) * 100
     typer.echo(
-        f"wrote {out} and {spec_path_for(out)}: {data.n_rows} dies x {data.n_features} "
-        f"parameters ({columns} columns); {sum(counts.values())} fail "
-        f"(gross {counts['gross']}, subtle {counts['subtle']}); {missing:.2f}% cells missing; "
-        f"drift {'on' if drift else 'off'}"
+        f"wrote {out} and {spec_path_for(out)}: {profile} profile, {data.n_rows} dies x "
+        f"{data.n_features} parameters ({columns} columns); {int(counts.sum())} fail "
+        f"({classes or 'none'}); {missing:.2f}% cells missing; drift {'on' if drift else 'off'}"
     )
 
 
@@ -125,6 +139,11 @@ def build(
         None, "--quantization", help="auto (better parity of static and dynamic), static or "
         "dynamic (default: auto)."
     ),
+    accept_risk: str = typer.Option(
+        None, "--accept-risk", help="Sign even when a build gate fails (model not better than "
+        "the best unsupervised baseline, test false-fail > 2x target, test part drifted, rules "
+        "failing > 5x target); the reason is written into the manifest and the report."
+    ),
     output: str = typer.Option("text", "--output", "-o", help="text or json (the report)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -134,10 +153,18 @@ def build(
     preprocessing, trains a dense autoencoder, prunes whole hidden units,
     exports one ONNX graph (raw parameters in; score and top-k contributing
     parameters out), quantizes it to INT8, calibrates the threshold at the
-    target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback on
-    the test split, and writes OUT/model.efb signed with KEY, with report.md,
+    target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback and
+    the baselines (static and dynamic PAT, Hotelling T2 on PCA,
+    IsolationForest, logistic regression when labels exist) on the test
+    split, and writes OUT/model.efb signed with KEY, with report.md,
     report.json, plots and the ONNX models next to it. Progress goes to
     stderr, the summary table to stdout.
+
+    Gates: the build is refused (exit 1, report written, no bundle) when the
+    model does not beat the best unsupervised baseline on test ROC AUC, when
+    test false-fail is above 2x the target, when the test part drifts beyond
+    the alert threshold, or when the fallback rules fail above 5x the target
+    of test passes; --accept-risk "why" signs it anyway and records why.
 
     Example: edgefleet optimize build --data dies.csv --key release.key --out build/
     """
@@ -161,6 +188,7 @@ def build(
         "calibrate": {"target_ffr": target_ffr, "top_k": top_k},
         "quantize": {"method": quantization},
         "package": {"name": name},
+        "gate": {"accept_risk": accept_risk},
     })
     logger = logging.getLogger("edgefleet.optimize")
     if not quiet:

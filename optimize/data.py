@@ -74,8 +74,8 @@ Loaders
 `load_csv`, `load_npz` (or `load_dataset`, by suffix) return a frozen `Dataset`. Columns that
 are not measurements never reach `Dataset.X`; they are recognized by name, case-insensitive:
 `NON_FEATURE_COLUMNS` (id, die_id, row, index, timestamp, time, date, label, defect, lot, wafer,
-x, y) plus any names passed as `non_feature_columns=`, `label_column=`, `time_column=`,
-`id_column=`. Feature cells that are empty, `nan`, `na`, `n/a`, `null` or `none`
+x, y, tester, site) plus any names passed as `non_feature_columns=`, `label_column=`,
+`time_column=`, `id_column=`. Feature cells that are empty, `nan`, `na`, `n/a`, `null` or `none`
 (case-insensitive) are missing (NaN). Labels map to 1 = fail, 0 = pass from pass/fail, 1/0,
 true/false, good/bad, and -1 (= pass, the UCI SECOM convention), case-insensitive. Any bad
 input raises `DataError` whose message names the file, the line (1-based) or column, and what
@@ -105,7 +105,7 @@ SPEC_FORMAT = "edgefleet-die-spec"
 SPEC_VERSION = 1
 NON_FEATURE_COLUMNS = frozenset(
     {"id", "die_id", "row", "index", "timestamp", "time", "date", "label", "defect", "lot",
-     "wafer", "x", "y"}
+     "wafer", "x", "y", "tester", "site"}
 )  # fmt: skip
 DEFECTS = ("none", "gross", "subtle")
 FLOAT_FORMAT = "%.6g"
@@ -386,6 +386,29 @@ def _wafer_map() -> np.ndarray:
     return np.array(coords, dtype=np.int64)
 
 
+def gross_defects(rng: np.random.Generator, X: np.ndarray, keep: np.ndarray, rows: np.ndarray,
+                  prog: _Program) -> None:
+    """Gross: one to three parameters of one group far outside a limit, on each of `rows`
+    (marked in `keep`, so they are never blanked to missing)."""
+    low, high = spec_limits(prog.spec)
+    group_names = [g.name for g in PARAM_GROUPS]
+    mode_p = np.array([m[2] for m in _GROSS_MODES])
+    for i in rows:
+        groups, side, _ = _GROSS_MODES[rng.choice(len(_GROSS_MODES), p=mode_p / mode_p.sum())]
+        g = group_names.index(groups[rng.integers(len(groups))])
+        cols = np.flatnonzero(prog.groups == g)
+        cols = rng.choice(cols, size=min(len(cols), int(rng.integers(1, 4))), replace=False)
+        for c in cols:
+            s = side if side != 0 else (1 if rng.random() < 0.5 else -1)
+            if prog.log[c]:
+                factor = rng.uniform(1.5, 20.0)
+                X[i, c] = high[c] * factor if s > 0 else low[c] / factor
+            else:
+                over = (high[c] - low[c]) * rng.uniform(0.25, 1.5)
+                X[i, c] = high[c] + over if s > 0 else low[c] - over
+            keep[i, c] = True
+
+
 def generate_dies(config: DieConfig = DieConfig()) -> Dataset:
     """Simulate wafer sort of config.n_dies dies; see the module docstring for the model."""
     cfg = config
@@ -445,24 +468,8 @@ def generate_dies(config: DieConfig = DieConfig()) -> Dataset:
 
     X = np.where(prog.log, prog.centre * np.exp(prog.scale * u), prog.centre + prog.scale * u)
 
-    # Gross: one to three parameters of one group far outside a limit.
-    low, high = spec_limits(prog.spec)
     keep = np.zeros((n, n_par), dtype=bool)  # cells never blanked to missing
-    mode_p = np.array([m[2] for m in _GROSS_MODES])
-    for i in gross:
-        groups, side, _ = _GROSS_MODES[rng.choice(len(_GROSS_MODES), p=mode_p / mode_p.sum())]
-        g = group_names.index(groups[rng.integers(len(groups))])
-        cols = np.flatnonzero(prog.groups == g)
-        cols = rng.choice(cols, size=min(len(cols), int(rng.integers(1, 4))), replace=False)
-        for c in cols:
-            s = side if side != 0 else (1 if rng.random() < 0.5 else -1)
-            if prog.log[c]:
-                factor = rng.uniform(1.5, 20.0)
-                X[i, c] = high[c] * factor if s > 0 else low[c] / factor
-            else:
-                over = (high[c] - low[c]) * rng.uniform(0.25, 1.5)
-                X[i, c] = high[c] + over if s > 0 else low[c] - over
-            keep[i, c] = True
+    gross_defects(rng, X, keep, gross, prog)
 
     if cfg.missing_rate > 0:
         X[(rng.random((n, n_par)) < cfg.missing_rate) & ~keep] = np.nan

@@ -10,12 +10,19 @@ INT8-vs-FP32 decision agreement and score rank correlation, file sizes, ONNX Run
 latency (p50/p99) and batch throughput on one thread. Latency runs are interleaved across the
 models in rounds, so load from other processes hits all of them alike and the ratios hold even
 when the absolute numbers are noisy. Without labels only parity, latency and sizes exist.
+
+The report (`write_report`) opens with "What this build means" in plain sentences (the gates,
+the baseline verdict, counts at the threshold, false-fail per group, drift against the noise
+floor, missing values, the rules), then the tables (models, baselines) and the plots: ROC,
+score histograms, latency on a log scale with the host named, false-fail vs threshold,
+false-fail per lot / wafer / tester with intervals, missing values per die vs max_missing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,9 +281,11 @@ def write_report(out_dir: Path, report: dict[str, Any], split: Split,
     ax.bar(xs - 0.2, [lat[n]["p50_us"] for n in names], 0.4, label="p50")
     ax.bar(xs + 0.2, [lat[n]["p99_us"] for n in names], 0.4, label="p99")
     ax.set_xticks(xs, [LABELS[n] for n in names])
-    ax.set(ylabel="single-row latency (us), 1 thread", title="ONNX Runtime latency")
+    ax.set(yscale="log", ylabel="single-row latency (us, log scale), 1 thread",
+           title=f"ONNX Runtime latency on {_host()}")
     ax.legend()
     plots.append(("latency.png", "Single-row latency", fig))
+    plots += _floor_plots(plt, report, split, scored)
     for fname, _, fig in plots:
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=110)
@@ -286,16 +295,158 @@ def write_report(out_dir: Path, report: dict[str, Any], split: Split,
     return files
 
 
+def _readable(value: Any) -> str:
+    """A findings value as text: {'f1': 3, 'f2': 0.5} -> 'f1 (3), f2 (0.5)'."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({v:.2%})" if isinstance(v, float) else f"{k} ({v})"
+                         for k, v in value.items()) or "none"
+    return str(value) if value else "none"
+
+
+def _host() -> str:
+    import platform
+
+    return f"{platform.node() or 'host'} ({platform.machine()}, {os.cpu_count()} CPUs)"
+
+
+def _floor_plots(plt: Any, report: dict[str, Any], split: Split,
+                 scored: dict[str, Scored]) -> list[tuple[str, str, Any]]:  # fmt: skip
+    """False-fail vs threshold, per-group false-fail, missing values vs max_missing."""
+    out = []
+    t, s = split.test, scored["pruned_int8"]
+    target = (s.decision.target_ffr if s.decision else None)
+    if t.labels is not None and t.passes.any():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        p = np.sort(s.test[t.passes])
+        thr = np.quantile(p, np.linspace(0.5, 1.0, 200))
+        ax.plot(thr, [(p > x).mean() for x in thr], label="test passes")
+        v = s.val[split.val.passes]
+        ax.plot(thr, [(v > x).mean() for x in thr], label="validation passes", ls=":")
+        ax.axvline(s.threshold, color="k", ls="--", lw=1, label="shipped threshold")
+        if target:
+            ax.axhline(target, color="r", lw=1, label=f"target {target:.2%}")
+        ax.set(yscale="log", xlabel="threshold (score)", ylabel="false-fail rate",
+               title="False-fail vs threshold (shipped model)")
+        ax.legend(fontsize=8)
+        out.append(("ffr_threshold.png", "False-fail vs threshold", fig))
+    by = report.get("breakdown") or {}
+    if by:
+        fig, axes = plt.subplots(1, len(by), figsize=(5 * len(by), 4), squeeze=False)
+        for ax, (kind, g) in zip(axes[0], by.items(), strict=True):
+            names = list(g["groups"])
+            rates = [g["groups"][n]["ffr"] for n in names]
+            lo = [max(0.0, r - g["groups"][n]["ci"][0]) for n, r in zip(names, rates,
+                                                                        strict=True)]
+            hi = [max(0.0, g["groups"][n]["ci"][1] - r) for n, r in zip(names, rates,
+                                                                        strict=True)]
+            ax.errorbar(range(len(names)), rates, yerr=[lo, hi], fmt="o", ms=3)
+            for edge in g["band"]:
+                ax.axhline(edge, color="r", ls="--", lw=1)
+            ax.set(title=f"false-fail per {kind} (95% CI)", ylabel="false-fail rate")
+            ax.set_xticks(range(len(names)), names if len(names) <= 12 else [""] * len(names),
+                          rotation=60, fontsize=7)
+        out.append(("ffr_groups.png", "False-fail per lot, wafer, tester", fig))
+    miss = report.get("missing")
+    if miss:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        counts = np.isnan(t.x).sum(axis=1)
+        ax.hist(counts, bins=np.arange(0, max(counts.max(), miss["max_missing"]) + 2) - 0.5,
+                log=True, label="test dies")
+        ax.axvline(miss["max_missing"], color="r", ls="--",
+                   label=f"max_missing {miss['max_missing']}")
+        ax.set(xlabel="missing values per die", ylabel="dies",
+               title="Missing values per die vs max_missing")
+        ax.legend(fontsize=8)
+        out.append(("missing.png", "Missing values per die", fig))
+    return out
+
+
+def _findings_text(report: dict[str, Any]) -> list[str]:
+    """Readable sentences for the engineer: gates, verdict, per-group rates, drift, rules."""
+    lines = []
+    g = report.get("gates")
+    if g:
+        if g["passed"]:
+            lines.append("All build gates passed: the bundle is signed.")
+        else:
+            head = ("Signed despite failed gates, accepted risk: " + str(g["accepted_risk"])
+                    if g["signed"] else "REFUSED, not signed:")
+            lines.append(head)
+            lines += [f"  - {r}" for r in g["reasons"]]
+    cmp = report.get("baselines")
+    if cmp:
+        lines.append(cmp["verdict"])
+    c = report.get("confusion")
+    if c:
+        lines.append(f"At the threshold {c['threshold']:.4g}: {c['fail_flagged']} fails caught, "
+                     f"{c['fail_passed']} missed (escapes), {c['pass_flagged']} good dies failed "
+                     f"(overkill), {c['pass_passed']} good dies passed.")
+    if report.get("breakdown"):
+        from optimize.breakdown import band_summary
+
+        lines.append("False-fail per group: " + band_summary(report["breakdown"]) + ".")
+    d = report.get("drift")
+    if d:
+        psi = "not measured (under 200 test dies)" if d["test_psi"] is None else \
+            f"{d['test_psi']:.3f}"
+        lines.append(f"Drift: test part PSI max {psi} against a reference of the "
+                     f"{d['reference_rows']} most recent passes (windows of {d['window']} dies); "
+                     f"sampling noise floor {d['noise_floor_psi']:.3f}, typical lot-to-lot "
+                     f"{d.get('lot_to_lot_psi', 0.0):.3f}, shipped alert threshold "
+                     f"{d['alert_psi']:.3f}.")
+    m = report.get("missing")
+    if m:
+        lines.append(f"Missing values: passes lack at most {m['most_missing_seen']}; max_missing "
+                     f"= {m['max_missing']}; {m['test_dies_beyond']} test dies beyond it (they "
+                     "get a rules decision or a refusal on the device).")
+    f = report.get("fallback")
+    if f:
+        skipped = ", ".join(f"{v} {k}" for k, v in f["skipped"].items() if v) or "none"
+        ffr = "-" if f["test_ffr"] is None else f"{f['test_ffr']:.2%}"
+        lines.append(f"Fallback: {f['rules']} rules from {f['source']} (left out: {skipped}); "
+                     f"they fail {f['val_ffr']:.2%} of validation and {ffr} of test passes.")
+    return lines
+
+
+def baselines_table(report: dict[str, Any]) -> str:
+    """Methods on the same test rows: AUC, false-fail, recall per class (equal false-fail)."""
+    cmp = report.get("baselines")
+    if not cmp:
+        return ""
+    methods = cmp["methods"]
+    classes = sorted({c for m in methods.values() for c in m["recall"]})
+    head = ["method", "AUC [95% CI]", "FFR test", *[f"{c} @eq.FFR" for c in classes]]
+    rows = []
+    for name, m in methods.items():
+        ci = m["roc_auc_ci"]
+        rows.append([cmp["titles"][name], f"{m['roc_auc']:.4f}" + (
+            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
+            f"{m['test_ffr']:.2%} ({m['passes_flagged'][0]}/{m['passes_flagged'][1]})",
+            *[(f"{m['recall'][c]['recall_equal_ffr']:.3f} ({m['recall'][c]['n']})"
+               if c in m["recall"] else "-") for c in classes]])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows])
+
+
 def _markdown(report: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     data, b = report.get("data", {}), report.get("build", {})
     lines = [f"# Build report: {b.get('name', 'model')} {b.get('version', '')}", ""]
     if data:
         lines += ["## Data", ""] + [f"- {k.replace('_', ' ')}: {v}" for k, v in data.items()]
         lines.append("")
+    text = _findings_text(report)
+    if text:
+        lines += ["## What this build means", ""] + [
+            (t if t.startswith("  -") else f"- {t}") for t in text] + [""]
     lines += ["## Results (test split)", "", "```", summary_table(report), "```", ""]
+    table = baselines_table(report)
+    if table:
+        lines += ["## Baselines (same test rows; recall at equal false-fail, class size in "
+                  "brackets)", "", "```", table, "```", ""]
     findings = report.get("findings", {})
     if findings:
-        lines += ["## Findings", ""] + [f"- {k.replace('_', ' ')}: {v or 'none'}"
+        lines += ["## Findings", ""] + [f"- {k.replace('_', ' ')}: {_readable(v)}"
                                         for k, v in findings.items()]
         lines.append("")
     notes = report.get("notes", [])

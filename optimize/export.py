@@ -1,7 +1,8 @@
 """Stage 5: one ONNX graph, raw parameters in, score and top-k contributions out.
 
     params (batch, F) float32, NaN = missing
-      -> preprocessing (optimize.preprocess: impute, bound, robust scale; clip for the AE input)
+      -> preprocessing (optimize.preprocess: log of skewed columns, impute, bound, robust
+                        scale; clip for the AE input)
       -> autoencoder   (Gemm [+ Relu] per layer; MatMul + Add with layer_op="MatMul")
       -> contribution  = where(missing, 0, (z - recon)^2 * weight) / max(1, measured features)
       -> score         = sum of contributions (batch,)
@@ -66,9 +67,17 @@ def to_onnx(det: Detector, top_k: int, name: str = "die_ae", layer_op: str = "Ge
     def node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [output], name=output, **attrs)
 
-    nodes = [
-        node("IsNaN", [INPUT_NAME], "missing"),  # (batch, F) bool
-        node("Where", ["missing", "center", INPUT_NAME], "imputed"),
+    nodes = [node("IsNaN", [INPUT_NAME], "missing")]  # (batch, F) bool
+    source = INPUT_NAME
+    if prep.log is not None and prep.log_floor is not None and prep.log.any():
+        inits += [numpy_helper.from_array(prep.log, "log_mask"),
+                  numpy_helper.from_array(prep.log_floor.astype(f32), "log_floor")]
+        nodes += [node("Max", [INPUT_NAME, "log_floor"], "floored"),
+                  node("Log", ["floored"], "logged"),
+                  node("Where", ["log_mask", "logged", INPUT_NAME], "params_log")]
+        source = "params_log"
+    nodes += [
+        node("Where", ["missing", "center", source], "imputed"),
         node("Min", ["imputed", "high"], "upper"),
         node("Max", ["upper", "low"], "bounded"),
         node("Sub", ["bounded", "center"], "centered"),

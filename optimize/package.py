@@ -116,6 +116,8 @@ def package(
     decision: dict[str, Any],
     rules: list[dict[str, Any]],
     golden: dict[str, Any],
+    max_missing: int | None = None,
+    rules_min_measured: float | None = None,
     evaluation: dict[str, Any],
     drift: dict[str, Any] | None,
     key: Ed25519PrivateKey,
@@ -134,6 +136,10 @@ def package(
         "golden": golden,
         "evaluation": evaluation,
     }
+    if max_missing is not None:
+        fields["input"]["max_missing"] = int(max_missing)
+    if rules_min_measured is not None:
+        fields["fallback"]["min_measured"] = float(rules_min_measured)
     if valid_days > 0:
         fields["expires"] = format_time(now + timedelta(days=valid_days))
     if drift is not None:

@@ -1,12 +1,14 @@
 """`edgefleet optimize build`: data file in, signed bundle and report out.
 
     load -> split -> preprocess -> train -> prune -> export -> quantize -> calibrate
-         -> evaluate -> package
+         -> evaluate -> baselines -> gates -> package
 
 Each stage is a function in its own module; `build` calls them in order and is the only place
 that knows the order. Everything is written into a staging directory inside `out_dir` and moved
 into place only when the bundle is signed and has passed its own golden self-test, so a failed
-build leaves the previous build's files untouched and no partial bundle behind.
+build leaves the previous build's files untouched and no partial bundle behind. A build that
+fails a gate (`optimize.gates`) writes its report but no bundle and raises `BuildRefused`
+(exit 1), unless the config's `gate.accept_risk` (`--accept-risk`) gives a reason to sign.
 
 Configuration: one frozen dataclass per stage, gathered in `BuildConfig`. `load_config` reads,
 in increasing precedence, the defaults, a JSON file (`{"train": {"epochs": 10}, ...}`),
@@ -33,17 +35,22 @@ import numpy as np
 from agent.errors import UsageError
 from agent.keys import load_private_key
 from agent.manifest import Manifest
+from optimize.baselines import compare
+from optimize.breakdown import ffr_by_group
 from optimize.calibrate import (
     CalibrateConfig,
     Decision,
     calibrate_threshold,
-    drift_reference,
+    drift_with_noise_floor,
     fallback_rules,
+    learn_max_missing,
     rule_violations,
+    window_psi,
 )
 from optimize.data import Dataset, load_dataset
 from optimize.evaluate import EvaluateConfig, Scored, evaluate, measure_latency, write_report
 from optimize.export import check_export, run, to_onnx
+from optimize.gates import BuildRefused, GateConfig, gate_reasons, gate_record
 from optimize.package import (
     BUNDLE_NAME,
     golden_rows,
@@ -86,6 +93,7 @@ class BuildConfig:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 def load_config(
@@ -247,7 +255,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     where = str(data_path)
     split = split_dataset(data, cfg.split)
     stage("preprocess")
-    prep = fit_preprocessor(split.train.x, cfg.preprocess.clip, cfg.preprocess.bound, where)
+    prep = fit_preprocessor(split.train.x, cfg.preprocess.clip, cfg.preprocess.bound, where,
+                            log_skewed=cfg.preprocess.log_skewed)
     x_val_pass = split.val.x[split.val.passes]
     z_train, z_val = prep.transform(split.train.x), prep.transform(x_val_pass)
 
@@ -284,13 +293,20 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     val8, test8 = score_rows(quant.model, split.val.x), score_rows(quant.model, split.test.x)
     decision = calibrate_threshold(val8[split.val.passes], cfg.calibrate.target_ffr)
     scored["pruned_int8"] = Scored(val8, test8, decision.threshold, decision, quant.model)
-    rules, rules_source = fallback_rules(split.train.x, data.spec, cfg.calibrate.rule_sigmas)
+    rules, rules_source, rules_skipped = fallback_rules(
+        split.train.x, data.spec, cfg.calibrate.rule_sigmas, x_val_passes=x_val_pass,
+        target_ffr=cfg.calibrate.target_ffr, min_distinct=cfg.calibrate.min_distinct)
     scored["rules"] = Scored(rule_violations(rules, split.val.x).astype(np.float64),
                              rule_violations(rules, split.test.x).astype(np.float64), 0.5)
-    drift = drift_reference(split.train.x, cfg.calibrate.drift_bins)
+    recent = np.vstack([split.train.x, x_val_pass])  # time order: training, then validation
+    missing = learn_max_missing(recent)
+    drift = drift_with_noise_floor(recent, cfg.calibrate, cfg.train.seed,
+                                   max_window=max(len(split.test), 200))
     log.info("threshold %.4g (validation false-fail %.2f%% of %d passes), confidence scale "
-             "%.3g, %d fallback rules from %s", decision.threshold, 100 * decision.val_ffr,
-             decision.n_val_passes, decision.confidence_scale, len(rules), rules_source)
+             "%.3g, %d fallback rules from %s, max_missing %d, drift alert PSI %.3g (noise "
+             "floor %.3g)", decision.threshold, 100 * decision.val_ffr, decision.n_val_passes,
+             decision.confidence_scale, len(rules), rules_source, missing["max_missing"],
+             drift["alert_psi"], drift["noise_floor_psi"])
 
     stage("evaluate")
     latency = measure_latency({k: scored[k].model for k in ("fp32", "pruned_fp32", "pruned_int8")},
@@ -301,6 +317,11 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     report["data"] = _data_summary(data, split, prep.active)
     report["findings"] = _findings(data, split, rules, quant.model, decision.threshold)
     report["export_max_abs_diff"] = export_diff
+    stage("baselines")
+    report.update(_floor_figures(split, cfg, scored, decision, drift, missing, rules,
+                                 rules_source, rules_skipped))
+    reasons = gate_reasons(report, cfg.calibrate.target_ffr, cfg.gate)
+    report["gates"] = gate_record(reasons, cfg.gate)
     report["quantization"] = {"method": quant.method,
                               "candidates": {k: dataclasses.asdict(v)
                                              for k, v in quant.parity.items()}}
@@ -317,6 +338,14 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     report["build"] = {"name": cfg.package.name, "version": version, "sequence": seq,
                        "seconds_until_report": round(time.perf_counter() - t_start, 1),
                        "config": dataclasses.asdict(cfg)}
+    if not report["gates"]["signed"]:
+        report["build"]["version"] = f"{version} (refused, not signed)"
+        _publish(out_dir, lambda staging: (write_report(staging, report, split, scored), None),
+                 bundle=False)
+        raise BuildRefused(
+            f"{data_path}: build refused, not signed: " + "; ".join(reasons),
+            hint=f"report in {out_dir / 'report.md'}; fix the data or model, or sign anyway "
+                 'with --accept-risk "why"')
 
     def write(staging: Path) -> tuple[list[Path], Manifest]:
         (staging / "models").mkdir()
@@ -333,6 +362,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
             decision={"threshold": decision.threshold,
                       "confidence_scale": decision.confidence_scale, "top_k": top_k},
             rules=rules,
+            max_missing=missing["max_missing"],
+            rules_min_measured=cfg.calibrate.rules_min_measured,
             golden=golden,
             evaluation=_manifest_evaluation(report, decision, cfg, len(split.train)),
             drift=drift,
@@ -347,9 +378,11 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     return BuildResult(out_dir / BUNDLE_NAME, manifest, report, seconds)
 
 
-def _publish(out_dir: Path, write: Callable[[Path], tuple[list[Path], Manifest]]) -> Manifest:
+def _publish(out_dir: Path, write: Callable[[Path], tuple[list[Path], Any]], *,
+             bundle: bool = True) -> Any:
     """Let `write` fill a staging directory inside `out_dir`, then move its files into place,
-    the bundle last. On failure nothing moves, and an `out_dir` this created is removed again."""
+    the bundle last (none for a refused build). On failure nothing moves, and an `out_dir` this
+    created is removed again."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".build-{os.getpid()}.tmp"
@@ -358,7 +391,7 @@ def _publish(out_dir: Path, write: Callable[[Path], tuple[list[Path], Manifest]]
     try:
         files, manifest = write(staging)
         (out_dir / "models").mkdir(exist_ok=True)
-        for src in [*files, staging / BUNDLE_NAME]:
+        for src in [*files, *([staging / BUNDLE_NAME] if bundle else [])]:
             os.replace(src, out_dir / src.relative_to(staging))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -372,7 +405,9 @@ def _publish(out_dir: Path, write: Callable[[Path], tuple[list[Path], Manifest]]
 
 def _notes(cfg: BuildConfig, decision: Decision, method: str, golden: dict[str, Any],
            rules: list[dict[str, Any]], rules_source: str) -> list[str]:  # fmt: skip
-    source = "the spec limits" if rules_source == "spec" else "robust bounds of training passes"
+    source = ("the spec limits" if rules_source == "spec" else
+              "static PAT limits of training passes (guarded: no quantized, near-constant or "
+              "too-tight signals)")
     return [
         "Each model is judged at its own threshold, calibrated on validation passes at "
         f"{cfg.calibrate.target_ffr:.2%} false-fail; test false-fail can differ (drift).",
@@ -402,5 +437,44 @@ def _manifest_evaluation(report: dict[str, Any], decision: Decision, cfg: BuildC
         "golden_tolerance": "2x worst INT8-vs-FP32 relative difference (>= 5%); abs 1% of "
                             "threshold (x86 vs ARM INT8 kernels)",
         "data": report["data"]["source"], "train_rows": train_rows,
+        "gates": report["gates"],
+        "baseline_verdict": (report.get("baselines") or {}).get("verdict"),
     }
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _floor_figures(split: Split, cfg: BuildConfig, scored: dict[str, Scored],
+                   decision: Decision, drift: dict[str, Any], missing: dict[str, Any],
+                   rules: list[dict[str, Any]], rules_source: str,
+                   rules_skipped: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """What a product engineer acts on: baselines on the same splits, false-fail per lot /
+    wafer / tester, confusion counts, drift against the noise floor, missing values, rules."""
+    t, target = split.test, cfg.calibrate.target_ffr
+    s8 = scored["pruned_int8"]
+    flagged = s8.test > decision.threshold
+    out: dict[str, Any] = {}
+    out["baselines"] = compare(split, s8.val, s8.test, target, seed=cfg.train.seed)
+    if t.labels is not None:
+        fails = t.labels == 1
+        out["confusion"] = {"fail_flagged": int((flagged & fails).sum()),
+                            "fail_passed": int((~flagged & fails).sum()),
+                            "pass_flagged": int((flagged & ~fails).sum()),
+                            "pass_passed": int((~flagged & ~fails).sum()),
+                            "threshold": decision.threshold}
+        if t.groups:
+            out["breakdown"] = ffr_by_group(flagged, t.passes, t.groups, target)
+    test_missing = np.isnan(t.x).sum(axis=1)
+    out["missing"] = {**missing, "test_dies_beyond": int((test_missing > missing["max_missing"])
+                                                         .sum()),
+                      "test_most_missing": int(test_missing.max()) if len(t) else 0}
+    test_psi = window_psi(drift, t.x)
+    out["drift"] = {"alert_psi": drift["alert_psi"], "noise_floor_psi": drift["noise_floor_psi"],
+                    "lot_to_lot_psi": drift["lot_to_lot_psi"], "test_psi": test_psi,
+                    "reference_rows": drift["pool"], "window": drift["window"],
+                    "reference": "the most recent passing dies before the test part"}
+    out["fallback"] = {"source": rules_source, "rules": len(rules),
+                       "skipped": {k: len(v) for k, v in rules_skipped.items()},
+                       "val_ffr": float((scored["rules"].val > 0.5)[split.val.passes].mean()),
+                       "test_ffr": (float((scored["rules"].test > 0.5)[t.passes].mean())
+                                    if t.passes.any() else None)}
+    return out

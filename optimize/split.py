@@ -9,7 +9,8 @@ die looks like. Without labels every die counts as passing (only parity figures 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,7 +37,8 @@ class Part:
     x: np.ndarray  # (n, n_features) float64 raw, NaN = missing
     rows: np.ndarray  # (n,) int64
     labels: np.ndarray | None  # (n,) 1 = fail, 0 = pass
-    defect: np.ndarray | None  # (n,) str: none / gross / subtle
+    defect: np.ndarray | None  # (n,) str: none / gross / subtle / ...
+    groups: Mapping[str, np.ndarray] = field(default_factory=dict)  # lot/wafer/tester -> (n,)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -54,6 +56,10 @@ class Split:
     test: Part
     time_ordered: bool
     dropped_train_fails: int  # failing dies of the training period, not used
+    train_period: Part | None = None  # every die of the training period, fails included
+
+
+GROUP_COLUMNS = ("lot", "wafer", "tester")  # non-feature columns the report breaks rates down by
 
 
 def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
@@ -80,6 +86,7 @@ def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
             rows=rows.astype(np.int64),
             labels=None if data.labels is None else data.labels[rows],
             defect=None if data.defect is None else data.defect[rows],
+            groups=_groups(data, rows),
         )
 
     train_all, val, test = part(train_rows), part(val_rows), part(test_rows)
@@ -89,6 +96,7 @@ def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
         rows=train_all.rows[keep],
         labels=None if train_all.labels is None else train_all.labels[keep],
         defect=None if train_all.defect is None else train_all.defect[keep],
+        groups={k: v[keep] for k, v in train_all.groups.items()},
     )
     period = "by time" if data.times is not None else f"shuffled with seed {cfg.seed}"
     label_hint = "column 'label' (1/fail = failing die)" if data.labels is not None else "rows"
@@ -105,4 +113,13 @@ def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
             "calibrate the threshold",
             hint="add passing dies or lower the minimum in the build config",
         )
-    return Split(train, val, test, data.times is not None, int((~keep).sum()))
+    return Split(train, val, test, data.times is not None, int((~keep).sum()), train_all)
+
+
+def _groups(data: Dataset, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The lot / wafer / tester of each row, as strings (a wafer is named within its lot)."""
+    extra = {k.lower(): np.asarray(v) for k, v in data.extra.items()}
+    out = {k: extra[k][rows].astype(str) for k in GROUP_COLUMNS if k in extra}
+    if "wafer" in out and "lot" in out:
+        out["wafer"] = np.char.add(np.char.add(out["lot"], "-W"), out["wafer"])
+    return out

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make demo`: edgefleet's main job end to end, on this machine, in demo-out/.
 #
-#   1. generate 20,000 dies of a 512-parameter test program (with gross and subtle defects)
+#   1. simulate a test floor: 20,000 dies of a 256-parameter test program, lots on four testers,
+#      five labelled defect classes (make-data's default floor profile)
 #   2. make a release key and a device keyring that trusts it
-#   3. build the model: train, prune, INT8, calibrate, evaluate, sign      (about a minute)
+#   3. build the model: train, prune, INT8, calibrate, evaluate against the baselines (PAT, ...),
+#      pass the build gates, sign                                           (about a minute)
 #   4. verify the bundle as a device would
 #   5. start an agent with an empty model store, install the bundle through its admin socket,
 #      and screen the last 5,000 dies over its Unix socket, showing decisions and latency
@@ -34,14 +36,14 @@ wait_for() {  # wait_for PATH SECONDS
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-step "1. Generate 20,000 dies (512 parameters, gross and subtle defects)"
+step "1. Simulate a test floor: 20,000 dies (256 parameters, lots, testers, five defect classes)"
 "$EF" optimize make-data --n 20000 --seed 0 --out "$OUT/dies.csv"
 
 step "2. A release key, and a device keyring that trusts it for bundles"
 "$EF" keys generate --out "$OUT/keys" --name release
 "$EF" keys trust "$OUT/keys/release.pub" --keyring "$OUT/keyring" --role release
 
-step "3. Build the model: train, prune, quantize to INT8, calibrate, evaluate, sign"
+step "3. Build the model: train, prune, INT8, calibrate, evaluate against the baselines, gate, sign"
 "$EF" optimize build --data "$OUT/dies.csv" --key "$OUT/keys/release.key" --out "$OUT/build"
 
 step "4. Verify the bundle exactly as a device does"

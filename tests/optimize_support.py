@@ -21,6 +21,9 @@ FAST = {
     "prune": {"finetune_epochs": 2},
     "evaluate": {"latency_runs": 200, "latency_rounds": 2, "throughput_runs": 1,
                  "throughput_batch": 64},
+    # 600 dies and 3 epochs make a model no floor should take: the tests that are not about
+    # the gates sign it anyway.
+    "gate": {"accept_risk": "test data: 600 dies, 3 epochs"},
 }
 FAST_TRAIN = TrainConfig(epochs=3)
 

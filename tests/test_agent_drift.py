@@ -110,3 +110,52 @@ def test_agent_exports_drift_low_on_unshifted_and_high_on_shifted_traffic(model)
                    if k[0] == "edgefleet_drift_feature_psi")
     assert worst[0][:2] == ("1", "p003") and len(worst) == 3
     assert worst[0][2] == high[("edgefleet_drift_psi_max", ())]
+
+
+
+def test_the_alarm_uses_the_bundles_threshold_and_defaults_to_a_quarter():
+    from agent.drift import DEFAULT_ALERT_PSI, alert_threshold
+
+    assert alert_threshold({"alert_psi": 0.4}) == 0.4
+    assert alert_threshold({}) == alert_threshold(None) == DEFAULT_ALERT_PSI == 0.25
+    assert alert_threshold({"alert_psi": -1}) == alert_threshold({"alert_psi": True}) == 0.25
+    rng = np.random.default_rng(5)
+    mon = _monitor(rng.normal(size=(4000, 4)).astype(np.float32), min_rows=100,
+                   alert_psi=0.05)
+    x = rng.normal(size=(500, 4)).astype(np.float32)
+    x[:, 1] += 0.5
+    mon.observe(x)
+    r = mon.report(force=True)
+    assert r.alert_psi == 0.05 and r.alerting
+    assert not DriftMonitor((), ()).report(force=True).alerting  # no rows: NaN, no alarm
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_on_floor_data_the_shipped_alarm_is_quiet_in_distribution_and_fires_on_drift(drift):
+    """The build's reference (recent passes) and alert (from the noise floor), then the agent's
+    own monitor on the later dies of the same run: quiet without --drift, firing with it."""
+    from optimize.calibrate import CalibrateConfig, drift_with_noise_floor
+    from optimize.floor import FloorConfig, generate_floor
+
+    d = generate_floor(FloorConfig(n_dies=16_000, n_params=32, seed=11, drift=drift))
+    ok = d.labels == 0
+    early, late = d.X[:8000][ok[:8000]], d.X[-2048:]
+    ref = drift_with_noise_floor(early, CalibrateConfig(drift_pool=6000))
+    mon = DriftMonitor(tuple(map(tuple, ref["edges"])), tuple(map(tuple, ref["proportions"])),
+                       alert_psi=ref["alert_psi"])
+    mon.observe(late.astype(np.float32))
+    r = mon.report(force=True)
+    assert r.alerting is drift, (r.psi_max, ref["alert_psi"], ref["noise_floor_psi"])
+
+
+def test_agent_exports_the_bundles_alert_threshold_next_to_the_psi(tmp_path):
+    from agent.drift import drift_reference as ref_of
+
+    x = training_rows(N)
+    m = build_model(tmp_path, *make_keys(tmp_path), n_features=N,
+                    drift_reference={**ref_of(x), "alert_psi": 0.33})
+    limits = Limits(drift_interval_s=0.0, drift_window=512, drift_top_k=3)
+    with running_agent(m, limits=limits) as agent, Client(agent.path) as c:
+        c.predict_batch(training_rows(N, rows=512, seed=3))
+        got = _scrape(agent.http.url)
+    assert got[("edgefleet_drift_psi_threshold", ())] == 0.33

@@ -251,3 +251,42 @@ def test_a_bad_rules_file_is_refused_naming_the_field(tmp_path, body, needle):
     path.write_text(json.dumps(body))
     with pytest.raises(RulesError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         RuleSet.load(path)
+
+
+def test_a_die_beyond_the_bundles_max_missing_gets_the_rules_when_they_have_enough_values(
+        tmp_path, keys):
+    """The bundle's learnt max_missing replaces the agent's share; beyond it the rules decide
+    when at least `fallback.min_measured` of their parameters are measured, else the die is
+    refused. Both the single-die and the batch path."""
+    base = build_model(tmp_path, *keys, n_features=N)
+    fb = dict(base.manifest.raw["fallback"], min_measured=0.5)
+    m = build_model(tmp_path, *keys, n_features=N, input=dict(base.manifest.raw["input"],
+                    max_missing=4), fallback=fb)
+    x = training_rows(N)[:3].copy()
+    x[0, :6] = np.nan  # 10 of 16 measured: rules
+    x[0, 8] = 9.0  # and a violation among them
+    x[1, :12] = np.nan  # 4 of 16 measured: refused
+    x[2, :3] = np.nan  # within max_missing: the model
+    with running_agent(m) as agent, Client(agent.path) as c:
+        rs = c.predict_batch(x).results()
+        one = [c.request({"params": [None if np.isnan(v) else float(v) for v in row]})
+               for row in x]
+        reason = _series(agent.http.url, "edgefleet_fallback_answers_total",
+                         reason="too_many_missing")
+    assert (rs[0].source, rs[0].decision, rs[0].imputed) == ("fallback", "fail", 6)
+    assert rs[1].decision == "error" and rs[2].source == "model"
+    assert one[0]["source"] == "fallback" and one[0]["decision"] == "fail"
+    assert one[1]["error"]["code"] == "too_many_missing" and one[2]["source"] == "model"
+    assert reason == 2
+
+
+def test_max_missing_and_min_measured_come_from_the_bundle_or_the_agent_default(tmp_path, keys):
+    from agent.fallback import max_missing
+
+    plain = build_model(tmp_path, *keys, n_features=N)
+    assert max_missing(plain.manifest, N, 0.2) == 3  # floor(0.2 * 16)
+    assert max_missing(None, N, 0.5) == 8
+    assert RuleSet.from_manifest(plain.manifest).min_measured is None
+    rules = RuleSet(4, [(0, 0.0, 1.0), (2, None, 1.0)], min_measured=0.5)
+    x = np.array([[0.5, np.nan, np.nan, np.nan], [np.nan, 1, np.nan, 1]], dtype=np.float32)
+    assert rules.enough_measured(x).tolist() == [True, False]  # ruled features: 0 and 2

@@ -425,9 +425,20 @@ def test_make_data_writes_csv_and_spec_and_prints_a_summary(tmp_path: Path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "tmp" / "d.csv").exists() and (tmp_path / "tmp" / "d.spec.json").exists()
     summary = run.stdout.strip()
-    assert "\n" not in summary and "200 dies x 512 parameters" in summary and "subtle" in summary
+    assert "\n" not in summary and "floor profile, 200 dies x 256 parameters" in summary
     got = load_csv(tmp_path / "tmp" / "d.csv")
-    assert got.X.shape == (200, 512) and got.spec is not None
+    assert got.X.shape == (200, 256) and got.spec is not None
+    assert {"lot", "wafer", "x", "y", "tester"} <= set(got.extra)  # kept apart from X
+
+
+def test_make_data_classic_profile_keeps_the_earlier_generator(tmp_path: Path):
+    run = _edgefleet("optimize", "make-data", "--profile", "classic", "--n", "200", "--out",
+                     "d.csv", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "classic profile, 200 dies x 512 parameters" in run.stdout and "subtle" in run.stdout
+    assert load_csv(tmp_path / "d.csv").X.shape == (200, 512)
+    bad = _edgefleet("optimize", "make-data", "--profile", "nope", "--out", "e.csv", cwd=tmp_path)
+    assert bad.returncode == 2 and "--profile must be floor or classic" in bad.stderr
 
 
 def test_make_data_bad_usage_exits_2_and_unwritable_output_exits_1(tmp_path: Path):

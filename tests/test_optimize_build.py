@@ -133,7 +133,10 @@ def test_build_without_labels_reports_parity_but_no_recall(built, tmp_path, caps
     assert report["parity"]["int8_vs_pruned_fp32"]["decision_agreement"] >= 0.98
     assert "flagged test" in stdout and not (out / "roc.png").exists()
     manifest = verify_bundle(out / "model.efb", Keyring.load(built.keyring))
-    assert len(manifest.rules) == 32  # robust bounds: no spec sidecar
+    # static PAT limits (no spec sidecar), minus those the guards left out
+    skipped = report["fallback"]["skipped"]
+    assert report["fallback"]["source"] == "pat"
+    assert len(manifest.rules) == 32 - sum(skipped.values()) >= 16
 
 
 def test_config_precedence_is_file_then_environment_then_flags(tmp_path):
@@ -243,3 +246,56 @@ def test_secom_build_succeeds_with_finite_scores_and_int8_parity(keys, tmp_path,
     assert report["parity"]["int8_vs_pruned_fp32"]["decision_agreement"] >= 0.99
     manifest = verify_bundle(out / "model.efb", Keyring.load(keys[1]))
     assert manifest.input.n_features == 207 and manifest.drift_edges is not None
+
+
+def test_a_build_that_fails_a_gate_is_refused_with_reasons_unless_the_risk_is_accepted(
+        built, tmp_path, capsys):
+    """Exit 1, one line naming every failed gate, the report written, no bundle; with
+    --accept-risk the same build is signed and the reason is in the manifest and the report."""
+    strict = fast_config_file(tmp_path / "strict.json",
+                              gate={"accept_risk": "", "max_ffr_ratio": 0.0})
+    out = tmp_path / "refused"
+    args = ["optimize", "build", "--data", str(built.data), "--key", str(built.key), "--out",
+            str(out), "--config", str(strict), "-q"]
+    code, _, err = _cli(args, capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "build refused, not signed: " in err and "test false-fail" in err
+    assert "--accept-risk" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"]["passed"] is False and not report["gates"]["signed"]
+    assert any("test false-fail" in r for r in report["gates"]["reasons"])
+    assert "REFUSED, not signed" in (out / "report.md").read_text()
+    assert not (out / "model.efb").exists() and not list(out.glob(".build-*"))
+
+    code, _, err = _cli([*args, "--accept-risk", "pilot lot, engineer on the floor"], capsys)
+    assert code == 0, err
+    manifest = verify_bundle(out / "model.efb", Keyring.load(built.keyring))
+    gates = manifest.evaluation["gates"]
+    assert gates["accepted_risk"] == "pilot lot, engineer on the floor" and gates["signed"]
+    assert "accepted risk: pilot lot" in (out / "report.md").read_text()
+
+
+def test_report_names_the_baselines_the_breakdown_drift_missing_values_and_rules(built):
+    report = json.loads((built.out / "report.json").read_text())
+    cmp = report["baselines"]
+    assert {"model", "static_pat", "pca_t2", "iforest"} <= set(cmp["methods"])
+    assert cmp["best_unsupervised"] in cmp["methods"] and "baseline" in cmp["verdict"]
+    for m in cmp["methods"].values():
+        lo, hi = m["roc_auc_ci"]
+        assert lo <= m["roc_auc"] <= hi and m["passes_flagged"][1] > 0
+    c = report["confusion"]
+    assert c["fail_flagged"] + c["fail_passed"] == report["data"]["test_fails"]
+    assert set(report["breakdown"]) == {"lot", "wafer"}  # classic data: no tester column
+    d = report["drift"]
+    assert d["alert_psi"] >= max(0.1, 2 * d["noise_floor_psi"]) - 1e-6
+    assert d["test_psi"] is None  # 120 test dies: under the 200 the agent needs for a PSI
+    assert report["missing"]["max_missing"] >= report["missing"]["most_missing_seen"]
+    manifest = verify_bundle(built.out / "model.efb", Keyring.load(built.keyring))
+    assert manifest.raw["input"]["max_missing"] == report["missing"]["max_missing"]
+    assert manifest.raw["drift_reference"]["alert_psi"] == d["alert_psi"]
+    md = (built.out / "report.md").read_text()
+    for text in ("## What this build means", "## Baselines", "False-fail per group",
+                 "noise floor", "max_missing", "ffr_threshold.png", "missing.png",
+                 "ffr_groups.png"):
+        assert text in md, text
+    assert "{" not in md.split("## Findings")[1].split("##")[0]  # text, not Python reprs

@@ -47,6 +47,24 @@ def test_onnx_scores_match_pytorch(exported):
     assert check_export(model, det, x) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+def test_log_columns_are_mirrored_in_the_graph_including_zero_negative_and_missing_values():
+    """Skewed positive columns go through ln(max(x, floor)) in both the reference and the
+    graph; a reading at or below zero stays finite and a missing one is imputed."""
+    from optimize.preprocess import fit_preprocessor
+
+    split, _ = small_split()
+    prep = fit_preprocessor(split.train.x, log_skewed=True)
+    assert prep.log is not None and 0 < prep.log.sum() < 32  # leakage and IDDQ columns
+    det = Detector.fit(prep, small_model(), split.train.x)
+    model = to_onnx(det, TOP_K)
+    x = split.test.x[:64].copy()
+    col = int(np.flatnonzero(prep.log)[0])
+    x[0, col], x[1, col], x[2, col] = 0.0, -5.0, np.nan
+    got, ref = run(model, x)[0], det.scores(x)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_any_batch_size_missing_values_and_infinities_give_finite_scores(exported):
     _, model = exported
     x = small_split()[0].test.x[:7].astype(np.float32).copy()
