@@ -88,7 +88,8 @@ def test_light_mode_over_two_processes(tmp_path: Path, broker: Broker, fleet_key
     assert actives.pop(bad) != sha
     assert set(actives.values()) == {sha}
     assert [u["devices"] for u in usage] == [15, 15]
-    for u in usage:  # each process measured the real steps once and reuses the durations
+    for u in usage:  # each process measured the real steps and reuses the durations
         t = u["light_timings"]
+        assert t["measured"] and t["samples"] == 3
         assert t["load_s"] > 0 and t["self_test_s"] > 0 and t["latency_s"] > 0
     assert len(sim.final_usage) == 2
