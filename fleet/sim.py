@@ -88,6 +88,7 @@ class SimConfig:
     traffic: Any = None  # a fleet.simtraffic.TrafficConfig
     preinstall: Path | None = None
     sites: int = 1  # labels site=s0..s<sites-1> (round-robin) instead of site=sim
+    site: str | None = None  # or every device site=<site> (one simulator per site broker)
     light: bool = False  # light mode (see the module docstring)
     full_devices: frozenset[str] = frozenset()  # in light mode, these run in full mode
     offset: int = 0  # this simulator's devices are offset .. offset + devices - 1
@@ -102,7 +103,8 @@ class SimConfig:
         return self.id_format.format(i)
 
     def labels(self, i: int) -> dict[str, str]:
-        return {"site": "sim" if self.sites <= 1 else f"s{i % self.sites}",
+        site = self.site or ("sim" if self.sites <= 1 else f"s{i % self.sites}")
+        return {"site": site,
                 "tester": f"t{i % 8}",
                 "group": self.groups[0] if i == 0 else self.groups[1 + i % (len(self.groups) - 1)]}
 
