@@ -35,24 +35,30 @@ PER_SITE = 8
 
 
 class SiteBroker(Broker):
-    """A plain listener for the site's (simulated) devices, and the TLS bridge to the centre."""
+    """The site's broker and its TLS bridge to the centre. Without `pki`, a plain listener for
+    the site's simulated devices (they share one MQTT configuration, so not one certificate
+    each); with it, the shipped TLS listener, a certificate per device and the per-device ACL
+    (it reuses the PKI's broker certificate: it is for 127.0.0.1 too)."""
 
-    def __init__(self, workdir: Path, bridge: Bridge) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, bridge: Bridge, pki: PKI | None = None) -> None:
+        super().__init__(workdir, pki=pki)
         self.bridge = bridge
-        self.conf = render_site_broker_config(workdir, bridge, port=self.port, tls=False,
-                                              user=getpass.getuser())
+        tls = {} if pki is None else {"ca_file": pki.ca.cert, "cert_file": pki.server.cert,
+                                      "key_file": pki.server.key}
+        self.conf = render_site_broker_config(workdir, bridge, port=self.port,
+                                              tls=pki is not None, user=getpass.getuser(),
+                                              **tls)
 
 
-def _site(tmp: Path, pki: PKI, central: Broker, name: str, devices: tuple[str, ...]
-          ) -> tuple[SiteBroker, WanLink]:
+def _site(tmp: Path, pki: PKI, central: Broker, name: str, devices: tuple[str, ...],
+          site_pki: PKI | None = None) -> tuple[SiteBroker, WanLink]:
     wan = WanLink(central.host, central.port).start()
     cert = issue_bridge(pki.dir, tmp / name, name)
     bridge = Bridge(name, wan.host, wan.port, ca_file=pki.ca.cert, cert_file=cert.cert,
                     key_file=cert.key, devices=devices, restart_timeout="1 2", keepalive_s=5)
     add_bridge_to_acl(central.workdir / "acl", bridge)
     (tmp / name / "broker").mkdir(parents=True)
-    return SiteBroker(tmp / name / "broker", bridge), wan
+    return SiteBroker(tmp / name / "broker", bridge, site_pki), wan
 
 
 def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
@@ -162,6 +168,47 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
         wan_a.stop()
         wan_b.stop()
         srv.stop()
+
+
+def test_a_device_on_a_tls_site_broker_takes_a_command_from_the_centre(
+        tmp_path: Path, pki: PKI, fleet_keys: FleetKeys, artifacts):
+    """The shipped TLS configuration on both sides: a real device with its own certificate on
+    the site broker (per-device ACL) installs a bundle the controller sent to the central
+    broker. The bridge carries only the site's listed devices: a device the site does not list
+    reaches its site broker but never the centre."""
+    from fleet.transport import FleetController
+    from tests.broker_fixtures import make_box, make_real_bundle
+
+    (tmp_path / "central").mkdir()
+    central = Broker(tmp_path / "central", pki=pki)
+    site, wan = _site(tmp_path, pki, central, "fab1", ("box-1",), site_pki=pki)
+    url, sha, size = artifacts.add(make_real_bundle(tmp_path / "v1.efb",
+                                                    fleet_keys.release_key, sequence=1))
+    central.start()
+    site.start()
+    boxes = []
+    try:
+        with FleetController(central.mqtt(CONTROLLER_NAME),
+                             fleet_key=fleet_keys.fleet_key) as ctl:
+            boxes = [make_box(tmp_path / "boxes", site, fleet_keys, d,
+                              mqtt=site.mqtt(d), labels={"site": "fab1"})
+                     for d in ("box-1", "box-stray")]
+            assert ctl.wait_for(lambda c: (c.state("box-1") or {}).get("online"), 30)
+            cmd = ctl.install("box-1", url=url, sha256=sha, size=size, sequence=1,
+                              rollout_id="r-tls-site")
+            assert ctl.wait_command(cmd.id, 60)["step"] == "live"
+            assert ctl.wait_for(lambda c: (((c.state("box-1") or {}).get("model") or {})
+                                           .get("active") or {}).get("digest") == sha, 30)
+            # the stray box is connected to its site broker, reporting there ...
+            assert boxes[1].link.connected.wait(10)
+            # ... and the centre never heard of it (states are sent at connect)
+            assert ctl.state("box-stray") is None
+    finally:
+        for b in boxes:
+            b.stop()
+        site.stop()
+        central.stop()
+        wan.stop()
 
 
 def test_site_bridge_renders_per_device_and_wildcard_topics(tmp_path: Path):
