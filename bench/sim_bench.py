@@ -45,6 +45,18 @@ from fleet.transport import FleetController  # noqa: E402
 from tests.broker_fixtures import Broker  # noqa: E402
 
 INSTALL_TIMEOUT_S = 60.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of another process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 TRAFFIC = TrafficConfig(interval_s=1.0, batch=32)
 # A light install mostly sleeps (the measured ONNX Runtime time a real box would spend on its
 # own CPU), so a light process runs many at once; full mode keeps today's 4 workers.
@@ -119,12 +131,17 @@ def run(env: Env, mode: str, procs: int, n: int, parallel: int, state_s: float,
             out["reported"] = len(ctl.devices())
             inst = Installs(ctl, parallel)
             before = sim.usage()
+            others0 = (own_cpu_s(), proc_cpu_s(broker.proc.pid),
+                       proc_cpu_s(env.artifacts.pid))
             s0 = inst.states
             p = env.pubs["v2"]
             wall = inst.run(sim.device_ids, f"http://127.0.0.1:{env.art_port}/sha256/{p.digest}",
                             p.digest, p.size, p.sequence)
             states = inst.states - s0
             after = sim.usage()
+            others = [b - a for a, b in zip(others0, (
+                own_cpu_s(), proc_cpu_s(broker.proc.pid), proc_cpu_s(env.artifacts.pid)),
+                strict=True)]
         lat = [t - inst.sent[c] for c, (t, step) in inst.done.items() if step == "live"]
         steps = [step for _, step in inst.done.values()]
         out.update({
@@ -138,6 +155,11 @@ def run(env: Env, mode: str, procs: int, n: int, parallel: int, state_s: float,
             # every state message (periodic, plus one per install step) against the periodic
             # ones due: received < due means the simulator fell behind its own schedule
             "state_messages": {"received": states, "periodic_due": int(n * wall / state_s)},
+            # where the rest of the CPU went (cores busy during the installs)
+            "cpu_share_during_installs": {
+                "bench_controller": round(others[0] / wall, 2),
+                "mosquitto": round(others[1] / wall, 2),
+                "artifact_server": round(others[2] / wall, 2)},
             "on_v2": sum(a == p.digest for a in sim.actives().values()),
             "procs_detail": [{"devices": a["devices"],
                               "cpu_s_during_installs": round(a["cpu_s"] - b["cpu_s"], 2),

@@ -39,10 +39,11 @@ from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
 from agent.link import Topics
 from fleet.certs import BRIDGE_PREFIX
-from fleet.transport import REPO_BROKER_DIR, _render, render_broker_config
+from fleet.transport import REPO_BROKER_DIR, _render, render_acl, render_broker_config
 
-__all__ = ["Bridge", "add_bridge_to_acl", "bridge_name", "render_bridge",
-           "render_bridge_acl", "render_site_broker_config"]
+__all__ = ["K3S_PATHS", "Bridge", "add_bridge_to_acl", "bridge_name", "k3s_bridge",
+           "render_bridge", "render_bridge_acl", "render_site_broker_config",
+           "render_site_broker_k3s"]
 
 
 def bridge_name(site: str) -> str:
@@ -127,6 +128,43 @@ def render_site_broker_config(out_dir: Path, bridge: Bridge, *, port: int, tls: 
                                 template_dir=template_dir)
     atomic_write(conf, (conf.read_text() + "\n" + render_bridge(bridge, template_dir)).encode())
     return conf
+
+
+# Where the site overlay's broker Deployment mounts its files
+# (k3s/overlays/site-example/site-broker/deployment.yaml): the central broker's layout, plus the
+# bridge's certificate.
+K3S_PATHS = {
+    "ACL_FILE": "/mosquitto/config/acl",
+    "PORT": "8883",
+    "BIND": "0.0.0.0",
+    "CA_FILE": "/mosquitto/certs/ca.crt",
+    "CERT_FILE": "/mosquitto/certs/broker.crt",
+    "KEY_FILE": "/mosquitto/certs/broker.key",
+    "DATA_DIR": "/mosquitto/data",
+    "USER": "mosquitto",
+}
+K3S_HEADER = (
+    "# Rendered by fleet/bridge.py (broker/mosquitto-tls.conf + broker/bridge.template) for\n"
+    "# the site broker pod's paths (`edgefleet fleet certs site --k3s`).\n")
+
+
+def k3s_bridge(bridge: Bridge) -> Bridge:
+    """`bridge` with the certificate paths of the site broker pod."""
+    from dataclasses import replace
+
+    certs = Path("/mosquitto/certs")
+    return replace(bridge, ca_file=certs / "ca.crt", cert_file=certs / "bridge.crt",
+                   key_file=certs / "bridge.key")
+
+
+def render_site_broker_k3s(bridge: Bridge, template_dir: Path = REPO_BROKER_DIR
+                           ) -> dict[str, str]:
+    """The site broker pod's `mosquitto.conf` and `acl` (TLS for the devices, the bridge with
+    the pod's certificate paths), as file name -> text."""
+    broker = _render((template_dir / "mosquitto-tls.conf").read_text(), K3S_PATHS)
+    return {"mosquitto.conf": K3S_HEADER + broker + "\n" + render_bridge(k3s_bridge(bridge),
+                                                                          template_dir),
+            "acl": render_acl(bridge.local_prefix, template_dir=template_dir)}
 
 
 def add_bridge_to_acl(acl: Path, bridge: Bridge, template_dir: Path = REPO_BROKER_DIR) -> None:

@@ -103,12 +103,20 @@ def certs_site(
                                      "(repeatable): the bridge carries only theirs. None: "
                                      "every device's topics."),
     prefix: str = typer.Option("edgefleet", "--prefix", help="MQTT topic prefix."),
+    k3s: bool = typer.Option(False, "--k3s", help="Write the broker configuration for the "
+                             "site overlay's pod (its mount paths) instead of for OUT."),
     force: bool = typer.Option(False, "--force", help="Replace existing certificates."),
 ) -> None:
     """A site broker bridged to the central broker: its server certificate, the bridge's
     client certificate, OUT/broker/mosquitto.conf + acl, and the bridge's block in the
     central broker's ACL (CA/broker/acl). See docs/deploy-k3s.md, Sites."""
-    from fleet.bridge import Bridge, add_bridge_to_acl, render_site_broker_config
+    from agent.fsio import atomic_write
+    from fleet.bridge import (
+        Bridge,
+        add_bridge_to_acl,
+        render_site_broker_config,
+        render_site_broker_k3s,
+    )
     from fleet.certs import issue_bridge, issue_server
 
     server = issue_server(ca, out, hosts=tuple(broker_host), force=force)
@@ -116,9 +124,15 @@ def certs_site(
     bridge = Bridge(site, central_host, central_port, ca_file=link.ca, cert_file=link.cert,
                     key_file=link.key, devices=tuple(device), local_prefix=prefix,
                     remote_prefix=prefix)
-    conf = render_site_broker_config(out / "broker", bridge, port=port, tls=True,
-                                     bind="0.0.0.0", ca_file=server.ca,
-                                     cert_file=server.cert, key_file=server.key)
+    if k3s:
+        (out / "broker").mkdir(parents=True, exist_ok=True)
+        for name, text in render_site_broker_k3s(bridge).items():
+            atomic_write(out / "broker" / name, text.encode())
+        conf = out / "broker" / "mosquitto.conf"
+    else:
+        conf = render_site_broker_config(out / "broker", bridge, port=port, tls=True,
+                                         bind="0.0.0.0", ca_file=server.ca,
+                                         cert_file=server.cert, key_file=server.key)
     typer.echo(f"site broker: {server.cert} for {', '.join(broker_host)}")
     typer.echo(f"bridge:      {link.cert} (CN {bridge.client_id}) to "
                f"{central_host}:{central_port}, "

@@ -21,41 +21,25 @@ from pathlib import Path
 
 import pytest
 
-from fleet.bridge import Bridge, render_bridge, render_bridge_acl
-from fleet.transport import _render, render_acl
+from fleet.bridge import Bridge, render_bridge_acl, render_site_broker_k3s
+from fleet.transport import render_acl
 from tests.conftest import REPO
 
 K3S = REPO / "k3s"
 SITE = K3S / "overlays" / "site-example"
 CENTRAL = K3S / "overlays" / "central"
-# Where the site broker's Deployment mounts things (site-broker/deployment.yaml); the same
-# layout as the central broker's, plus the bridge's certificate.
-POD_PATHS = {
-    "ACL_FILE": "/mosquitto/config/acl",
-    "PORT": "8883",
-    "BIND": "0.0.0.0",
-    "CA_FILE": "/mosquitto/certs/ca.crt",
-    "CERT_FILE": "/mosquitto/certs/broker.crt",
-    "KEY_FILE": "/mosquitto/certs/broker.key",
-    "DATA_DIR": "/mosquitto/data",
-    "USER": "mosquitto",
-}
 # SITE / CENTRAL values of the example: the site's name and the central broker's.
-EXAMPLE_BRIDGE = Bridge("fab1", "mqtt.central.example", 8883,
-                        ca_file=Path("/mosquitto/certs/ca.crt"),
-                        cert_file=Path("/mosquitto/certs/bridge.crt"),
-                        key_file=Path("/mosquitto/certs/bridge.key"))
-HEADER = ("# Rendered by fleet/bridge.py (broker/mosquitto-tls.conf + broker/bridge.template) for\n"
-          "# the pod's paths; do not edit: tests/test_k3s_sites.py regenerates it\n"
-          "# (EDGEFLEET_RENDER_K3S=1). SITE: `edgefleet fleet certs site` renders your own.\n")
+EXAMPLE_BRIDGE = Bridge("fab1", "mqtt.central.example", 8883, ca_file=Path("ca.crt"),
+                        cert_file=Path("bridge.crt"), key_file=Path("bridge.key"))
+HEADER = ("# SITE: the example site fab1, bridged to mqtt.central.example; do not edit:\n"
+          "# tests/test_k3s_sites.py regenerates it (EDGEFLEET_RENDER_K3S=1).\n")
 
 
 def _expected() -> dict[Path, str]:
-    broker = _render((REPO / "broker" / "mosquitto-tls.conf").read_text(), POD_PATHS)
+    site = render_site_broker_k3s(EXAMPLE_BRIDGE)
     return {
-        SITE / "site-broker" / "mosquitto.conf":
-            HEADER + broker + "\n" + render_bridge(EXAMPLE_BRIDGE),
-        SITE / "site-broker" / "acl": render_acl(),
+        SITE / "site-broker" / "mosquitto.conf": HEADER + site["mosquitto.conf"],
+        SITE / "site-broker" / "acl": site["acl"],
         CENTRAL / "mosquitto-acl": render_acl() + render_bridge_acl(EXAMPLE_BRIDGE),
     }
 

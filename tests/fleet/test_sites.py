@@ -243,3 +243,36 @@ def test_a_device_may_not_take_a_bridge_name(tmp_path: Path, pki: PKI):
     with pytest.raises(CertError, match="reserved"):
         issue_client(pki.dir, tmp_path, "bridge-fab1")
     assert issue_bridge(pki.dir, tmp_path, "fab1").cert.name == "bridge-fab1.crt"
+
+
+def test_the_documented_site_command(tmp_path: Path):
+    """docs/deploy-k3s.md, Sites: the `edgefleet fleet certs site` command as written there,
+    after `certs init` as in step 3, writes the site broker's certificates and pod
+    configuration and lets the bridge into the central ACL for the listed devices only."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from fleet.bridge import render_site_broker_k3s
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "deploy-k3s.md").read_text()
+    init = re.search(r"^edgefleet fleet certs init .*$", doc, re.M).group()
+    site = re.search(r"^edgefleet fleet certs site (?:.*\\\n)*.*$", doc, re.M).group()
+    for line in (init, site):
+        argv = shlex.split(line.replace("\\\n", " "))
+        r = subprocess.run([sys.executable, "-m", "edgefleet", *argv[1:]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "site-fab1"
+    for name in ("broker.crt", "broker.key", "bridge-fab1.crt", "bridge-fab1.key"):
+        assert (out / name).is_file(), name
+    bridge = Bridge("fab1", "mqtt.central.fab1.example", 8883, Path("x"), Path("x"), Path("x"),
+                    devices=("box-01", "box-02"))
+    expected = render_site_broker_k3s(bridge)
+    assert (out / "broker" / "mosquitto.conf").read_text() == expected["mosquitto.conf"]
+    assert (out / "broker" / "acl").read_text() == expected["acl"]
+    acl = (tmp_path / "pki" / "broker" / "acl").read_text()
+    assert "user bridge-fab1\ntopic write edgefleet/device/box-01/state" in acl
+    assert "edgefleet/device/+/" not in acl
