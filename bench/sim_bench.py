@@ -72,6 +72,7 @@ class Installs:
         self.sent: dict[str, float] = {}
         self.done: dict[str, tuple[float, str]] = {}
         self.states = 0
+        self.events = 0
         self._cond = threading.Condition()
         ctl.add_listener(self._on)
 
@@ -79,6 +80,7 @@ class Installs:
         if kind == "state":
             self.states += 1
             return
+        self.events += 1
         cid, step = doc.get("command_id") or doc.get("id"), doc.get("step")
         if kind == "event" and step in TERMINAL_STEPS and cid in self.sent:
             with self._cond:
@@ -134,7 +136,7 @@ def run(env: Env, mode: str, procs: int, n: int, parallel: int, state_s: float,
             before = sim.usage()
             others0 = (own_cpu_s(), proc_cpu_s(broker.proc.pid),
                        proc_cpu_s(env.artifacts.pid))
-            s0 = inst.states
+            s0, e0 = inst.states, inst.events
             p = env.pubs["v2"]
             wall = inst.run(sim.device_ids, f"http://127.0.0.1:{env.art_port}/sha256/{p.digest}",
                             p.digest, p.size, p.sequence)
@@ -155,7 +157,7 @@ def run(env: Env, mode: str, procs: int, n: int, parallel: int, state_s: float,
                                   "mean": round(statistics.mean(lat), 3) if lat else None},
             # a device republishes its state when it changed (an install: twice; traffic
             # moves a full-mode device's health summary), at most every state interval
-            "state_messages": states,
+            "state_messages": states, "events": inst.events - e0,
             # where the rest of the CPU went (cores busy during the installs)
             "cpu_share_during_installs": {
                 "bench_controller": round(others[0] / wall, 2),

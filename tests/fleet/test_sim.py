@@ -93,3 +93,24 @@ def test_light_mode_over_two_processes(tmp_path: Path, broker: Broker, fleet_key
         assert t["measured"] and t["samples"] == 3
         assert t["load_s"] > 0 and t["self_test_s"] > 0 and t["latency_s"] > 0
     assert len(sim.final_usage) == 2
+
+
+def test_sim_bench_runs_and_reports(tmp_path: Path):
+    """bench/sim_bench.py end to end on a tiny floor (the figures themselves are load-dependent
+    and belong to the benchmark, not here)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "sim.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "sim_bench.py"), "--runs",
+                        "light:2:12", "--parallel", "6", "--out", str(out)],
+                       capture_output=True, text=True, timeout=110, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"]["light:2:12"]
+    assert run["live"] == run["on_v2"] == 12 and run["timeouts"] == 0
+    assert [p["devices"] for p in run["procs_detail"]] == [6, 6]
+    assert run["events"] >= 12 * 3 and set(run["cpu_share_during_installs"]) == {
+        "bench_controller", "mosquitto", "artifact_server"}
