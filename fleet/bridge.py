@@ -41,7 +41,7 @@ from agent.link import Topics
 from fleet.certs import BRIDGE_PREFIX
 from fleet.transport import REPO_BROKER_DIR, _render, render_acl, render_broker_config
 
-__all__ = ["K3S_PATHS", "Bridge", "add_bridge_to_acl", "bridge_name", "k3s_bridge",
+__all__ = ["BROKER_POD_PATHS", "Bridge", "add_bridge_to_acl", "bridge_name", "k3s_bridge",
            "render_bridge", "render_bridge_acl", "render_site_broker_config",
            "render_site_broker_k3s"]
 
@@ -130,10 +130,10 @@ def render_site_broker_config(out_dir: Path, bridge: Bridge, *, port: int, tls: 
     return conf
 
 
-# Where the site overlay's broker Deployment mounts its files
-# (k3s/overlays/site-example/site-broker/deployment.yaml): the central broker's layout, plus the
-# bridge's certificate.
-K3S_PATHS = {
+# Where the broker pods mount their files: the central broker's Deployment
+# (k3s/base/central/mosquitto/deployment.yaml) and the site broker's
+# (k3s/overlays/site-example/site-broker/deployment.yaml, which adds the bridge's certificate).
+BROKER_POD_PATHS = {
     "ACL_FILE": "/mosquitto/config/acl",
     "PORT": "8883",
     "BIND": "0.0.0.0",
@@ -161,7 +161,7 @@ def render_site_broker_k3s(bridge: Bridge, template_dir: Path = REPO_BROKER_DIR
                            ) -> dict[str, str]:
     """The site broker pod's `mosquitto.conf` and `acl` (TLS for the devices, the bridge with
     the pod's certificate paths), as file name -> text."""
-    broker = _render((template_dir / "mosquitto-tls.conf").read_text(), K3S_PATHS)
+    broker = _render((template_dir / "mosquitto-tls.conf").read_text(), BROKER_POD_PATHS)
     return {"mosquitto.conf": K3S_HEADER + broker + "\n" + render_bridge(k3s_bridge(bridge),
                                                                           template_dir),
             "acl": render_acl(bridge.local_prefix, template_dir=template_dir)}

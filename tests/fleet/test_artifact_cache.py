@@ -5,11 +5,8 @@ with a Range request, and the bundle crosses the 'WAN' (the origin) once."""
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +15,8 @@ import pytest
 
 from agent.download import DownloadConfig, download
 from fleet.artifacts import ArtifactServer, add_artifact
-from tests.broker_fixtures import free_port
 from tests.conftest import REPO
-from tests.deploy_helpers import http_get, wait_for
+from tests.deploy_helpers import http_get, nginx_serving
 
 CONF = REPO / "k3s" / "overlays" / "site-example" / "artifact-cache" / "default.conf"
 pytestmark = pytest.mark.timeout(120)
@@ -29,44 +25,13 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def cache(tmp_path: Path) -> Iterator[tuple[str, ArtifactServer]]:
     """(the cache's URL, the origin) with nginx running the shipped configuration."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed (apt-get install nginx; .ci/run does this)",
-                    pytrace=False)
     origin = ArtifactServer(tmp_path / "origin").start()
-    port = free_port()
-    conf_d = tmp_path / "conf.d"
-    conf_d.mkdir()
-    server = CONF.read_text()
-    for old, new in {"listen 8080;": f"listen 127.0.0.1:{port};",
-                     "http://artifacts.central.example:8080": origin.base_url,
-                     "/var/cache/nginx/artifacts": str(tmp_path / "cache")}.items():
-        assert old in server, old
-        server = server.replace(old, new)
-    (conf_d / "default.conf").write_text(server)
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    main = tmp_path / "nginx.conf"  # what the nginx-unprivileged image's main file provides
-    main.write_text(
-        f"user {getpass.getuser()};\nworker_processes 2;\npid {tmp_path}/nginx.pid;\n"
-        f"error_log {tmp_path}/error.log warn;\nevents {{}}\nhttp {{\n"
-        f"  access_log {tmp_path}/access.log;\n  client_body_temp_path {temp}/body;\n"
-        f"  proxy_temp_path {temp}/proxy;\n  fastcgi_temp_path {temp}/fastcgi;\n"
-        f"  uwsgi_temp_path {temp}/uwsgi;\n  scgi_temp_path {temp}/scgi;\n"
-        f"  include {conf_d}/*.conf;\n}}\n")
-    check = subprocess.run([nginx, "-t", "-c", str(main), "-g", "daemon off;"],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([nginx, "-c", str(main), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for("nginx to answer", lambda: http_get(url + "/healthz")[0] == 200, 15,
-                 lambda: None if proc.poll() is None else proc.stderr.read().decode())
-        yield url, origin
+        with nginx_serving(tmp_path, CONF, {
+                "http://artifacts.central.example:8080": origin.base_url,
+                "/var/cache/nginx/artifacts": str(tmp_path / "cache")}) as url:
+            yield url, origin
     finally:
-        proc.terminate()
-        proc.wait(10)
         origin.stop()
 
 
