@@ -78,6 +78,9 @@ def test_light_mode_over_two_processes(tmp_path: Path, broker: Broker, fleet_key
         cmds = {dev: ctl.install(dev, url=url, sha256=sha, size=size, sequence=2,
                                  rollout_id="r-light", wait=False) for dev in sim.device_ids}
         finals = {dev: ctl.wait_command(cmd.id, 60) for dev, cmd in cmds.items()}
+        back = cfg.device_id(3)  # a light rollback: the retained v1, checked at rest
+        assert ctl.wait_command(ctl.rollback(back, rollout_id="r-light").id, 60)["step"] \
+            == "rolled-back"
         actives = sim.actives()
         usage = sim.usage()
         assert ctl.wait_for(lambda c: all(
@@ -85,7 +88,7 @@ def test_light_mode_over_two_processes(tmp_path: Path, broker: Broker, fleet_key
             for d in sim.device_ids), 30)
     assert finals.pop(bad)["reason"] == "latency-too-high"
     assert {f["step"] for f in finals.values()} == {"live"}
-    assert actives.pop(bad) != sha
+    assert actives.pop(bad) == actives.pop(back) != sha
     assert set(actives.values()) == {sha}
     assert [u["devices"] for u in usage] == [15, 15]
     for u in usage:  # each process measured the real steps and reuses the durations
