@@ -19,11 +19,11 @@ file descriptor above 1023, so that driver stalls at about 250 devices in one pr
 Light mode (`SimConfig(light=True)`), for scale runs: every device still speaks real MQTT, verifies
 every signed command, downloads and checks the bundle, verifies its signature, unpacks it into its
 store and moves the pointers with fsync (so its state, events and store are real), but the ONNX
-Runtime load and self-test are replaced by a sleep of their measured duration (the first install
-in the process does them for real and sets the durations, see `LightTimings`). Light devices
-report a static health summary and hold no ONNX Runtime session; the ids in `full_devices` run in
-full mode (real sessions, traffic and shadow scoring) among them, e.g. a rollout's canary.
-`fleet/simprocs.py` spreads a fleet over several processes.
+Runtime load and self-test are replaced by a sleep of their measured duration (the first three
+installs in the process run them for real; `LightTimings`). Light devices report a static health
+summary, hold no ONNX Runtime session and take no shadow commands; the ids in `full_devices` run
+in full mode (real sessions, traffic and shadow scoring) among them, e.g. a rollout's canary.
+`fleet/simprocs.py` spreads a fleet over several processes. Numbers: docs/scale.md.
 
 Commands run on a shared pool of `workers` threads, one at a time per device. Faults per device
 (`DeviceFaults`): the install step fails, the self-test fails (a real one: the latency limit is
