@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,22 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
         with open_controller(central.mqtt(CONTROLLER_NAME), fleet_key=fleet_keys.fleet_key,
                              client_id=CONTROLLER_NAME) as ctl:
             wait_reporting(ctl, 2 * PER_SITE, timeout=60)  # through both bridges
+            # each bridge's link state, retained at the centre (its will says 0 when it drops)
+            links: dict[str, bytes] = {}
+            link_seen = threading.Condition()
+
+            def on_link(client: object, userdata: object, msg: Any) -> None:
+                with link_seen:
+                    links[msg.topic.split("/")[2]] = msg.payload
+                    link_seen.notify_all()
+
+            def link_is(site: str, value: bytes) -> bool:
+                with link_seen:
+                    return link_seen.wait_for(lambda: links.get(site) == value, 60)
+
+            ctl.client.message_callback_add("edgefleet/site/+/bridge", on_link)
+            ctl.client.subscribe("edgefleet/site/+/bridge", qos=1)
+            assert link_is("a", b"1") and link_is("b", b"1")
             p = pubs["v2"]
             bundle = Bundle(p.digest, p.size, srv.url_for(p.digest), p.sequence, p.name,
                             p.version)
@@ -121,6 +138,7 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
                 assert time.monotonic() < deadline and engine.is_alive(), stage("canary")
                 time.sleep(0.02)
             wan_a.cut()
+            assert link_is("a", b"0")  # the centre knows site a's link is down
             w = next(s.idx for s in watch.stages(rid) if s.name == "wave-1")
             wave = {t["device_id"] for t in watch.targets(rid) if t["stage"] == w}
             assert wave & set(ids["a"]) and wave & set(ids["b"]), "the wave spans both sites"
@@ -138,6 +156,7 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
             assert done("a") == set()
             assert stage("wave-1") == "deploying"
             wan_a.restore()
+            assert link_is("a", b"1")
             engine.join(180)
             assert not engine.is_alive()
         row = result["row"]
