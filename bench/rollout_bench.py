@@ -5,7 +5,13 @@ scoring) over a real Mosquitto, with the artifact server (`edgefleet fleet serve
 a third process.
 
     .venv/bin/python bench/rollout_bench.py [--sizes 100,500,1000] [--fault-devices 200]
+                                            [--procs 2] [--light]
                                             [--out bench/results/rollout.json]
+
+`--procs P` spreads each floor over P simulator processes (fleet/simprocs.py); `--light` runs
+the devices in the simulator's light mode (fleet/sim.py: real MQTT, signed commands, downloads,
+verification and store; the ONNX Runtime load and self-test replaced by their measured
+duration), except the canary's devices, which keep real traffic and shadow scoring.
 
 Scenarios (each on a fresh broker and a fresh floor whose devices already run v1):
 
@@ -52,6 +58,7 @@ sys.path.insert(0, str(REPO))
 from agent.keys import generate_keypair, trust_key  # noqa: E402
 from fleet.rollout import Plan, assign  # noqa: E402
 from fleet.sim import DeviceFaults, SimConfig, Simulator  # noqa: E402
+from fleet.simprocs import ProcessSimulator  # noqa: E402
 from fleet.simtraffic import TrafficConfig  # noqa: E402
 from fleet.state import StateDB  # noqa: E402
 from tests.broker_fixtures import Broker, free_port  # noqa: E402
@@ -62,6 +69,7 @@ TARGET_500_S = 60.0
 TARGET_ROLLBACK_S = 10.0
 SITES = 4
 TRAFFIC = TrafficConfig(interval_s=1.0, batch=32)
+SIM = {"procs": 1, "light": False}  # --procs, --light
 
 
 class Env:
@@ -104,12 +112,17 @@ class Floor:
         (self.dir / "broker").mkdir(parents=True)
         self.broker = Broker(self.dir / "broker").start()
         self.db_path = self.dir / "rollouts.db"
+        light = bool(SIM["light"])
         cfg = SimConfig(devices=n, root=self.dir / "sim",
                         mqtt=self.broker.mqtt(reconnect_min_s=1, reconnect_max_s=4),
                         keyring=env.keyring, state_interval_s=2.0, traffic=TRAFFIC,
-                        preinstall=env.pubs["v1"].path, sites=SITES, workers=4)
+                        preinstall=env.pubs["v1"].path, sites=SITES, workers=64 if light else 4,
+                        light=light, full_devices=frozenset(
+                            _expected_stages(n, _flags())["canary"] if light else ()))
         t0 = time.monotonic()
-        self.sim = Simulator(cfg, faults).start()
+        self.sim: Simulator | ProcessSimulator = (
+            ProcessSimulator(cfg, faults, procs=int(SIM["procs"])) if light or SIM["procs"] > 1
+            else Simulator(cfg, faults)).start()
         assert self.sim.wait_connected(120), "devices did not connect"
         self.setup_s = time.monotonic() - t0
         time.sleep(max(3.0, TRAFFIC.interval_s * 3))  # every device reports traffic
@@ -143,13 +156,7 @@ class Floor:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def actives(self) -> dict[str, str | None]:
-        from agent.link import bundle_digest
-
-        out = {}
-        for d, dev in self.sim.devices.items():
-            vid = dev.installer.store.active()
-            out[d] = bundle_digest(dev.installer.store.version_dir(vid)) if vid else None
-        return out
+        return self.sim.actives()
 
     def close(self) -> None:
         self.controller.terminate()
@@ -433,8 +440,11 @@ def main() -> None:
                    "kill-resume,broker-restart")
     p.add_argument("--no-shadow", action="store_true", help="scale runs without the shadow "
                    "stage")
+    p.add_argument("--procs", type=int, default=1, help="simulator processes per floor")
+    p.add_argument("--light", action="store_true", help="simulator light mode (see above)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "rollout.json")
     args = p.parse_args()
+    SIM.update(procs=args.procs, light=args.light)
     wanted = set(args.scenarios.split(","))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
                                            "python": platform.python_version(),

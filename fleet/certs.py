@@ -10,6 +10,8 @@ touch only `<prefix>/device/<id>/...`; so the common name *is* the device's iden
     <dir>/broker.crt broker.key     server certificate (serverAuth, SANs for the broker's names)
     <dir>/<name>.crt <name>.key     client certificates (clientAuth, CN = device id or the
                                     controller's name)
+    <dir>/bridge-<site>.crt .key    a site broker's bridge to the central broker (clientAuth;
+                                    fleet/bridge.py; `issue_bridge`)
 
 Private keys are PKCS#8 PEM, mode 0600, unencrypted (mosquitto and a headless agent must read
 them without a person present; protect them with file permissions).
@@ -33,6 +35,7 @@ from agent.fsio import atomic_write
 from agent.keys import write_private
 
 CONTROLLER_NAME = "edgefleet-controller"
+BRIDGE_PREFIX = "bridge-"  # site bridges' names (fleet/bridge.py)
 BROKER_NAME = "broker"
 DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -41,6 +44,7 @@ __all__ = [
     "CertError",
     "CertPaths",
     "init_ca",
+    "issue_bridge",
     "issue_client",
     "issue_server",
 ]
@@ -173,9 +177,21 @@ def issue_server(ca_dir: Path, out_dir: Path, *, hosts: tuple[str, ...] = DEFAUL
 def issue_client(ca_dir: Path, out_dir: Path, name: str, *, days: int = 825,
                  force: bool = False, controller: bool = False) -> CertPaths:
     """`<name>.crt`/`<name>.key`, CN = `name`: a device id, or (with `controller`) the fleet
-    controller's name. A device may not take the controller's name or the broker's."""
+    controller's name. A device may not take the controller's name, the broker's, or a
+    site bridge's (`bridge-...`: the central ACL gives those other devices' topics)."""
     if not valid_device_id(name):
         raise CertError(f"{name!r} is not a valid device id (1-64 chars of [A-Za-z0-9._-])")
-    if not controller and name in (CONTROLLER_NAME, BROKER_NAME):
+    if not controller and (name in (CONTROLLER_NAME, BROKER_NAME)
+                           or name.startswith(BRIDGE_PREFIX)):
         raise CertError(f"{name!r} is reserved; a device may not use it")
+    return _issue(ca_dir, out_dir, name, name, server=False, hosts=(), days=days, force=force)
+
+
+def issue_bridge(ca_dir: Path, out_dir: Path, site: str, *, days: int = 825,
+                 force: bool = False) -> CertPaths:
+    """`bridge-<site>.crt`/`.key`: the client certificate a site broker's bridge presents to the
+    central broker (CN `bridge-<site>`, its MQTT user name there; see fleet/bridge.py)."""
+    from fleet.bridge import bridge_name
+
+    name = bridge_name(site)
     return _issue(ca_dir, out_dir, name, name, server=False, hosts=(), days=days, force=force)

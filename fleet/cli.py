@@ -9,7 +9,7 @@
     edgefleet fleet rollout status [ID] [--watch] [-o json]
     edgefleet fleet rollout pause|resume|abort|rollback ID
     edgefleet fleet rollout list
-    edgefleet fleet certs init|issue ...
+    edgefleet fleet certs init|issue|site ...
     edgefleet fleet collect -d box-a=10.0.0.5:9465 --out dataset/ --ca ... --cert ... --key ...
 
 This module is the `fleet` group and its small commands; the `rollout` group is
@@ -110,6 +110,71 @@ def certs_issue(
     for device_id in device_ids:
         paths = issue_client(ca, out, device_id, days=days, force=force)
         typer.echo(f"{device_id}: {paths.cert} {paths.key}")
+
+
+@certs_app.command("site")
+def certs_site(
+    site: str = typer.Argument(..., help="The site's name (the bridge's CN is bridge-SITE)."),
+    ca: Path = typer.Option(..., "--ca", help="The directory `certs init` wrote: ca.crt, "
+                            "ca.key, and the central broker's broker/acl (updated here)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the site broker's files."),
+    central_host: str = typer.Option(..., "--central-host", help="The central broker's name "
+                                     "as its certificate has it."),
+    central_port: int = typer.Option(8883, "--central-port"),
+    broker_host: list[str] = typer.Option(
+        ["localhost", "127.0.0.1"], "--broker-host",
+        help="Host name or IP address the site's devices use to reach the site broker "
+        "(repeatable)."),
+    port: int = typer.Option(8883, "--port", help="TLS port of the site broker."),
+    device: list[str] = typer.Option([], "--device", help="The site's device ids "
+                                     "(repeatable): the bridge carries only theirs. None: "
+                                     "every device's topics."),
+    prefix: str = typer.Option("edgefleet", "--prefix", help="MQTT topic prefix."),
+    k3s: bool = typer.Option(False, "--k3s", help="Write the broker configuration for the "
+                             "site overlay's pod (its mount paths) instead of for OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace existing certificates."),
+) -> None:
+    """A site broker bridged to the central broker: its server certificate, the bridge's
+    client certificate, OUT/broker/mosquitto.conf + acl, and the bridge's block in the
+    central broker's ACL (CA/broker/acl). See docs/deploy-k3s.md, Sites."""
+    from agent.fsio import atomic_write
+    from fleet.bridge import (
+        Bridge,
+        add_bridge_to_acl,
+        render_site_broker_config,
+        render_site_broker_k3s,
+    )
+    from fleet.certs import issue_bridge, issue_server
+
+    server = issue_server(ca, out, hosts=tuple(broker_host), force=force)
+    link = issue_bridge(ca, out, site, force=force)
+    bridge = Bridge(site, central_host, central_port, ca_file=link.ca, cert_file=link.cert,
+                    key_file=link.key, devices=tuple(device), local_prefix=prefix,
+                    remote_prefix=prefix)
+    if k3s:
+        (out / "broker").mkdir(parents=True, exist_ok=True)
+        for name, text in render_site_broker_k3s(bridge).items():
+            atomic_write(out / "broker" / name, text.encode())
+        conf = out / "broker" / "mosquitto.conf"
+    else:
+        conf = render_site_broker_config(out / "broker", bridge, port=port, tls=True,
+                                         bind="0.0.0.0", ca_file=server.ca,
+                                         cert_file=server.cert, key_file=server.key)
+    typer.echo(f"site broker: {server.cert} for {', '.join(broker_host)}")
+    typer.echo(f"bridge:      {link.cert} (CN {bridge.client_id}) to "
+               f"{central_host}:{central_port}, "
+               f"{len(device) or 'every'} device{'s' if len(device) != 1 else ''}")
+    typer.echo(f"site broker configuration: {conf} (mosquitto -c {conf})")
+    central_acl = Path(ca) / "broker" / "acl"
+    if central_acl.exists():
+        add_bridge_to_acl(central_acl, bridge)
+        typer.echo(f"central ACL: {central_acl} lets {bridge.client_id} in (reload the "
+                   "central broker: kill -HUP)")
+    else:
+        from fleet.bridge import render_bridge_acl
+
+        typer.echo(f"no {central_acl}: add this to the central broker's ACL:")
+        typer.echo(render_bridge_acl(bridge))
 
 
 # -- devices ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 from agent.install import Installer
 from agent.manifest import Manifest
 from tests.agent_support import build_model
-from tests.broker_fixtures import free_port  # noqa: F401  (re-exported)
+from tests.broker_fixtures import free_port
 from tests.install_helpers import make_keys
 
 N_FEATURES = 16
@@ -132,3 +132,50 @@ def agent_process(socket_path: Path, port: int, *, store: Path | None, keyring: 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def nginx_serving(tmp: Path, server_conf: Path, replace: dict[str, str]) -> Iterator[str]:
+    """Debian's nginx running one of the project's server configurations (`server_conf`, with
+    its `listen 8080;` moved to a free local port and `replace` applied), inside what the
+    nginx-unprivileged image's main configuration provides (temp paths); yields its URL once
+    it answers /healthz. Its access log is tmp/access.log."""
+    import getpass
+    import shutil
+
+    import pytest
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx is not installed (apt-get install nginx; .ci/run does this)",
+                    pytrace=False)
+    port = free_port()
+    server = server_conf.read_text()
+    for old, new in {"listen 8080;": f"listen 127.0.0.1:{port};", **replace}.items():
+        assert old in server, old
+        server = server.replace(old, new)
+    conf_d, temp = tmp / "conf.d", tmp / "temp"
+    conf_d.mkdir()
+    temp.mkdir()
+    (conf_d / "default.conf").write_text(server)
+    main = tmp / "nginx.conf"
+    main.write_text(
+        f"user {getpass.getuser()};\nworker_processes 2;\npid {tmp}/nginx.pid;\n"
+        f"error_log {tmp}/error.log warn;\nevents {{}}\nhttp {{\n"
+        f"  access_log {tmp}/access.log;\n  client_body_temp_path {temp}/body;\n"
+        f"  proxy_temp_path {temp}/proxy;\n  fastcgi_temp_path {temp}/fastcgi;\n"
+        f"  uwsgi_temp_path {temp}/uwsgi;\n  scgi_temp_path {temp}/scgi;\n"
+        f"  include {conf_d}/*.conf;\n}}\n")
+    check = subprocess.run([nginx, "-t", "-c", str(main), "-g", "daemon off;"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([nginx, "-c", str(main), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("nginx to answer", lambda: http_get(url + "/healthz")[0] == 200, 15,
+                 lambda: None if proc.poll() is None else proc.stderr.read().decode())
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

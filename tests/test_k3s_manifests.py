@@ -29,6 +29,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.link import LinkConfig
+from fleet.bridge import BROKER_POD_PATHS
 from fleet.certs import init_ca, issue_client, issue_server
 from fleet.transport import render_acl
 from tests.broker_fixtures import free_port
@@ -37,16 +38,7 @@ from tests.conftest import REPO
 K3S = REPO / "k3s"
 MOSQUITTO_DIR = K3S / "base" / "central" / "mosquitto"
 # Where the central Deployment mounts things (k3s/base/central/mosquitto/deployment.yaml).
-POD_PATHS = {
-    "ACL_FILE": "/mosquitto/config/acl",
-    "PORT": "8883",
-    "BIND": "0.0.0.0",
-    "CA_FILE": "/mosquitto/certs/ca.crt",
-    "CERT_FILE": "/mosquitto/certs/broker.crt",
-    "KEY_FILE": "/mosquitto/certs/broker.key",
-    "DATA_DIR": "/mosquitto/data",
-    "USER": "mosquitto",
-}
+POD_PATHS = BROKER_POD_PATHS
 HEADER = ("# Rendered from broker/mosquitto-tls.conf for the Deployment's paths; do not edit:\n"
           "# tests/test_k3s_manifests.py regenerates it (EDGEFLEET_RENDER_K3S=1).\n")
 
@@ -246,44 +238,13 @@ def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
 
     from agent.download import DownloadConfig, download
     from fleet.artifacts import add_artifact
-    from tests.deploy_helpers import http_get, wait_for
+    from tests.deploy_helpers import http_get, nginx_serving
 
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed (apt-get install nginx; .ci/run does this)",
-                    pytrace=False)
     root = tmp_path / "artifacts"
     payload = os.urandom(300_000)
     digest = add_artifact(root, payload)
-    port = free_port()
-    conf_d = tmp_path / "conf.d"
-    conf_d.mkdir()
-    server = (K3S / "base" / "central" / "artifacts" / "default.conf").read_text()
-    for old, new in {"listen 8080;": f"listen 127.0.0.1:{port};",
-                     "root /srv/artifacts;": f"root {root};"}.items():
-        assert old in server, old
-        server = server.replace(old, new)
-    (conf_d / "default.conf").write_text(server)
-    # What the nginx-unprivileged image's main configuration provides (temp paths in /tmp).
-    temp = tmp_path / "temp"
-    main = tmp_path / "nginx.conf"
-    main.write_text(
-        f"user {getpass.getuser()};\nworker_processes 1;\npid {tmp_path}/nginx.pid;\n"
-        f"error_log {tmp_path}/error.log warn;\nevents {{}}\nhttp {{\n"
-        f"  access_log {tmp_path}/access.log;\n  client_body_temp_path {temp}/body;\n"
-        f"  proxy_temp_path {temp}/proxy;\n  fastcgi_temp_path {temp}/fastcgi;\n"
-        f"  uwsgi_temp_path {temp}/uwsgi;\n  scgi_temp_path {temp}/scgi;\n"
-        f"  include {conf_d}/*.conf;\n}}\n")
-    temp.mkdir()
-    check = subprocess.run([nginx, "-t", "-c", str(main), "-g", "daemon off;"],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([nginx, "-c", str(main), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for("nginx to answer", lambda: http_get(url + "/healthz")[0] == 200, 15,
-                 lambda: None if proc.poll() is None else proc.stderr.read().decode())
+    conf = K3S / "base" / "central" / "artifacts" / "default.conf"
+    with nginx_serving(tmp_path, conf, {"root /srv/artifacts;": f"root {root};"}) as url:
         # The device's downloader, resuming a transfer cut off halfway.
         dest = tmp_path / "device" / "bundle.efb"
         dest.parent.mkdir()
@@ -304,9 +265,6 @@ def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(post, timeout=5)
         assert refused.value.code == 403
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
 
 
 # -- keys in the cluster: per-node identity, a keyring that updates in place ----------------

@@ -64,13 +64,7 @@ class Floor:
 
     def actives(self) -> dict[str, str | None]:
         """device -> digest of its active model, from the devices' own stores."""
-        from agent.link import bundle_digest
-
-        out = {}
-        for d, dev in self.sim.devices.items():
-            vid = dev.installer.store.active()
-            out[d] = bundle_digest(dev.installer.store.version_dir(vid)) if vid else None
-        return out
+        return self.sim.actives()
 
 
 @contextlib.contextmanager
