@@ -254,14 +254,14 @@ class Client:
         pending = 0
         try:
             for params, die_ids in batches:
-                self._send(self._frame(params, die_ids))
+                self.sock.sendall(self._frame(params, die_ids))
                 pending += 1
                 if pending == 2:
                     pending -= 1
-                    yield self._answer(*self._receive())
+                    yield self._answer(*self._recv_frame())
             while pending:
                 pending -= 1
-                yield self._answer(*self._receive())
+                yield self._answer(*self._recv_frame())
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.path}: {e}") from None
 
@@ -275,12 +275,6 @@ class Client:
             return self._recv_frame()
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.path}: {e}") from None
-
-    def _send(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
-
-    def _receive(self) -> tuple[bytes, bytes]:
-        return self._recv_frame()
 
     def _answer(self, header: bytes, payload: bytes) -> BatchResult:
         try:

@@ -515,3 +515,18 @@ def test_score_and_threshold_compare_in_float32_on_every_path(agent, model):
     assert np.float32(one.threshold) == thr32 and (batch["threshold"] == thr32).all()
     assert json.loads(text)["threshold"] == float(str(thr32))
     assert ((batch["score"] > batch["threshold"]) == (batch["decision"] == 1)).all()
+
+
+def test_batch_answers_are_arrays_and_a_stream_keeps_their_order(agent, model):
+    x = model.train[:40].copy()
+    x[3, 2] = np.inf
+    with Client(agent.path) as c:
+        b = c.predict_batch(x, np.arange(500, 540, dtype=np.uint64))
+        streamed = list(c.predict_stream((x[i:i + 8], np.arange(i, i + 8, dtype=np.uint64))
+                                         for i in range(0, 40, 8)))
+        assert c.health()["ok"]  # nothing left over on the connection
+    assert isinstance(b.decision, np.ndarray) and b.die_id.tolist() == list(range(500, 540))
+    assert b.counts() == {"pass": 39, "fail": 0, "error": 1, "fallback": 0}
+    assert b.error_code[3] == ErrorCode.NOT_FINITE and len(b) == 40
+    assert [s.die_id.tolist() for s in streamed] == [list(range(i, i + 8)) for i in range(0, 40, 8)]
+    assert np.array_equal(np.concatenate([s.score for s in streamed]), b.score, equal_nan=True)
