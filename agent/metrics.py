@@ -18,12 +18,12 @@ are resolved once, and the per-row score histogram takes whole batches in one nu
 | edgefleet_connections_closed_total | counter | reason (agent.server.CloseReason) |
 | edgefleet_model_info | gauge = 1 | name, version, sequence, digest (the bundle's sha256, as
   devices report it and rollouts name it), model_sha256 (the ONNX file's) |
-| edgefleet_drift_psi_threshold | gauge | (only when the bundle ships one: the build's alert
-  threshold, above its measured noise floor) |
 | edgefleet_model_swaps_total | counter | |
 | edgefleet_fallback_active, edgefleet_ready | gauge 0/1 | |
 | edgefleet_uptime_seconds | gauge | |
 | edgefleet_drift_psi_max | gauge | |
+| edgefleet_drift_psi_alert | gauge | (the bundle's drift alert threshold: `drift_reference.
+  alert_psi`, set by the build above its measured noise floor; 0.25 without one) |
 | edgefleet_drift_feature_psi | gauge | rank (1..k), feature (its name) |
 | edgefleet_drift_window_rows | gauge | |
 
@@ -266,11 +266,6 @@ class _RuntimeCollector:
             info.add_metric([m.name, m.version, str(m.sequence), self._bundle_digest(p.engine),
                              m.model_digest], 1)
         yield info
-        threshold = _drift_threshold(p.manifest)
-        if threshold is not None:
-            yield GaugeMetricFamily("edgefleet_drift_psi_threshold",
-                                    "PSI above which the build calls drift real (shipped in the "
-                                    "bundle, from its measured noise floor).", value=threshold)
         swaps = CounterMetricFamily("edgefleet_model_swaps", "Models swapped in since start.")
         swaps.add_metric([], self.runtime.swaps)
         yield swaps
@@ -294,6 +289,9 @@ class _RuntimeCollector:
             yield GaugeMetricFamily("edgefleet_drift_psi_max",
                                     "Largest population stability index over all features.",
                                     value=report.psi_max)
+            yield GaugeMetricFamily("edgefleet_drift_psi_alert",
+                                    "The bundle's drift alert threshold (PSI).",
+                                    value=_drift_alert_psi(p.manifest))
             worst = GaugeMetricFamily("edgefleet_drift_feature_psi",
                                       "PSI of the worst features (rank 1 = worst).",
                                       labels=["rank", "feature"])
@@ -303,12 +301,13 @@ class _RuntimeCollector:
             yield worst
 
 
-def _drift_threshold(manifest) -> float | None:
-    """`drift_reference.alert_psi` of the manifest, when the build shipped one."""
-    if manifest is None:
-        return None
-    value = (manifest.raw.get("drift_reference") or {}).get("alert_psi")
-    return float(value) if isinstance(value, int | float) and value > 0 else None
+def _drift_alert_psi(manifest) -> float:
+    """`drift_reference.alert_psi` of the manifest when the build shipped one, else 0.25 (the
+    rule of thumb for a real shift)."""
+    value = ((manifest.raw if manifest is not None else {}).get("drift_reference") or {}
+             ).get("alert_psi")
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return float(value) if ok else 0.25
 
 
 class MetricsServer:

@@ -158,4 +158,4 @@ def test_agent_exports_the_bundles_alert_threshold_next_to_the_psi(tmp_path):
     with running_agent(m, limits=limits) as agent, Client(agent.path) as c:
         c.predict_batch(training_rows(N, rows=512, seed=3))
         got = _scrape(agent.http.url)
-    assert got[("edgefleet_drift_psi_threshold", ())] == 0.33
+    assert got[("edgefleet_drift_psi_alert", ())] == 0.33

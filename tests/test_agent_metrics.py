@@ -94,7 +94,7 @@ def test_model_info_names_the_served_model(model):
                      "digest": bundle_sha256, "model_sha256": model.manifest.model_digest}]
     assert bundle_sha256 != model.manifest.model_digest
     assert get(m, "edgefleet_model_swaps_total") == 1
-    assert not any(k[0] == "edgefleet_drift_psi_threshold" for k in m)  # none shipped
+
 
 
 def test_every_label_value_is_bounded(model):
@@ -123,3 +123,19 @@ def test_each_agent_has_its_own_registry(model):
         ma, mb = scrape(a.http.url), scrape(b.http.url)
     assert get(ma, "edgefleet_predictions_total", decision="pass", source="model") == 1
     assert get(mb, "edgefleet_predictions_total", decision="pass", source="model") == 0
+
+
+@pytest.mark.parametrize("shipped, exported", [(None, 0.25), (0.7, 0.7)])
+def test_drift_alert_threshold_is_the_bundles(tmp_path, shipped, exported):
+    from agent.drift import drift_reference
+    from tests.agent_support import training_rows
+
+    ref = drift_reference(training_rows(N))
+    if shipped is not None:
+        ref["alert_psi"] = shipped
+    m = build_model(tmp_path, *make_keys(tmp_path), n_features=N, drift_reference=ref)
+    with running_agent(m, drift_interval_s=0.0) as agent, Client(agent.path) as c:
+        c.predict_batch(m.train[:300])  # over the drift monitor's 200 rows
+        got = scrape(agent.http.url)
+    assert get(got, "edgefleet_drift_psi_alert") == exported
+    assert get(got, "edgefleet_drift_psi_max") >= 0

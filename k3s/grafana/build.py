@@ -96,7 +96,7 @@ def panels() -> list[tuple[str, list]]:
         timeseries.Panel().title("Input drift: worst feature PSI").with_target(
             q(f"max by (site, device) (edgefleet_drift_psi_max{{{AGENT}}})", "{{device}}")
         ).with_target(
-            q(f"max by (site, device) (edgefleet_drift_psi_threshold{{{AGENT}}})",
+            q(f"max by (site, device) (edgefleet_drift_psi_alert{{{AGENT}}})",
               "{{device}} threshold", ref="B")).datasource(DS),
         table.Panel().title("Worst drifting features").with_target(
             q(f"topk(10, edgefleet_drift_feature_psi{{{AGENT}}})", instant=True)
