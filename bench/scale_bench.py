@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import rollout_bench as rb  # noqa: E402
+from sim_bench import write_results  # noqa: E402
 
 
 def _cli_measured(self: rb.Floor, *args: str, timeout: float = 900
@@ -101,9 +102,7 @@ def main() -> None:
                 print(json.dumps(results["runs"][n], indent=1), flush=True)
         finally:
             env.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
