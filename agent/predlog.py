@@ -70,6 +70,8 @@ log = logging.getLogger("edgefleet.agent")
 # work): a request that arrives while the writer runs waits at most that long, not a whole
 # switch interval.
 _YIELD_EVERY = 8
+# What a queued message is (the writer decodes each kind its own way)
+_BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
 NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
 _F4 = np.dtype("<f4")
 _FAIL_TEXT = b'"decision":"fail"'
@@ -356,19 +358,19 @@ class PredictionLog:
                     if (fail and self._fails) or self._random() < self._rate:
                         n = int.from_bytes(buf[start + 16:start + 20], "little")
                         row = bytes(buf[start + 32:start + 32 + 4 * n])
-                    q.append((self.clock(), self.runtime.active(), answer, row, 1))
+                    q.append((self.clock(), self.runtime.active(), answer, row, _BINARY_ONE))
                 else:
                     q.append((self.clock(), self.runtime.active(), answer,
-                              self._sample_frame(buf, start, answer, rows), 2))
+                              self._sample_frame(buf, start, answer, rows), _BINARY_BATCH))
             elif _DECISION_TEXT in answer:
                 if answer[0] == 0x5B:  # "[": a batch; rows are sampled by the writer
                     q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]), 4))
+                              bytes(buf[start:end]), _JSON_BATCH))
                 else:
                     sampled = ((self._fails and _FAIL_TEXT in answer)
                                or self._random() < self._rate)
                     q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]) if sampled else None, 3))
+                              bytes(buf[start:end]) if sampled else None, _JSON_ONE))
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -444,8 +446,9 @@ class PredictionLog:
         if now - self._last_sync >= self.config.fsync_interval_s:
             self.predictions.sync()
             self.capture.sync()
-            if self.predictions.enforce() + self.capture.enforce():
-                self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
+            self.predictions.enforce()
+            self.capture.enforce()
+            self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
             self._last_sync = now
         if self.labels is not None:
             self.labels.tick(self)
@@ -455,7 +458,7 @@ class PredictionLog:
     def _decode(self, item: tuple, preds: list, caps: list) -> None:
         t, p, answer, extra, kind = item
         model = self.models.index_of(p)
-        if kind == 1:  # one row: the record as a tuple, no numpy
+        if kind == _BINARY_ONE:  # the record as a tuple, no numpy
             vlen = answer[40] | answer[41] << 8
             k = int.from_bytes(answer[16:20], "little")
             r = _row_struct(k).unpack_from(answer, _RESULT_OFF + vlen + (-vlen % 8))
@@ -463,7 +466,7 @@ class PredictionLog:
                 self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
                           r[9:9 + k], r[9 + k:], None if extra is None else
                           np.frombuffer(extra, _F4))
-        elif kind == 2:
+        elif kind == _BINARY_BATCH:
             vlen = answer[40] | answer[41] << 8
             rows, k = int.from_bytes(answer[12:16], "little"), int.from_bytes(answer[16:20],
                                                                               "little")
@@ -476,7 +479,7 @@ class PredictionLog:
                     continue
                 self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
                           r[9], r[10], sampled.get(i))
-        elif kind == 3:
+        elif kind == _JSON_ONE:
             self._json_answer(preds, caps, t, model, json.loads(answer), extra, None)
         else:
             answers = json.loads(answer)
