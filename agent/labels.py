@@ -46,6 +46,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent.dieindex import die_key, die_text
 from agent.fsio import atomic_write, fsync_dir
 from agent.protocol import (
     HEADER,
@@ -114,8 +115,6 @@ def _time_value(v: Any, where: str) -> float | None:
 
 
 def _die_id(v: Any, where: str) -> str:
-    from agent.predlog import die_text
-
     if isinstance(v, str) and v:
         return v
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
@@ -326,8 +325,6 @@ class LabelDesk:
             self._join(items)
 
     def _join(self, items: list[Label]) -> None:
-        from agent.predlog import die_key
-
         plog = self._plog
         keys = [die_key(x.die_id) for x in items]
         hits = plog.index.lookup(keys)

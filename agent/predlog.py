@@ -22,16 +22,16 @@ Never on the hot path:
   records, fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps
   the per-model proxy metrics. A full disk drops and counts (`reason="disk_full"`).
 
-Crash: `kill -9` loses the messages still in the queue (at most `flush_interval_s` of answers,
-and at most `queue_size`); a power cut also loses what was written since the last fsync (at most
-`fsync_interval_s`). A torn last record is cut off at the next start (agent/segring.py).
+Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
+of answers; the writer runs at idle priority, so under a CPU kept busy by serving it lags, and
+the bound is `queue_size`); a power cut also loses what was written since the last fsync (at
+most `fsync_interval_s`). A torn last record is cut off at the next start (agent/segring.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent.dieindex import DieIndex, die_key, die_text
 from agent.fsio import atomic_write
 from agent.protocol import (
     DECISION_LABELS,
@@ -69,6 +70,8 @@ log = logging.getLogger("edgefleet.agent")
 # work): a request that arrives while the writer runs waits at most that long, not a whole
 # switch interval.
 _YIELD_EVERY = 8
+# What a queued message is (the writer decodes each kind its own way)
+_BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
 NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
 _F4 = np.dtype("<f4")
 _FAIL_TEXT = b'"decision":"fail"'
@@ -123,21 +126,18 @@ _CAP = struct.Struct("<dIQBBfHI")
 CAPTURE_SAMPLE, CAPTURE_FAIL = 1, 2
 
 
-def die_text(die_id: Any) -> str:
-    """A die id as the text the log and the label join use: binary ids and JSON integers in
-    decimal, JSON strings as they are (so 42 and "42" are the same die)."""
-    if die_id is None:
-        return ""
-    if isinstance(die_id, str):
-        return die_id
-    if isinstance(die_id, bool) or not isinstance(die_id, int):
-        return json.dumps(die_id)
-    return str(die_id)
-
-
-def die_key(text: str) -> int:
-    """64-bit key of a die id (BLAKE2b), what the join index sorts on."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+def _index_rows(ring: SegmentRing, cursor: int):
+    """(die id, seq, time, model, decision, source, score) of every record from `cursor`."""
+    cursor = max(cursor, ring.first_seq())
+    while True:
+        batch = ring.read(cursor, max_records=50_000, max_bytes=16 << 20)
+        if not batch.records:
+            return
+        for seq, payload in batch.records:
+            t, model, decision, source, _n, idlen, score, _, _ = _PRED.unpack_from(payload)
+            die = payload[_PRED.size:_PRED.size + idlen].decode("utf-8", "replace")
+            yield die, seq, t, model, decision, source, score
+        cursor = batch.next_cursor
 
 
 def _id_bytes(text: str) -> bytes:
@@ -299,126 +299,6 @@ def psi(counts: Iterable[int], proportions: Iterable[float], floor: float = 1e-4
     return float(((q - p) * np.log(q / p)).sum())
 
 
-# ---------------------------------------------------------------------------- the die index
-
-_INDEX_DTYPE = np.dtype([("key", "<u8"), ("seq", "<u8"), ("time", "<f8"), ("model", "<u4"),
-                         ("decision", "u1"), ("source", "u1"), ("score", "<f4")])
-
-
-@dataclass(frozen=True)
-class Hit:
-    """The newest logged prediction of a die."""
-
-    seq: int
-    time: float
-    model: int
-    decision: int
-    source: int
-    score: float
-
-
-class DieIndex:
-    """die key -> newest prediction, for the label join. Recent rows in a dict; every
-    `index_rows` rows they go to a sorted sidecar `index/<first>-<last>.npy` (written
-    atomically), so memory stays bounded and a restart only rescans the log past the last
-    sidecar. Sidecars whose rows all fell out of the ring are deleted."""
-
-    def __init__(self, directory: Path, limit: int) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.limit = limit
-        self.recent: dict[int, tuple] = {}
-        self.recent_first: int | None = None
-        self.covered = 0  # every seq below this is in a sidecar
-
-    def sidecars(self) -> list[tuple[int, int, Path]]:
-        out = []
-        for p in self.dir.glob("*.npy"):
-            a, _, b = p.stem.partition("-")
-            if a.isdigit() and b.isdigit():
-                out.append((int(a), int(b), p))
-        return sorted(out)
-
-    def load(self, ring: SegmentRing) -> None:
-        """Rebuild the in-memory part from the log (after the last sidecar)."""
-        cars = self.sidecars()
-        self.covered = cars[-1][1] + 1 if cars else 0
-        cursor = max(self.covered, ring.first_seq())
-        while True:
-            batch = ring.read(cursor, max_records=50_000, max_bytes=16 << 20)
-            for seq, payload in batch.records:
-                t, model, decision, source, _n, idlen, score, _, _ = _PRED.unpack_from(payload)
-                die = payload[_PRED.size:_PRED.size + idlen].decode("utf-8", "replace")
-                if die:
-                    self.add(die_key(die), seq, t, model, decision, source, score)
-            if not batch.records:
-                return
-            cursor = batch.next_cursor
-
-    def add(self, key: int, seq: int, t: float, model: int, decision: int, source: int,
-            score: float) -> None:
-        if self.recent_first is None:
-            self.recent_first = seq
-        self.recent[key] = (seq, t, model, decision, source, score)
-        if len(self.recent) >= self.limit:
-            self.spill()
-
-    def spill(self) -> None:
-        if not self.recent:
-            return
-        rows = np.array([(k, *v) for k, v in self.recent.items()], dtype=_INDEX_DTYPE)
-        rows.sort(order="key")
-        last = int(rows["seq"].max())
-        path = self.dir / f"{self.recent_first}-{last}.npy"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, rows)
-            f.flush()
-        tmp.replace(path)
-        self.recent.clear()
-        self.recent_first = None
-        self.covered = last + 1
-
-    def prune(self, first_seq: int, next_seq: int) -> None:
-        """Delete sidecars older than the ring by more than the ring's own span: a label that
-        comes a little too late is still told apart (`expired`) from a die never seen."""
-        horizon = first_seq - (next_seq - first_seq)
-        for _a, b, p in self.sidecars():
-            if b < horizon:
-                p.unlink(missing_ok=True)
-
-    def lookup(self, keys: list[int]) -> dict[int, Hit]:
-        """Newest hit per key, from memory, then the sidecars newest first."""
-        found: dict[int, Hit] = {}
-        todo = []
-        for k in keys:
-            v = self.recent.get(k)
-            if v is not None:
-                found[k] = Hit(*v)
-            else:
-                todo.append(k)
-        if not todo:
-            return found
-        want = np.array(sorted(set(todo)), dtype=np.uint64)
-        for _a, _b, p in reversed(self.sidecars()):
-            if not len(want):
-                break
-            try:
-                rows = np.load(p, mmap_mode="r")
-            except (OSError, ValueError):
-                continue
-            pos = np.searchsorted(rows["key"], want)
-            pos = np.minimum(pos, len(rows) - 1)
-            hit = rows["key"][pos] == want
-            for i in np.flatnonzero(hit):
-                r = rows[pos[i]]
-                found[int(want[i])] = Hit(int(r["seq"]), float(r["time"]), int(r["model"]),
-                                          int(r["decision"]), int(r["source"]),
-                                          float(r["score"]))
-            want = want[~hit]
-        return found
-
-
 # ---------------------------------------------------------------------------- the log
 
 
@@ -437,7 +317,7 @@ class PredictionLog:
         self.predictions = SegmentRing(d / "predictions", config.ring("predictions"), clock=clock)
         self.capture = SegmentRing(d / "capture", config.ring("capture"), clock=clock)
         self.index = DieIndex(d / "index", config.index_rows)
-        self.index.load(self.predictions)
+        self.index.load(_index_rows(self.predictions, self.index.covered))
         self.labels: Any = None
         self._queue: deque = deque()
         self._cap = config.queue_size
@@ -478,19 +358,19 @@ class PredictionLog:
                     if (fail and self._fails) or self._random() < self._rate:
                         n = int.from_bytes(buf[start + 16:start + 20], "little")
                         row = bytes(buf[start + 32:start + 32 + 4 * n])
-                    q.append((self.clock(), self.runtime.active(), answer, row, 1))
+                    q.append((self.clock(), self.runtime.active(), answer, row, _BINARY_ONE))
                 else:
                     q.append((self.clock(), self.runtime.active(), answer,
-                              self._sample_frame(buf, start, answer, rows), 2))
+                              self._sample_frame(buf, start, answer, rows), _BINARY_BATCH))
             elif _DECISION_TEXT in answer:
                 if answer[0] == 0x5B:  # "[": a batch; rows are sampled by the writer
                     q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]), 4))
+                              bytes(buf[start:end]), _JSON_BATCH))
                 else:
                     sampled = ((self._fails and _FAIL_TEXT in answer)
                                or self._random() < self._rate)
                     q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]) if sampled else None, 3))
+                              bytes(buf[start:end]) if sampled else None, _JSON_ONE))
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -523,6 +403,8 @@ class PredictionLog:
         self.flush()
         self.predictions.close()
         self.capture.close()
+        if self.labels is not None:
+            self.labels.ring.close()
 
     def _run(self) -> None:
         # SCHED_IDLE (else nice +10), as the shadow scorer: a serving thread that wakes up
@@ -564,8 +446,9 @@ class PredictionLog:
         if now - self._last_sync >= self.config.fsync_interval_s:
             self.predictions.sync()
             self.capture.sync()
-            if self.predictions.enforce() + self.capture.enforce():
-                self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
+            self.predictions.enforce()
+            self.capture.enforce()
+            self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
             self._last_sync = now
         if self.labels is not None:
             self.labels.tick(self)
@@ -575,7 +458,7 @@ class PredictionLog:
     def _decode(self, item: tuple, preds: list, caps: list) -> None:
         t, p, answer, extra, kind = item
         model = self.models.index_of(p)
-        if kind == 1:  # one row: the record as a tuple, no numpy
+        if kind == _BINARY_ONE:  # the record as a tuple, no numpy
             vlen = answer[40] | answer[41] << 8
             k = int.from_bytes(answer[16:20], "little")
             r = _row_struct(k).unpack_from(answer, _RESULT_OFF + vlen + (-vlen % 8))
@@ -583,7 +466,7 @@ class PredictionLog:
                 self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
                           r[9:9 + k], r[9 + k:], None if extra is None else
                           np.frombuffer(extra, _F4))
-        elif kind == 2:
+        elif kind == _BINARY_BATCH:
             vlen = answer[40] | answer[41] << 8
             rows, k = int.from_bytes(answer[12:16], "little"), int.from_bytes(answer[16:20],
                                                                               "little")
@@ -596,7 +479,7 @@ class PredictionLog:
                     continue
                 self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
                           r[9], r[10], sampled.get(i))
-        elif kind == 3:
+        elif kind == _JSON_ONE:
             self._json_answer(preds, caps, t, model, json.loads(answer), extra, None)
         else:
             answers = json.loads(answer)
