@@ -64,7 +64,7 @@ from agent.commands import (
     valid_device_id,
     verify_command,
 )
-from agent.download import DownloadCancelled, DownloadConfig, DownloadError, download
+from agent.download import Cancel, DownloadCancelled, DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
 from agent.handlers import HANDLERS
@@ -334,7 +334,7 @@ class CommandContext:
     def __init__(self, link: DeviceLink, command: Command) -> None:
         self._link = link
         self.command = command
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
         self.current = Step.RECEIVED  # the last step reported
         self.transferring = False  # a download of this command is queued or running
         self._ended = False
@@ -796,9 +796,8 @@ class DeviceLink:
         cmd = ctx.command
         with self._lock:
             self._running.pop(cmd.id, None)
-        self._save_record(last_command=self._last_command(
+        self._save_record(in_flight=self._in_flight(), last_command=self._last_command(
             cmd.id, cmd.rollout_id, cmd.type, result, reason, detail, **extra))
-        self._save_in_flight()
         self.publish_state()
 
     @staticmethod
@@ -808,11 +807,14 @@ class DeviceLink:
                 "reason": reason, "detail": detail[:500] if detail else None,
                 "ts": format_time(utc_now()), **extra}
 
-    def _save_in_flight(self) -> None:
+    def _in_flight(self) -> dict[str, Any] | None:
         """The oldest running command that changes the model, for `_recover_in_flight`."""
         with self._lock:
-            body = next((c.command.body() for c in self._running.values()
+            return next((c.command.body() for c in self._running.values()
                          if c.command.type != CommandType.REPORT_NOW), None)
+
+    def _save_in_flight(self) -> None:
+        body = self._in_flight()
         if body != self._record.get("in_flight"):
             self._save_record(in_flight=body)
 
