@@ -262,9 +262,6 @@ def bundle_digest(version_dir: Path) -> str:
     return h.hexdigest()
 
 
-# install.State value -> the step it reports, and which steps precede a failed state
-_STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
-_STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
 
 
 class _Serial:
@@ -279,25 +276,25 @@ class _Serial:
         self._idle.set()
 
     def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            self._queue.append(fn)
-            self._idle.clear()
-            if self._running:
-                return
-            self._running = True
-        self._executor.submit(self._drain)
+        if self._enqueue(fn):
+            self._executor.submit(self._drain)
 
     def run_or_submit(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the calling thread if nothing is queued or running (then drain what
         arrives meanwhile), else queue it: the lane stays one-at-a-time either way, and a job
         that finds it idle does not wait for a worker of a shared executor."""
+        if self._enqueue(fn):
+            self._drain()
+
+    def _enqueue(self, fn: Callable[[], None]) -> bool:
+        """Queue `fn`; True if the caller must start draining (nobody is)."""
         with self._lock:
             self._queue.append(fn)
             self._idle.clear()
             if self._running:
-                return
+                return False
             self._running = True
-        self._drain()
+            return True
 
     def _drain(self) -> None:
         while True:
@@ -349,10 +346,6 @@ class CommandContext:
     def shadow(self) -> Any:
         """The `agent.shadow.ShadowHost`, or None when the agent runs no shadow models."""
         return self._link.shadow
-
-    @property
-    def download_config(self) -> DownloadConfig:
-        return self._link.config.download
 
     @property
     def ended(self) -> bool:
