@@ -75,7 +75,7 @@ def install(ctx: CommandContext) -> None:
         return
     active = ctx.model("active")
     if (active or {}).get("digest") == spec.sha256:
-        ctx.done(Step.LIVE, model=active, unchanged=True)
+        ctx.done(Step.LIVE, record={"unchanged": True}, model=active, unchanged=True)
         return
     cached = ctx.shadow.cached(spec.sha256) if ctx.shadow is not None else None
     if cached is not None:  # promoting the shadow: its verified bundle is here already

@@ -64,7 +64,7 @@ from agent.commands import (
     valid_device_id,
     verify_command,
 )
-from agent.download import DownloadCancelled, DownloadConfig, DownloadError, download
+from agent.download import Cancel, DownloadCancelled, DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
 from agent.handlers import HANDLERS
@@ -262,9 +262,6 @@ def bundle_digest(version_dir: Path) -> str:
     return h.hexdigest()
 
 
-# install.State value -> the step it reports, and which steps precede a failed state
-_STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
-_STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
 
 
 class _Serial:
@@ -279,25 +276,25 @@ class _Serial:
         self._idle.set()
 
     def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            self._queue.append(fn)
-            self._idle.clear()
-            if self._running:
-                return
-            self._running = True
-        self._executor.submit(self._drain)
+        if self._enqueue(fn):
+            self._executor.submit(self._drain)
 
     def run_or_submit(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the calling thread if nothing is queued or running (then drain what
         arrives meanwhile), else queue it: the lane stays one-at-a-time either way, and a job
         that finds it idle does not wait for a worker of a shared executor."""
+        if self._enqueue(fn):
+            self._drain()
+
+    def _enqueue(self, fn: Callable[[], None]) -> bool:
+        """Queue `fn`; True if the caller must start draining (nobody is)."""
         with self._lock:
             self._queue.append(fn)
             self._idle.clear()
             if self._running:
-                return
+                return False
             self._running = True
-        self._drain()
+            return True
 
     def _drain(self) -> None:
         while True:
@@ -334,7 +331,7 @@ class CommandContext:
     def __init__(self, link: DeviceLink, command: Command) -> None:
         self._link = link
         self.command = command
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
         self.current = Step.RECEIVED  # the last step reported
         self.transferring = False  # a download of this command is queued or running
         self._ended = False
@@ -349,10 +346,6 @@ class CommandContext:
     def shadow(self) -> Any:
         """The `agent.shadow.ShadowHost`, or None when the agent runs no shadow models."""
         return self._link.shadow
-
-    @property
-    def download_config(self) -> DownloadConfig:
-        return self._link.config.download
 
     @property
     def ended(self) -> bool:
@@ -796,9 +789,8 @@ class DeviceLink:
         cmd = ctx.command
         with self._lock:
             self._running.pop(cmd.id, None)
-        self._save_record(last_command=self._last_command(
+        self._save_record(in_flight=self._in_flight(), last_command=self._last_command(
             cmd.id, cmd.rollout_id, cmd.type, result, reason, detail, **extra))
-        self._save_in_flight()
         self.publish_state()
 
     @staticmethod
@@ -808,11 +800,14 @@ class DeviceLink:
                 "reason": reason, "detail": detail[:500] if detail else None,
                 "ts": format_time(utc_now()), **extra}
 
-    def _save_in_flight(self) -> None:
+    def _in_flight(self) -> dict[str, Any] | None:
         """The oldest running command that changes the model, for `_recover_in_flight`."""
         with self._lock:
-            body = next((c.command.body() for c in self._running.values()
+            return next((c.command.body() for c in self._running.values()
                          if c.command.type != CommandType.REPORT_NOW), None)
+
+    def _save_in_flight(self) -> None:
+        body = self._in_flight()
         if body != self._record.get("in_flight"):
             self._save_record(in_flight=body)
 

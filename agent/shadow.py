@@ -435,7 +435,8 @@ class ShadowHost:
             return
         active = ctx.model("active")
         if (active or {}).get("digest") == spec.sha256 or self.scorer.digest == spec.sha256:
-            ctx.done(Step.SHADOWING, model=self.scorer.info() or active, unchanged=True)
+            ctx.done(Step.SHADOWING, record={"unchanged": True},
+                     model=self.scorer.info() or active, unchanged=True)
             return
         self._drop()
         ctx.fetch(spec, self.dir / f"{spec.sha256}.efb.part",

@@ -13,6 +13,7 @@ import pytest
 
 from agent.commands import Command, InstallSpec
 from agent.shadow import ShadowHost, ShadowScorer
+from fleet.artifacts import ArtifactServer
 from fleet.transport import FleetController
 from tests.broker_fixtures import Box, Broker, FleetKeys, make_box, make_real_bundle
 
@@ -115,9 +116,14 @@ def test_shadow_stop_cancels_a_shadow_download_and_a_new_install_supersedes_one(
     ctl.install("box-1", url=url, sha256=sha, size=size, sequence=2, rollout_id="r",
                 command_id="slow-2")
     assert crawling.wait(20)
-    artifacts.faults.bytes_per_s = None  # the newer install finds a fast server
-    url3, sha3, size3 = _bundle(tmp_path, fleet_keys, artifacts, 3)
-    newer = ctl.install("box-1", url=url3, sha256=sha3, size=size3, sequence=3, rollout_id="r")
-    assert ctl.wait_command("slow-2", 20)["reason"] == "cancelled"
-    assert ctl.wait_command(newer.id, 30)["step"] == "live"
-    assert ctl.wait_for(lambda c: c.state("box-1")["model"]["active"]["digest"] == sha3, 10)
+    fast = ArtifactServer(tmp_path / "fast").start()  # the newer install finds a fast server
+    try:
+        url3, sha3, size3 = _bundle(tmp_path, fleet_keys, fast, 3)
+        newer = ctl.install("box-1", url=url3, sha256=sha3, size=size3, sequence=3,
+                            rollout_id="r")
+        assert ctl.wait_command("slow-2", 20)["reason"] == "cancelled"
+        assert ctl.wait_command(newer.id, 30)["step"] == "live"
+        assert ctl.wait_for(lambda c: c.state("box-1")["model"]["active"]["digest"] == sha3,
+                            10)
+    finally:
+        fast.stop()
