@@ -55,6 +55,7 @@ MAX_REDIRECTS = 5
 
 __all__ = [
     "MAX_REDIRECTS",
+    "Cancel",
     "DigestMismatch",
     "DownloadCancelled",
     "DownloadConfig",
@@ -205,6 +206,35 @@ class _Transient(Exception):
     """Worth another try: connection refused or reset, timeout, 5xx, 408, 429."""
 
 
+class Cancel(threading.Event):
+    """A cancel flag that also wakes the downloads watching it the moment it is set (a plain
+    `threading.Event` works too: the watchdog then looks at it every `_WATCH_S`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listeners: list[Callable[[], object]] = []
+        self._listeners_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn()
+
+    def listen(self, fn: Callable[[], object]) -> Callable[[], None]:
+        """Call `fn` when set (at once if it is); returns the function that stops it."""
+        with self._listeners_lock:
+            self._listeners.append(fn)
+        if self.is_set():
+            fn()
+
+        def forget() -> None:
+            with self._listeners_lock, contextlib.suppress(ValueError):
+                self._listeners.remove(fn)
+        return forget
+
+
 class _Watchdog:
     """Ends a download when `cancel` is set or `deadline` (monotonic) passes, by shutting the
     current connection's socket down: a read blocked on a trickling or silent server then
@@ -216,20 +246,26 @@ class _Watchdog:
         self.fired: str | None = None  # "cancelled" | "deadline"
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._done = threading.Event()  # set by close() and by a `Cancel` being set
+        # A `Cancel` wakes the watchdog itself: no polling (a fleet of simulated devices
+        # downloading at once would otherwise wake the interpreter hundreds of times a second).
+        self._poll = None if isinstance(cancel, Cancel) or cancel is None else _WATCH_S
+        self._forget = cancel.listen(self._done.set) if isinstance(cancel, Cancel) else None
         self._thread = threading.Thread(target=self._run, daemon=True, name="download-watch")
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._done.is_set():
+        while True:
             if self.cancel is not None and self.cancel.is_set():
                 self._fire("cancelled")
+                return
+            if self._closed:
                 return
             left = self.deadline - time.monotonic()
             if left <= 0:
                 self._fire("deadline")
                 return
-            self._done.wait(min(_WATCH_S, left))
+            self._done.wait(left if self._poll is None else min(self._poll, left))
 
     def _fire(self, what: str) -> None:
         with self._lock:
@@ -269,9 +305,14 @@ class _Watchdog:
         while (left := end - time.monotonic()) > 0 and self.fired is None:
             if self.cancel is not None and self.cancel.is_set():
                 return
-            self._done.wait(min(_WATCH_S, left))
+            self._done.wait(left if self._poll is None else min(self._poll, left))
+
+    _closed = False
 
     def close(self) -> None:
+        self._closed = True
+        if self._forget is not None:
+            self._forget()
         self._done.set()
         self.attach(None)
 class _Partial:

@@ -64,6 +64,7 @@ itself right after persisting that state (or at the named point inside a step).
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import json
@@ -141,10 +142,14 @@ class InstallFailed(InstallError):
     reason code of that error (agent/wire.py), `detail` its message."""
 
     def __init__(self, op: str, vid: str | None, state: str, kind: str, detail: str,
-                 reason: str = Reason.INTERNAL) -> None:
+                 reason: str | None = None) -> None:
         what = f"{op} of {vid}" if vid else op
         super().__init__(f"{what} failed at {state} and was rolled back: {detail}")
         self.op, self.id, self.state, self.kind = op, vid, state, kind
+        if reason is None:  # a caller that names only the error class (e.g. "OSError")
+            cls = getattr(builtins, kind, None)
+            oserror = isinstance(cls, type) and issubclass(cls, OSError)
+            reason = Reason.OS_ERROR if oserror else Reason.INTERNAL
         self.detail, self.reason = detail, reason
 
 

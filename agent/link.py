@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,21 +55,30 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import __version__
-from agent.bundle import read_manifest_unverified
 from agent.commands import (
     Command,
     CommandError,
+    InstallSpec,
     Replayed,
     ReplayGuard,
     valid_device_id,
     verify_command,
 )
-from agent.download import DownloadConfig, DownloadError, download
+from agent.download import Cancel, DownloadCancelled, DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
+from agent.handlers import HANDLERS
 from agent.keys import Keyring, LiveKeyring
 from agent.manifest import format_time, utc_now
-from agent.wire import HEALTH_STATUSES, PROTOCOL_VERSION, Topics, reason_of
+from agent.wire import (
+    CANCELLING,
+    HEALTH_STATUSES,
+    PROTOCOL_VERSION,
+    CommandType,
+    Reason,
+    Step,
+    Topics,
+)
 
 _LOG = logging.getLogger("edgefleet.link")
 
@@ -253,9 +262,6 @@ def bundle_digest(version_dir: Path) -> str:
     return h.hexdigest()
 
 
-# install.State value -> the step it reports, and which steps precede a failed state
-_STATE_STEP = {"unpack": "verified", "load": "installing", "self_test": "self-test"}
-_STEP_ORDER = ("verify", "unpack", "load", "self_test", "commit")
 
 
 class _Serial:
@@ -270,13 +276,25 @@ class _Serial:
         self._idle.set()
 
     def submit(self, fn: Callable[[], None]) -> None:
+        if self._enqueue(fn):
+            self._executor.submit(self._drain)
+
+    def run_or_submit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the calling thread if nothing is queued or running (then drain what
+        arrives meanwhile), else queue it: the lane stays one-at-a-time either way, and a job
+        that finds it idle does not wait for a worker of a shared executor."""
+        if self._enqueue(fn):
+            self._drain()
+
+    def _enqueue(self, fn: Callable[[], None]) -> bool:
+        """Queue `fn`; True if the caller must start draining (nobody is)."""
         with self._lock:
             self._queue.append(fn)
             self._idle.clear()
             if self._running:
-                return
+                return False
             self._running = True
-        self._executor.submit(self._drain)
+            return True
 
     def _drain(self) -> None:
         while True:
@@ -294,6 +312,97 @@ class _Serial:
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
+    def idle(self) -> bool:
+        return self._idle.is_set()
+
+
+# -- one command while it runs --------------------------------------------------------------
+
+
+class CommandContext:
+    """One accepted command while it runs: everything a handler (agent/handlers.py) or the
+    shadow host (agent/shadow.py) may read and do, and nothing else of the link.
+
+    A command ends exactly once: `done` (its success step) or `fail`; later calls are ignored,
+    so a download that was cancelled (the command already ended `failed`, `cancelled`) cannot
+    end it again. `cancel` is set when another command supersedes this one's download, or when
+    the link stops."""
+
+    def __init__(self, link: DeviceLink, command: Command) -> None:
+        self._link = link
+        self.command = command
+        self.cancel = Cancel()
+        self.current = Step.RECEIVED  # the last step reported
+        self.transferring = False  # a download of this command is queued or running
+        self._ended = False
+
+    # -- what a handler reads
+
+    @property
+    def installer(self) -> ModelInstaller:
+        return self._link.installer
+
+    @property
+    def shadow(self) -> Any:
+        """The `agent.shadow.ShadowHost`, or None when the agent runs no shadow models."""
+        return self._link.shadow
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def keyring(self) -> Keyring:
+        """The keyring as it is on disk now (a revoked key is refused from now on)."""
+        return self._link.keyring_now()
+
+    def model(self, pointer: str) -> dict[str, Any] | None:
+        """The state document's entry for `active` or `previous`."""
+        return self._link._model(pointer)
+
+    def digest_of(self, version_id: str) -> str | None:
+        """The bundle SHA-256 of a stored version (None if it cannot be read)."""
+        return self._link._digest(version_id)
+
+    # -- what a handler does
+
+    def step(self, step: str, **extra: Any) -> None:
+        """Report a progress step (not terminal)."""
+        if not self._ended:
+            self.current = step
+            self._link._event(step, self.command, **extra)
+
+    def done(self, step: str, *, record: Mapping[str, Any] | None = None,
+             **extra: Any) -> None:
+        """End the command with its success step (`extra` goes into the event, `record` into
+        the state's `last_command`), and publish the state."""
+        if self._end():
+            self._link._event(step, self.command, **extra)
+            self._link._finish(self, step, **(record or {}))
+
+    def fail(self, reason: str, detail: str, **extra: Any) -> None:
+        """End the command `failed`: the box is as it was before it."""
+        if self._end():
+            self._link._event(Step.FAILED, self.command, reason=reason, detail=detail, **extra)
+            self._link._finish(self, Step.FAILED, reason, detail)
+
+    def fetch(self, spec: InstallSpec, dest: Path,
+              then: Callable[[Path, float], None]) -> None:
+        """Report `downloading`, then download `spec` to `dest` on the transfer lane, within
+        the command's expiry and the minimum rate (agent/download.py), and cancellable; then
+        run `then(path, seconds)` on the control lane, unless the command ended meanwhile. A
+        download that fails ends the command with the download's reason."""
+        self.step(Step.DOWNLOADING, url=spec.url, size=spec.size)
+        self.transferring = True
+        self._link._transfer(self, spec, dest, then)
+
+    def _end(self) -> bool:
+        with self._link._lock:
+            if self._ended:
+                return False
+            self._ended = True
+            self.transferring = False
+            return True
+
 
 # -- the link -------------------------------------------------------------------------------
 
@@ -302,9 +411,10 @@ class DeviceLink:
     """One device's connection to the fleet. `start()`, then `stop()` at shutdown.
 
     `installer` is the agent's `agent.install.Installer` (already `start()`ed by the server);
-    `health` supplies the health summary; `executor` (optional) runs this link's jobs, one at a
-    time (the simulator shares one across devices); `driver` (optional, see
-    fleet.transport.SelectorLoop) runs the MQTT network I/O instead of paho's own thread.
+    `keyring` its keyring (followed on disk: see `agent.keys.LiveKeyring`); `health` supplies
+    the health summary; `executor` (optional) runs this link's two lanes (the simulator shares
+    one across devices); `driver` (optional, see fleet.transport.SelectorLoop) runs the MQTT
+    network I/O instead of paho's own thread; `clock` is the device's clock (tests).
     """
 
     def __init__(
@@ -319,6 +429,7 @@ class DeviceLink:
         agent_version: str = __version__,
         arch: str | None = None,
         shadow: Any = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
@@ -329,22 +440,24 @@ class DeviceLink:
         self.agent_version = agent_version
         self.arch = arch or platform.machine()
         self.shadow = shadow  # agent.shadow.ShadowHost: `shadow`/`shadow-stop` commands
+        self.clock = clock
         self.boot = secrets.token_hex(4)
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.connects = 0  # successful connections so far
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.replay = ReplayGuard(config.data_dir / "commands-seen.json",
-                                  capacity=config.replay_capacity)
+                                  capacity=config.replay_capacity, clock=clock)
         self._record_path = config.data_dir / "link.json"
         self._record = self._load_record()
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="fleet-link")
-        self._jobs = _Serial(self._executor)
+        self._executor = executor or ThreadPoolExecutor(2, thread_name_prefix="fleet-link")
+        self._jobs = _Serial(self._executor)  # the control lane
+        self._transfers = _Serial(self._executor)  # the transfer lane
         self._lock = threading.Lock()
         self._event_seq = 0
         self._state_seq = 0
-        self._busy: dict[str, Any] | None = None
+        self._running: dict[str, CommandContext] = {}  # accepted, not ended, oldest first
         self._digests: dict[str, str] = {}
         self._last_published: dict[str, Any] | None = None
         self._last_publish_t = 0.0
@@ -374,9 +487,13 @@ class DeviceLink:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the offline state (so the retained state says why), disconnect cleanly
-        (the will is not sent), and stop the threads. Commands still queued are dropped; the
-        broker keeps them for the next start (persistent session)."""
+        (the will is not sent), and stop the threads. A download in progress is cancelled;
+        commands still queued are dropped; the broker keeps them for the next start
+        (persistent session)."""
         self.stopping.set()
+        with self._lock:
+            for ctx in self._running.values():
+                ctx.cancel.set()
         if self.connected.is_set():
             info = self.client.publish(self.topics.state(self.config.device_id),
                                        json.dumps(self.state(online=False)), qos=1, retain=True)
@@ -392,13 +509,19 @@ class DeviceLink:
             self.client.loop_stop()
         if self._ticker is not None:
             self._ticker.join(timeout)
-        self._jobs.wait_idle(timeout)
+        self.wait_idle(timeout)
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """True once no command is queued or running (for tests and the simulator)."""
-        return self._jobs.wait_idle(timeout)
+        """True once no command is queued or running on either lane (tests, the simulator)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not (self._transfers.wait_idle(left) and self._jobs.wait_idle(left)):
+                return False
+            if self._transfers.idle() and self._jobs.idle():  # neither refilled the other
+                return True
 
     def tick(self) -> None:
         """Called about once a second by the driver: republish the state when the summary
@@ -448,7 +571,9 @@ class DeviceLink:
         with self._lock:
             self._state_seq = max(self._state_seq + 1, time.time_ns() // 1_000_000)
             seq = self._state_seq
-            busy = dict(self._busy) if self._busy else None
+            first = next(iter(self._running.values()), None)  # the oldest command running
+            busy = {"command_id": first.command.id, "rollout_id": first.command.rollout_id,
+                    "type": first.command.type, "step": first.current} if first else None
             last = self._record.get("last_command")
         try:
             summary = dict(self.health.health_summary())
@@ -488,12 +613,21 @@ class DeviceLink:
             return None
         try:
             m = store.manifest(vid)
-            if vid not in self._digests:
-                self._digests[vid] = bundle_digest(store.version_dir(vid))
+            digest = self._digests.get(vid) or bundle_digest(store.version_dir(vid))
         except (EdgefleetError, OSError, ValueError, KeyError) as e:
             return {"id": vid, "error": str(e)}
+        self._digests[vid] = digest
         return {"id": vid, "name": m.name, "version": m.version, "sequence": m.sequence,
-                "digest": self._digests[vid], "model_sha256": m.model_digest}
+                "digest": digest, "model_sha256": m.model_digest}
+
+    def _digest(self, vid: str) -> str | None:
+        """The bundle SHA-256 of a stored version (cached: a version never changes)."""
+        if vid not in self._digests:
+            try:
+                self._digests[vid] = bundle_digest(self.installer.store.version_dir(vid))
+            except (EdgefleetError, OSError, ValueError, KeyError):
+                return None
+        return self._digests[vid]
 
     def publish_state(self, *, force: bool = False, only_if_changed: bool = False) -> None:
         """Publish the state (retained, QoS 0: a lost one is superseded by the republish on the
@@ -518,8 +652,6 @@ class DeviceLink:
         with self._lock:
             self._event_seq += 1
             seq = self._event_seq
-            if self._busy is not None and cmd is not None and self._busy["command_id"] == cmd.id:
-                self._busy["step"] = step
         doc = {
             "v": PROTOCOL_VERSION, "device_id": self.config.device_id, "boot": self.boot,
             "seq": seq, "ts": format_time(utc_now()),
@@ -538,53 +670,112 @@ class DeviceLink:
             self.client.ack(mid, qos)
 
     def _handle(self, payload: bytes, mid: int, qos: int, dup: bool) -> None:
-        """Verify, record, acknowledge, run. Runs on the link's worker."""
+        """Verify, record, acknowledge, cancel what it supersedes, run its handler. Runs on
+        the control lane."""
         try:
-            cmd = verify_command(payload, self.keyring_now(), device_id=self.config.device_id)
+            cmd = verify_command(payload, self.keyring_now(), device_id=self.config.device_id,
+                                 now=self.clock())
             self.replay.record(cmd)
         except Replayed as e:
             self._ack(mid, qos)
             if not dup:  # a redelivery after a crash between record and ack is not news
-                self._event("failed", command_id=e.command_id, rollout_id=e.rollout_id,
+                self._event(Step.FAILED, command_id=e.command_id, rollout_id=e.rollout_id,
                             reason=e.reason, detail=str(e))
             return  # a replay never changes the device's reported last command
         except CommandError as e:
             self._ack(mid, qos)
-            self._event("failed", command_id=e.command_id, rollout_id=e.rollout_id,
+            self._event(Step.FAILED, command_id=e.command_id, rollout_id=e.rollout_id,
                         reason=e.reason, detail=str(e))
-            self._finish(None, "failed", e.reason, str(e), command_id=e.command_id,
-                         rollout_id=e.rollout_id)
+            self._save_record(last_command=self._last_command(
+                e.command_id, e.rollout_id, None, Step.FAILED, e.reason, str(e)))
+            self.publish_state()
             return
         except EdgefleetError as e:  # keyring unreadable: refuse, say why
             self._ack(mid, qos)
-            self._event("failed", reason="keyring", detail=str(e))
+            self._event(Step.FAILED, reason=Reason.KEYRING, detail=str(e))
             return
         self._ack(mid, qos)  # durable in the replay record: the broker may forget it now
-        self._event("received", cmd)
+        ctx = CommandContext(self, cmd)
+        self._event(Step.RECEIVED, cmd)
+        self._supersede(cmd)
         with self._lock:
-            self._busy = {"command_id": cmd.id, "rollout_id": cmd.rollout_id,
-                          "type": cmd.type, "step": "received"}
-        self._save_record(in_flight=cmd.body())
+            self._running[cmd.id] = ctx
+            if self.stopping.is_set():
+                ctx.cancel.set()
+        self._save_in_flight()
         self.publish_state()
+        self._run(ctx, lambda: HANDLERS[cmd.type](ctx))
+
+    def _run(self, ctx: CommandContext, job: Callable[[], None]) -> None:
+        """Run part of a command's work; never leave the command without a terminal event."""
         try:
-            if cmd.type == "install":
-                self._install(cmd)
-            elif cmd.type == "rollback":
-                self._rollback(cmd)
-            elif cmd.type in ("shadow", "shadow-stop"):
-                if self.shadow is None:
-                    self._fail(cmd, "unsupported", "this agent does not run shadow models")
-                elif cmd.type == "shadow":
-                    self.shadow.run(self, cmd)
-                else:
-                    self.shadow.stop(self, cmd)
-            else:
-                self._event("reported", cmd)
-                self._finish(cmd, "reported")
-        except Exception as e:  # never leave a command without a terminal event
-            _LOG.exception("command %s failed unexpectedly", cmd.id)
-            self._event("failed", cmd, reason="internal", detail=f"{type(e).__name__}: {e}")
-            self._finish(cmd, "failed", "internal", str(e))
+            job()
+        except Exception as e:
+            _LOG.exception("command %s failed unexpectedly", ctx.command.id)
+            ctx.fail(Reason.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _supersede(self, cmd: Command) -> None:
+        """Cancel the downloads `cmd` supersedes (agent.wire.CANCELLING): their commands end
+        `failed`, `cancelled`, now, and the download stops at once."""
+        kinds = CANCELLING.get(cmd.type, ())
+        with self._lock:
+            victims = [c for c in self._running.values()
+                       if c.transferring and c.command.type in kinds]
+        for victim in victims:
+            victim.cancel.set()
+            victim.fail(Reason.CANCELLED, f"download cancelled by {cmd.type} command {cmd.id}",
+                        cancelled_by=cmd.id)
+
+    def _transfer(self, ctx: CommandContext, spec: InstallSpec, dest: Path,
+                  then: Callable[[Path, float], None]) -> None:
+        """`CommandContext.fetch`: the download on the transfer lane, the rest back on the
+        control lane."""
+        expires_in = (ctx.command.expires - self.clock()).total_seconds()
+        deadline = time.monotonic() + max(0.0, expires_in)
+        last_report = [time.monotonic()]
+
+        def progress(have: int, total: int) -> None:
+            if time.monotonic() - last_report[0] >= 5.0:
+                last_report[0] = time.monotonic()
+                ctx.step(Step.DOWNLOADING, bytes=have, size=total)
+
+        def fetch() -> None:
+            t0 = time.monotonic()
+            try:
+                if ctx.ended:
+                    raise DownloadCancelled("cancelled before it started")
+                path = self.fetch(spec.url, dest, sha256=spec.sha256, size=spec.size,
+                                  config=self.config.download, progress=progress,
+                                  cancel=ctx.cancel, deadline=deadline)
+            except DownloadError as e:
+                error = e
+                self._jobs.run_or_submit(lambda: self._transfer_ended(ctx, dest, error))
+                return
+            except Exception as e:  # a bug in the downloader: the command must still end
+                _LOG.exception("download for command %s failed", ctx.command.id)
+                error = DownloadError(f"{type(e).__name__}: {e}")
+                self._jobs.run_or_submit(lambda: self._transfer_ended(ctx, dest, error))
+                return
+            seconds = time.monotonic() - t0
+            # on to verify and install: right here if the control lane is idle
+            self._jobs.run_or_submit(
+                lambda: self._transfer_ended(ctx, path, None, then, seconds))
+
+        self._transfers.submit(fetch)
+
+    def _transfer_ended(self, ctx: CommandContext, path: Path, error: DownloadError | None,
+                        then: Callable[[Path, float], None] | None = None,
+                        seconds: float = 0.0) -> None:
+        """Back on the control lane after a download: go on, or end the command."""
+        ctx.transferring = False
+        if ctx.ended:  # cancelled (and reported) meanwhile: drop what arrived
+            if error is None:
+                path.unlink(missing_ok=True)
+            return
+        if error is not None:
+            ctx.fail(error.reason, str(error))
+        elif then is not None:
+            self._run(ctx, lambda: then(path, seconds))
 
     def keyring_now(self) -> Keyring:
         """The keyring as it is on disk now, for every command: rotation and revocation apply
@@ -592,112 +783,33 @@ class DeviceLink:
         directory)."""
         return self.keyring.current()
 
-    def _finish(self, cmd: Command | None, result: str, reason: str | None = None,
-                detail: str | None = None, *, command_id: str | None = None,
-                rollout_id: str | None = None, **extra: Any) -> None:
-        last = {"id": cmd.id if cmd else command_id,
-                "rollout_id": cmd.rollout_id if cmd else rollout_id,
-                "type": cmd.type if cmd else None, "result": result, "reason": reason,
-                "detail": detail[:500] if detail else None, "ts": format_time(utc_now()),
-                **extra}
+    def _finish(self, ctx: CommandContext, result: str, reason: str | None = None,
+                detail: str | None = None, **extra: Any) -> None:
+        """A command ended: record it as the last command, forget it, publish the state."""
+        cmd = ctx.command
         with self._lock:
-            self._busy = None
-        self._save_record(last_command=last, in_flight=None)
+            self._running.pop(cmd.id, None)
+        self._save_record(in_flight=self._in_flight(), last_command=self._last_command(
+            cmd.id, cmd.rollout_id, cmd.type, result, reason, detail, **extra))
         self.publish_state()
 
-    def _fail(self, cmd: Command, reason: str, detail: str, **extra: Any) -> None:
-        self._event("failed", cmd, reason=reason, detail=detail, **extra)
-        self._finish(cmd, "failed", reason, detail)
+    @staticmethod
+    def _last_command(cid: str | None, rid: str | None, ctype: str | None, result: str,
+                      reason: str | None, detail: str | None, **extra: Any) -> dict[str, Any]:
+        return {"id": cid, "rollout_id": rid, "type": ctype, "result": result,
+                "reason": reason, "detail": detail[:500] if detail else None,
+                "ts": format_time(utc_now()), **extra}
 
-    def _install(self, cmd: Command) -> None:
-        spec = cmd.install
-        assert spec is not None
-        store = self.installer.store
-        highest = store.highest_sequence()
-        if highest is not None and spec.sequence < highest:
-            self._fail(cmd, "downgrade", f"sequence {spec.sequence} is below the highest ever "
-                       f"installed here ({highest})")
-            return
-        if (self._model("active") or {}).get("digest") == spec.sha256:
-            self._event("live", cmd, model=self._model("active"), unchanged=True)
-            self._finish(cmd, "live", unchanged=True)
-            return
-        cached = self.shadow.cached(spec.sha256) if self.shadow is not None else None
-        if cached is not None:  # promoting the shadow: its verified bundle is here already
-            self._event("downloading", cmd, url=spec.url, size=spec.size, cached=True)
-            self._run_job(cmd, lambda **kw: self.installer.install(cached, **kw), "live",
-                          download_s=0.0)
-            self.shadow.promoted((self._model("active") or {}).get("digest"))
-            return
-        self._event("downloading", cmd, url=spec.url, size=spec.size)
-        dest = store.download_path(f"{spec.sha256}.efb")
-        last_report = [time.monotonic()]
+    def _in_flight(self) -> dict[str, Any] | None:
+        """The oldest running command that changes the model, for `_recover_in_flight`."""
+        with self._lock:
+            return next((c.command.body() for c in self._running.values()
+                         if c.command.type != CommandType.REPORT_NOW), None)
 
-        def progress(have: int, total: int) -> None:
-            if time.monotonic() - last_report[0] >= 5.0:
-                last_report[0] = time.monotonic()
-                self._event("downloading", cmd, bytes=have, size=total)
-
-        t0 = time.monotonic()
-        try:
-            self.fetch(spec.url, dest, sha256=spec.sha256, size=spec.size,
-                       config=self.config.download, progress=progress, cancel=self.stopping)
-        except DownloadError as e:
-            self._fail(cmd, e.reason, str(e))
-            return
-        download_s = time.monotonic() - t0
-        try:
-            seq = read_manifest_unverified(dest).sequence
-        except EdgefleetError as e:
-            dest.unlink(missing_ok=True)
-            self._fail(cmd, "bundle-corrupt", str(e))
-            return
-        if seq != spec.sequence:
-            dest.unlink(missing_ok=True)
-            self._fail(cmd, "sequence-mismatch",
-                       f"the bundle's sequence is {seq}, the command says {spec.sequence}")
-            return
-        self._run_job(cmd, lambda **kw: self.installer.install(dest, **kw), "live",
-                      download_s=round(download_s, 3))
-        dest.unlink(missing_ok=True)
-        if self.shadow is not None:
-            self.shadow.promoted((self._model("active") or {}).get("digest"))
-
-    def _rollback(self, cmd: Command) -> None:
-        self._run_job(cmd, lambda **kw: self.installer.rollback(**kw), "rolled-back")
-
-    def _run_job(self, cmd: Command, job: Callable[..., Any], success: str,
-                 **extra: Any) -> None:
-        """Run an install or rollback through the installer's state machine, reporting its
-        states as steps (live, through `on_state`, when the installer offers it)."""
-        reported: list[str] = []
-
-        def on_state(state: str) -> None:
-            step = _STATE_STEP.get(str(state))
-            if step and step not in reported:
-                reported.append(step)
-                self._event(step, cmd)
-
-        kwargs = {"on_state": on_state} if _accepts(job, self.installer, "on_state") else {}
-        try:
-            result = job(**kwargs)
-        except EdgefleetError as e:
-            failed_at = getattr(e, "state", None)
-            if failed_at in _STEP_ORDER:  # report the steps that did complete
-                done = _STEP_ORDER[:_STEP_ORDER.index(failed_at) + 1]  # entered, then failed
-                for s in done[1:] if success == "live" else done[2:]:
-                    on_state(s)
-            self._fail(cmd, reason_of(e), getattr(e, "detail", None) or str(e),
-                       state=failed_at, **extra)
-            return
-        for s in ("unpack", "load", "self_test") if success == "live" else ("load", "self_test"):
-            on_state(s)  # no-op where on_state already reported them
-        timings = getattr(result, "timings", None) or {}
-        model = self._model("active")
-        self._event(success, cmd, model=model, unchanged=getattr(result, "outcome", "") ==
-                    "unchanged" or None, timings_s={k: round(v, 4) for k, v in timings.items()},
-                    **extra)
-        self._finish(cmd, success, model_id=model["id"] if model else None)
+    def _save_in_flight(self) -> None:
+        body = self._in_flight()
+        if body != self._record.get("in_flight"):
+            self._save_record(in_flight=body)
 
     # -- the link record ------------------------------------------------------------------------
 
@@ -724,28 +836,14 @@ class DeviceLink:
         cid, rid, ctype = body.get("id"), body.get("rollout_id"), body.get("type")
         want = (body.get("install") or {}).get("sha256")
         active = self._model("active")
-        if ctype == "install" and active and active.get("digest") == want:
-            result, reason = "live", None
-            self._event("live", command_id=cid, rollout_id=rid, ctype=ctype, model=active,
+        if ctype == CommandType.INSTALL and active and active.get("digest") == want:
+            result, reason = Step.LIVE, None
+            self._event(result, command_id=cid, rollout_id=rid, ctype=ctype, model=active,
                         recovered=True)
         else:
-            result, reason = "failed", "interrupted"
-            self._event("failed", command_id=cid, rollout_id=rid, ctype=ctype,
+            result, reason = Step.FAILED, Reason.INTERRUPTED
+            self._event(result, command_id=cid, rollout_id=rid, ctype=ctype,
                         reason=reason, detail="the agent stopped while the command ran; "
                         "start-up recovery finished or undid it", recovered=True)
-        self._save_record(in_flight=None, last_command={
-            "id": cid, "rollout_id": rid, "type": ctype, "result": result, "reason": reason,
-            "detail": None, "ts": format_time(utc_now())})
-
-
-def _accepts(job: Callable[..., Any], installer: Any, name: str) -> bool:
-    """Does the installer's install/rollback take keyword `name`? (`on_state` is optional.)"""
-    for meth in ("install", "rollback"):
-        fn = getattr(installer, meth, None)
-        if fn is not None:
-            try:
-                if name not in inspect.signature(fn).parameters:
-                    return False
-            except (TypeError, ValueError):
-                return False
-    return True
+        self._save_record(in_flight=None, last_command=self._last_command(
+            cid, rid, ctype, result, reason, None))

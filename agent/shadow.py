@@ -40,11 +40,20 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.bundle import Incompatible, unpack_bundle, verify_bundle
+from agent.engine import Engine
+from agent.errors import EdgefleetError
+from agent.handlers import sequence_refusal
 from agent.manifest import Manifest, format_time, utc_now
+from agent.store import version_id
+from agent.wire import Step, reason_of
+
+if TYPE_CHECKING:
+    from agent.link import CommandContext
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -361,8 +370,9 @@ def _lower_priority(nice: int) -> None:
 
 
 class ShadowHost:
-    """Runs the `shadow` and `shadow-stop` commands for `agent.link.DeviceLink` and keeps the
-    candidate's files in `directory` (the link's data directory):
+    """Runs the `shadow` and `shadow-stop` commands (agent/handlers.py hands it the public
+    `agent.link.CommandContext`) and keeps the candidate's files in `directory` (the link's
+    data directory):
 
         <dir>/<sha256>.efb      the verified bundle, kept so that promoting it (an `install`
                                 command naming the same SHA-256) needs no second download
@@ -411,71 +421,58 @@ class ShadowHost:
         shutil.rmtree(self.dir / "model", ignore_errors=True)
         return counters
 
-    def stop(self, link: Any, cmd: Any) -> None:
-        counters = self._drop()
-        link._event("shadow-stopped", cmd, counters=counters)
-        link._finish(cmd, "shadow-stopped")
+    def stop(self, ctx: CommandContext) -> None:
+        """`shadow-stop` (a shadow still downloading was cancelled by the link already)."""
+        ctx.done(Step.SHADOW_STOPPED, counters=self._drop())
 
-    def run(self, link: Any, cmd: Any) -> None:
-        from agent.bundle import Incompatible, unpack_bundle, verify_bundle
-        from agent.download import DownloadError
-        from agent.engine import Engine
-        from agent.errors import EdgefleetError
-        from agent.store import version_id
-
-        spec = cmd.install
-        store = link.installer.store
-        highest = store.highest_sequence()
-        if highest is not None and spec.sequence < highest:
-            link._fail(cmd, "downgrade", f"sequence {spec.sequence} is below the highest ever "
-                       f"installed here ({highest})")
+    def run(self, ctx: CommandContext) -> None:
+        """`shadow`: checks before downloading, then the download (transfer lane), then
+        `_attach` (control lane)."""
+        spec = ctx.command.install
+        refused = sequence_refusal(ctx, spec)
+        if refused is not None:
+            ctx.fail(*refused)
             return
-        active = link._model("active")
+        active = ctx.model("active")
         if (active or {}).get("digest") == spec.sha256 or self.scorer.digest == spec.sha256:
-            link._event("shadowing", cmd, model=self.scorer.info() or active, unchanged=True)
-            link._finish(cmd, "shadowing", unchanged=True)
+            ctx.done(Step.SHADOWING, model=self.scorer.info() or active, unchanged=True)
             return
         self._drop()
-        link._event("downloading", cmd, url=spec.url, size=spec.size)
-        part = self.dir / f"{spec.sha256}.efb.part"
-        try:
-            link.fetch(spec.url, part, sha256=spec.sha256, size=spec.size,
-                       config=link.config.download, cancel=link.stopping)
-        except DownloadError as e:
-            part.unlink(missing_ok=True)
-            link._fail(cmd, e.reason, str(e))
-            return
+        ctx.fetch(spec, self.dir / f"{spec.sha256}.efb.part",
+                  then=lambda path, seconds: self._attach(ctx, path))
+
+    def _attach(self, ctx: CommandContext, part: Path) -> None:
+        spec = ctx.command.install
+        store = ctx.installer.store
         state = "verify"
         try:
-            manifest = verify_bundle(part, link.keyring_now(), min_sequence=highest,
+            manifest = verify_bundle(part, ctx.keyring(), min_sequence=store.highest_sequence(),
                                      sequence_holder=store.highest_holder())
+            active = ctx.model("active")
             running = store.trusted_manifest(active["id"]) if active and active.get("id") \
                 else None
             if running is not None and running.input.n_features != manifest.input.n_features:
                 raise Incompatible(f"input width {manifest.input.n_features}, the live model "
-                                     f"takes {running.input.n_features}: it cannot score the "
-                                     "same dies")
-            link._event("verified", cmd)
+                                   f"takes {running.input.n_features}: it cannot score the "
+                                   "same dies")
+            ctx.step(Step.VERIFIED)
             state = "unpack"
             model_dir = self.dir / "model"
             shutil.rmtree(model_dir, ignore_errors=True)
             model_dir.mkdir()
             unpack_bundle(part, manifest, model_dir)
-            link._event("installing", cmd)
+            ctx.step(Step.INSTALLING)
             state = "load"
             engine = Engine(model_dir / "model.onnx", manifest, threads=self.engine_threads)
-            link._event("self-test", cmd)
+            ctx.step(Step.SELF_TEST)
             state = "self_test"
             engine.self_test()
         except (EdgefleetError, OSError) as e:
             self._drop()
             part.unlink(missing_ok=True)
-            from agent.wire import reason_of
-
-            link._fail(cmd, reason_of(e), str(e), state=state)
+            ctx.fail(reason_of(e), str(e), state=state)
             return
         part.replace(self.dir / f"{spec.sha256}.efb")
         self.scorer.attach(engine, manifest, digest=spec.sha256, model_id=version_id(manifest),
-                           rollout_id=cmd.rollout_id)
-        link._event("shadowing", cmd, model=self.scorer.info())
-        link._finish(cmd, "shadowing")
+                           rollout_id=ctx.command.rollout_id)
+        ctx.done(Step.SHADOWING, model=self.scorer.info())

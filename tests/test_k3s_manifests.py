@@ -208,8 +208,8 @@ def test_agent_settings_are_read_by_the_agents_own_loaders():
     for name in ("EDGEFLEET_DEVICE_ID", "EDGEFLEET_MQTT_CERT", "EDGEFLEET_MQTT_KEY"):
         assert f"name: {name}" in daemonset
     link = LinkConfig.from_env({**env, "EDGEFLEET_DEVICE_ID": "box-01",
-                                "EDGEFLEET_MQTT_CERT": "/etc/edgefleet/tls/box-01.crt",
-                                "EDGEFLEET_MQTT_KEY": "/etc/edgefleet/tls/box-01.key"})
+                                "EDGEFLEET_MQTT_CERT": "/etc/edgefleet/device/device.crt",
+                                "EDGEFLEET_MQTT_KEY": "/etc/edgefleet/device/device.key"})
     assert link.mqtt.port == 8883 and link.mqtt.tls
     assert link.labels == {"site": "fab1"}
     assert str(link.data_dir).startswith("/var/lib/edgefleet/")
@@ -226,11 +226,14 @@ def test_host_directories_come_from_systemd_tmpfiles(tmp_path: Path):
     subprocess.run([tmpfiles, f"--root={root}", "--create",
                     str(K3S / "host" / "edgefleet.conf")], check=True, capture_output=True)
     sock, store = (root / "run" / "edgefleet").stat(), (root / "var/lib/edgefleet").stat()
+    device = (root / "etc/edgefleet/device").stat()
     assert (sock.st_uid, sock.st_gid, oct(sock.st_mode & 0o7777)) == (10001, 10001, "0o2770")
     assert (store.st_uid, store.st_gid, oct(store.st_mode & 0o7777)) == (10001, 10001, "0o750")
+    assert (device.st_uid, device.st_gid, oct(device.st_mode & 0o7777)) == \
+        (10001, 10001, "0o700")
     daemonset = (K3S / "base" / "agent" / "daemonset.yaml").read_text()
-    assert "path: /run/edgefleet\n            type: Directory" in daemonset
-    assert "path: /var/lib/edgefleet\n            type: Directory" in daemonset
+    for path in ("/run/edgefleet", "/var/lib/edgefleet", "/etc/edgefleet/device"):
+        assert f"path: {path}\n            type: Directory" in daemonset, path
 
 
 def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
@@ -304,3 +307,134 @@ def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+# -- keys in the cluster: per-node identity, a keyring that updates in place ----------------
+
+
+def _rendered_agent(overlay: Path) -> tuple[dict, dict[str, str]]:
+    """The agent DaemonSet and its ConfigMap's data, as `kubectl kustomize` renders them."""
+    import yaml
+
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], check=True,
+                         capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet"
+              and d["metadata"]["name"] == "edgefleet-agent")
+    config = next(d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"].startswith("edgefleet-agent-config"))
+    return ds, config["data"]
+
+
+AGENT_OVERLAYS = sorted(d for d in (K3S / "overlays").iterdir()
+                        if (d / "kustomization.yaml").is_file()
+                        and "base/agent" in (d / "kustomization.yaml").read_text())
+
+
+@pytest.mark.parametrize("overlay", AGENT_OVERLAYS, ids=lambda d: d.name)
+def test_keyring_updates_reach_running_pods_and_no_pod_holds_another_nodes_key(overlay: Path):
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl (for kustomize) is not installed", pytrace=False)
+    ds, config = _rendered_agent(overlay)
+    pod = ds["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (agent,) = [c for c in pod["containers"] if c["name"] == "agent"]
+    mounts = agent["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+
+    def volume_at(path: str) -> tuple[dict, dict]:
+        mount = max((m for m in mounts if path == m["mountPath"]
+                     or path.startswith(m["mountPath"].rstrip("/") + "/")),
+                    key=lambda m: len(m["mountPath"]))
+        return mount, volumes[mount["name"]]
+
+    # An updated Secret never reaches a subPath mount: none at all, and the keyring is one
+    # Secret mounted whole (no items) at the path the agent reads it from.
+    assert [m["mountPath"] for m in mounts if "subPath" in m or "subPathExpr" in m] == []
+    mount, keyring = volume_at(config["EDGEFLEET_AGENT_KEYRING"])
+    assert mount["mountPath"] == config["EDGEFLEET_AGENT_KEYRING"] and mount["readOnly"]
+    assert "secret" in keyring and "items" not in keyring["secret"]
+    # The device's private key: on its own node (a host directory), never in a Secret or any
+    # volume every pod of the DaemonSet shares.
+    for var in ("EDGEFLEET_MQTT_KEY", "EDGEFLEET_MQTT_CERT"):
+        path = env.get(var) or config.get(var)
+        mount, volume = volume_at(path)
+        assert set(volume) == {"name", "hostPath"}, (var, volume)
+        assert volume["hostPath"]["type"] == "Directory" and mount["readOnly"]
+        assert "$(" not in path  # one identity per node, not one file per node in a shared set
+    assert volume_at(config["EDGEFLEET_MQTT_CA"])[1] == volume_at(env["EDGEFLEET_MQTT_KEY"])[1]
+    secrets = [v for v in volumes.values() if "secret" in v or "projected" in v]
+    assert [v["name"] for v in secrets] == ["keyring"]  # public keys and revocations only
+
+
+def _doc_block(name: str) -> str:
+    """The shell function `name` as docs/deploy-k3s.md defines it."""
+    text = (REPO / "docs" / "deploy-k3s.md").read_text()
+    start = text.index(f"{name}() {{")
+    return text[start:text.index("\n}\n", start) + 3]
+
+
+FAKE_KUBECTL = """#!{python}
+# A stand-in for kubectl + kubelet (no cluster here): `create secret generic NAME
+# --from-file=KEY=PATH ...` writes the Secret the way kubelet projects a Secret volume (a new
+# timestamped directory, then an atomic swap of the `..data` symlink, one visible symlink per
+# key); `apply -f -` reads the manifest and does nothing else.
+import os, sys, time
+args = sys.argv[1:]
+if "apply" in args:
+    sys.stdin.read()
+    sys.exit(0)
+mount = os.environ["FAKE_SECRET_DIR"]
+files = dict(a.split("=", 1)[1].split("=", 1) for a in args if a.startswith("--from-file="))
+stamp = "..%d" % time.monotonic_ns()
+os.makedirs(os.path.join(mount, stamp))
+for key, path in files.items():
+    with open(path, "rb") as src, open(os.path.join(mount, stamp, key), "wb") as dst:
+        dst.write(src.read())
+tmp = os.path.join(mount, "..data_tmp")
+os.symlink(stamp, tmp)
+os.replace(tmp, os.path.join(mount, "..data"))
+for name in os.listdir(mount):
+    if not name.startswith("..") and name not in files:
+        os.unlink(os.path.join(mount, name))
+for key in files:
+    if not os.path.islink(os.path.join(mount, key)):
+        os.symlink(os.path.join("..data", key), os.path.join(mount, key))
+"""
+
+
+def test_a_revocation_applied_as_the_guide_says_reaches_a_running_agents_keyring(
+        tmp_path: Path):
+    """docs/deploy-k3s.md's `keyring_secret`, run as written against a fake kubectl/kubelet
+    (there is no cluster here): the flat Secret it makes is a keyring the agent reads, and
+    after `edgefleet keys revoke` and `keyring_secret` again, the agent's keyring (read once,
+    as a running agent holds it) refuses the key, with no restart."""
+    import sys
+
+    from agent.keys import Keyring, LiveKeyring, RevokedKey, generate_keypair, trust_key
+
+    work, bindir, mount = tmp_path / "ops", tmp_path / "bin", tmp_path / "pod-keyring"
+    for d in (work, bindir, mount):
+        d.mkdir()
+    kubectl = bindir / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
+    kubectl.chmod(0o755)
+    rel = generate_keypair(tmp_path / "keys", "release")
+    fleet = generate_keypair(tmp_path / "keys", "fleet")
+    trust_key(work / "keyring", rel.public_path, "release")
+    trust_key(work / "keyring", fleet.public_path, "fleet")
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+           "FAKE_SECRET_DIR": str(mount)}
+    script = _doc_block("keyring_secret") + "keyring_secret\n"
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, check=True)
+
+    running = LiveKeyring(Keyring.load(mount))  # what the agent loaded at start
+    assert running.current().public_key(rel.key_id, "release")
+    assert running.current().public_key(fleet.key_id, "fleet")
+    edgefleet = Path(sys.executable).with_name("edgefleet")
+    subprocess.run([str(edgefleet), "keys", "revoke", rel.key_id, "--keyring", "keyring"],
+                   cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, check=True)
+    with pytest.raises(RevokedKey):
+        running.current().public_key(rel.key_id, "release")
+    assert running.current().public_key(fleet.key_id, "fleet")

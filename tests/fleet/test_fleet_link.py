@@ -254,11 +254,13 @@ def test_topics_and_configuration_from_the_environment(tmp_path: Path):
         "EDGEFLEET_DEVICE_ID": "box-9", "EDGEFLEET_MQTT_HOST": "mqtt.floor",
         "EDGEFLEET_MQTT_PORT": "8883", "EDGEFLEET_MQTT_CA": "/etc/ef/ca.crt",
         "EDGEFLEET_LABELS": "site=fab2,group=canary", "EDGEFLEET_LINK_DIR": str(tmp_path),
-        "EDGEFLEET_TOPIC_PREFIX": "plant/a", "EDGEFLEET_DOWNLOAD_ATTEMPTS": "3"})
+        "EDGEFLEET_TOPIC_PREFIX": "plant/a", "EDGEFLEET_DOWNLOAD_ATTEMPTS": "3",
+        "EDGEFLEET_DOWNLOAD_MIN_RATE_BPS": "4096", "EDGEFLEET_DOWNLOAD_GRACE_S": "30"})
     assert (cfg.device_id, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.tls) == \
         ("box-9", "mqtt.floor", 8883, True)
     assert cfg.labels == {"site": "fab2", "group": "canary"} and cfg.prefix == "plant/a"
-    assert cfg.download.attempts == 3
+    assert (cfg.download.attempts, cfg.download.min_rate_bps, cfg.download.grace_s) == \
+        (3, 4096, 30)
     with pytest.raises(Exception, match="device id"):
         LinkConfig("box/1", tmp_path)
 
@@ -300,3 +302,24 @@ def test_keys_revoked_on_disk_bite_at_once_on_a_running_device(
         assert ctl.steps(refused.id) == ["failed"]  # never received, never reported
     finally:
         box.stop()
+
+
+def test_the_same_sequence_with_other_content_is_refused_before_any_download(
+        tmp_path: Path, box: Box, ctl: FleetController, fleet_keys: FleetKeys, artifacts):
+    url, sha, size = _bundle(tmp_path, fleet_keys, artifacts, 4, seed=1)
+    assert ctl.wait_command(ctl.install("box-1", url=url, sha256=sha, size=size, sequence=4,
+                                        rollout_id="r").id, 20)["step"] == "live"
+    requests = artifacts.requests
+    url2, sha2, size2 = _bundle(tmp_path, fleet_keys, artifacts, 4, seed=2)  # signed, valid
+    cmd = ctl.install("box-1", url=url2, sha256=sha2, size=size2, sequence=4, rollout_id="r")
+    final = ctl.wait_command(cmd.id, 20)
+    assert (final["step"], final["reason"]) == ("failed", "sequence-reused"), final
+    assert ctl.steps(cmd.id) == ["received", "failed"] and artifacts.requests == requests
+    assert _settled(ctl, cmd.id)["model"]["active"]["digest"] == sha
+
+
+def test_every_command_type_has_a_handler():
+    from agent.handlers import HANDLERS
+    from agent.wire import COMMAND_TYPES
+
+    assert set(HANDLERS) == set(COMMAND_TYPES)
