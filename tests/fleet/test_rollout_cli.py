@@ -180,7 +180,8 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         _one_line_error(r, 1, "no controller is running", "--once")
         r = cli("fleet", "rollout", "status", "r-one", env=env)
         assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
-        r = cli("fleet", "rollout", "resume", "r-one", "--once", env=env)
+        # recorded as running; drive it from here, and end its bake now (promote)
+        r = cli("fleet", "rollout", "promote", "r-one", "--once", env=env)
         assert r.returncode == 0, r.stderr
         assert "SUCCEEDED" in r.stdout and "wave-1" in r.stdout
         assert {a for a in fl.actives().values()} == {v2}
@@ -188,7 +189,8 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         assert r.returncode == 0 and "r-one" in r.stdout and "succeeded" in r.stdout
         actions = [(a["action"], a["actor"]) for a in fl.db.audit_log("r-one")]
         assert ("start", "tester") in actions and ("request-pause", "tester") in actions
-        assert ("resumed", "tester") in actions and actions[-1][0] == "succeeded"
+        assert ("resumed", "tester") in actions and ("promote", "tester") in actions
+        assert actions[-1][0] == "succeeded"
         # roll a finished rollout back: every device it moved returns to v1
         r = cli("fleet", "rollout", "rollback", "r-one", "--once", env=env)
         assert r.returncode == 0 and "ROLLED-BACK" in r.stdout, r.stderr
@@ -200,7 +202,7 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         wait_until(lambda: (s := _stage(fl.db, "r-two", "canary")) and s.state == "baking", 30,
               "the second canary bake")
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=90)
         assert proc.returncode == 130, err
         row = fl.db.rollout("r-two")
         assert row.state == "paused" and "its driver stopped (interrupted)" in row.reason
