@@ -191,8 +191,10 @@ def rollout_start(
         _print_dry_run(output, plan, stages, inv, digest, name, version, seq)
         return
     database = open_db(store, db)
+    # --once: this process is the controller (a persistent session, resumed by `resume
+    # --once`); else it only reads the fleet (a throw-away session)
     with open_controller(mqtt, fleet_key=key, prefix=prefix,
-                         client_id=f"edgefleet-rollout-{rid}") as ctl:
+                         client_id=f"edgefleet-rollout-{rid}" if once else None) as ctl:
         inv = Inventory.from_states(ctl.devices())
         R.plan_targets(plan, inv)  # a selector that matches nothing is refused first
         if not once:

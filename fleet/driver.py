@@ -129,6 +129,7 @@ class RolloutDriver:
                 if ev.get("rollout_id") == self.rid:
                     self._inbox.append((str(ev.get("device_id")), ev))
         self.views = {d: D.DeviceView.from_state(self.ctl.state(d)) for d in self.targets}
+        self._undo: list[StepRow] | None = None
 
     def reload(self) -> None:
         """Re-read the rollout after an operator action changed it in the database; what was
@@ -560,13 +561,12 @@ class RolloutDriver:
         model and stop every shadow of the candidate; no install is sent any more."""
         if any(k[1] in ("install", "shadow", "report") for k in self.in_flight):
             return
-        targets = sorted(self.targets)
-        undo = D.rollback_steps(targets, self.steps, self.views,  # type: ignore[arg-type]
-                                self.bundle.digest)
-        undo = [p for p in undo if p not in self.steps or
-                self.steps[p].status != StepStatus.DONE or p[1] != "rollback"] + \
-            [p for p in self.steps if p[1] in D.UNDO_STEPS and p not in undo]
-        todo = self._add_steps(undo)
+        if self._undo is None:  # once per driver: what this rollout moved, and past undo steps
+            undo = D.rollback_steps(sorted(self.targets), self.steps,
+                                    self.views, self.bundle.digest)  # type: ignore[arg-type]
+            undo += [p for p in self.steps if p[1] in D.UNDO_STEPS and p not in undo]
+            self._undo = self._add_steps(undo)
+        todo = self._undo
         self._send([s for s in todo if s.status == StepStatus.PENDING])
         if any(s.status not in STEP_FINAL for s in todo):
             return
@@ -591,7 +591,7 @@ class RolloutDriver:
         """Where the rollout stands, from the counters (no database read)."""
         stages = []
         for st in self.stages:
-            c = self.counts[st.idx]
+            c = self.counts.get(st.idx) or collections.Counter()  # may run on another thread
             stages.append({
                 "name": st.name, "kind": st.kind, "state": st.state,
                 "devices": len(self.stage_devices(st.idx)) if st.state != StageState.MERGED

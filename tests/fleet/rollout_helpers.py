@@ -222,3 +222,21 @@ def cli_env(fl: Floor) -> dict[str, str]:
             "EDGEFLEET_KEYRING": str(fl.keyring), "EDGEFLEET_FLEET_KEY": str(fl.fleet_key),
             "EDGEFLEET_ARTIFACT_STORE": str(fl.store),
             "EDGEFLEET_ARTIFACT_URL": fl.artifacts.base_url, "EDGEFLEET_ACTOR": "tester"}
+
+
+# CLI flags for quick rollouts in tests: no shadow stage, little evidence, short timeouts
+FAST_FLAGS = ["--no-shadow", "--min-requests", "50", "--measure-interval", "0.5s",
+              "--step-timeout", "20s", "--health-grace", "5s"]
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> Any:
+    """Poll `pred` (state kept in a database or another process, with no event to wait on)
+    until it returns something true; fails the test naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+

@@ -31,9 +31,9 @@ spec:
   strategy:
     shadow: false
     canary: 1
-    bake: 1s
+    bake: 3s
     waves: [100%]
-  minRequests: 20
+  minRequests: 1
   timeouts: {{step: 20s, healthGrace: 5s, measureInterval: 0.3s}}
 """
 
