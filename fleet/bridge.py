@@ -38,8 +38,8 @@ from agent.commands import valid_device_id
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
 from agent.link import Topics
+from fleet.broker_config import REPO_BROKER_DIR, _render, render_acl, render_broker_config
 from fleet.certs import BRIDGE_PREFIX
-from fleet.transport import REPO_BROKER_DIR, _render, render_acl, render_broker_config
 
 __all__ = ["BROKER_POD_PATHS", "Bridge", "add_bridge_to_acl", "bridge_name", "k3s_bridge",
            "render_bridge", "render_bridge_acl", "render_site_broker_config",

@@ -17,7 +17,7 @@ import pytest
 from fleet.bridge import Bridge, add_bridge_to_acl, render_site_broker_config
 from fleet.certs import CONTROLLER_NAME, issue_bridge
 from fleet.inventory import Inventory, open_controller
-from fleet.rollout import Bundle, Engine, EngineOptions, NewRollout, create
+from fleet.rollout import Bundle, NewRollout, create, drive
 from fleet.sim import DeviceFaults, SimConfig, Simulator
 from fleet.state import StateDB
 from tests.broker_fixtures import PKI, Broker, FleetKeys
@@ -124,8 +124,8 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
             rid = create(db, rplan, NewRollout(bundle, Inventory.from_states(ctl.devices()),
                                                "tester", "r-sites"))
             result: dict[str, object] = {}
-            engine = threading.Thread(target=lambda: result.update(row=Engine(
-                db, rid, ctl, EngineOptions(actor="tester")).run()), daemon=True)
+            engine = threading.Thread(target=lambda: result.update(row=drive(
+                db, rid, ctl, actor="tester")), daemon=True)
             engine.start()
             watch = StateDB(tmp_path / "rollouts.db")
 
