@@ -294,8 +294,9 @@ def _need_controller(database: Any, what: str, once_flag: str | None) -> None:
 
 
 def _drive(database: Any, rid: str, ctl: Any, output: str) -> Any:
-    """Drive the rollout from this process (`--once`), progress on stderr. Ctrl-C pauses it,
-    saying its driver stopped, then exits 130."""
+    """Drive the rollout from this process (`--once`), progress on stderr. Ctrl-C (or
+    SIGTERM) pauses it, saying its driver stopped, then exits 130."""
+    import signal
     import sys
 
     from fleet.rollout import drive, snapshot
@@ -319,6 +320,13 @@ def _drive(database: Any, rid: str, ctl: Any, output: str) -> Any:
         else:
             print(progress_line(p), file=sys.stderr, flush=True)
 
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a supervisor's SIGTERM pause the rollout, even when this process was
+    # started with SIGINT ignored (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
     try:
         return drive(database, rid, ctl, actor=actor(), progress=progress)
     except KeyboardInterrupt:
