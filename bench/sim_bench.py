@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from rollout_bench import Env, _pct  # noqa: E402
 
-from agent.link import TERMINAL_STEPS  # noqa: E402
+from agent.wire import TERMINAL_STEPS  # noqa: E402
 from fleet.sim import SimConfig  # noqa: E402
 from fleet.simprocs import ProcessSimulator  # noqa: E402
 from fleet.simtraffic import TrafficConfig  # noqa: E402
