@@ -98,6 +98,8 @@ def rollout_start(
     prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL for --prom-gate."),
     prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
                                         "(repeatable)."),
+    strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
+                                      "whose query returns no series now (default: warn)."),
     measure_interval: str = typer.Option(None, "--measure-interval", help="Gate evaluation "
                                          "interval (2s)."),
     plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it)."),
@@ -179,7 +181,7 @@ def rollout_start(
     url = f"{artifact_url.rstrip('/')}/sha256/{digest}" if artifact_url else ""
     # 2. the gates' Prometheus answers, the artifact server serves the bundle
     if plan.prometheus and not dry_run:
-        _check_prometheus(plan)
+        _check_prometheus(plan, strict=strict_gates)
     if not dry_run:
         _check_artifact(url, size)
     mqtt = mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key)
@@ -230,7 +232,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_prometheus(plan: Any) -> None:
+def _check_prometheus(plan: Any, *, strict: bool = False) -> None:
+    """Prometheus answers, every gate query parses, and each returns series (placeholders
+    relaxed, fleet/gate_check.py): a gate that cannot match is warned about, or refused."""
+    from fleet.gate_check import check_gates_return_series
     from fleet.prometheus import PrometheusClient, PrometheusError
 
     client = PrometheusClient(plan.prometheus)
@@ -243,6 +248,8 @@ def _check_prometheus(plan: Any) -> None:
             client.query(q)
         except PrometheusError as e:
             raise PrometheusError(f"PromQL gate {g}: {e}") from None
+    for warning in check_gates_return_series(client, plan.prom_gate_list, strict=strict):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _check_artifact(url: str, size: int) -> None:
