@@ -34,9 +34,9 @@ Drift reference: from the most recent passing dies before the test part (the las
 `agent.drift.drift_reference` so writer and monitor cannot disagree on the binning (bin =
 number of edges <= value; NaN left out; repeated quantiles merged). Noise floor: the agent's
 own PSI max (`agent.drift.DriftMonitor`) of random samples of the agent's window size from that
-pool (sampling noise only), and the typical (median) PSI of its consecutive windows (which
-carry lot-to-lot variation: a new lot is not drift). The shipped alert threshold is
-`alert_factor` times the larger of the two, at least `alert_min`.
+pool (sampling noise only), and the largest PSI of its consecutive windows (which carry
+lot-to-lot variation: a new lot is not drift). The shipped alert threshold is `alert_factor`
+times the larger of the two, at least `alert_min`: no window of the reference period alarms.
 The window is the agent's, or smaller when the pool or the test part is small (PSI grows as the
 sample shrinks, so the test part is judged by `window_psi` at the same size).
 A lower threshold fires on every lot change; a fixed 0.25 fired on shuffled dev rows of SECOM.
@@ -179,10 +179,10 @@ def drift_with_noise_floor(x_recent: np.ndarray, cfg: CalibrateConfig, seed: int
     noise = [psi_max(ref, pool[np.sort(rng.choice(len(pool), window, replace=False))])
              for _ in range(4)]  # random samples: sampling noise only
     floor = max([v for v in noise if np.isfinite(v)], default=0.0)
-    typical = float(np.median([v for v in lots if np.isfinite(v)] or [0.0]))
+    typical = max([v for v in lots if np.isfinite(v)], default=0.0)
     alert = max(cfg.alert_min, cfg.alert_factor * max(floor, typical))
     return {**ref, "alert_psi": round(float(alert), 4), "noise_floor_psi": round(float(floor), 4),
-            "lot_to_lot_psi": round(typical, 4), "window": window, "pool": len(pool)}
+            "lot_to_lot_psi": round(float(typical), 4), "window": window, "pool": len(pool)}
 
 
 def window_psi(reference: dict[str, Any], x: np.ndarray) -> float | None:

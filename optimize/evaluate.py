@@ -391,7 +391,7 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
             f"{d['test_psi']:.3f}"
         lines.append(f"Drift: test part PSI max {psi} against a reference of the "
                      f"{d['reference_rows']} most recent passes (windows of {d['window']} dies); "
-                     f"sampling noise floor {d['noise_floor_psi']:.3f}, typical lot-to-lot "
+                     f"sampling noise floor {d['noise_floor_psi']:.3f}, worst lot-to-lot window "
                      f"{d.get('lot_to_lot_psi', 0.0):.3f}, shipped alert threshold "
                      f"{d['alert_psi']:.3f}.")
     m = report.get("missing")

@@ -253,7 +253,7 @@ def test_a_build_that_fails_a_gate_is_refused_with_reasons_unless_the_risk_is_ac
     """Exit 1, one line naming every failed gate, the report written, no bundle; with
     --accept-risk the same build is signed and the reason is in the manifest and the report."""
     strict = fast_config_file(tmp_path / "strict.json",
-                              gate={"accept_risk": "", "max_ffr_ratio": 0.0})
+                              gate={"accept_risk": "", "max_ffr_ratio": -1.0})  # always trips
     out = tmp_path / "refused"
     args = ["optimize", "build", "--data", str(built.data), "--key", str(built.key), "--out",
             str(out), "--config", str(strict), "-q"]
