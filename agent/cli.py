@@ -192,7 +192,9 @@ def _info_text(i: dict, wide: bool) -> str:
             ("ready", "yes" if i.get("ready") else "no"),
             ("uptime", f"{i.get('uptime_s', 0):.0f} s")]
     if wide:
-        rows += [("model sha256", m["digest"] if m else "-"), ("protocol", str(i.get("protocol"))),
+        rows += [("bundle digest", (m.get("digest") or "-") if m else "-"),
+                 ("model sha256", (m.get("model_sha256") or "-") if m else "-"),
+                 ("protocol", str(i.get("protocol"))),
                  ("json parser", str(i.get("json_parser"))),
                  ("max missing", str(i.get("max_missing"))),
                  ("rules version", str(fb.get("rules_version") or "-"))]

@@ -133,6 +133,7 @@ def test_health_and_info_commands(served):
     assert f"input      {N} parameters" in text and "model sha256" not in text
     wide = _cli("agent", "info", "--socket", str(sock), "-o", "wide").stdout
     assert f"model sha256   {model.manifest.model_digest}" in wide
+    assert f"bundle digest  {i['model']['digest']}" in wide  # the digest the fleet names
     assert _cli("agent", "info", "--socket", str(sock), "-o", "name").stdout == \
         f"agent/{sock}\n"
 

@@ -50,7 +50,10 @@ class Forger:
         assert subscribed.wait(10)
 
     def _on_command(self, client, userdata, msg) -> None:
-        body = json.loads(json.loads(msg.payload)["body"])
+        envelope = json.loads(msg.payload)
+        if "body" not in envelope:  # a CommandSniffer's own marker, not a signed command
+            return
+        body = json.loads(envelope["body"])
         if body["device_id"] == self.me:
             return
         self.forged += 1
