@@ -59,7 +59,16 @@ def controller_command(
     mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
 ) -> None:
     """Drive every rollout until stopped (SIGTERM): hold the controller lease, apply operator
-    requests, resume what was running, serve /metrics and /healthz."""
+    requests, resume what was running, serve /metrics and /healthz.
+
+    Examples:
+
+      edgefleet fleet controller --store artifacts --fleet-key keys/fleet.key
+
+      edgefleet fleet controller --fleet-key fleet.key --metrics-host 0.0.0.0 --metrics-port 9470
+
+      edgefleet fleet controller --git-repo https://git/ops.git --git-path rollouts --keyring ring
+    """
     import signal
     import sys
     import threading
@@ -120,7 +129,16 @@ def apply_command(
 ) -> None:
     """Make the fleet match declared rollouts, idempotently: a new spec starts a rollout
     (superseding the one it replaces), the same spec changes nothing, the previous spec (a
-    revert) rolls the latest one back. The controller drives what this records."""
+    revert) rolls the latest one back. The controller drives what this records.
+
+    Examples:
+
+      edgefleet fleet apply -f rollout.yaml --keyring keyring --artifact-url http://ctl:8080
+
+      edgefleet fleet apply -f rollouts/fab2.yaml --dry-run
+
+      edgefleet fleet apply -f rollout.yaml -o json
+    """
     import dataclasses
     import json
 

@@ -130,7 +130,18 @@ def rollout_start(
 ) -> None:
     """Start a rollout: the controller drives it (`--follow` watches it), or this process
     does (`--once`, progress on stderr). With --follow or --once: exit 0 when it succeeded,
-    1 when it paused, failed or was rolled back (the message says what to run next)."""
+    1 when it paused, failed or was rolled back (the message says what to run next).
+
+    Examples:
+
+      edgefleet fleet rollout start model.efb --keyring keyring --artifact-url http://ctl:8080
+
+      edgefleet fleet rollout start model.efb -l site=fab2 --canary 2% --waves 10%,50%,100% -f
+
+      edgefleet fleet rollout start sha256:3f2a... --bake 10m --gate error_rate<=0.01 --once
+
+      edgefleet fleet rollout start model.efb --dry-run -o json
+    """
 
     from agent.bundle import verify_bundle
     from agent.keys import Keyring
@@ -405,7 +416,16 @@ def rollout_status(
     store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
 ) -> None:
     """Progress per stage, gate verdicts, failed devices, who drives it and when it was last
-    heard from, and (json) the audit log."""
+    heard from, and (json, yaml) the audit log.
+
+    Examples:
+
+      edgefleet fleet rollout status
+
+      edgefleet fleet rollout status r-20261204-1a2b --watch
+
+      edgefleet fleet rollout status r-20261204-1a2b -o json
+    """
     import json
     import sys
     import time
@@ -445,7 +465,16 @@ def rollout_list(
     store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
     limit: int = typer.Option(50, "--limit", help="Newest first, at most this many."),
 ) -> None:
-    """Rollouts, newest first: who started which bundle when, and where each stands."""
+    """Rollouts, newest first: who started which bundle when, and where each stands.
+
+    Examples:
+
+      edgefleet fleet rollout list --store /srv/edgefleet/artifacts
+
+      edgefleet fleet rollout list -o wide --limit 10
+
+      edgefleet fleet rollout list -o name
+    """
     import json
 
     check_output(output)
@@ -533,8 +562,9 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
                          "--once")
 
 
-def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) -> None:
-    """Register `rollout <action> ID` with the shared options."""
+def _action_command(action: str, doc: str, example: str) -> None:
+    """Register `rollout <action> ID` with the shared options; `example` is the flags of its
+    second Example."""
 
     def command(
         rollout_id: str = typer.Argument(..., help="Rollout id."),
@@ -562,20 +592,27 @@ def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) 
                 once=once, args=args, prefix=prefix, fleet_key=fleet_key,
                 mqtt=mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key))
 
-    command.__doc__ = doc
+    command.__doc__ = f"""{doc}
+
+    Examples:
+
+      edgefleet fleet rollout {action} r-20261204-1a2b
+
+      edgefleet fleet rollout {action} r-20261204-1a2b {example}
+    """
     rollout_app.command(action)(command)
 
 
 _action_command("pause", "Stop sending new commands; running device steps finish. Resume "
-                "with `resume`.")
+                "with `resume`.", "-o json")
 _action_command("resume", "Continue a paused rollout: its stage accepts the failures so far, "
                 "a paused bake bakes again; at the final check, --allow-partial accepts the "
-                "devices left behind.")
+                "devices left behind.", "--allow-partial --once")
 _action_command("abort", "Stop the rollout for good, leaving every device as it is (see "
-                "`rollback` to undo).")
+                "`rollback` to undo).", "-o json")
 _action_command("rollback", "Roll back every device this rollout moved and stop its shadows "
-                "(also after it succeeded).")
+                "(also after it succeeded).", "--follow")
 _action_command("promote", "End the current bake now as passed; with --full, also merge the "
-                "remaining waves into one last stage (no more bakes).")
+                "remaining waves into one last stage (no more bakes).", "--full --once")
 _action_command("retry", "Command the failed, timed-out and skipped devices again (new "
-                "command ids), from the first stage that had one.")
+                "command ids), from the first stage that had one.", "--once -o json")

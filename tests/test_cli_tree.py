@@ -1,9 +1,6 @@
 """The `edgefleet` command tree as a kubectl user meets it: every command's --help has
 Examples that name real commands and options; read commands take `-o text|wide|json|yaml|name`
 and write commands `-o text|json`; `--version`; shell completion; usage errors in one line.
-
-KNOWN_GAPS lists the commands whose owners have not added Examples yet (their modules are being
-reworked on other branches); everything else must have them. Keep the list short and shrinking.
 """
 
 from __future__ import annotations
@@ -18,14 +15,6 @@ import typer
 from agent import __version__
 from tests.conftest import REPO
 
-# Commands without Examples yet, by path prefix, each with its owner.
-KNOWN_GAPS = (
-    "edgefleet agent serve",      # agent/cli.py serve: the serving rework (issue 15)
-    "edgefleet agent predict",    # agent/cli.py predict: the serving rework (issue 15)
-    "edgefleet optimize",         # optimize/cli.py: the build's owner (issue 13)
-    "edgefleet fleet rollout",    # fleet/cli_rollout.py: the rollout controller (issue 14)
-    "edgefleet fleet controller",  # fleet/cli_controller.py: the rollout controller (issue 14)
-)
 READ = {"keys list", "bundle verify", "bundle inspect", "agent health", "agent info",
         "agent models", "fleet devices", "fleet artifacts"}
 WRITE = {"keys generate", "keys trust", "keys revoke", "bundle sign", "agent install",
@@ -67,7 +56,7 @@ def test_every_command_has_examples_that_name_real_commands_and_options():
     leaves = {p: v for p, v in tree.items() if not hasattr(v[0], "commands")}
     assert len(leaves) >= 20
     missing = sorted(p for p, (_, h) in leaves.items()
-                     if not _examples(h) and not p.startswith(KNOWN_GAPS))
+                     if not _examples(h))
     assert missing == [], "add Examples: to the --help of these commands"
     checked = 0
     for path, (_, text) in leaves.items():
