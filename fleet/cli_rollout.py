@@ -422,9 +422,9 @@ def rollout_status(
 
       edgefleet fleet rollout status
 
-      edgefleet fleet rollout status r-20261204-1a2b --watch
+      edgefleet fleet rollout status r-261204-1a2b3c --watch
 
-      edgefleet fleet rollout status r-20261204-1a2b -o json
+      edgefleet fleet rollout status r-261204-1a2b3c -o json
     """
     import json
     import sys
@@ -596,9 +596,9 @@ def _action_command(action: str, doc: str, example: str) -> None:
 
     Examples:
 
-      edgefleet fleet rollout {action} r-20261204-1a2b
+      edgefleet fleet rollout {action} r-261204-1a2b3c
 
-      edgefleet fleet rollout {action} r-20261204-1a2b {example}
+      edgefleet fleet rollout {action} r-261204-1a2b3c {example}
     """
     rollout_app.command(action)(command)
 
