@@ -21,6 +21,7 @@ from typing import Any
 
 import typer
 
+from agent.cli_output import check, emit, read_output
 from agent.errors import EdgefleetError, UsageError
 from fleet.cli_options import (
     check_output,
@@ -57,76 +58,105 @@ def _plan_from_flags(plan_file: Path | None, **flags: Any) -> Any:
     return replace_plan(plan, **flags).validate()
 
 
+# `rollout start --help` in sections, not one block of 40 options
+SELECTION, STAGES, GATES, TIMING = "Selection", "Stages", "Gates", "Timing"
+BUNDLE, CONNECTION, RUN = "Bundle and keys", "Connection", "Run and output"
+
+
 @rollout_app.command("start")
 def rollout_start(
     bundle: str = typer.Argument(..., help="A bundle file, or sha256:<digest> of a published "
                                  "one."),
-    selector: str = typer.Option(None, "--selector", "-l", help="Which devices (labels)."),
-    canary: str = typer.Option(None, "--canary", help="Canary size: a count (10) or a share "
-                               "(2%). Default 1."),
+    selector: str = typer.Option(None, "--selector", "-l", help="Which devices (labels); "
+                                 "none: the whole fleet.", rich_help_panel=SELECTION),
+    exclude: str = typer.Option(None, "--exclude", help="Device ids the selector matches but "
+                                "this rollout leaves alone (comma-separated).",
+                                rich_help_panel=SELECTION),
     spread: str = typer.Option(None, "--spread", help="Labels the canary and waves are spread "
-                               "over (site,tester)."),
-    shadow: bool = typer.Option(None, "--shadow/--no-shadow", help="Shadow stage first "
-                                "(default on)."),
-    shadow_min_dies: int = typer.Option(None, "--shadow-min-dies", help="Dies the candidate "
-                                        "must score before any shadow verdict (1000)."),
-    shadow_timeout: str = typer.Option(None, "--shadow-timeout", help="Give up waiting for "
-                                       "shadow evidence after this (10m): pause."),
-    shadow_gate: list[str] = typer.Option(None, "--shadow-gate", help="e.g. agreement>=0.99 "
-                                          "(repeatable; replaces that metric's default)."),
-    bake: str = typer.Option(None, "--bake", help="Bake time after the canary (5m)."),
-    wave_bake: str = typer.Option(None, "--wave-bake", help="Bake time after each wave but "
-                                  "the last (default: --bake)."),
-    waves: str = typer.Option(None, "--waves", help="Cumulative shares, ending at 100% "
-                              "(10%,50%,100%)."),
-    max_parallel: int = typer.Option(None, "--max-parallel", help="Devices installing at once "
-                                     "(50)."),
-    max_failures: str = typer.Option(None, "--max-failures", help="Failure budget per stage: "
-                                     "count or share (5%)."),
-    on_failure: str = typer.Option(None, "--on-failure", help="pause or rollback (pause)."),
-    offline: str = typer.Option(None, "--offline", help="Offline devices: wait (up to "
-                                "--offline-wait, then failed) or skip (reported)."),
-    offline_wait: str = typer.Option(None, "--offline-wait", help="(10m)"),
-    step_timeout: str = typer.Option(None, "--step-timeout", help="A device step with no final "
-                                     "answer after this has failed (5m)."),
-    health_grace: str = typer.Option(None, "--health-grace", help="After live, time for "
-                                     "health to read ok (30s)."),
-    gate: list[str] = typer.Option(None, "--gate", help="Bake gate, e.g. error_rate<=0.01 "
-                                   "(repeatable; replaces that metric's default)."),
-    min_requests: int = typer.Option(None, "--min-requests", help="Requests on the new model "
-                                     "before a bake verdict (100)."),
-    prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL for --prom-gate."),
-    prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
-                                        "(repeatable)."),
-    strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
-                                      "whose query returns no series now (default: warn)."),
-    measure_interval: str = typer.Option(None, "--measure-interval", help="Gate evaluation "
-                                         "interval (2s)."),
-    plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it)."),
-    rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; touch nothing."),
+                               "over (site,tester).", rich_help_panel=SELECTION),
     replace: bool = typer.Option(False, "--replace", help="Supersede a non-final rollout "
-                                 "that targets any of the same devices (else refused)."),
+                                 "that targets any of the same devices (else refused).",
+                                 rich_help_panel=SELECTION),
+    shadow: bool = typer.Option(None, "--shadow/--no-shadow", help="Shadow stage first "
+                                "(default on).", rich_help_panel=STAGES),
+    shadow_min_dies: int = typer.Option(None, "--shadow-min-dies", help="Dies the candidate "
+                                        "must score before any shadow verdict (1000).",
+                                        rich_help_panel=STAGES),
+    canary: str = typer.Option(None, "--canary", help="Canary size: a count (10) or a share "
+                               "(2%). Default 1.", rich_help_panel=STAGES),
+    waves: str = typer.Option(None, "--waves", help="Cumulative shares, ending at 100% "
+                              "(10%,50%,100%).", rich_help_panel=STAGES),
+    max_parallel: int = typer.Option(None, "--max-parallel", help="Devices installing at once "
+                                     "(50).", rich_help_panel=STAGES),
+    max_failures: str = typer.Option(None, "--max-failures", help="Failure budget per stage: "
+                                     "count or share (5%).", rich_help_panel=STAGES),
+    on_failure: str = typer.Option(None, "--on-failure", help="pause or rollback (pause).",
+                                   rich_help_panel=STAGES),
+    offline: str = typer.Option(None, "--offline", help="Offline devices: wait (up to "
+                                "--offline-wait, then failed) or skip (reported).",
+                                rich_help_panel=STAGES),
     allow_partial: bool = typer.Option(None, "--allow-partial/--no-allow-partial",
                                        help="Succeed with devices left behind (listed); "
-                                       "default: pause naming them."),
-    exclude: str = typer.Option(None, "--exclude", help="Device ids the selector matches but "
-                                "this rollout leaves alone (comma-separated)."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses or "
-                                "ends (exit 0 only when it succeeded)."),
-    once: bool = typer.Option(False, "--once", help="No controller service: drive this "
-                              "rollout from this process until it pauses or ends (Ctrl-C "
-                              "pauses it)."),
+                                       "default: pause naming them.", rich_help_panel=STAGES),
+    plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it).",
+                                   rich_help_panel=STAGES),
+    gate: list[str] = typer.Option(None, "--gate", help="Bake gate, e.g. error_rate<=0.01 "
+                                   "(repeatable; replaces that metric's default).",
+                                   rich_help_panel=GATES),
+    shadow_gate: list[str] = typer.Option(None, "--shadow-gate", help="e.g. agreement>=0.99 "
+                                          "(repeatable; replaces that metric's default).",
+                                          rich_help_panel=GATES),
+    min_requests: int = typer.Option(None, "--min-requests", help="Requests on the new model "
+                                     "before a bake verdict (100).", rich_help_panel=GATES),
+    prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL for --prom-gate.",
+                                   rich_help_panel=GATES),
+    prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
+                                        "(repeatable).", rich_help_panel=GATES),
+    strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
+                                      "whose query returns no series now (default: warn).",
+                                      rich_help_panel=GATES),
+    bake: str = typer.Option(None, "--bake", help="Bake time after the canary (5m).",
+                             rich_help_panel=TIMING),
+    wave_bake: str = typer.Option(None, "--wave-bake", help="Bake time after each wave but "
+                                  "the last (default: --bake).", rich_help_panel=TIMING),
+    shadow_timeout: str = typer.Option(None, "--shadow-timeout", help="Give up waiting for "
+                                       "shadow evidence after this (10m): pause.",
+                                       rich_help_panel=TIMING),
+    offline_wait: str = typer.Option(None, "--offline-wait", help="How long --offline wait "
+                                     "waits (10m).", rich_help_panel=TIMING),
+    step_timeout: str = typer.Option(None, "--step-timeout", help="A device step with no final "
+                                     "answer after this has failed (5m).",
+                                     rich_help_panel=TIMING),
+    health_grace: str = typer.Option(None, "--health-grace", help="After live, time for "
+                                     "health to read ok (30s).", rich_help_panel=TIMING),
+    measure_interval: str = typer.Option(None, "--measure-interval", help="Gate evaluation "
+                                         "interval (2s).", rich_help_panel=TIMING),
     keyring: Path = typer.Option(..., "--keyring", envvar="EDGEFLEET_KEYRING",
-                                 help="The keyring devices trust (to verify the bundle)."),
-    fleet_key: Path = fleet_key_opt(),
+                                 help="The keyring devices trust (to verify the bundle and "
+                                 "the fleet key's role).", rich_help_panel=BUNDLE),
+    fleet_key: Path = fleet_key_opt(BUNDLE),
     artifact_url: str = typer.Option(None, "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
                                      help="Base URL devices download from "
-                                     "(serve-artifacts), e.g. http://ctl:8080."),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
-    mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
-    mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
-    mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
+                                     "(serve-artifacts), e.g. http://ctl:8080.",
+                                     rich_help_panel=BUNDLE),
+    store: Path = store_opt(BUNDLE), db: Path = db_opt(BUNDLE),
+    mqtt_host: str = mqtt_opts(CONNECTION)["mqtt_host"],
+    mqtt_port: int = mqtt_opts(CONNECTION)["mqtt_port"],
+    mqtt_ca: Path = mqtt_opts(CONNECTION)["mqtt_ca"],
+    mqtt_cert: Path = mqtt_opts(CONNECTION)["mqtt_cert"],
+    mqtt_key: Path = mqtt_opts(CONNECTION)["mqtt_key"],
+    prefix: str = mqtt_opts(CONNECTION)["prefix"],
+    rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated).",
+                                   rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle, its URL and the "
+                                 "fleet key; print the plan; touch nothing.",
+                                 rich_help_panel=RUN),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses or "
+                                "ends (exit 0 only when it succeeded).", rich_help_panel=RUN),
+    once: bool = typer.Option(False, "--once", help="No controller service: drive this "
+                              "rollout from this process until it pauses or ends (Ctrl-C "
+                              "pauses it).", rich_help_panel=RUN),
+    output: str = output_opt(RUN),
 ) -> None:
     """Start a rollout: the controller drives it (`--follow` watches it), or this process
     does (`--once`, progress on stderr). With --follow or --once: exit 0 when it succeeded,
@@ -229,8 +259,17 @@ def rollout_start(
     if follow:
         _finish_line(database, _follow(database, rid, output), output)
         return
-    typer.echo(f"rollout {rid}: pending; the controller {database.lease()['owner']} drives it "
-               f"(watch: edgefleet fleet rollout status {rid} --watch)")
+    _written(output, database, rid, f"rollout {rid}: pending; the controller "
+             f"{database.lease()['owner']} drives it (watch: edgefleet fleet rollout status "
+             f"{rid} --watch)")
+
+
+def _written(output: str, database: Any, rid: str, message: str) -> None:
+    """What a write command did: `message` (text), or the rollout as `status -o json` shows
+    it, with the message (json)."""
+    from fleet.rollout import snapshot
+
+    emit(output, {**snapshot(database, rid), "message": message}, text=lambda: message)
 
 
 def _sha256(path: Path) -> str:
@@ -380,15 +419,10 @@ def _follow(database: Any, rid: str, output: str, timeout: float | None = None) 
 
 def _finish_line(database: Any, row: Any, output: str, ok: str = "succeeded") -> None:
     """Print where the rollout ended; exit 1 (one line on stderr) unless it reached `ok`."""
-    import json
-
     from fleet.rollout import snapshot
 
     snap = snapshot(database, row.id)
-    if output == "json":
-        typer.echo(json.dumps(snap, indent=2))
-    else:
-        typer.echo(render_status(snap))
+    emit(output, snap, text=lambda: render_status(snap))
     if row.state == ok:
         return
     if row.state == "paused":
@@ -405,7 +439,7 @@ def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
         database = open_db(store, db)
         if database.latest() is not None:
             return database
-    typer.echo("[]" if output == "json" else "no rollouts")
+    emit(output, [], text=lambda: "no rollouts", names=lambda: [])
     return None
 
 
@@ -413,10 +447,11 @@ def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
 def rollout_status(
     rollout_id: str = typer.Argument(None, help="Rollout id (default: the latest)."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until it stops."),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
 ) -> None:
     """Progress per stage, gate verdicts, failed devices, who drives it and when it was last
-    heard from, and (json, yaml) the audit log.
+    heard from; -o wide adds the bundle's URL and full digest and lists every problem; json
+    and yaml add the audit log.
 
     Examples:
 
@@ -426,14 +461,13 @@ def rollout_status(
 
       edgefleet fleet rollout status r-261204-1a2b3c -o json
     """
-    import json
     import sys
     import time
 
     from fleet.machine import DRIVEN
     from fleet.rollout import snapshot
 
-    check_output(output)
+    check(output)
     if rollout_id:
         database = existing_db(store, db)
         database.rollout(rollout_id)  # raises RolloutNotFound (exit 2)
@@ -445,11 +479,11 @@ def rollout_status(
     lines = 0
     while True:
         snap = snapshot(database, rollout_id)
-        if output == "json":
-            snap["audit"] = database.audit_log(rollout_id)
-            typer.echo(json.dumps(snap, indent=2))
+        if output not in ("text", "wide"):
+            emit(output, {**snap, "audit": database.audit_log(rollout_id)}, text=str,
+                 names=lambda: [f"rollout/{rollout_id}"])
             return
-        text = render_status(snap)
+        text = render_status(snap, wide=output == "wide")
         if watch and lines and sys.stdout.isatty():
             sys.stdout.write(f"\x1b[{lines}F\x1b[J")
         typer.echo(text)
@@ -462,7 +496,7 @@ def rollout_status(
 
 @rollout_app.command("list")
 def rollout_list(
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
     limit: int = typer.Option(50, "--limit", help="Newest first, at most this many."),
 ) -> None:
     """Rollouts, newest first: who started which bundle when, and where each stands.
@@ -475,25 +509,23 @@ def rollout_list(
 
       edgefleet fleet rollout list -o name
     """
-    import json
-
-    check_output(output)
+    check(output)
     database = _no_rollouts(store, db, output)
     if database is None:
         return
     rows = database.rollouts(limit)
-    if output == "json":
-        typer.echo(json.dumps([{
-            "id": r.id, "state": r.state, "stage": r.stage, "phase": r.phase,
-            "created": r.created, "created_by": r.created_by, "bundle_digest": r.bundle_digest,
-            "model": f"{r.model_name} {r.model_version}", "sequence": r.sequence,
-            "reason": r.reason, "finished": r.finished} for r in rows], indent=2))
-        return
     stage_names = {}
     for r in rows:
         stages = database.stages(r.id)
         stage_names[r.id] = stages[r.stage].name if r.stage < len(stages) else "-"
-    typer.echo(rollouts_table(rows, stage_names))
+    emit(output, [{
+        "id": r.id, "state": r.state, "stage": r.stage, "phase": r.phase,
+        "created": r.created, "created_by": r.created_by, "bundle_digest": r.bundle_digest,
+        "model": f"{r.model_name} {r.model_version}", "sequence": r.sequence,
+        "reason": r.reason, "finished": r.finished} for r in rows],
+         text=lambda: rollouts_table(rows, stage_names),
+         wide=lambda: rollouts_table(rows, stage_names, wide=True),
+         names=lambda: [f"rollout/{r.id}" for r in rows])
 
 
 # -- operator actions: requests to whoever drives the rollout ---------------------------------
@@ -556,7 +588,7 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
         _finish_line(database, _follow(database, rollout_id, output), output,
                      _OK_STATE.get(action, "succeeded"))
         return
-    typer.echo(msg)
+    _written(output, database, rollout_id, msg)
     if row.state in DRIVEN and not (holder or lease["live"]):
         _need_controller(database, f"{action} of rollout {rollout_id} (it is recorded)",
                          "--once")

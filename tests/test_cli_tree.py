@@ -16,9 +16,12 @@ from agent import __version__
 from tests.conftest import REPO
 
 READ = {"keys list", "bundle verify", "bundle inspect", "agent health", "agent info",
-        "agent models", "fleet devices", "fleet artifacts"}
+        "agent models", "fleet devices", "fleet artifacts", "fleet rollout status",
+        "fleet rollout list"}
 WRITE = {"keys generate", "keys trust", "keys revoke", "bundle sign", "agent install",
-         "agent rollback", "fleet publish"}
+         "agent rollback", "fleet publish", "fleet apply",
+         *(f"fleet rollout {a}" for a in ("start", "pause", "resume", "abort", "rollback",
+                                          "promote", "retry"))}
 
 
 def _tree() -> dict[str, tuple[Any, str]]:
@@ -128,3 +131,16 @@ def test_usage_errors_are_one_line(args, says):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("edgefleet: error: ")
     assert says in r.stderr
+
+
+def test_rollout_start_options_are_grouped():
+    """`rollout start` has ~40 options: each is in a named section of --help, none in the
+    catch-all block, and no section is a flat list again."""
+    cmd, _ = _tree()["edgefleet fleet rollout start"]
+    panels: dict[str, list[str]] = {}
+    for p in cmd.params:
+        if p.param_type_name == "option" and p.name != "help":
+            panels.setdefault(p.rich_help_panel, []).append(p.opts[0])
+    assert None not in panels, panels.get(None)
+    assert {"Selection", "Stages", "Gates", "Timing", "Connection"} <= set(panels)
+    assert max(len(v) for v in panels.values()) <= 10, panels

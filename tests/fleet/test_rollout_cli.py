@@ -210,3 +210,66 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         assert sorted(fl.actives().values()).count(v3) == 2
         r = cli("fleet", "rollout", "status", env=env)  # the latest
         assert r.returncode == 0 and "r-two" in r.stdout and "ABORTED" in r.stdout
+
+
+def test_rollout_commands_print_every_output_format(tmp_path: Path, broker: Broker,
+                                                    fleet_keys: FleetKeys):
+    """`-o` on the rollout commands: write commands print the rollout as one JSON document
+    (what `status -o json` shows, plus what was done); read commands json, yaml, wide and
+    name; a format a command does not print is a one-line usage error."""
+    import yaml
+
+    from fleet.inventory import open_controller
+    from tests.fleet.rollout_helpers import plan, start_rollout
+
+    with floor(tmp_path, broker, fleet_keys, 3) as fl:
+        env = cli_env(fl)
+        v2 = fl.pubs["v2"]
+        for fmt, want in (("json", "[]"), ("yaml", "[]"), ("name", ""), ("text", "no rollouts")):
+            r = cli_here("fleet", "rollout", "list", "-o", fmt, env=env)
+            assert (r.returncode, r.stdout.strip()) == (0, want), (fmt, r.stderr)
+        # driven from this terminal: stdout is the rollout where it ended, as JSON
+        r = cli("fleet", "rollout", "start", f"sha256:{v2.digest}", "--id", "r-json",
+                "--canary", "1", "--waves", "100%", "--once", "-o", "json", *FAST_FLAGS,
+                "--bake", "3s", "--min-requests", "1", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["id"], doc["state"], doc["bundle"]["digest"]) == ("r-json", "succeeded",
+                                                                      v2.digest)
+        assert [s["done"] for s in doc["stages"]] == [1, 2]
+        r = cli("fleet", "rollout", "rollback", "r-json", "--once", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state"] == "rolled-back"
+        # actions applied here (no driver): the rollout after it, and the message
+        with open_controller(fl.mqtt, prefix="edgefleet") as ctl:
+            assert ctl.wait_for(lambda c: len(c.devices()) == 3, 30)
+            start_rollout(fl, ctl, plan(), "v3", "r-two")
+        r = cli_here("fleet", "rollout", "pause", "r-two", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["id"], doc["state"], doc["message"]) == ("r-two", "paused",
+                                                            "rollout r-two: paused")
+        r = cli_here("fleet", "rollout", "resume", "r-two", "-o", "json", env=env)
+        _one_line_error(r, 1, "no controller is running")
+        assert json.loads(r.stdout)["state"] == "running"  # recorded; nobody drives it
+        r = cli_here("fleet", "rollout", "abort", "r-two", "-o", "json", env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "aborted", r.stderr
+        _one_line_error(cli_here("fleet", "rollout", "abort", "r-two", "-o", "wide", env=env),
+                        2, "--output must be text or json, not 'wide'")
+        # read commands
+        r = cli_here("fleet", "rollout", "list", "-o", "name", env=env)
+        assert r.stdout.split() == ["rollout/r-two", "rollout/r-json"]
+        r = cli_here("fleet", "rollout", "list", "-o", "yaml", env=env)
+        assert [d["id"] for d in yaml.safe_load(r.stdout)] == ["r-two", "r-json"]
+        r = cli_here("fleet", "rollout", "list", "-o", "wide", env=env)
+        assert "REASON" in r.stdout.splitlines()[0] and v2.digest in r.stdout
+        assert v2.digest not in cli_here("fleet", "rollout", "list", env=env).stdout
+        r = cli_here("fleet", "rollout", "status", "r-json", "-o", "name", env=env)
+        assert r.stdout == "rollout/r-json\n"
+        doc = yaml.safe_load(cli_here("fleet", "rollout", "status", "r-json", "-o", "yaml",
+                                      env=env).stdout)
+        assert doc["state"] == "rolled-back" and doc["audit"][0]["action"] == "start"
+        r = cli_here("fleet", "rollout", "status", "r-json", "-o", "wide", env=env)
+        assert f"sha256:{v2.digest}" in r.stdout and f"/sha256/{v2.digest}" in r.stdout
+        _one_line_error(cli_here("fleet", "rollout", "status", "-o", "xml", env=env), 2,
+                        "--output must be text, wide, json, yaml or name")
