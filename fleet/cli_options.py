@@ -109,10 +109,31 @@ def parse_duration(text: str | None, what: str) -> float | None:
     return float(m.group(1)) * scale
 
 
-def load_fleet_key(fleet_key: Path | None) -> Any:
+def load_fleet_key(fleet_key: Path | None, keyring: Any = None) -> Any:
+    """The private key that signs commands; with `keyring` (a loaded `Keyring`), also
+    checked to be trusted there for role fleet (`check_fleet_key`)."""
     from agent.keys import load_private_key
 
     if fleet_key is None:
         raise UsageError("this command sends signed commands and needs the fleet key",
                          hint="pass --fleet-key FILE or set EDGEFLEET_FLEET_KEY")
-    return load_private_key(fleet_key)
+    key = load_private_key(fleet_key)
+    if keyring is not None:
+        check_fleet_key(key, fleet_key, keyring)
+    return key
+
+
+def check_fleet_key(key: Any, path: Path, keyring: Any) -> str:
+    """Refuse (exit 2) a --fleet-key whose public half the keyring does not trust for role
+    fleet: devices would refuse every command it signs, and a rollout would only find out
+    when its canary fails. Returns the key id."""
+    from agent.keys import KeyringError, key_id
+
+    kid = key_id(key.public_key())
+    try:
+        keyring.public_key(kid, "fleet")
+    except KeyringError as e:
+        raise UsageError(f"--fleet-key {path}: {e.message}: devices would refuse the commands "
+                         "it signs", hint="pass the fleet key (edgefleet keys list --keyring "
+                         f"{keyring.path} shows the roles)") from None
+    return kid

@@ -24,6 +24,7 @@ import typer
 from agent.cli_output import check, emit, read_output
 from agent.errors import EdgefleetError, UsageError
 from fleet.cli_options import (
+    check_fleet_key,
     check_output,
     db_opt,
     existing_db,
@@ -198,18 +199,34 @@ def rollout_start(
         allow_partial=allow_partial,
         exclude=tuple(x for x in exclude.split(",") if x) if exclude is not None else None)
     ring = Keyring.load(keyring)
-    key = None if dry_run else load_fleet_key(fleet_key)
-    if not dry_run and not artifact_url:
-        raise UsageError("rollout start needs --artifact-url: the base URL devices download "
-                         "bundles from", hint="e.g. --artifact-url http://controller:8080, "
-                         "served by: edgefleet fleet serve-artifacts --store STORE")
+    checks: list[str] = []  # what the dry run checked
+    warnings: list[str] = []
+    # 0. the fleet key: trusted for role fleet where devices look, before anything is
+    # published or sent (else the canary would be the first to refuse its commands)
+    key = None
+    if fleet_key is None and dry_run:
+        warnings.append("no --fleet-key: not checked (rollout start needs one)")
+    else:
+        key = load_fleet_key(fleet_key)
+        kid = check_fleet_key(key, fleet_key, ring)
+        checks.append(f"fleet key {kid}: trusted for role fleet in {keyring}")
+    if not artifact_url:
+        if not dry_run:
+            raise UsageError("rollout start needs --artifact-url: the base URL devices "
+                             "download bundles from", hint="e.g. --artifact-url "
+                             "http://controller:8080, served by: edgefleet fleet "
+                             "serve-artifacts --store STORE")
+        warnings.append("no --artifact-url: the download URL is not checked (rollout start "
+                        "needs one)")
     # 1. the bundle: verified as a device would, published (content-addressed)
     path = Path(bundle)
+    published = True
     if path.is_file():
         if dry_run:
             m = verify_bundle(path, ring)
             digest, size = _sha256(path), path.stat().st_size
             name, version, seq = m.name, m.version, m.sequence
+            published = _is_published(store, digest)
         else:
             pub = publish(store, path, ring, who=actor())
             digest, size, name, version, seq = (pub.digest, pub.size, pub.name, pub.version,
@@ -223,15 +240,19 @@ def rollout_start(
     # 2. the gates' Prometheus answers, the artifact server serves the bundle
     if plan.prometheus and not dry_run:
         _check_prometheus(plan, strict=strict_gates)
-    if not dry_run:
-        _check_artifact(url, size)
+    if url:
+        checks.append(_check_artifact(url, size, published=published, store=store))
     mqtt = mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key)
     rid = rollout_id or R.new_rollout_id()
     if dry_run:
         with open_controller(mqtt, prefix=prefix) as ctl:
             inv = Inventory.from_states(ctl.devices())
         stages, _ = R.plan_targets(plan, inv)
-        _print_dry_run(output, plan, stages, inv, digest, name, version, seq)
+        warnings += _whole_fleet(plan, inv)
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
+        _print_dry_run(output, plan, stages, inv, R.Bundle(digest, size, url, seq, name, version),
+                       checks, warnings)
         return
     database = open_db(store, db)
     # --once: this process is the controller (a persistent session, resumed by `resume
@@ -252,6 +273,8 @@ def rollout_start(
         typer.echo(f"rollout {rid}: {name} {version} (sequence {seq}, sha256:{digest[:12]}) to "
                    f"{snap['devices']} devices in {len(snap['stages'])} stages: "
                    + ", ".join(f"{s['name']} {s['devices']}" for s in snap["stages"]), err=True)
+        for w in _whole_fleet(plan, inv):  # after the refusals, which are one line each
+            typer.echo(f"warning: {w}", err=True)
         if once:
             row = _drive(database, rid, ctl, output)
             _finish_line(database, row, output)
@@ -302,8 +325,28 @@ def _check_prometheus(plan: Any, *, strict: bool = False) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
-def _check_artifact(url: str, size: int) -> None:
-    """HEAD the bundle's URL: devices must be able to download exactly `size` bytes."""
+def _is_published(store: Path, digest: str) -> bool:
+    from fleet.artifacts import find_published
+
+    try:
+        find_published(store, digest)
+    except EdgefleetError:
+        return False
+    return True
+
+
+def _whole_fleet(plan: Any, inv: Any) -> list[str]:
+    """The warning a rollout without a selector gets: it is easy to forget `-l`."""
+    if plan.selector:
+        return []
+    return [f"no --selector: this rollout targets the whole fleet ({len(inv)} devices)"]
+
+
+def _check_artifact(url: str, size: int, *, published: bool = True,
+                    store: Path | None = None) -> str:
+    """HEAD the bundle's URL: devices must be able to download exactly `size` bytes. A
+    bundle file not published yet (a dry run) cannot be served: then the server must answer,
+    and its 404 is expected. Returns what was checked."""
     import urllib.error
     import urllib.request
 
@@ -312,6 +355,9 @@ def _check_artifact(url: str, size: int) -> None:
                                     timeout=5) as resp:
             length = resp.headers.get("Content-Length")
     except urllib.error.HTTPError as e:
+        if e.code == 404 and not published:
+            return (f"artifact server at {url.rsplit('/sha256/', 1)[0]} answers; the bundle "
+                    f"is not published yet (rollout start publishes it to {store})")
         raise EdgefleetError(f"artifact server does not serve {url}: HTTP {e.code}",
                              hint="is serve-artifacts running on the same --store?") from None
     except (urllib.error.URLError, OSError) as e:
@@ -319,24 +365,27 @@ def _check_artifact(url: str, size: int) -> None:
         raise EdgefleetError(f"artifact server at {url} does not answer: {reason}",
                              hint="start it: edgefleet fleet serve-artifacts --store STORE")\
             from None
-    if length is not None and int(length) != size:
-        raise EdgefleetError(f"artifact server serves {url} with {length} bytes, the bundle "
-                             f"has {size}")
+    if length is None or int(length) != size:
+        raise EdgefleetError(f"artifact server serves {url} with {length or 'no'} "
+                             f"Content-Length, the bundle has {size} bytes",
+                             hint="is serve-artifacts running on the same --store?")
+    return f"artifact {url}: served, {size} bytes"
 
 
-def _print_dry_run(output: str, plan: Any, stages: Any, inv: Any, digest: str, name: str,
-                   version: str, seq: int) -> None:
-    import json
-
-    if output == "json":
-        typer.echo(json.dumps({
-            "dry_run": True, "bundle": {"digest": digest, "name": name, "version": version,
-                                        "sequence": seq},
-            "plan": plan.to_json(),
-            "stages": [{"name": s.name, "kind": s.kind, "devices": list(s.devices)}
-                       for s in stages]}, indent=2))
-        return
-    typer.echo(dry_run_text(plan, stages, inv, digest, name, version, seq))
+def _print_dry_run(output: str, plan: Any, stages: Any, inv: Any, b: Any, checks: list[str],
+                   warnings: list[str]) -> None:
+    """The plan, what was checked, and which targeted devices already run the bundle."""
+    already = {d for s in stages for d in s.devices
+               if inv.devices[d].model_digest == b.digest}
+    emit(output, {
+        "dry_run": True, "bundle": {"digest": b.digest, "size": b.size, "url": b.url,
+                                    "name": b.name, "version": b.version,
+                                    "sequence": b.sequence},
+        "plan": plan.to_json(), "checks": checks, "warnings": warnings,
+        "stages": [{"name": s.name, "kind": s.kind, "devices": list(s.devices),
+                    "already_on_bundle": [d for d in s.devices if d in already]}
+                   for s in stages]},
+        text=lambda: dry_run_text(plan, stages, inv, b, checks, already))
 
 
 def _need_controller(database: Any, what: str, once_flag: str | None) -> None:

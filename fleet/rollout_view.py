@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fleet.inventory import Inventory
-    from fleet.rollout import Plan, StagePlan
+    from fleet.rollout import Bundle, Plan, StagePlan
     from fleet.state import RolloutRow
 
 
@@ -142,11 +142,14 @@ def rollouts_table(rows: Sequence[RolloutRow], stage_names: Mapping[str, str], *
                      for row in table)
 
 
-def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, digest: str,
-                 name: str, version: str, seq: int) -> str:
-    """`rollout start --dry-run` for people: the plan's settings, then each stage's devices."""
-    lines = [f"dry run: {name} {version} (sequence {seq}, sha256:{digest[:12]}); nothing is "
-             "sent"]
+def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, bundle: Bundle,
+                 checks: Sequence[str], already: Set[str]) -> str:
+    """`rollout start --dry-run` for people: what was checked, the plan's settings, then each
+    stage's devices, those in `already` (on the bundle now) marked with a `*`."""
+    b = bundle
+    lines = [f"dry run: {b.name} {b.version} (sequence {b.sequence}, sha256:{b.digest[:12]}); "
+             "nothing is sent"]
+    lines += [f"  checked: {c}" for c in checks]
     gates = ", ".join(str(g) for g in plan.bake_gates)
     lines.append(f"  bake {plan.bake_s:g} s after the canary, {plan.wave_bake:g} s after each "
                  f"wave but the last; gates: {gates}")
@@ -161,7 +164,10 @@ def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, digest
                         for d in s.devices})
         lines.append(f"{s.name:<8} {s.kind:<8} {len(s.devices):>5} devices  "
                      f"({(plan.spread or ('-',))[0]}: {', '.join(sites)})")
-        lines.append(_wrap(", ".join(s.devices), "    "))
+        lines.append(_wrap(", ".join(d + ("*" if d in already else "") for d in s.devices),
+                           "    "))
+    if already:
+        lines.append(f"* already on this bundle ({len(already)}): {', '.join(sorted(already))}")
     return "\n".join(lines)
 
 
