@@ -51,7 +51,9 @@ def controller_command(
                                  help="Directory of rollout YAML documents in the repo."),
     git_interval: str = typer.Option("30s", "--git-interval", help="How often to fetch."),
     keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
-                                 help="Keyring to verify declared bundles (with --git-repo)."),
+                                 help="The keyring devices trust: --fleet-key must be trusted "
+                                 "there for role fleet; verifies declared bundles "
+                                 "(--git-repo)."),
     artifact_url: str = typer.Option(None, "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
                                      help="Base URL devices download from (--git-repo)."),
     mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
@@ -74,12 +76,14 @@ def controller_command(
     import threading
 
     from agent.errors import UsageError
+    from agent.keys import Keyring
     from fleet.controller import Controller, ControllerOptions
     from fleet.controller_metrics import MetricsServer
     from fleet.inventory import open_controller
     from fleet.state import actor
 
-    key = load_fleet_key(fleet_key)
+    # a fleet key devices do not trust is refused before anything is sent
+    key = load_fleet_key(fleet_key, Keyring.load(keyring) if keyring else None)
     database = open_db(store, db)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -343,3 +343,15 @@ def test_dry_run_checks_url_and_fleet_key_and_marks_devices_already_on_the_bundl
             "needs one)"], r.stderr
         sniffer.close()
         assert sniffer.commands == [] and fl.db.rollouts() == []
+
+
+def test_controller_refuses_a_fleet_key_not_trusted_for_role_fleet(tmp_path: Path,
+                                                                    fleet_keys: FleetKeys):
+    """With --keyring, the controller checks its --fleet-key like `rollout start` does: a
+    release key is a one-line usage error before it connects or records anything."""
+    r = cli("fleet", "controller", "--keyring", str(fleet_keys.keyring), "--fleet-key",
+            str(fleet_keys.release_key), "--store", str(tmp_path / "store"), "--metrics-port",
+            "0", env={"EDGEFLEET_MQTT_HOST": "127.0.0.1", "EDGEFLEET_MQTT_PORT": str(free_port())})
+    _one_line_error(r, 2, "trusted for role 'release', not for 'fleet'",
+                    "devices would refuse the commands it signs")
+    assert not (tmp_path / "store").exists()
