@@ -525,13 +525,14 @@ def rollout_status(
         if database is None:
             return
         rollout_id = database.latest().id
+    if output not in ("text", "wide"):  # a document: once, with the audit log
+        snap = snapshot(database, rollout_id)
+        emit(output, {**snap, "audit": database.audit_log(rollout_id)},
+             text=lambda: render_status(snap), names=lambda: [f"rollout/{rollout_id}"])
+        return
     lines = 0
     while True:
         snap = snapshot(database, rollout_id)
-        if output not in ("text", "wide"):
-            emit(output, {**snap, "audit": database.audit_log(rollout_id)}, text=str,
-                 names=lambda: [f"rollout/{rollout_id}"])
-            return
         text = render_status(snap, wide=output == "wide")
         if watch and lines and sys.stdout.isatty():
             sys.stdout.write(f"\x1b[{lines}F\x1b[J")
