@@ -238,7 +238,7 @@ def rollout_start(
                                             pub.sequence)
     url = f"{artifact_url.rstrip('/')}/sha256/{digest}" if artifact_url else ""
     # 2. the gates' Prometheus answers, the artifact server serves the bundle
-    if plan.prometheus and not dry_run:
+    if plan.prometheus:
         _check_prometheus(plan, strict=strict_gates)
     if url:
         checks.append(_check_artifact(url, size, published=published, store=store))
@@ -587,7 +587,7 @@ _OK_STATE = {"rollback": "rolled-back"}
 def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, output: str,
             follow: bool, once: bool, args: dict[str, Any] | None = None,
             mqtt: Any = None, prefix: str = "edgefleet", fleet_key: Path | None = None,
-            wait_s: float = 30.0) -> None:
+            keyring: Path | None = None, wait_s: float = 30.0) -> None:
     """One operator action. With a live driver (the controller, or a `--once` process) it
     is queued for it and this waits for its answer; with none, it is applied here, and an
     action that needs driving says so (or, with --once, is driven from here)."""
@@ -605,6 +605,11 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
     if once and (holder or lease["live"]):
         raise UsageError(f"rollout {rollout_id} has a driver ({holder or lease['owner']})",
                          hint="drop --once: the request goes to it")
+    key = None
+    if once and fleet_key is not None:  # its role, before the action is applied or sent
+        from agent.keys import Keyring
+
+        key = load_fleet_key(fleet_key, Keyring.load(keyring) if keyring else None)
     row = database.rollout(rollout_id)
     if action == "resume" and row.state in DRIVEN:  # nothing to change: it needs driving
         ok, msg = True, f"rollout {rollout_id}: {row.state}, driven by " + (
@@ -628,7 +633,7 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
     if row.state in DRIVEN and once:
         from fleet.inventory import open_controller
 
-        key = load_fleet_key(fleet_key)
+        key = key or load_fleet_key(fleet_key)
         with open_controller(mqtt, fleet_key=key, prefix=prefix,
                              client_id=f"edgefleet-rollout-{rollout_id}") as ctl:
             row = _drive(database, rollout_id, ctl, output)
@@ -660,6 +665,9 @@ def _action_command(action: str, doc: str, example: str) -> None:
                                            "the devices left behind (listed in the end "
                                            "state)."),
         fleet_key: Path = fleet_key_opt(),
+        keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
+                                     help="--once: the keyring devices trust; --fleet-key "
+                                     "must be trusted there for role fleet."),
         store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
         mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
         mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
@@ -671,7 +679,7 @@ def _action_command(action: str, doc: str, example: str) -> None:
         if allow_partial:
             args["allow_partial"] = True
         operate(action, rollout_id, store=store, db=db, output=output, follow=follow,
-                once=once, args=args, prefix=prefix, fleet_key=fleet_key,
+                once=once, args=args, prefix=prefix, fleet_key=fleet_key, keyring=keyring,
                 mqtt=mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key))
 
     command.__doc__ = f"""{doc}

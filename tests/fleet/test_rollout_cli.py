@@ -252,6 +252,11 @@ def test_rollout_commands_print_every_output_format(tmp_path: Path, broker: Brok
         r = cli_here("fleet", "rollout", "resume", "r-two", "-o", "json", env=env)
         _one_line_error(r, 1, "no controller is running")
         assert json.loads(r.stdout)["state"] == "running"  # recorded; nobody drives it
+        # --once with a fleet key devices do not trust: refused before the action applies
+        _one_line_error(cli_here("fleet", "rollout", "promote", "r-two", "--once",
+                                 "--fleet-key", str(fleet_keys.release_key), env=env), 2,
+                        "devices would refuse the commands it signs")
+        assert "promote" not in [a["action"] for a in fl.db.audit_log("r-two")]
         r = cli_here("fleet", "rollout", "abort", "r-two", "-o", "json", env=env)
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "aborted", r.stderr
         _one_line_error(cli_here("fleet", "rollout", "abort", "r-two", "-o", "wide", env=env),
@@ -334,6 +339,11 @@ def test_dry_run_checks_url_and_fleet_key_and_marks_devices_already_on_the_bundl
                                  str(fleet_keys.release_key), *FAST_FLAGS, env=env), 2,
                         "devices would refuse the commands it signs")
         assert len(list_published(fl.store)) == published  # v9 was not published
+        # the gates' Prometheus must answer, as for a real start
+        dead = f"http://127.0.0.1:{free_port()}"
+        _one_line_error(cli_here(*start, f"sha256:{v2.digest}", "--dry-run", "--prometheus",
+                                 dead, "--prom-gate", "sum(up) >= 1", env=env), 1,
+                        f"Prometheus at {dead}", "does not answer")
         # without a fleet key or a URL, the dry run says what it could not check
         r = cli_here(*start, f"sha256:{v2.digest}", "--dry-run", "-l", f"site={site}",
                      env={**env, "EDGEFLEET_FLEET_KEY": "", "EDGEFLEET_ARTIFACT_URL": ""})
