@@ -103,7 +103,16 @@ def serve(
     setting's name in capitals, e.g. EDGEFLEET_AGENT_IDLE_TIMEOUT_S=60), then --config, then
     the defaults in brackets. The protocol and its limits are in docs/protocol.md; the
     prediction log, capture and labels (EDGEFLEET_AGENT_PREDLOG_*, CAPTURE_*, LABELS_DIR,
-    DATA_ADDR) in docs/operations.md."""
+    DATA_ADDR) in docs/operations.md.
+
+    Examples:
+
+      edgefleet agent serve --socket /run/edgefleet/agent.sock --store models --keyring keyring
+
+      edgefleet agent serve --socket /tmp/a.sock --rules rules.json --metrics-addr 127.0.0.1:9464
+
+      edgefleet agent serve --config /etc/edgefleet/agent.toml --log-format json
+    """
     from agent.config import load_config
 
     cfg = load_config(config, socket=socket, store=store, keyring=keyring, rules=rules,
@@ -222,7 +231,16 @@ def predict(
     """Screen one die (from arguments) or a CSV file of dies.
 
     Prints each decision, and for files progress and a latency summary on stderr. Exit 1 when
-    any die was refused with an error."""
+    any die was refused with an error.
+
+    Examples:
+
+      edgefleet agent predict --socket /run/edgefleet/agent.sock --file dies.csv --batch 256 -q
+
+      edgefleet agent predict --socket /run/edgefleet/agent.sock --die-id W3-17 0.2 1.5 3.1
+
+      edgefleet agent predict --socket /run/edgefleet/agent.sock -f dies.csv -o json
+    """
     from agent.client import Client
 
     if output not in ("text", "json"):

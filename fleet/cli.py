@@ -136,7 +136,14 @@ def certs_site(
 ) -> None:
     """A site broker bridged to the central broker: its server certificate, the bridge's
     client certificate, OUT/broker/mosquitto.conf + acl, and the bridge's block in the
-    central broker's ACL (CA/broker/acl). See docs/deploy-k3s.md, Sites."""
+    central broker's ACL (CA/broker/acl). See docs/deploy-k3s.md, Sites.
+
+    Examples:
+
+      edgefleet fleet certs site fab2 --ca pki --out site-fab2 --central-host mqtt.example.com
+
+      edgefleet fleet certs site fab2 --ca pki --out fab2 --central-host mqtt --device box-a --k3s
+    """
     from agent.fsio import atomic_write
     from fleet.bridge import (
         Bridge,

@@ -32,8 +32,11 @@ def collect_cmd(
     """Pull captured rows (the sample and every fail), labels and optionally predictions from
     devices into a dataset directory with provenance; resumable (per-device cursors).
 
-    Example: edgefleet fleet collect -d box-a=10.0.0.5:9465 --out dataset/ --ca ca.crt
-    --cert edgefleet-controller.crt --key edgefleet-controller.key
+    Examples:
+
+      edgefleet fleet collect -d box-a=10.0.0.5:9465 --out ds/ --ca ca.crt --cert c.crt --key c.key
+
+      edgefleet fleet collect -d box-b=10.0.0.6:9465 --out data/ --stream predictions -o json
     """
     import json
 

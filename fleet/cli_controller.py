@@ -51,7 +51,9 @@ def controller_command(
                                  help="Directory of rollout YAML documents in the repo."),
     git_interval: str = typer.Option("30s", "--git-interval", help="How often to fetch."),
     keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
-                                 help="Keyring to verify declared bundles (with --git-repo)."),
+                                 help="The keyring devices trust: --fleet-key must be trusted "
+                                 "there for role fleet; verifies declared bundles "
+                                 "(--git-repo)."),
     artifact_url: str = typer.Option(None, "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
                                      help="Base URL devices download from (--git-repo)."),
     mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
@@ -59,18 +61,29 @@ def controller_command(
     mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
 ) -> None:
     """Drive every rollout until stopped (SIGTERM): hold the controller lease, apply operator
-    requests, resume what was running, serve /metrics and /healthz."""
+    requests, resume what was running, serve /metrics and /healthz.
+
+    Examples:
+
+      edgefleet fleet controller --store artifacts --fleet-key keys/fleet.key
+
+      edgefleet fleet controller --fleet-key fleet.key --metrics-host 0.0.0.0 --metrics-port 9470
+
+      edgefleet fleet controller --git-repo https://git/ops.git --git-path rollouts --keyring ring
+    """
     import signal
     import sys
     import threading
 
     from agent.errors import UsageError
+    from agent.keys import Keyring
     from fleet.controller import Controller, ControllerOptions
     from fleet.controller_metrics import MetricsServer
     from fleet.inventory import open_controller
     from fleet.state import actor
 
-    key = load_fleet_key(fleet_key)
+    # a fleet key devices do not trust is refused before anything is sent
+    key = load_fleet_key(fleet_key, Keyring.load(keyring) if keyring else None)
     database = open_db(store, db)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +133,16 @@ def apply_command(
 ) -> None:
     """Make the fleet match declared rollouts, idempotently: a new spec starts a rollout
     (superseding the one it replaces), the same spec changes nothing, the previous spec (a
-    revert) rolls the latest one back. The controller drives what this records."""
+    revert) rolls the latest one back. The controller drives what this records.
+
+    Examples:
+
+      edgefleet fleet apply -f rollout.yaml --keyring keyring --artifact-url http://ctl:8080
+
+      edgefleet fleet apply -f rollouts/fab2.yaml --dry-run
+
+      edgefleet fleet apply -f rollout.yaml -o json
+    """
     import dataclasses
     import json
 

@@ -20,39 +20,44 @@ from agent.errors import UsageError
 _STORE_HELP = "Artifact store directory (content-addressed; the rollout database lives here)."
 
 
-def store_opt() -> Any:
+def store_opt(panel: str | None = None) -> Any:
+    """`panel` is the --help section the option is listed in (typer's rich_help_panel)."""
     return typer.Option(Path("artifacts"), "--store", envvar="EDGEFLEET_ARTIFACT_STORE",
-                        help=_STORE_HELP)
+                        help=_STORE_HELP, rich_help_panel=panel)
 
 
-def db_opt() -> Any:
+def db_opt(panel: str | None = None) -> Any:
     return typer.Option(None, "--db", envvar="EDGEFLEET_ROLLOUT_DB",
-                        help="Rollout database (default: STORE/rollouts.db).")
+                        help="Rollout database (default: STORE/rollouts.db).",
+                        rich_help_panel=panel)
 
 
-def output_opt() -> Any:
-    return typer.Option("text", "--output", "-o", help="text or json.")
+def output_opt(panel: str | None = None) -> Any:
+    """`-o text|json` of a write command (agent/cli_output.py)."""
+    return typer.Option("text", "--output", "-o", help="text or json.", rich_help_panel=panel)
 
 
-def fleet_key_opt() -> Any:
+def fleet_key_opt(panel: str | None = None) -> Any:
     return typer.Option(None, "--fleet-key", envvar="EDGEFLEET_FLEET_KEY",
-                        help="Private key that signs commands.")
+                        help="Private key that signs commands (its public half is in the "
+                        "devices' keyring with role fleet).", rich_help_panel=panel)
 
 
-def mqtt_opts() -> dict[str, Any]:
+def mqtt_opts(panel: str | None = None) -> dict[str, Any]:
     return {
         "mqtt_host": typer.Option(None, "--mqtt-host", envvar="EDGEFLEET_MQTT_HOST",
-                                  help="Broker host (localhost)."),
+                                  help="Broker host (localhost).", rich_help_panel=panel),
         "mqtt_port": typer.Option(None, "--mqtt-port", envvar="EDGEFLEET_MQTT_PORT",
-                                  help="Broker port (1883)."),
+                                  help="Broker port (1883).", rich_help_panel=panel),
         "mqtt_ca": typer.Option(None, "--mqtt-ca", envvar="EDGEFLEET_MQTT_CA",
-                                help="CA certificate (turns TLS on)."),
+                                help="CA certificate (turns TLS on).", rich_help_panel=panel),
         "mqtt_cert": typer.Option(None, "--mqtt-cert", envvar="EDGEFLEET_MQTT_CERT",
-                                  help="The controller's client certificate."),
+                                  help="The controller's client certificate.",
+                                  rich_help_panel=panel),
         "mqtt_key": typer.Option(None, "--mqtt-key", envvar="EDGEFLEET_MQTT_KEY",
-                                 help="Its private key."),
+                                 help="Its private key.", rich_help_panel=panel),
         "prefix": typer.Option("edgefleet", "--prefix", envvar="EDGEFLEET_TOPIC_PREFIX",
-                               help="MQTT topic prefix."),
+                               help="MQTT topic prefix.", rich_help_panel=panel),
     }
 
 
@@ -67,8 +72,10 @@ def mqtt_config(mqtt_host: str | None, mqtt_port: int | None, mqtt_ca: Path | No
 
 
 def check_output(output: str) -> None:
-    if output not in ("text", "json"):
-        raise UsageError(f"--output must be text or json, not {output!r}")
+    """Refuse an `-o` a write command does not print (only text and json)."""
+    from agent.cli_output import WRITE_FORMATS, check
+
+    check(output, WRITE_FORMATS)
 
 
 def open_db(store: Path, db: Path | None) -> Any:
@@ -102,10 +109,31 @@ def parse_duration(text: str | None, what: str) -> float | None:
     return float(m.group(1)) * scale
 
 
-def load_fleet_key(fleet_key: Path | None) -> Any:
+def load_fleet_key(fleet_key: Path | None, keyring: Any = None) -> Any:
+    """The private key that signs commands; with `keyring` (a loaded `Keyring`), also
+    checked to be trusted there for role fleet (`check_fleet_key`)."""
     from agent.keys import load_private_key
 
     if fleet_key is None:
         raise UsageError("this command sends signed commands and needs the fleet key",
                          hint="pass --fleet-key FILE or set EDGEFLEET_FLEET_KEY")
-    return load_private_key(fleet_key)
+    key = load_private_key(fleet_key)
+    if keyring is not None:
+        check_fleet_key(key, fleet_key, keyring)
+    return key
+
+
+def check_fleet_key(key: Any, path: Path, keyring: Any) -> str:
+    """Refuse (exit 2) a --fleet-key whose public half the keyring does not trust for role
+    fleet: devices would refuse every command it signs, and a rollout would only find out
+    when its canary fails. Returns the key id."""
+    from agent.keys import KeyringError, key_id
+
+    kid = key_id(key.public_key())
+    try:
+        keyring.public_key(kid, "fleet")
+    except KeyringError as e:
+        raise UsageError(f"--fleet-key {path}: {e.message}: devices would refuse the commands "
+                         "it signs", hint="pass the fleet key (edgefleet keys list --keyring "
+                         f"{keyring.path} shows the roles)") from None
+    return kid

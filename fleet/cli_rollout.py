@@ -21,8 +21,10 @@ from typing import Any
 
 import typer
 
+from agent.cli_output import check, emit, read_output
 from agent.errors import EdgefleetError, UsageError
 from fleet.cli_options import (
+    check_fleet_key,
     check_output,
     db_opt,
     existing_db,
@@ -57,80 +59,120 @@ def _plan_from_flags(plan_file: Path | None, **flags: Any) -> Any:
     return replace_plan(plan, **flags).validate()
 
 
+# `rollout start --help` in sections, not one block of 40 options
+SELECTION, STAGES, GATES, TIMING = "Selection", "Stages", "Gates", "Timing"
+BUNDLE, CONNECTION, RUN = "Bundle and keys", "Connection", "Run and output"
+
+
 @rollout_app.command("start")
 def rollout_start(
     bundle: str = typer.Argument(..., help="A bundle file, or sha256:<digest> of a published "
                                  "one."),
-    selector: str = typer.Option(None, "--selector", "-l", help="Which devices (labels)."),
-    canary: str = typer.Option(None, "--canary", help="Canary size: a count (10) or a share "
-                               "(2%). Default 1."),
+    selector: str = typer.Option(None, "--selector", "-l", help="Which devices (labels); "
+                                 "none: the whole fleet.", rich_help_panel=SELECTION),
+    exclude: str = typer.Option(None, "--exclude", help="Device ids the selector matches but "
+                                "this rollout leaves alone (comma-separated).",
+                                rich_help_panel=SELECTION),
     spread: str = typer.Option(None, "--spread", help="Labels the canary and waves are spread "
-                               "over (site,tester)."),
-    shadow: bool = typer.Option(None, "--shadow/--no-shadow", help="Shadow stage first "
-                                "(default on)."),
-    shadow_min_dies: int = typer.Option(None, "--shadow-min-dies", help="Dies the candidate "
-                                        "must score before any shadow verdict (1000)."),
-    shadow_timeout: str = typer.Option(None, "--shadow-timeout", help="Give up waiting for "
-                                       "shadow evidence after this (10m): pause."),
-    shadow_gate: list[str] = typer.Option(None, "--shadow-gate", help="e.g. agreement>=0.99 "
-                                          "(repeatable; replaces that metric's default)."),
-    bake: str = typer.Option(None, "--bake", help="Bake time after the canary (5m)."),
-    wave_bake: str = typer.Option(None, "--wave-bake", help="Bake time after each wave but "
-                                  "the last (default: --bake)."),
-    waves: str = typer.Option(None, "--waves", help="Cumulative shares, ending at 100% "
-                              "(10%,50%,100%)."),
-    max_parallel: int = typer.Option(None, "--max-parallel", help="Devices installing at once "
-                                     "(50)."),
-    max_failures: str = typer.Option(None, "--max-failures", help="Failure budget per stage: "
-                                     "count or share (5%)."),
-    on_failure: str = typer.Option(None, "--on-failure", help="pause or rollback (pause)."),
-    offline: str = typer.Option(None, "--offline", help="Offline devices: wait (up to "
-                                "--offline-wait, then failed) or skip (reported)."),
-    offline_wait: str = typer.Option(None, "--offline-wait", help="(10m)"),
-    step_timeout: str = typer.Option(None, "--step-timeout", help="A device step with no final "
-                                     "answer after this has failed (5m)."),
-    health_grace: str = typer.Option(None, "--health-grace", help="After live, time for "
-                                     "health to read ok (30s)."),
-    gate: list[str] = typer.Option(None, "--gate", help="Bake gate, e.g. error_rate<=0.01 "
-                                   "(repeatable; replaces that metric's default)."),
-    min_requests: int = typer.Option(None, "--min-requests", help="Requests on the new model "
-                                     "before a bake verdict (100)."),
-    prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL for --prom-gate."),
-    prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
-                                        "(repeatable)."),
-    strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
-                                      "whose query returns no series now (default: warn)."),
-    measure_interval: str = typer.Option(None, "--measure-interval", help="Gate evaluation "
-                                         "interval (2s)."),
-    plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it)."),
-    rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; touch nothing."),
+                               "over (site,tester).", rich_help_panel=SELECTION),
     replace: bool = typer.Option(False, "--replace", help="Supersede a non-final rollout "
-                                 "that targets any of the same devices (else refused)."),
+                                 "that targets any of the same devices (else refused).",
+                                 rich_help_panel=SELECTION),
+    shadow: bool = typer.Option(None, "--shadow/--no-shadow", help="Shadow stage first "
+                                "(default on).", rich_help_panel=STAGES),
+    shadow_min_dies: int = typer.Option(None, "--shadow-min-dies", help="Dies the candidate "
+                                        "must score before any shadow verdict (1000).",
+                                        rich_help_panel=STAGES),
+    canary: str = typer.Option(None, "--canary", help="Canary size: a count (10) or a share "
+                               "(2%). Default 1.", rich_help_panel=STAGES),
+    waves: str = typer.Option(None, "--waves", help="Cumulative shares, ending at 100% "
+                              "(10%,50%,100%).", rich_help_panel=STAGES),
+    max_parallel: int = typer.Option(None, "--max-parallel", help="Devices installing at once "
+                                     "(50).", rich_help_panel=STAGES),
+    max_failures: str = typer.Option(None, "--max-failures", help="Failure budget per stage: "
+                                     "count or share (5%).", rich_help_panel=STAGES),
+    on_failure: str = typer.Option(None, "--on-failure", help="pause or rollback (pause).",
+                                   rich_help_panel=STAGES),
+    offline: str = typer.Option(None, "--offline", help="Offline devices: wait (up to "
+                                "--offline-wait, then failed) or skip (reported).",
+                                rich_help_panel=STAGES),
     allow_partial: bool = typer.Option(None, "--allow-partial/--no-allow-partial",
                                        help="Succeed with devices left behind (listed); "
-                                       "default: pause naming them."),
-    exclude: str = typer.Option(None, "--exclude", help="Device ids the selector matches but "
-                                "this rollout leaves alone (comma-separated)."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses or "
-                                "ends (exit 0 only when it succeeded)."),
-    once: bool = typer.Option(False, "--once", help="No controller service: drive this "
-                              "rollout from this process until it pauses or ends (Ctrl-C "
-                              "pauses it)."),
+                                       "default: pause naming them.", rich_help_panel=STAGES),
+    plan_file: Path = typer.Option(None, "--plan", help="Plan as JSON (flags override it).",
+                                   rich_help_panel=STAGES),
+    gate: list[str] = typer.Option(None, "--gate", help="Bake gate, e.g. error_rate<=0.01 "
+                                   "(repeatable; replaces that metric's default).",
+                                   rich_help_panel=GATES),
+    shadow_gate: list[str] = typer.Option(None, "--shadow-gate", help="e.g. agreement>=0.99 "
+                                          "(repeatable; replaces that metric's default).",
+                                          rich_help_panel=GATES),
+    min_requests: int = typer.Option(None, "--min-requests", help="Requests on the new model "
+                                     "before a bake verdict (100).", rich_help_panel=GATES),
+    prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL for --prom-gate.",
+                                   rich_help_panel=GATES),
+    prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
+                                        "(repeatable).", rich_help_panel=GATES),
+    strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
+                                      "whose query returns no series now (default: warn).",
+                                      rich_help_panel=GATES),
+    bake: str = typer.Option(None, "--bake", help="Bake time after the canary (5m).",
+                             rich_help_panel=TIMING),
+    wave_bake: str = typer.Option(None, "--wave-bake", help="Bake time after each wave but "
+                                  "the last (default: --bake).", rich_help_panel=TIMING),
+    shadow_timeout: str = typer.Option(None, "--shadow-timeout", help="Give up waiting for "
+                                       "shadow evidence after this (10m): pause.",
+                                       rich_help_panel=TIMING),
+    offline_wait: str = typer.Option(None, "--offline-wait", help="How long --offline wait "
+                                     "waits (10m).", rich_help_panel=TIMING),
+    step_timeout: str = typer.Option(None, "--step-timeout", help="A device step with no final "
+                                     "answer after this has failed (5m).",
+                                     rich_help_panel=TIMING),
+    health_grace: str = typer.Option(None, "--health-grace", help="After live, time for "
+                                     "health to read ok (30s).", rich_help_panel=TIMING),
+    measure_interval: str = typer.Option(None, "--measure-interval", help="Gate evaluation "
+                                         "interval (2s).", rich_help_panel=TIMING),
     keyring: Path = typer.Option(..., "--keyring", envvar="EDGEFLEET_KEYRING",
-                                 help="The keyring devices trust (to verify the bundle)."),
-    fleet_key: Path = fleet_key_opt(),
+                                 help="The keyring devices trust (to verify the bundle and "
+                                 "the fleet key's role).", rich_help_panel=BUNDLE),
+    fleet_key: Path = fleet_key_opt(BUNDLE),
     artifact_url: str = typer.Option(None, "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
                                      help="Base URL devices download from "
-                                     "(serve-artifacts), e.g. http://ctl:8080."),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
-    mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
-    mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
-    mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],
+                                     "(serve-artifacts), e.g. http://ctl:8080.",
+                                     rich_help_panel=BUNDLE),
+    store: Path = store_opt(BUNDLE), db: Path = db_opt(BUNDLE),
+    mqtt_host: str = mqtt_opts(CONNECTION)["mqtt_host"],
+    mqtt_port: int = mqtt_opts(CONNECTION)["mqtt_port"],
+    mqtt_ca: Path = mqtt_opts(CONNECTION)["mqtt_ca"],
+    mqtt_cert: Path = mqtt_opts(CONNECTION)["mqtt_cert"],
+    mqtt_key: Path = mqtt_opts(CONNECTION)["mqtt_key"],
+    prefix: str = mqtt_opts(CONNECTION)["prefix"],
+    rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated).",
+                                   rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the bundle, its URL and the "
+                                 "fleet key; print the plan; touch nothing.",
+                                 rich_help_panel=RUN),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Watch it until it pauses or "
+                                "ends (exit 0 only when it succeeded).", rich_help_panel=RUN),
+    once: bool = typer.Option(False, "--once", help="No controller service: drive this "
+                              "rollout from this process until it pauses or ends (Ctrl-C "
+                              "pauses it).", rich_help_panel=RUN),
+    output: str = output_opt(RUN),
 ) -> None:
     """Start a rollout: the controller drives it (`--follow` watches it), or this process
     does (`--once`, progress on stderr). With --follow or --once: exit 0 when it succeeded,
-    1 when it paused, failed or was rolled back (the message says what to run next)."""
+    1 when it paused, failed or was rolled back (the message says what to run next).
+
+    Examples:
+
+      edgefleet fleet rollout start model.efb --keyring keyring --artifact-url http://ctl:8080
+
+      edgefleet fleet rollout start model.efb -l site=fab2 --canary 2% --waves 10%,50%,100% -f
+
+      edgefleet fleet rollout start sha256:3f2a... --bake 10m --gate error_rate<=0.01 --once
+
+      edgefleet fleet rollout start model.efb --dry-run -o json
+    """
 
     from agent.bundle import verify_bundle
     from agent.keys import Keyring
@@ -157,18 +199,34 @@ def rollout_start(
         allow_partial=allow_partial,
         exclude=tuple(x for x in exclude.split(",") if x) if exclude is not None else None)
     ring = Keyring.load(keyring)
-    key = None if dry_run else load_fleet_key(fleet_key)
-    if not dry_run and not artifact_url:
-        raise UsageError("rollout start needs --artifact-url: the base URL devices download "
-                         "bundles from", hint="e.g. --artifact-url http://controller:8080, "
-                         "served by: edgefleet fleet serve-artifacts --store STORE")
+    checks: list[str] = []  # what the dry run checked
+    warnings: list[str] = []
+    # 0. the fleet key: trusted for role fleet where devices look, before anything is
+    # published or sent (else the canary would be the first to refuse its commands)
+    key = None
+    if fleet_key is None and dry_run:
+        warnings.append("no --fleet-key: not checked (rollout start needs one)")
+    else:
+        key = load_fleet_key(fleet_key)
+        kid = check_fleet_key(key, fleet_key, ring)
+        checks.append(f"fleet key {kid}: trusted for role fleet in {keyring}")
+    if not artifact_url:
+        if not dry_run:
+            raise UsageError("rollout start needs --artifact-url: the base URL devices "
+                             "download bundles from", hint="e.g. --artifact-url "
+                             "http://controller:8080, served by: edgefleet fleet "
+                             "serve-artifacts --store STORE")
+        warnings.append("no --artifact-url: the download URL is not checked (rollout start "
+                        "needs one)")
     # 1. the bundle: verified as a device would, published (content-addressed)
     path = Path(bundle)
+    published = True
     if path.is_file():
         if dry_run:
             m = verify_bundle(path, ring)
             digest, size = _sha256(path), path.stat().st_size
             name, version, seq = m.name, m.version, m.sequence
+            published = _is_published(store, digest)
         else:
             pub = publish(store, path, ring, who=actor())
             digest, size, name, version, seq = (pub.digest, pub.size, pub.name, pub.version,
@@ -180,17 +238,21 @@ def rollout_start(
                                             pub.sequence)
     url = f"{artifact_url.rstrip('/')}/sha256/{digest}" if artifact_url else ""
     # 2. the gates' Prometheus answers, the artifact server serves the bundle
-    if plan.prometheus and not dry_run:
+    if plan.prometheus:
         _check_prometheus(plan, strict=strict_gates)
-    if not dry_run:
-        _check_artifact(url, size)
+    if url:
+        checks.append(_check_artifact(url, size, published=published, store=store))
     mqtt = mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key)
     rid = rollout_id or R.new_rollout_id()
     if dry_run:
         with open_controller(mqtt, prefix=prefix) as ctl:
             inv = Inventory.from_states(ctl.devices())
         stages, _ = R.plan_targets(plan, inv)
-        _print_dry_run(output, plan, stages, inv, digest, name, version, seq)
+        warnings += _whole_fleet(plan, inv)
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
+        _print_dry_run(output, plan, stages, inv, R.Bundle(digest, size, url, seq, name, version),
+                       checks, warnings)
         return
     database = open_db(store, db)
     # --once: this process is the controller (a persistent session, resumed by `resume
@@ -211,6 +273,8 @@ def rollout_start(
         typer.echo(f"rollout {rid}: {name} {version} (sequence {seq}, sha256:{digest[:12]}) to "
                    f"{snap['devices']} devices in {len(snap['stages'])} stages: "
                    + ", ".join(f"{s['name']} {s['devices']}" for s in snap["stages"]), err=True)
+        for w in _whole_fleet(plan, inv):  # after the refusals, which are one line each
+            typer.echo(f"warning: {w}", err=True)
         if once:
             row = _drive(database, rid, ctl, output)
             _finish_line(database, row, output)
@@ -218,8 +282,17 @@ def rollout_start(
     if follow:
         _finish_line(database, _follow(database, rid, output), output)
         return
-    typer.echo(f"rollout {rid}: pending; the controller {database.lease()['owner']} drives it "
-               f"(watch: edgefleet fleet rollout status {rid} --watch)")
+    _written(output, database, rid, f"rollout {rid}: pending; the controller "
+             f"{database.lease()['owner']} drives it (watch: edgefleet fleet rollout status "
+             f"{rid} --watch)")
+
+
+def _written(output: str, database: Any, rid: str, message: str) -> None:
+    """What a write command did: `message` (text), or the rollout as `status -o json` shows
+    it, with the message (json)."""
+    from fleet.rollout import snapshot
+
+    emit(output, {**snapshot(database, rid), "message": message}, text=lambda: message)
 
 
 def _sha256(path: Path) -> str:
@@ -252,8 +325,28 @@ def _check_prometheus(plan: Any, *, strict: bool = False) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
-def _check_artifact(url: str, size: int) -> None:
-    """HEAD the bundle's URL: devices must be able to download exactly `size` bytes."""
+def _is_published(store: Path, digest: str) -> bool:
+    from fleet.artifacts import find_published
+
+    try:
+        find_published(store, digest)
+    except EdgefleetError:
+        return False
+    return True
+
+
+def _whole_fleet(plan: Any, inv: Any) -> list[str]:
+    """The warning a rollout without a selector gets: it is easy to forget `-l`."""
+    if plan.selector:
+        return []
+    return [f"no --selector: this rollout targets the whole fleet ({len(inv)} devices)"]
+
+
+def _check_artifact(url: str, size: int, *, published: bool = True,
+                    store: Path | None = None) -> str:
+    """HEAD the bundle's URL: devices must be able to download exactly `size` bytes. A
+    bundle file not published yet (a dry run) cannot be served: then the server must answer,
+    and its 404 is expected. Returns what was checked."""
     import urllib.error
     import urllib.request
 
@@ -262,6 +355,9 @@ def _check_artifact(url: str, size: int) -> None:
                                     timeout=5) as resp:
             length = resp.headers.get("Content-Length")
     except urllib.error.HTTPError as e:
+        if e.code == 404 and not published:
+            return (f"artifact server at {url.rsplit('/sha256/', 1)[0]} answers; the bundle "
+                    f"is not published yet (rollout start publishes it to {store})")
         raise EdgefleetError(f"artifact server does not serve {url}: HTTP {e.code}",
                              hint="is serve-artifacts running on the same --store?") from None
     except (urllib.error.URLError, OSError) as e:
@@ -269,24 +365,27 @@ def _check_artifact(url: str, size: int) -> None:
         raise EdgefleetError(f"artifact server at {url} does not answer: {reason}",
                              hint="start it: edgefleet fleet serve-artifacts --store STORE")\
             from None
-    if length is not None and int(length) != size:
-        raise EdgefleetError(f"artifact server serves {url} with {length} bytes, the bundle "
-                             f"has {size}")
+    if length is None or int(length) != size:
+        raise EdgefleetError(f"artifact server serves {url} with {length or 'no'} "
+                             f"Content-Length, the bundle has {size} bytes",
+                             hint="is serve-artifacts running on the same --store?")
+    return f"artifact {url}: served, {size} bytes"
 
 
-def _print_dry_run(output: str, plan: Any, stages: Any, inv: Any, digest: str, name: str,
-                   version: str, seq: int) -> None:
-    import json
-
-    if output == "json":
-        typer.echo(json.dumps({
-            "dry_run": True, "bundle": {"digest": digest, "name": name, "version": version,
-                                        "sequence": seq},
-            "plan": plan.to_json(),
-            "stages": [{"name": s.name, "kind": s.kind, "devices": list(s.devices)}
-                       for s in stages]}, indent=2))
-        return
-    typer.echo(dry_run_text(plan, stages, inv, digest, name, version, seq))
+def _print_dry_run(output: str, plan: Any, stages: Any, inv: Any, b: Any, checks: list[str],
+                   warnings: list[str]) -> None:
+    """The plan, what was checked, and which targeted devices already run the bundle."""
+    already = {d for s in stages for d in s.devices
+               if inv.devices[d].model_digest == b.digest}
+    emit(output, {
+        "dry_run": True, "bundle": {"digest": b.digest, "size": b.size, "url": b.url,
+                                    "name": b.name, "version": b.version,
+                                    "sequence": b.sequence},
+        "plan": plan.to_json(), "checks": checks, "warnings": warnings,
+        "stages": [{"name": s.name, "kind": s.kind, "devices": list(s.devices),
+                    "already_on_bundle": [d for d in s.devices if d in already]}
+                   for s in stages]},
+        text=lambda: dry_run_text(plan, stages, inv, b, checks, already))
 
 
 def _need_controller(database: Any, what: str, once_flag: str | None) -> None:
@@ -369,15 +468,10 @@ def _follow(database: Any, rid: str, output: str, timeout: float | None = None) 
 
 def _finish_line(database: Any, row: Any, output: str, ok: str = "succeeded") -> None:
     """Print where the rollout ended; exit 1 (one line on stderr) unless it reached `ok`."""
-    import json
-
     from fleet.rollout import snapshot
 
     snap = snapshot(database, row.id)
-    if output == "json":
-        typer.echo(json.dumps(snap, indent=2))
-    else:
-        typer.echo(render_status(snap))
+    emit(output, snap, text=lambda: render_status(snap))
     if row.state == ok:
         return
     if row.state == "paused":
@@ -394,7 +488,7 @@ def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
         database = open_db(store, db)
         if database.latest() is not None:
             return database
-    typer.echo("[]" if output == "json" else "no rollouts")
+    emit(output, [], text=lambda: "no rollouts", names=lambda: [])
     return None
 
 
@@ -402,18 +496,27 @@ def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
 def rollout_status(
     rollout_id: str = typer.Argument(None, help="Rollout id (default: the latest)."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until it stops."),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
 ) -> None:
     """Progress per stage, gate verdicts, failed devices, who drives it and when it was last
-    heard from, and (json) the audit log."""
-    import json
+    heard from; -o wide adds the bundle's URL and full digest and lists every problem; json
+    and yaml add the audit log.
+
+    Examples:
+
+      edgefleet fleet rollout status
+
+      edgefleet fleet rollout status r-261204-1a2b3c --watch
+
+      edgefleet fleet rollout status r-261204-1a2b3c -o json
+    """
     import sys
     import time
 
     from fleet.machine import DRIVEN
     from fleet.rollout import snapshot
 
-    check_output(output)
+    check(output)
     if rollout_id:
         database = existing_db(store, db)
         database.rollout(rollout_id)  # raises RolloutNotFound (exit 2)
@@ -422,14 +525,15 @@ def rollout_status(
         if database is None:
             return
         rollout_id = database.latest().id
+    if output not in ("text", "wide"):  # a document: once, with the audit log
+        snap = snapshot(database, rollout_id)
+        emit(output, {**snap, "audit": database.audit_log(rollout_id)},
+             text=lambda: render_status(snap), names=lambda: [f"rollout/{rollout_id}"])
+        return
     lines = 0
     while True:
         snap = snapshot(database, rollout_id)
-        if output == "json":
-            snap["audit"] = database.audit_log(rollout_id)
-            typer.echo(json.dumps(snap, indent=2))
-            return
-        text = render_status(snap)
+        text = render_status(snap, wide=output == "wide")
         if watch and lines and sys.stdout.isatty():
             sys.stdout.write(f"\x1b[{lines}F\x1b[J")
         typer.echo(text)
@@ -442,29 +546,36 @@ def rollout_status(
 
 @rollout_app.command("list")
 def rollout_list(
-    store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
     limit: int = typer.Option(50, "--limit", help="Newest first, at most this many."),
 ) -> None:
-    """Rollouts, newest first: who started which bundle when, and where each stands."""
-    import json
+    """Rollouts, newest first: who started which bundle when, and where each stands.
 
-    check_output(output)
+    Examples:
+
+      edgefleet fleet rollout list --store /srv/edgefleet/artifacts
+
+      edgefleet fleet rollout list -o wide --limit 10
+
+      edgefleet fleet rollout list -o name
+    """
+    check(output)
     database = _no_rollouts(store, db, output)
     if database is None:
         return
     rows = database.rollouts(limit)
-    if output == "json":
-        typer.echo(json.dumps([{
-            "id": r.id, "state": r.state, "stage": r.stage, "phase": r.phase,
-            "created": r.created, "created_by": r.created_by, "bundle_digest": r.bundle_digest,
-            "model": f"{r.model_name} {r.model_version}", "sequence": r.sequence,
-            "reason": r.reason, "finished": r.finished} for r in rows], indent=2))
-        return
     stage_names = {}
     for r in rows:
         stages = database.stages(r.id)
         stage_names[r.id] = stages[r.stage].name if r.stage < len(stages) else "-"
-    typer.echo(rollouts_table(rows, stage_names))
+    emit(output, [{
+        "id": r.id, "state": r.state, "stage": r.stage, "phase": r.phase,
+        "created": r.created, "created_by": r.created_by, "bundle_digest": r.bundle_digest,
+        "model": f"{r.model_name} {r.model_version}", "sequence": r.sequence,
+        "reason": r.reason, "finished": r.finished} for r in rows],
+         text=lambda: rollouts_table(rows, stage_names),
+         wide=lambda: rollouts_table(rows, stage_names, wide=True),
+         names=lambda: [f"rollout/{r.id}" for r in rows])
 
 
 # -- operator actions: requests to whoever drives the rollout ---------------------------------
@@ -476,7 +587,7 @@ _OK_STATE = {"rollback": "rolled-back"}
 def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, output: str,
             follow: bool, once: bool, args: dict[str, Any] | None = None,
             mqtt: Any = None, prefix: str = "edgefleet", fleet_key: Path | None = None,
-            wait_s: float = 30.0) -> None:
+            keyring: Path | None = None, wait_s: float = 30.0) -> None:
     """One operator action. With a live driver (the controller, or a `--once` process) it
     is queued for it and this waits for its answer; with none, it is applied here, and an
     action that needs driving says so (or, with --once, is driven from here)."""
@@ -494,6 +605,11 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
     if once and (holder or lease["live"]):
         raise UsageError(f"rollout {rollout_id} has a driver ({holder or lease['owner']})",
                          hint="drop --once: the request goes to it")
+    key = None
+    if once and fleet_key is not None:  # its role, before the action is applied or sent
+        from agent.keys import Keyring
+
+        key = load_fleet_key(fleet_key, Keyring.load(keyring) if keyring else None)
     row = database.rollout(rollout_id)
     if action == "resume" and row.state in DRIVEN:  # nothing to change: it needs driving
         ok, msg = True, f"rollout {rollout_id}: {row.state}, driven by " + (
@@ -517,7 +633,7 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
     if row.state in DRIVEN and once:
         from fleet.inventory import open_controller
 
-        key = load_fleet_key(fleet_key)
+        key = key or load_fleet_key(fleet_key)
         with open_controller(mqtt, fleet_key=key, prefix=prefix,
                              client_id=f"edgefleet-rollout-{rollout_id}") as ctl:
             row = _drive(database, rollout_id, ctl, output)
@@ -527,14 +643,15 @@ def operate(action: str, rollout_id: str, *, store: Path, db: Path | None, outpu
         _finish_line(database, _follow(database, rollout_id, output), output,
                      _OK_STATE.get(action, "succeeded"))
         return
-    typer.echo(msg)
+    _written(output, database, rollout_id, msg)
     if row.state in DRIVEN and not (holder or lease["live"]):
         _need_controller(database, f"{action} of rollout {rollout_id} (it is recorded)",
                          "--once")
 
 
-def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) -> None:
-    """Register `rollout <action> ID` with the shared options."""
+def _action_command(action: str, doc: str, example: str) -> None:
+    """Register `rollout <action> ID` with the shared options; `example` is the flags of its
+    second Example."""
 
     def command(
         rollout_id: str = typer.Argument(..., help="Rollout id."),
@@ -548,6 +665,9 @@ def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) 
                                            "the devices left behind (listed in the end "
                                            "state)."),
         fleet_key: Path = fleet_key_opt(),
+        keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
+                                     help="--once: the keyring devices trust; --fleet-key "
+                                     "must be trusted there for role fleet."),
         store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
         mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
         mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
@@ -559,23 +679,30 @@ def _action_command(action: str, doc: str, extra: dict[str, Any] | None = None) 
         if allow_partial:
             args["allow_partial"] = True
         operate(action, rollout_id, store=store, db=db, output=output, follow=follow,
-                once=once, args=args, prefix=prefix, fleet_key=fleet_key,
+                once=once, args=args, prefix=prefix, fleet_key=fleet_key, keyring=keyring,
                 mqtt=mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key))
 
-    command.__doc__ = doc
+    command.__doc__ = f"""{doc}
+
+    Examples:
+
+      edgefleet fleet rollout {action} r-261204-1a2b3c
+
+      edgefleet fleet rollout {action} r-261204-1a2b3c {example}
+    """
     rollout_app.command(action)(command)
 
 
 _action_command("pause", "Stop sending new commands; running device steps finish. Resume "
-                "with `resume`.")
+                "with `resume`.", "-o json")
 _action_command("resume", "Continue a paused rollout: its stage accepts the failures so far, "
                 "a paused bake bakes again; at the final check, --allow-partial accepts the "
-                "devices left behind.")
+                "devices left behind.", "--allow-partial --once")
 _action_command("abort", "Stop the rollout for good, leaving every device as it is (see "
-                "`rollback` to undo).")
+                "`rollback` to undo).", "-o json")
 _action_command("rollback", "Roll back every device this rollout moved and stop its shadows "
-                "(also after it succeeded).")
+                "(also after it succeeded).", "--follow")
 _action_command("promote", "End the current bake now as passed; with --full, also merge the "
-                "remaining waves into one last stage (no more bakes).")
+                "remaining waves into one last stage (no more bakes).", "--full --once")
 _action_command("retry", "Command the failed, timed-out and skipped devices again (new "
-                "command ids), from the first stage that had one.")
+                "command ids), from the first stage that had one.", "--once -o json")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fleet.inventory import Inventory
-    from fleet.rollout import Plan, StagePlan
+    from fleet.rollout import Bundle, Plan, StagePlan
     from fleet.state import RolloutRow
 
 
@@ -60,8 +60,9 @@ def bar(done: int, failed: int, total: int, width: int = 24) -> str:
     return "[" + "#" * d + "x" * f + "." * (width - d - f) + "]"
 
 
-def render_status(snap: dict[str, Any], *, bars: bool = True) -> str:
-    """`rollout status` for people."""
+def render_status(snap: dict[str, Any], *, bars: bool = True, wide: bool = False) -> str:
+    """`rollout status` for people; `wide` (-o wide) adds the bundle's URL and full digest and
+    lists every problem, not the first ten."""
 
     def when(ts: float | None) -> str:
         return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts \
@@ -73,7 +74,8 @@ def render_status(snap: dict[str, Any], *, bars: bool = True) -> str:
         f"rollout {snap['id']}  {snap['state'].upper()}  stage {snap['stage']} "
         f"({snap['phase']})  {elapsed:.1f} s",
         f"  bundle  {b['name']} {b['version']}  sequence {b['sequence']}  "
-        f"sha256:{b['digest'][:16]}  {b['size']} bytes",
+        f"sha256:{b['digest'] if wide else b['digest'][:16]}  {b['size']} bytes"
+        + (f"  {b['url']}" if wide and b.get("url") else ""),
         f"  started {when(snap['created'])} by {snap['created_by']}; {snap['devices']} devices"
         f"; selector {snap['plan'].get('selector') or '(all)'}",
         driver_line(snap),
@@ -111,32 +113,43 @@ def render_status(snap: dict[str, Any], *, bars: bool = True) -> str:
     probs = snap.get("problems") or []
     if probs:
         lines.append(f"  problems ({len(probs)}):")
-        for p in probs[:10]:
+        for p in probs if wide else probs[:10]:
             lines.append(f"    {p['device']} {p['step']} {p['status']}: {p['reason']}"
                          + (f" - {p['detail'][:80]}" if p.get("detail") else ""))
-        if len(probs) > 10:
-            lines.append(f"    ... {len(probs) - 10} more (--output json lists all)")
+        if len(probs) > 10 and not wide:
+            lines.append(f"    ... {len(probs) - 10} more (-o wide lists all)")
     return "\n".join(lines)
 
 
-def rollouts_table(rows: Sequence[RolloutRow], stage_names: Mapping[str, str]) -> str:
-    """`rollout list` for people; `stage_names` maps a rollout id to its current stage's name."""
-    table = [("ROLLOUT", "STATE", "STAGE", "MODEL", "SHA256", "STARTED", "BY")]
+def rollouts_table(rows: Sequence[RolloutRow], stage_names: Mapping[str, str], *,
+                   wide: bool = False) -> str:
+    """`rollout list` for people; `stage_names` maps a rollout id to its current stage's name.
+    `wide` (-o wide) adds the phase, sequence, full digest, end time and reason."""
+
+    def when(ts: float | None) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+    head = ("ROLLOUT", "STATE", "STAGE", "MODEL", "SHA256", "STARTED", "BY")
+    table = [head + (("PHASE", "SEQ", "FINISHED", "REASON") if wide else ())]
     for r in rows:
-        table.append((r.id, r.state, stage_names[r.id], f"{r.model_name} {r.model_version}",
-                      r.bundle_digest[:12],
-                      dt.datetime.fromtimestamp(r.created, dt.UTC).strftime("%Y-%m-%d %H:%M"),
-                      r.created_by))
+        row = (r.id, r.state, stage_names[r.id], f"{r.model_name} {r.model_version}",
+               r.bundle_digest if wide else r.bundle_digest[:12], when(r.created), r.created_by)
+        if wide:
+            row += (r.phase or "-", str(r.sequence), when(r.finished), r.reason or "-")
+        table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)
 
 
-def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, digest: str,
-                 name: str, version: str, seq: int) -> str:
-    """`rollout start --dry-run` for people: the plan's settings, then each stage's devices."""
-    lines = [f"dry run: {name} {version} (sequence {seq}, sha256:{digest[:12]}); nothing is "
-             "sent"]
+def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, bundle: Bundle,
+                 checks: Sequence[str], already: Set[str]) -> str:
+    """`rollout start --dry-run` for people: what was checked, the plan's settings, then each
+    stage's devices, those in `already` (on the bundle now) marked with a `*`."""
+    b = bundle
+    lines = [f"dry run: {b.name} {b.version} (sequence {b.sequence}, sha256:{b.digest[:12]}); "
+             "nothing is sent"]
+    lines += [f"  checked: {c}" for c in checks]
     gates = ", ".join(str(g) for g in plan.bake_gates)
     lines.append(f"  bake {plan.bake_s:g} s after the canary, {plan.wave_bake:g} s after each "
                  f"wave but the last; gates: {gates}")
@@ -151,7 +164,10 @@ def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, digest
                         for d in s.devices})
         lines.append(f"{s.name:<8} {s.kind:<8} {len(s.devices):>5} devices  "
                      f"({(plan.spread or ('-',))[0]}: {', '.join(sites)})")
-        lines.append(_wrap(", ".join(s.devices), "    "))
+        lines.append(_wrap(", ".join(d + ("*" if d in already else "") for d in s.devices),
+                           "    "))
+    if already:
+        lines.append(f"* already on this bundle ({len(already)}): {', '.join(sorted(already))}")
     return "\n".join(lines)
 
 

@@ -55,6 +55,14 @@ def make_data(
     correlated parameter families, quantized signals, missing test blocks and five labelled
     defect classes (gross, subtle_uni, subtle_multi, spatial, tester); see optimize/floor.py.
     classic: the earlier single-population generator (gross and subtle defects).
+
+    Examples:
+
+      edgefleet optimize make-data --out dies.csv
+
+      edgefleet optimize make-data --out drift.csv --n 5000 --seed 7 --drift
+
+      edgefleet optimize make-data --out classic.npz --profile classic --params 128
     """
     import numpy as np
 
@@ -166,7 +174,11 @@ def build(
     the alert threshold, or when the fallback rules fail above 5x the target
     of test passes; --accept-risk "why" signs it anyway and records why.
 
-    Example: edgefleet optimize build --data dies.csv --key release.key --out build/
+    Examples:
+
+      edgefleet optimize build --data dies.csv --key release.key --out build/
+
+      edgefleet optimize build --data dataset/ --key release.key --out build/ --epochs 10 --seed 1
     """
     import json
     import logging

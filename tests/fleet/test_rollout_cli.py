@@ -210,3 +210,158 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         assert sorted(fl.actives().values()).count(v3) == 2
         r = cli("fleet", "rollout", "status", env=env)  # the latest
         assert r.returncode == 0 and "r-two" in r.stdout and "ABORTED" in r.stdout
+
+
+def test_rollout_commands_print_every_output_format(tmp_path: Path, broker: Broker,
+                                                    fleet_keys: FleetKeys):
+    """`-o` on the rollout commands: write commands print the rollout as one JSON document
+    (what `status -o json` shows, plus what was done); read commands json, yaml, wide and
+    name; a format a command does not print is a one-line usage error."""
+    import yaml
+
+    from fleet.inventory import open_controller
+    from tests.fleet.rollout_helpers import plan, start_rollout
+
+    with floor(tmp_path, broker, fleet_keys, 3) as fl:
+        env = cli_env(fl)
+        v2 = fl.pubs["v2"]
+        for fmt, want in (("json", "[]"), ("yaml", "[]"), ("name", ""), ("text", "no rollouts")):
+            r = cli_here("fleet", "rollout", "list", "-o", fmt, env=env)
+            assert (r.returncode, r.stdout.strip()) == (0, want), (fmt, r.stderr)
+        # driven from this terminal: stdout is the rollout where it ended, as JSON
+        r = cli("fleet", "rollout", "start", f"sha256:{v2.digest}", "--id", "r-json",
+                "--canary", "1", "--waves", "100%", "--once", "-o", "json", *FAST_FLAGS,
+                "--bake", "3s", "--min-requests", "1", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["id"], doc["state"], doc["bundle"]["digest"]) == ("r-json", "succeeded",
+                                                                      v2.digest)
+        assert [s["done"] for s in doc["stages"]] == [1, 2]
+        r = cli("fleet", "rollout", "rollback", "r-json", "--once", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state"] == "rolled-back"
+        # actions applied here (no driver): the rollout after it, and the message
+        with open_controller(fl.mqtt, prefix="edgefleet") as ctl:
+            assert ctl.wait_for(lambda c: len(c.devices()) == 3, 30)
+            start_rollout(fl, ctl, plan(), "v3", "r-two")
+        r = cli_here("fleet", "rollout", "pause", "r-two", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["id"], doc["state"], doc["message"]) == ("r-two", "paused",
+                                                            "rollout r-two: paused")
+        r = cli_here("fleet", "rollout", "resume", "r-two", "-o", "json", env=env)
+        _one_line_error(r, 1, "no controller is running")
+        assert json.loads(r.stdout)["state"] == "running"  # recorded; nobody drives it
+        # --once with a fleet key devices do not trust: refused before the action applies
+        _one_line_error(cli_here("fleet", "rollout", "promote", "r-two", "--once",
+                                 "--fleet-key", str(fleet_keys.release_key), env=env), 2,
+                        "devices would refuse the commands it signs")
+        assert "promote" not in [a["action"] for a in fl.db.audit_log("r-two")]
+        r = cli_here("fleet", "rollout", "abort", "r-two", "-o", "json", env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "aborted", r.stderr
+        _one_line_error(cli_here("fleet", "rollout", "abort", "r-two", "-o", "wide", env=env),
+                        2, "--output must be text or json, not 'wide'")
+        # read commands
+        r = cli_here("fleet", "rollout", "list", "-o", "name", env=env)
+        assert r.stdout.split() == ["rollout/r-two", "rollout/r-json"]
+        r = cli_here("fleet", "rollout", "list", "-o", "yaml", env=env)
+        assert [d["id"] for d in yaml.safe_load(r.stdout)] == ["r-two", "r-json"]
+        r = cli_here("fleet", "rollout", "list", "-o", "wide", env=env)
+        assert "REASON" in r.stdout.splitlines()[0] and v2.digest in r.stdout
+        assert v2.digest not in cli_here("fleet", "rollout", "list", env=env).stdout
+        r = cli_here("fleet", "rollout", "status", "r-json", "-o", "name", env=env)
+        assert r.stdout == "rollout/r-json\n"
+        doc = yaml.safe_load(cli_here("fleet", "rollout", "status", "r-json", "-o", "yaml",
+                                      env=env).stdout)
+        assert doc["state"] == "rolled-back" and doc["audit"][0]["action"] == "start"
+        r = cli_here("fleet", "rollout", "status", "r-json", "-o", "wide", env=env)
+        assert f"sha256:{v2.digest}" in r.stdout and f"/sha256/{v2.digest}" in r.stdout
+        _one_line_error(cli_here("fleet", "rollout", "status", "-o", "xml", env=env), 2,
+                        "--output must be text, wide, json, yaml or name")
+
+
+def test_dry_run_checks_url_and_fleet_key_and_marks_devices_already_on_the_bundle(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
+    """`rollout start --dry-run` checks what the rollout would trip on (the artifact URL
+    serves the bundle's exact size; the fleet key is trusted for role fleet), marks the
+    devices already on the bundle and warns that no selector means the whole fleet. A wrong
+    --fleet-key is refused in one line before anything is published or sent."""
+    from fleet.artifacts import ArtifactServer
+
+    with floor(tmp_path, broker, fleet_keys, 4) as fl:
+        env = cli_env(fl)
+        sniffer = CommandSniffer(fl.mqtt)
+        start = ["fleet", "rollout", "start"]
+        v1, v2 = fl.pubs["v1"], fl.pubs["v2"]  # every device runs v1
+        wait_until(lambda: len(fl.sim.actives()) == 4, 30, "the devices' state")
+        r = cli_here(*start, f"sha256:{v1.digest}", "--dry-run", "--no-shadow", env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ("warning: no --selector: this rollout targets the whole fleet "
+                            "(4 devices)\n")
+        assert (f"checked: artifact {fl.artifacts.base_url}/sha256/{v1.digest}: served, "
+                f"{v1.size} bytes") in r.stdout
+        assert "checked: fleet key " in r.stdout and "trusted for role fleet" in r.stdout
+        assert "* already on this bundle (4): " in r.stdout
+        site = next(iter(fl.sim.devices.values())).link.config.labels["site"]
+        r = cli_here(*start, f"sha256:{v1.digest}", "--dry-run", "-l", f"site={site}", "-o",
+                     "json", env=env)
+        doc = json.loads(r.stdout)
+        assert (r.stderr, doc["warnings"]) == ("", [])
+        for s in doc["stages"]:
+            assert s["already_on_bundle"] == s["devices"] and s["devices"]
+        r = cli_here(*start, str(tmp_path / "v2.efb"), "--dry-run", "-o", "json", env=env)
+        assert all(s["already_on_bundle"] == [] for s in json.loads(r.stdout)["stages"])
+        # a bundle file not published yet: the server must answer; its 404 is expected
+        v9 = make_real_bundle(tmp_path / "v9.efb", fleet_keys.release_key, sequence=9)
+        r = cli_here(*start, str(v9), "--dry-run", env=env)
+        assert r.returncode == 0 and "the bundle is not published yet" in r.stdout, r.stderr
+        # an artifact server on another store: not served, or served with another size
+        other = ArtifactServer(tmp_path / "other").start()
+        try:
+            wrong = {**env, "EDGEFLEET_ARTIFACT_URL": other.base_url}
+            _one_line_error(cli_here(*start, f"sha256:{v2.digest}", "--dry-run", env=wrong), 1,
+                            f"does not serve {other.base_url}/sha256/{v2.digest}: HTTP 404")
+            (tmp_path / "other" / "sha256" / v2.digest).write_bytes(b"x" * 10)
+            _one_line_error(cli_here(*start, f"sha256:{v2.digest}", "--dry-run", env=wrong), 1,
+                            "with 10 Content-Length", f"has {v2.size} bytes")
+        finally:
+            other.stop()
+        # the fleet key: a release key, or one the keyring does not know, is a usage error
+        from agent.keys import generate_keypair
+
+        stranger = generate_keypair(tmp_path / "stranger", "x").private_path
+        for key, says in ((fleet_keys.release_key, "trusted for role 'release', not for "
+                           "'fleet'"), (stranger, "is not in keyring")):
+            _one_line_error(cli_here(*start, str(v2.path), "--dry-run", "--fleet-key",
+                                     str(key), env=env), 2, f"--fleet-key {key}", says)
+        published = len(list_published(fl.store))
+        _one_line_error(cli_here(*start, str(v9), "--once", "--fleet-key",
+                                 str(fleet_keys.release_key), *FAST_FLAGS, env=env), 2,
+                        "devices would refuse the commands it signs")
+        assert len(list_published(fl.store)) == published  # v9 was not published
+        # the gates' Prometheus must answer, as for a real start
+        dead = f"http://127.0.0.1:{free_port()}"
+        _one_line_error(cli_here(*start, f"sha256:{v2.digest}", "--dry-run", "--prometheus",
+                                 dead, "--prom-gate", "sum(up) >= 1", env=env), 1,
+                        f"Prometheus at {dead}", "does not answer")
+        # without a fleet key or a URL, the dry run says what it could not check
+        r = cli_here(*start, f"sha256:{v2.digest}", "--dry-run", "-l", f"site={site}",
+                     env={**env, "EDGEFLEET_FLEET_KEY": "", "EDGEFLEET_ARTIFACT_URL": ""})
+        assert r.returncode == 0 and r.stderr.splitlines() == [
+            "warning: no --fleet-key: not checked (rollout start needs one)",
+            "warning: no --artifact-url: the download URL is not checked (rollout start "
+            "needs one)"], r.stderr
+        sniffer.close()
+        assert sniffer.commands == [] and fl.db.rollouts() == []
+
+
+def test_controller_refuses_a_fleet_key_not_trusted_for_role_fleet(tmp_path: Path,
+                                                                    fleet_keys: FleetKeys):
+    """With --keyring, the controller checks its --fleet-key like `rollout start` does: a
+    release key is a one-line usage error before it connects or records anything."""
+    r = cli("fleet", "controller", "--keyring", str(fleet_keys.keyring), "--fleet-key",
+            str(fleet_keys.release_key), "--store", str(tmp_path / "store"), "--metrics-port",
+            "0", env={"EDGEFLEET_MQTT_HOST": "127.0.0.1", "EDGEFLEET_MQTT_PORT": str(free_port())})
+    _one_line_error(r, 2, "trusted for role 'release', not for 'fleet'",
+                    "devices would refuse the commands it signs")
+    assert not (tmp_path / "store").exists()
