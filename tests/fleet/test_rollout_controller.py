@@ -29,10 +29,10 @@ from tests.fleet.rollout_helpers import (
     floor,
     wait_until,
 )
+from tests.prometheus_support import prometheus_procs_fixture  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
-
-
+PROMETHEUS_YML = REPO / "k3s" / "prometheus" / "prometheus.yml"
 
 
 def _controller(fl: Floor, port: int) -> subprocess.Popen:
@@ -51,10 +51,6 @@ def _get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
     except OSError:
         return 0, ""
-
-
-
-
 
 
 def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_command(
@@ -201,3 +197,44 @@ def test_the_shipped_controller_units_run_the_real_command_with_settings_it_read
     assert argv[1:3] == ["fleet", "controller"]
     assert {a for a in argv[3:] if a.startswith("--")} <= options
     assert "Restart=always" in unit
+
+
+def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
+        tmp_path: Path, broker: Broker, fleet_keys: FleetKeys, prometheus_procs):
+    """Every rollout panel of the Grafana dashboard (k3s/grafana/) returns series from a real
+    Prometheus scraping a real controller with the shipped scrape job, while a rollout bakes
+    and then while it is paused (the agent panels: tests/test_grafana_dashboard.py)."""
+    import yaml
+
+    from tests.prometheus_support import fast
+    from tests.test_grafana_dashboard import CONTROLLER, _queries
+
+    panels = [(t, q) for t, q in _queries() if CONTROLLER in q]
+    paused = [(t, q) for t, q in panels if "edgefleet_rollout_paused" in q]
+    driven = [p for p in panels if p not in paused]
+    assert len(driven) >= 5 and len(paused) == 1
+    with floor(tmp_path, broker, fleet_keys, 4) as fl:
+        env = cli_env(fl)
+        port = free_port()
+        ctl = _controller(fl, port)
+        try:
+            wait_until(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30,
+                       "healthz")
+            shipped = yaml.safe_load(PROMETHEUS_YML.read_text())
+            (job,) = [j for j in shipped["scrape_configs"]
+                      if j["job_name"] == "edgefleet-controller"]
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+            config = {"global": shipped["global"], "scrape_configs": [job]}
+            (tmp_path / "prom.yml").write_text(fast(yaml.safe_dump(config)))
+            prom = prometheus_procs(tmp_path, tmp_path / "prom.yml")
+            r = cli("fleet", "rollout", "start", f"sha256:{fl.pubs['v2'].digest}", "--id",
+                    "r-dash", "--canary", "2", "--waves", "100%", "--bake", "10m",
+                    *FAST_FLAGS, env=env)
+            assert r.returncode == 0, r.stderr
+            assert prom.without_series(driven, timeout=90) == []
+            r = cli("fleet", "rollout", "pause", "r-dash", env=env)
+            assert r.returncode == 0, r.stderr
+            assert prom.without_series(paused, timeout=60) == []
+        finally:
+            ctl.send_signal(signal.SIGTERM)
+            ctl.communicate(timeout=30)
