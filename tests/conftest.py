@@ -32,7 +32,10 @@ N_FEATURES = 16
 #   HYPOTHESIS_PROFILE=dev .venv/bin/pytest tests/test_jsonfast.py
 #   .venv/bin/pytest --hypothesis-profile=dev tests/test_jsonfast.py
 settings.register_profile("ci", settings.get_profile("ci"), max_examples=100)
-settings.register_profile("dev", max_examples=1000, deadline=None, print_blob=True,
+# "dev" starts from Hypothesis's own "default" profile, not from the loaded one: where CI is set,
+# Hypothesis makes its derandomized "ci" profile the default, and "dev" must stay random there.
+settings.register_profile("dev", settings.get_profile("default"), derandomize=False,
+                          max_examples=1000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
