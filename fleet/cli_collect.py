@@ -48,11 +48,10 @@ def collect_cmd(
     devices = [parse_device(d) for d in device]
     reports = collect(devices, out, CollectTLS(ca, cert, key), streams=stream,
                       max_records=max_records)
-    doc = {"out": str(out), "records": sum(sum(r.pulled.values()) for r in reports),
-           "failed": [r.device for r in reports if not r.ok],
-           "devices": [r.to_json() for r in reports]}
-    emit(output, doc, text=lambda: _table(reports))
     failed = [r for r in reports if not r.ok]
+    doc = {"out": str(out), "records": sum(sum(r.pulled.values()) for r in reports),
+           "failed": [r.device for r in failed], "devices": [r.to_json() for r in reports]}
+    emit(output, doc, text=lambda: _table(reports))
     if failed:
         typer.echo(f"error: {len(failed)} of {len(reports)} devices not collected "
                    f"({', '.join(r.device for r in failed)}); run again to resume", err=True)
