@@ -19,6 +19,7 @@ fleet/cli_rollout.py, the options both share are fleet/cli_options.py. See docs/
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -53,6 +54,17 @@ certs_app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 
 
+def _cert_doc(name: str, paths: Any) -> dict[str, str]:
+    """What `-o json` says of one certificate written: its files and its SHA-256 fingerprint
+    (what `openssl x509 -fingerprint -sha256` prints, to check the copy on the device)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate(Path(paths.cert).read_bytes())
+    return {"name": name, "cert": str(paths.cert), "key": str(paths.key),
+            "sha256": cert.fingerprint(hashes.SHA256()).hex()}
+
+
 @certs_app.command("init")
 def certs_init(
     out: Path = typer.Option(..., "--out", help="Directory for the CA, broker and controller "
@@ -64,6 +76,7 @@ def certs_init(
     prefix: str = typer.Option("edgefleet", "--prefix", help="MQTT topic prefix."),
     days: int = typer.Option(3650, "--days", help="CA validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
+    output: str = output_opt(),
 ) -> None:
     """Create a CA, the broker's certificate, the fleet controller's client certificate, and
     OUT/broker/mosquitto.conf + acl (TLS, client certificates required, per-device ACL).
@@ -73,22 +86,30 @@ def certs_init(
       edgefleet fleet certs init --out pki --broker-host broker.fab.example
 
       edgefleet fleet certs init --out pki --broker-host 10.20.0.5 --port 8883
+
+      edgefleet fleet certs init --out pki --broker-host broker.fab.example -o json
     """
-    from fleet.certs import CONTROLLER_NAME, init_ca, issue_client, issue_server
+    from fleet.certs import BROKER_NAME, CONTROLLER_NAME, init_ca, issue_client, issue_server
     from fleet.transport import render_broker_config
 
+    check_output(output)
     ca = init_ca(out, days=days, force=force)
     server = issue_server(out, out, hosts=tuple(broker_host), force=force)
     ctl = issue_client(out, out, CONTROLLER_NAME, controller=True, force=force)
     conf = render_broker_config(out / "broker", port=port, tls=True, bind="0.0.0.0",
                                 ca_file=ca.cert, cert_file=server.cert, key_file=server.key,
                                 prefix=prefix, controller=CONTROLLER_NAME)
-    typer.echo(f"CA:         {ca.cert} (keep {ca.key} off the broker and the devices)")
-    typer.echo(f"broker:     {server.cert} for {', '.join(broker_host)} (mosquitto drops to "
-               f"user 'mosquitto': chown mosquitto {server.key})")
-    typer.echo(f"controller: {ctl.cert}")
-    typer.echo(f"broker configuration: {conf} (mosquitto -c {conf})")
-    typer.echo(f"next: edgefleet fleet certs issue DEVICE_ID... --ca {out} --out DIR")
+    doc = {"ca": _cert_doc("ca", ca),
+           "broker": {**_cert_doc(BROKER_NAME, server), "hosts": list(broker_host)},
+           "controller": _cert_doc(CONTROLLER_NAME, ctl),
+           "broker_config": str(conf), "broker_acl": str(conf.parent / "acl")}
+    emit(output, doc, text=lambda: "\n".join([
+        f"CA:         {ca.cert} (keep {ca.key} off the broker and the devices)",
+        f"broker:     {server.cert} for {', '.join(broker_host)} (mosquitto drops to "
+        f"user 'mosquitto': chown mosquitto {server.key})",
+        f"controller: {ctl.cert}",
+        f"broker configuration: {conf} (mosquitto -c {conf})",
+        f"next: edgefleet fleet certs issue DEVICE_ID... --ca {out} --out DIR"]))
 
 
 @certs_app.command("issue")
@@ -98,18 +119,23 @@ def certs_issue(
     out: Path = typer.Option(..., "--out", help="Directory for <id>.crt and <id>.key."),
     days: int = typer.Option(825, "--days", help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
+    output: str = output_opt(),
 ) -> None:
     """Issue a client certificate per device (ECDSA P-256, clientAuth, CN = device id).
 
     Examples:
 
       edgefleet fleet certs issue box-a box-b --ca pki --out pki/devices
+
+      edgefleet fleet certs issue box-c --ca pki --out pki/devices -o json
     """
     from fleet.certs import issue_client
 
-    for device_id in device_ids:
-        paths = issue_client(ca, out, device_id, days=days, force=force)
-        typer.echo(f"{device_id}: {paths.cert} {paths.key}")
+    check_output(output)
+    issued = [_cert_doc(d, issue_client(ca, out, d, days=days, force=force))
+              for d in device_ids]
+    emit(output, {"ca": str(Path(ca) / "ca.crt"), "issued": issued},
+         text=lambda: "\n".join(f"{c['name']}: {c['cert']} {c['key']}" for c in issued))
 
 
 @certs_app.command("site")
@@ -133,6 +159,7 @@ def certs_site(
     k3s: bool = typer.Option(False, "--k3s", help="Write the broker configuration for the "
                              "site overlay's pod (its mount paths) instead of for OUT."),
     force: bool = typer.Option(False, "--force", help="Replace existing certificates."),
+    output: str = output_opt(),
 ) -> None:
     """A site broker bridged to the central broker: its server certificate, the bridge's
     client certificate, OUT/broker/mosquitto.conf + acl, and the bridge's block in the
@@ -143,6 +170,8 @@ def certs_site(
       edgefleet fleet certs site fab2 --ca pki --out site-fab2 --central-host mqtt.example.com
 
       edgefleet fleet certs site fab2 --ca pki --out fab2 --central-host mqtt --device box-a --k3s
+
+      edgefleet fleet certs site fab3 --ca pki --out site-fab3 --central-host mqtt -o json
     """
     from agent.fsio import atomic_write
     from fleet.bridge import (
@@ -151,8 +180,9 @@ def certs_site(
         render_site_broker_config,
         render_site_broker_k3s,
     )
-    from fleet.certs import issue_bridge, issue_server
+    from fleet.certs import BROKER_NAME, issue_bridge, issue_server
 
+    check_output(output)
     server = issue_server(ca, out, hosts=tuple(broker_host), force=force)
     link = issue_bridge(ca, out, site, force=force)
     bridge = Bridge(site, central_host, central_port, ca_file=link.ca, cert_file=link.cert,
@@ -167,21 +197,31 @@ def certs_site(
         conf = render_site_broker_config(out / "broker", bridge, port=port, tls=True,
                                          bind="0.0.0.0", ca_file=server.ca,
                                          cert_file=server.cert, key_file=server.key)
-    typer.echo(f"site broker: {server.cert} for {', '.join(broker_host)}")
-    typer.echo(f"bridge:      {link.cert} (CN {bridge.client_id}) to "
-               f"{central_host}:{central_port}, "
-               f"{len(device) or 'every'} device{'s' if len(device) != 1 else ''}")
-    typer.echo(f"site broker configuration: {conf} (mosquitto -c {conf})")
     central_acl = Path(ca) / "broker" / "acl"
-    if central_acl.exists():
+    acl_updated = central_acl.exists()
+    if acl_updated:
         add_bridge_to_acl(central_acl, bridge)
-        typer.echo(f"central ACL: {central_acl} lets {bridge.client_id} in (reload the "
-                   "central broker: kill -HUP)")
-    else:
+    doc = {"site": site, "broker": {**_cert_doc(BROKER_NAME, server), "hosts": list(broker_host)},
+           "bridge": {**_cert_doc(bridge.client_id, link),
+                      "central": f"{central_host}:{central_port}", "devices": list(device)},
+           "broker_config": str(conf), "central_acl": str(central_acl),
+           "central_acl_updated": acl_updated}
+
+    def text() -> str:
         from fleet.bridge import render_bridge_acl
 
-        typer.echo(f"no {central_acl}: add this to the central broker's ACL:")
-        typer.echo(render_bridge_acl(bridge))
+        lines = [f"site broker: {server.cert} for {', '.join(broker_host)}",
+                 f"bridge:      {link.cert} (CN {bridge.client_id}) to "
+                 f"{central_host}:{central_port}, "
+                 f"{len(device) or 'every'} device{'s' if len(device) != 1 else ''}",
+                 f"site broker configuration: {conf} (mosquitto -c {conf})"]
+        if acl_updated:
+            return "\n".join([*lines, f"central ACL: {central_acl} lets {bridge.client_id} in "
+                               "(reload the central broker: kill -HUP)"])
+        return "\n".join([*lines, f"no {central_acl}: add this to the central broker's ACL:",
+                           render_bridge_acl(bridge)])
+
+    emit(output, doc, text=text)
 
 
 # -- devices ----------------------------------------------------------------------------------

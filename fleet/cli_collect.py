@@ -37,29 +37,36 @@ def collect_cmd(
       edgefleet fleet collect -d box-a=10.0.0.5:9465 --out ds/ --ca ca.crt --cert c.crt --key c.key
 
       edgefleet fleet collect -d box-b=10.0.0.6:9465 --out data/ --stream predictions -o json
-    """
-    import json
 
+    With -o json: one document, the dataset directory (out), the records pulled in all,
+    the devices not collected (failed) and each device's report (pulled, gaps, cursors).
+    """
+    from agent.cli_output import emit
     from fleet.collect import CollectTLS, collect, parse_device
 
     check_output(output)
     devices = [parse_device(d) for d in device]
     reports = collect(devices, out, CollectTLS(ca, cert, key), streams=stream,
                       max_records=max_records)
-    if output == "json":
-        typer.echo(json.dumps([r.to_json() for r in reports], indent=2))
-    else:
-        typer.echo(f"{'DEVICE':16} {'STREAM':12} {'PULLED':>8} {'GAP':>6} {'CURSOR':>10}  NOTE")
-        for r in reports:
-            if not r.ok:
-                typer.echo(f"{r.device:16} {'-':12} {'-':>8} {'-':>6} {'-':>10}  {r.error}")
-                continue
-            for s, n in r.pulled.items():
-                note = "more to pull (bound reached)" if r.more.get(s) else ""
-                typer.echo(f"{r.device:16} {s:12} {n:>8} {r.gaps.get(s, 0):>6} "
-                           f"{r.cursors.get(s, 0):>10}  {note}")
     failed = [r for r in reports if not r.ok]
+    doc = {"out": str(out), "records": sum(sum(r.pulled.values()) for r in reports),
+           "failed": [r.device for r in failed], "devices": [r.to_json() for r in reports]}
+    emit(output, doc, text=lambda: _table(reports))
     if failed:
         typer.echo(f"error: {len(failed)} of {len(reports)} devices not collected "
                    f"({', '.join(r.device for r in failed)}); run again to resume", err=True)
         raise typer.Exit(1)
+
+
+def _table(reports: list) -> str:
+    """One line per device and stream: what was pulled, the gaps, where the cursor stands."""
+    lines = [f"{'DEVICE':16} {'STREAM':12} {'PULLED':>8} {'GAP':>6} {'CURSOR':>10}  NOTE"]
+    for r in reports:
+        if not r.ok:
+            lines.append(f"{r.device:16} {'-':12} {'-':>8} {'-':>6} {'-':>10}  {r.error}")
+            continue
+        for s, n in r.pulled.items():
+            note = "more to pull (bound reached)" if r.more.get(s) else ""
+            lines.append(f"{r.device:16} {s:12} {n:>8} {r.gaps.get(s, 0):>6} "
+                         f"{r.cursors.get(s, 0):>10}  {note}")
+    return "\n".join(lines)

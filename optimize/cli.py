@@ -6,9 +6,11 @@ Heavy imports (torch, onnx) happen inside the commands, so loading this group st
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from agent.cli_output import WRITE_FORMATS, check, emit, write_output
 from agent.errors import UsageError
 
 app = typer.Typer(
@@ -48,6 +50,7 @@ def make_data(
         0.03, "--subtle-rate", min=0.0, max=1.0,
         help="classic: share of dies inside spec on every parameter but with broken correlations.",
     ),
+    output: str = write_output(),
 ) -> None:
     """Generate synthetic die test records with their spec limits.
 
@@ -63,6 +66,8 @@ def make_data(
       edgefleet optimize make-data --out drift.csv --n 5000 --seed 7 --drift
 
       edgefleet optimize make-data --out classic.npz --profile classic --params 128
+
+      edgefleet optimize make-data --out dies.csv --n 2000 -o json
     """
     import numpy as np
 
@@ -76,6 +81,7 @@ def make_data(
     )
     from optimize.floor import FloorConfig, generate_floor
 
+    check(output, WRITE_FORMATS)
     if profile == "floor":
         data = generate_floor(FloorConfig(
             n_dies=n, n_params=params or 256, seed=seed, drift=drift,
@@ -100,11 +106,23 @@ def make_data(
     kinds, counts = np.unique(data.defect[data.defect != "none"], return_counts=True)
     classes = ", ".join(f"{k} {c}" for k, c in zip(kinds.tolist(), counts.tolist(), strict=True))
     missing = float(np.isnan(data.X).mean()) * 100
-    typer.echo(
-        f"wrote {out} and {spec_path_for(out)}: {profile} profile, {data.n_rows} dies x "
+    spec = spec_path_for(out)
+    doc = {"data": str(out), "sha256": _sha256(out), "spec": str(spec), "spec_sha256":
+           _sha256(spec), "profile": profile, "seed": seed, "dies": data.n_rows,
+           "parameters": data.n_features, "columns": columns, "fail": int(counts.sum()),
+           "defects": dict(zip(kinds.tolist(), counts.tolist(), strict=True)),
+           "missing_cells_pct": round(missing, 4), "drift": drift}
+    emit(output, doc, text=lambda: (
+        f"wrote {out} and {spec}: {profile} profile, {data.n_rows} dies x "
         f"{data.n_features} parameters ({columns} columns); {int(counts.sum())} fail "
-        f"({classes or 'none'}); {missing:.2f}% cells missing; drift {'on' if drift else 'off'}"
-    )
+        f"({classes or 'none'}); {missing:.2f}% cells missing; drift {'on' if drift else 'off'}"))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @app.command("build")
@@ -152,7 +170,7 @@ def build(
         "the best unsupervised baseline, test false-fail > 2x target, test part drifted, rules "
         "failing > 5x target); the reason is written into the manifest and the report."
     ),
-    output: str = typer.Option("text", "--output", "-o", help="text or json (the report)."),
+    output: str = write_output(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Train, prune, quantize and sign a die anomaly model.
@@ -179,6 +197,11 @@ def build(
       edgefleet optimize build --data dies.csv --key release.key --out build/
 
       edgefleet optimize build --data dataset/ --key release.key --out build/ --epochs 10 --seed 1
+
+      edgefleet optimize build --data dies.csv --key release.key --out build/ -q -o json
+
+    With -o json, stdout is one document saying what was written: the bundle and its
+    sha256 (null when refused), signed or not with the gates' reasons, the reports' paths.
     """
     import json
     import logging
@@ -189,8 +212,7 @@ def build(
     from optimize.pipeline import build as run_build
     from optimize.pipeline import load_config
 
-    if output not in ("text", "json"):
-        raise UsageError(f"--output must be text or json, not {output!r}")
+    check(output, WRITE_FORMATS)
     if quantization is not None and quantization not in ("auto", "static", "dynamic"):
         raise UsageError(f"--quantization must be auto, static or dynamic, not {quantization!r}")
     cfg = load_config(config, overrides={
@@ -216,19 +238,34 @@ def build(
         logger.setLevel(logging.INFO)
         logger.propagate = False  # ORT's quantizer configures the root logger
     from optimize.dataset_dir import data_file
+    from optimize.gates import BuildRefused
 
     try:
         with data_file(data) as data_path:  # a `fleet collect` directory becomes a temp .npz
             result = run_build(data_path, key, out, cfg, sequence=sequence)
+    except BuildRefused:
+        if output == "json":  # the report is written: say so, then the one-line error
+            report = json.loads((out / "report.json").read_text())
+            emit(output, _written(out, None, report), text=str)
+        raise
     finally:
         if not quiet:
             logger.removeHandler(handler)
             logger.propagate = True
-    if output == "json":
-        typer.echo(json.dumps(result.report, indent=2, sort_keys=True))
-        return
-    typer.echo(summary_table(result.report))
     m = result.manifest
-    typer.echo(f"build time {result.seconds:.1f}s")
-    typer.echo(f"wrote {result.bundle}: {m.name} {m.version} sequence {m.sequence}, "
-               f"threshold {m.threshold:.4g}, report {out / 'report.md'}")
+    emit(output, _written(out, result.bundle, result.report), text=lambda: "\n".join([
+        summary_table(result.report),
+        f"build time {result.seconds:.1f}s",
+        f"wrote {result.bundle}: {m.name} {m.version} sequence {m.sequence}, "
+        f"threshold {m.threshold:.4g}, report {out / 'report.md'}"]))
+
+
+def _written(out: Path, bundle: Path | None, report: dict[str, Any]) -> dict[str, Any]:
+    """`build -o json`: what the build left in OUT (`bundle` is None when a gate refused it)."""
+    build = report.get("build", {})
+    return {"bundle": str(bundle) if bundle else None,
+            "sha256": _sha256(bundle) if bundle else None,
+            "signed": bundle is not None, "gates": report.get("gates"),
+            "name": build.get("name"), "version": build.get("version"),
+            "sequence": build.get("sequence"),
+            "report": str(out / "report.md"), "report_json": str(out / "report.json")}

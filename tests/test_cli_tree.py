@@ -21,7 +21,16 @@ READ = {"keys list", "bundle verify", "bundle inspect", "agent health", "agent i
 WRITE = {"keys generate", "keys trust", "keys revoke", "bundle sign", "agent install",
          "agent rollback", "fleet publish", "fleet apply",
          *(f"fleet rollout {a}" for a in ("start", "pause", "resume", "abort", "rollback",
-                                          "promote", "retry"))}
+                                          "promote", "retry")),
+         "fleet certs init", "fleet certs issue", "fleet certs site", "fleet collect",
+         "optimize make-data", "optimize build"}
+# Without the READ/WRITE formats, on purpose:
+# - `agent serve`, `fleet controller`, `fleet serve-artifacts` run until stopped: they serve,
+#   they print no result to format (their state is read with `agent health`, `fleet rollout
+#   status`, `fleet artifacts`, which take -o);
+# - `agent predict` streams one answer per die: -o text|json, json being one document per line
+#   (JSON Lines), so a file of dies can be piped; checked below.
+EXEMPT = {"agent serve", "fleet controller", "fleet serve-artifacts", "agent predict"}
 
 
 def _tree() -> dict[str, tuple[Any, str]]:
@@ -77,6 +86,13 @@ def test_every_command_has_examples_that_name_real_commands_and_options():
 
 def test_read_and_write_commands_take_output_formats():
     tree = _tree()
+    leaves = {p.removeprefix("edgefleet ") for p, (c, _) in tree.items()
+              if not hasattr(c, "commands")}
+    assert leaves - (READ | WRITE | EXEMPT) == set(), "a new command: READ, WRITE or EXEMPT?"
+    assert not (READ & WRITE or (READ | WRITE) & EXEMPT)
+    (predict_opt,) = [p for p in tree["edgefleet agent predict"][0].params
+                      if "--output" in p.opts]
+    assert "-o" in predict_opt.opts and "text or json" in predict_opt.help
     for path in READ | WRITE:
         cmd, _ = tree[f"edgefleet {path}"]
         (opt,) = [p for p in cmd.params if "--output" in p.opts]

@@ -431,6 +431,26 @@ def test_make_data_writes_csv_and_spec_and_prints_a_summary(tmp_path: Path):
     assert {"lot", "wafer", "x", "y", "tester"} <= set(got.extra)  # kept apart from X
 
 
+def test_make_data_json_says_what_it_wrote(tmp_path: Path):
+    """`-o json`: the data and spec files with the digests of the bytes on disk, and counts."""
+    import hashlib
+    import json
+
+    run = _edgefleet("optimize", "make-data", "--n", "200", "--out", "d.csv", "-o", "json",
+                     cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert (doc["data"], doc["spec"]) == ("d.csv", "d.spec.json")
+    for f, digest in ((doc["data"], doc["sha256"]), (doc["spec"], doc["spec_sha256"])):
+        assert hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() == digest
+    assert (doc["profile"], doc["dies"], doc["parameters"]) == ("floor", 200, 256)
+    assert doc["fail"] == sum(doc["defects"].values()) > 0
+    got = load_csv(tmp_path / "d.csv")
+    assert doc["fail"] == int(got.labels.sum())
+    assert _edgefleet("optimize", "make-data", "--out", "e.csv", "-o", "name",
+                      cwd=tmp_path).returncode == 2
+
+
 def test_make_data_classic_profile_keeps_the_earlier_generator(tmp_path: Path):
     run = _edgefleet("optimize", "make-data", "--profile", "classic", "--n", "200", "--out",
                      "d.csv", cwd=tmp_path)

@@ -5,6 +5,7 @@ behind, and the real SECOM data."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -266,10 +267,23 @@ def test_a_build_that_fails_a_gate_is_refused_with_reasons_unless_the_risk_is_ac
     assert any("test false-fail" in r for r in report["gates"]["reasons"])
     assert "REFUSED, not signed" in (out / "report.md").read_text()
     assert not (out / "model.efb").exists() and not list(out.glob(".build-*"))
+    # -o json: the same refusal on stderr, and stdout says what was (not) written
+    code, stdout, err = _cli([*args, "-o", "json"], capsys)
+    assert code == 1 and "build refused, not signed: " in err
+    doc = json.loads(stdout)
+    assert (doc["bundle"], doc["sha256"], doc["signed"]) == (None, None, False)
+    assert doc["gates"]["reasons"] == report["gates"]["reasons"]
+    assert doc["report"] == str(out / "report.md") and Path(doc["report_json"]).exists()
 
-    code, _, err = _cli([*args, "--accept-risk", "pilot lot, engineer on the floor"], capsys)
+    code, stdout, err = _cli([*args, "--accept-risk", "pilot lot, engineer on the floor",
+                              "-o", "json"], capsys)
     assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["bundle"] == str(out / "model.efb") and doc["signed"] is True
+    assert doc["sha256"] == hashlib.sha256((out / "model.efb").read_bytes()).hexdigest()
+    assert doc["gates"]["accepted_risk"] == "pilot lot, engineer on the floor"
     manifest = verify_bundle(out / "model.efb", Keyring.load(built.keyring))
+    assert doc["sequence"] == manifest.sequence and doc["name"] == manifest.name
     gates = manifest.evaluation["gates"]
     assert gates["accepted_risk"] == "pilot lot, engineer on the floor" and gates["signed"]
     assert "accepted risk: pilot lot" in (out / "report.md").read_text()

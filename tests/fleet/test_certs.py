@@ -74,3 +74,52 @@ def test_cli_init_and_issue(tmp_path: Path):
     r = subprocess.run([*cli, "issue", "box-1", "--ca", str(tmp_path / "pki"),
                         "--out", str(tmp_path / "dev")], capture_output=True, text=True)
     assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+
+
+def _fingerprint(path: str) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).fingerprint(
+        hashes.SHA256()).hex()
+
+
+def test_cli_certs_say_what_they_wrote_as_json(tmp_path: Path):
+    """`-o json` on init, issue and site: one document naming every certificate written, with
+    the fingerprint of the file on disk; text stays the default."""
+    import json
+
+    cli = [sys.executable, "-m", "edgefleet", "fleet", "certs"]
+    pki = tmp_path / "pki"
+    r = subprocess.run([*cli, "init", "--out", str(pki), "--broker-host", "mqtt.test",
+                        "-o", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["controller"]["name"] == CONTROLLER_NAME
+    assert doc["broker"]["hosts"] == ["mqtt.test"]
+    assert doc["broker_config"] == str(pki / "broker" / "mosquitto.conf")
+    for part in ("ca", "broker", "controller"):
+        assert Path(doc[part]["key"]).exists()
+        assert doc[part]["sha256"] == _fingerprint(doc[part]["cert"])
+
+    r = subprocess.run([*cli, "issue", "box-1", "box-2", "--ca", str(pki), "--out",
+                        str(tmp_path / "dev"), "-o", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    issued = json.loads(r.stdout)["issued"]
+    assert [c["name"] for c in issued] == ["box-1", "box-2"]
+    assert issued[1]["cert"] == str(tmp_path / "dev" / "box-2.crt")
+    assert issued[1]["sha256"] == _fingerprint(issued[1]["cert"]) != issued[0]["sha256"]
+
+    r = subprocess.run([*cli, "site", "fab2", "--ca", str(pki), "--out", str(tmp_path / "fab2"),
+                        "--central-host", "mqtt.test", "--device", "box-1", "-o", "json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["bridge"]["name"] == "bridge-fab2" and doc["bridge"]["devices"] == ["box-1"]
+    assert doc["central_acl_updated"] is True
+    assert "bridge-fab2" in Path(doc["central_acl"]).read_text()
+    assert doc["bridge"]["sha256"] == _fingerprint(doc["bridge"]["cert"])
+
+    r = subprocess.run([*cli, "issue", "box-3", "--ca", str(pki), "--out", str(tmp_path / "dev"),
+                        "-o", "yaml"], capture_output=True, text=True)
+    assert r.returncode == 2 and "text or json" in r.stderr
+    assert not (tmp_path / "dev" / "box-3.crt").exists()

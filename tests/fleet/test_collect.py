@@ -172,8 +172,12 @@ def test_the_collect_command_prints_what_it_pulled_and_exits_1_for_a_device_it_m
         with pytest.raises(SystemExit) as e:
             main([*args, "-o", "json"])
         assert e.value.code in (0, None)
-        [report] = json.loads(capsys.readouterr().out)
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["out"] == str(tmp_path / "ds") and doc["failed"] == []
+        [report] = doc["devices"]
         assert report["ok"] and report["pulled"]["capture"] == 10
+        assert doc["records"] == sum(report["pulled"].values()) >= 10
+        assert len(list((tmp_path / "ds" / "capture" / "box-a").glob("*.jsonl"))) >= 1
         with pytest.raises(SystemExit) as e:
             main([*args, "-d", "box-b=127.0.0.1:1"])
         assert e.value.code == 1
