@@ -367,4 +367,6 @@ def list_published(root: Path) -> list[Published]:
     for m in metas:
         doc = json.loads(m.read_text())
         out.append(Published(**doc, path=Path(root) / "sha256" / doc["digest"]))
-    return sorted(out, key=lambda p: p.published)
+    # oldest first; `published` has whole seconds, so bundles published within one second
+    # are ordered by model and sequence (publish order for one model), not by file name
+    return sorted(out, key=lambda p: (p.published, p.name, p.sequence))
