@@ -130,13 +130,16 @@ def running_agent(model: Model | None = None, *, rules: RuleSet | None = None,
             server.stop()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Poll until `predicate()` is truthy; return its value or fail after `timeout`."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+             what: str | None = None) -> Any:
+    """Poll until `predicate()` is truthy; return its value or fail after `timeout`, naming
+    `what` (default: the predicate)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+            raise AssertionError(f"timed out after {timeout} s waiting for "
+                                 f"{what or predicate}")
         time.sleep(interval)

@@ -27,6 +27,7 @@ from fleet.rollout import Bundle, NewRollout, Plan, create, drive
 from fleet.sim import DeviceFaults, SimConfig, Simulator
 from fleet.simtraffic import TrafficConfig
 from fleet.state import StateDB
+from tests.agent_support import wait_for
 from tests.broker_fixtures import make_real_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,11 +233,5 @@ FAST_FLAGS = ["--no-shadow", "--min-requests", "50", "--measure-interval", "0.5s
 def wait_until(pred: Any, timeout: float, what: str) -> Any:
     """Poll `pred` (state kept in a database or another process, with no event to wait on)
     until it returns something true; fails the test naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return wait_for(pred, timeout, interval=0.1, what=what)
 
