@@ -27,6 +27,7 @@ from agent.download import (
     download,
 )
 from fleet.artifacts import ArtifactServer
+from tests.agent_support import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 FAST = DownloadConfig(timeout_s=2, attempts=4, backoff_s=0.05, backoff_max_s=0.2)
@@ -101,8 +102,7 @@ def test_server_down_then_back_is_retried_with_backoff(served, tmp_path: Path):
     t = threading.Thread(target=lambda: result.append(
         download(url, tmp_path / "b.efb", sha256=SHA, size=len(DATA), config=cfg)))
     t.start()
-    while srv.stats.bytes_sent < 50_000:  # wait for the transfer to be under way
-        time.sleep(0.01)
+    wait_for(lambda: srv.stats.bytes_sent >= 50_000, 30)  # the transfer is under way
     srv.stop()  # the artifact server goes away mid-download ...
     srv.faults.bytes_per_s = None
     srv.start()  # ... and comes back on the same port

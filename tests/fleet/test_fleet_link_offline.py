@@ -132,8 +132,7 @@ def test_artifact_server_down_mid_download_resumes_when_it_is_back(
                                         sequence=1))
     artifacts.faults.bytes_per_s = v1[2] / 2.0
     cmd = _install(ctl, v1, 1)
-    while artifacts.stats.bytes_sent < v1[2] // 4:
-        time.sleep(0.01)
+    wait_for(lambda: artifacts.stats.bytes_sent >= v1[2] // 4, 30)
     artifacts.stop()
     artifacts.faults.bytes_per_s = None
     artifacts.start()
