@@ -25,8 +25,9 @@ demo: venv
 	VENV=$(VENV) bash scripts/demo.sh
 
 # gcc: tests build the C client example (examples/c/) and run it against a real agent.
+# pg_ctl: the state-store tests start a throwaway PostgreSQL (tests/postgres_support.py).
 test: venv
-	bash scripts/system-deps.sh mosquitto prometheus nginx gcc
+	bash scripts/system-deps.sh mosquitto prometheus nginx gcc pg_ctl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

@@ -234,7 +234,7 @@ def devices_cmd(
     selector: str = typer.Option("", "--selector", "-l",
                                  help="Label selector, e.g. site=fab2,tester in (t5k,t7)."),
     output: str = read_output(),
-    store: Path = store_opt(), db: Path = db_opt(),
+    store: Path = store_opt(), db: str = db_opt(),
     mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
     mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
     mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],

@@ -33,7 +33,7 @@ CONTROLLER_CLIENT_ID = "edgefleet-controller"
 
 def controller_command(
     fleet_key: Path = fleet_key_opt(),
-    store: Path = store_opt(), db: Path = db_opt(),
+    store: Path = store_opt(), db: str = db_opt(),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
                                      envvar="EDGEFLEET_CONTROLLER_METRICS_HOST",
                                      help="Address for /metrics and /healthz."),
@@ -41,15 +41,26 @@ def controller_command(
                                      envvar="EDGEFLEET_CONTROLLER_METRICS_PORT",
                                      help="Port for /metrics and /healthz (0: any free one, "
                                      "printed)."),
-    client_id: str = typer.Option(CONTROLLER_CLIENT_ID, "--client-id",
+    client_id: str = typer.Option(None, "--client-id",
                                   help="MQTT client id (a persistent session: events sent "
-                                  "while it was down arrive when it is back)."),
+                                  "while it was down arrive when it is back); default "
+                                  f"{CONTROLLER_CLIENT_ID}, with --shared "
+                                  f"{CONTROLLER_CLIENT_ID}-HOSTNAME (each controller needs "
+                                  "its own)."),
     git_repo: str = typer.Option(None, "--git-repo", envvar="EDGEFLEET_GIT_REPO",
                                  help="Follow rollouts declared in this Git repository."),
     git_branch: str = typer.Option("main", "--git-branch", envvar="EDGEFLEET_GIT_BRANCH"),
     git_path: str = typer.Option("rollouts", "--git-path", envvar="EDGEFLEET_GIT_PATH",
                                  help="Directory of rollout YAML documents in the repo."),
     git_interval: str = typer.Option("30s", "--git-interval", help="How often to fetch."),
+    shared: bool = typer.Option(False, "--shared", envvar="EDGEFLEET_CONTROLLER_SHARED",
+                                help="Run next to other --shared controllers on one "
+                                "PostgreSQL state store (--db postgresql://...): each rollout "
+                                "is driven by exactly one of them (its lease), and a dead "
+                                "one's rollouts are taken over once their leases expire."),
+    lease_ttl: str = typer.Option("10s", "--lease-ttl", envvar="EDGEFLEET_LEASE_TTL",
+                                  help="How long a silent controller keeps its leases "
+                                  "(renewed every second, by the database's clock)."),
     keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
                                  help="The keyring devices trust: --fleet-key must be trusted "
                                  "there for role fleet; verifies declared bundles "
@@ -70,8 +81,11 @@ def controller_command(
       edgefleet fleet controller --fleet-key fleet.key --metrics-host 0.0.0.0 --metrics-port 9470
 
       edgefleet fleet controller --git-repo https://git/ops.git --git-path rollouts --keyring ring
+
+      edgefleet fleet controller --shared --db postgresql://edgefleet@db.fab/edgefleet
     """
     import signal
+    import socket
     import sys
     import threading
 
@@ -84,6 +98,10 @@ def controller_command(
 
     # a fleet key devices do not trust is refused before anything is sent
     key = load_fleet_key(fleet_key, Keyring.load(keyring) if keyring else None)
+    ttl = parse_duration(lease_ttl, "--lease-ttl") or 10.0
+    if ttl < 3:
+        raise UsageError(f"--lease-ttl {lease_ttl}: at least 3s (leases are renewed every "
+                         "second)")
     database = open_db(store, db)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,16 +116,22 @@ def controller_command(
         follower = GitFollower(git_repo, git_branch, git_path, database, store=store,
                                keyring=keyring, artifact_url=artifact_url,
                                interval_s=parse_duration(git_interval, "--git-interval") or 30,
-                               workdir=Path(database.path).parent / "git-follow")
+                               workdir=(database.path.parent if database.path
+                                        else Path(store)) / "git-follow")
         on_apply = follower.poll
+    if client_id is None:
+        client_id = f"{CONTROLLER_CLIENT_ID}-{socket.gethostname()}" if shared \
+            else CONTROLLER_CLIENT_ID
     mqtt = mqtt_config(mqtt_host, mqtt_port, mqtt_ca, mqtt_cert, mqtt_key)
     with open_controller(mqtt, fleet_key=key, prefix=prefix, client_id=client_id) as ctl:
         loop = Controller(database, ctl, ControllerOptions(actor=f"controller ({actor()})",
-                                                           on_apply=on_apply))
+                                                           on_apply=on_apply, shared=shared,
+                                                           stale_s=ttl))
         loop.take_lease()
         metrics = MetricsServer(loop, metrics_host, metrics_port).start()
-        print(f"edgefleet controller {loop.owner}: state store {database.path}; /metrics and "
-              f"/healthz on http://{metrics_host}:{metrics.port}", file=sys.stderr, flush=True)
+        print(f"edgefleet controller {loop.owner}: state store {database.where}"
+              f"{' (shared)' if shared else ''}; /metrics and /healthz on "
+              f"http://{metrics_host}:{metrics.port}", file=sys.stderr, flush=True)
         try:
             loop.run(stop)
         finally:
@@ -125,7 +149,7 @@ def apply_command(
                                  help="The keyring devices trust (to verify the bundle)."),
     artifact_url: str = typer.Option(..., "--artifact-url", envvar="EDGEFLEET_ARTIFACT_URL",
                                      help="Base URL devices download from."),
-    store: Path = store_opt(), db: Path = db_opt(),
+    store: Path = store_opt(), db: str = db_opt(),
     output: str = typer.Option("text", "--output", "-o", help="text or json."),
     mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
     mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],

@@ -27,8 +27,10 @@ def store_opt(panel: str | None = None) -> Any:
 
 
 def db_opt(panel: str | None = None) -> Any:
+    """A SQLite file, or a PostgreSQL URL several controllers can share (fleet/state.py)."""
     return typer.Option(None, "--db", envvar="EDGEFLEET_ROLLOUT_DB",
-                        help="Rollout database (default: STORE/rollouts.db).",
+                        help="Rollout state store: a SQLite file (default: STORE/rollouts.db) "
+                        "or a PostgreSQL URL (postgresql://user@host/dbname).",
                         rich_help_panel=panel)
 
 
@@ -78,19 +80,21 @@ def check_output(output: str) -> None:
     check(output, WRITE_FORMATS)
 
 
-def open_db(store: Path, db: Path | None) -> Any:
-    """The rollout database (`--db`, else STORE/rollouts.db), created if missing."""
+def open_db(store: Path, db: str | Path | None) -> Any:
+    """The rollout database (`--db`: a file or a PostgreSQL URL, else STORE/rollouts.db),
+    created (or migrated) if needed."""
     from fleet.state import DB_NAME, StateDB
 
     return StateDB(db or Path(store) / DB_NAME)
 
 
-def existing_db(store: Path, db: Path | None) -> Any:
+def existing_db(store: Path, db: str | Path | None) -> Any:
     """The rollout database, which must exist already (commands on past rollouts)."""
     from fleet.state import DB_NAME
+    from fleet.state_backend import is_url
 
     path = db or Path(store) / DB_NAME
-    if not Path(path).exists():
+    if not is_url(path) and not Path(path).exists():
         raise UsageError(f"no rollout database at {path}",
                          hint="pass --store (or --db) where rollouts were started")
     return open_db(store, db)

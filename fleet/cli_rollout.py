@@ -140,7 +140,7 @@ def rollout_start(
                                      help="Base URL devices download from "
                                      "(serve-artifacts), e.g. http://ctl:8080.",
                                      rich_help_panel=BUNDLE),
-    store: Path = store_opt(BUNDLE), db: Path = db_opt(BUNDLE),
+    store: Path = store_opt(BUNDLE), db: str = db_opt(BUNDLE),
     mqtt_host: str = mqtt_opts(CONNECTION)["mqtt_host"],
     mqtt_port: int = mqtt_opts(CONNECTION)["mqtt_port"],
     mqtt_ca: Path = mqtt_opts(CONNECTION)["mqtt_ca"],
@@ -496,7 +496,7 @@ def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
 def rollout_status(
     rollout_id: str = typer.Argument(None, help="Rollout id (default: the latest)."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until it stops."),
-    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
+    store: Path = store_opt(), db: str = db_opt(), output: str = read_output(),
 ) -> None:
     """Progress per stage, gate verdicts, failed devices, who drives it and when it was last
     heard from; -o wide adds the bundle's URL and full digest and lists every problem; json
@@ -546,7 +546,7 @@ def rollout_status(
 
 @rollout_app.command("list")
 def rollout_list(
-    store: Path = store_opt(), db: Path = db_opt(), output: str = read_output(),
+    store: Path = store_opt(), db: str = db_opt(), output: str = read_output(),
     limit: int = typer.Option(50, "--limit", help="Newest first, at most this many."),
 ) -> None:
     """Rollouts, newest first: who started which bundle when, and where each stands.
@@ -668,7 +668,7 @@ def _action_command(action: str, doc: str, example: str) -> None:
         keyring: Path = typer.Option(None, "--keyring", envvar="EDGEFLEET_KEYRING",
                                      help="--once: the keyring devices trust; --fleet-key "
                                      "must be trusted there for role fleet."),
-        store: Path = store_opt(), db: Path = db_opt(), output: str = output_opt(),
+        store: Path = store_opt(), db: str = db_opt(), output: str = output_opt(),
         mqtt_host: str = mqtt_opts()["mqtt_host"], mqtt_port: int = mqtt_opts()["mqtt_port"],
         mqtt_ca: Path = mqtt_opts()["mqtt_ca"], mqtt_cert: Path = mqtt_opts()["mqtt_cert"],
         mqtt_key: Path = mqtt_opts()["mqtt_key"], prefix: str = mqtt_opts()["prefix"],

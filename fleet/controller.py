@@ -8,7 +8,10 @@ rollout in the operator's terminal.
 What it does, every round (`step`):
 1. lease (service mode): renews the `controller` lease in the state store every
    `heartbeat_s`; a second controller finds it held and refuses to start; a controller whose
-   lease was taken (it stalled past `stale_s`) stops driving.
+   lease was taken (it stalled past `stale_s`) stops driving. With `shared` (several
+   controllers on one PostgreSQL store), each holds its own `controller/<owner>` lease and
+   rollouts are shared out by their own leases alone: each has exactly one driver, and the
+   rollouts of a controller that died are taken by another once their leases expire.
 2. requests: operator actions queued in the store (`rollout pause|resume|...`), in order,
    each applied through fleet/actions.py (the transition table) by the process that holds the
    rollout; its driver flushes first and reloads after.
@@ -17,7 +20,8 @@ What it does, every round (`step`):
    another non-final rollout holds any of its devices (one rollout per device). So after a
    restart, or a kill -9, what was running is resumed.
 4. drive: `tick` every driver (fleet/driver.py); one that no longer needs driving releases
-   its rollout.
+   its rollout; one whose write was refused (`LeaseLost`: another process took the rollout
+   while this one was not heard from) is dropped without another write.
 
 A one-shot run that is interrupted (Ctrl-C) pauses its rollout, saying so, instead of leaving
 it `running` with nobody driving it; a service that stops (SIGTERM) only releases its
@@ -40,7 +44,7 @@ from agent.errors import EdgefleetError
 from fleet import actions
 from fleet.driver import DriverOptions, RolloutDriver
 from fleet.machine import DRIVEN, RolloutState
-from fleet.state import StateDB
+from fleet.state import LeaseLost, StateDB
 from fleet.transport import FleetController
 
 __all__ = ["Controller", "ControllerOptions", "new_owner"]
@@ -61,6 +65,7 @@ class ControllerOptions:
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
     only: frozenset[str] | None = None  # one-shot: drive just these, hold no service lease
+    shared: bool = False  # several controllers on one store (per-rollout leases only)
     driver: DriverOptions | None = None
     on_apply: Callable[[Controller], None] | None = None  # git follow: runs every scan
 
@@ -90,11 +95,12 @@ class Controller:
     def take_lease(self) -> None:
         """Service mode: hold the controller lease or raise `EdgefleetError` naming who
         does."""
-        holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s)
+        holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s,
+                                    shared=self.opt.shared)
         if holder is not None:
             raise EdgefleetError(f"another controller ({holder}) is running on this state store",
-                                 hint="one controller drives every rollout; stop that one "
-                                      "first")
+                                 hint="stop that one first, or run every controller with "
+                                      "--shared (a PostgreSQL store several share)")
         self._last_beat = self.clock()
 
     def _info(self) -> dict[str, Any]:
@@ -103,19 +109,24 @@ class Controller:
 
     def _heartbeat(self, now: float) -> None:
         if self.service:
-            holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s)
+            holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s,
+                                        shared=self.opt.shared)
             if holder is not None:
                 self.lost_lease = holder
                 _LOG.error("controller lease taken by %s: stopping", holder)
                 self.drivers.clear()
                 return
-        with self.db.tx() as c:
-            c.execute("UPDATE rollouts SET heartbeat=? WHERE owner=?", (now, self.owner))
-        for rid in list(self.drivers):
+        self.db.beat(self.owner)
+        for rid, drv in list(self.drivers.items()):
             row = self.db.rollout(rid)
-            if row.owner != self.owner:  # taken over while we were not heard from
+            if row.owner != self.owner or row.epoch != drv.epoch:  # taken while not heard from
                 _LOG.error("rollout %s taken over by %s: no longer driving it", rid, row.owner)
                 del self.drivers[rid]
+
+    def _lost(self, rid: str, e: LeaseLost) -> None:
+        """A driver's write was refused: drop it (the new holder drives the rollout)."""
+        _LOG.error("%s: no longer driving it", e)
+        self.drivers.pop(rid, None)
 
     # -- one round --------------------------------------------------------------------
 
@@ -136,10 +147,13 @@ class Controller:
             self._requests()
             self._pick_up()
         for rid, drv in list(self.drivers.items()):
-            if not drv.tick():
-                drv.flush()
-                self.db.release(rid, self.owner)
-                del self.drivers[rid]
+            try:
+                if not drv.tick():
+                    drv.flush()
+                    self.db.release(rid, self.owner)
+                    del self.drivers[rid]
+            except LeaseLost as e:
+                self._lost(rid, e)
         self.last_round = self.clock()
 
     def run(self, stop: threading.Event, until: Callable[[], bool] | None = None) -> None:
@@ -169,7 +183,10 @@ class Controller:
 
     def release_all(self) -> None:
         for rid, drv in list(self.drivers.items()):
-            drv.flush()
+            try:
+                drv.flush()
+            except LeaseLost:
+                continue  # not ours any more: nothing to release
             self.db.release(rid, self.owner)
         self.drivers.clear()
         if self.service:
@@ -178,7 +195,11 @@ class Controller:
     def interrupt(self, why: str) -> None:
         """One-shot mode stopped early: pause what it drove, saying so."""
         for rid, drv in list(self.drivers.items()):
-            drv.flush()
+            try:
+                drv.flush()
+            except LeaseLost as e:
+                self._lost(rid, e)
+                continue
             if drv.row.state in (RolloutState.RUNNING, RolloutState.PENDING):
                 actions.apply(self.db, rid, "pause", self.opt.actor, {
                     "reason": f"its driver stopped ({why}); next: edgefleet fleet rollout "
@@ -197,13 +218,26 @@ class Controller:
             if holder is not None and holder != self.owner:
                 continue  # the process driving it handles it
             drv = self.drivers.get(rid)
-            if drv is not None:
-                drv.flush()
+            if drv is None:  # nobody drives it: hold it while applying (another controller
+                # on the same store may be looking at the same request)
+                if self.db.acquire(rid, self.owner, stale_s=self.opt.stale_s) is not None:
+                    continue
+                if self.db.request_result(req["seq"]) is not None:
+                    self.db.release(rid, self.owner)  # applied meanwhile by the other one
+                    continue
+            else:
+                try:
+                    drv.flush()
+                except LeaseLost as e:
+                    self._lost(rid, e)
+                    continue
             ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"])
             with self.db.tx() as c:
                 self.db.close_request(req["seq"], ("ok: " if ok else "refused: ") + msg, c)
             if drv is not None:
                 drv.reload()
+            else:
+                self.db.release(rid, self.owner)
 
     def _pick_up(self) -> None:
         active = self.db.active()

@@ -13,6 +13,11 @@ id derived from the rollout, the device and the step; a driver loaded after a cr
 a `sending` step again (same id, which a device refuses to run twice) only if the device
 shows no sign of it within `resend_grace_s`.
 
+Fencing: the driver remembers the lease epoch of its rollout when it is created, and every
+write it makes checks, in the same transaction, that it still holds the rollout at that epoch
+(`StateDB.fence`); one that lost the lease (its controller stalled past it and another took
+over) gets `LeaseLost` before it can record or publish anything more.
+
 Cost: the steps in flight (at most `max_parallel`) are resolved each tick; progress is
 counters per stage, updated when a step changes, so nothing is rebuilt from the database
 while driving; a command's events are dropped once its step is final.
@@ -21,10 +26,11 @@ while driving; a command's events are dropped once its step is final.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -130,6 +136,8 @@ class RolloutDriver:
                     self._inbox.append((str(ev.get("device_id")), ev))
         self.views = {d: D.DeviceView.from_state(self.ctl.state(d)) for d in self.targets}
         self._undo: list[StepRow] | None = None
+        if first:
+            self.epoch = self.row.epoch  # the lease this driver was created under (fencing)
 
     def reload(self) -> None:
         """Re-read the rollout after an operator action changed it in the database; what was
@@ -251,7 +259,7 @@ class RolloutDriver:
             s.attempts += 1
             s.sent, s.resend_after = now, None
             self._dirty.add((s.device_id, s.step))
-            self.db.audit(self.rid, self.opt.actor, "resent", {
+            self._audit("resent", {  # fenced: a driver that lost the lease publishes nothing
                 "command_id": s.command_id,
                 "why": "no sign of it on the device after the controller restarted"})
             self._publish(s)
@@ -282,7 +290,7 @@ class RolloutDriver:
         new = [(d, st, command_id(self.rid, d, st)) for d, st in pairs
                if (d, st) not in self.steps]
         if new:
-            with self.db.tx() as c:
+            with self._tx() as c:
                 self.db.add_steps(self.rid, new, c)
             have = {(s.device_id, s.step): s for s in self.db.steps(self.rid)}
             for d, st, _ in new:
@@ -313,11 +321,23 @@ class RolloutDriver:
 
     # -- persistence --------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """A write transaction that holds only while this driver holds the rollout's lease
+        (raises `fleet.state.LeaseLost` otherwise, writing nothing)."""
+        with self.db.tx() as c:
+            self.db.fence(c, self.rid, self.owner, self.epoch)
+            yield c
+
+    def _audit(self, action: str, detail: dict[str, Any]) -> None:
+        with self._tx() as c:
+            self.db.audit(self.rid, self.opt.actor, action, detail, c)
+
     def _commit(self, force: bool = False) -> None:
         now = self.clock()
         if not self._dirty or (not force and now - self._last_commit < self.opt.commit_every_s):
             return
-        with self.db.tx() as c:
+        with self._tx() as c:
             self.db.save_steps([self.steps[k] for k in self._dirty], c)
         self._dirty.clear()
         self._last_commit = now
@@ -342,7 +362,7 @@ class RolloutDriver:
         if fields.get("state") in (RolloutState.SUCCEEDED, RolloutState.FAILED,
                                    RolloutState.ROLLED_BACK):
             fields["finished"] = self.clock()
-        with self.db.tx() as c:
+        with self._tx() as c:
             self.db.save_steps([self.steps[k] for k in self._dirty], c)
             self._dirty.clear()
             self.db.update(self.rid, c, **fields)
@@ -354,7 +374,7 @@ class RolloutDriver:
         return True
 
     def _stage(self, idx: int, **fields: Any) -> None:
-        with self.db.tx() as c:
+        with self._tx() as c:
             self.db.update_stage(self.rid, idx, c, **fields)
         self.stages = self.db.stages(self.rid)
         self._report()
@@ -373,8 +393,7 @@ class RolloutDriver:
         stage = self.stages[idx]
         if stage.state in (StageState.PENDING, StageState.PAUSED) or stage.started is None:
             self._stage(idx, state=StageState.DEPLOYING, started=stage.started or now)
-            self.db.audit(self.rid, self.opt.actor, "stage", {"stage": stage.name,
-                                                              "phase": "deploy"})
+            self._audit("stage", {"stage": stage.name, "phase": "deploy"})
             stage = self.stages[idx]
         steps = self._stage_steps(idx)
         reports = {d: s.status for d, s in self.reports.items()}
@@ -406,7 +425,7 @@ class RolloutDriver:
     def _deployed(self, idx: int, now: float) -> None:
         stage = self.stages[idx]
         c = self.counts[idx]
-        self.db.audit(self.rid, self.opt.actor, "stage-deployed", {
+        self._audit("stage-deployed", {
             "stage": stage.name, **{k: c.get(k, 0) for k in (StepStatus.DONE, StepStatus.FAILED,
                                                              StepStatus.TIMEOUT,
                                                              StepStatus.SKIPPED)}})
@@ -517,7 +536,7 @@ class RolloutDriver:
         stage = self.stages[idx]
         state = StageState.PASSED if stage.kind == "shadow" else self._passed_state(idx)
         self._stage(idx, state=state, finished=now)
-        self.db.audit(self.rid, self.opt.actor, "stage-passed", {
+        self._audit("stage-passed", {
             "stage": stage.name, "promoted": promoted,
             "verdict": verdict.to_json() if verdict else None})
         self.verdict = None

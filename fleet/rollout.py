@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,12 +204,12 @@ def snapshot(db: StateDB, rid: str) -> dict[str, Any]:
 def _driver(db: StateDB, row: RolloutRow, stale_s: float = 10.0) -> dict[str, Any]:
     """Who drives the rollout and when it was last heard from; `live` False for a rollout
     that needs a driver and has none (a dead one, or none yet)."""
-    now = time.time()
+    now = db.now()  # heartbeats are written by the database's clock, not a host's
     holder = db.holder(row.id, stale_s)
     lease = db.lease(stale_s=stale_s)
     return {"owner": row.owner, "heartbeat": row.heartbeat,
             "heartbeat_age_s": round(now - row.heartbeat, 1) if row.heartbeat else None,
             "live": holder is not None, "needs_driver": row.state in DRIVEN,
             "controller": lease["owner"] if lease["live"] else None,
-            "controller_heartbeat_age_s": round(now - lease["heartbeat"], 1)
-            if lease["heartbeat"] else None}
+            "controller_heartbeat_age_s": round(lease["age_s"], 1)
+            if lease["age_s"] is not None else None}

@@ -1,17 +1,23 @@
-"""Rollout persistence: one SQLite file (by default `<artifact store>/rollouts.db`) holding every
-rollout, its stages, each device's steps, and an append-only audit log.
+"""Rollout persistence: every rollout, its stages, each device's steps, and an append-only audit
+log, in one SQLite file (by default `<artifact store>/rollouts.db`) or, for fleets that outgrow
+one controller host, a PostgreSQL database several controllers share (`--db
+postgresql://...`; fleet/state_backend.py is the seam: same statements, same schema).
 
 The engine (fleet/rollout.py) writes the *intent* before it acts: a step is marked `sending`
 and committed before its command is published, and its command id is derived from the rollout,
 the device and the step (`<rollout>:<device>:<step>`), so a controller killed at any moment and
 resumed neither forgets a command nor issues a second, different one for the same step.
 
-Schema (version 2; a version-1 file gains the last three tables when opened):
+Schema (version 3), built by numbered migrations recorded in `schema_migrations` (version,
+name, applied), each applied once, in order, in one transaction, when a store is opened; a
+store newer than this code is refused (so is an older controller on a newer store, by the
+`meta` row `schema`). A file from before the version table (schema 1 or 2) is brought up to
+date the same way:
 
     rollouts  id PK, created, created_by, bundle_digest, bundle_size, bundle_url, model_name,
               model_version, sequence, plan (JSON), state, stage, phase, reason, request
-              (`promote`: the driver ends the current bake), owner, heartbeat (lease of the
-              process driving it), updated, finished
+              (`promote`: the driver ends the current bake), owner, heartbeat, epoch (the
+              lease of the process driving it, see "Leases"), updated, finished
     stages    (rollout_id, idx) PK, name, kind (shadow | install), devices, state, started,
               deployed, bake_started, finished, failures_accepted, verdict (JSON)
     targets   (rollout_id, device_id) PK, stage, from_digest, from_version, labels (JSON),
@@ -22,13 +28,22 @@ Schema (version 2; a version-1 file gains the last three tables when opened):
     requests  seq PK, ts, rollout_id, action (start | pause | resume | abort | rollback |
               promote | retry | supersede), actor, args (JSON), done, result: what operators
               asked of the controller, applied in order by whoever drives the rollout
-    leases    name PK (`controller`), owner (`host:pid:token`), heartbeat, info (JSON): the
-              running controller service and when it was last heard from
+    leases    name PK (`controller`, or `controller/<owner>` for each of several
+              `--shared` controllers), owner (`host:pid:token`), heartbeat, info (JSON): the
+              running controller services and when each was last heard from
     declared  (name, seq) PK, rollout_id, spec_hash, spec (JSON), applied, source: each
               version of a declarative rollout (`fleet apply`) and the rollout it became
 
-Journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only a
-killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
+Leases: a rollout is driven by the process named in its `owner`, which renews `heartbeat`
+every second; another process may take it (`acquire`) once the heartbeat is `stale_s` old (or,
+on the same host, the owner's pid is gone). Every take increments `epoch`, and every write of a
+driver checks, inside its transaction and with the row locked, that owner and epoch are still
+its own (`fence`): a controller that was paused (SIGSTOP, a VM migration, a long GC) past its
+lease and then resumes finds its rollout taken and writes nothing more. Heartbeats and ages
+come from the database's clock (`now()` on PostgreSQL), never from a controller host's.
+
+SQLite journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only
+a killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
 """
 
 from __future__ import annotations
@@ -38,10 +53,8 @@ import getpass
 import json
 import os
 import socket
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +63,9 @@ from agent.errors import EdgefleetError, UsageError
 from fleet.machine import STEP_FINAL as _STEP_FINAL
 from fleet.machine import TERMINAL as _TERMINAL
 from fleet.machine import RolloutState, StepStatus
+from fleet.state_backend import Backend, open_backend
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "rollouts.db"
 
 # rollout states and step statuses (the enums of fleet/machine.py, under their old names)
@@ -69,6 +83,7 @@ STEP_BAD = (S_FAILED, S_TIMEOUT)
 CONTROLLER_LEASE = "controller"
 
 __all__ = [
+    "LeaseLost",
     "RolloutNotFound",
     "RolloutRow",
     "StageRow",
@@ -77,48 +92,59 @@ __all__ = [
     "actor",
 ]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS rollouts (
+# (version, what it adds, statements): SQLite's dialect, translated by the backend (`ddl`)
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "rollouts, stages, targets, steps, audit", (
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
+        """CREATE TABLE IF NOT EXISTS rollouts (
   id TEXT PRIMARY KEY, created REAL NOT NULL, created_by TEXT NOT NULL,
   bundle_digest TEXT NOT NULL, bundle_size INTEGER NOT NULL, bundle_url TEXT NOT NULL,
   model_name TEXT, model_version TEXT, sequence INTEGER,
   plan TEXT NOT NULL, state TEXT NOT NULL, stage INTEGER NOT NULL DEFAULT 0,
   phase TEXT NOT NULL DEFAULT 'deploy', reason TEXT, request TEXT,
-  owner TEXT, heartbeat REAL, updated REAL NOT NULL, finished REAL);
-CREATE TABLE IF NOT EXISTS stages (
+  owner TEXT, heartbeat REAL, updated REAL NOT NULL, finished REAL)""",
+        """CREATE TABLE IF NOT EXISTS stages (
   rollout_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
   devices INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending', started REAL,
   deployed REAL, bake_started REAL, finished REAL, failures_accepted INTEGER NOT NULL DEFAULT 0,
-  verdict TEXT, PRIMARY KEY (rollout_id, idx));
-CREATE TABLE IF NOT EXISTS targets (
+  verdict TEXT, PRIMARY KEY (rollout_id, idx))""",
+        """CREATE TABLE IF NOT EXISTS targets (
   rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL,
   from_digest TEXT, from_version TEXT, labels TEXT, baseline TEXT,
-  PRIMARY KEY (rollout_id, device_id));
-CREATE TABLE IF NOT EXISTS steps (
+  PRIMARY KEY (rollout_id, device_id))""",
+        """CREATE TABLE IF NOT EXISTS steps (
   rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, step TEXT NOT NULL,
   command_id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, result TEXT, reason TEXT,
   detail TEXT, created REAL NOT NULL, sent REAL, finished REAL,
-  attempts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout_id, device_id, step));
-CREATE TABLE IF NOT EXISTS audit (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT, actor TEXT NOT NULL,
-  action TEXT NOT NULL, detail TEXT);
-CREATE TABLE IF NOT EXISTS requests (
+  attempts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout_id, device_id, step))""",
+        """CREATE TABLE IF NOT EXISTS audit (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT,
+  actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS steps_by_status ON steps (rollout_id, status)",
+        "CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (rollout_id, seq)")),
+    (2, "operator requests, controller leases, declared rollouts", (
+        """CREATE TABLE IF NOT EXISTS requests (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT NOT NULL,
-  action TEXT NOT NULL, actor TEXT NOT NULL, args TEXT, done REAL, result TEXT);
-CREATE TABLE IF NOT EXISTS leases (
-  name TEXT PRIMARY KEY, owner TEXT, heartbeat REAL, info TEXT);
-CREATE TABLE IF NOT EXISTS declared (
-  name TEXT NOT NULL, seq INTEGER NOT NULL, rollout_id TEXT NOT NULL, spec_hash TEXT NOT NULL,
-  spec TEXT NOT NULL, applied REAL NOT NULL, source TEXT, PRIMARY KEY (name, seq));
-CREATE INDEX IF NOT EXISTS requests_open ON requests (done, seq);
-CREATE INDEX IF NOT EXISTS steps_by_status ON steps (rollout_id, status);
-CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (rollout_id, seq);
-"""
+  action TEXT NOT NULL, actor TEXT NOT NULL, args TEXT, done REAL, result TEXT)""",
+        """CREATE TABLE IF NOT EXISTS leases (
+  name TEXT PRIMARY KEY, owner TEXT, heartbeat REAL, info TEXT)""",
+        """CREATE TABLE IF NOT EXISTS declared (
+  name TEXT NOT NULL, seq INTEGER NOT NULL, rollout_id TEXT NOT NULL,
+  spec_hash TEXT NOT NULL, spec TEXT NOT NULL, applied REAL NOT NULL, source TEXT,
+  PRIMARY KEY (name, seq))""",
+        "CREATE INDEX IF NOT EXISTS requests_open ON requests (done, seq)")),
+    (3, "lease epochs (fencing a driver that lost its rollout)", (
+        "ALTER TABLE rollouts ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",)),
+)
+assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
 
 class RolloutNotFound(UsageError):
     """No rollout with that id."""
+
+
+class LeaseLost(EdgefleetError):
+    """A driver's write refused: another process took its rollout's lease (`fence`)."""
 
 
 def actor() -> str:
@@ -154,6 +180,7 @@ class RolloutRow:
     heartbeat: float | None
     updated: float
     finished: float | None
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,51 +217,66 @@ class StepRow:
 
 
 class StateDB:
-    """The rollout database. Thread-safe (one connection, one lock); several processes may open
-    the same file (SQLite locking)."""
+    """The rollout database, on either backend (fleet/state_backend.py). Thread-safe (one
+    connection, one lock); several processes, and with PostgreSQL several hosts, may open the
+    same store."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | Path) -> None:
+        self.backend: Backend = open_backend(target)
+        self.kind = self.backend.kind
+        self.path = self.backend.path  # the SQLite file; None for PostgreSQL
+        self.where = self.backend.where
         try:
-            self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA busy_timeout=10000")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                               (str(SCHEMA_VERSION),))
-            self._conn.execute("UPDATE meta SET value=? WHERE key='schema' AND value='1'",
-                               (str(SCHEMA_VERSION),))  # v1 -> v2: new tables only
-            found = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise EdgefleetError(f"rollout database {self.path}: {e}") from None
-        if found and int(found[0]) != SCHEMA_VERSION:
-            raise EdgefleetError(f"rollout database {self.path}: schema version {found[0]}, "
-                                 f"this controller knows {SCHEMA_VERSION}")
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+            self._migrate()
+        except EdgefleetError:
+            self.backend.close()
+            raise
+        except Exception as e:  # sqlite3.DatabaseError, psycopg.Error: not a usable store
+            self.backend.close()
+            raise EdgefleetError(f"rollout database {self.where}: {e}") from None
+        self._now = self.backend.now_sql
+
+    def _migrate(self) -> None:
+        """Apply the migrations this store lacks, in order, in one transaction (another
+        process opening the store at the same time waits, then finds them applied)."""
+        b = self.backend
+        with b.tx() as c:
+            b.serialize(c)
+            c.execute(b.ddl("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER "
+                            "PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"))
+            done = {int(r[0]) for r in c.execute("SELECT version FROM schema_migrations")}
+            if done and max(done) > SCHEMA_VERSION:
+                raise EdgefleetError(f"rollout database {self.where}: schema version "
+                                     f"{max(done)}, this controller knows {SCHEMA_VERSION}",
+                                     hint="upgrade edgefleet on this host")
+            for version, name, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for sql in statements:
+                    c.execute(b.ddl(sql))
+                c.execute("INSERT INTO schema_migrations VALUES (?,?,?)",
+                          (version, name, time.time()))
+            # what controllers from before the version table read (they refuse a newer one)
+            c.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT (key) DO UPDATE SET "
+                      "value=excluded.value", (str(SCHEMA_VERSION),))
+
+    def migrations(self) -> list[dict[str, Any]]:
+        """The applied migrations, oldest first: {version, name, applied}."""
+        return [dict(r) for r in self._q("SELECT * FROM schema_migrations ORDER BY version")]
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.backend.close()
 
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def tx(self) -> contextlib.AbstractContextManager[Any]:
+        """One write transaction: statements with `?` placeholders, rows by name or index."""
+        return self.backend.tx()
 
-    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return self.backend.query(sql, args)
+
+    def now(self) -> float:
+        """The database's clock (seconds since the epoch): what leases are measured by."""
+        return float(self._q(f"SELECT {self._now} AS now")[0][0])
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -271,7 +313,7 @@ class StateDB:
     def rollout(self, rid: str) -> RolloutRow:
         rows = self._q("SELECT * FROM rollouts WHERE id=?", (rid,))
         if not rows:
-            raise RolloutNotFound(f"no rollout {rid!r} in {self.path}",
+            raise RolloutNotFound(f"no rollout {rid!r} in {self.where}",
                                   hint="see: edgefleet fleet rollout list")
         return _rollout(rows[0])
 
@@ -299,7 +341,7 @@ class StateDB:
         rows = self.rollouts(1)
         return rows[0] if rows else None
 
-    def update(self, rid: str, c: sqlite3.Connection | None = None, **fields: Any) -> None:
+    def update(self, rid: str, c: Any = None, **fields: Any) -> None:
         fields["updated"] = time.time()
         sql = "UPDATE rollouts SET " + ", ".join(f"{k}=?" for k in fields) + " WHERE id=?"
         if c is not None:
@@ -308,23 +350,39 @@ class StateDB:
             with self.tx() as conn:
                 conn.execute(sql, (*fields.values(), rid))
 
-    # -- lease ---------------------------------------------------------------------------------
+    # -- a rollout's lease (see "Leases" above) ---------------------------------------------
 
     def acquire(self, rid: str, owner: str, *, stale_s: float = 10.0) -> str | None:
-        """Take the lease on a rollout unless a live process holds it; returns the holder that
-        refused us, or None when we hold it now."""
+        """Take the lease on a rollout unless a live process holds it (a new epoch unless
+        `owner` held it already); returns the holder that refused us, or None when we hold it
+        now."""
         with self.tx() as c:
-            row = c.execute("SELECT owner, heartbeat FROM rollouts WHERE id=?",
-                            (rid,)).fetchone()
+            row = c.execute(f"SELECT owner, {self._now} - heartbeat AS age FROM rollouts "
+                            f"WHERE id=?{self.backend.lock_row}", (rid,)).fetchone()
             if row is None:
-                raise RolloutNotFound(f"no rollout {rid!r} in {self.path}")
-            holder, beat = row["owner"], row["heartbeat"]
-            if holder and holder != owner and _alive(holder) and beat and \
-                    time.time() - beat < stale_s:
-                return holder
-            c.execute("UPDATE rollouts SET owner=?, heartbeat=? WHERE id=?",
-                      (owner, time.time(), rid))
+                raise RolloutNotFound(f"no rollout {rid!r} in {self.where}")
+            holder = row["owner"]
+            if holder and holder != owner and _live(holder, row["age"], stale_s):
+                return str(holder)
+            c.execute(f"UPDATE rollouts SET owner=?, heartbeat={self._now}, epoch=epoch+? "
+                      "WHERE id=?", (owner, int(holder != owner), rid))
         return None
+
+    def fence(self, c: Any, rid: str, owner: str, epoch: int) -> None:
+        """Inside a driver's write transaction: raise `LeaseLost` unless `owner` still holds
+        `rid` at `epoch` (the row stays locked until the transaction ends, so no other
+        process can take the lease between this check and the writes)."""
+        row = c.execute(f"SELECT owner, epoch FROM rollouts WHERE id=?{self.backend.lock_row}",
+                        (rid,)).fetchone()
+        if row is None or row["owner"] != owner or int(row["epoch"]) != epoch:
+            now = f"{row['owner']} (epoch {row['epoch']})" if row and row["owner"] else "nobody"
+            raise LeaseLost(f"rollout {rid}: lease lost: {owner} held it at epoch {epoch}, "
+                            f"now {now}")
+
+    def beat(self, owner: str) -> None:
+        """Renew the lease of every rollout `owner` drives."""
+        with self.tx() as c:
+            c.execute(f"UPDATE rollouts SET heartbeat={self._now} WHERE owner=?", (owner,))
 
     def release(self, rid: str, owner: str) -> None:
         with self.tx() as c:
@@ -333,22 +391,26 @@ class StateDB:
 
     def holder(self, rid: str, stale_s: float = 10.0) -> str | None:
         """The live process driving `rid`, if any."""
-        r = self.rollout(rid)
-        if r.owner and r.heartbeat and time.time() - r.heartbeat < stale_s and _alive(r.owner):
-            return r.owner
-        return None
+        rows = self._q(f"SELECT owner, {self._now} - heartbeat AS age FROM rollouts WHERE id=?",
+                       (rid,))
+        if not rows:
+            raise RolloutNotFound(f"no rollout {rid!r} in {self.where}",
+                                  hint="see: edgefleet fleet rollout list")
+        owner = rows[0]["owner"]
+        return str(owner) if owner and _live(owner, rows[0]["age"], stale_s) else None
 
     # -- operator requests (for whoever drives the rollout) -----------------------------
 
     def add_request(self, rid: str, action: str, who: str, args: dict | None = None,
-                    c: sqlite3.Connection | None = None) -> int:
+                    c: Any = None) -> int:
         """Queue an operator request; returns its sequence number (see `request_result`)."""
-        def put(conn: sqlite3.Connection) -> int:
-            cur = conn.execute("INSERT INTO requests (ts, rollout_id, action, actor, args) "
-                               "VALUES (?,?,?,?,?)", (time.time(), rid, action, who,
-                                                      json.dumps(args or {})))
+        def put(conn: Any) -> int:
+            seq = conn.execute("INSERT INTO requests (ts, rollout_id, action, actor, args) "
+                               "VALUES (?,?,?,?,?) RETURNING seq",
+                               (time.time(), rid, action, who, json.dumps(args or {}))
+                               ).fetchone()[0]
             self._audit(conn, rid, who, f"request-{action}", args or {})
-            return int(cur.lastrowid or 0)
+            return int(seq)
 
         if c is not None:
             return put(c)
@@ -360,46 +422,58 @@ class StateDB:
                        "rollout_id=?) ORDER BY seq", (rid, rid))
         return [{**dict(r), "args": json.loads(r["args"] or "{}")} for r in rows]
 
-    def close_request(self, seq: int, result: str, c: sqlite3.Connection) -> None:
+    def close_request(self, seq: int, result: str, c: Any) -> None:
         c.execute("UPDATE requests SET done=?, result=? WHERE seq=?", (time.time(), result, seq))
 
     def request_result(self, seq: int) -> str | None:
         rows = self._q("SELECT result FROM requests WHERE seq=? AND done IS NOT NULL", (seq,))
         return rows[0]["result"] if rows else None
 
-    # -- the controller's lease ------------------------------------------------------------
+    # -- the controllers' leases ------------------------------------------------------------
 
     def take_lease(self, owner: str, info: dict[str, Any], *, stale_s: float = 10.0,
-                   name: str = CONTROLLER_LEASE) -> str | None:
-        """Take (or renew) the named lease unless another live holder has it; returns that
-        holder, or None when `owner` holds it now."""
+                   shared: bool = False) -> str | None:
+        """Take (or renew) a controller lease; returns the live holder that refuses us, or
+        None when `owner` holds it now. Alone (the default) it is the one `controller` lease,
+        refused while any other controller is live; `shared`, it is `controller/<owner>`,
+        refused only while a controller runs alone."""
+        name = f"{CONTROLLER_LEASE}/{owner}" if shared else CONTROLLER_LEASE
         with self.tx() as c:
-            row = c.execute("SELECT owner, heartbeat FROM leases WHERE name=?",
-                            (name,)).fetchone()
-            if row is not None and row["owner"] and row["owner"] != owner and \
-                    _alive(row["owner"]) and row["heartbeat"] and \
-                    time.time() - row["heartbeat"] < stale_s:
-                return str(row["owner"])
-            c.execute("INSERT INTO leases (name, owner, heartbeat, info) VALUES (?,?,?,?) "
-                      "ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, "
+            self.backend.serialize(c)
+            for r in c.execute(f"SELECT name, owner, {self._now} - heartbeat AS age FROM leases "
+                               "WHERE name=? OR name LIKE ?",
+                               (CONTROLLER_LEASE, CONTROLLER_LEASE + "/%")).fetchall():
+                if r["owner"] and r["owner"] != owner and _live(r["owner"], r["age"], stale_s) \
+                        and (not shared or r["name"] == CONTROLLER_LEASE):
+                    return str(r["owner"])
+            c.execute(f"INSERT INTO leases (name, owner, heartbeat, info) VALUES (?,?,"
+                      f"{self._now},?) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
                       "heartbeat=excluded.heartbeat, info=excluded.info",
-                      (name, owner, time.time(), json.dumps(info)))
+                      (name, owner, json.dumps(info)))
         return None
 
-    def drop_lease(self, owner: str, name: str = CONTROLLER_LEASE) -> None:
+    def drop_lease(self, owner: str) -> None:
         with self.tx() as c:
-            c.execute("UPDATE leases SET owner=NULL WHERE name=? AND owner=?", (name, owner))
+            c.execute("UPDATE leases SET owner=NULL WHERE name=? AND owner=?",
+                      (CONTROLLER_LEASE, owner))
+            c.execute("DELETE FROM leases WHERE name=?", (f"{CONTROLLER_LEASE}/{owner}",))
 
-    def lease(self, name: str = CONTROLLER_LEASE, stale_s: float = 10.0) -> dict[str, Any]:
-        """{owner, heartbeat, info, live}: who holds the lease and whether it is alive."""
-        rows = self._q("SELECT * FROM leases WHERE name=?", (name,))
+    def lease(self, stale_s: float = 10.0) -> dict[str, Any]:
+        """{owner, heartbeat, age_s, info, live, controllers}: the controller last heard from
+        (a live one first), whether it is alive, and every live controller's owner."""
+        rows = [{**dict(r), "live": bool(r["owner"] and _live(r["owner"], r["age"], stale_s))}
+                for r in self._q(f"SELECT owner, heartbeat, info, {self._now} - heartbeat AS age "
+                                 "FROM leases WHERE name=? OR name LIKE ?",
+                                 (CONTROLLER_LEASE, CONTROLLER_LEASE + "/%"))]
+        rows.sort(key=lambda r: (not r["live"], not r["owner"], r["age"] is None,
+                                 r["age"] or 0.0))
         if not rows:
-            return {"owner": None, "heartbeat": None, "info": {}, "live": False}
+            return {"owner": None, "heartbeat": None, "age_s": None, "info": {},
+                    "live": False, "controllers": []}
         r = rows[0]
-        live = bool(r["owner"] and r["heartbeat"] and time.time() - r["heartbeat"] < stale_s
-                    and _alive(r["owner"]))
-        return {"owner": r["owner"], "heartbeat": r["heartbeat"],
-                "info": json.loads(r["info"] or "{}"), "live": live}
+        return {"owner": r["owner"], "heartbeat": r["heartbeat"], "age_s": r["age"],
+                "info": json.loads(r["info"] or "{}"), "live": r["live"],
+                "controllers": sorted(x["owner"] for x in rows if x["live"])}
 
     # -- declarative rollouts ----------------------------------------------------------------
 
@@ -412,7 +486,7 @@ class StateDB:
         return [r["name"] for r in self._q("SELECT DISTINCT name FROM declared ORDER BY name")]
 
     def declare(self, name: str, rid: str, spec_hash: str, spec: dict[str, Any],
-                source: str | None, c: sqlite3.Connection) -> None:
+                source: str | None, c: Any) -> None:
         seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM declared WHERE name=?",
                         (name,)).fetchone()[0]
         c.execute("INSERT INTO declared VALUES (?,?,?,?,?,?,?)",
@@ -424,7 +498,7 @@ class StateDB:
         return [_stage(r) for r in
                 self._q("SELECT * FROM stages WHERE rollout_id=? ORDER BY idx", (rid,))]
 
-    def update_stage(self, rid: str, idx: int, c: sqlite3.Connection, **fields: Any) -> None:
+    def update_stage(self, rid: str, idx: int, c: Any, **fields: Any) -> None:
         if "verdict" in fields and fields["verdict"] is not None:
             fields["verdict"] = json.dumps(fields["verdict"])
         c.execute("UPDATE stages SET " + ", ".join(f"{k}=?" for k in fields)
@@ -446,14 +520,14 @@ class StateDB:
                         (rid,))]
 
     def add_steps(self, rid: str, steps: Sequence[tuple[str, str, str]],
-                  c: sqlite3.Connection) -> None:
+                  c: Any) -> None:
         """Add pending steps (device, step, command id) that are not there yet."""
         now = time.time()
-        c.executemany("INSERT OR IGNORE INTO steps (rollout_id, device_id, step, command_id, "
-                      "status, created) VALUES (?,?,?,?,?,?)",
+        c.executemany("INSERT INTO steps (rollout_id, device_id, step, command_id, status, "
+                      "created) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                       [(rid, d, s, cid, S_PENDING, now) for d, s, cid in steps])
 
-    def save_steps(self, rows: Sequence[StepRow], c: sqlite3.Connection) -> None:
+    def save_steps(self, rows: Sequence[StepRow], c: Any) -> None:
         c.executemany("UPDATE steps SET status=?, result=?, reason=?, detail=?, sent=?, "
                       "finished=?, attempts=? WHERE rollout_id=? AND device_id=? AND step=?",
                       [(s.status, s.result, s.reason, s.detail, s.sent, s.finished, s.attempts,
@@ -461,13 +535,13 @@ class StateDB:
 
     # -- audit ---------------------------------------------------------------------------------
 
-    def _audit(self, c: sqlite3.Connection, rid: str | None, who: str, action: str,
+    def _audit(self, c: Any, rid: str | None, who: str, action: str,
                detail: dict[str, Any]) -> None:
         c.execute("INSERT INTO audit (ts, rollout_id, actor, action, detail) VALUES (?,?,?,?,?)",
                   (time.time(), rid, who, action, json.dumps(detail, default=str)))
 
     def audit(self, rid: str | None, who: str, action: str, detail: dict[str, Any] | None = None,
-              c: sqlite3.Connection | None = None) -> None:
+              c: Any = None) -> None:
         if c is not None:
             self._audit(c, rid, who, action, detail or {})
         else:
@@ -483,6 +557,12 @@ class StateDB:
             d["detail"] = json.loads(d["detail"] or "{}")
             out.append(d)
         return out
+
+
+def _live(owner: str, age: float | None, stale_s: float) -> bool:
+    """A lease holder heard from less than `stale_s` ago (by the database's clock) whose
+    process, if on this host, still runs."""
+    return age is not None and age < stale_s and _alive(owner)
 
 
 def _alive(owner: str) -> bool:
@@ -511,13 +591,13 @@ def _not_zombie(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _rollout(r: sqlite3.Row) -> RolloutRow:
+def _rollout(r: Any) -> RolloutRow:
     d = dict(r)
     d["plan"] = json.loads(d["plan"])
     return RolloutRow(**d)
 
 
-def _stage(r: sqlite3.Row) -> StageRow:
+def _stage(r: Any) -> StageRow:
     d = dict(r)
     d["verdict"] = json.loads(d["verdict"]) if d["verdict"] else None
     return StageRow(**d)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Install the Debian packages the demo and the tests run for real (a broker, a Prometheus, a web
-# server, a C compiler), when they are missing. Each argument is a command; the package that
-# brings it is installed. As root this uses apt-get; otherwise it says what to run.
-#   scripts/system-deps.sh mosquitto prometheus nginx gcc
+# server, a C compiler, a PostgreSQL server), when they are missing. Each argument is a command;
+# the package that brings it is installed. As root this uses apt-get; otherwise it says what to
+# run.
+#   scripts/system-deps.sh mosquitto prometheus nginx gcc pg_ctl
 set -euo pipefail
 missing=()
 for pkg in "$@"; do
     command -v "$pkg" >/dev/null 2>&1 || [ -x "/usr/sbin/$pkg" ] || [ -x "/usr/bin/$pkg" ] \
+        || compgen -G "/usr/lib/postgresql/*/bin/$pkg" >/dev/null \
         || case "$pkg" in
             gcc) missing+=(build-essential) ;;  # gcc alone lacks the C library's headers
+            pg_ctl) missing+=(postgresql) ;;  # Debian keeps it in /usr/lib/postgresql/V/bin
             *) missing+=("$pkg") ;;
         esac
 done

@@ -1,10 +1,8 @@
 """Operator actions on a stored rollout (fleet/actions.py) and one rollout per device
-(fleet/rollout.create), against a real SQLite state store; no broker: what they change in the
-database is the whole of their job (the driver reads it back)."""
+(fleet/rollout.create), against each real state store (SQLite, PostgreSQL); no broker: what
+they change in the database is the whole of their job (the driver reads it back)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -28,9 +26,9 @@ def _new(db: StateDB, rid: str, n: int = 10, **plan) -> str:
     return create(db, p, NewRollout(B, _inv(n), "tester", rid))
 
 
-def test_an_overlapping_rollout_is_refused_or_supersedes_with_replace(tmp_path: Path):
+def test_an_overlapping_rollout_is_refused_or_supersedes_with_replace(state_db: StateDB):
     """Issue 14: a second rollout of the same devices ran while the first baked."""
-    db = StateDB(tmp_path / "r.db")
+    db = state_db
     _new(db, "r-1")
     with pytest.raises(UsageError, match=r"rollout r-1 \(pending\) already targets 10 of "
                                          r"these devices .*--replace"):
@@ -49,8 +47,8 @@ def test_an_overlapping_rollout_is_refused_or_supersedes_with_replace(tmp_path: 
         create(db, p, NewRollout(B, _inv(10), "tester", "r-3"))
 
 
-def test_actions_go_through_the_transition_table_and_say_why_not(tmp_path: Path):
-    db = StateDB(tmp_path / "r.db")
+def test_actions_go_through_the_transition_table_and_say_why_not(state_db: StateDB):
+    db = state_db
     _new(db, "r-1")
     assert apply(db, "r-1", "resume", "alice") == (
         False, "rollout r-1 is pending: cannot resume it (possible: abort, pause)")
@@ -66,8 +64,8 @@ def test_actions_go_through_the_transition_table_and_say_why_not(tmp_path: Path)
     assert actions == ["start", "paused", "aborted", "rolling-back"]
 
 
-def test_retry_commands_failed_and_skipped_devices_again_under_new_ids(tmp_path: Path):
-    db = StateDB(tmp_path / "r.db")
+def test_retry_commands_failed_and_skipped_devices_again_under_new_ids(state_db: StateDB):
+    db = state_db
     rid = _new(db, "r-1")
     steps = {s.device_id: s for s in db.steps(rid)}
     stage_of = {t["device_id"]: t["stage"] for t in db.targets(rid)}
@@ -94,8 +92,8 @@ def test_retry_commands_failed_and_skipped_devices_again_under_new_ids(tmp_path:
 
 
 def test_resume_at_the_final_check_accepts_devices_left_behind_only_when_asked(
-        tmp_path: Path):
-    db = StateDB(tmp_path / "r.db")
+        state_db: StateDB):
+    db = state_db
     rid = _new(db, "r-1")
     with db.tx() as c:
         db.update(rid, c, state="paused", stage=3, phase="finish",
@@ -109,8 +107,8 @@ def test_resume_at_the_final_check_accepts_devices_left_behind_only_when_asked(
     assert db.audit_log(rid)[-1]["detail"]["accepted_left_behind"] is True
 
 
-def test_promote_ends_a_bake_and_full_merges_the_remaining_waves(tmp_path: Path):
-    db = StateDB(tmp_path / "r.db")
+def test_promote_ends_a_bake_and_full_merges_the_remaining_waves(state_db: StateDB):
+    db = state_db
     rid = _new(db, "r-1")
     with db.tx() as c:
         db.update(rid, c, state="running", stage=1, phase="bake")
