@@ -191,6 +191,9 @@ class PostgresBackend:
         except psycopg.Error as e:
             raise EdgefleetError(f"rollout database {self.where}: "
                                  f"{str(e).strip().splitlines()[0]}") from None
+        # a controller stopped (SIGSTOP, a frozen VM) inside a transaction would hold its row
+        # locks, and with them its rollouts, past their leases: the server ends that session
+        self._raw.execute("SET idle_in_transaction_session_timeout = '10s'")
         self._conn = _PgConn(self._raw)
         self._lock = threading.RLock()
 
