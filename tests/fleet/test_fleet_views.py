@@ -37,8 +37,8 @@ def test_an_offline_device_shows_health_unknown():
     assert "abababababab" in wide[1] and "0.1.0" in wide[1]
 
 
-def test_device_view_shows_the_rollouts_that_targeted_it(tmp_path: Path):
-    db = StateDB(tmp_path / "rollouts.db")
+def test_device_view_shows_the_rollouts_that_targeted_it(state_db: StateDB):
+    db = state_db  # SQLite, PostgreSQL
     for rid, digest in (("r-1", "11" * 32), ("r-2", "22" * 32)):
         db.create(id=rid, created_by="t@h", bundle_digest=digest, bundle_size=10,
                   bundle_url="http://x", model_name="m", model_version=rid[-1], sequence=1,
