@@ -393,9 +393,9 @@ def _need_controller(database: Any, what: str, once_flag: str | None) -> None:
     if database.lease()["live"]:
         return
     alt = f", or pass {once_flag} to drive it from this terminal" if once_flag else ""
-    raise EdgefleetError(f"no controller is running on {database.path}: nobody would drive "
+    raise EdgefleetError(f"no controller is running on {database.where}: nobody would drive "
                          f"this {what}",
-                         hint=f"start one: edgefleet fleet controller --db {database.path} "
+                         hint=f"start one: edgefleet fleet controller --db {database.where} "
                               f"(docs/operations.md: systemd unit, K3s Deployment){alt}")
 
 
