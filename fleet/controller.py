@@ -231,13 +231,15 @@ class Controller:
                 except LeaseLost as e:
                     self._lost(rid, e)
                     continue
-            ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"])
-            with self.db.tx() as c:
-                self.db.close_request(req["seq"], ("ok: " if ok else "refused: ") + msg, c)
+            try:
+                ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"])
+                with self.db.tx() as c:
+                    self.db.close_request(req["seq"], ("ok: " if ok else "refused: ") + msg, c)
+            finally:
+                if drv is None:
+                    self.db.release(rid, self.owner)  # `_pick_up` takes it if it needs a driver
             if drv is not None:
                 drv.reload()
-            else:
-                self.db.release(rid, self.owner)
 
     def _pick_up(self) -> None:
         active = self.db.active()
