@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fleet.state import StateDB
 from tests.broker_fixtures import Broker, FleetKeys, free_port
+from tests.deploy_helpers import http_get
 from tests.fleet.rollout_helpers import (
     FAST_FLAGS,
     REPO,
@@ -35,16 +34,6 @@ pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
 TTL_S = 3  # --lease-ttl: how long a silent controller keeps its rollouts
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
-
-
 class _Ctl:
     """One controller service process and its /healthz."""
 
@@ -58,7 +47,11 @@ class _Ctl:
             stderr=subprocess.PIPE, text=True)
 
     def health(self) -> tuple[int, str]:
-        return _get(f"http://127.0.0.1:{self.port}/healthz")
+        try:
+            code, body = http_get(f"http://127.0.0.1:{self.port}/healthz", timeout=5)
+        except OSError:  # not listening yet
+            return 0, ""
+        return code, body.decode()
 
     def stop(self) -> str:
         if self.proc.poll() is None:
