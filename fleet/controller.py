@@ -18,7 +18,8 @@ What it does, every round (`step`):
 3. pick-up: every rollout that needs driving (pending, running, rolling-back) and has no live
    driver gets one (the per-rollout lease: `owner`, `heartbeat`); a pending one waits while
    another non-final rollout holds any of its devices (one rollout per device). So after a
-   restart, or a kill -9, what was running is resumed.
+   restart, or a kill -9, what was running is resumed. Shared, a controller leaves a rollout
+   to a live peer that drives fewer (as the peers' leases say), so the rollouts spread.
 4. drive: `tick` every driver (fleet/driver.py); one that no longer needs driving releases
    its rollout; one whose write was refused (`LeaseLost`: another process took the rollout
    while this one was not heard from) is dropped without another write.
@@ -241,8 +242,17 @@ class Controller:
             if drv is not None:
                 drv.reload()
 
+    def _peer_load(self) -> int | None:
+        """Shared: the fewest rollouts a live peer drives (None: no peer)."""
+        if not self.opt.shared:
+            return None
+        peers = [len(info.get("rollouts") or ()) for owner, info in
+                 self.db.controllers(self.opt.stale_s).items() if owner != self.owner]
+        return min(peers) if peers else None
+
     def _pick_up(self) -> None:
         active = self.db.active()
+        peer_load = self._peer_load()
         busy: dict[str, str] = {}
         for r in active:
             if r.state != RolloutState.PENDING:
@@ -254,6 +264,8 @@ class Controller:
             if r.state == RolloutState.PENDING and any(
                     busy.get(d, r.id) != r.id for d in self.db.target_ids(r.id)):
                 continue  # waits for the rollout it overlaps to end (superseded, say)
+            if peer_load is not None and len(self.drivers) > peer_load:
+                continue  # a peer with fewer takes it
             if self.db.acquire(r.id, self.owner, stale_s=self.opt.stale_s) is not None:
                 continue
             self.db.audit(r.id, self.opt.actor, "driver", {"owner": self.owner,

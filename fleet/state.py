@@ -458,6 +458,13 @@ class StateDB:
                       (CONTROLLER_LEASE, owner))
             c.execute("DELETE FROM leases WHERE name=?", (f"{CONTROLLER_LEASE}/{owner}",))
 
+    def controllers(self, stale_s: float = 10.0) -> dict[str, dict[str, Any]]:
+        """owner -> info (pid, host, started, rollouts) of every live controller."""
+        return {r["owner"]: json.loads(r["info"] or "{}") for r in self._q(
+            f"SELECT owner, info, {self._now} - heartbeat AS age FROM leases "
+            "WHERE name=? OR name LIKE ?", (CONTROLLER_LEASE, CONTROLLER_LEASE + "/%"))
+            if r["owner"] and _live(r["owner"], r["age"], stale_s)}
+
     def lease(self, stale_s: float = 10.0) -> dict[str, Any]:
         """{owner, heartbeat, age_s, info, live, controllers}: the controller last heard from
         (a live one first), whether it is alive, and every live controller's owner."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EdgefleetError
+from fleet.controller import Controller, ControllerOptions
 from fleet.driver import RolloutDriver
 from fleet.inventory import Device, Inventory
 from fleet.rollout import Bundle, NewRollout, Plan, create
@@ -25,18 +26,22 @@ B = Bundle("ab" * 32, 10, "http://x/sha256/ab", 2, "m", "2")
 
 
 def _rollout(db: StateDB, rid: str = "r-1", n: int = 4) -> str:
-    inv = Inventory(Device.from_state({"device_id": f"box-{i}", "online": True,
+    inv = Inventory(Device.from_state({"device_id": f"{rid}-box-{i}", "online": True,
                                        "health": {"status": "ok"}}) for i in range(n))
     return create(db, Plan(canary="1", waves=(100,), shadow=False),
                   NewRollout(B, inv, "tester", rid))
 
 
 class _Ctl:
-    """The driver's view of the broker, unused here: only its writes are under test."""
+    """The driver's view of the broker, never connected here: only the drivers' and the
+    controllers' writes are under test."""
     connected = threading.Event()
 
     def add_listener(self, fn):
         pass
+
+    def publish(self, cmd, track=False):
+        raise AssertionError("nothing is published while disconnected")
 
     def orphan_events(self):
         return []
@@ -155,3 +160,23 @@ def test_the_device_install_and_the_fleet_modules_load_without_psycopg(tmp_path:
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.db")], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_shared_controllers_each_take_a_share_of_the_rollouts(state_target: str):
+    """Two shared controllers (in-process, each with its own connection) and two pending
+    rollouts: the first takes one and leaves the other to its idle peer."""
+    a, b = (Controller(StateDB(state_target), _Ctl(), ControllerOptions(shared=True))
+            for _ in range(2))
+    a.take_lease()
+    b.take_lease()
+    for rid in ("r-1", "r-2"):
+        _rollout(a.db, rid)
+    a.step()
+    assert list(a.drivers) == ["r-1"]
+    b.step()
+    assert list(b.drivers) == ["r-2"]
+    assert (a.db.holder("r-1"), a.db.holder("r-2")) == (a.owner, b.owner)
+    assert a.db.rollout("r-1").state == "running"
+    a.release_all()
+    b.release_all()
+    assert a.db.lease()["owner"] is None and a.db.holder("r-1") is None
