@@ -15,6 +15,7 @@ Durability is off for speed (fsync=off): these tests are about behaviour, not po
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -73,6 +74,10 @@ class Postgres:
                               check=check, timeout=120)
 
 
+class NoPostgres(RuntimeError):
+    """The binaries, or a user to run them as, are missing."""
+
+
 def _run_as() -> tuple[list[str], int | None, int | None]:
     """`runuser -u postgres --` when root (PostgreSQL will not run as root), else nothing."""
     if os.geteuid() != 0:
@@ -80,20 +85,20 @@ def _run_as() -> tuple[list[str], int | None, int | None]:
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.fail("running as root and there is no `postgres` user to run PostgreSQL as "
-                    "(the postgresql package creates it)", pytrace=False)
+        raise NoPostgres("running as root and there is no `postgres` user to run PostgreSQL "
+                         "as (the postgresql package creates it)") from None
     return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[Postgres]:
+    """initdb, start, `createdb edgefleet`; stopped and deleted on exit. Raises `NoPostgres`
+    without the binaries, RuntimeError when the server does not start. Also used by
+    bench/state_bench.py."""
     bindir = pg_bindir()
     if bindir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed (scripts/system-deps.sh installs the "
-                        "postgresql package; make test runs it)", pytrace=False)
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install "
-                    "postgresql")
+        raise NoPostgres("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install "
+                         "postgresql")
     run_as, uid, gid = _run_as()
     root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))  # short: a socket path is <108 bytes
     if uid is not None:
@@ -109,8 +114,7 @@ def postgres() -> Iterator[Postgres]:
                         "-w", "-t", "60", "start", check=False)
         if started.returncode != 0:
             text = log.read_text() if log.exists() else ""
-            pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{text[-2000:]}",
-                        pytrace=False)
+            raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{text[-2000:]}")
         pg.pg(str(bindir / "createdb"), "-h", str(root), "-p", str(PORT), "-U", "edgefleet",
               "edgefleet")
         yield pg
@@ -119,3 +123,17 @@ def postgres() -> Iterator[Postgres]:
             pg.pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop",
                   check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    try:
+        with throwaway_cluster() as pg:
+            yield pg
+    except NoPostgres as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{e} (scripts/system-deps.sh installs the postgresql package; make "
+                        "test runs it)", pytrace=False)
+        pytest.skip(str(e))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)

@@ -5,6 +5,7 @@ shared. Two `StateDB` handles on one store stand for two controller processes.""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -180,3 +181,14 @@ def test_shared_controllers_each_take_a_share_of_the_rollouts(state_target: str)
     a.release_all()
     b.release_all()
     assert a.db.lease()["owner"] is None and a.db.holder("r-1") is None
+
+
+def test_the_state_benchmark_runs(tmp_path: Path):
+    """bench/state_bench.py, tiny and on SQLite only (its figures come from real runs)."""
+    out = tmp_path / "state.json"
+    r = subprocess.run([sys.executable, "bench/state_bench.py", "--devices", "20",
+                        "--backends", "sqlite", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (fig,) = json.loads(out.read_text())["results"]
+    assert fig["devices"] == 20 and fig["tx_per_s"] > 0 and fig["snapshot_ms"] > 0
