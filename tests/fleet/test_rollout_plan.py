@@ -106,8 +106,8 @@ def test_command_ids_are_stable_and_valid():
     assert parse_amount("5%", "x") == (5.0, True) and parse_amount("10", "x") == (10.0, False)
 
 
-def test_state_db_refuses_unknown_rollouts_and_keeps_an_audit(tmp_path: Path):
-    db = StateDB(tmp_path / "r.db")
+def test_state_db_refuses_unknown_rollouts_and_keeps_an_audit(state_target: str):
+    db = StateDB(state_target)  # SQLite, PostgreSQL
     with pytest.raises(RolloutNotFound, match="no rollout 'r-x'"):
         db.rollout("r-x")
     db.create(id="r-1", created_by="alice@host", bundle_digest="ab" * 32, bundle_size=10,
@@ -121,8 +121,8 @@ def test_state_db_refuses_unknown_rollouts_and_keeps_an_audit(tmp_path: Path):
     log = db.audit_log("r-1")
     assert [(a["action"], a["actor"]) for a in log] == [("start", "alice@host")]
     assert log[0]["detail"]["bundle_digest"] == "ab" * 32
-    # a second process sees it (same file), and the lease keeps a second driver out
-    other = StateDB(tmp_path / "r.db")
+    # a second process sees it (same store), and the lease keeps a second driver out
+    other = StateDB(state_target)
     assert other.rollout("r-1").state == "pending"
     import os
     import socket
