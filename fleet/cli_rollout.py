@@ -479,12 +479,13 @@ def _finish_line(database: Any, row: Any, output: str, ok: str = "succeeded") ->
     raise EdgefleetError(f"rollout {row.id} {row.state}: {row.reason}")
 
 
-def _no_rollouts(store: Path, db: Path | None, output: str) -> Any:
+def _no_rollouts(store: Path, db: str | None, output: str) -> Any:
     """The database, or None after printing that there are no rollouts (exit 0)."""
     from fleet.state import DB_NAME
+    from fleet.state_backend import is_url
 
     path = db or Path(store) / DB_NAME
-    if Path(path).exists():
+    if is_url(path) or Path(path).exists():
         database = open_db(store, db)
         if database.latest() is not None:
             return database

@@ -21,6 +21,8 @@ from fleet.driver import RolloutDriver
 from fleet.inventory import Device, Inventory
 from fleet.rollout import Bundle, NewRollout, Plan, create
 from fleet.state import MIGRATIONS, SCHEMA_VERSION, LeaseLost, StateDB
+from tests.fleet.rollout_helpers import cli
+from tests.postgres_support import Postgres
 
 REPO = Path(__file__).resolve().parents[2]
 B = Bundle("ab" * 32, 10, "http://x/sha256/ab", 2, "m", "2")
@@ -192,3 +194,16 @@ def test_the_state_benchmark_runs(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     (fig,) = json.loads(out.read_text())["results"]
     assert fig["devices"] == 20 and fig["tx_per_s"] > 0 and fig["snapshot_ms"] > 0
+
+
+def test_the_cli_takes_a_postgresql_url_and_names_an_unreachable_one_without_its_password(
+        postgres: Postgres, tmp_path: Path):
+    url = postgres.new_store()
+    r = cli("fleet", "rollout", "list", "--db", url, "--store", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == "no rollouts", r.stderr
+    assert [m["version"] for m in StateDB(url).migrations()] == [1, 2, 3]  # created it
+    r = cli("fleet", "rollout", "list", "--db",
+            "postgresql://ops:s3cret@/edgefleet?host=/nonexistent", "--store", str(tmp_path))
+    assert r.returncode == 1 and "s3cret" not in r.stderr, r.stderr
+    assert r.stderr.startswith("edgefleet: error: rollout database "
+                               "postgresql://ops:***@/edgefleet?host=/nonexistent: "), r.stderr
