@@ -20,6 +20,8 @@ What it does, every round (`step`):
    another non-final rollout holds any of its devices (one rollout per device). So after a
    restart, or a kill -9, what was running is resumed. Shared, a controller leaves a rollout
    to a live peer that drives fewer (as the peers' leases say), so the rollouts spread.
+   Declared rollouts (`on_apply`, Git) are followed by one controller only: shared, the
+   longest-running live one.
 4. drive: `tick` every driver (fleet/driver.py); one that no longer needs driving releases
    its rollout; one whose write was refused (`LeaseLost`: another process took the rollout
    while this one was not heard from) is dropped without another write.
@@ -140,7 +142,7 @@ class Controller:
             return
         if now - self._last_scan >= self.opt.scan_s:
             self._last_scan = now
-            if self.opt.on_apply is not None:
+            if self.opt.on_apply is not None and self._leads():
                 try:
                     self.opt.on_apply(self)
                 except Exception:
@@ -241,6 +243,16 @@ class Controller:
                     self.db.release(rid, self.owner)  # `_pick_up` takes it if it needs a driver
             if drv is not None:
                 drv.reload()
+
+    def _leads(self) -> bool:
+        """Whether this controller follows declared rollouts (Git): alone, always; shared,
+        only the longest-running live controller, so one declaration makes one rollout."""
+        if not self.opt.shared:
+            return True
+        live = self.db.controllers(self.opt.stale_s)
+        if self.owner not in live:
+            return False
+        return self.owner == min(live, key=lambda o: (live[o].get("started") or 0.0, o))
 
     def _peer_load(self) -> int | None:
         """Shared: the fewest rollouts a live peer drives (None: no peer)."""

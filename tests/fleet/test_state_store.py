@@ -167,9 +167,11 @@ def test_the_device_install_and_the_fleet_modules_load_without_psycopg(tmp_path:
 
 def test_shared_controllers_each_take_a_share_of_the_rollouts(state_target: str):
     """Two shared controllers (in-process, each with its own connection) and two pending
-    rollouts: the first takes one and leaves the other to its idle peer."""
-    a, b = (Controller(StateDB(state_target), _Ctl(), ControllerOptions(shared=True))
-            for _ in range(2))
+    rollouts: the first takes one and leaves the other to its idle peer. Only the first
+    follows declared rollouts (Git), so a declaration is not applied twice."""
+    applied: list[str] = []
+    a, b = (Controller(StateDB(state_target), _Ctl(), ControllerOptions(
+        shared=True, on_apply=lambda c: applied.append(c.owner))) for _ in range(2))
     a.take_lease()
     b.take_lease()
     for rid in ("r-1", "r-2"):
@@ -178,6 +180,8 @@ def test_shared_controllers_each_take_a_share_of_the_rollouts(state_target: str)
     assert list(a.drivers) == ["r-1"]
     b.step()
     assert list(b.drivers) == ["r-2"]
+    first = min((a, b), key=lambda c: (c.started, c.owner))  # the longest-running
+    assert applied == [first.owner]  # declared rollouts: followed by one controller only
     assert (a.db.holder("r-1"), a.db.holder("r-2")) == (a.owner, b.owner)
     assert a.db.rollout("r-1").state == "running"
     a.release_all()
