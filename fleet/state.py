@@ -49,6 +49,7 @@ a killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -522,7 +523,7 @@ class StateDB:
         return out
 
     def steps(self, rid: str) -> list[StepRow]:
-        return [StepRow(**dict(r)) for r in
+        return [StepRow(**_known(StepRow, dict(r))) for r in
                 self._q("SELECT * FROM steps WHERE rollout_id=? ORDER BY device_id, step",
                         (rid,))]
 
@@ -598,13 +599,20 @@ def _not_zombie(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _known(cls: type, row: dict[str, Any]) -> dict[str, Any]:
+    """The columns `cls` has: a column a later migration adds does not break this version
+    while it still runs on the migrated store."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in row.items() if k in names}
+
+
 def _rollout(r: Any) -> RolloutRow:
     d = dict(r)
     d["plan"] = json.loads(d["plan"])
-    return RolloutRow(**d)
+    return RolloutRow(**_known(RolloutRow, d))
 
 
 def _stage(r: Any) -> StageRow:
     d = dict(r)
     d["verdict"] = json.loads(d["verdict"]) if d["verdict"] else None
-    return StageRow(**d)
+    return StageRow(**_known(StageRow, d))

@@ -91,6 +91,16 @@ def test_a_version_2_file_from_before_the_version_table_is_migrated_keeping_its_
     assert db._q("SELECT value FROM meta WHERE key='schema'")[0][0] == str(SCHEMA_VERSION)
 
 
+def test_columns_a_later_migration_adds_do_not_break_a_running_controller(
+        state_db: StateDB):
+    rid = _rollout(state_db)
+    with state_db.tx() as c:
+        for table in ("rollouts", "stages", "steps"):
+            c.execute(f"ALTER TABLE {table} ADD COLUMN future TEXT")
+    assert state_db.rollout(rid).state == "pending"
+    assert len(state_db.steps(rid)) == 4 and state_db.stages(rid)[0].name == "canary"
+
+
 def test_a_driver_that_lost_its_lease_writes_nothing_more(state_target: str):
     """Two controllers: A drives r-1, stalls (SIGSTOP, a long pause) past its lease; B takes
     it over; A resumes and tries to record a step and an audit record: refused, unchanged."""
