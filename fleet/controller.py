@@ -48,6 +48,7 @@ from fleet import actions
 from fleet.driver import DriverOptions, RolloutDriver
 from fleet.machine import DRIVEN, RolloutState
 from fleet.state import LeaseLost, StateDB
+from fleet.state_backend import StoreUnavailable
 from fleet.transport import FleetController
 
 __all__ = ["Controller", "ControllerOptions", "new_owner"]
@@ -86,6 +87,7 @@ class Controller:
         self.last_round = 0.0
         self._last_beat = self._last_scan = 0.0
         self.lost_lease: str | None = None
+        self.store_error: str | None = None  # the database server is unreachable
         self.wake = threading.Event()
         ctl.add_listener(lambda *_: self.wake.set())
 
@@ -134,6 +136,24 @@ class Controller:
     # -- one round --------------------------------------------------------------------
 
     def step(self) -> None:
+        """One round. A database server that cannot be reached (PostgreSQL restarting, the
+        network) costs the round, not the process: every driver is dropped (what it had not
+        written is redone from the store, command ids unchanged) and the next round connects
+        again and picks the rollouts up, unless another controller took them meanwhile."""
+        try:
+            self._round()
+        except StoreUnavailable as e:
+            if self.store_error is None:
+                _LOG.error("%s: retrying every round", e)
+            self.store_error = str(e)
+            self.drivers.clear()
+            self._last_scan = 0.0
+            return
+        if self.store_error is not None:
+            _LOG.warning("state store reachable again")
+            self.store_error = None
+
+    def _round(self) -> None:
         now = self.clock()
         if now - self._last_beat >= self.opt.heartbeat_s:
             self._last_beat = now
@@ -295,6 +315,8 @@ class Controller:
     def healthy(self, max_age_s: float = 5.0) -> tuple[bool, str]:
         if self.lost_lease:
             return False, f"lease lost to {self.lost_lease}"
+        if self.store_error:
+            return False, f"state store unreachable: {self.store_error}"
         if not self.ctl.connected.is_set():
             return False, "not connected to the MQTT broker"
         age = self.clock() - self.last_round

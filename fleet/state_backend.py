@@ -34,7 +34,8 @@ from typing import Any, Protocol
 
 from agent.errors import EdgefleetError, UsageError
 
-__all__ = ["Backend", "PostgresBackend", "SqliteBackend", "is_url", "open_backend"]
+__all__ = ["Backend", "PostgresBackend", "SqliteBackend", "StoreUnavailable", "is_url",
+           "open_backend"]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -53,6 +54,11 @@ class Backend(Protocol):
     def ddl(self, statement: str) -> str: ...
     def serialize(self, c: Any) -> None: ...
     def close(self) -> None: ...
+
+
+class StoreUnavailable(EdgefleetError):
+    """The database server cannot be reached (the connection dropped, the server restarts):
+    what was being written was not; the next call connects again."""
 
 
 def is_url(target: str | Path) -> bool:
@@ -183,19 +189,42 @@ class PostgresBackend:
         except ImportError:
             raise UsageError("a PostgreSQL state store needs psycopg",
                              hint="pip install 'edgefleet[controller]'") from None
-        self.where = redact(url)
-        try:
-            self._raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory,
-                                        cursor_factory=psycopg.ClientCursor,
-                                        application_name="edgefleet", connect_timeout=10)
-        except psycopg.Error as e:
-            raise EdgefleetError(f"rollout database {self.where}: "
-                                 f"{str(e).strip().splitlines()[0]}") from None
-        # a controller stopped (SIGSTOP, a frozen VM) inside a transaction would hold its row
-        # locks, and with them its rollouts, past their leases: the server ends that session
-        self._raw.execute("SET idle_in_transaction_session_timeout = '10s'")
-        self._conn = _PgConn(self._raw)
+        self._psycopg, self._url, self.where = psycopg, url, redact(url)
         self._lock = threading.RLock()
+        try:
+            self._connect()
+        except StoreUnavailable as e:
+            raise EdgefleetError(str(e)) from None
+
+    def _connect(self) -> None:
+        pg = self._psycopg
+        try:
+            self._raw = pg.connect(self._url, autocommit=True, row_factory=_row_factory,
+                                   cursor_factory=pg.ClientCursor,
+                                   application_name="edgefleet", connect_timeout=10)
+            # a controller stopped (SIGSTOP, a frozen VM) inside a transaction would hold its
+            # row locks, and with them its rollouts, past their leases: the server ends that
+            # session
+            self._raw.execute("SET idle_in_transaction_session_timeout = '10s'")
+        except pg.OperationalError as e:
+            raise self._unavailable(e) from None
+        self._conn = _PgConn(self._raw)
+
+    def _unavailable(self, e: Exception) -> StoreUnavailable:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return StoreUnavailable(f"rollout database {self.where}: {first}")
+
+    @contextlib.contextmanager
+    def _live(self) -> Iterator[None]:
+        """Under the lock, on a connection that is up (made again after it dropped); a
+        dropped connection in the middle is `StoreUnavailable`."""
+        with self._lock:
+            if self._raw.closed:
+                self._connect()
+            try:
+                yield
+            except self._psycopg.OperationalError as e:
+                raise self._unavailable(e) from None
 
     def close(self) -> None:
         with self._lock:
@@ -203,11 +232,11 @@ class PostgresBackend:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[_PgConn]:
-        with self._lock, self._raw.transaction():
+        with self._live(), self._raw.transaction():
             yield self._conn
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        with self._lock:
+        with self._live():
             return self._conn.execute(sql, args).fetchall()
 
     def ddl(self, statement: str) -> str:

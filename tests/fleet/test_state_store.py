@@ -221,3 +221,26 @@ def test_the_cli_takes_a_postgresql_url_and_names_an_unreachable_one_without_its
     assert r.returncode == 1 and "s3cret" not in r.stderr, r.stderr
     assert r.stderr.startswith("edgefleet: error: rollout database "
                                "postgresql://ops:***@/edgefleet?host=/nonexistent: "), r.stderr
+
+
+def test_a_controller_outlives_a_dropped_database_connection(postgres: Postgres):
+    """The server ends the controller's session (as a PostgreSQL restart or a network cut
+    would): that round is lost and /healthz says why; the next connects again and the
+    controller drives its rollout on, under the same lease."""
+    url = postgres.new_store()
+    ctl = Controller(StateDB(url), _Ctl(), ControllerOptions(shared=True))
+    ctl.take_lease()
+    _rollout(ctl.db)
+    ctl.step()
+    assert list(ctl.drivers) == ["r-1"]
+    epoch = ctl.db.rollout("r-1").epoch
+    (pid,) = ctl.db._q("SELECT pg_backend_pid()")[0].values()
+    admin = StateDB(url)
+    admin._q("SELECT pg_terminate_backend(?)", (pid,))
+    ctl._last_scan = 0.0  # a round that reads the store
+    ctl.step()
+    assert ctl.drivers == {} and ctl.healthy()[1].startswith(
+        "state store unreachable: rollout database postgresql://")
+    ctl.step()
+    assert list(ctl.drivers) == ["r-1"] and ctl.store_error is None
+    assert admin.rollout("r-1").epoch == epoch and admin.holder("r-1") == ctl.owner
