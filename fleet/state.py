@@ -40,7 +40,8 @@ on the same host, the owner's pid is gone). Every take increments `epoch`, and e
 driver checks, inside its transaction and with the row locked, that owner and epoch are still
 its own (`fence`): a controller that was paused (SIGSTOP, a VM migration, a long GC) past its
 lease and then resumes finds its rollout taken and writes nothing more. Heartbeats and ages
-come from the database's clock (`clock_timestamp()` on PostgreSQL), never from a controller host's.
+come from the database's clock (`clock_timestamp()` on PostgreSQL), never from a controller
+host's.
 
 SQLite journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only
 a killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
