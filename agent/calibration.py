@@ -21,6 +21,9 @@ the calibration may move the threshold only as far as would have given [0.25x, 4
 target on the build's own passes. A guard stops learning when the tester's recent share of
 dies above its threshold (an EWMA over `guard_span` dies) exceeds `guard` times what the build
 saw (`expected_flagged`): a mostly bad lot must not teach the calibration that bad is normal.
+The guard needs a few dozen dies to trip, and a tail quantile moves with a handful of high
+scores, so a score waits in a quarantine of `delay` dies before it enters the ring; when the
+guard trips, the quarantine is dropped (a bad lot's first dies are never learnt).
 
 States of a context (one transition table, `_NEXT`):
 
@@ -48,7 +51,7 @@ import json
 import logging
 import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -87,7 +90,8 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class CalibrationParams:
-    """The manifest's `calibration` block (the build computes it: optimize/calibrate.py)."""
+    """The manifest's `decision.calibration` block (the build computes it:
+    optimize/calibrate.py)."""
 
     threshold: float  # t0, the bundle's fixed threshold
     level: float  # quantile of the ring that corresponds to t0
@@ -102,6 +106,7 @@ class CalibrationParams:
     guard: float = 3.0
     guard_release: float = 1.5
     guard_span: int = 200
+    delay: int = 16
     max_contexts: int = 64
 
     def __post_init__(self) -> None:
@@ -114,10 +119,10 @@ class CalibrationParams:
         if not self.low <= self.threshold <= self.high or self.cap <= self.low:
             raise CalibrationError("calibration: expected low <= threshold <= high < cap")
         ints = (self.window, self.prior, self.every, self.min_samples, self.guard_span,
-                self.max_contexts)
+                self.delay, self.max_contexts)
         if not all(isinstance(v, int) and 1 <= v <= 1_000_000 for v in ints):
             raise CalibrationError("calibration: window, prior, every, min_samples, guard_span, "
-                                   "max_contexts must be integers in 1..1000000")
+                                   "delay, max_contexts must be integers in 1..1000000")
         if not 1 < self.guard_release <= self.guard:
             raise CalibrationError("calibration: expected 1 < guard_release <= guard")
 
@@ -147,11 +152,12 @@ def _f32(v: float) -> float:
 class ContextState:
     """One tester's calibration. Not thread-safe: `Calibration` holds the lock."""
 
-    __slots__ = ("flagged", "n", "p", "pos", "ring", "since", "state", "threshold")
+    __slots__ = ("flagged", "n", "p", "pending", "pos", "ring", "since", "state", "threshold")
 
     def __init__(self, p: CalibrationParams) -> None:
         self.p = p
         self.ring = np.zeros(p.window, dtype=np.float32)
+        self.pending: deque[float] = deque()  # the quarantine: scores not yet learnt
         self.n = 0  # values in the ring
         self.pos = 0  # next write
         self.since = 0  # values learnt since the last recompute
@@ -172,8 +178,16 @@ class ContextState:
             self._go("trip")
         elif self.state is State.FROZEN and self.flagged < p.guard_release * p.expected_flagged:
             self._go("clear")
-        if self.state is State.FROZEN or not score < p.cap:  # NaN is not learnt either
+        if self.state is State.FROZEN:
+            self.pending.clear()
             return
+        if score < p.cap:  # NaN is not learnt either
+            self.pending.append(score)
+            if len(self.pending) > p.delay:
+                self._learn(self.pending.popleft())
+
+    def _learn(self, score: float) -> None:
+        p = self.p
         self.ring[self.pos] = score
         self.pos = (self.pos + 1) % p.window
         self.n = min(self.n + 1, p.window)
@@ -198,6 +212,7 @@ class ContextState:
         # oldest first: a full ring starts at the next write
         ring = self.ring[: self.n] if self.n < self.p.window else np.roll(self.ring, -self.pos)
         return {"ring": base64.b64encode(ring.astype("<f4").tobytes()).decode("ascii"),
+                "pending": list(self.pending),
                 "since": self.since, "flagged": self.flagged, "threshold": self.threshold,
                 "state": self.state.value}
 
@@ -208,6 +223,7 @@ class ContextState:
         c.n = len(ring)
         c.ring[: c.n] = ring
         c.pos = c.n % p.window
+        c.pending = deque(float(v) for v in obj["pending"][-p.delay:])
         c.since = min(int(obj["since"]), p.every - 1)
         c.flagged = float(obj["flagged"])
         thr = float(obj["threshold"])
@@ -359,7 +375,7 @@ class CalibrationHub:
     def for_manifest(self, manifest: Any) -> Calibration | None:
         if manifest is None or not self.enabled:
             return None
-        block = manifest.raw.get("calibration")
+        block = (manifest.raw.get("decision") or {}).get("calibration")
         try:
             params = CalibrationParams.from_manifest(block, float(np.float32(manifest.threshold)))
         except CalibrationError as e:
