@@ -263,3 +263,32 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
         wait_for(lambda: c.predict_json(quiet[0], tester="T7")["model_sequence"] == 2,
                  what="the new model answering")
         assert c.predict_json(quiet[0], tester="T7")["threshold"] == pytest.approx(t1, rel=1e-6)
+
+
+# -- the floor generator: the band, with the build's own replay of the device algorithm
+
+
+def test_calibration_brings_every_lot_and_tester_into_the_band_on_a_small_floor() -> None:
+    """Floor seed 1 (12,000 dies x 64 parameters, scored by the T2-on-PCA baseline, which
+    fits in seconds): with the fixed threshold one of the two counted lots is outside
+    [0.5x, 2x] of the 1% target; replaying the device's per-tester calibration on the test
+    part in time order puts every counted lot and tester inside it, and multivariate-subtle
+    recall stays within 0.05 of the fixed threshold's."""
+    from optimize.baselines import fit_baselines
+    from optimize.calibrate import CalibrateConfig, calibration_figures, calibration_params
+    from optimize.floor import FloorConfig, generate_floor
+    from optimize.split import split_dataset
+
+    split = split_dataset(generate_floor(FloorConfig(n_dies=12_000, n_params=64, seed=1)))
+    score = fit_baselines(split.train.x, has_lots=False)["pca_t2"]
+    val, test = score(split.val.x, None), score(split.test.x, None)
+    threshold = float(np.quantile(val[split.val.passes], 0.99))
+    params = calibration_params(CalibrateConfig(), val, split.val.passes, threshold)
+    assert params is not None
+    fig = calibration_figures(params, test, split.test.passes, split.test.defect,
+                              split.test.groups, 0.01)
+    off, on = fig["off"]["breakdown"], fig["on"]["breakdown"]
+    assert off["lot"]["in_band"] < 1.0
+    assert on["lot"]["in_band"] == on["tester"]["in_band"] == 1.0
+    assert on["lot"]["counted"] == 2 and on["tester"]["counted"] == 4
+    assert fig["on"]["recall"]["subtle_multi"] >= fig["off"]["recall"]["subtle_multi"] - 0.05
