@@ -6,7 +6,8 @@ every method the build compares (the shipped model and its baselines: static PAT
 per lot, Hotelling T2 on PCA, IsolationForest, logistic regression on the labels):
 ROC AUC with its bootstrap 95% interval, test false-fail with its interval, recall per defect
 class at the validation-set threshold (with interval) and at equal test false-fail, and the
-shipped model's false-fail per lot and per tester against the [0.5x, 2x] band, with the
+shipped model's false-fail per lot and per tester against the [0.5x, 2x] band (also among
+the groups large enough to judge it, optimize/breakdown.py's `powered`), with the
 device's per-tester calibration (agent/calibration.py, replayed by the build on the test part)
 off (the bundle's fixed threshold) and on (what the agent does by default), and
 multivariate-subtle recall on vs off.
@@ -84,8 +85,11 @@ def _print_groups(report: dict[str, Any]) -> None:
             cells = ", ".join(f"{n} {v['ffr']:.2%} [{v['ci'][0]:.2%}, {v['ci'][1]:.2%}]"
                               for n, v in g["groups"].items())
             share = "-" if g["in_band"] is None else f"{g['in_band']:.0%}"
-            print(f"  false-fail per {kind}, {mode} ({share} of {g['counted']} in band): "
-                  f"{cells}")
+            pw = g.get("powered") or {}
+            powered = ("" if not pw.get("min_passes") else
+                       f"; {_share(pw)} of {pw['counted']} with >= {pw['min_passes']} passes")
+            print(f"  false-fail per {kind}, {mode} ({share} of {g['counted']} in band"
+                  f"{powered}): {cells}")
     if cal:
         on, off = cal["on"], cal["off"]
         recall = ", ".join(f"{c} {on['recall'][c]:.3f} (off {off['recall'][c]:.3f})"
@@ -97,6 +101,10 @@ def _print_groups(report: dict[str, Any]) -> None:
             print(f"  warm-up: FFR on each tester's first {w['dies_per_tester']} dies "
                   f"{_pct(w['on']['first_dies'])} (off {_pct(w['off']['first_dies'])}), later "
                   f"{_pct(w['on']['later_dies'])} (off {_pct(w['off']['later_dies'])})")
+
+
+def _share(g: dict[str, Any]) -> str:
+    return "-" if g.get("in_band") is None else f"{g['in_band']:.0%}"
 
 
 def _pct(v: float | None) -> str:
