@@ -53,7 +53,7 @@ import math
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -133,16 +133,45 @@ class CalibrationParams:
             return None
         if not isinstance(block, dict):
             raise CalibrationError("calibration: expected an object")
-        known = set(cls.__dataclass_fields__) - {"threshold"}
-        try:
-            return cls(threshold=threshold, **{k: v for k, v in block.items() if k in known})
+        known = set(cls.__dataclass_fields__)
+        try:  # the block's own threshold when it has one (complete dies), else the bundle's
+            return cls(**{"threshold": threshold,
+                          **{k: v for k, v in block.items() if k in known}})
         except TypeError as e:
             raise CalibrationError(f"calibration: {e}") from None
+
+    def imputed_from_manifest(self, block: dict[str, Any]) -> CalibrationParams | None:
+        """The stratum of dies with imputed values, from the block's `imputed` object (its own
+        threshold, level, cap, low, high, expected_flagged; the rest as for complete dies)."""
+        sub = block.get("imputed")
+        if sub is None:
+            return None
+        if not isinstance(sub, dict) or set(sub) - set(_STRATUM_FIELDS):
+            raise CalibrationError(f"calibration.imputed: expected an object with "
+                                   f"{', '.join(_STRATUM_FIELDS)}")
+        try:
+            return replace(self, **sub)
+        except TypeError as e:
+            raise CalibrationError(f"calibration.imputed: {e}") from None
 
     def to_manifest(self) -> dict[str, Any]:
         out = asdict(self)
         del out["threshold"]  # the manifest's decision.threshold
         return {"method": "tester_quantile", **out}
+
+
+# What differs between the strata of complete dies and dies with imputed values.
+_STRATUM_FIELDS = ("threshold", "level", "cap", "low", "high", "expected_flagged")
+
+
+def manifest_block(base: CalibrationParams, imputed: CalibrationParams | None) -> dict[str, Any]:
+    """`decision.calibration`: the parameters, and with strata, the complete dies' own
+    threshold and the imputed stratum's numbers."""
+    out = base.to_manifest()
+    if imputed is not None:
+        out["threshold"] = base.threshold
+        out["imputed"] = {k: getattr(imputed, k) for k in _STRATUM_FIELDS}
+    return out
 
 
 def _f32(v: float) -> float:
@@ -247,21 +276,34 @@ def tester_key(value: Any) -> str:
                      "non-negative integer")
 
 
-class Calibration:
-    """The per-tester contexts of one model: thread-safe, bounded (LRU), persistable."""
+IMPUTED_SUFFIX = "\x00imputed"  # context key of a tester's dies with imputed values
 
-    def __init__(self, params: CalibrationParams, identity: str) -> None:
+
+class Calibration:
+    """The per-tester contexts of one model: thread-safe, bounded (LRU), persistable. With
+    `imputed` params, a tester's dies with imputed values have a context of their own."""
+
+    def __init__(self, params: CalibrationParams, identity: str,
+                 imputed: CalibrationParams | None = None) -> None:
         self.params = params
+        self.imputed = imputed
         self.identity = identity  # the model it belongs to (version, sequence, threshold)
         self._ctx: OrderedDict[str, ContextState] = OrderedDict()
         self._lock = threading.Lock()
         self.evictions = 0
         self.dirty = False
 
-    def _get(self, key: str) -> ContextState:
+    def _params_of(self, key: str) -> CalibrationParams:
+        if key.endswith(IMPUTED_SUFFIX) and self.imputed is not None:
+            return self.imputed
+        return self.params
+
+    def _get(self, key: str, imputed: bool) -> ContextState:
+        if imputed and self.imputed is not None:
+            key += IMPUTED_SUFFIX
         c = self._ctx.get(key)
         if c is None:
-            c = self._ctx[key] = ContextState(self.params)
+            c = self._ctx[key] = ContextState(self._params_of(key))
             if len(self._ctx) > self.params.max_contexts:
                 self._ctx.popitem(last=False)
                 self.evictions += 1
@@ -269,21 +311,22 @@ class Calibration:
             self._ctx.move_to_end(key)
         return c
 
-    def judge(self, key: str, score: float) -> float:
-        """The threshold this die is judged against; then learn from its score."""
+    def judge(self, key: str, score: float, imputed: bool = False) -> float:
+        """The threshold this die is judged against; then learn from its score. `imputed`:
+        the die had missing values (the model imputed them)."""
         with self._lock:
-            c = self._get(key)
+            c = self._get(key, imputed)
             thr = c.threshold
             c.observe(score)
             self.dirty = True
         return thr
 
     def judge_batch(self, key: str, scores: np.ndarray) -> float:
-        """One threshold for a batch (the one in force when it arrived), then learn from each
-        score in order. Die-by-die requests and a batch give the same decisions when the
-        batch is shorter than `every`."""
+        """One threshold for a batch of complete dies (the one in force when it arrived), then
+        learn from each score in order. Die-by-die requests and a batch give the same
+        decisions when the batch is shorter than `every`."""
         with self._lock:
-            c = self._get(key)
+            c = self._get(key, False)
             thr = c.threshold
             for s in scores.tolist():
                 c.observe(s)
@@ -312,7 +355,7 @@ class Calibration:
             if obj.get("format") != STATE_FORMAT or obj.get("model") != self.identity:
                 raise CalibrationError(f"state belongs to {obj.get('model')!r}, not "
                                        f"{self.identity!r}")
-            loaded = [(str(k), ContextState.from_json(self.params, v))
+            loaded = [(str(k), ContextState.from_json(self._params_of(str(k)), v))
                       for k, v in list(obj["contexts"].items())[-self.params.max_contexts:]]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CalibrationError(f"state: {e}") from None
@@ -321,15 +364,18 @@ class Calibration:
         return len(loaded)
 
 
-def simulate(params: CalibrationParams, scores: np.ndarray, testers: Iterable[Any]
-             ) -> np.ndarray:
+def simulate(params: CalibrationParams, scores: np.ndarray, testers: Iterable[Any],
+             imputed_params: CalibrationParams | None = None,
+             imputed: np.ndarray | None = None) -> np.ndarray:
     """The device's thresholds for dies scored one by one in this order (time order), each
-    from its tester's context: what `Calibration.judge` would answer. (rows,) float64."""
-    cal = Calibration(params, "simulation")
+    from its tester's context (and stratum: `imputed[i]`, the die had missing values): what
+    `Calibration.judge` would answer. (rows,) float64."""
+    cal = Calibration(params, "simulation", imputed_params)
+    flags = (np.zeros(len(scores), bool) if imputed is None else np.asarray(imputed, bool))
     out = np.empty(len(scores))
-    for i, (s, t) in enumerate(zip(np.asarray(scores, np.float32).tolist(), testers,
-                                   strict=True)):
-        out[i] = cal.judge(tester_key(None if t is None else str(t)), s)
+    for i, (s, t, m) in enumerate(zip(np.asarray(scores, np.float32).tolist(), testers,
+                                      flags.tolist(), strict=True)):
+        out[i] = cal.judge(tester_key(None if t is None else str(t)), s, m)
     return out
 
 
@@ -358,6 +404,28 @@ def params_from_validation(val_scores: np.ndarray, val_passes: np.ndarray, thres
         return None
 
 
+def strata_from_validation(val_scores: np.ndarray, val_passes: np.ndarray,
+                           val_imputed: np.ndarray, threshold: float, target_ffr: float
+                           ) -> tuple[CalibrationParams, CalibrationParams | None] | None:
+    """Complete dies and dies with imputed values as two strata, each with its own fixed
+    threshold (the validation passes' `1 - target` quantile in that stratum) and bounds, when
+    both have enough passes; else one stratum at `threshold` (None: too few passes at all).
+    Dies with imputed values score higher and come in bursts (docs/model.md)."""
+    s, passes = np.asarray(val_scores, np.float64), np.asarray(val_passes, bool)
+    imp = np.asarray(val_imputed, bool)
+    strata = []
+    for rows in (~imp, imp):
+        sp = s[rows & passes & np.isfinite(s)]
+        if len(sp) < max(200, int(4 / target_ffr)):
+            break
+        t = float(np.quantile(sp, 1 - target_ffr))
+        strata.append(params_from_validation(s[rows], passes[rows], t, target_ffr))
+    if len(strata) == 2 and None not in strata:
+        return strata[0], strata[1]
+    single = params_from_validation(s, passes, threshold, target_ffr)
+    return None if single is None else (single, None)
+
+
 class CalibrationHub:
     """The agent's calibrations: one per model identity, persisted in `state_dir` (None: in
     memory only). `for_manifest` returns the same object while the model stays, so entering
@@ -378,18 +446,20 @@ class CalibrationHub:
         block = (manifest.raw.get("decision") or {}).get("calibration")
         try:
             params = CalibrationParams.from_manifest(block, float(np.float32(manifest.threshold)))
+            imputed = params.imputed_from_manifest(block) if params is not None else None
         except CalibrationError as e:
             log.warning("model %s: calibration off: %s", manifest.version, e)
             return None
         if params is None:
             return None
-        identity = f"{manifest.name} {manifest.version} #{manifest.sequence} {params.threshold!r}"
+        identity = (f"{manifest.name} {manifest.version} #{manifest.sequence} "
+                    f"{params.threshold!r} {imputed.threshold if imputed else None!r}")
         with self._lock:
             if self.current is not None and self.current.identity == identity:
                 return self.current
             if self.current is not None:
                 self._save(self.current)
-            cal = Calibration(params, identity)
+            cal = Calibration(params, identity, imputed)
             self._load(cal)
             self.current = cal
         return cal

@@ -237,7 +237,7 @@ class Predictor:
                     if health.failing:
                         health.succeeded()
                     cal = self.calibration
-                    thr = self.threshold if cal is None else cal.judge(tester, s)
+                    thr = self.threshold if cal is None else cal.judge(tester, s, imputed > 0)
                     if s > thr:
                         top_i, top_c = out[1][0].tolist(), out[2][0].tolist()
                         return ((die_id, _FAIL, _MODEL, 0, imputed, -1, s, thr,
@@ -353,11 +353,15 @@ class Predictor:
                 cal = self.calibration
                 if cal is None:
                     thr = self.threshold
-                elif isinstance(tester, str):
+                elif isinstance(tester, str) and (cal.imputed is None
+                                                  or not rec["imputed"][g].any()):
                     thr = cal.judge_batch(tester, sg)
-                else:  # rows of several testers, judged one by one in order
-                    thr = np.array([cal.judge(tester[i], v) for i, v in
-                                    zip(g.tolist(), sg.tolist(), strict=True)], np.float32)
+                else:  # several testers, or dies with imputed values: one by one, in order
+                    keys = [tester] * rows if isinstance(tester, str) else tester
+                    imp = rec["imputed"][g] > 0
+                    thr = np.array([cal.judge(keys[i], v, m) for i, v, m in
+                                    zip(g.tolist(), sg.tolist(), imp.tolist(), strict=True)],
+                                   np.float32)
                 fail = sg > thr
                 rec["decision"][g] = np.where(fail, Decision.FAIL, Decision.PASS)
                 rec["source"][g] = Source.MODEL

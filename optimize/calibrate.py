@@ -58,7 +58,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.calibration import CalibrationParams, params_from_validation, simulate
+from agent.calibration import (
+    CalibrationParams,
+    manifest_block,
+    simulate,
+    strata_from_validation,
+)
 from agent.drift import drift_reference
 from optimize.breakdown import ffr_by_group
 from optimize.data import ParamSpec
@@ -231,26 +236,34 @@ def rule_violations(rules: Sequence[dict[str, Any]], x: np.ndarray) -> np.ndarra
         return ((x < low) | (x > high)).sum(axis=1)
 
 
+Strata = tuple[CalibrationParams, CalibrationParams | None]  # complete dies, imputed ones
+
+
 def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes: np.ndarray,
-                       threshold: float) -> CalibrationParams | None:
-    """The bundle's `decision.calibration`, or None (configured off, or too few passes)."""
+                       val_x: np.ndarray, threshold: float) -> Strata | None:
+    """The parameters of the bundle's `decision.calibration` (`agent.calibration
+    .manifest_block`), or None (configured off, or too few passes)."""
     if not cfg.per_tester:
         return None
-    return params_from_validation(val_scores, val_passes, threshold, cfg.target_ffr)
+    return strata_from_validation(val_scores, val_passes, np.isnan(val_x).any(axis=1),
+                                  threshold, cfg.target_ffr)
 
 
-def calibration_figures(params: CalibrationParams, scores: np.ndarray, passes: np.ndarray,
+def calibration_figures(strata: Strata, scores: np.ndarray, x: np.ndarray, passes: np.ndarray,
                         defect: np.ndarray | None, groups: dict[str, np.ndarray],
-                        target: float) -> dict[str, Any]:
-    """Calibration on vs off on the test part (time order, the device's algorithm from an
-    empty state): false-fail overall and per lot / wafer / tester, recall per defect class,
-    and the warm-up cost (false-fail on each tester's first `prior` passes vs the rest)."""
+                        threshold: float, target: float) -> dict[str, Any]:
+    """Calibration on vs off (the fixed `threshold`) on the test part (`x`, its `scores`; time
+    order, the device's algorithm from an empty state): false-fail overall and per lot /
+    wafer / tester, recall per defect class, and the warm-up cost (false-fail on each
+    tester's first `prior` passes vs the rest)."""
+    params, imputed = strata
     n = len(scores)
     testers = groups.get("tester")
-    thr_on = simulate(params, scores, testers if testers is not None else [None] * n)
-    flagged = {"off": np.asarray(scores, np.float32) > np.float32(params.threshold),
+    thr_on = simulate(params, scores, testers if testers is not None else [None] * n,
+                      imputed, np.isnan(x).any(axis=1))
+    flagged = {"off": np.asarray(scores, np.float32) > np.float32(threshold),
                "on": np.asarray(scores, np.float32) > thr_on}
-    out: dict[str, Any] = {"params": params.to_manifest(), "threshold_range":
+    out: dict[str, Any] = {"params": manifest_block(params, imputed), "threshold_range":
                            [float(thr_on.min()), float(thr_on.max())] if n else None}
     for mode, f in flagged.items():
         fig: dict[str, Any] = {"test_ffr": float(f[passes].mean()) if passes.any() else None}

@@ -23,6 +23,7 @@ from agent.calibration import (
     CalibrationParams,
     ContextState,
     State,
+    manifest_block,
     params_from_validation,
     simulate,
 )
@@ -152,6 +153,30 @@ def test_bad_tester_values_are_refused(value) -> None:
         key_of(value)
 
 
+def test_dies_with_imputed_values_have_their_own_context_and_threshold() -> None:
+    """With an imputed stratum, a tester's dies with missing values start from that
+    stratum's threshold and learn apart; the manifest block carries both and reads back."""
+    base, imp = _params(), _params(threshold=1.2, low=1.0, high=1.5, cap=4.0)
+    block = manifest_block(base, imp)
+    back = CalibrationParams.from_manifest(block, 9.9)  # the block's threshold wins
+    assert back == base and back.imputed_from_manifest(block) == imp
+    assert CalibrationParams.from_manifest(base.to_manifest(), 1.0).imputed_from_manifest(
+        base.to_manifest()) is None
+    cal = Calibration(base, "m", imp)
+    assert cal.judge("T1", 0.5, True) == np.float32(1.2)
+    assert cal.judge("T1", 0.5, False) == np.float32(1.0)
+    assert len(cal.snapshot()) == 2
+    scores = np.random.default_rng(4).normal(0.9, 0.2, 500)
+    flags = np.arange(500) % 5 == 0
+    a = Calibration(base, "m", imp)
+    device = [a.judge("T1", float(np.float32(v)), bool(m)) for v, m in zip(scores, flags,
+                                                                           strict=True)]
+    assert simulate(base, scores, ["T1"] * 500, imp, flags).tolist() == device
+    b = Calibration(base, "m", imp)
+    b.load_state(a.state_bytes())
+    assert b.snapshot() == a.snapshot()
+
+
 def test_bad_manifest_blocks_are_refused() -> None:
     good = _params().to_manifest()
     assert CalibrationParams.from_manifest(good, 1.0) == _params()
@@ -160,6 +185,9 @@ def test_bad_manifest_blocks_are_refused() -> None:
                 {**good, "guard_release": 5.0}, [1, 2]):
         with pytest.raises(CalibrationError):
             CalibrationParams.from_manifest(bad, 1.0)
+    for imputed in ({"threshold": 2.0}, {"window": 5}, [1]):  # above high; not per stratum
+        with pytest.raises(CalibrationError):
+            _params().imputed_from_manifest({**good, "imputed": imputed})
 
 
 class _Manifest:
@@ -283,10 +311,11 @@ def test_calibration_brings_every_lot_and_tester_into_the_band_on_a_small_floor(
     score = fit_baselines(split.train.x, has_lots=False)["pca_t2"]
     val, test = score(split.val.x, None), score(split.test.x, None)
     threshold = float(np.quantile(val[split.val.passes], 0.99))
-    params = calibration_params(CalibrateConfig(), val, split.val.passes, threshold)
-    assert params is not None
-    fig = calibration_figures(params, test, split.test.passes, split.test.defect,
-                              split.test.groups, 0.01)
+    strata = calibration_params(CalibrateConfig(), val, split.val.passes, split.val.x,
+                                threshold)
+    assert strata is not None
+    fig = calibration_figures(strata, test, split.test.x, split.test.passes,
+                              split.test.defect, split.test.groups, threshold, 0.01)
     off, on = fig["off"]["breakdown"], fig["on"]["breakdown"]
     assert off["lot"]["in_band"] < 1.0
     assert on["lot"]["in_band"] == on["tester"]["in_band"] == 1.0
