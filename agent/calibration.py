@@ -16,6 +16,11 @@ dies' tail is), and every `every` scores the threshold is recomputed as
     w  = n / (n + prior)                   # shrink towards the fixed threshold while n is small
     t  = clip(t0 + w * (q - t0), low, high), rounded to float32
 
+Two strata, when the build had enough validation passes of each: complete dies, and dies with
+imputed (missing) values, whose scores have a higher tail that comes in bursts (a skipped test
+block on one tester). Each stratum has its own fixed threshold t0, bounds and level, and each
+tester one context per stratum.
+
 `low` and `high` are the validation-pass quantiles at 4x and 0.25x the target false-fail:
 the calibration may move the threshold only as far as would have given [0.25x, 4x] of the
 target on the build's own passes. A guard stops learning when the tester's recent share of
