@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from agent.app import Agent, build
 from agent.calibration import (
@@ -275,6 +276,10 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
         batch = c.request([{"params": json_values(r), "tester": "T8"} for r in rows[:3]])
         refused = c.request({"params": json_values(rows[0]), "tester": ["x"]})
         learnt = dict((k, t) for k, t, _ in agent.runtime.calibration.current.snapshot())
+        metrics = generate_latest(agent.server.metrics.registry).decode()
+    assert 'edgefleet_calibration_testers{state="tracking"} 1.0' in metrics  # T7
+    assert 'edgefleet_calibration_testers{state="warmup"} 2.0' in metrics  # T8, unnamed
+    assert "T7" not in metrics and "T8" not in metrics  # no tester id as a label value
     assert answers[0]["threshold"] == pytest.approx(t0, rel=1e-6)
     assert answers[-1]["threshold"] < t0 * 0.9
     assert all((a["decision"] == "fail") == (a["score"] > a["threshold"]) for a in answers)
