@@ -192,9 +192,9 @@ def test_bad_manifest_blocks_are_refused() -> None:
 
 
 class _Manifest:
-    def __init__(self, version: str, block: dict | None) -> None:
-        self.name, self.version, self.sequence, self.threshold = "m", version, 1, 1.0
-        self.raw = {"decision": {"threshold": 1.0, "calibration": block}}
+    def __init__(self, version: str, block: dict | None, threshold: float = 1.0) -> None:
+        self.name, self.version, self.sequence, self.threshold = "m", version, 1, threshold
+        self.raw = {"decision": {"threshold": threshold, "calibration": block}}
 
 
 def test_hub_keeps_state_per_model_on_disk(tmp_path) -> None:
@@ -326,3 +326,9 @@ def test_calibration_brings_every_lot_and_tester_into_the_band_on_a_small_floor(
     assert on["lot"]["in_band"] == on["tester"]["in_band"] == 1.0
     assert on["lot"]["counted"] == 2 and on["tester"]["counted"] == 4
     assert fig["on"]["recall"]["subtle_multi"] >= fig["off"]["recall"]["subtle_multi"] - 0.05
+    # what the build ships (decision.calibration) is what the agent reads back
+    block = manifest_block(*strata)
+    assert fig["params"] == block
+    cal = CalibrationHub(None).for_manifest(_Manifest("1.0", block, threshold))
+    assert (cal.params, cal.imputed) == strata
+
