@@ -2,7 +2,7 @@
 
 Why: a threshold set once on the build's validation passes holds on average but not per
 tester or per lot. On the floor generator the passes' score distribution is stable in its
-body (median within 1%) but its tail moves with the tester (offset, gain, bursts of skipped
+body (median within 2%) but its tail moves with the tester (offset, gain, bursts of skipped
 test blocks on one tester): a fixed threshold failed 0.1% of one tester's good dies and 1.6%
 of another's. Rescaling by the median and IQR does not follow a tail (tried and dropped, see
 docs/model.md), so this tracks the tail itself.
@@ -34,8 +34,8 @@ States of a context (one transition table, `_NEXT`):
 
 | state    | threshold           | learns | leaves to                                         |
 | -------- | ------------------- | ------ | ------------------------------------------------- |
-| WARMUP   | t0 (fixed)          | yes    | TRACKING at a recompute with n >= min_samples;     |
-|          |                     |        | FROZEN when the guard trips                        |
+| WARMUP   | t0 (after FROZEN:   | yes    | TRACKING at a recompute with n >= min_samples;     |
+|          | the one it kept)    |        | FROZEN when the guard trips                        |
 | TRACKING | from the ring       | yes    | FROZEN when the guard trips                        |
 | FROZEN   | kept as it was      | no     | WARMUP / TRACKING when the flagged share is back   |
 |          |                     |        | under guard_release x expected                     |
