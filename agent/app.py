@@ -74,8 +74,14 @@ def build(config: AgentConfig) -> Agent:
                     fallback_retry_s=config.fallback_retry_s, drift_window=config.drift_window,
                     drift_top_k=config.drift_top_k, drift_interval_s=config.drift_interval_s)
     rules = RuleSet.load(config.rules) if config.rules else None
-    runtime = Runtime(limits, rules)
+    hub = _calibration_hub(config)
+    runtime = Runtime(limits, rules, calibration=hub)
     agent = Agent(config, AgentServer(config, runtime))
+    if hub is not None:
+        from agent.calibration import CalibrationCollector, CalibrationKeeper
+
+        agent.services.append(CalibrationKeeper(hub, config.calibration_save_s))
+        agent.server.metrics.registry.register(CalibrationCollector(hub))
     if config.store is not None:
         _attach_store(agent)
     runtime.log_state()
@@ -83,6 +89,18 @@ def build(config: AgentConfig) -> Agent:
 
     attach_predlog(agent)  # prediction log, capture, labels (docs/operations.md)
     return agent
+
+
+def _calibration_hub(config: AgentConfig) -> Any:
+    """Per-tester calibration (agent/calibration.py), its state beside the store; None when
+    configured off."""
+    if config.calibration != "on":
+        return None
+    from agent.calibration import CalibrationHub
+
+    state_dir = config.calibration_dir or (config.store.parent / "calibration"
+                                           if config.store else None)
+    return CalibrationHub(state_dir)
 
 
 def _attach_store(agent: Agent) -> None:

@@ -200,15 +200,19 @@ class Client:
         return self.request({"op": "info", "feature_names": feature_names})
 
     def predict_json(self, params: Sequence[float | None] | np.ndarray, die_id: Any = None,
-                     request_id: Any = None) -> dict[str, Any]:
-        """One die over JSON; NaN (or None) is sent as null. Returns the answer object (which
-        holds `error` instead of a decision when the agent refused it)."""
+                     request_id: Any = None, tester: str | int | None = None) -> dict[str, Any]:
+        """One die over JSON; NaN (or None) is sent as null; `tester` names the tester that
+        measured it (the agent calibrates its threshold per tester). Returns the answer object
+        (which holds `error` instead of a decision when the agent refused it)."""
         if isinstance(params, np.ndarray):
             values = json_values(params)
         else:
             values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v
                       for v in params]
-        answer = self.request({"id": request_id, "die_id": die_id, "params": values})
+        request = {"id": request_id, "die_id": die_id, "params": values}
+        if tester is not None:
+            request["tester"] = tester
+        answer = self.request(request)
         error = answer.get("error")
         if error is None:
             self._saw(answer.get("model_sequence"))

@@ -52,6 +52,10 @@ class AgentConfig:
     drift_window: int = 2048
     drift_top_k: int = 5
     drift_interval_s: float = 10.0
+    # per-tester threshold calibration (agent/calibration.py, docs/model.md)
+    calibration: str = "on"  # "off": every die is judged against the bundle's fixed threshold
+    calibration_dir: Path | None = None  # default: <store>/../calibration (no store: memory)
+    calibration_save_s: float = 30.0
     switch_interval_s: float = 0.0005  # sys.setswitchinterval for the serving process
     # prediction log, capture and labels (agent/predlog.py, agent/labels.py, docs/operations.md)
     predlog: str = "on"  # "off": no log, no capture, no label op
@@ -161,6 +165,11 @@ def _check(cfg: AgentConfig) -> None:
     if cfg.idle_timeout_s < 0:
         raise UsageError(f"idle_timeout_s must be 0 (never) or more, found {cfg.idle_timeout_s}")
     cfg.metrics_host_port()
+    if cfg.calibration not in ("on", "off"):
+        raise UsageError(f"calibration must be on or off, found {cfg.calibration!r}")
+    if not cfg.calibration_save_s > 0:
+        raise UsageError(f"calibration_save_s must be more than 0, found "
+                         f"{cfg.calibration_save_s}")
     if cfg.predlog not in ("on", "off"):
         raise UsageError(f"predlog must be on or off, found {cfg.predlog!r}")
     if not 0.0 <= cfg.capture_rate <= 1.0:

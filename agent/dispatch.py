@@ -39,6 +39,7 @@ from agent.protocol import (
     params_text_is_numeric,
     parse_json_line,
     parse_params,
+    parse_tester,
     request_op,
     row_error,
 )
@@ -158,14 +159,16 @@ class Dispatcher:
             return encode_json(self._json_unavailable(rid, die_id))
         try:
             x = parse_params(obj, p.n_features, numeric=params_text_is_numeric(line))
+            tester = parse_tester(obj)
         except ProtocolError as e:
             _note_model(e, p)
             self.metrics.record_error(e.code)
             return encode_json(error_json(e, rid, die_id))
-        return self._json_one(p, x, rid, die_id, t0)
+        return self._json_one(p, x, rid, die_id, t0, tester)
 
-    def _json_one(self, p: Predictor, x: np.ndarray, rid: Any, die_id: Any, t0: float) -> bytes:
-        row, t_inf, reason = p.score_one(x, die_id)
+    def _json_one(self, p: Predictor, x: np.ndarray, rid: Any, die_id: Any, t0: float,
+                  tester: str) -> bytes:
+        row, t_inf, reason = p.score_one(x, die_id, tester)
         latency = _perf() - t0
         self.metrics.record_row(row, "json", latency, t_inf, reason)
         sh = self.shadow
@@ -177,7 +180,7 @@ class Dispatcher:
         """Answer a batch; `numeric`: every params list is known to hold numbers and nulls
         only (`params_text_is_numeric`)."""
         answers: list[str] = [""] * len(items)
-        ok_rows, ok_pos = [], []
+        ok_rows, ok_pos, testers = [], [], []
         for i, item in enumerate(items):
             try:
                 if type(item) is dict:
@@ -186,7 +189,9 @@ class Dispatcher:
                     answers[i] = _dumps(self._json_unavailable(json_id(item, "id"),
                                                                json_id(item, "die_id")))
                     continue
-                ok_rows.append(parse_params(item, p.n_features, f"[{i}].", numeric=numeric))
+                row = parse_params(item, p.n_features, f"[{i}].", numeric=numeric)
+                testers.append(parse_tester(item, f"[{i}]."))
+                ok_rows.append(row)
                 ok_pos.append(i)
             except ProtocolError as e:
                 _note_model(e, p)
@@ -194,7 +199,9 @@ class Dispatcher:
                 answers[i] = _dumps(error_json(e, json_id(item, "id"), json_id(item, "die_id")))
         x = np.stack(ok_rows) if ok_rows else None
         if x is not None and len(x):
-            records, t_inf, fallback = p.score_batch(x, np.zeros(len(x), dtype=np.uint64))
+            one = len(set(testers)) == 1  # the usual case: one tester per batch
+            records, t_inf, fallback = p.score_batch(x, np.zeros(len(x), dtype=np.uint64),
+                                                     testers[0] if one else testers)
             latency = _perf() - t0
             self.metrics.record_batch(records, "json", latency, t_inf, fallback)
             if self.shadow is not None and self.shadow.active:
@@ -230,7 +237,7 @@ class Dispatcher:
         model = row[2] == Source.MODEL
         return (f'{{"id":{_scalar(rid)},"die_id":{_scalar(row[0])},'
                 f'"decision":"{DECISION_LABELS[decision]}","score":{_num(row[6])},'
-                f'"threshold":{p.threshold_json if model else "0.0"},'
+                f'"threshold":{_threshold_text(p, row) if model else "0.0"},'
                 f'"confidence":{round(float(row[8]), 6)!r},'
                 f'"source":"{"model" if model else "fallback"}",'
                 f'{p.model_json},"imputed":{row[4]},"top":{top},'
@@ -300,6 +307,11 @@ def _model_note(p: Predictor) -> str:
 def _note_model(e: ProtocolError, p: Predictor) -> None:
     if e.code == ErrorCode.BAD_WIDTH:
         e.message += _model_note(p)
+
+
+def _threshold_text(p: Predictor, row: tuple) -> str:
+    """The die's threshold: the model's fixed one, or its tester's (agent.calibration)."""
+    return p.threshold_json if p.calibration is None else _num(row[7])
 
 
 def _num(v: float) -> str:

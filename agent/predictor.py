@@ -24,11 +24,12 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from agent.calibration import DEFAULT_CONTEXT, Calibration
 from agent.drift import DriftMonitor, alert_threshold
 from agent.engine import Engine
 from agent.fallback import RuleSet, max_missing
@@ -119,7 +120,8 @@ class Predictor:
     def __init__(self, engine: Engine | None, manifest: Manifest | None, rules: RuleSet | None,
                  limits: Limits, *, forced_reason: str | None = None,
                  on_health_change: Callable[[], None] | None = None,
-                 drift: DriftMonitor | None = None) -> None:
+                 drift: DriftMonitor | None = None,
+                 calibration: Calibration | None = None) -> None:
         if engine is not None and manifest is None:
             manifest = engine.manifest
         self.engine = engine
@@ -176,6 +178,8 @@ class Predictor:
                                       window=limits.drift_window, top_k=limits.drift_top_k,
                                       interval=limits.drift_interval_s,
                                       alert_psi=alert_threshold(manifest.raw.get("drift_reference")))
+        # per-tester threshold (agent.calibration); None: the manifest's fixed threshold
+        self.calibration = calibration if manifest is not None else None
         self._use_model = engine is not None and forced_reason is None
         self.available = self._use_model or self.rules is not None  # a model, or rules
         self._no_top = ([-1] * k, [0.0] * k)
@@ -196,10 +200,11 @@ class Predictor:
 
     # -- scoring
 
-    def score_one(self, v: np.ndarray, die_id: int | str | None) -> tuple[Row, float, str | None]:
+    def score_one(self, v: np.ndarray, die_id: int | str | None,
+                  tester: str = DEFAULT_CONTEXT) -> tuple[Row, float, str | None]:
         """One row, shape (n,): (row tuple, inference seconds, fallback reason label). The path
         every single-die request takes, so it avoids numpy calls on tiny arrays where plain
-        Python is cheaper."""
+        Python is cheaper. `tester` picks the calibration context (agent.calibration)."""
         imputed = 0
         # v . 0 is 0 exactly when every value is finite (NaN * 0 and inf * 0 are NaN): one BLAS
         # call, half the cost of isfinite().all().
@@ -231,7 +236,8 @@ class Predictor:
                 if -_INF < s < _INF:
                     if health.failing:
                         health.succeeded()
-                    thr = self.threshold
+                    cal = self.calibration
+                    thr = self.threshold if cal is None else cal.judge(tester, s, imputed > 0)
                     if s > thr:
                         top_i, top_c = out[1][0].tolist(), out[2][0].tolist()
                         return ((die_id, _FAIL, _MODEL, 0, imputed, -1, s, thr,
@@ -267,23 +273,28 @@ class Predictor:
         return (die_id, Decision.ERROR, Source.NONE, int(code), imputed, column, math.nan,
                 math.nan, math.nan, *self._no_top)
 
-    def score_batch(self, x: np.ndarray, die_ids: np.ndarray
+    def score_batch(self, x: np.ndarray, die_ids: np.ndarray,
+                    tester: str | Sequence[str] = DEFAULT_CONTEXT
                     ) -> tuple[np.ndarray, float, dict[str, int]]:
         """A (rows, n) batch: (records, inference seconds, fallback rows by reason). Big
         batches run in slices of `BATCH_SLICE` rows: the same speed, a quarter of the memory
-        for ONNX Runtime's intermediate tensors."""
+        for ONNX Runtime's intermediate tensors. `tester`: the calibration context of every
+        row, or one per row."""
         if x.shape[0] <= BATCH_SLICE:
-            return self._score_batch(x, die_ids)
+            return self._score_batch(x, die_ids, tester)
         parts, t_inf, fallback = [], 0.0, {}
         for i in range(0, x.shape[0], BATCH_SLICE):
-            rec, t, fb = self._score_batch(x[i:i + BATCH_SLICE], die_ids[i:i + BATCH_SLICE])
+            rec, t, fb = self._score_batch(
+                x[i:i + BATCH_SLICE], die_ids[i:i + BATCH_SLICE],
+                tester if isinstance(tester, str) else tester[i:i + BATCH_SLICE])
             parts.append(rec)
             t_inf += t
             for reason, count in fb.items():
                 fallback[reason] = fallback.get(reason, 0) + count
         return np.concatenate(parts), t_inf, fallback
 
-    def _score_batch(self, x: np.ndarray, die_ids: np.ndarray
+    def _score_batch(self, x: np.ndarray, die_ids: np.ndarray,
+                     tester: str | Sequence[str] = DEFAULT_CONTEXT
                      ) -> tuple[np.ndarray, float, dict[str, int]]:
         rows = x.shape[0]
         rec = np.zeros(rows, dtype=self.dtype)
@@ -338,8 +349,19 @@ class Predictor:
                 t_inf = time.perf_counter() - t0
                 good = np.isfinite(s)
                 g = ok[good]
-                thr = self.threshold
                 sg = s[good]
+                cal = self.calibration
+                if cal is None:
+                    thr = self.threshold
+                elif isinstance(tester, str) and (cal.imputed is None
+                                                  or not rec["imputed"][g].any()):
+                    thr = cal.judge_batch(tester, sg)
+                else:  # several testers, or dies with imputed values: one by one, in order
+                    keys = [tester] * rows if isinstance(tester, str) else tester
+                    imp = rec["imputed"][g] > 0
+                    thr = np.array([cal.judge(keys[i], v, m) for i, v, m in
+                                    zip(g.tolist(), sg.tolist(), imp.tolist(), strict=True)],
+                                   np.float32)
                 fail = sg > thr
                 rec["decision"][g] = np.where(fail, Decision.FAIL, Decision.PASS)
                 rec["source"][g] = Source.MODEL

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from agent.calibration import DEFAULT_CONTEXT, tester_key
+
 # A value beyond float32 becomes inf and is refused by the caller's finite check with its
 # index; numpy's warning about the cast says nothing more (and np.errstate costs ~1 us a call).
 warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
@@ -470,6 +472,19 @@ def check_ids(obj: dict[str, Any], where: str = "") -> None:
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             f"{where}{key}: expected a string, a number, true/false or null, "
                             f"found {found}", field=key)
+
+
+def parse_tester(obj: Any, where: str = "") -> str:
+    """A predict request's optional `tester` (a string of 1..64 printable characters or a
+    non-negative integer) as its calibration context key (agent.calibration); absent or
+    null: the default context."""
+    if type(obj) is not dict or obj.get("tester") is None:
+        return DEFAULT_CONTEXT
+    try:
+        return tester_key(obj["tester"])
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"{where}tester: {e}, found "
+                            f"{_kind(obj['tester'])}", field="tester") from None
 
 
 def json_id(obj: Any, key: str) -> Any:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.calibration import CalibrationHub
 from agent.engine import Engine
 from agent.fallback import RuleSet
 from agent.manifest import Manifest
@@ -37,8 +38,11 @@ class Runtime:
     unable to answer when there are no rules either)."""
 
     def __init__(self, limits: Limits | None = None, rules: RuleSet | None = None,
-                 model: tuple[Engine, Manifest] | None = None) -> None:
+                 model: tuple[Engine, Manifest] | None = None,
+                 calibration: CalibrationHub | None = None) -> None:
         self.limits = limits or Limits()
+        # per-tester calibration, one per model (agent.calibration); None: fixed thresholds
+        self.calibration = calibration
         self.rules = rules  # standalone rules file; a bundle's own rules take precedence
         self.started = time.monotonic()
         self.swaps = 0
@@ -123,8 +127,9 @@ class Runtime:
 
     def _build(self, engine: Engine | None, manifest: Manifest | None, forced: str | None,
                drift=None) -> Predictor:
+        cal = self.calibration.for_manifest(manifest) if self.calibration is not None else None
         return Predictor(engine, manifest, self.rules, self.limits, forced_reason=forced,
-                         on_health_change=self._notify_current, drift=drift)
+                         on_health_change=self._notify_current, drift=drift, calibration=cal)
 
     def _set(self, new: Predictor) -> Predictor:
         with self._lock:

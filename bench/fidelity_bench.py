@@ -6,11 +6,18 @@ every method the build compares (the shipped model and its baselines: static PAT
 per lot, Hotelling T2 on PCA, IsolationForest, logistic regression on the labels):
 ROC AUC with its bootstrap 95% interval, test false-fail with its interval, recall per defect
 class at the validation-set threshold (with interval) and at equal test false-fail, and the
-shipped model's false-fail per lot and per tester against the [0.5x, 2x] band.
+shipped model's false-fail per lot and per tester against the [0.5x, 2x] band (also among
+the groups large enough to judge it, optimize/breakdown.py's `powered`), with the
+device's per-tester calibration (agent/calibration.py, replayed by the build on the test part)
+off (the bundle's fixed threshold) and on (what the agent does by default), and
+multivariate-subtle recall on vs off.
 
 Checks (the issue's done-when), printed as ok / MISS:
 - floor: the shipped model beats every baseline on subtle_multi recall at equal false-fail;
-- floor: false-fail inside [0.5x, 2x] of target on >= 95% of lots and of testers;
+- floor: false-fail inside [0.5x, 2x] of target on >= 95% of lots and of testers (with the
+  calibration on, as the agent runs; the fixed threshold's share is printed beside it);
+- floor: with the calibration on, subtle_multi recall no more than 0.05 below the fixed
+  threshold's;
 - floor: the fallback rules fail <= 5x target of test passes;
 - SECOM: the shipped model's test AUC beats every unsupervised baseline's.
 Results go to bench/results/fidelity.json. Exit status 1 when a check is missed.
@@ -67,22 +74,55 @@ def _print_methods(report: dict[str, Any]) -> None:
 
 
 def _print_groups(report: dict[str, Any]) -> None:
+    cal = report.get("calibration")
+    modes = ({"fixed threshold": cal["off"]["breakdown"], "calibrated": cal["on"]["breakdown"]}
+             if cal else {"fixed threshold": report.get("breakdown") or {}})
     for kind in ("lot", "tester"):
-        g = (report.get("breakdown") or {}).get(kind)
-        if not g:
-            continue
-        cells = ", ".join(f"{n} {v['ffr']:.2%} [{v['ci'][0]:.2%}, {v['ci'][1]:.2%}]"
-                          for n, v in g["groups"].items())
-        share = "-" if g["in_band"] is None else f"{g['in_band']:.0%}"
-        print(f"  false-fail per {kind} ({share} of {g['counted']} in band): {cells}")
+        for mode, by in modes.items():
+            g = by.get(kind)
+            if not g:
+                continue
+            cells = ", ".join(f"{n} {v['ffr']:.2%} [{v['ci'][0]:.2%}, {v['ci'][1]:.2%}]"
+                              for n, v in g["groups"].items())
+            share = "-" if g["in_band"] is None else f"{g['in_band']:.0%}"
+            pw = g.get("powered") or {}
+            powered = ("" if not pw.get("min_passes") else
+                       f"; {_share(pw)} of {pw['counted']} with >= {pw['min_passes']} passes")
+            print(f"  false-fail per {kind}, {mode} ({share} of {g['counted']} in band"
+                  f"{powered}): {cells}")
+    if cal:
+        on, off = cal["on"], cal["off"]
+        recall = ", ".join(f"{c} {on['recall'][c]:.3f} (off {off['recall'][c]:.3f})"
+                           for c in on["recall"])
+        print(f"  calibration: test FFR {on['test_ffr']:.2%} (off {off['test_ffr']:.2%}); "
+              f"recall on: {recall}")
+        w = cal.get("warmup")
+        if w:
+            print(f"  warm-up: FFR on each tester's first {w['dies_per_tester']} dies "
+                  f"{_pct(w['on']['first_dies'])} (off {_pct(w['off']['first_dies'])}), later "
+                  f"{_pct(w['on']['later_dies'])} (off {_pct(w['off']['later_dies'])})")
+
+
+def _share(g: dict[str, Any]) -> str:
+    return "-" if g.get("in_band") is None else f"{g['in_band']:.0%}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
 
 
 def _floor_checks(report: dict[str, Any]) -> dict[str, bool]:
     cmp, target = report["baselines"], report["build"]["config"]["calibrate"]["target_ffr"]
     out = {"beats_every_baseline_on_subtle_multi": bool(cmp.get("focus", {}).get("beats_all"))}
+    cal = report.get("calibration")
+    by = cal["on"]["breakdown"] if cal else report["breakdown"]
     for kind in ("lot", "tester"):
-        g = report["breakdown"][kind]
+        g = by[kind]
         out[f"{kind}_ffr_in_band_95pct"] = g["in_band"] is not None and g["in_band"] >= 0.95
+    if cal:
+        on, off = cal["on"]["recall"], cal["off"]["recall"]
+        out["calibrated_subtle_multi_recall_within_0.05"] = (
+            on.get("subtle_multi", 0.0) >= off.get("subtle_multi", 0.0) - 0.05)
     rules = report["fallback"]["test_ffr"]
     out["rules_ffr_at_most_5x_target"] = rules is not None and rules <= 5 * target
     return out
@@ -147,6 +187,7 @@ def main() -> int:
         results["runs"][title] = {"signed": code == 0, "seconds": seconds, "checks": checks,
                                   "gates": report["gates"], "baselines": report["baselines"],
                                   "breakdown": report.get("breakdown"), "drift": d,
+                                  "calibration": report.get("calibration"),
                                   "fallback": report["fallback"]}
     results["load_avg_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

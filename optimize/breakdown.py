@@ -6,12 +6,19 @@ rate on its passes with a 95% Wilson interval, and the share of groups whose rat
 [0.5x, 2x] of the target (the issue's bar: >= 95% of lots and of testers). Groups with fewer
 than `min_passes` passes are listed but not counted in the share: at 1% target and 50 passes
 one false fail is already 2x.
+
+A group of 200 passes is still too small to judge: at exactly the target rate (1%), its
+false-fail count lands inside the band only 81% of the time (280 passes: 71%). So each grouping
+also gives the share among groups large enough that a group at exactly the target rate is
+inside the band with at least 95% probability (`powered`: about 800 passes at 1%), the share a
+calibration can be held to; the smaller groups are sampling noise as much as calibration.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -30,15 +37,29 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, min(p, c - h)), min(1.0, max(p, c + h))  # float rounding: keep p inside
 
 
+@cache
+def powered_min_passes(target: float, confidence: float = 0.95) -> int:
+    """The fewest passes at which a group whose true rate is exactly `target` shows a
+    false-fail rate inside the band with probability >= `confidence` (binomial)."""
+    from scipy.stats import binom
+
+    for n in range(10, 1_000_000, 10):
+        lo, hi = math.ceil(BAND[0] * target * n - 1e-9), math.floor(BAND[1] * target * n + 1e-9)
+        if binom.cdf(hi, n, target) - binom.cdf(lo - 1, n, target) >= confidence:
+            return n
+    return 1_000_000
+
+
 def ffr_by_group(flagged: np.ndarray, passes: np.ndarray, groups: Mapping[str, np.ndarray],
                  target: float, *, min_passes: int = 200) -> dict[str, Any]:
     """{kind: {"groups": {name: {ffr, flagged, passes, ci}}, "in_band": share, "counted": n}}
     for every grouping column present."""
     out: dict[str, Any] = {}
     lo, hi = BAND[0] * target, BAND[1] * target
+    powered_n = powered_min_passes(target) if 0 < target < 0.5 else None
     for kind, names in groups.items():
         rows: dict[str, Any] = {}
-        inside = counted = 0
+        inside = counted = p_inside = p_counted = 0
         for name in sorted(set(names[passes].tolist())):
             m = passes & (names == name)
             k, n = int(flagged[m].sum()), int(m.sum())
@@ -47,9 +68,14 @@ def ffr_by_group(flagged: np.ndarray, passes: np.ndarray, groups: Mapping[str, n
             if n >= min_passes:
                 counted += 1
                 inside += lo <= rate <= hi
+            if powered_n is not None and n >= powered_n:
+                p_counted += 1
+                p_inside += lo <= rate <= hi
         out[kind] = {"groups": rows, "counted": counted,
                      "in_band": inside / counted if counted else None,
-                     "band": [lo, hi], "min_passes": min_passes}
+                     "band": [lo, hi], "min_passes": min_passes,
+                     "powered": {"min_passes": powered_n, "counted": p_counted,
+                                 "in_band": p_inside / p_counted if p_counted else None}}
     return out
 
 

@@ -40,6 +40,12 @@ times the larger of the two, at least `alert_min`: no window of the reference pe
 The window is the agent's, or smaller when the pool or the test part is small (PSI grows as the
 sample shrinks, so the test part is judged by `window_psi` at the same size).
 A lower threshold fires on every lot change; a fixed 0.25 fired on shuffled dev rows of SECOM.
+
+Per-tester calibration (`agent.calibration`, docs/model.md): the build ships its parameters in
+`decision.calibration` (from the validation scores, `params_from_validation`) and measures it
+with the device's own algorithm (`agent.calibration.simulate`), die by die in time order on
+the test part, starting from an empty state as after a model swap: false-fail per lot and
+tester and recall per class, calibration on and off (`calibration_figures`).
 """
 
 from __future__ import annotations
@@ -52,11 +58,19 @@ from typing import Any
 
 import numpy as np
 
+from agent.calibration import (
+    CalibrationParams,
+    manifest_block,
+    simulate,
+    strata_from_validation,
+)
 from agent.drift import drift_reference
+from optimize.breakdown import ffr_by_group
 from optimize.data import ParamSpec
 
 __all__ = [
-    "CalibrateConfig", "Decision", "calibrate_threshold", "confidence", "drift_reference",
+    "CalibrateConfig", "Decision", "calibrate_threshold", "calibration_figures",
+    "calibration_params", "confidence", "drift_reference",
     "drift_with_noise_floor", "fallback_rules", "learn_max_missing", "psi_max", "rule_violations",
     "window_psi",
 ]
@@ -74,6 +88,7 @@ class CalibrateConfig:
     alert_factor: float = 2.0  # alert threshold = factor x in-distribution PSI noise floor
     alert_min: float = 0.1
     rules_min_measured: float = 0.5  # share of rule parameters a die beyond max_missing needs
+    per_tester: bool = True  # ship decision.calibration (agent/calibration.py)
 
 
 @dataclass(frozen=True)
@@ -219,3 +234,56 @@ def rule_violations(rules: Sequence[dict[str, Any]], x: np.ndarray) -> np.ndarra
             high[r["feature"]] = r["high"]
     with np.errstate(invalid="ignore"):
         return ((x < low) | (x > high)).sum(axis=1)
+
+
+Strata = tuple[CalibrationParams, CalibrationParams | None]  # complete dies, imputed ones
+
+
+def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes: np.ndarray,
+                       val_x: np.ndarray, threshold: float) -> Strata | None:
+    """The parameters of the bundle's `decision.calibration` (`agent.calibration
+    .manifest_block`), or None (configured off, or too few passes)."""
+    if not cfg.per_tester:
+        return None
+    return strata_from_validation(val_scores, val_passes, np.isnan(val_x).any(axis=1),
+                                  threshold, cfg.target_ffr)
+
+
+def calibration_figures(strata: Strata, scores: np.ndarray, x: np.ndarray, passes: np.ndarray,
+                        defect: np.ndarray | None, groups: dict[str, np.ndarray],
+                        threshold: float, target: float) -> dict[str, Any]:
+    """Calibration on vs off (the fixed `threshold`) on the test part (`x`, its `scores`; time
+    order, the device's algorithm from an empty state): false-fail overall and per lot /
+    wafer / tester, recall per defect class, and the warm-up cost (false-fail on each
+    tester's first `prior` passes vs the rest)."""
+    params, imputed = strata
+    n = len(scores)
+    testers = groups.get("tester")
+    thr_on = simulate(params, scores, testers if testers is not None else [None] * n,
+                      imputed, np.isnan(x).any(axis=1))
+    flagged = {"off": np.asarray(scores, np.float32) > np.float32(threshold),
+               "on": np.asarray(scores, np.float32) > thr_on}
+    out: dict[str, Any] = {"params": manifest_block(params, imputed), "threshold_range":
+                           [float(thr_on.min()), float(thr_on.max())] if n else None}
+    for mode, f in flagged.items():
+        fig: dict[str, Any] = {"test_ffr": float(f[passes].mean()) if passes.any() else None}
+        if groups:
+            fig["breakdown"] = ffr_by_group(f, passes, groups, target)
+        if defect is not None:
+            fig["recall"] = {c: float(f[defect == c].mean())
+                             for c in sorted(set(defect.tolist()) - {"none"})}
+        out[mode] = fig
+    if testers is not None and passes.any():
+        first = np.zeros(n, bool)
+        for t in set(testers.tolist()):
+            rows = np.flatnonzero(testers == t)
+            first[rows[:params.prior]] = True
+        out["warmup"] = {mode: {"first_dies": _rate(f, passes & first),
+                                "later_dies": _rate(f, passes & ~first)}
+                         for mode, f in flagged.items()}
+        out["warmup"]["dies_per_tester"] = params.prior
+    return out
+
+
+def _rate(flagged: np.ndarray, rows: np.ndarray) -> float | None:
+    return float(flagged[rows].mean()) if rows.any() else None

@@ -385,6 +385,8 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
         from optimize.breakdown import band_summary
 
         lines.append("False-fail per group: " + band_summary(report["breakdown"]) + ".")
+    if report.get("calibration"):
+        lines.append(_calibration_text(report["calibration"]))
     d = report.get("drift")
     if d:
         psi = "not measured (under 200 test dies)" if d["test_psi"] is None else \
@@ -460,3 +462,28 @@ def _markdown(report: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     for fname, title in plots:
         lines += [f"### {title}", "", f"![{title}]({fname})", ""]
     return "\n".join(lines)
+
+
+def _calibration_text(cal: dict[str, Any]) -> str:
+    """One sentence: the device's per-tester calibration against the fixed threshold."""
+    on, off = cal["on"], cal["off"]
+
+    def share(fig: dict[str, Any], kind: str) -> str:
+        g = (fig.get("breakdown") or {}).get(kind)
+        if not g or not g["counted"]:
+            return "-"
+        return f"{round(g['in_band'] * g['counted'])} of {g['counted']}"
+
+    parts = [f"Per-tester calibration on the device (the agent's algorithm replayed on the test "
+             f"part in time order from an empty state): false-fail {on['test_ffr']:.2%} "
+             f"(fixed threshold {off['test_ffr']:.2%})"]
+    for kind in ("lot", "tester"):
+        parts.append(f"{kind}s in band {share(on, kind)} (fixed {share(off, kind)})")
+    for c in ("subtle_multi", "subtle_uni"):
+        if c in on.get("recall", {}):
+            parts.append(f"{c} recall {on['recall'][c]:.3f} (fixed {off['recall'][c]:.3f})")
+    w = cal.get("warmup")
+    if w and w["on"]["first_dies"] is not None and w["on"]["later_dies"] is not None:
+        parts.append(f"false-fail on each tester's first {w['dies_per_tester']} dies "
+                     f"{w['on']['first_dies']:.2%}, later {w['on']['later_dies']:.2%}")
+    return "; ".join(parts) + "."

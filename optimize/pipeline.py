@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.calibration import manifest_block
 from agent.errors import UsageError
 from agent.keys import load_private_key
 from agent.manifest import Manifest
@@ -41,6 +42,8 @@ from optimize.calibrate import (
     CalibrateConfig,
     Decision,
     calibrate_threshold,
+    calibration_figures,
+    calibration_params,
     drift_with_noise_floor,
     fallback_rules,
     learn_max_missing,
@@ -293,6 +296,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     val8, test8 = score_rows(quant.model, split.val.x), score_rows(quant.model, split.test.x)
     decision = calibrate_threshold(val8[split.val.passes], cfg.calibrate.target_ffr)
     scored["pruned_int8"] = Scored(val8, test8, decision.threshold, decision, quant.model)
+    per_tester = calibration_params(cfg.calibrate, val8, split.val.passes, split.val.x,
+                                    decision.threshold)
     rules, rules_source, rules_skipped = fallback_rules(
         split.train.x, data.spec, cfg.calibrate.rule_sigmas, x_val_passes=x_val_pass,
         target_ffr=cfg.calibrate.target_ffr, min_distinct=cfg.calibrate.min_distinct)
@@ -320,6 +325,10 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     stage("baselines")
     report.update(_floor_figures(split, cfg, scored, decision, drift, missing, rules,
                                  rules_source, rules_skipped))
+    if per_tester is not None and split.test.labels is not None:
+        report["calibration"] = calibration_figures(
+            per_tester, test8, split.test.x, split.test.passes, split.test.defect,
+            split.test.groups, decision.threshold, cfg.calibrate.target_ffr)
     reasons = gate_reasons(report, cfg.calibrate.target_ffr, cfg.gate)
     report["gates"] = gate_record(reasons, cfg.gate)
     report["quantization"] = {"method": quant.method,
@@ -360,7 +369,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
             sequence=seq,
             feature_names=data.feature_names,
             decision={"threshold": decision.threshold,
-                      "confidence_scale": decision.confidence_scale, "top_k": top_k},
+                      "confidence_scale": decision.confidence_scale, "top_k": top_k,
+                      **({"calibration": manifest_block(*per_tester)} if per_tester else {})},
             rules=rules,
             max_missing=missing["max_missing"],
             rules_min_measured=cfg.calibrate.rules_min_measured,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from optimize.baselines import RobustScaler, judge
-from optimize.breakdown import band_summary, ffr_by_group, wilson
+from optimize.breakdown import band_summary, ffr_by_group, powered_min_passes, wilson
 from optimize.gates import GateConfig, gate_reasons, gate_record
 
 
@@ -57,6 +57,18 @@ def test_wilson_interval_and_the_share_of_groups_inside_half_to_twice_the_target
     assert got["lot"]["groups"]["B"]["ffr"] == 0.06 and got["lot"]["in_band"] == 0.5
     assert got["tester"]["in_band"] == 0.0  # 3.3% overall: above 2x
     assert "lot: 1 of 2 inside [0.50%, 2.00%]; highest B 6.00%" in band_summary(got)
+    assert got["lot"]["powered"]["counted"] == 0  # 500 passes: too few to judge the band
+    assert got["tester"]["powered"] == {"min_passes": powered_min_passes(0.01), "counted": 1,
+                                        "in_band": 0.0}
+
+
+def test_powered_group_size_is_where_a_group_at_target_is_in_band_95_percent():
+    """At 1%, 280 passes are in band only ~71% of the time; the powered size, ~800, 95%."""
+    n = powered_min_passes(0.01)
+    assert 700 <= n <= 900
+    rng = np.random.default_rng(0)
+    inside = ((k := rng.binomial(n, 0.01, 20_000)) >= 0.005 * n) & (k <= 0.02 * n)
+    assert inside.mean() >= 0.94
 
 
 def _report(auc=0.9, base_auc=0.8, ffr=0.012, rules_ffr=0.02, psi=0.1, alert=0.3):
