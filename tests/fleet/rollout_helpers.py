@@ -226,6 +226,35 @@ def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
                           text=True, env=e, timeout=timeout, cwd=REPO, **popen)
 
 
+def cli_here(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess:
+    """`edgefleet ARGS` through its entry point (`edgefleet.cli.main`) in this process, with
+    `env` set: the same parsing, checks, output and exit codes as `cli`, without an
+    interpreter start per call. A `--once` run drives the rollout here; the signal handlers
+    it installs (Ctrl-C pauses) are put back afterwards."""
+    import io
+    import signal
+
+    from edgefleet.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def cli_env(fl: Floor) -> dict[str, str]:
     return {"EDGEFLEET_MQTT_HOST": fl.mqtt.host, "EDGEFLEET_MQTT_PORT": str(fl.mqtt.port),
             "EDGEFLEET_KEYRING": str(fl.keyring), "EDGEFLEET_FLEET_KEY": str(fl.fleet_key),

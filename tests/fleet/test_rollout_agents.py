@@ -20,8 +20,9 @@ import pytest
 from agent.client import Client
 from agent.install import InstallConfig, Installer
 from fleet.artifacts import ArtifactServer
+from fleet.inventory import open_controller
 from tests.broker_fixtures import Broker, FleetKeys, make_real_bundle
-from tests.fleet.rollout_helpers import REPO, cli
+from tests.fleet.rollout_helpers import REPO, cli, cli_here
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -83,17 +84,13 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
     for t in testers:
         t.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:  # every box online and reporting the dies it answered
-            r = cli("fleet", "devices", "-l", "site in (lab1,lab2)", "-o", "json", env=env)
-            rows = json.loads(r.stdout) if r.returncode == 0 else []
-            if len(rows) == 3 and all(d["online"] and (d["summary"].get("requests") or 0) > 50
-                                      for d in rows):
-                break
-            assert time.monotonic() < deadline, (r.stderr, rows)
-            time.sleep(0.5)
+        with open_controller(broker.mqtt(), settle_s=0) as ctl:  # every box answering dies
+            assert ctl.wait_for(lambda c: sum(
+                1 for s in c.devices().values()
+                if s.get("online") and ((s.get("summary") or {}).get("requests") or 0) > 50
+            ) == 3, 60), ctl.devices()
         r = cli("fleet", "rollout", "start", f"sha256:{digest}", "-l", "site in (lab1,lab2)",
-                "--id", "r-agents", "--canary", "1", "--waves", "100%", "--bake", "3s",
+                "--id", "r-agents", "--canary", "1", "--waves", "100%", "--bake", "0s",
                 "--shadow-min-dies", "300", "--min-requests", "50", "--measure-interval",
                 "0.5s", "--artifact-url", srv.base_url, "--once", "-o", "json", env=env)
         assert r.returncode == 0, r.stderr
@@ -101,8 +98,7 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
         assert snap["state"] == "succeeded"
         ev = snap["stages"][0]["verdict"]["evidence"]
         assert snap["stages"][0]["name"] == "shadow" and ev["dies"] >= 300
-        r = cli("fleet", "devices", "-o", "json", env=env)
-        rows = json.loads(r.stdout)
+        rows = json.loads(cli_here("fleet", "devices", "-o", "json", env=env).stdout)
         assert {d["model_digest"] for d in rows} == {digest}
         assert all(d["health"] == "ok" and d["shadow"] is None for d in rows)
     finally:

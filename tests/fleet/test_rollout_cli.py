@@ -24,13 +24,12 @@ from tests.fleet.rollout_helpers import (
     Floor,
     cli,
     cli_env,
+    cli_here,
     floor,
     wait_until,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-
 
 
 def _one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
@@ -56,29 +55,6 @@ def _stage(db: StateDB, rid: str, name: str):
 
 def _exists(db: StateDB, rid: str) -> bool:
     return any(r.id == rid for r in db.rollouts())
-
-
-def cli_here(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`edgefleet ARGS` through its entry point in this process, with `env` set."""
-    import contextlib
-    import io
-
-    from edgefleet.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = dict(os.environ)
-    os.environ.update(env)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_bad_input_is_one_line_with_nothing_sent_and_dry_run_shows_the_plan(
@@ -147,6 +123,10 @@ def test_bad_input_is_one_line_with_nothing_sent_and_dry_run_shows_the_plan(
 
 def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Broker,
                                                      fleet_keys: FleetKeys):
+    """The one-shot drivers are real processes (an operator's terminal: paused from another
+    command, interrupted with Ctrl-C); the commands run against them call the CLI's entry
+    point in this process. Bakes are long: each action lands while its rollout bakes, and
+    `promote` ends the bake."""
     n = 8
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         env = cli_env(fl)
@@ -154,49 +134,51 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         wait_until(lambda: all((d.link.health.health_summary()["requests"] or 0) > 0
                           for d in fl.sim.devices.values()), 20, "traffic")
         # no controller service: the CLI says so and how to start one; nothing is created
-        _one_line_error(cli("fleet", "rollout", "start", f"sha256:{v2}", *FAST_FLAGS, env=env), 1,
+        _one_line_error(cli_here("fleet", "rollout", "start", f"sha256:{v2}", *FAST_FLAGS,
+                                 env=env), 1,
                         "no controller is running", "edgefleet fleet controller", "--once")
         assert fl.db.rollouts() == []
         proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{v2}", "--id", "r-one",
-                      "--canary", "2", "--waves", "100%", "--bake", "8s", "--once", *FAST_FLAGS)
+                      "--canary", "2", "--waves", "100%", "--bake", "10m", "--once",
+                      *FAST_FLAGS)
         wait_until(lambda: (s := _stage(fl.db, "r-one", "canary")) and s.state == "baking", 30,
               "the canary bake")
-        r = cli("fleet", "rollout", "pause", "r-one", env=env)
+        r = cli_here("fleet", "rollout", "pause", "r-one", env=env)
         assert r.returncode == 0 and "paused" in r.stdout, r.stderr
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 1 and "paused by an operator (tester)" in err.splitlines()[-1]
-        r = cli("fleet", "rollout", "status", "r-one", "-o", "json", env=env)
+        r = cli_here("fleet", "rollout", "status", "r-one", "-o", "json", env=env)
         snap = json.loads(r.stdout)
-        assert snap["state"] == "paused" and snap["stage"] in ("canary", "wave-1")
-        r = cli("fleet", "rollout", "status", "r-one", env=env)
+        assert snap["state"] == "paused" and snap["stage"] == "canary"
+        r = cli_here("fleet", "rollout", "status", "r-one", env=env)
         assert "driver  none (nothing to drive while paused)" in r.stdout, r.stdout
         # one rollout per device: the paused one still holds its devices
-        _one_line_error(cli("fleet", "rollout", "start", f"sha256:{v3}", "--once", *FAST_FLAGS,
-                            env=env), 2, "rollout r-one (paused) already targets 8",
-                        "--replace")
-        r = cli("fleet", "rollout", "resume", "r-one", env=env)  # recorded; nobody drives it
+        _one_line_error(cli_here("fleet", "rollout", "start", f"sha256:{v3}", "--once",
+                                 *FAST_FLAGS, env=env), 2,
+                        "rollout r-one (paused) already targets 8", "--replace")
+        r = cli_here("fleet", "rollout", "resume", "r-one", env=env)  # recorded; no driver
         _one_line_error(r, 1, "no controller is running", "--once")
-        r = cli("fleet", "rollout", "status", "r-one", env=env)
+        r = cli_here("fleet", "rollout", "status", "r-one", env=env)
         assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
         # recorded as running; drive it from here, and end its bake now (promote)
-        r = cli("fleet", "rollout", "promote", "r-one", "--once", env=env)
+        r = cli_here("fleet", "rollout", "promote", "r-one", "--once", env=env)
         assert r.returncode == 0, r.stderr
         assert "SUCCEEDED" in r.stdout and "wave-1" in r.stdout
         assert {a for a in fl.actives().values()} == {v2}
-        r = cli("fleet", "rollout", "list", env=env)
+        r = cli_here("fleet", "rollout", "list", env=env)
         assert r.returncode == 0 and "r-one" in r.stdout and "succeeded" in r.stdout
         actions = [(a["action"], a["actor"]) for a in fl.db.audit_log("r-one")]
         assert ("start", "tester") in actions and ("request-pause", "tester") in actions
         assert ("resumed", "tester") in actions and ("promote", "tester") in actions
         assert actions[-1][0] == "succeeded"
         # roll a finished rollout back: every device it moved returns to v1
-        r = cli("fleet", "rollout", "rollback", "r-one", "--once", env=env)
+        r = cli_here("fleet", "rollout", "rollback", "r-one", "--once", env=env)
         assert r.returncode == 0 and "ROLLED-BACK" in r.stdout, r.stderr
         assert set(fl.actives().values()) == {v1}
         # Ctrl-C on a one-shot driver pauses the rollout, saying so (issue 14: it stayed
         # `running` with nobody driving it); abort then leaves devices as they are
         proc = _popen(fl, "fleet", "rollout", "start", f"sha256:{v3}", "--id", "r-two",
-                      "--canary", "2", "--bake", "30s", "--once", *FAST_FLAGS)
+                      "--canary", "2", "--bake", "10m", "--once", *FAST_FLAGS)
         wait_until(lambda: (s := _stage(fl.db, "r-two", "canary")) and s.state == "baking", 30,
               "the second canary bake")
         proc.send_signal(signal.SIGINT)
@@ -205,10 +187,10 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         row = fl.db.rollout("r-two")
         assert row.state == "paused" and "its driver stopped (interrupted)" in row.reason
         assert "interrupted: rollout r-two is paused" in err.splitlines()[-1]
-        r = cli("fleet", "rollout", "abort", "r-two", env=env)
+        r = cli_here("fleet", "rollout", "abort", "r-two", env=env)
         assert r.returncode == 0 and "aborted" in r.stdout, r.stderr
         assert sorted(fl.actives().values()).count(v3) == 2
-        r = cli("fleet", "rollout", "status", env=env)  # the latest
+        r = cli_here("fleet", "rollout", "status", env=env)  # the latest
         assert r.returncode == 0 and "r-two" in r.stdout and "ABORTED" in r.stdout
 
 
@@ -231,13 +213,14 @@ def test_rollout_commands_print_every_output_format(tmp_path: Path, broker: Brok
         # driven from this terminal: stdout is the rollout where it ended, as JSON
         r = cli("fleet", "rollout", "start", f"sha256:{v2.digest}", "--id", "r-json",
                 "--canary", "1", "--waves", "100%", "--once", "-o", "json", *FAST_FLAGS,
-                "--bake", "3s", "--min-requests", "1", env=env)
+                "--bake", "0s", env=env)
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)
         assert (doc["id"], doc["state"], doc["bundle"]["digest"]) == ("r-json", "succeeded",
                                                                       v2.digest)
         assert [s["done"] for s in doc["stages"]] == [1, 2]
-        r = cli("fleet", "rollout", "rollback", "r-json", "--once", "-o", "json", env=env)
+        r = cli_here("fleet", "rollout", "rollback", "r-json", "--once", "-o", "json",
+                     env=env)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["state"] == "rolled-back"
         # actions applied here (no driver): the rollout after it, and the message
