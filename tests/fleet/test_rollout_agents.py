@@ -100,7 +100,14 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
         assert snap["stages"][0]["name"] == "shadow" and ev["dies"] >= 300
         rows = json.loads(cli_here("fleet", "devices", "-o", "json", env=env).stdout)
         assert {d["model_digest"] for d in rows} == {digest}
-        assert all(d["health"] == "ok" and d["shadow"] is None for d in rows)
+        # healthy with no shadow left, as the boxes report it: waited for, since health is a
+        # window over the latest requests that restarts with the new model (seen once at load
+        # ~20: a box not `ok` in the first read after the rollout ended)
+        with open_controller(broker.mqtt(), settle_s=0) as ctl:
+            assert ctl.wait_for(lambda c: sum(
+                1 for s in c.devices().values()
+                if (s.get("health") or {}).get("status") == "ok"
+                and (s.get("model") or {}).get("shadow") is None) == 3, 30), ctl.devices()
     finally:
         stop.set()
         for p in procs:
