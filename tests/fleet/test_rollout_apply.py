@@ -78,6 +78,11 @@ def test_apply_is_idempotent_and_a_git_commit_rolls_out_and_its_revert_rolls_bac
         assert "(dry run) rollout lab-model: create lab-model-1" in r.stdout
         assert f"{n} of {n} devices would change" in r.stdout
         assert r.stdout.count(" -> ") == n and fl.db.rollouts() == []
+        # no controller running: refused, naming how to start one; nothing recorded
+        r = cli_here("fleet", "apply", "-f", str(doc), env=env)
+        assert r.returncode == 1 and "no controller is running" in r.stderr, r.stderr
+        assert "edgefleet fleet controller" in r.stderr and "--once" not in r.stderr
+        assert fl.db.rollouts() == [] and fl.db.declared("lab-model") == []
         # the repository the controller follows
         repo = tmp_path / "repo"
         repo.mkdir()
