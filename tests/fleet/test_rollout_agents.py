@@ -1,7 +1,7 @@
 """A rollout to real agents (`edgefleet agent serve` processes with their fleet link, serving
-dies on their sockets), driven by the real CLI: the candidate shadows the live model on the
-dies the testers send, through the agent's serving path, then goes live on every box. This is
-the sequence docs/rollouts.md gives for a few local agents."""
+dies on their sockets), driven through the CLI's entry point in this process: the candidate
+shadows the live model on the dies the testers send, through the agent's serving path, then
+goes live on every box. This is the sequence docs/rollouts.md gives for a few local agents."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from agent.install import InstallConfig, Installer
 from fleet.artifacts import ArtifactServer
 from fleet.inventory import open_controller
 from tests.broker_fixtures import Broker, FleetKeys, make_real_bundle
-from tests.fleet.rollout_helpers import REPO, cli, cli_here
+from tests.fleet.rollout_helpers import REPO, cli_here
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -71,7 +71,7 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
            "EDGEFLEET_KEYRING": str(fleet_keys.keyring), "EDGEFLEET_ACTOR": "tester",
            "EDGEFLEET_FLEET_KEY": str(fleet_keys.fleet_key),
            "EDGEFLEET_ARTIFACT_STORE": str(store)}
-    r = cli("fleet", "publish", str(v2), env=env)
+    r = cli_here("fleet", "publish", str(v2), env=env)
     assert r.returncode == 0 and "published fleet-test 1.2.5" in r.stdout, r.stderr
     digest = r.stdout.split("sha256:")[1].split()[0]
     srv = ArtifactServer(store).start()
@@ -89,10 +89,11 @@ def test_rollout_with_shadow_to_real_agents_serving_dies(tmp_path: Path, broker:
                 1 for s in c.devices().values()
                 if s.get("online") and ((s.get("summary") or {}).get("requests") or 0) > 50
             ) == 3, 60), ctl.devices()
-        r = cli("fleet", "rollout", "start", f"sha256:{digest}", "-l", "site in (lab1,lab2)",
-                "--id", "r-agents", "--canary", "1", "--waves", "100%", "--bake", "0s",
-                "--shadow-min-dies", "300", "--min-requests", "50", "--measure-interval",
-                "0.5s", "--artifact-url", srv.base_url, "--once", "-o", "json", env=env)
+        r = cli_here("fleet", "rollout", "start", f"sha256:{digest}", "-l",
+                     "site in (lab1,lab2)", "--id", "r-agents", "--canary", "1", "--waves",
+                     "100%", "--bake", "0s", "--shadow-min-dies", "300", "--min-requests", "50",
+                     "--measure-interval", "0.5s", "--artifact-url", srv.base_url, "--once",
+                     "-o", "json", env=env)
         assert r.returncode == 0, r.stderr
         snap = json.loads(r.stdout)
         assert snap["state"] == "succeeded"

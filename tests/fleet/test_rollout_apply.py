@@ -18,7 +18,7 @@ from fleet.controller import Controller, ControllerOptions
 from fleet.driver import DriverOptions
 from fleet.inventory import open_controller
 from tests.broker_fixtures import Broker, FleetKeys
-from tests.fleet.rollout_helpers import cli, cli_env, cli_here, floor, wait_reporting
+from tests.fleet.rollout_helpers import cli_env, cli_here, floor, wait_reporting
 
 DOC = """\
 apiVersion: edgefleet/v1
@@ -73,7 +73,7 @@ def test_apply_is_idempotent_and_a_git_commit_rolls_out_and_its_revert_rolls_bac
         doc = tmp_path / "rollout.yaml"
         doc.write_text(DOC.format(digest=v2))
         # the dry run: what would change on which devices; nothing recorded
-        r = cli("fleet", "apply", "-f", str(doc), "--dry-run", env=env)  # the real command
+        r = cli_here("fleet", "apply", "-f", str(doc), "--dry-run", env=env)
         assert r.returncode == 0, r.stderr
         assert "(dry run) rollout lab-model: create lab-model-1" in r.stdout
         assert f"{n} of {n} devices would change" in r.stdout

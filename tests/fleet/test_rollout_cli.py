@@ -127,7 +127,7 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
     command, interrupted with Ctrl-C); the commands run against them call the CLI's entry
     point in this process. Bakes are long: each action lands while its rollout bakes, and
     `promote` ends the bake."""
-    n = 8
+    n = 4
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         env = cli_env(fl)
         v1, v2, v3 = (fl.pubs[k].digest for k in ("v1", "v2", "v3"))
@@ -155,7 +155,7 @@ def test_pause_resume_status_list_rollback_and_abort(tmp_path: Path, broker: Bro
         # one rollout per device: the paused one still holds its devices
         _one_line_error(cli_here("fleet", "rollout", "start", f"sha256:{v3}", "--once",
                                  *FAST_FLAGS, env=env), 2,
-                        "rollout r-one (paused) already targets 8", "--replace")
+                        "rollout r-one (paused) already targets 4", "--replace")
         r = cli_here("fleet", "rollout", "resume", "r-one", env=env)  # recorded; no driver
         _one_line_error(r, 1, "no controller is running", "--once")
         r = cli_here("fleet", "rollout", "status", "r-one", env=env)
