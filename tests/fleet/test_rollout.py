@@ -103,7 +103,7 @@ def test_rollout_moves_every_device_through_canary_and_waves_one_command_each(
 
 def test_canary_failing_its_gates_is_rolled_back_within_10s_and_no_one_else_installs(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 15
+    n = 9
     p = plan(shadow=False, canary="3", bake_s=8, on_failure="rollback")
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
@@ -168,7 +168,7 @@ def test_a_device_left_behind_never_makes_a_success_until_retry_brings_it(
 
 def test_broker_restart_mid_rollout_completes(tmp_path: Path, broker: Broker,
                                               fleet_keys: FleetKeys):
-    n = 10
+    n = 6
     restarted = []
 
     def progress(snap):  # the broker goes away for 1 s while wave-1 is being sent

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 def test_candidate_shadows_then_is_promoted_without_a_second_download(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 9
+    n = 6
     p = plan(canary="3", waves=(100,), shadow_min_dies=300, **NO_BAKE)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
@@ -53,7 +53,7 @@ def test_candidate_shadows_then_is_promoted_without_a_second_download(
 
 def test_a_candidate_that_disagrees_is_stopped_at_the_shadow_stage(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 9
+    n = 6
     p = plan(canary="3", shadow_min_dies=300)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
@@ -75,7 +75,7 @@ def test_a_candidate_that_disagrees_is_stopped_at_the_shadow_stage(
 
 def test_too_little_shadow_evidence_pauses_and_never_passes(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 6
+    n = 4
     p = plan(canary="2", shadow_min_dies=10**7, shadow_timeout_s=1)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
