@@ -68,7 +68,7 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
         wait_until(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "healthz")
         second = _controller(fl, free_port())  # one controller per state store
         r = cli_here("fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}", "--id",
-                "r-kill", *flags, env=env)
+                     "r-kill", *flags, env=env)
         assert r.returncode == 0 and "the controller" in r.stdout, r.stderr
         _, err = second.communicate(timeout=60)
         assert second.returncode == 1 and "another controller" in err.splitlines()[-1], err
@@ -231,9 +231,9 @@ def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
             config = {"global": shipped["global"], "scrape_configs": [job]}
             (tmp_path / "prom.yml").write_text(fast(yaml.safe_dump(config)))
             prom = prometheus_procs(tmp_path, tmp_path / "prom.yml")
-            r = cli_here("fleet", "rollout", "start", f"sha256:{fl.pubs['v2'].digest}", "--id",
-                    "r-dash", "--canary", "2", "--waves", "100%", "--bake", "10m",
-                    *FAST_FLAGS, env=env)
+            r = cli_here("fleet", "rollout", "start", f"sha256:{fl.pubs['v2'].digest}",
+                         "--id", "r-dash", "--canary", "2", "--waves", "100%", "--bake", "10m",
+                         *FAST_FLAGS, env=env)
             assert r.returncode == 0, r.stderr
             assert prom.without_series(driven, timeout=90) == []
             r = cli_here("fleet", "rollout", "pause", "r-dash", env=env)
