@@ -1,7 +1,9 @@
-"""`edgefleet fleet rollout ...` as an operator runs it (the real CLI in subprocesses): bad input
-is refused in one line with nothing sent, a dry run shows the plan, pause / resume / abort /
-rollback / status / list in one-shot mode (`--once`), and what the CLI says without a
-controller. The controller service is tests/fleet/test_rollout_controller.py."""
+"""`edgefleet fleet rollout ...` as an operator runs it: bad input is refused in one line with
+nothing sent, a dry run shows the plan, pause / resume / abort / rollback / status / list in
+one-shot mode (`--once`), and what the CLI says without a controller. The one-shot drivers
+are real processes (paused from another command, interrupted with Ctrl-C); the other commands
+call the CLI's entry point in this process (rollout_helpers.cli_here), one real `edgefleet`
+process excepted. The controller service is tests/fleet/test_rollout_controller.py."""
 
 from __future__ import annotations
 
