@@ -325,12 +325,14 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
 
 
 def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 5.0) -> None:
-    """Wait until no new message arrived for `settle_s` (the retained burst is over)."""
+    """Wait until no new retained message arrived for `settle_s` (the retained burst is
+    over). Live reports do not count: on a fleet that reports all the time there is never a
+    quiet `settle_s`, and every command would wait `max_s`."""
     deadline = time.monotonic() + max_s
     last = -1
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        n = ctl.messages
+        n = ctl.retained
         if n != last:
             last, quiet_since = n, time.monotonic()
         elif time.monotonic() - quiet_since >= settle_s:

@@ -53,6 +53,7 @@ from agent.install import State as InstallState
 from agent.keys import Keyring
 from agent.link import DeviceLink, LinkConfig, MqttConfig, StaticHealth
 from agent.shadow import ShadowHost
+from agent.wire import Reason
 from fleet.transport import SelectorLoop
 
 __all__ = ["DeviceFaults", "LightInstaller", "LightTimings", "SimConfig", "SimDevice", "Simulator",
@@ -143,7 +144,8 @@ class _FailingInstaller:
 
     def install(self, bundle: Path, **kw: Any) -> Any:
         raise InstallFailed("install", None, "unpack", "OSError",
-                            f"[Errno 28] No space left on device (simulated) unpacking {bundle}")
+                            f"[Errno 28] No space left on device (simulated) unpacking {bundle}",
+                            Reason.OS_ERROR)
 
 
 class LightTimings:

@@ -105,6 +105,7 @@ class FleetController:
         self._subscribed = threading.Event()
         self.connected = threading.Event()
         self.messages = 0
+        self.retained = 0  # of those, retained ones: the burst a new subscription gets
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class FleetController:
             return  # the ACL stops this on a TLS broker; be as strict on a plain one
         with self._cond:
             self.messages += 1
+            self.retained += bool(msg.retain)
             if kind == "state":
                 if not msg.retain:  # a live report: fresh as of now (retained ones may be old)
                     doc["_received"] = time.time()

@@ -118,7 +118,7 @@ cmd_wheelhouse() {
         pip_quiet download --quiet --dest "$WHEELHOUSE" --only-binary=:all: "${plat[@]}" \
             --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
             --constraint "$REPO/docker/constraints.txt" \
-            "$WHEELHOUSE"/edgefleet-*.whl "pip==$PIP_VERSION"
+            "$(echo "$WHEELHOUSE"/edgefleet-*.whl)[controller]" "pip==$PIP_VERSION"
     done
     log "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 }
@@ -132,7 +132,7 @@ cmd_lock() {
     pip_quiet install --quiet --dry-run --ignore-installed --report "$report" \
         --target "$tmp/t" --only-binary=:all: "${plat[@]}" \
         --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-        "$tmp"/edgefleet-*.whl
+        "$(echo "$tmp"/edgefleet-*.whl)[controller]"
     {
         sed -n '1,/^[^#]/{/^#/p}' "$REPO/docker/constraints.txt"
         "$HOST_PYTHON" -c '

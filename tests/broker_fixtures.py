@@ -158,15 +158,20 @@ class FleetKeys:
     fleet_key: Path
 
 
-@pytest.fixture
-def fleet_keys(tmp_path: Path) -> FleetKeys:
+def make_fleet_keys(root: Path) -> FleetKeys:
     """A release key (bundles) and a fleet key (commands), each trusted for its role."""
-    release = generate_keypair(tmp_path / "keys", "release")
-    fleet = generate_keypair(tmp_path / "keys", "fleet")
-    ring = tmp_path / "keyring"
+    release = generate_keypair(root / "keys", "release")
+    fleet = generate_keypair(root / "keys", "fleet")
+    ring = root / "keyring"
     trust_key(ring, release.public_path, "release")
     trust_key(ring, fleet.public_path, "fleet")
     return FleetKeys(ring, release.private_path, fleet.private_path)
+
+
+@pytest.fixture
+def fleet_keys(tmp_path: Path) -> FleetKeys:
+    """A release key (bundles) and a fleet key (commands), each trusted for its role."""
+    return make_fleet_keys(tmp_path)
 
 
 N_FEATURES = 8

@@ -396,3 +396,37 @@ def test_a_revocation_applied_as_the_guide_says_reaches_a_running_agents_keyring
     with pytest.raises(RevokedKey):
         running.current().public_key(rel.key_id, "release")
     assert running.current().public_key(fleet.key_id, "fleet")
+
+
+def test_pods_sharing_a_read_write_once_claim_are_scheduled_onto_one_node():
+    """ReadWriteOnce is one node: the rollout controller mounts the artifact server's claim
+    (read-only, for `--git-repo`), so it must be required onto the node of the pod that
+    mounts it first, or it stays Pending (or fails to attach) anywhere else."""
+    import yaml
+
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl (for kustomize) is not installed", pytrace=False)
+    out = subprocess.run(["kubectl", "kustomize", str(K3S / "overlays" / "central")],
+                         check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    rwo = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"
+           and d["spec"]["accessModes"] == ["ReadWriteOnce"]}
+    users: dict[str, list[dict]] = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            for v in d["spec"]["template"]["spec"].get("volumes", []):
+                claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+                if claim in rwo:
+                    users.setdefault(claim, []).append(d)
+    shared = {c: ds for c, ds in users.items() if len(ds) > 1}
+    assert set(shared) == {"artifacts"}, {c: [d["metadata"]["name"] for d in ds]
+                                          for c, ds in shared.items()}
+    first, *others = shared["artifacts"]
+    assert first["metadata"]["name"] == "artifacts"
+    labels = first["spec"]["template"]["metadata"]["labels"]
+    for d in others:
+        terms = d["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]
+        assert any(t["topologyKey"] == "kubernetes.io/hostname" and
+                   t["labelSelector"]["matchLabels"].items() <= labels.items()
+                   for t in terms), (d["metadata"]["name"], terms)

@@ -123,3 +123,27 @@ def test_fleet_devices_lists_retained_states_with_selector_and_json(
     finally:
         for b in boxes:
             b.stop()
+
+
+def test_settling_waits_for_the_retained_burst_not_for_a_quiet_fleet():
+    """A fleet that reports all the time never falls quiet: waiting for no message at all
+    made every command that reads the fleet (`fleet devices`, `rollout start`) wait its full
+    cap. Only the retained burst a new subscription gets counts."""
+    import time
+
+    from fleet.inventory import wait_settled
+
+    class Chatty:  # a live report on every look; the retained burst is over
+        retained = 12
+
+        def __init__(self) -> None:
+            self.looks = 0
+
+        @property
+        def messages(self) -> int:
+            self.looks += 1
+            return self.looks
+
+    t0 = time.monotonic()
+    wait_settled(Chatty(), 0.05, max_s=10)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 10  # returned on the quiet burst, not at the cap

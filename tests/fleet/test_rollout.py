@@ -22,6 +22,7 @@ from fleet.rollout import drive, snapshot
 from fleet.state import S_DONE
 from tests.broker_fixtures import Broker, FleetKeys
 from tests.fleet.rollout_helpers import (
+    NO_BAKE,
     CommandSniffer,
     expected_stages,
     floor,
@@ -72,8 +73,8 @@ def test_rollout_moves_every_device_through_canary_and_waves_one_command_each(
     """...and a device that answers other devices' commands from its own topic (issue 14:
     it rolled a whole rollout back) changes nothing: an event counts only from the device
     the command was for."""
-    n = 24
-    p = plan(shadow=False, canary="3", waves=(25, 100))
+    n = 12
+    p = plan(shadow=False, canary="3", waves=(50, 100), wave_bake_s=0)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
         forger = Forger(fl.mqtt, sorted(fl.sim.devices)[-1])
@@ -85,7 +86,7 @@ def test_rollout_moves_every_device_through_canary_and_waves_one_command_each(
         assert set(fl.actives().values()) == {fl.pubs["v2"].digest}
         snap = snapshot(fl.db, rid)
         assert [(s["name"], s["devices"], s["done"], s["state"]) for s in snap["stages"]] == [
-            ("canary", 3, 3, "passed"), ("wave-1", 3, 3, "passed"), ("wave-2", 18, 18, "passed")]
+            ("canary", 3, 3, "passed"), ("wave-1", 3, 3, "passed"), ("wave-2", 6, 6, "passed")]
         assert snap["stages"][0]["verdict"]["verdict"] == "pass"
         canary = {s.device_id for s in fl.db.steps(rid)} & set(expected_stages(p, n)["canary"])
         assert len(canary) == 3  # the planned canary is the one that went first
@@ -102,7 +103,7 @@ def test_rollout_moves_every_device_through_canary_and_waves_one_command_each(
 
 def test_canary_failing_its_gates_is_rolled_back_within_10s_and_no_one_else_installs(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 15
+    n = 9
     p = plan(shadow=False, canary="3", bake_s=8, on_failure="rollback")
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
@@ -129,7 +130,7 @@ def test_a_device_left_behind_never_makes_a_success_until_retry_brings_it(
     it; resume checks again (still behind: paused again); retry commands it; then success."""
     n = 6
     p = plan(shadow=False, canary="2", waves=(100,), offline="wait", offline_wait_s=1,
-             max_failures="50%")
+             max_failures="50%", **NO_BAKE)
     away = sorted(expected_stages(p, n)["wave-1"])[0]
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         fl.sim.devices[away].network.cut(600)
@@ -153,7 +154,7 @@ def test_a_device_left_behind_never_makes_a_success_until_retry_brings_it(
         # the same bundle again: every device is already there, which is taken only from a
         # report made after this rollout began (asked for with report-now when needed)
         sniffer = CommandSniffer(fl.mqtt)
-        rid2, row2 = run_in_process(fl, plan(shadow=False, canary="2", waves=(100,)))
+        rid2, row2 = run_in_process(fl, plan(shadow=False, canary="2", waves=(100,), **NO_BAKE))
         sniffer.close()
         assert row2.state == "succeeded", row2.reason
         installs = [s for s in fl.db.steps(rid2) if s.step == "install"]
@@ -167,18 +168,18 @@ def test_a_device_left_behind_never_makes_a_success_until_retry_brings_it(
 
 def test_broker_restart_mid_rollout_completes(tmp_path: Path, broker: Broker,
                                               fleet_keys: FleetKeys):
-    n = 20
+    n = 6
     restarted = []
 
-    def progress(snap):  # the broker goes away for 2 s while wave-1 is being sent
+    def progress(snap):  # the broker goes away for 1 s while wave-1 is being sent
         st = {s["name"]: s for s in snap["stages"]}
         if not restarted and st["wave-1"]["state"] == "deploying":
             restarted.append(time.monotonic())
             broker.stop()
-            threading.Timer(2.0, broker.start).start()
+            threading.Timer(1.0, broker.start).start()
 
     with floor(tmp_path, broker, fleet_keys, n) as fl:
-        p = plan(shadow=False, canary="2", waves=(50, 100), max_parallel=1)
+        p = plan(shadow=False, canary="2", waves=(50, 100), max_parallel=1, **NO_BAKE)
         rid, row = run_in_process(fl, p, on_progress=progress)
         assert restarted, "the broker was never restarted"
         assert row.state == "succeeded", row.reason

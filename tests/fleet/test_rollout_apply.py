@@ -18,7 +18,7 @@ from fleet.controller import Controller, ControllerOptions
 from fleet.driver import DriverOptions
 from fleet.inventory import open_controller
 from tests.broker_fixtures import Broker, FleetKeys
-from tests.fleet.rollout_helpers import cli, cli_env, floor, wait_reporting
+from tests.fleet.rollout_helpers import cli_env, cli_here, floor, wait_reporting
 
 DOC = """\
 apiVersion: edgefleet/v1
@@ -31,7 +31,7 @@ spec:
   strategy:
     shadow: false
     canary: 1
-    bake: 3s
+    bake: 0s
     waves: [100%]
   minRequests: 1
   timeouts: {{step: 20s, healthGrace: 5s, measureInterval: 0.3s}}
@@ -73,11 +73,16 @@ def test_apply_is_idempotent_and_a_git_commit_rolls_out_and_its_revert_rolls_bac
         doc = tmp_path / "rollout.yaml"
         doc.write_text(DOC.format(digest=v2))
         # the dry run: what would change on which devices; nothing recorded
-        r = cli("fleet", "apply", "-f", str(doc), "--dry-run", env=env)
+        r = cli_here("fleet", "apply", "-f", str(doc), "--dry-run", env=env)
         assert r.returncode == 0, r.stderr
         assert "(dry run) rollout lab-model: create lab-model-1" in r.stdout
         assert f"{n} of {n} devices would change" in r.stdout
         assert r.stdout.count(" -> ") == n and fl.db.rollouts() == []
+        # no controller running: refused, naming how to start one; nothing recorded
+        r = cli_here("fleet", "apply", "-f", str(doc), env=env)
+        assert r.returncode == 1 and "no controller is running" in r.stderr, r.stderr
+        assert "edgefleet fleet controller" in r.stderr and "--once" not in r.stderr
+        assert fl.db.rollouts() == [] and fl.db.declared("lab-model") == []
         # the repository the controller follows
         repo = tmp_path / "repo"
         repo.mkdir()
@@ -109,7 +114,7 @@ def test_apply_is_idempotent_and_a_git_commit_rolls_out_and_its_revert_rolls_bac
                                                       for r in fl.db.rollouts()]
                 assert set(fl.actives().values()) == {v2}
                 # the same document again, by hand: nothing to do
-                r = cli("fleet", "apply", "-f", str(doc), "-o", "json", env=env)
+                r = cli_here("fleet", "apply", "-f", str(doc), "-o", "json", env=env)
                 assert r.returncode == 0, r.stderr
                 assert [(c["action"], c["rollout_id"]) for c in json.loads(r.stdout)] == [
                     ("unchanged", "lab-model-1")]

@@ -24,8 +24,8 @@ from tests.fleet.rollout_helpers import (
     REPO,
     CommandSniffer,
     Floor,
-    cli,
     cli_env,
+    cli_here,
     floor,
     wait_until,
 )
@@ -56,8 +56,10 @@ def _get(url: str) -> tuple[int, str]:
 def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_command(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
     n = 10
-    flags = ["--canary", "2", "--waves", "30%,90%,100%", "--bake", "2s", "--wave-bake",
-             "1s", "--max-parallel", "1", *FAST_FLAGS]
+    # the canary bakes until promoted (the operator's requests land while it does); the
+    # waves do not bake, and wave-2 sends its six installs one at a time
+    flags = ["--canary", "2", "--waves", "30%,90%,100%", "--bake", "10m", "--wave-bake",
+             "0s", "--max-parallel", "1", *FAST_FLAGS]
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         env = cli_env(fl)
         sniffer = CommandSniffer(fl.mqtt)
@@ -65,11 +67,11 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
         first = _controller(fl, port)
         wait_until(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "healthz")
         second = _controller(fl, free_port())  # one controller per state store
+        r = cli_here("fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}", "--id",
+                     "r-kill", *flags, env=env)
+        assert r.returncode == 0 and "the controller" in r.stdout, r.stderr
         _, err = second.communicate(timeout=60)
         assert second.returncode == 1 and "another controller" in err.splitlines()[-1], err
-        r = cli("fleet", "rollout", "start", f"sha256:{fl.pubs['v3'].digest}", "--id",
-                "r-kill", *flags, env=env)
-        assert r.returncode == 0 and "the controller" in r.stdout, r.stderr
         # while it is driven: status names the driver and its heartbeat; /metrics shows it
         snap = wait_until(lambda: (sn := snapshot(fl.db, "r-kill"))["driver"]["live"] and sn,
                           60, "the controller to drive it")
@@ -80,12 +82,14 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
         assert 'edgefleet_rollout_stage{phase="' in metrics
         assert 'edgefleet_rollouts{state="running"} 1.0' in metrics
         # operator requests go to the controller, which applies them (the CLI waits for it)
-        r = cli("fleet", "rollout", "pause", "r-kill", env=env)
+        r = cli_here("fleet", "rollout", "pause", "r-kill", env=env)
         assert r.returncode == 0 and "r-kill: paused" in r.stdout, r.stderr
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert 'edgefleet_rollout_paused{reason="operator",rollout="r-kill"} 1.0' in metrics
-        r = cli("fleet", "rollout", "resume", "r-kill", env=env)
+        r = cli_here("fleet", "rollout", "resume", "r-kill", env=env)
         assert r.returncode == 0 and "r-kill: running" in r.stdout, r.stderr
+        r = cli_here("fleet", "rollout", "promote", "r-kill", env=env)  # ends the canary bake
+        assert r.returncode == 0, r.stderr
 
         def mid_wave():  # wave-2 deploying (6 devices, one at a time)
             st = next((s for s in fl.db.stages("r-kill") if s.name == "wave-2"), None)
@@ -97,7 +101,7 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
         first.communicate(timeout=10)
         row = fl.db.rollout("r-kill")
         assert row.state == "running" and row.owner  # it died holding the rollout
-        r = cli("fleet", "rollout", "status", "r-kill", env=env)
+        r = cli_here("fleet", "rollout", "status", "r-kill", env=env)
         assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
         port2 = free_port()
         again = _controller(fl, port2)  # the supervisor restarts it
@@ -227,12 +231,12 @@ def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
             config = {"global": shipped["global"], "scrape_configs": [job]}
             (tmp_path / "prom.yml").write_text(fast(yaml.safe_dump(config)))
             prom = prometheus_procs(tmp_path, tmp_path / "prom.yml")
-            r = cli("fleet", "rollout", "start", f"sha256:{fl.pubs['v2'].digest}", "--id",
-                    "r-dash", "--canary", "2", "--waves", "100%", "--bake", "10m",
-                    *FAST_FLAGS, env=env)
+            r = cli_here("fleet", "rollout", "start", f"sha256:{fl.pubs['v2'].digest}",
+                         "--id", "r-dash", "--canary", "2", "--waves", "100%", "--bake", "10m",
+                         *FAST_FLAGS, env=env)
             assert r.returncode == 0, r.stderr
             assert prom.without_series(driven, timeout=90) == []
-            r = cli("fleet", "rollout", "pause", "r-dash", env=env)
+            r = cli_here("fleet", "rollout", "pause", "r-dash", env=env)
             assert r.returncode == 0, r.stderr
             assert prom.without_series(paused, timeout=60) == []
         finally:

@@ -13,6 +13,7 @@ from fleet.actions import apply
 from fleet.rollout import drive, snapshot
 from tests.broker_fixtures import Broker, FleetKeys
 from tests.fleet.rollout_helpers import (
+    NO_BAKE,
     CommandSniffer,
     expected_stages,
     floor,
@@ -25,8 +26,8 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 def test_candidate_shadows_then_is_promoted_without_a_second_download(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 9
-    p = plan(canary="3", waves=(100,), shadow_min_dies=600)
+    n = 6
+    p = plan(canary="3", waves=(100,), shadow_min_dies=300, **NO_BAKE)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
         rid, row = run_in_process(fl, p)
@@ -36,7 +37,7 @@ def test_candidate_shadows_then_is_promoted_without_a_second_download(
         shadow = snap["stages"][0]
         assert (shadow["name"], shadow["state"], shadow["done"]) == ("shadow", "passed", 3)
         ev = shadow["verdict"]["evidence"]
-        assert ev["dies"] >= 600 and ev["agree"] / ev["dies"] >= 0.98
+        assert ev["dies"] >= 300 and ev["agree"] / ev["dies"] >= 0.98
         assert {r["gate"].split(">")[0].split("<")[0]: r["verdict"]
                 for r in shadow["verdict"]["results"]} == {
             "agreement": "pass", "fail_rate_delta": "pass", "score_psi": "pass"}
@@ -52,8 +53,8 @@ def test_candidate_shadows_then_is_promoted_without_a_second_download(
 
 def test_a_candidate_that_disagrees_is_stopped_at_the_shadow_stage(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 9
-    p = plan(canary="3", shadow_min_dies=600)
+    n = 6
+    p = plan(canary="3", shadow_min_dies=300)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
         rid, row = run_in_process(fl, p, bundle="bad")
@@ -74,8 +75,8 @@ def test_a_candidate_that_disagrees_is_stopped_at_the_shadow_stage(
 
 def test_too_little_shadow_evidence_pauses_and_never_passes(
         tmp_path: Path, broker: Broker, fleet_keys: FleetKeys):
-    n = 6
-    p = plan(canary="2", shadow_min_dies=10**7, shadow_timeout_s=3)
+    n = 4
+    p = plan(canary="2", shadow_min_dies=10**7, shadow_timeout_s=1)
     with floor(tmp_path, broker, fleet_keys, n) as fl:
         sniffer = CommandSniffer(fl.mqtt)
         rid, row = run_in_process(fl, p)

@@ -1,0 +1,257 @@
+"""The rollout driver (fleet/driver.py) carrying out the decision core's rules end to end, in
+milliseconds: a real SQLite state store and the real driver, with the time passed in (the
+driver's `clock`) and a scripted fleet in place of the broker. What the rules decide is
+tests/fleet/test_rollout_decide.py; here, what the driver makes of them: which commands go
+out, how each stage and the rollout end, and the reason an operator reads. A timeout, an
+offline wait or a health grace is a step of the test's clock, not a wait.
+
+The scripted fleet stands in for `FleetController` (fleet/transport.py) only: the commands, the
+events and the states on the wire are real-broker tests (tests/fleet/test_rollout.py, with the
+simulator; test_rollout_agents.py, with real agents)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.commands import Command
+from fleet.driver import Bundle, RolloutDriver
+from fleet.inventory import Device, Inventory
+from fleet.rollout import NewRollout, Plan, assign, create
+from fleet.state import StateDB
+
+NEW, OLD = "ab" * 32, "cd" * 32
+BUNDLE = Bundle(NEW, 10, "http://artifacts/sha256/" + NEW, 2, "m", "2")
+
+
+class _Acked:
+    """paho's message info for a command the broker took at once."""
+
+    @staticmethod
+    def is_published() -> bool:
+        return True
+
+
+class ScriptedFleet:
+    """The devices as the driver sees them: their latest states, their events, and what was
+    published to them. Each device answers a command as its behaviour says, when the test
+    calls `answer()`: "ok" (goes live, healthy), "fail" (os-error), "silent" (never answers),
+    "sick" (goes live in fallback), "offline" (not connected), "rolled back by hand" (runs the
+    old model whatever its retained state said)."""
+
+    def __init__(self, n: int, clock: Callable[[], float],
+                 behaviour: dict[str, str] | None = None) -> None:
+        self.clock = clock
+        self.behaviour = behaviour or {}
+        self.connected = threading.Event()
+        self.connected.set()
+        self.devices = [f"box-{i:02d}" for i in range(n)]
+        self.states = {d: self._doc(d, OLD) for d in self.devices}
+        self.sent: list[Command] = []
+        self._queue: list[Command] = []
+        self._listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self._seq = 0
+
+    def _doc(self, d: str, active: str, health: str = "ok") -> dict[str, Any]:
+        i = self.devices.index(d)
+        return {"device_id": d, "online": self.behaviour.get(d) != "offline",
+                "labels": {"site": f"s{i % 2}"}, "_received": self.clock(),
+                "model": {"active": {"digest": active, "version": "2" if active == NEW
+                                     else "1"}},
+                "health": {"status": health,
+                           "reason": "model error" if health != "ok" else None},
+                "summary": {"requests": 100}}
+
+    def inventory(self) -> Inventory:
+        return Inventory(Device.from_state(s) for s in self.states.values())
+
+    # -- what the driver calls (FleetController's interface) -------------------------------
+
+    def add_listener(self, fn: Callable[[str, str, dict[str, Any]], None]) -> None:
+        self._listeners.append(fn)
+
+    def orphan_events(self) -> list[dict[str, Any]]:
+        return []
+
+    def state(self, device: str) -> dict[str, Any] | None:
+        return self.states.get(device)
+
+    def publish(self, cmd: Command, track: bool = True) -> _Acked:
+        self.sent.append(cmd)
+        self._queue.append(cmd)
+        return _Acked()
+
+    # -- the devices ---------------------------------------------------------------------
+
+    def answer(self) -> None:
+        """Every device that got a command answers it (or not) as its behaviour says."""
+        queue, self._queue = self._queue, []
+        for cmd in queue:
+            d, how = cmd.device_id, self.behaviour.get(cmd.device_id, "ok")
+            if how in ("silent", "offline"):
+                continue
+            if how == "fail":
+                self._event(cmd, "failed", reason="os-error", detail="disk full")
+                continue
+            active = self.states[d]["model"]["active"]["digest"]
+            step = {"install": "live", "rollback": "rolled-back",
+                    "report-now": "reported"}[cmd.type]
+            active = {"install": NEW, "rollback": OLD}.get(cmd.type, active)
+            if how == "rolled back by hand":  # its retained state is older than that
+                active = NEW if cmd.type == "install" else OLD
+            self.states[d] = self._doc(d, active, "fallback" if how == "sick" else "ok")
+            self.states[d]["last_command"] = {"id": cmd.id, "result": step}
+            for fn in self._listeners:
+                fn("state", d, self.states[d])
+            self._event(cmd, step)
+
+    def _event(self, cmd: Command, step: str, **kw: Any) -> None:
+        self._seq += 1
+        doc = {"device_id": cmd.device_id, "boot": "b", "seq": self._seq,
+               "command_id": cmd.id, "rollout_id": cmd.rollout_id, "type": cmd.type,
+               "step": step, **kw}
+        for fn in self._listeners:
+            fn("event", cmd.device_id, doc)
+
+    def installs(self) -> set[str]:
+        return {c.device_id for c in self.sent if c.type == "install"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()  # the rollout's creation time is real; from there, ours
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(tmp_path: Path, n: int, behaviour: dict[str, str] | None = None, *,
+        step_s: float = 1.0, max_rounds: int = 2000,
+        before: Callable[[ScriptedFleet], None] | None = None, **plan: Any):
+    """Create and drive a rollout to where it stops needing a driver; the clock moves
+    `step_s` per round; `before` sets the fleet up first. Returns (db, rollout id, fleet)."""
+    clock = Clock()
+    fleet = ScriptedFleet(n, clock, behaviour)
+    if before is not None:
+        before(fleet)
+    db = StateDB(tmp_path / "rollouts.db")
+    p = Plan(**{"shadow": False, "bake_s": 0, "wave_bake_s": 0, "step_timeout_s": 30,
+                "health_grace_s": 5, "offline_wait_s": 20, "max_parallel": 50, **plan})
+    rid = create(db, p, NewRollout(BUNDLE, fleet.inventory(), "tester", "r-1"))
+    driver = RolloutDriver(db, rid, fleet, owner="test", clock=clock)  # type: ignore[arg-type]
+    for _ in range(max_rounds):
+        if not driver.tick():
+            break
+        fleet.answer()
+        clock.now += step_s
+    else:
+        raise AssertionError(f"still driving after {max_rounds} rounds: {db.rollout(rid)}")
+    driver.flush()
+    return db, rid, fleet
+
+
+def planned(n: int, **plan: Any) -> dict[str, tuple[str, ...]]:
+    """Which device lands in which stage (it depends only on ids and labels)."""
+    p = Plan(**{"shadow": False, **plan})
+    return {s.name: s.devices for s in assign(p, ScriptedFleet(n, Clock()).inventory())}
+
+
+def _stages(db: StateDB, rid: str) -> list[tuple[str, int, str]]:
+    return [(s.name, s.devices, s.state) for s in db.stages(rid)]
+
+
+def test_a_healthy_fleet_succeeds_stage_by_stage_one_command_each(tmp_path: Path):
+    db, rid, fleet = run(tmp_path, 10, canary="2", waves=(50, 100))
+    assert db.rollout(rid).state == "succeeded"
+    assert _stages(db, rid) == [("canary", 2, "passed"), ("wave-1", 3, "passed"),
+                                ("wave-2", 5, "passed")]
+    assert sorted(c.device_id for c in fleet.sent) == fleet.devices
+
+
+def test_over_budget_stops_the_rollout_where_it_is_and_rolls_back(tmp_path: Path):
+    """The old broker test (60 simulated devices, 5% budget): 3 failures in a wave whose
+    budget is 1 fail it; no later wave gets a command; what moved goes back."""
+    stages = planned(20, canary="2", waves=(50, 100))
+    bad = sorted(stages["wave-1"])[:3]
+    db, rid, fleet = run(tmp_path, 20, dict.fromkeys(bad, "fail"), canary="2",
+                         waves=(50, 100), max_failures="5%", on_failure="rollback")
+    row = db.rollout(rid)
+    assert row.state == "rolled-back", row.reason
+    assert row.reason.startswith("wave-1: 3 of 8 devices failed, budget 0: ")
+    assert not fleet.installs() & set(stages["wave-2"])
+    assert {c.device_id for c in fleet.sent if c.type == "rollback"} == \
+        fleet.installs() - set(bad)
+    assert {s["model"]["active"]["digest"] for s in fleet.states.values()} == {OLD}
+
+
+def test_within_budget_the_end_is_paused_naming_who_was_left_behind(tmp_path: Path):
+    """Issue 14: "wave-1, whose only device failed, shows passed" and the rollout said
+    SUCCEEDED with a device on the old model. A stage with a failure is `partial`; the end
+    is paused, naming the device and what to run next; timeouts count as failures."""
+    db, rid, _ = run(tmp_path, 6, {"box-05": "fail", "box-04": "silent"}, canary="1",
+                         waves=(100,), max_failures="50%")
+    row = db.rollout(rid)
+    assert row.state == "paused", row.reason
+    assert row.reason.startswith("2 of 6 devices do not run the bundle: ")
+    assert "box-05 (failed: failed)" in row.reason and "box-04 (timeout" in row.reason
+    assert f"next: edgefleet fleet rollout retry {rid}" in row.reason
+    assert [s for _, _, s in _stages(db, rid)] == ["passed", "partial"]
+    steps = {s.device_id: s for s in db.steps(rid)}
+    assert (steps["box-05"].status, steps["box-05"].reason) == ("failed", "os-error")
+    assert (steps["box-04"].status, steps["box-04"].reason) == ("timeout", "timeout")
+    # with --allow-partial, the same fleet ends succeeded, the left-behind listed
+    db2, rid2, _ = run(tmp_path / "partial", 6, {"box-05": "fail"}, canary="1", waves=(100,),
+                       max_failures="50%", allow_partial=True)
+    assert db2.rollout(rid2).state == "succeeded"
+    assert "box-05" in (db2.rollout(rid2).reason or "")
+
+
+def test_a_device_live_but_unhealthy_past_the_grace_has_failed(tmp_path: Path):
+    (sick,) = planned(4, canary="1", waves=(100,))["canary"]
+    db, rid, fleet = run(tmp_path, 4, {sick: "sick"}, canary="1", waves=(100,))
+    row = db.rollout(rid)
+    assert row.state == "paused"  # the canary's budget is 0 devices
+    assert row.reason.startswith(f"canary: 1 of 1 devices failed, budget 0: {sick} "
+                                 "(unhealthy)")
+    step = next(s for s in db.steps(rid) if s.device_id == sick)
+    assert (step.status, step.result, step.reason) == ("failed", "live", "unhealthy")
+    assert "live, but health is fallback: model error" in step.detail
+    assert fleet.installs() == {sick}  # no one else
+
+
+def test_offline_devices_are_skipped_or_failed_after_the_wait(tmp_path: Path):
+    db, rid, fleet = run(tmp_path, 6, {"box-03": "offline"}, canary="1", waves=(100,),
+                         offline="skip", allow_partial=True)
+    step = next(s for s in db.steps(rid) if s.device_id == "box-03")
+    assert step.status == "skipped" and "box-03" not in fleet.installs()
+    assert db.rollout(rid).state == "succeeded"
+    # offline=wait: failed once its stage waited offline_wait_s (20 s of the test's clock)
+    db, rid, fleet = run(tmp_path / "wait", 6, {"box-03": "offline"}, canary="1",
+                         waves=(100,), offline="wait", max_failures="1")
+    step = next(s for s in db.steps(rid) if s.device_id == "box-03")
+    assert (step.status, step.reason) == ("failed", "offline")
+    assert db.rollout(rid).state == "paused" and "box-03" in db.rollout(rid).reason
+
+
+def test_a_device_already_there_is_skipped_only_after_a_fresh_report(tmp_path: Path):
+    """Issue 14: a device rolled back by hand just before the rollout was taken as "already
+    there" from its retained state. Its state from before the rollout began is asked again
+    (report-now); only the fresh answer decides: there, no install; rolled back, installed."""
+    def stale(fleet: ScriptedFleet) -> None:
+        for d in ("box-00", "box-01"):  # retained states from before: NEW, but stale
+            fleet.states[d] = fleet._doc(d, NEW)
+            fleet.states[d]["_received"] = fleet.clock() - 2
+        fleet.behaviour["box-01"] = "rolled back by hand"  # its fresh report says OLD
+
+    db, rid, fleet = run(tmp_path, 4, before=stale, canary="1", waves=(100,))
+    assert db.rollout(rid).state == "succeeded"
+    reports = {c.device_id for c in fleet.sent if c.type == "report-now"}
+    assert reports == {"box-00", "box-01"}
+    steps = {(s.device_id, s.step): s for s in db.steps(rid)}
+    assert (steps["box-00", "install"].status, steps["box-00", "install"].result) == (
+        "done", "unchanged")
+    assert "box-00" not in fleet.installs() and "box-01" in fleet.installs()
