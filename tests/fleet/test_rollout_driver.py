@@ -142,6 +142,7 @@ def run(tmp_path: Path, n: int, behaviour: dict[str, str] | None = None, *,
     p = Plan(**{"shadow": False, "bake_s": 0, "wave_bake_s": 0, "step_timeout_s": 30,
                 "health_grace_s": 5, "offline_wait_s": 20, "max_parallel": 50, **plan})
     rid = create(db, p, NewRollout(BUNDLE, fleet.inventory(), "tester", "r-1"))
+    assert db.acquire(rid, "test") is None  # the driver's writes are fenced by this lease
     driver = RolloutDriver(db, rid, fleet, owner="test", clock=clock)  # type: ignore[arg-type]
     for _ in range(max_rounds):
         if not driver.tick():
