@@ -555,6 +555,8 @@ class RolloutDriver:
         self._send([s for s in todo if s.status == StepStatus.PENDING])
         if any(s.status not in STEP_FINAL for s in todo):
             return
+        if any(k[1] == "report" for k in self.in_flight):
+            return  # a report-now still out: end with every step final (its timeout bounds this)
         behind = D.left_behind(targets, self.steps, views,  # type: ignore[arg-type]
                                self.bundle.digest)
         detail = {"left_behind": [{"device": d, "why": w} for d, w in behind]}
