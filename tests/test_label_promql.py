@@ -1,5 +1,6 @@
 """The realized false-fail query of docs/operations.md, run as written by a real Prometheus
-(Debian's package) scraping a real agent whose tester sends dies and then final-test labels."""
+(Debian's package) scraping a real agent whose tester sends dies and then final-test labels;
+and the rollout's label gates (fleet/label_gates.py) reading their counts from it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import pytest
 
 from agent.client import Client
 from agent.predlog import wait_flushed
+from fleet.gates import parse_gate
+from fleet.label_gates import LABEL_METRICS, evaluate_label_gates
+from fleet.prometheus import PrometheusClient
 from tests.agent_support import build_model, make_keys, wait_for
 from tests.broker_fixtures import free_port
 from tests.conftest import REPO
@@ -110,4 +114,12 @@ def test_the_documented_false_fail_query_gives_the_realized_rate(tmp_path):
                      timeout=60)
             [series] = _query(url, query)
             assert series["metric"] == {"site": "fab1"}
+            # the label gates of a rollout of this bundle, on the same counts
+            gate = [parse_gate("false_fail_rate<=0.05", LABEL_METRICS)]
+            client = PrometheusClient(url)
+            failing = evaluate_label_gates(gate, client, digest, window_s=3600, min_good=5)
+            short = evaluate_label_gates(gate, client, digest, window_s=3600, min_good=1000)
     assert np.isclose(float(series["value"][1]), expected)
+    assert failing.verdict == "fail" and failing.results[0].value > 0.05, failing.explain()
+    assert failing.evidence["labels"]["false_fail"] >= 4
+    assert short.verdict == "inconclusive" and "1000 needed" in short.explain()
