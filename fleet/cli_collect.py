@@ -3,6 +3,7 @@
     edgefleet fleet collect --device box-a=10.0.0.5:9465 --device box-b=10.0.0.6:9465 \\
         --out dataset/ --ca pki/ca.crt --cert pki/edgefleet-controller.crt \\
         --key pki/edgefleet-controller.key [--stream capture --stream labels] [--max-records N]
+        [--since 2h]
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def collect_cmd(
                                      help="capture, labels or predictions (repeat)."),
     max_records: int = typer.Option(50_000, "--max-records", min=1,
                                     help="At most this many records per device and stream."),
+    since: str = typer.Option(None, "--since", help="Only what the devices logged since: a "
+                              "duration back (90m, 2h, 7d) or an ISO 8601 time; older records "
+                              "are skipped, and not pulled again."),
     output: str = output_opt(),
 ) -> None:
     """Pull captured rows (the sample and every fail), labels and optionally predictions from
@@ -38,16 +42,20 @@ def collect_cmd(
 
       edgefleet fleet collect -d box-b=10.0.0.6:9465 --out data/ --stream predictions -o json
 
+      edgefleet fleet collect -d box-a=10.0.0.5:9465 --out drift/ --since 2h   # recent dies only
+
     With -o json: one document, the dataset directory (out), the records pulled in all,
     the devices not collected (failed) and each device's report (pulled, gaps, cursors).
     """
+    import time
+
     from agent.cli_output import emit
-    from fleet.collect import CollectTLS, collect, parse_device
+    from fleet.collect import CollectTLS, collect, parse_device, parse_since
 
     check_output(output)
     devices = [parse_device(d) for d in device]
     reports = collect(devices, out, CollectTLS(ca, cert, key), streams=stream,
-                      max_records=max_records)
+                      max_records=max_records, since=parse_since(since, time.time()))
     failed = [r for r in reports if not r.ok]
     doc = {"out": str(out), "records": sum(sum(r.pulled.values()) for r in reports),
            "failed": [r.device for r in failed], "devices": [r.to_json() for r in reports]}
