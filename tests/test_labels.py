@@ -203,6 +203,11 @@ def test_the_client_label_helper_sends_a_label_frame_to_a_real_agent(model, tmp_
             c.predict(model.train[1] + 50.0, die_id=12)
             c.health()
             assert wait_flushed(plog)
+            # before any label, the model's four cells exist at zero (Prometheus' increase()
+            # then counts the first label too)
+            zero = [v for k, v in _metrics(server).items()
+                    if k.startswith("edgefleet_label_joins_total{")]
+            assert zero == [0.0] * 4
             assert c.label([11, 12, 13], ["pass", "pass", 1], times=[1.7e9, 0, 0]) == (3, 0)
             with pytest.raises(ValueError, match="pass"):
                 c.label([11], ["maybe"])
