@@ -18,6 +18,10 @@ records the device logged before it are skipped (answers and captured rows by an
 labels by when the device received them), and the cursor moves past them all the same: a
 retrain on the dies after a process change takes only those.
 
+Which devices: given as ID=HOST:PORT, or picked from the fleet inventory with a label selector
+(`devices_from_inventory`): each device's retained state reports where its feed listens
+(`data_feed`; agent/link.py); one that reports none is listed as not collected.
+
 Resumable: a page is written, then the cursor moves past it; a run interrupted between the two
 pulls the same page again into the same file name. Bounded: at most `max_records` records per
 device and stream per run (`--max-records`), in pages of `page` records. A device that cannot
@@ -41,7 +45,8 @@ from agent.fsio import atomic_write
 
 DEFAULT_STREAMS = ("capture", "labels")
 
-__all__ = ["CollectTLS", "Device", "DeviceReport", "collect", "parse_device", "parse_since"]
+__all__ = ["CollectTLS", "Device", "DeviceReport", "collect", "devices_from_inventory",
+           "parse_device", "parse_since"]
 
 
 class CollectError(EdgefleetError):
@@ -83,6 +88,21 @@ class DeviceReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def devices_from_inventory(inventory: Any, selector: Any) -> tuple[list[Device],
+                                                                   list[DeviceReport]]:
+    """The devices `selector` matches in `inventory` (fleet/inventory.py), at the data feed
+    address each reports in its state (`data_feed`); one not-collected report for each that
+    reports none."""
+    found, missing = [], []
+    for d in inventory.select(selector):
+        if d.data_feed:
+            found.append(parse_device(f"{d.id}={d.data_feed}"))
+        else:
+            missing.append(DeviceReport(d.id, ok=False, error="its state reports no data feed "
+                                        "address (EDGEFLEET_DATA_FEED on the device)"))
+    return found, missing
 
 
 def parse_device(text: str) -> Device:

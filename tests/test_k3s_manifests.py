@@ -216,6 +216,11 @@ def test_agent_settings_are_read_by_the_agents_own_loaders():
     assert str(cfg.labels_dir) == "/var/spool/edgefleet-labels"
     assert "mountPath: /var/spool/edgefleet-labels" in daemonset
     assert link.mqtt.ca_file and link.mqtt.cert_file and link.mqtt.key_file
+    assert "name: EDGEFLEET_DATA_FEED\n              value: $(HOST_IP):9465" in daemonset
+    assert LinkConfig.from_env({**env, "EDGEFLEET_DEVICE_ID": "box-01",
+                                "EDGEFLEET_DATA_FEED": "10.1.2.3:9465"}).data_feed == \
+        "10.1.2.3:9465"
+    assert link.data_feed is None  # 0.0.0.0 is no address to reach it at
 
 
 def test_host_directories_come_from_systemd_tmpfiles(tmp_path: Path):

@@ -20,7 +20,7 @@ from agent.errors import UsageError
 from agent.predlog import wait_flushed
 from edgefleet.cli import main
 from fleet.certs import CONTROLLER_NAME, init_ca, issue_client
-from fleet.collect import CollectTLS, Device, collect, parse_since
+from fleet.collect import CollectTLS, Device, collect, devices_from_inventory, parse_since
 from optimize.dataset_dir import load_collected
 from tests.agent_support import build_model, make_keys
 from tests.optimize_support import fast_config_file, small_dies
@@ -217,3 +217,31 @@ def test_since_takes_a_duration_or_an_iso_time():
     assert parse_since(None, 5.0) is None
     with pytest.raises(UsageError, match="ISO 8601"):
         parse_since("yesterday", 0)
+
+
+def test_devices_come_from_the_inventory_at_the_feed_address_their_state_reports():
+    """`fleet collect -l SELECTOR`: a device's state names its feed (`data_feed`, which the
+    link takes from EDGEFLEET_DATA_FEED or a data_addr with a real host); one without is
+    reported, not silently left out."""
+    from agent.link import LinkConfig
+    from fleet.inventory import Inventory, Selector
+
+    def link(**env: str) -> str | None:
+        return LinkConfig.from_env({"EDGEFLEET_DEVICE_ID": "box-a",
+                                    "EDGEFLEET_LINK_DIR": "/tmp/x", **env}).data_feed
+
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="10.0.0.5:9465") == "10.0.0.5:9465"
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="0.0.0.0:9465") is None
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="0.0.0.0:9465",
+                EDGEFLEET_DATA_FEED="box-a.fab1:9465") == "box-a.fab1:9465"
+    assert link() is None
+    states = [{"device_id": "box-a", "online": True, "labels": {"site": "fab1"},
+               "data_feed": "10.0.0.5:9465"},
+              {"device_id": "box-b", "online": True, "labels": {"site": "fab1"}},
+              {"device_id": "box-c", "online": True, "labels": {"site": "fab2"},
+               "data_feed": "10.0.0.7:9465"}]
+    inv = Inventory.from_states({s["device_id"]: s for s in states})
+    found, missing = devices_from_inventory(inv, Selector.parse("site=fab1"))
+    assert found == [Device("box-a", "10.0.0.5", 9465)]
+    assert [(r.device, r.ok) for r in missing] == [("box-b", False)]
+    assert "no data feed address" in missing[0].error
