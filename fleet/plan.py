@@ -25,6 +25,7 @@ from typing import Any
 from agent.errors import EdgefleetError, UsageError
 from fleet import gates as G
 from fleet.inventory import Device, Inventory, Selector, spread
+from fleet.label_gates import LABEL_METRICS
 from fleet.prometheus import PrometheusClient
 
 __all__ = [
@@ -168,8 +169,6 @@ class Plan:
 
     @property
     def label_gate_list(self) -> tuple[G.Gate, ...]:
-        from fleet.label_gates import LABEL_METRICS
-
         return tuple(G.parse_gate(t, LABEL_METRICS, "label gate") for t in self.label_gates)
 
     @property
@@ -230,10 +229,7 @@ class Plan:
                 raise UsageError(str(e)) from None
         return self
 
-
     def _validate_label_gates(self) -> None:
-        from fleet.label_gates import LABEL_METRICS
-
         G.check_consistent(self.label_gate_list, LABEL_METRICS, "label gates")
         if self.label_gates and not self.prometheus:
             raise UsageError("label gates need --prometheus URL (they read "
