@@ -4,9 +4,8 @@
 # script adds is only the floor itself: testers that screen dies, an MES that drops final-test
 # results, and the services (a TLS broker, Prometheus, the artifact server, the controller).
 #
-#   1. a floor whose process shifts one day (make-data --drift --drift-ramp 0.05 --drift-size
-#      5): a model
-#      built on the dies before the shift
+#   1. a floor whose process shifts one day (make-data --drift --drift-ramp 0.05
+#      --drift-size 5): a model built on the dies before the shift
 #   2. two boxes serve it: prediction log, full capture, MES label drop, mTLS data feed
 #   3. before the shift: realized false-fail on target
 #   4. the shift: the drift alarm fires, realized false-fail rises (fleet quality)
