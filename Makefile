@@ -1,5 +1,6 @@
 # The two commands a newcomer runs on a fresh machine:
 #   make demo   - the main job end to end (data -> keys -> model -> signed bundle -> serve)
+#                 (make demo-retrain: the retrain loop after a process shift, docs/retrain.md)
 #   make test   - the test suite
 # Each creates its own virtual environment and installs what it needs.
 
@@ -8,7 +9,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo demo-retrain test lint bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +25,12 @@ demo: venv
 	bash scripts/system-deps.sh mosquitto
 	VENV=$(VENV) bash scripts/demo.sh
 
+# The retrain loop (docs/retrain.md): a floor whose process shifts, drift alarm, labels,
+# fleet collect, retrain, shadow and a label-gated canary through the controller.
+demo-retrain: venv
+	bash scripts/system-deps.sh mosquitto prometheus
+	VENV=$(VENV) bash scripts/demo-retrain.sh
+
 # gcc: tests build the C client example (examples/c/) and run it against a real agent.
 # pg_ctl: the state-store tests start a throwaway PostgreSQL (tests/postgres_support.py).
 test: venv
@@ -38,7 +45,7 @@ bench: venv
 	$(VENV)/bin/python bench/run_all.py
 
 clean:
-	rm -rf demo-out build bench/results .pytest_cache
+	rm -rf demo-out demo-retrain-out build bench/results .pytest_cache
 
 # Deployment: the agent's container image, ARM64 tests, and the checks on docker/ and k3s/.
 # Each installs what it needs (Debian packages as root, tools into build/). ARCH=amd64 builds

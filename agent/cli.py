@@ -221,7 +221,8 @@ def predict(
     die_id: str = typer.Option(None, "--die-id", help="Die id to echo (one die)."),
     file: Path = typer.Option(
         None, "--file", "-f", help="CSV with a header: feature-name columns (or exactly "
-        "n_features numeric columns) and an optional die-id column."
+        "n_features numeric columns) and an optional die-id column (whole-number ids are "
+        "sent with the dies, so labels join on them)."
     ),
     id_column: str = typer.Option("die_id", "--id-column", help="CSV column holding die ids."),
     batch: int = typer.Option(256, "--batch", min=1, max=65536, help="Dies per request."),
@@ -422,11 +423,14 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
     def blocks():
         for ids, x in _csv_batches(path, id_column, meta.get("feature_names"),
                                    meta["n_features"], batch):
-            sent_ids.append(ids)
-            yield x, None  # die ids 0..rows-1: positions in `ids`
+            numeric = _numeric_ids(ids)
+            # whole-number ids go with the dies (the agent logs them: final-test labels join on
+            # them); any other id is echoed here only, the frame carries its position
+            sent_ids.append(ids if numeric is None else None)
+            yield x, numeric
 
     for res in c.predict_stream(blocks()):
-        ids = sent_ids.popleft()
+        ids = sent_ids.popleft() or _Echo()
         for key, value in res.counts().items():
             counts[key] += value
         server_us.append(res.latency_us / len(res))
@@ -452,7 +456,25 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
     return counts["error"] == 0
 
 
-def _answer_lines(res, ids: list[str], meta: dict, output: str) -> str:
+class _Echo:
+    """The ids of a block sent with its dies: the answer's die id is the id itself."""
+
+    def __getitem__(self, die_id: int) -> str:
+        return str(die_id)
+
+
+def _numeric_ids(ids: list[str]):
+    """`ids` as u64 die ids when each is a plain whole number (its own decimal text, as
+    `die_key` in agent/dieindex.py reads it), else None."""
+    import numpy as np
+
+    if not ids or not all(i.isdigit() and (i == "0" or i[0] != "0") and len(i) <= 19
+                          for i in ids):
+        return None
+    return np.array([int(i) for i in ids], dtype=np.uint64)
+
+
+def _answer_lines(res, ids, meta: dict, output: str) -> str:
     """One batch's answers as text (or JSON) lines, from its record arrays."""
     from agent.protocol import DECISION_LABELS, SOURCE_LABELS, row_error
 

@@ -6,6 +6,7 @@
         batch = c.predict_batch(matrix, die_ids)    # binary frame, many dies -> BatchResult
         obj = c.predict_json(values, die_id="W3-12-07")  # JSON line -> dict
         c.health(), c.info()
+        c.label([17, 18], ["pass", "fail"])         # final test: binary LABEL frame
         c.described()["n_features"]                 # info, cached; re-read on a model change
 
 Models change on a live connection (a rollout lands): every answer names the model's sequence,
@@ -221,6 +222,28 @@ class Client:
         return answer
 
     # -- binary
+
+    def label(self, die_ids: Iterable[int], labels: Iterable[int | str],
+              times: Iterable[float] | None = None) -> tuple[int, int]:
+        """Final-test outcomes of dies in one LABEL frame (docs/protocol.md, "label"): each
+        label `"pass"`/`"fail"` or 0/1 (1 = fail), `times` when each final test ran (Unix
+        seconds; None: unknown, the agent takes when it received them). Returns (accepted,
+        dropped): dropped labels did not fit the agent's queue; send them again. Raises
+        `AgentError` when the agent refuses the frame (`bad_value`, `unavailable`)."""
+        from agent.labels import LABELED_BLOCK, encode_label_frame
+
+        values = [{"pass": 0, "fail": 1}.get(v, v) if isinstance(v, str) else int(v)
+                  for v in labels]
+        if any(v not in (0, 1) for v in values):
+            raise ValueError("labels: expected \"pass\"/\"fail\" or 0/1")
+        self._tag = (self._tag + 1) & 0xFFFFFFFF
+        header, payload = self._exchange(encode_label_frame(
+            [int(d) for d in die_ids], values, None if times is None else list(times), self._tag))
+        if header[5] == FrameType.LABELED:
+            accepted, dropped = LABELED_BLOCK.unpack_from(payload)
+            return accepted, dropped
+        self._answer(header, payload)  # an ERROR frame raises AgentError
+        raise AgentError("bad_frame", f"expected a LABELED frame, found type {header[5]}")
 
     def predict(self, params: Sequence[float] | np.ndarray, die_id: int = 0) -> Result:
         """One die over a binary frame; NaN = not measured. Raises `AgentError` if refused.

@@ -63,6 +63,7 @@ log = logging.getLogger("edgefleet.agent")
 LABEL_RECORD = struct.Struct("<QdB7x")  # die id, time (0 = when received), label (0 pass, 1 fail)
 LABELED_BLOCK = struct.Struct("<II")  # accepted, dropped
 LABEL_NAMES = ("pass", "fail")
+_ZERO_MODELS = 4  # the newest models whose label series are exported from zero
 MAX_LABELS_PER_REQUEST = 65536
 MAX_FILE_BYTES = 64 << 20
 SOURCES = ("socket", "file")
@@ -380,6 +381,13 @@ class LabelDesk:
         fam = CounterMetricFamily("edgefleet_label_joins", "Labels joined to the device's "
                                   "decision, per model: predicted (the decision) vs actual "
                                   "(the label).", labels=["digest", "predicted", "actual"])
+        # Zero for every cell of the newest models that answered: a series must exist before
+        # its first label for Prometheus' increase() to count that label (a rollout's label
+        # gate reads the new bundle's counts that way, fleet/label_gates.py).
+        for info in models.models[-_ZERO_MODELS:]:
+            for pred in (0, 1):
+                for actual in (0, 1):
+                    joins.setdefault((info.index, pred, actual), 0)
         for (model, pred, actual), n in sorted(joins.items()):
             info = models.get(model)
             fam.add_metric([info.digest if info is not None else "none", LABEL_NAMES[pred],

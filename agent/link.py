@@ -170,6 +170,9 @@ class LinkConfig:
     state_interval_s: float = 30.0  # republish when the health summary changed
     download: DownloadConfig = field(default_factory=DownloadConfig)
     replay_capacity: int = 1024
+    # HOST:PORT where `fleet collect` reaches this device's data feed, reported in the state
+    # (EDGEFLEET_DATA_FEED; else the agent's data_addr when it names a host, not 0.0.0.0)
+    data_feed: str | None = None
 
     def __post_init__(self) -> None:
         if not valid_device_id(self.device_id):
@@ -194,11 +197,21 @@ class LinkConfig:
                                     if "=" in kv)
         if env.get("EDGEFLEET_STATE_INTERVAL_S"):
             values["state_interval_s"] = float(env["EDGEFLEET_STATE_INTERVAL_S"])
+        values["data_feed"] = env.get("EDGEFLEET_DATA_FEED") or \
+            _advertised(env.get("EDGEFLEET_AGENT_DATA_ADDR"))
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" not in values:
             raise UsageError("the link needs a data directory",
                              hint="set EDGEFLEET_LINK_DIR or pass --link-dir")
         return cls(**values)
+
+
+def _advertised(addr: str | None) -> str | None:
+    """A data feed address others can use: `addr` unless its host is a wildcard."""
+    if not addr:
+        return None
+    host = addr.rpartition(":")[0].strip("[]")
+    return None if host in ("", "0.0.0.0", "::") else addr
 
 
 class HealthProvider(Protocol):
@@ -587,7 +600,7 @@ class DeviceLink:
             summary["shadow"] = self.shadow.summary()
         if getattr(self.installer, "fallback_reason", None):
             status, reason = "fallback", self.installer.fallback_reason
-        return {
+        doc = {
             "v": PROTOCOL_VERSION,
             "device_id": self.config.device_id,
             "online": online,
@@ -605,6 +618,9 @@ class DeviceLink:
             "busy": busy,
             "last_command": last,
         }
+        if self.config.data_feed:
+            doc["data_feed"] = self.config.data_feed
+        return doc
 
     def _model(self, pointer: str) -> dict[str, Any] | None:
         store = self.installer.store

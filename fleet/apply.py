@@ -22,6 +22,7 @@ repository) makes it so, idempotently.
       minRequests: 100
       prometheus: http://prometheus:9090
       promGates: ["sum(rate(x[5m])) <= 1"]
+      labelGates: {gates: ["false_fail_rate<=0.02"], window: 1d, minGood: 200, minBad: 20}
       budgets: {maxFailures: 5%, onFailure: pause, allowPartial: false}
       timeouts: {step: 5m, healthGrace: 30s, offline: wait, offlineWait: 10m,
                  measureInterval: 2s}
@@ -67,6 +68,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "selector": ("selector", str), "exclude": ("exclude", tuple),
     "gates": ("gates", tuple), "minRequests": ("min_requests", int),
     "prometheus": ("prometheus", str), "promGates": ("prom_gates", tuple),
+    "labelGates.gates": ("label_gates", tuple), "labelGates.window": ("label_window_s", _DURATION),
+    "labelGates.minGood": ("label_min_good", int), "labelGates.minBad": ("label_min_bad", int),
     "strategy.canary": ("canary", str), "strategy.bake": ("bake_s", _DURATION),
     "strategy.waves": ("waves", tuple), "strategy.waveBake": ("wave_bake_s", _DURATION),
     "strategy.maxParallel": ("max_parallel", int), "strategy.spread": ("spread", tuple),

@@ -11,6 +11,7 @@
     edgefleet fleet rollout list
     edgefleet fleet certs init|issue|site ...
     edgefleet fleet collect -d box-a=10.0.0.5:9465 --out dataset/ --ca ... --cert ... --key ...
+    edgefleet fleet quality --prometheus http://prometheus:9090 [--window 7d | --since FILE]
 
 This module is the `fleet` group and its small commands; the `rollout` group is
 fleet/cli_rollout.py, the options both share are fleet/cli_options.py. See docs/rollouts.md.
@@ -36,6 +37,7 @@ from fleet.cli_options import (
     output_opt,
     store_opt,
 )
+from fleet.cli_quality import quality_cmd
 from fleet.cli_rollout import rollout_app
 
 app = typer.Typer(
@@ -422,6 +424,10 @@ def serve_artifacts_cmd(
 # -- collect (fleet/cli_collect.py) -----------------------------------------------------------
 
 app.command("collect")(collect_cmd)
+
+# -- quality (fleet/cli_quality.py) -----------------------------------------------------------
+
+app.command("quality")(quality_cmd)
 
 # -- rollouts (fleet/cli_rollout.py) ----------------------------------------------------------
 

@@ -3,20 +3,26 @@
     edgefleet fleet collect --device box-a=10.0.0.5:9465 --device box-b=10.0.0.6:9465 \\
         --out dataset/ --ca pki/ca.crt --cert pki/edgefleet-controller.crt \\
         --key pki/edgefleet-controller.key [--stream capture --stream labels] [--max-records N]
+        [--since 2h]
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from fleet.cli_options import check_output, output_opt
+from agent.errors import UsageError
+from fleet.cli_options import check_output, mqtt_config, mqtt_opts, output_opt
 
 
 def collect_cmd(
-    device: list[str] = typer.Option(..., "--device", "-d",
+    device: list[str] = typer.Option(None, "--device", "-d",
                                      help="ID=HOST:PORT of a device's data feed (repeat)."),
+    selector: str = typer.Option(None, "--selector", "-l", help="Or: the devices these labels "
+                                 "select in the fleet inventory, at the data feed address "
+                                 "each reports (read from the broker)."),
     out: Path = typer.Option(..., "--out", help="Dataset directory (created; runs resume it)."),
     ca: Path = typer.Option(..., "--ca", envvar="EDGEFLEET_MQTT_CA", help="Fleet CA (PEM)."),
     cert: Path = typer.Option(..., "--cert", envvar="EDGEFLEET_MQTT_CERT",
@@ -27,6 +33,12 @@ def collect_cmd(
                                      help="capture, labels or predictions (repeat)."),
     max_records: int = typer.Option(50_000, "--max-records", min=1,
                                     help="At most this many records per device and stream."),
+    since: str = typer.Option(None, "--since", help="Only what the devices logged since: a "
+                              "duration back (90m, 2h, 7d) or an ISO 8601 time; older records "
+                              "are skipped, and not pulled again."),
+    mqtt_host: str = mqtt_opts()["mqtt_host"],
+    mqtt_port: int = mqtt_opts()["mqtt_port"],
+    prefix: str = mqtt_opts()["prefix"],
     output: str = output_opt(),
 ) -> None:
     """Pull captured rows (the sample and every fail), labels and optionally predictions from
@@ -38,16 +50,28 @@ def collect_cmd(
 
       edgefleet fleet collect -d box-b=10.0.0.6:9465 --out data/ --stream predictions -o json
 
+      edgefleet fleet collect -d box-a=10.0.0.5:9465 --out drift/ --since 2h   # recent dies only
+
+      edgefleet fleet collect -l site=fab2 --out ds/   # addresses from the devices' states
+
     With -o json: one document, the dataset directory (out), the records pulled in all,
     the devices not collected (failed) and each device's report (pulled, gaps, cursors).
     """
+    import time
+
     from agent.cli_output import emit
-    from fleet.collect import CollectTLS, collect, parse_device
+    from fleet.collect import CollectTLS, collect, parse_device, parse_since
 
     check_output(output)
-    devices = [parse_device(d) for d in device]
-    reports = collect(devices, out, CollectTLS(ca, cert, key), streams=stream,
-                      max_records=max_records)
+    if bool(device) == (selector is not None):
+        raise UsageError("give the devices either as --device ID=HOST:PORT or with "
+                         "--selector LABELS (from the fleet inventory)")
+    devices, skipped = [parse_device(d) for d in device or ()], []
+    if selector is not None:
+        devices, skipped = _from_inventory(selector, mqtt_config(
+            mqtt_host, mqtt_port, ca, cert, key), prefix)
+    reports = skipped + collect(devices, out, CollectTLS(ca, cert, key), streams=stream,
+                                max_records=max_records, since=parse_since(since, time.time()))
     failed = [r for r in reports if not r.ok]
     doc = {"out": str(out), "records": sum(sum(r.pulled.values()) for r in reports),
            "failed": [r.device for r in failed], "devices": [r.to_json() for r in reports]}
@@ -56,6 +80,20 @@ def collect_cmd(
         typer.echo(f"error: {len(failed)} of {len(reports)} devices not collected "
                    f"({', '.join(r.device for r in failed)}); run again to resume", err=True)
         raise typer.Exit(1)
+
+
+def _from_inventory(selector: str, mqtt: Any, prefix: str) -> tuple[list, list]:
+    from fleet.collect import devices_from_inventory
+    from fleet.inventory import Inventory, Selector, open_controller
+
+    sel = Selector.parse(selector)
+    with open_controller(mqtt, prefix=prefix) as ctl:
+        inv = Inventory.from_states(ctl.devices())
+    found, skipped = devices_from_inventory(inv, sel)
+    if not found and not skipped:
+        raise UsageError(f"selector {selector!r} matches no device ({len(inv)} known)",
+                         hint="see: edgefleet fleet devices")
+    return found, skipped
 
 
 def _table(reports: list) -> str:

@@ -101,15 +101,15 @@ def existing_db(store: Path, db: str | Path | None) -> Any:
 
 
 def parse_duration(text: str | None, what: str) -> float | None:
-    """`90`, `90s`, `5m`, `1h`, `1.5s` -> seconds."""
+    """`90`, `90s`, `5m`, `1h`, `1.5s`, `7d` -> seconds."""
     if text is None:
         return None
     import re
 
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
     if not m:
         raise UsageError(f"{what} {text!r}: expected a duration like 30s, 5m or 1h")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
     return float(m.group(1)) * scale
 
 

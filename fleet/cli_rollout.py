@@ -113,6 +113,17 @@ def rollout_start(
                                    rich_help_panel=GATES),
     prom_gate: list[str] = typer.Option(None, "--prom-gate", help="'QUERY <= NUMBER' "
                                         "(repeatable).", rich_help_panel=GATES),
+    label_gate: list[str] = typer.Option(None, "--label-gate", help="Realized label figure "
+                                         "of the new bundle, e.g. false_fail_rate<=0.02 or "
+                                         "recall>=0.5 (repeatable; needs --prometheus).",
+                                         rich_help_panel=GATES),
+    label_window: str = typer.Option(None, "--label-window", help="Labels joined over this "
+                                     "window count (1d).", rich_help_panel=GATES),
+    label_min_good: int = typer.Option(None, "--label-min-good", help="Labelled good dies "
+                                       "before a false_fail_rate verdict (200).",
+                                       rich_help_panel=GATES),
+    label_min_bad: int = typer.Option(None, "--label-min-bad", help="Labelled bad dies before "
+                                      "a recall verdict (20).", rich_help_panel=GATES),
     strict_gates: bool = typer.Option(False, "--strict-gates", help="Refuse a --prom-gate "
                                       "whose query returns no series now (default: warn).",
                                       rich_help_panel=GATES),
@@ -195,6 +206,9 @@ def rollout_start(
         health_grace_s=parse_duration(health_grace, "--health-grace"),
         gates=tuple(gate or ()) or None,
         min_requests=min_requests, prometheus=prometheus, prom_gates=tuple(prom_gate or ()) or None,
+        label_gates=tuple(label_gate or ()) or None,
+        label_window_s=parse_duration(label_window, "--label-window"),
+        label_min_good=label_min_good, label_min_bad=label_min_bad,
         measure_interval_s=parse_duration(measure_interval, "--measure-interval"),
         allow_partial=allow_partial,
         exclude=tuple(x for x in exclude.split(",") if x) if exclude is not None else None)

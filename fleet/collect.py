@@ -13,6 +13,15 @@ Dataset directory (every file written atomically: temp, fsync, rename):
                                            device, site, tester, digest (the bundle that
                                            decided), model_version, time, die_id, ...
 
+Recent only: with `since` (Unix time; `--since 2h` or an ISO 8601 time on the command line),
+records the device logged before it are skipped (answers and captured rows by answer time,
+labels by when the device received them), and the cursor moves past them all the same: a
+retrain on the dies after a process change takes only those.
+
+Which devices: given as ID=HOST:PORT, or picked from the fleet inventory with a label selector
+(`devices_from_inventory`): each device's retained state reports where its feed listens
+(`data_feed`; agent/link.py); one that reports none is listed as not collected.
+
 Resumable: a page is written, then the cursor moves past it; a run interrupted between the two
 pulls the same page again into the same file name. Bounded: at most `max_records` records per
 device and stream per run (`--max-records`), in pages of `page` records. A device that cannot
@@ -36,7 +45,8 @@ from agent.fsio import atomic_write
 
 DEFAULT_STREAMS = ("capture", "labels")
 
-__all__ = ["CollectTLS", "Device", "DeviceReport", "collect", "parse_device"]
+__all__ = ["CollectTLS", "Device", "DeviceReport", "collect", "devices_from_inventory",
+           "parse_device", "parse_since"]
 
 
 class CollectError(EdgefleetError):
@@ -78,6 +88,21 @@ class DeviceReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def devices_from_inventory(inventory: Any, selector: Any) -> tuple[list[Device],
+                                                                   list[DeviceReport]]:
+    """The devices `selector` matches in `inventory` (fleet/inventory.py), at the data feed
+    address each reports in its state (`data_feed`); one not-collected report for each that
+    reports none."""
+    found, missing = [], []
+    for d in inventory.select(selector):
+        if d.data_feed:
+            found.append(parse_device(f"{d.id}={d.data_feed}"))
+        else:
+            missing.append(DeviceReport(d.id, ok=False, error="its state reports no data feed "
+                                        "address (EDGEFLEET_DATA_FEED on the device)"))
+    return found, missing
 
 
 def parse_device(text: str) -> Device:
@@ -153,9 +178,39 @@ def _provenance(info: dict[str, Any], models: dict[int, dict[str, Any]], rec: di
     return {**out, **rec}
 
 
+def _logged_at(rec: dict[str, Any]) -> float:
+    """When the device logged a record: a label when it arrived, anything else when answered."""
+    t = rec.get("received", rec.get("time"))
+    return float(t) if isinstance(t, int | float) else 0.0
+
+
+def parse_since(text: str | None, now: float) -> float | None:
+    """`--since`: a duration back from `now` (`90m`, `2h`, `7d`) or an ISO 8601 time (UTC when
+    it names no zone) -> Unix time; raises UsageError."""
+    import datetime as dt
+
+    from fleet.cli_options import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return now - float(parse_duration(text, "--since") or 0.0)
+    except UsageError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"--since {text!r}: expected a duration (90m, 2h, 7d) or an ISO 8601 "
+                         "time (2026-12-04T21:30:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
 def collect_device(device: Device, out: Path, tls: CollectTLS, *,
                    streams: Iterable[str] = DEFAULT_STREAMS, max_records: int = 50_000,
-                   page: int = 5_000, timeout: float = 15.0) -> DeviceReport:
+                   page: int = 5_000, timeout: float = 15.0,
+                   since: float | None = None) -> DeviceReport:
     report = DeviceReport(device.id)
     feed = _Feed(device, tls, Path(tls.ca).read_bytes(), timeout)
     try:
@@ -168,7 +223,7 @@ def collect_device(device: Device, out: Path, tls: CollectTLS, *,
         cursor_path = out / "cursors" / f"{device.id}.json"
         cursors: dict[str, int] = _load_json(cursor_path, {})
         for stream in streams:
-            pulled, gap, cursor = 0, 0, int(cursors.get(stream, 0))
+            pulled, kept, gap, cursor = 0, 0, 0, int(cursors.get(stream, 0))
             while pulled < max_records:
                 want = min(page, max_records - pulled, MAX_RECORDS)
                 doc = feed.get(f"/v1/stream/{stream}?"
@@ -177,16 +232,19 @@ def collect_device(device: Device, out: Path, tls: CollectTLS, *,
                 gap += int(doc.get("gap") or 0)
                 if not records:
                     break
-                rows = [_provenance(info, models, r) for r in records]
+                rows = [_provenance(info, models, r) for r in records
+                        if since is None or _logged_at(r) >= since]
                 first, last = records[0]["seq"], records[-1]["seq"]
-                body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
-                _write(out / stream / device.id / f"{first:020d}-{last:020d}.jsonl",
-                       body.encode())
+                if rows:
+                    body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+                    _write(out / stream / device.id / f"{first:020d}-{last:020d}.jsonl",
+                           body.encode())
                 cursor = int(doc["next"])
                 cursors[stream] = cursor
                 _write(cursor_path, json.dumps(cursors, sort_keys=True).encode())
                 pulled += len(records)
-            report.pulled[stream], report.gaps[stream] = pulled, gap
+                kept += len(rows)
+            report.pulled[stream], report.gaps[stream] = kept, gap
             report.cursors[stream] = cursor
             report.more[stream] = pulled >= max_records
     except (CollectError, FeedError, OSError, ValueError, KeyError) as e:
@@ -198,8 +256,10 @@ def collect_device(device: Device, out: Path, tls: CollectTLS, *,
 
 def collect(devices: Iterable[Device], out: Path, tls: CollectTLS, *,
             streams: Iterable[str] = DEFAULT_STREAMS, max_records: int = 50_000,
-            page: int = 5_000, timeout: float = 15.0) -> list[DeviceReport]:
-    """Collect every device in turn (one failing does not stop the others)."""
+            page: int = 5_000, timeout: float = 15.0,
+            since: float | None = None) -> list[DeviceReport]:
+    """Collect every device in turn (one failing does not stop the others); `since`: only
+    records logged at or after that Unix time."""
     streams = tuple(streams)
     for s in streams:
         if s not in STREAMS:
@@ -207,4 +267,4 @@ def collect(devices: Iterable[Device], out: Path, tls: CollectTLS, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return [collect_device(d, out, tls, streams=streams, max_records=max_records, page=page,
-                           timeout=timeout) for d in devices]
+                           timeout=timeout, since=since) for d in devices]

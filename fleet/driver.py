@@ -38,6 +38,7 @@ from typing import Any
 from agent.commands import Command, InstallSpec
 from fleet import decide as D
 from fleet import gates as G
+from fleet.label_gates import evaluate_label_gates
 from fleet.machine import (
     DRIVEN,
     IN_FLIGHT,
@@ -496,6 +497,11 @@ class RolloutDriver:
                 self.plan.prom_gate_list, self._prom,
                 {"rollout": self.rid, "digest": self.bundle.digest,
                  "version": self.bundle.version, "model": self.bundle.name}))
+        if self.plan.label_gates:
+            verdict = verdict.merge(evaluate_label_gates(
+                self.plan.label_gate_list, self._prom, self.bundle.digest,
+                window_s=self.plan.label_window_s, min_good=self.plan.label_min_good,
+                min_bad=self.plan.label_min_bad))
         return verdict
 
     def _bake(self, idx: int, now: float) -> None:

@@ -187,6 +187,7 @@ class Device:
     summary: dict[str, Any] = field(default_factory=dict)
     busy: dict[str, Any] | None = None
     shadow: dict[str, Any] | None = None  # model.shadow, when the device runs a shadow model
+    data_feed: str | None = None  # HOST:PORT of its data feed (fleet collect), when reported
     state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -211,6 +212,7 @@ class Device:
             summary=dict(doc.get("summary") or {}),
             busy=doc.get("busy"),
             shadow=model.get("shadow"),
+            data_feed=doc["data_feed"] if isinstance(doc.get("data_feed"), str) else None,
             state=dict(doc),
         )
 

@@ -18,18 +18,21 @@ Metrics a gate can name (`parse_gate(text, LABEL_METRICS)` from fleet/gates.py, 
 Evidence rules: a rate over fewer than `min_good` labelled good dies (false-fail rate) or
 `min_bad` labelled bad dies (recall) is *inconclusive*, never a pass; fails are rare, so recall
 needs its own, smaller minimum. The verdict of a set: any fail -> fail, else any inconclusive ->
-inconclusive, else pass (fleet.gates.Verdict). Everything here is pure: the lead wires it into
-the rollout driver (fleet/rollout.py) with the counts it reads from Prometheus.
+inconclusive, else pass (fleet.gates.Verdict). `evaluate_labels` is pure;
+`evaluate_label_gates` reads the counts from Prometheus first, as the rollout driver does at
+every measurement of a bake (fleet/driver.py; `--label-gate`, docs/rollouts.md "Label gates").
+A Prometheus that does not answer fails the gates, with the reason (as for PromQL gates).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fleet.gates import FAIL, INCONCLUSIVE, PASS, Gate, GateResult, Verdict
+from fleet.prometheus import PrometheusClient, PrometheusError
 
 LABEL_METRICS: dict[str, tuple[float, float]] = {
     "false_fail_rate": (0.0, 1.0),
@@ -38,7 +41,8 @@ LABEL_METRICS: dict[str, tuple[float, float]] = {
 DEFAULT_MIN_GOOD = 200
 DEFAULT_MIN_BAD = 20
 
-__all__ = ["LABEL_METRICS", "LabelCounts", "evaluate_labels", "label_counts_query"]
+__all__ = ["LABEL_METRICS", "LabelCounts", "evaluate_label_gates", "evaluate_labels",
+           "label_counts_query", "window_text"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,11 @@ class LabelCounts:
                 "true_fail": self.true_fail, "missed_fail": self.missed_fail}
 
 
+def window_text(seconds: float) -> str:
+    """A PromQL range for `seconds` (whole seconds, at least 1): `86400s`."""
+    return f"{max(1, round(seconds))}s"
+
+
 def label_counts_query(digest: str, window: str = "1d", selector: str = "") -> str:
     """PromQL for a model's label counts over `window`; `selector` adds label matchers (e.g.
     `site="fab1"`). Labels arrive late: the window must reach back past the dies' test time."""
@@ -117,3 +126,26 @@ def evaluate_labels(gates: Iterable[Gate], counts: LabelCounts, *,
             results.append(GateResult(str(g), FAIL, value, f"threshold {g.op} {g.threshold:g}"))
     return Verdict.of(results, {"labels": counts.to_json(), "min_good": min_good,
                                 "min_bad": min_bad})
+
+
+def evaluate_label_gates(gates: Sequence[Gate], client: PrometheusClient | None, digest: str,
+                         *, window_s: float, min_good: int = DEFAULT_MIN_GOOD,
+                         min_bad: int = DEFAULT_MIN_BAD) -> Verdict:
+    """Read bundle `digest`'s label counts over the last `window_s` from Prometheus and judge
+    `gates` on them. No client, or a Prometheus that does not answer: every gate fails, with
+    the reason (never a silent pass)."""
+    if not gates:
+        return Verdict.of([], {})
+    query = label_counts_query(digest, window_text(window_s))
+    if client is None:
+        why = "no --prometheus URL given"
+    else:
+        try:
+            rows = client.series(query)
+        except PrometheusError as e:
+            why = str(e)
+        else:
+            counts = LabelCounts.from_pairs((m.get("predicted", ""), m.get("actual", ""), v)
+                                            for m, v in rows)
+            return evaluate_labels(gates, counts, min_good=min_good, min_bad=min_bad)
+    return Verdict.of([GateResult(str(g), FAIL, None, why) for g in gates], {})

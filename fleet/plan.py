@@ -25,6 +25,7 @@ from typing import Any
 from agent.errors import EdgefleetError, UsageError
 from fleet import gates as G
 from fleet.inventory import Device, Inventory, Selector, spread
+from fleet.label_gates import LABEL_METRICS
 from fleet.prometheus import PrometheusClient
 
 __all__ = [
@@ -99,12 +100,19 @@ class Plan:
     min_requests: int = 100
     prom_gates: tuple[str, ...] = ()
     prometheus: str | None = None
+    # label gates (fleet/label_gates.py): realized false-fail / recall of the new bundle from
+    # the final-test labels joined on the devices, read from --prometheus over label_window_s
+    label_gates: tuple[str, ...] = ()
+    label_window_s: float = 86400.0
+    label_min_good: int = 200
+    label_min_bad: int = 20
     measure_interval_s: float = 2.0
     exclude: tuple[str, ...] = ()  # device ids the selector matches but this rollout skips
     allow_partial: bool = False  # succeed with devices left behind (listed), else pause
 
     def __post_init__(self) -> None:
-        for name in ("spread", "shadow_gates", "waves", "gates", "prom_gates", "exclude"):
+        for name in ("spread", "shadow_gates", "waves", "gates", "prom_gates", "label_gates",
+                     "exclude"):
             v = getattr(self, name)
             if isinstance(v, str):
                 v = tuple(x for x in v.split(",") if x) \
@@ -160,6 +168,10 @@ class Plan:
         return tuple(G.parse_prom_gate(t) for t in self.prom_gates)
 
     @property
+    def label_gate_list(self) -> tuple[G.Gate, ...]:
+        return tuple(G.parse_gate(t, LABEL_METRICS, "label gate") for t in self.label_gates)
+
+    @property
     def wave_bake(self) -> float:
         return self.bake_s if self.wave_bake_s is None else self.wave_bake_s
 
@@ -209,12 +221,25 @@ class Plan:
         G.check_consistent(self.prom_gate_list, None, "PromQL gates")
         if self.prom_gates and not self.prometheus:
             raise UsageError("PromQL gates need --prometheus URL")
+        self._validate_label_gates()
         if self.prometheus:
             try:
                 PrometheusClient(self.prometheus)
             except EdgefleetError as e:
                 raise UsageError(str(e)) from None
         return self
+
+    def _validate_label_gates(self) -> None:
+        G.check_consistent(self.label_gate_list, LABEL_METRICS, "label gates")
+        if self.label_gates and not self.prometheus:
+            raise UsageError("label gates need --prometheus URL (they read "
+                             "edgefleet_label_joins_total from it)")
+        if not self.label_window_s > 0:
+            raise UsageError(f"--label-window must be > 0, not {self.label_window_s}")
+        for name in ("label_min_good", "label_min_bad"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: at least "
+                                 "1 labelled die is needed before a verdict")
 
 
 def _pcts(waves: Sequence[float]) -> str:

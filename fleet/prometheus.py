@@ -2,6 +2,7 @@
 
     client = PrometheusClient("http://prometheus:9090", timeout_s=5)
     client.query('sum(rate(edgefleet_errors_total[1m]))')   # -> [0.02]  (one per series)
+    client.series('sum by (digest) (edgefleet_model_info)') # -> [({"digest": ...}, 3.0)]
     client.check()                                          # raises if it does not answer
 
 Every failure is a `PrometheusError` whose message names the URL (or the query) and what went
@@ -79,15 +80,20 @@ class PrometheusClient:
     def query(self, promql: str) -> list[float]:
         """Run an instant query; one number per series (a scalar gives one number). NaN is
         kept (the caller decides). Raises `PrometheusError`."""
+        return [v for _, v in self.series(promql)]
+
+    def series(self, promql: str) -> list[tuple[dict[str, str], float]]:
+        """Run an instant query; (labels, number) per series, for a caller that tells the
+        series apart (label gates: by predicted and actual). A scalar has no labels."""
         doc = self._get("/api/v1/query", {"query": promql})
         data = doc.get("data") or {}
         kind, result = data.get("resultType"), data.get("result")
         try:
             if kind == "scalar":
-                return [float(result[1])]
+                return [({}, float(result[1]))]
             if kind == "vector":
-                return [float(r["value"][1]) for r in result]
-        except (TypeError, KeyError, IndexError, ValueError):
+                return [(dict(r.get("metric") or {}), float(r["value"][1])) for r in result]
+        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
             pass
         raise PrometheusError(f"Prometheus at {self.url}: query {promql!r}: expected a scalar "
                               f"or an instant vector, found {kind!r}")

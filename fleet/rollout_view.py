@@ -156,6 +156,10 @@ def dry_run_text(plan: Plan, stages: Sequence[StagePlan], inv: Inventory, bundle
     if plan.shadow:
         lines.append(f"  shadow gates: {', '.join(str(g) for g in plan.shadow_gate_list)}; "
                      f"at least {plan.shadow_min_dies} dies")
+    if plan.label_gates:
+        lines.append(f"  label gates: {', '.join(str(g) for g in plan.label_gate_list)} over "
+                     f"{plan.label_window_s:g} s of labels; at least {plan.label_min_good} "
+                     f"good / {plan.label_min_bad} bad labelled dies")
     lines.append(f"  at most {plan.max_parallel} installing at once; failure budget "
                  f"{plan.max_failures} per stage; on failure: {plan.on_failure}; offline: "
                  f"{plan.offline}")

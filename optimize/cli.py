@@ -38,6 +38,16 @@ def make_data(
     drift: bool = typer.Option(
         False, "--drift/--no-drift", help="Shift the process speed factor over the second half."
     ),
+    drift_size: float = typer.Option(
+        2.5, "--drift-size", min=0.0, max=20.0,
+        help="floor: how far the speed factor moves, in sigma of the factor (dies pushed out "
+        "of spec by it fail their label, as on a real floor).",
+    ),
+    drift_ramp: float = typer.Option(
+        0.5, "--drift-ramp", min=0.01, max=0.5,
+        help="floor: share of the run the shift takes to build up from the midpoint (0.5: "
+        "the whole second half; 0.05: a step, then a process that stays shifted).",
+    ),
     missing_rate: float = typer.Option(
         0.001, "--missing-rate", min=0.0, max=0.5,
         help="classic: share of cells left empty (missing).",
@@ -65,6 +75,8 @@ def make_data(
 
       edgefleet optimize make-data --out drift.csv --n 5000 --seed 7 --drift
 
+      edgefleet optimize make-data --out step.csv --n 8000 --drift --drift-ramp 0.05 --drift-size 5
+
       edgefleet optimize make-data --out classic.npz --profile classic --params 128
 
       edgefleet optimize make-data --out dies.csv --n 2000 -o json
@@ -84,7 +96,8 @@ def make_data(
     check(output, WRITE_FORMATS)
     if profile == "floor":
         data = generate_floor(FloorConfig(
-            n_dies=n, n_params=params or 256, seed=seed, drift=drift,
+            n_dies=n, n_params=params or 256, seed=seed, drift=drift, drift_ramp=drift_ramp,
+            drift_size=drift_size,
             gross_rate=0.010 if gross_rate is None else gross_rate))
     elif profile == "classic":
         gross = 0.02 if gross_rate is None else gross_rate

@@ -11,7 +11,9 @@ floor is messier, and this generator adds what makes methods differ:
 - slow drift: the process factors wander over the run (a smooth random walk, `walk_sd` sigma
   per lot), on top of the lot, wafer and radial structure of the classic program;
   `drift=True` adds a shift of `drift_size` (2.5) sigma of the speed factor over the second
-  half, a real excursion;
+  half, a real excursion (`drift_ramp`: the share of the run it takes to build up from the
+  midpoint; 0.5, the default, ramps over the whole second half, a small one is a step after
+  which the process stays shifted, the case a retrain fixes);
 - correlated parameter families: the same 15 groups and four latent factors (speed, Vt,
   leakage, temperature) as the classic program (`optimize.data.PARAM_GROUPS`), same spec;
 - quantized signals: every `quantized_every`-th parameter is read at a tester resolution of
@@ -102,6 +104,7 @@ class FloorConfig:
     cell_missing_rate: float = 0.0005
     drift: bool = False
     drift_size: float = 2.5  # speed shift over the second half, sigma of the factor
+    drift_ramp: float = 0.5  # share of the run the shift takes to build up, from the midpoint
 
     def __post_init__(self) -> None:
         _check_n_params(self.n_params)
@@ -113,6 +116,8 @@ class FloorConfig:
         for name in rates:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 < self.drift_ramp <= 0.5:
+            raise DataError(f"drift_ramp must be in (0, 0.5], got {self.drift_ramp!r}")
         if sum(getattr(self, name) for name in rates) > 0.5:
             raise DataError("the defect rates must add up to at most 0.5")
 
@@ -145,7 +150,7 @@ def generate_floor(config: FloorConfig = FloorConfig()) -> Dataset:
     structured = lot_off[lot_idx] + wafer_off[wafer_seq] + np.outer(r2 - 0.5, _RADIAL)
     if cfg.drift:
         t = np.arange(n) / max(n - 1, 1)
-        ramp = np.clip((t - 0.5) / 0.5, 0.0, 1.0)
+        ramp = np.clip((t - 0.5) / cfg.drift_ramp, 0.0, 1.0)
         structured[:, 0] += cfg.drift_size * math.sqrt(_FACTOR_VAR[0]) * ramp
     own = rng.standard_normal((n, 4)) * _DIE_SD
 

@@ -17,21 +17,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 EF="$VENV/bin/edgefleet"
 OUT=${DEMO_OUT:-demo-out}
-PIDS=()
-
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-START=$SECONDS
-elapsed() { printf '%d:%02d' $(( (SECONDS - START) / 60 )) $(( (SECONDS - START) % 60 )); }
-step() { printf '\n\033[1m== %s\033[0m  (at %s)\n' "$*" "$(elapsed)"; }
-wait_for() {  # wait_for PATH SECONDS
-    for _ in $(seq 1 $(( $2 * 10 ))); do [ -e "$1" ] && return 0; sleep 0.1; done
-    echo "demo: $1 did not appear within $2 s" >&2; return 1
-}
+# shellcheck source=scripts/demo-common.sh
+source scripts/demo-common.sh  # PIDS (stopped on exit), step, elapsed, wait_for, free_port
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -74,7 +61,6 @@ echo "building a retrained model (sequence 2) to roll out; its progress follows"
     --seed 1 --sequence 2
 "$EF" keys generate --out "$OUT/keys" --name fleet
 "$EF" keys trust "$OUT/keys/fleet.pub" --keyring "$OUT/keyring" --role fleet
-free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MQTT_PORT=$(free_port)
 ART_PORT=$(free_port)
 # A plain local broker for the demo only (the shipped TLS + ACL configuration is in broker/).

@@ -111,6 +111,34 @@ def test_predict_a_csv_file_prints_each_die_and_a_summary(served, tmp_path):
     assert "300/300 dies (100%)" in r.stderr
 
 
+def test_predict_file_sends_whole_number_die_ids_so_labels_join_on_them(served, tmp_path):
+    """The agent logs the die ids a file's whole-number ids name (the prediction log is on
+    beside the store); final-test labels for those ids then join to the decisions. A block
+    with any other id (`D5`, `007`) goes by position and is echoed by its own text."""
+    _, sock, url, model = served
+    x = model.train[:70].copy()
+    x[3] += 40.0  # die 9000003 fails
+    path = tmp_path / "dies.csv"
+    ids = [str(9_000_000 + i) for i in range(64)] + ["D5", "007", "8", "9", "10", "11"]
+    with open(path, "w") as f:
+        f.write("die_id," + ",".join(f"p{i:03d}" for i in range(N)) + "\n")
+        for die, row in zip(ids, x, strict=True):
+            f.write(f"{die}," + ",".join(f"{v:.7g}" for v in row) + "\n")
+    r = _cli("agent", "predict", "--socket", str(sock), "--file", str(path), "--batch", "64")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split("\t")[0] for ln in r.stdout.splitlines()] == ids
+    assert r.stdout.splitlines()[3].startswith("9000003\tfail\t")
+    with Client(sock) as c:
+        assert c.label([9_000_003, 9_000_004], ["pass", "pass"]) == (2, 0)
+
+    def joined() -> bool:
+        body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        return 'predicted="fail"} 1.0' in body and 'predicted="pass"} 1.0' in body \
+            and 'edgefleet_labels_total{result="joined",source="socket"} 2.0' in body
+
+    wait_for(joined, timeout=30)
+
+
 def test_predict_refuses_a_csv_it_cannot_map(served, tmp_path):
     _, sock, _, _ = served
     path = tmp_path / "bad.csv"

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 READ = {"keys list", "bundle verify", "bundle inspect", "agent health", "agent info",
         "agent models", "fleet devices", "fleet artifacts", "fleet rollout status",
-        "fleet rollout list"}
+        "fleet rollout list", "fleet quality"}
 WRITE = {"keys generate", "keys trust", "keys revoke", "bundle sign", "agent install",
          "agent rollback", "fleet publish", "fleet apply",
          *(f"fleet rollout {a}" for a in ("start", "pause", "resume", "abort", "rollback",

@@ -208,6 +208,19 @@ def test_agent_settings_are_read_by_the_agents_own_loaders():
     # One metrics port everywhere: the agent, the pod, the scrape annotation, the policy.
     for text in (daemonset, (K3S / "base" / "agent" / "networkpolicy.yaml").read_text()):
         assert "9464" in text and "9100" not in text
+    # The data feed and the MES drop directory: the agent's settings, the pod's port and
+    # volume, the policy; the feed takes the link's certificate, as agent/datafeed.py reads it.
+    assert cfg.data_addr == "0.0.0.0:9465" and "port: 9465" in \
+        (K3S / "base" / "agent" / "networkpolicy.yaml").read_text()
+    assert "containerPort: 9465" in daemonset
+    assert str(cfg.labels_dir) == "/var/spool/edgefleet-labels"
+    assert "mountPath: /var/spool/edgefleet-labels" in daemonset
+    assert link.mqtt.ca_file and link.mqtt.cert_file and link.mqtt.key_file
+    assert "name: EDGEFLEET_DATA_FEED\n              value: $(HOST_IP):9465" in daemonset
+    assert LinkConfig.from_env({**env, "EDGEFLEET_DEVICE_ID": "box-01",
+                                "EDGEFLEET_DATA_FEED": "10.1.2.3:9465"}).data_feed == \
+        "10.1.2.3:9465"
+    assert link.data_feed is None  # 0.0.0.0 is no address to reach it at
 
 
 def test_host_directories_come_from_systemd_tmpfiles(tmp_path: Path):
@@ -224,8 +237,13 @@ def test_host_directories_come_from_systemd_tmpfiles(tmp_path: Path):
     assert (device.st_uid, device.st_gid, oct(device.st_mode & 0o7777)) == \
         (10001, 10001, "0o700")
     daemonset = (K3S / "base" / "agent" / "daemonset.yaml").read_text()
-    for path in ("/run/edgefleet", "/var/lib/edgefleet", "/etc/edgefleet/device"):
+    for path in ("/run/edgefleet", "/var/lib/edgefleet", "/etc/edgefleet/device",
+                 "/var/spool/edgefleet-labels"):
         assert f"path: {path}\n            type: Directory" in daemonset, path
+    labels = root / "var/spool/edgefleet-labels"
+    for d in (labels, labels / "incoming"):  # the MES exporter (group 10001) writes here
+        st = d.stat()
+        assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (10001, 10001, "0o2770")
 
 
 def test_a_real_nginx_serves_artifacts_with_the_k3s_config(tmp_path: Path):

@@ -1,5 +1,6 @@
 """The realized false-fail query of docs/operations.md, run as written by a real Prometheus
-(Debian's package) scraping a real agent whose tester sends dies and then final-test labels."""
+(Debian's package) scraping a real agent whose tester sends dies and then final-test labels;
+and the rollout's label gates (fleet/label_gates.py) reading their counts from it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import pytest
 
 from agent.client import Client
 from agent.predlog import wait_flushed
+from fleet.gates import parse_gate
+from fleet.label_gates import LABEL_METRICS, evaluate_label_gates
+from fleet.prometheus import PrometheusClient
+from fleet.quality import fleet_quality, quality_table
 from tests.agent_support import build_model, make_keys, wait_for
 from tests.broker_fixtures import free_port
 from tests.conftest import REPO
@@ -110,4 +115,24 @@ def test_the_documented_false_fail_query_gives_the_realized_rate(tmp_path):
                      timeout=60)
             [series] = _query(url, query)
             assert series["metric"] == {"site": "fab1"}
+            # the label gates of a rollout of this bundle, on the same counts
+            gate = [parse_gate("false_fail_rate<=0.05", LABEL_METRICS)]
+            client = PrometheusClient(url)
+            failing = evaluate_label_gates(gate, client, digest, window_s=3600, min_good=5)
+            short = evaluate_label_gates(gate, client, digest, window_s=3600, min_good=1000)
+            # `fleet quality`: every label so far, then only those after a first report
+            first = {"models": [q.to_json(1, 1) for q in fleet_quality(client)]}
+            _label(server, plog, [(25, "pass"), (26, "fail")])
+            wait_for(lambda: fleet_quality(client, since=first)[0].labels.bad == 1, timeout=60)
+            [q] = fleet_quality(client, since=first)
+            [everything] = fleet_quality(client)
+            table = quality_table([q], min_good=1, min_bad=1)
     assert np.isclose(float(series["value"][1]), expected)
+    assert failing.verdict == "fail" and failing.results[0].value > 0.05, failing.explain()
+    assert failing.evidence["labels"]["false_fail"] >= 4
+    assert short.verdict == "inconclusive" and "1000 needed" in short.explain()
+    assert (q.digest, q.devices) == (digest, 1) and q.name and q.version
+    assert q.labels.to_json() == {"true_pass": 0, "false_fail": 1, "true_fail": 1,
+                                  "missed_fail": 0}
+    assert everything.labels.false_fail == 6 and everything.labels.good == len(good) + 6
+    assert "100.00%" in table.splitlines()[1]

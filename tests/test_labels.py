@@ -192,6 +192,45 @@ def test_bad_labels_get_named_errors_and_the_connection_stays_open(model, tmp_pa
         assert c.predict(model.train[0], die_id=1).decision == "pass"
 
 
+def test_the_client_label_helper_sends_a_label_frame_to_a_real_agent(model, tmp_path):
+    """`Client.label` (agent/client.py): the binary LABEL frame, its LABELED answer, the
+    join it leads to, and a refusal raised as AgentError on a connection still usable."""
+    from agent.client import AgentError
+
+    with logged_agent(model, tmp_path / "log") as (server, plog):
+        with Client(server.path) as c:
+            c.predict(model.train[0], die_id=11)
+            c.predict(model.train[1] + 50.0, die_id=12)
+            c.health()
+            assert wait_flushed(plog)
+            # before any label, the model's four cells exist at zero (Prometheus' increase()
+            # then counts the first label too)
+            zero = [v for k, v in _metrics(server).items()
+                    if k.startswith("edgefleet_label_joins_total{")]
+            assert zero == [0.0] * 4
+            assert c.label([11, 12, 13], ["pass", "pass", 1], times=[1.7e9, 0, 0]) == (3, 0)
+            with pytest.raises(ValueError, match="pass"):
+                c.label([11], ["maybe"])
+            assert c.predict(model.train[0], die_id=14).decision == "pass"
+        # the example of docs/protocol.md, as written
+        doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+        start = doc.index("```python", doc.index("`Client.label`")) + len("```python")
+        scope: dict = {}
+        exec(doc[start:doc.index("```", start)].replace("/run/edgefleet/agent.sock",
+                                                        str(server.path)), scope)
+        assert (scope["accepted"], scope["dropped"]) == (2, 0)
+        assert wait_flushed(plog, server)
+        m = _metrics(server)
+    digest = plog.models.models[0].digest
+    assert m[f'edgefleet_label_joins_total{{actual="pass",digest="{digest}",'
+             'predicted="fail"}'] == 1
+    assert m['edgefleet_labels_total{result="unknown_die",source="socket"}'] == 3
+    with running_agent(model) as server, Client(server.path) as c:  # no log: unavailable
+        with pytest.raises(AgentError, match="unavailable|label"):
+            c.label([1], [0])
+        assert c.predict(model.train[0], die_id=1).decision == "pass"  # still open
+
+
 def test_an_agent_without_a_log_refuses_labels_as_unavailable(model):
     with running_agent(model) as server:
         with Client(server.path) as c:

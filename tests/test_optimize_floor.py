@@ -111,6 +111,27 @@ def test_bad_config_is_refused():
         FloorConfig(gross_rate=0.4, subtle_multi_rate=0.3)
 
 
+def test_a_short_drift_ramp_is_a_step_after_which_the_process_stays_shifted():
+    """`drift_ramp` 0.05: the speed shift is complete 5% of the run after the midpoint (the
+    floor `make demo-retrain` runs), where the default ramp is only halfway there."""
+    from optimize.data import DataError
+
+    def speed_shift(ramp: float) -> tuple[float, float]:
+        base = generate_floor(FloorConfig(n_dies=4000, n_params=32, seed=2))
+        moved = generate_floor(FloorConfig(n_dies=4000, n_params=32, seed=2, drift=True,
+                                           drift_ramp=ramp))
+        good = base.labels == 0
+        delta = np.nanmean(moved.X - base.X, axis=1)  # same seed: only the shift differs
+        return (float(np.abs(delta[:1800][good[:1800]]).max()),
+                float(np.median(delta[2300:3000][good[2300:3000]])))
+
+    before, step = speed_shift(0.05)
+    _, ramp = speed_shift(0.5)
+    assert before == 0.0 and abs(step) > 1.5 * abs(ramp) > 0
+    with pytest.raises(DataError, match="drift_ramp"):
+        FloorConfig(drift_ramp=0.0)
+
+
 def test_the_make_data_commands_in_docs_model_md_run(tmp_path: Path):
     """Every `edgefleet optimize make-data` line of docs/model.md, on 300 dies."""
     import shlex
@@ -120,7 +141,7 @@ def test_the_make_data_commands_in_docs_model_md_run(tmp_path: Path):
     doc = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     lines = [ln.split("#")[0].strip() for ln in doc.splitlines()
              if ln.startswith("edgefleet optimize make-data")]
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
         args = [*shlex.split(line)[1:], "--n", "300"]
         run = subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=tmp_path,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import pytest
 
 from agent.client import Client
 from agent.datafeed import DataFeed
+from agent.errors import UsageError
 from agent.predlog import wait_flushed
 from edgefleet.cli import main
 from fleet.certs import CONTROLLER_NAME, init_ca, issue_client
-from fleet.collect import CollectTLS, Device, collect
+from fleet.collect import CollectTLS, Device, collect, devices_from_inventory, parse_since
 from optimize.dataset_dir import load_collected
 from tests.agent_support import build_model, make_keys
 from tests.optimize_support import fast_config_file, small_dies
@@ -183,3 +185,63 @@ def test_the_collect_command_prints_what_it_pulled_and_exits_1_for_a_device_it_m
         assert e.value.code == 1
         captured = capsys.readouterr()
         assert "box-a" in captured.out and "1 of 2 devices not collected (box-b)" in captured.err
+
+
+def test_since_collects_only_what_was_logged_after_it_and_moves_past_the_rest(model, pki,
+                                                                              tmp_path):
+    """A retrain after a process change wants the dies since the change, not the months
+    before it: older records are skipped, and a later run does not pull them either."""
+    data = small_dies()
+    out = tmp_path / "dataset"
+    with device(model, pki, "box-a", tmp_path / "log", capture_rate=1.0) as (server, plog, feed):
+        _screen(server, plog, data.X[:20], np.arange(20), data.labels[:20])
+        since = time.time()
+        _screen(server, plog, data.X[20:50], np.arange(20, 50), data.labels[20:50],
+                label_ids=np.arange(20, 50))
+        dev = Device("box-a", "127.0.0.1", feed.port)
+        [r] = collect([dev], out, _tls(pki), since=since)
+        assert r.ok, r.error
+        assert r.pulled == {"capture": 30, "labels": 30}
+        [r] = collect([dev], out, _tls(pki))
+        assert r.pulled == {"capture": 0, "labels": 0}
+    assert [c["die_id"] for c in _lines(out / "capture" / "box-a")] == \
+        [str(i) for i in range(20, 50)]
+    assert [x["die_id"] for x in _lines(out / "labels" / "box-a")] == \
+        [str(i) for i in range(20, 50)]
+
+
+def test_since_takes_a_duration_or_an_iso_time():
+    assert parse_since("2h", 10_000.0) == 10_000.0 - 7200
+    assert parse_since("2026-12-04T21:30:00Z", 0) == parse_since("2026-12-04T21:30:00", 0) \
+        == 1796419800.0
+    assert parse_since(None, 5.0) is None
+    with pytest.raises(UsageError, match="ISO 8601"):
+        parse_since("yesterday", 0)
+
+
+def test_devices_come_from_the_inventory_at_the_feed_address_their_state_reports():
+    """`fleet collect -l SELECTOR`: a device's state names its feed (`data_feed`, which the
+    link takes from EDGEFLEET_DATA_FEED or a data_addr with a real host); one without is
+    reported, not silently left out."""
+    from agent.link import LinkConfig
+    from fleet.inventory import Inventory, Selector
+
+    def link(**env: str) -> str | None:
+        return LinkConfig.from_env({"EDGEFLEET_DEVICE_ID": "box-a",
+                                    "EDGEFLEET_LINK_DIR": "/tmp/x", **env}).data_feed
+
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="10.0.0.5:9465") == "10.0.0.5:9465"
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="0.0.0.0:9465") is None
+    assert link(EDGEFLEET_AGENT_DATA_ADDR="0.0.0.0:9465",
+                EDGEFLEET_DATA_FEED="box-a.fab1:9465") == "box-a.fab1:9465"
+    assert link() is None
+    states = [{"device_id": "box-a", "online": True, "labels": {"site": "fab1"},
+               "data_feed": "10.0.0.5:9465"},
+              {"device_id": "box-b", "online": True, "labels": {"site": "fab1"}},
+              {"device_id": "box-c", "online": True, "labels": {"site": "fab2"},
+               "data_feed": "10.0.0.7:9465"}]
+    inv = Inventory.from_states({s["device_id"]: s for s in states})
+    found, missing = devices_from_inventory(inv, Selector.parse("site=fab1"))
+    assert found == [Device("box-a", "10.0.0.5", 9465)]
+    assert [(r.device, r.ok) for r in missing] == [("box-b", False)]
+    assert "no data feed address" in missing[0].error

@@ -1,20 +1,30 @@
 """Label gates (fleet/label_gates.py): realized false-fail and recall, inconclusive below the
-minimum evidence, counts read from a Prometheus vector."""
+minimum evidence, counts read from a Prometheus vector; how a rollout plan takes them (flags,
+plan JSON, declarative spec). The counts read from a real Prometheus are checked in
+tests/test_label_promql.py; a rollout gated on them through the controller in
+tests/test_demo_retrain.py."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.errors import UsageError
+from fleet.apply import spec_plan
 from fleet.gates import parse_gate
 from fleet.label_gates import (
     LABEL_METRICS,
     LabelCounts,
+    evaluate_label_gates,
     evaluate_labels,
     label_counts_query,
 )
+from fleet.plan import Plan
+from fleet.prometheus import PrometheusClient
+from tests.broker_fixtures import free_port
 
 GATES = [parse_gate("false_fail_rate<=0.02", LABEL_METRICS), parse_gate("recall>=0.5",
                                                                           LABEL_METRICS)]
@@ -61,3 +71,37 @@ def test_a_pass_always_rests_on_enough_labels(tp, ff, tf, mf):
         if r.verdict != "inconclusive":
             assert (counts.good if "false_fail" in r.gate else counts.bad) >= (
                 100 if "false_fail" in r.gate else 10)
+
+
+def test_an_unreachable_prometheus_fails_label_gates_with_the_reason():
+    """Nothing listens on the port: a failed gate naming why, never a pass or a silent skip."""
+    client = PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    v = evaluate_label_gates(GATES, client, "ab12", window_s=3600)
+    assert v.verdict == "fail" and "does not answer" in v.explain()
+    v = evaluate_label_gates(GATES, None, "ab12", window_s=3600)
+    assert v.verdict == "fail" and "no --prometheus URL" in v.explain()
+    assert evaluate_label_gates((), None, "ab12", window_s=3600).verdict == "pass"
+
+
+def test_a_plan_takes_label_gates_and_refuses_bad_ones():
+    plan = Plan(label_gates=("false_fail_rate<=0.02", "recall>=0.5"),
+                prometheus="http://prom:9090", label_window_s=7 * 86400).validate()
+    assert [str(g) for g in plan.label_gate_list] == ["false_fail_rate<=0.02", "recall>=0.5"]
+    assert Plan.from_json(plan.to_json()) == plan
+    for kw, message in [
+        ({"label_gates": ("false_fail_rate<=0.02",)}, "need --prometheus"),
+        ({"label_gates": ("p99_ms<=3",), "prometheus": "http://p:1"}, "unknown metric"),
+        ({"label_gates": ("recall>=1.5",), "prometheus": "http://p:1"}, "can never pass"),
+        ({"label_min_good": 0}, "--label-min-good 0"),
+        ({"label_window_s": 0}, "--label-window"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            Plan(**kw).validate()
+
+
+def test_a_declared_rollout_takes_label_gates():
+    _, plan = spec_plan({"bundle": "sha256:ab", "prometheus": "http://prom:9090",
+                         "labelGates": {"gates": ["false_fail_rate<=0.03"], "window": "7d",
+                                        "minGood": 500, "minBad": 30}}, "rollout.yaml")
+    assert (plan.label_gates, plan.label_window_s, plan.label_min_good,
+            plan.label_min_bad) == (("false_fail_rate<=0.03",), 7 * 86400.0, 500, 30)
