@@ -122,6 +122,8 @@ def attach_head(model: bytes, head: Head) -> bytes:
     nodes = list(g.graph.node)
     producer = next(n for n in nodes if "score" in n.output)
     producer.output[list(producer.output).index("score")] = "ae_score"
+    if producer.name == "score":
+        producer.name = "ae_score"
     w = head.weights.astype(np.float32)[:, None]  # (2F + 1, 1)
     g.graph.initializer.extend([
         numpy_helper.from_array(w, "head_w"),
