@@ -464,6 +464,10 @@ def _manifest_evaluation(report: dict[str, Any], decision: Decision, cfg: BuildC
         "data": report["data"]["source"], "train_rows": train_rows,
         "gates": report["gates"],
         "baseline_verdict": (report.get("baselines") or {}).get("verdict"),
+        "scorer": ("autoencoder + supervised head" if (report.get("supervised") or {}).get("kept")
+                   else "autoencoder"),
+        "network": "-".join(map(str, report["training"]["pruned_sizes"])) + (
+            " (distilled student)" if (report.get("distillation") or {}).get("kept") else ""),
     }
     return {k: v for k, v in out.items() if v is not None}
 
