@@ -15,7 +15,10 @@
 Parity = decision agreement at the FP32 threshold, then Spearman rank correlation of scores, on
 validation rows, taking the worse of scoring them one row at a time (as a device usually does)
 and in batches of 256 (as a device may), so batch dependence counts against a candidate. On a
-tie the static model wins.
+tie the static model wins: differences below 1e-3 (4 decisions in 4,000 validation rows) are
+noise, and the static graph is the faster at one row (each layer one fused QGemm; the dynamic
+one quantizes every activation at run time and keeps ReLU apart: on the floor data 28.4 vs
+30.1 us for the pruned teacher, and slower than FP32 for the small distilled student).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class Parity:
     median_rel_diff: float
 
     def key(self) -> tuple[float, float]:
-        """Ordering for "better": differences below 1e-4 are noise, not a reason to choose."""
-        return (round(self.agreement, 4), round(self.spearman, 4))
+        """Ordering for "better": differences below 1e-3 are noise, not a reason to choose."""
+        return (round(self.agreement, 3), round(self.spearman, 3))
 
 
 @dataclass(frozen=True)
