@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optimize.baselines import failing_classes, judge
+from optimize.baselines import part_figures
 from optimize.calibrate import calibrate_threshold
 from optimize.evaluate import EvaluateConfig, measure_latency
 from optimize.export import run, to_onnx
@@ -149,20 +149,6 @@ def candidate(det: Detector, top_k: int, split: Split, target_ffr: float) -> Can
     return Candidate(model, det.model.n_params(), val, test, thr)
 
 
-def _quality(c: Candidate, split: Split, part: str, target_ffr: float,
-             seed: int) -> dict[str, Any] | None:  # fmt: skip
-    """ROC AUC and recall at equal false-fail of `c` on the validation or test rows."""
-    p = split.val if part == "val" else split.test
-    scores = c.val if part == "val" else c.test
-    if p.labels is None or not 0 < p.labels.sum() < len(p):
-        return None
-    j = judge(scores, c.val[split.val.passes], p.labels, failing_classes(p.defect, p.labels),
-              target_ffr, boot=100, seed=seed, threshold=c.threshold)
-    return {"roc_auc": j.auc, "roc_auc_ci": j.auc_ci, "test_ffr": j.ffr,
-            "recall_equal_ffr": {k: v["recall_equal_ffr"] for k, v in j.recall.items()},
-            "class_size": {k: v["n"] for k, v in j.recall.items()}}
-
-
 def judge_student(teacher: Candidate, student: Candidate, split: Split, cfg: DistillConfig,
                   target_ffr: float, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """The report's `distillation` object: both models' size, parameters, latency, quality on
@@ -171,11 +157,14 @@ def judge_student(teacher: Candidate, student: Candidate, split: Split, cfg: Dis
                           EvaluateConfig(latency_runs=cfg.latency_runs, latency_rounds=10,
                                          throughput_runs=1, throughput_batch=256))
     out: dict[str, Any] = {"teacher": {}, "student": {}}
+    vp = split.val.passes
     for name, c in (("teacher", teacher), ("student", student)):
         out[name] = {"params": c.params, "size_bytes": len(c.onnx),
                      "p50_us": lat[name]["p50_us"], "p99_us": lat[name]["p99_us"],
-                     "val": _quality(c, split, "val", target_ffr, seed),
-                     "test": _quality(c, split, "test", target_ffr, seed)}
+                     "val": part_figures(split.val, c.val, c.val[vp], c.threshold, target_ffr,
+                                         seed=seed, boot=100),
+                     "test": part_figures(split.test, c.test, c.val[vp], c.threshold,
+                                          target_ffr, seed=seed, boot=100)}
     p = parity(teacher.test, student.test, teacher.threshold)
     out["parity_with_teacher"] = {
         "decision_agreement": float(np.mean((teacher.test > teacher.threshold)

@@ -47,10 +47,10 @@ from onnx import helper, numpy_helper
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from optimize.baselines import failing_classes, judge
+from optimize.baselines import part_figures
 from optimize.calibrate import calibrate_threshold
 from optimize.export import run
-from optimize.split import Part, Split
+from optimize.split import Split
 from optimize.train import Detector, reconstruct
 
 log = logging.getLogger("edgefleet.optimize")
@@ -192,17 +192,6 @@ def _paired_auc_diff(labels: np.ndarray, a: np.ndarray, b: np.ndarray, boot: int
     return float(lo), float(hi)
 
 
-def _judged(part: Part, scores: np.ndarray, val_pass: np.ndarray, threshold: float,
-            target: float, seed: int) -> dict[str, Any] | None:  # fmt: skip
-    if part.labels is None or not 0 < part.labels.sum() < len(part):
-        return None
-    j = judge(scores, val_pass, part.labels, failing_classes(part.defect, part.labels), target,
-              boot=200, seed=seed, threshold=threshold)
-    return {"roc_auc": j.auc, "roc_auc_ci": j.auc_ci, "ffr": j.ffr, "ffr_ci": j.ffr_ci,
-            "recall": {k: v["recall"] for k, v in j.recall.items()},
-            "recall_equal_ffr": {k: v["recall_equal_ffr"] for k, v in j.recall.items()}}
-
-
 def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: np.ndarray,
                int8_test: np.ndarray, cfg: SupervisedConfig, target_ffr: float,
                seed: int = 0) -> HeadOffer:  # fmt: skip
@@ -230,8 +219,8 @@ def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: 
     for name, v, t, thr in (("unsupervised", int8_val, int8_test, thr_u),
                             ("head", val_h, test_h, thr_h)):
         out[name] = {"threshold": thr,
-                     "val": _judged(split.val, v, v[vp], thr, target_ffr, seed),
-                     "test": _judged(split.test, t, v[vp], thr, target_ffr, seed)}
+                     "val": part_figures(split.val, v, v[vp], thr, target_ffr, seed=seed),
+                     "test": part_figures(split.test, t, v[vp], thr, target_ffr, seed=seed)}
     out["int8_vs_fp32_head"] = {
         "decision_agreement": float(np.mean((ref > thr_h) == (test_h > thr_h)))}
     t = split.test
