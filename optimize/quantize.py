@@ -38,6 +38,7 @@ from optimize.train import Detector
 
 log = logging.getLogger("edgefleet.optimize")
 METHODS = ("auto", "static", "dynamic")
+TIE = 1e-3  # parity differences this small are noise (4 decisions in 4,000 rows)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,12 @@ class Parity:
     median_rel_diff: float
 
     def key(self) -> tuple[float, float]:
-        """Ordering for "better": differences below 1e-3 are noise, not a reason to choose."""
-        return (round(self.agreement, 3), round(self.spearman, 3))
+        """Ordering for "better": differences below 1e-4 are noise, not a reason to choose."""
+        return (round(self.agreement, 4), round(self.spearman, 4))
+
+    def ties(self, other: Parity, tol: float = TIE) -> bool:
+        """As good as `other`: neither figure more than `tol` below."""
+        return self.agreement >= other.agreement - tol and self.spearman >= other.spearman - tol
 
 
 @dataclass(frozen=True)
@@ -173,4 +178,6 @@ def quantize(
         log.info("quantize: %s INT8 %d bytes, agreement %.4f, rank correlation %.5f", name,
                  len(candidates[name]), p.agreement, p.spearman)
     best = max(results, key=lambda k: (*results[k].key(), k == "static"))
+    if "static" in results and results["static"].ties(results[best]):
+        best = "static"
     return QuantResult(candidates[best], best, results)
