@@ -69,7 +69,7 @@ def main() -> int:
     if proc.returncode != 0:
         print(f"build failed with exit status {proc.returncode}", file=sys.stderr)
         return 1
-    report = json.loads(proc.stdout)
+    report = json.loads(Path(json.loads(proc.stdout)["report_json"]).read_text())
     m, lat, par = report["models"], report["latency"], report["parity"]
     base, q = m["fp32"], m["pruned_int8"]
     ratios = {
