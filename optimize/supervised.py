@@ -244,11 +244,10 @@ def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: 
     kept = not reasons
     out.update(kept=kept, reasons=reasons)
     u, h = out["unsupervised"], out["head"]
-    aucs = (f"test ROC AUC {h['test']['roc_auc']:.4f} vs {u['test']['roc_auc']:.4f}"
-            if h["test"] and u["test"] else "")
-    out["verdict"] = (f"Supervised head (logistic on {head.features}, {n_fails} training "
-                      f"fails): {'kept, it ships' if kept else 'dropped'}"
-                      + (f" ({aucs})" if aucs else "")
-                      + ("." if kept else ": " + "; ".join(reasons) + "."))
+    title = f"Supervised head (logistic on {head.features}, {n_fails} training fails)"
+    out["verdict"] = (f"{title}: kept, it ships (ROC AUC validation "
+                      f"{h['val']['roc_auc']:.4f} vs {u['val']['roc_auc']:.4f}, test "
+                      f"{h['test']['roc_auc']:.4f} vs {u['test']['roc_auc']:.4f} for the "
+                      "autoencoder)." if kept else f"{title}: dropped: {'; '.join(reasons)}.")
     log.info("%s", out["verdict"])
     return HeadOffer(kept, out, fp32_h, int8_h, val_h, test_h)
