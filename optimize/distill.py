@@ -25,8 +25,9 @@ the single-row p50 of both is measured, interleaved, and reported, but a build m
 on the load of the box it runs on, so it does not decide) and, on both
 the validation and the time-ordered test part, a ROC AUC no more than `auc_tolerance` below
 the teacher's and a recall at equal false-fail no more than `recall_tolerance` (or one die,
-whichever is more) below it on every defect class with at least `min_class` dies. Without
-labels quality cannot be judged and the teacher stays.
+whichever is more) below it on every defect class with at least `min_class` dies, and a
+false-fail at its own threshold inside [0.5x, 2x] of the target wherever the teacher's is.
+Without labels quality cannot be judged and the teacher stays.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def judge_student(teacher: Candidate, student: Candidate, split: Split, cfg: Dis
         "decision_agreement": float(np.mean((teacher.test > teacher.threshold)
                                             == (student.test > student.threshold))),
         "spearman": p.spearman}
+    out["target_ffr"] = target_ffr
     reasons = _why_not(out, cfg)
     out["kept"] = not reasons
     out["reasons"] = reasons
@@ -192,11 +194,15 @@ def _why_not(r: dict[str, Any], cfg: DistillConfig) -> list[str]:
         reasons.append("not smaller")
     if s["layers"] > t["layers"]:
         reasons.append(f"deeper ({s['layers']} vs {t['layers']} layers)")
+    low, high = 0.5 * r["target_ffr"], 2 * r["target_ffr"]
     for part in ("val", "test"):
         tq, sq = t[part], s[part]
         if tq is None or sq is None:
             reasons.append(f"no labels on the {part} part to judge quality")
             continue
+        if low <= tq["ffr"] <= high and not low <= sq["ffr"] <= high:
+            reasons.append(f"{part} false-fail {sq['ffr']:.2%} outside [{low:.2%}, {high:.2%}] "
+                           f"(teacher {tq['ffr']:.2%})")
         if sq["roc_auc"] < tq["roc_auc"] - cfg.auc_tolerance:
             reasons.append(f"{part} ROC AUC {sq['roc_auc']:.4f} vs teacher {tq['roc_auc']:.4f}")
         for cls, rec in tq["recall_equal_ffr"].items():

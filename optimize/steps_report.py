@@ -14,6 +14,11 @@ def _auc(q: dict[str, Any] | None) -> str:
     return f"{q['roc_auc']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _ffr(q: dict[str, Any] | None) -> str:
+    ffr = (q or {}).get("ffr")
+    return "-" if ffr is None else f"{ffr:.2%}"
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     return ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
@@ -35,10 +40,10 @@ def distillation_lines(d: dict[str, Any]) -> list[str]:
         rows.append([f"{name} {'-'.join(map(str, d.get('sizes', {}).get(name, [])))}",
                      f"{m['params']:,}", f"{m['size_bytes'] / 1e3:.0f} kB",
                      f"{m['p50_us']:.1f}", _auc(m.get("val")), _auc(m.get("test")),
-                     *_recall(m.get("test"), classes)])
+                     _ffr(m.get("test")), *_recall(m.get("test"), classes)])
     par = d["parity_with_teacher"]
     return [*_table(["network (FP32)", "params", "size", "p50 us", "AUC val", "AUC test",
-                     *[f"{c} @eq.FFR" for c in classes]], rows),
+                     "FFR test", *[f"{c} @eq.FFR" for c in classes]], rows),
             f"student vs teacher on the test part: decisions agree "
             f"{par['decision_agreement']:.2%}, rank correlation {par['spearman']:.4f}",
             d["verdict"]]
@@ -53,9 +58,8 @@ def supervised_lines(s: dict[str, Any]) -> list[str]:
     rows = []
     for name, title in (("unsupervised", "autoencoder"), ("head", "with the head")):
         m = s[name]
-        ffr = (m.get("test") or {}).get("ffr")
-        rows.append([title, _auc(m.get("val")), _auc(m.get("test")),
-                     "-" if ffr is None else f"{ffr:.2%}", *_recall(m.get("test"), classes)])
+        rows.append([title, _auc(m.get("val")), _auc(m.get("test")), _ffr(m.get("test")),
+                     *_recall(m.get("test"), classes)])
     out = _table(["scorer (INT8)", "AUC val", "AUC test", "FFR test",
                   *[f"{c} @eq.FFR" for c in classes]], rows)
     ci = s.get("test_auc_diff_ci")

@@ -33,8 +33,8 @@ def test_the_student_is_smaller_and_ranks_dies_like_its_teacher():
         assert np.array_equal(a.detach().numpy(), b.detach().numpy())  # same seed, same weights
 
 
-def _figures(params: int, layers: int, auc: float, recall: float) -> dict:
-    part = {"roc_auc": auc, "recall_equal_ffr": {"subtle": recall, "tiny": 0.0},
+def _figures(params: int, layers: int, auc: float, recall: float, ffr: float = 0.01) -> dict:
+    part = {"roc_auc": auc, "ffr": ffr, "recall_equal_ffr": {"subtle": recall, "tiny": 0.0},
             "class_size": {"subtle": 100, "tiny": 5}}
     return {"params": params, "layers": layers, "val": part, "test": copy.deepcopy(part)}
 
@@ -42,13 +42,17 @@ def _figures(params: int, layers: int, auc: float, recall: float) -> dict:
 def test_the_student_is_kept_only_when_smaller_no_deeper_and_as_good():
     cfg = DistillConfig()
     teacher = _figures(90_000, 6, 0.990, 0.90)
-    assert _why_not({"teacher": teacher, "student": _figures(16_000, 2, 0.987, 0.885)},
-                    cfg) == []  # within 0.005 AUC and 0.02 recall
-    worse = _why_not({"teacher": teacher, "student": _figures(16_000, 2, 0.980, 0.80)}, cfg)
+    assert _why_not({"teacher": teacher, "student": _figures(16_000, 2, 0.987, 0.885, 0.015),
+                     "target_ffr": 0.01}, cfg) == []  # within 0.005 AUC, 0.02 recall, FFR band
+    worse = _why_not({"teacher": teacher, "student": _figures(16_000, 2, 0.980, 0.80, 0.025),
+                      "target_ffr": 0.01}, cfg)
     assert any("ROC AUC" in r for r in worse) and any("subtle recall" in r for r in worse)
-    deeper = _why_not({"teacher": teacher, "student": _figures(16_000, 8, 0.995, 0.95)}, cfg)
+    assert any("false-fail 2.50% outside [0.50%, 2.00%]" in r for r in worse)
+    deeper = _why_not({"teacher": teacher, "student": _figures(16_000, 8, 0.995, 0.95),
+                       "target_ffr": 0.01}, cfg)
     assert deeper == ["deeper (8 vs 6 layers)"]
-    bigger = _why_not({"teacher": teacher, "student": _figures(95_000, 2, 0.995, 0.95)}, cfg)
+    bigger = _why_not({"teacher": teacher, "student": _figures(95_000, 2, 0.995, 0.95),
+                       "target_ffr": 0.01}, cfg)
     assert bigger == ["not smaller"]
 
 
