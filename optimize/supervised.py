@@ -226,8 +226,9 @@ def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: 
     for name, v, t, thr in (("unsupervised", int8_val, int8_test, thr_u),
                             ("head", val_h, test_h, thr_h)):
         out[name] = {"threshold": thr,
-                     "val": part_figures(split.val, v, v[vp], thr, target_ffr, seed=seed),
-                     "test": part_figures(split.test, t, v[vp], thr, target_ffr, seed=seed)}
+                     "val": part_figures(split.val, v, v[vp], thr, target_ffr, seed=seed, boot=100),
+                     "test": part_figures(split.test, t, v[vp], thr, target_ffr, seed=seed,
+                                          boot=100)}
     out["int8_vs_fp32_head"] = {
         "decision_agreement": float(np.mean((ref > thr_h) == (test_h > thr_h)))}
     t = split.test
