@@ -56,7 +56,7 @@ log = logging.getLogger("edgefleet.optimize")
 @dataclass(frozen=True)
 class DistillConfig:
     enabled: bool = True
-    widths: tuple[int, ...] = (32,)  # student encoder hidden widths; the decoder mirrors them
+    widths: tuple[int, ...] = (64,)  # student encoder hidden widths; the decoder mirrors them
     epochs: int = 40
     lr: float = 3e-3
     patience: int = 4
