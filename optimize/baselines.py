@@ -47,6 +47,7 @@ __all__ = [
     "failing_classes",
     "fit_baselines",
     "judge",
+    "part_figures",
 ]
 
 BASELINES = ("static_pat", "dynamic_pat", "pca_t2", "iforest", "supervised")
@@ -267,6 +268,21 @@ def judge(test_scores: np.ndarray, val_pass_scores: np.ndarray, labels: np.ndarr
     return Judged(thr, auc, _interval(aucs) if both else None, ffr, _interval(ffrs),
                   (int(flagged[fails].sum()), int(fails.sum())),
                   (int(flagged[passes].sum()), int(passes.sum())), recall)
+
+
+def part_figures(part: Any, scores: np.ndarray, val_pass_scores: np.ndarray, threshold: float,
+                 target_ffr: float, *, seed: int = 0, boot: int = 200) -> dict[str, Any] | None:
+    """`judge` of `scores` on one split part (validation or test) as a JSON-ready summary:
+    ROC AUC with its interval, false-fail, recall per class at the threshold and at equal
+    false-fail, class sizes. None when the part has no pass/fail mix."""
+    if part.labels is None or not 0 < part.labels.sum() < len(part):
+        return None
+    j = judge(scores, val_pass_scores, part.labels, failing_classes(part.defect, part.labels),
+              target_ffr, boot=boot, seed=seed, threshold=threshold)
+    return {"roc_auc": j.auc, "roc_auc_ci": j.auc_ci, "ffr": j.ffr, "ffr_ci": j.ffr_ci,
+            "recall": {k: v["recall"] for k, v in j.recall.items()},
+            "recall_equal_ffr": {k: v["recall_equal_ffr"] for k, v in j.recall.items()},
+            "class_size": {k: v["n"] for k, v in j.recall.items()}}
 
 
 # --------------------------------------------------------------------------------------------

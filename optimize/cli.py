@@ -190,8 +190,11 @@ def build(
 
     Splits DATA by time (training on passing dies only), fits the
     preprocessing, trains a dense autoencoder, prunes whole hidden units,
-    exports one ONNX graph (raw parameters in; score and top-k contributing
-    parameters out), quantizes it to INT8, calibrates the threshold at the
+    distils a smaller student (kept when as good), exports one ONNX graph
+    (raw parameters in; score and top-k contributing parameters out),
+    quantizes it to INT8, offers a supervised head on the autoencoder's
+    features when the labels hold fails (kept when it beats the autoencoder
+    on validation and test), calibrates the threshold at the
     target false-fail rate, evaluates FP32 / pruned / INT8 / rule fallback and
     the baselines (static and dynamic PAT, Hotelling T2 on PCA,
     IsolationForest, logistic regression when labels exist) on the test

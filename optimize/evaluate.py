@@ -1,9 +1,10 @@
 """Stage 8: judge every model on the test split and write the report.
 
 Models: the unpruned FP32 autoencoder (the baseline every ratio is against), the pruned FP32
-one, the pruned INT8 one that ships, and the rule-based fallback. Each is judged at its own
-threshold, calibrated on validation passes; the rules' "score" is the number of violated limits
-(fail when > 0), so their ROC curve has a single operating point.
+one (the distilled student when `optimize.distill` kept it; with the supervised head when
+`optimize.supervised` kept it), its INT8 form that ships, and the rule-based fallback. Each
+is judged at its own threshold, calibrated on validation passes; the rules' "score" is the
+number of violated limits (fail when > 0), so their ROC curve has a single operating point.
 
 Figures: ROC AUC, recall per defect class at the threshold, false-fail rate on test passes,
 INT8-vs-FP32 decision agreement and score rank correlation, file sizes, ONNX Runtime single-row
@@ -35,6 +36,7 @@ from optimize.calibrate import Decision
 from optimize.export import session
 from optimize.quantize import parity
 from optimize.split import Split
+from optimize.steps_report import markdown as steps_markdown
 
 log = logging.getLogger("edgefleet.optimize")
 
@@ -376,6 +378,7 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
     cmp = report.get("baselines")
     if cmp:
         lines.append(cmp["verdict"])
+    lines += [report[k]["verdict"] for k in ("distillation", "supervised") if report.get(k)]
     c = report.get("confusion")
     if c:
         lines.append(f"At the threshold {c['threshold']:.4g}: {c['fail_flagged']} fails caught, "
@@ -446,6 +449,7 @@ def _markdown(report: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     if table:
         lines += ["## Baselines (same test rows; recall at equal false-fail, class size in "
                   "brackets)", "", "```", table, "```", ""]
+    lines += steps_markdown(report)
     findings = report.get("findings", {})
     if findings:
         lines += ["## Findings", ""] + [f"- {k.replace('_', ' ')}: {_readable(v)}"

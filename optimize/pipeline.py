@@ -1,7 +1,7 @@
 """`edgefleet optimize build`: data file in, signed bundle and report out.
 
-    load -> split -> preprocess -> train -> prune -> export -> quantize -> calibrate
-         -> evaluate -> baselines -> gates -> package
+    load -> split -> preprocess -> train -> prune -> distill -> export -> quantize
+         -> calibrate -> supervised head -> evaluate -> baselines -> gates -> package
 
 Each stage is a function in its own module; `build` calls them in order and is the only place
 that knows the order. Everything is written into a staging directory inside `out_dir` and moved
@@ -51,6 +51,7 @@ from optimize.calibrate import (
     window_psi,
 )
 from optimize.data import Dataset, load_dataset
+from optimize.distill import DistillConfig, offer_student
 from optimize.evaluate import EvaluateConfig, Scored, evaluate, measure_latency, write_report
 from optimize.export import check_export, run, to_onnx
 from optimize.gates import BuildRefused, GateConfig, gate_reasons, gate_record
@@ -66,6 +67,7 @@ from optimize.preprocess import PreprocessConfig, fit_preprocessor
 from optimize.prune import PruneConfig, prune
 from optimize.quantize import QuantizeConfig, quantize, score_rows
 from optimize.split import Split, SplitConfig, split_dataset
+from optimize.supervised import SupervisedConfig, offer_head
 from optimize.train import (
     AEConfig,
     Detector,
@@ -92,8 +94,10 @@ class BuildConfig:
     model: AEConfig = field(default_factory=AEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -272,9 +276,14 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     pruned = prune(model, z_train, z_val, cfg.prune, cfg.train)
     log.info("pruned %d -> %d parameters (%s)", pruned.params_before, pruned.params_after,
              "-".join(map(str, pruned.sizes_after)))
+    top_k = max(1, min(cfg.calibrate.top_k, data.n_features))
+    stage("distill")
+    net, distilled = offer_student(pruned.model, prep, split.train.x, split, cfg.distill,
+                                   cfg.train, top_k, cfg.calibrate.target_ffr)
+    pruned = dataclasses.replace(pruned, model=net, params_after=net.n_params(),
+                                 sizes_after=net.sizes)
 
     stage("export")
-    top_k = max(1, min(cfg.calibrate.top_k, data.n_features))
     det_fp32 = Detector.fit(prep, model, split.train.x)
     det_pruned = Detector.fit(prep, pruned.model, split.train.x)
     fp32, pruned_fp32 = to_onnx(det_fp32, top_k), to_onnx(det_pruned, top_k)
@@ -296,6 +305,18 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     val8, test8 = score_rows(quant.model, split.val.x), score_rows(quant.model, split.test.x)
     decision = calibrate_threshold(val8[split.val.passes], cfg.calibrate.target_ffr)
     scored["pruned_int8"] = Scored(val8, test8, decision.threshold, decision, quant.model)
+    stage("supervised head")
+    head = offer_head(split, det_pruned, pruned_fp32, quant.model, val8, test8, cfg.supervised,
+                      cfg.calibrate.target_ffr, cfg.train.seed)
+    if head.kept and head.fp32 and head.int8 and head.int8_val is not None \
+            and head.int8_test is not None:  # the head ships
+        pruned_fp32, quant = head.fp32, dataclasses.replace(quant, model=head.int8)
+        val8, test8 = head.int8_val, head.int8_test
+        decision = calibrate_threshold(val8[split.val.passes], cfg.calibrate.target_ffr)
+        scored["pruned_int8"] = Scored(val8, test8, decision.threshold, decision, quant.model)
+        val, test = run(pruned_fp32, split.val.x)[0], run(pruned_fp32, split.test.x)[0]
+        dec = calibrate_threshold(val[split.val.passes], cfg.calibrate.target_ffr)
+        scored["pruned_fp32"] = Scored(val, test, dec.threshold, dec, pruned_fp32)
     per_tester = calibration_params(cfg.calibrate, val8, split.val.passes, split.val.x,
                                     decision.threshold)
     rules, rules_source, rules_skipped = fallback_rules(
@@ -322,6 +343,10 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     report["data"] = _data_summary(data, split, prep.active)
     report["findings"] = _findings(data, split, rules, quant.model, decision.threshold)
     report["export_max_abs_diff"] = export_diff
+    if distilled is not None:
+        report["distillation"] = distilled
+    if head.report is not None:
+        report["supervised"] = head.report
     stage("baselines")
     report.update(_floor_figures(split, cfg, scored, decision, drift, missing, rules,
                                  rules_source, rules_skipped))
@@ -449,6 +474,10 @@ def _manifest_evaluation(report: dict[str, Any], decision: Decision, cfg: BuildC
         "data": report["data"]["source"], "train_rows": train_rows,
         "gates": report["gates"],
         "baseline_verdict": (report.get("baselines") or {}).get("verdict"),
+        "scorer": ("autoencoder + supervised head" if (report.get("supervised") or {}).get("kept")
+                   else "autoencoder"),
+        "network": "-".join(map(str, report["training"]["pruned_sizes"])) + (
+            " (distilled student)" if (report.get("distillation") or {}).get("kept") else ""),
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -19,6 +19,7 @@ N_DIES, N_PARAMS = 600, 32
 FAST = {
     "train": {"epochs": 3},
     "prune": {"finetune_epochs": 2},
+    "distill": {"epochs": 5, "latency_runs": 200},
     "evaluate": {"latency_runs": 200, "latency_rounds": 2, "throughput_runs": 1,
                  "throughput_batch": 64},
     # 600 dies and 3 epochs make a model no floor should take: the tests that are not about

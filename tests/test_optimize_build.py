@@ -313,3 +313,24 @@ def test_report_names_the_baselines_the_breakdown_drift_missing_values_and_rules
                  "ffr_groups.png"):
         assert text in md, text
     assert "{" not in md.split("## Findings")[1].split("##")[0]  # text, not Python reprs
+
+
+def test_report_says_which_network_and_scorer_shipped_and_why(built):
+    """Distillation and the supervised head are judged in every labelled build; the report and
+    the manifest say what shipped, and the shipped sizes follow the decision."""
+    report = json.loads((built.out / "report.json").read_text())
+    d, s = report["distillation"], report["supervised"]
+    for name in ("teacher", "student"):
+        assert {"params", "size_bytes", "p50_us", "val", "test"} <= set(d[name])
+    shipped = d["student" if d["kept"] else "teacher"]["params"]
+    assert report["models"]["pruned_int8"]["params"] == shipped
+    assert d["kept"] or d["reasons"]
+    assert s["offered"] and (s["kept"] or s["reasons"])
+    assert s["head"]["test"]["roc_auc_ci"] and s["unsupervised"]["test"]["roc_auc_ci"]
+    manifest = verify_bundle(built.out / "model.efb", Keyring.load(built.keyring))
+    assert manifest.evaluation["scorer"] == ("autoencoder + supervised head" if s["kept"]
+                                             else "autoencoder")
+    md = (built.out / "report.md").read_text()
+    for text in ("## Distillation (teacher -> student)", "## Supervised head (labels)",
+                 d["verdict"], s["verdict"]):
+        assert text in md, text
