@@ -144,8 +144,10 @@ class AgentMetrics:
             elif fallback_reason:
                 self._fallback[fallback_reason] += 1
 
-    def record_batch(self, records: np.ndarray, encoding: str, latency: float, inference: float,
-                     fallback: dict[str, int]) -> None:
+    def record_batch(self, records: np.ndarray, encoding: str, latency: float | np.ndarray,
+                     inference: float, fallback: dict[str, int]) -> None:
+        """One batch request (`latency` a float), or single-row requests answered by one model
+        run (`latency` an array: one per request)."""
         decision = records["decision"]
         pairs = np.bincount(decision.astype(np.intp) * 3 + records["source"], minlength=9)
         error_rows = decision == Decision.ERROR
@@ -154,7 +156,10 @@ class AgentMetrics:
         imputed = int(records["imputed"][~error_rows].sum())
         model_scores = records["score"][records["source"] == Source.MODEL]
         with self._lock:
-            self._req[encoding].add(latency)
+            if type(latency) is float:
+                self._req[encoding].add(latency)
+            else:
+                self._req[encoding].add_many(latency)
             if inference:
                 self._inference.add(inference)
             for i in np.flatnonzero(pairs[:6]):
