@@ -39,14 +39,16 @@ import contextlib
 import grp
 import logging
 import os
+import queue
 import select
 import socket
 import stat
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from agent.config import AgentConfig
@@ -86,6 +88,10 @@ _MAX_REFUSING = 8  # refusals waiting for first bytes at once; beyond, busy goes
 _DRAIN_BYTES = 1 << 20
 _SWEEP_S = 0.05  # timeouts are checked this often (and the loop wakes at least this often)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+BIG_ROWS = 64
+"""Frames of more rows than this, and JSON lines longer than `BIG_LINE` bytes (batches), are
+answered on the worker thread, so the loop goes on answering the other connections meanwhile."""
+BIG_LINE = 1 << 16
 
 
 class CloseReason(StrEnum):
@@ -136,6 +142,9 @@ class AgentServer:
         self._epoll: select.epoll | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._accept_paused_until = 0.0
+        self._work: queue.SimpleQueue = queue.SimpleQueue()  # big requests, for the worker
+        self._done: deque = deque()  # (connection, answer, start, end) from the worker
+        self._worker: threading.Thread | None = None
         self.trimmer = Trimmer()
         self._closed = {r: self.metrics.connections_closed.labels(r) for r in CloseReason}
 
@@ -166,6 +175,8 @@ class AgentServer:
         self._epoll.register(self._wake_r, _IN)
         self._loop_thread = threading.Thread(target=self._loop, name="agent-loop", daemon=True)
         self._loop_thread.start()
+        self._worker = threading.Thread(target=self._work_loop, name="agent-batches", daemon=True)
+        self._worker.start()
         log.info("agent listening on %s (mode %04o)", self.path, self.config.socket_mode)
 
     def stop(self) -> None:
@@ -176,6 +187,9 @@ class AgentServer:
             os.write(self._wake_w, b"x")
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=5)
+        if self._worker is not None:
+            self._work.put(None)
+            self._worker.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
         for fd in (self._wake_r, self._wake_w):
@@ -272,6 +286,8 @@ class AgentServer:
             if not c.queued:
                 c.queued = True
                 ready.append(c)
+        while self._done:
+            self._finish(ready, *self._done.popleft())
         if ready:
             self._answer(ready, again)
         now = _mono()
@@ -316,6 +332,33 @@ class AgentServer:
                 again.append(c)
             else:
                 c.settle()
+
+    def hand_off(self, c: _Connection, job: partial, m0: int, m1: int) -> None:
+        """Have the worker thread answer `c`'s big request (`job()`, the message being
+        `c.buf[m0:m1]`); nothing more is read from `c` until the answer went out."""
+        self._epoll.unregister(c.fd)  # type: ignore[union-attr]
+        self._work.put((c, job, m0, m1))
+
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            c, job, m0, m1 = item
+            self._done.append((c, job(), m0, m1))  # dispatch answers errors, never raises
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def _finish(self, ready: list[_Connection], c: _Connection, answer: bytes, m0: int,
+                m1: int) -> None:
+        """Send the worker's answer to `c` and read from `c` again."""
+        if not c.alive:  # closed meanwhile (the agent stops)
+            return
+        self._epoll.register(c.fd, _IN)  # type: ignore[union-attr]
+        if not c.send(answer):
+            return
+        if self.tap is not None:
+            self.tap(c.buf, m0, m1, answer)
+        if not c.queued:
+            c.queued = True
+            ready.append(c)
 
     def _flush(self, c: _Connection) -> bool:
         """Send more of `c`'s pending answer; True once all of it went (read again)."""
@@ -602,6 +645,9 @@ class _Connection:
                         self.held = (buf, m0, h[4], h[6], _perf())
                         held.append(self)
                         return None
+                    if h[5] > BIG_ROWS:
+                        return self.server.hand_off(self, partial(
+                            dispatch.frame, buf, m0, h[4], h[5], h[6], _perf()), m0, m1)
                     answer = dispatch.frame(buf, m0, h[4], h[5], h[6], _perf())
                 else:  # a LABEL frame (agent/labels.py)
                     answer = answer_label_frame(dispatch.labels, buf, m0, h[4], h[5])
@@ -624,6 +670,9 @@ class _Connection:
                 self.start = idx + 1
                 if stop == m0:
                     continue  # blank line: ignored
+                if stop - m0 > BIG_LINE:
+                    return self.server.hand_off(self, partial(
+                        dispatch.json_line, memoryview(buf)[m0:stop], t0), m0, m1)
                 answer = dispatch.json_line(memoryview(buf)[m0:stop], t0)
             if not self.send(answer):
                 return None
