@@ -353,12 +353,13 @@ def _fast_rows(lines: list[bytes], id_col: int | None, cols: list[int], width: i
             num = b"null" + num
         if num[-1:] == b",":
             num += b"null"
+        if b",," in num:  # empty cells inside the row (twice for runs of them); per line, as
+            # replacing in the whole block scans it again for every pass (3x slower)
+            num = num.replace(b",,", b",null,").replace(b",,", b",null,")
         nums.append(num)
     doc = b"[[" + b"],[".join(nums) + b"]]"
-    if any(c in doc for c in (b'"', b"t", b"f", b"{", b"\\")):  # text, true/false, inf, ...
+    if any(c in doc for c in (b'"', b"t", b"f", b"{", b"\\", b",,")):  # text, inf, ...
         return None
-    while b",," in doc:  # empty cells inside a row (twice for runs of them)
-        doc = doc.replace(b",,", b",null,")
     try:
         x = np.array(orjson.loads(doc), dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
