@@ -101,9 +101,11 @@ def serve(
     EDGEFLEET_MQTT_HOST is set, the fleet link starts too (docs/fleet-protocol.md).
     Settings come from flags, then EDGEFLEET_AGENT_<SETTING> environment variables (the
     setting's name in capitals, e.g. EDGEFLEET_AGENT_IDLE_TIMEOUT_S=60), then --config, then
-    the defaults in brackets. The protocol and its limits are in docs/protocol.md; the
-    prediction log, capture and labels (EDGEFLEET_AGENT_PREDLOG_*, CAPTURE_*, LABELS_DIR,
-    DATA_ADDR) in docs/operations.md.
+    the defaults in brackets. One event loop serves every connection, and single-row frames
+    that arrive together from several connections are scored in one model run (no setting;
+    docs/protocol.md, "Serving many test heads"). The protocol and its limits are in
+    docs/protocol.md; the prediction log, capture and labels (EDGEFLEET_AGENT_PREDLOG_*,
+    CAPTURE_*, LABELS_DIR, DATA_ADDR) in docs/operations.md.
 
     Examples:
 

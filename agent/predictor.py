@@ -346,7 +346,10 @@ class Predictor:
                 rec["source"][g] = Source.MODEL
                 rec["score"][g] = sg
                 rec["threshold"][g] = thr
-                rec["confidence"][g] = -np.expm1(-np.abs(sg - thr) * self.inv_scale)
+                # in double, as `score_one` does: a single row answers the same whether it is
+                # scored alone or with other connections' rows (agent/server.py)
+                rec["confidence"][g] = 1.0 - np.exp(-np.abs(sg.astype(np.float64) - thr)
+                                                    * self.inv_scale)
                 fails = g[fail]
                 if len(fails):
                     sel = np.flatnonzero(good)[fail]

@@ -14,7 +14,9 @@ servers in their own processes:
           --batch rows on one connection (throughput), and JSON batches of 64 (not a target);
           1, --clients (8) and 32 connections driven by one epoll process (binary, one row
           each, one request in flight per connection: cheap clients, so the agent keeps its
-          CPUs): answers/s, the --clients/1 ratio, and tails
+          CPUs): answers/s, the --clients/1 and 32/1 ratios, and tails (the agent answers
+          single rows that arrive together from several connections in one model run;
+          docs/protocol.md, "Serving many test heads")
   client  agent.client.Client.predict, one row, beside the raw binary round trip; and
           `edgefleet agent predict --file` on a CSV of --file-dies dies beside Client.predict_batch
           on the same rows (batches of 256)
@@ -466,7 +468,9 @@ def main() -> int:
         res["one_client"] = {"clients": 1, "answers_per_s": one_rate, **pct(one)}
         res["concurrent"] = {"clients": args.clients, "answers_per_s": many_rate,
                              "vs_one_client": many_rate / one_rate, **pct(many)}
-        res["clients_32"] = {"clients": 32, "answers_per_s": lots_rate, **pct(lots)}
+        res["clients_32"] = {"clients": 32, "answers_per_s": lots_rate,
+                             "vs_one_client": lots_rate / one_rate, **pct(lots)}
+        res["clients_loadavg"] = os.getloadavg()[0]
 
         # -- file screening: the CLI on a CSV, beside the Client's batches of the same rows
         res["file_screening"] = file_screening(sock, tmp, dies[:args.file_dies])
@@ -602,7 +606,8 @@ def print_report(r: dict) -> None:
     print(f"single-row answers/s from one epoll process: 1 client "
           f"{r['one_client']['answers_per_s']:,.0f}, {r['concurrent']['clients']} clients "
           f"{r['concurrent']['answers_per_s']:,.0f} ({r['concurrent']['vs_one_client']:.2f}x), "
-          f"32 clients {r['clients_32']['answers_per_s']:,.0f}")
+          f"32 clients {r['clients_32']['answers_per_s']:,.0f} "
+          f"({r['clients_32']['vs_one_client']:.2f}x); load average {r['clients_loadavg']:.1f}")
     print(f"throughput: {r['throughput']['dies_per_s']:,.0f} dies/s "
           f"(batches of {r['throughput']['batch']}, one connection); JSON "
           f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "
