@@ -140,7 +140,7 @@ class AgentServer:
         self._stopping = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._epoll: select.epoll | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = self._wake_w = -1  # a pipe: the worker and stop() wake the loop
         self._accept_paused_until = 0.0
         self._work: queue.SimpleQueue = queue.SimpleQueue()  # big requests, for the worker
         self._done: deque = deque()  # (connection, answer, start, end) from the worker
@@ -170,6 +170,7 @@ class AgentServer:
             log.info("metrics on %s/metrics (probes /healthz, /readyz)", self.http.url)
         self.trimmer.start()
         self._listener.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), _IN)
         self._epoll.register(self._wake_r, _IN)
@@ -193,8 +194,9 @@ class AgentServer:
         if self._listener is not None:
             self._listener.close()
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
+        self._wake_r = self._wake_w = -1
         with contextlib.suppress(OSError):
             if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
