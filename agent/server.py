@@ -320,7 +320,11 @@ class AgentServer:
                 self._close(c, CloseReason.INTERNAL)
         if not held:
             return
-        answers = self.dispatch.frames([c.held for c in held])
+        if len(held) == 1:  # one test head: no batch to build
+            buf, offset, tag, columns, t0 = held[0].held
+            answers = [self.dispatch.frame(buf, offset, tag, 1, columns, t0)]
+        else:
+            answers = self.dispatch.frames([c.held for c in held])
         tap = self.tap
         for c, answer in zip(held, answers, strict=True):
             m0, m1 = c.held[1], c.start
@@ -595,7 +599,10 @@ class _Connection:
         if self.end == len(self.buf):  # full of complete messages: answer them first
             return True
         try:
-            n = self.sock.recv_into(memoryview(self.buf)[self.end:])
+            if self.end:
+                n = self.sock.recv_into(memoryview(self.buf)[self.end:])
+            else:  # the usual case, a new message: no view to make
+                n = self.sock.recv_into(self.buf)
         except BlockingIOError:
             return False
         except OSError as e:
