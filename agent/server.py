@@ -325,6 +325,7 @@ class AgentServer:
             answers = [self.dispatch.frame(buf, offset, tag, 1, columns, t0)]
         else:
             answers = self.dispatch.frames([c.held for c in held])
+            self.trimmer.note()  # batch-sized buffers: given back once the heads go quiet
         tap = self.tap
         for c, answer in zip(held, answers, strict=True):
             m0, m1 = c.held[1], c.start
