@@ -1,7 +1,7 @@
 """Keep the agent's resident memory flat on a box that runs for months (glibc only, best
 effort; elsewhere these are no-ops).
 
-- Two malloc arenas instead of one per connection thread (`limit_arenas`).
+- Two malloc arenas instead of one per thread (`limit_arenas`).
 - While big batches stream in, freed buffers stay in the heap for the next batch (returning
   them costs page faults on every batch: 2.6 -> 6.4 ms per 1024 rows on the benchmark model);
   once no big frame has arrived for `idle_s`, `Trimmer` hands free heap memory back to the OS

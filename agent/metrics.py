@@ -144,8 +144,10 @@ class AgentMetrics:
             elif fallback_reason:
                 self._fallback[fallback_reason] += 1
 
-    def record_batch(self, records: np.ndarray, encoding: str, latency: float, inference: float,
-                     fallback: dict[str, int]) -> None:
+    def record_batch(self, records: np.ndarray, encoding: str, latency: float | np.ndarray,
+                     inference: float, fallback: dict[str, int]) -> None:
+        """One batch request (`latency` a float), or single-row requests answered by one model
+        run (`latency` an array: one per request)."""
         decision = records["decision"]
         pairs = np.bincount(decision.astype(np.intp) * 3 + records["source"], minlength=9)
         error_rows = decision == Decision.ERROR
@@ -154,7 +156,10 @@ class AgentMetrics:
         imputed = int(records["imputed"][~error_rows].sum())
         model_scores = records["score"][records["source"] == Source.MODEL]
         with self._lock:
-            self._req[encoding].add(latency)
+            if type(latency) is float:
+                self._req[encoding].add(latency)
+            else:
+                self._req[encoding].add_many(latency)
             if inference:
                 self._inference.add(inference)
             for i in np.flatnonzero(pairs[:6]):
@@ -236,26 +241,9 @@ class _RuntimeCollector:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._digest: tuple[object, str] = (None, "")  # (engine, its bundle digest)
 
     def describe(self) -> list:
         return []  # series vary with the model; collected fresh on every scrape
-
-    def _bundle_digest(self, engine) -> str:
-        """The bundle digest of the loaded model (one identifier everywhere: the state devices
-        publish, rollouts and gates use it too), rebuilt once per model from its directory;
-        "" if that directory is not an unpacked bundle."""
-        if self._digest[0] is not engine:
-            from agent.link import bundle_digest  # paho is loaded only when a model is
-
-            path = getattr(engine, "model_path", None)
-            try:
-                digest = bundle_digest(path.parent) if path is not None else ""
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("no bundle digest for %s: %s", path, e)
-                digest = ""
-            self._digest = (engine, digest)
-        return self._digest[1]
 
     def collect(self) -> Iterable[Metric]:
         p = self.runtime.active()
@@ -263,7 +251,9 @@ class _RuntimeCollector:
                                  labels=["name", "version", "sequence", "digest", "model_sha256"])
         if p.manifest is not None and p.engine is not None:
             m = p.manifest
-            info.add_metric([m.name, m.version, str(m.sequence), self._bundle_digest(p.engine),
+            # the bundle digest (one identifier everywhere: the state devices publish,
+            # rollouts and gates use it too), computed once per model by the snapshot
+            info.add_metric([m.name, m.version, str(m.sequence), p.bundle_digest or "",
                              m.model_digest], 1)
         yield info
         swaps = CounterMetricFamily("edgefleet_model_swaps", "Models swapped in since start.")

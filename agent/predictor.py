@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from agent.calibration import DEFAULT_CONTEXT, Calibration
 from agent.drift import DriftMonitor, alert_threshold
@@ -162,7 +163,7 @@ class Predictor:
         self.model_json = (f'"model_version":{self.version_json},"model_sequence":'
                            f'{json.dumps(self.sequence)},"model_digest":'
                            f'{json.dumps(self.bundle_digest)}')
-        self.feature_names_json = ([json.dumps(nm) for nm in self.feature_names]
+        self.feature_names_json = ([orjson.dumps(nm).decode() for nm in self.feature_names]
                                    if self.feature_names else None)
         self.n_features, self.k = n, k
         self.max_missing = max_missing(manifest, n, limits.max_missing_share)
@@ -367,7 +368,10 @@ class Predictor:
                 rec["source"][g] = Source.MODEL
                 rec["score"][g] = sg
                 rec["threshold"][g] = thr
-                rec["confidence"][g] = -np.expm1(-np.abs(sg - thr) * self.inv_scale)
+                # in double, as `score_one` does: a single row answers the same whether it is
+                # scored alone or with other connections' rows (agent/server.py)
+                rec["confidence"][g] = 1.0 - np.exp(-np.abs(sg.astype(np.float64) - thr)
+                                                    * self.inv_scale)
                 fails = g[fail]
                 if len(fails):
                     sel = np.flatnonzero(good)[fail]
@@ -412,19 +416,36 @@ class Predictor:
             rec[f][idx] = np.nan
 
 
+_digests: dict[tuple[str, int, int], str] = {}  # by (directory, manifest.sig inode, mtime)
+
+
 def _bundle_digest(engine: Engine | None) -> str | None:
     """sha256 of the bundle an installed model came from, rebuilt from its version directory
-    (agent.link.bundle_digest); None for an engine not loaded from a store version."""
+    (agent.link.bundle_digest); None for an engine not loaded from a store version. Kept per
+    version directory: a snapshot is rebuilt on every fallback change and a rollback loads a
+    retained version again, and rebuilding the digest parses the manifest with the GIL held."""
     path = getattr(engine, "model_path", None)
-    if path is None or not (path.parent / "manifest.sig").is_file():
+    if path is None:
         return None
+    try:
+        st = (path.parent / "manifest.sig").stat()
+    except OSError:
+        return None
+    key = (str(path.parent), st.st_ino, st.st_mtime_ns)
+    digest = _digests.get(key)
+    if digest is not None:
+        return digest
     from agent.link import bundle_digest  # the fleet link's definition; imported on a swap only
 
     try:
-        return bundle_digest(path.parent)
+        digest = bundle_digest(path.parent)
     except (OSError, ValueError, KeyError) as e:
         log.warning("cannot compute the bundle digest of %s: %s", path.parent, e)
         return None
+    if len(_digests) >= 8:
+        _digests.pop(next(iter(_digests)))
+    _digests[key] = digest
+    return digest
 
 
 def _short(e: Exception) -> str:

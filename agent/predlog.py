@@ -13,7 +13,7 @@ contributions. A configurable sample of the full input rows goes to a second rin
 what a crash loses: docs/operations.md, "Prediction log, capture and labels".
 
 Never on the hot path:
-- `tap(buf, start, end, answer)` runs in the connection's thread *after* the answer was sent.
+- `tap(buf, start, end, answer)` runs in the serving loop *after* the answer was sent.
   It keeps a reference to the answer bytes (immutable), copies the input row only when the row
   is sampled (a fail, or the random draw), and appends one tuple to a deque: about a microsecond.
 - The queue is bounded (`queue_size` messages): when it is full the message is dropped and
@@ -646,8 +646,8 @@ class PredLogCollector:
 
 
 def wait_flushed(plog: PredictionLog, server: Any = None, timeout: float = 60.0) -> bool:
-    """Tests and tools (the agent never waits): write everything answered so far. A connection's
-    thread taps each answer before it reads the next message, so after a round trip on a
+    """Tests and tools (the agent never waits): write everything answered so far. The server
+    taps each answer before it answers the connection's next message, so after a round trip on a
     connection every earlier answer of it is queued; with `server` (an AgentServer), first wait
     until it has no open connection left, which covers every connection's last answer."""
     if server is not None:

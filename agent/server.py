@@ -1,9 +1,13 @@
-"""The agent's Unix-socket server: one thread per connection, blocking sockets, one process.
+"""The agent's Unix-socket server: one event loop (epoll) serving every connection.
 
-Why threads and not asyncio: a request is ~15 us of ONNX Runtime (which releases the GIL) and a
-few microseconds of Python, and an event loop's own overhead per message is of the same order.
-A thread per connection (a handful of test heads per box) keeps the hot path to one `recv_into`
-and one `sendall`, and a slow or broken client only ever blocks its own thread.
+Why one loop and not a thread per connection: the agent's own Python work per request
+(framing, dispatch, metrics) is larger than ONNX Runtime's (~15 us a row, GIL released), and with
+a thread per connection every request hands the GIL over three or four times (recv, run, send),
+so eight test heads got no more answers per second than one and waited milliseconds in the GIL
+queue. The loop reads every connection that is ready, then answers all the single-row binary
+requests it found in one ONNX Runtime run (`Dispatcher.frames`): a batch of eight costs little
+more than one row, and nothing waits on purpose (the batch is what arrived since the last poll).
+Everything else (JSON lines, batch frames, labels, errors) is answered as it is read.
 
 Fairness: no client, however it behaves, keeps another from getting answers.
 - A connection idle between messages for `idle_timeout_s` is closed (0: never).
@@ -35,13 +39,16 @@ import contextlib
 import grp
 import logging
 import os
+import queue
+import select
 import socket
 import stat
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from agent.config import AgentConfig
@@ -79,6 +86,12 @@ BUSY_PEEK_S = 0.1
 """How long a refused connection's first bytes are waited for, to answer `busy` in its framing."""
 _MAX_REFUSING = 8  # refusals waiting for first bytes at once; beyond, busy goes out as JSON
 _DRAIN_BYTES = 1 << 20
+_SWEEP_S = 0.05  # timeouts are checked this often (and the loop wakes at least this often)
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+BIG_ROWS = 64
+"""Frames of more rows than this, and JSON lines longer than `BIG_LINE` bytes (batches), are
+answered on the worker thread, so the loop goes on answering the other connections meanwhile."""
+BIG_LINE = 1 << 16
 
 
 class CloseReason(StrEnum):
@@ -102,23 +115,6 @@ class ServerError(EdgefleetError):
     """The server cannot start: socket path in use, not a socket, too long, bad group."""
 
 
-class _Closed(Exception):
-    """The connection ends, for `reason`."""
-
-    def __init__(self, reason: CloseReason) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _timeval(seconds: float) -> bytes:
-    """SO_RCVTIMEO/SO_SNDTIMEO value; 0 means no timeout, so a positive time never rounds to
-    it."""
-    if seconds <= 0:
-        return struct.pack("ll", 0, 0)
-    us = max(int(seconds * 1e6), 1)
-    return struct.pack("ll", us // 1_000_000, us % 1_000_000)
-
-
 class AgentServer:
     """Serve a `Runtime` on a Unix socket (and its metrics over HTTP, when configured)."""
 
@@ -137,21 +133,25 @@ class AgentServer:
         self.http: MetricsServer | None = None
         self._listener: socket.socket | None = None
         self._inode: int | None = None
-        self._conns: dict[socket.socket, _Connection] = {}
+        self._conns: dict[int, _Connection] = {}  # by file descriptor
         self._per_peer: Counter[int] = Counter()
-        self._conns_lock = threading.Lock()
+        self._conns_lock = threading.Lock()  # the loop writes; tests and tools read
         self._refusing = threading.BoundedSemaphore(_MAX_REFUSING)
         self._stopping = threading.Event()
-        self._accept_thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._epoll: select.epoll | None = None
+        self._wake_r = self._wake_w = -1  # a pipe: the worker and stop() wake the loop
+        self._accept_paused_until = 0.0
+        self._work: queue.SimpleQueue = queue.SimpleQueue()  # big requests, for the worker
+        self._done: deque = deque()  # (connection, answer, start, end) from the worker
+        self._worker: threading.Thread | None = None
         self.trimmer = Trimmer()
-        self._send_timeout = _timeval(config.io_timeout_s)
-        self._idle_timeout = _timeval(config.idle_timeout_s)
         self._closed = {r: self.metrics.connections_closed.labels(r) for r in CloseReason}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Bind the socket (and the metrics port) and start accepting; returns at once."""
+        """Bind the socket (and the metrics port) and start serving; returns at once."""
         addr = self.config.metrics_host_port()
         if addr is not None:
             try:
@@ -169,26 +169,34 @@ class AgentServer:
             self.http.start()
             log.info("metrics on %s/metrics (probes /healthz, /readyz)", self.http.url)
         self.trimmer.start()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="agent-accept",
-                                               daemon=True)
-        self._accept_thread.start()
+        self._listener.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), _IN)
+        self._epoll.register(self._wake_r, _IN)
+        self._loop_thread = threading.Thread(target=self._loop, name="agent-loop", daemon=True)
+        self._loop_thread.start()
+        self._worker = threading.Thread(target=self._work_loop, name="agent-batches", daemon=True)
+        self._worker.start()
         log.info("agent listening on %s (mode %04o)", self.path, self.config.socket_mode)
 
     def stop(self) -> None:
         """Stop accepting, close every connection, remove the socket file if it is ours."""
         self._stopping.set()
         self.trimmer.stop()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=5)
+        if self._worker is not None:
+            self._work.put(None)
+            self._worker.join(timeout=5)
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
-        with self._conns_lock:
-            conns = list(self._conns)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=5)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         with contextlib.suppress(OSError):
             if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -237,23 +245,176 @@ class AgentServer:
         self._inode = os.lstat(path).st_ino
         return sock
 
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        """Until stopped: wait for readiness, read what is there, answer every complete message
+        (single-row frames of all connections together), close what timed out."""
+        again: list[_Connection] = []  # complete messages still buffered: no waiting for them
+        next_sweep = 0.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    again, next_sweep = self._turn(again, next_sweep)
+                except Exception:  # a bug: logged, and serving goes on
+                    log.exception("the agent's connection loop failed")
+                    again = []
+        finally:
+            for c in list(self._conns.values()):
+                self._close(c, CloseReason.SHUTDOWN)
+            self._epoll.close()  # type: ignore[union-attr]
+
+    def _turn(self, again: list[_Connection], next_sweep: float
+              ) -> tuple[list[_Connection], float]:
+        """One turn of the loop: (connections to process next turn, time of the next sweep)."""
+        ep, conns = self._epoll, self._conns
+        assert ep is not None and self._listener is not None
+        events = ep.poll(0 if again else _SWEEP_S)
+        ready, again = again, []
+        for fd, _ in events:
+            c = conns.get(fd)
+            if c is None:
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(fd, 4096)
+                elif fd == self._listener.fileno():
+                    self._accept_all()
+                continue
+            if c.out is not None:
+                if not self._flush(c):
+                    continue
+            elif not c.receive():
+                continue
+            if not c.queued:
+                c.queued = True
+                ready.append(c)
+        while self._done:
+            self._finish(ready, *self._done.popleft())
+        if ready:
+            self._answer(ready, again)
+        now = _mono()
+        if now >= next_sweep:
+            next_sweep = now + _SWEEP_S
+            self._sweep(now)
+            if self._accept_paused_until and now >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                ep.register(self._listener.fileno(), _IN)
+        return again, next_sweep
+
+    def _answer(self, ready: list[_Connection], again: list[_Connection]) -> None:
+        """Answer the complete messages of `ready`: everything but single-row PREDICT frames as
+        read; those, one per connection, together after (a connection's later messages wait
+        in its buffer, to keep its answers in order)."""
+        held: list[_Connection] = []
+        for c in ready:
+            c.queued = False
+            if not c.alive:
+                continue
+            try:
+                c.process(held)
+            except Exception:
+                log.exception("connection handler failed")
+                if c.held is not None:
+                    held.remove(c)
+                    c.held = None
+                self._close(c, CloseReason.INTERNAL)
+        if not held:
+            return
+        if len(held) == 1:  # one test head: no batch to build
+            buf, offset, tag, columns, t0 = held[0].held
+            answers = [self.dispatch.frame(buf, offset, tag, 1, columns, t0)]
+        else:
+            answers = self.dispatch.frames([c.held for c in held])
+            self.trimmer.note()  # batch-sized buffers: given back once the heads go quiet
+        tap = self.tap
+        for c, answer in zip(held, answers, strict=True):
+            m0, m1 = c.held[1], c.start
+            c.held = None
+            if not c.send(answer):
+                continue
+            if tap is not None:
+                tap(c.buf, m0, m1, answer)
+            if c.start < c.end and c.out is None:
+                c.queued = True
+                again.append(c)
+            else:
+                c.settle()
+
+    def hand_off(self, c: _Connection, job: partial, m0: int, m1: int) -> None:
+        """Have the worker thread answer `c`'s big request (`job()`, the message being
+        `c.buf[m0:m1]`); nothing more is read from `c` until the answer went out."""
+        self._epoll.unregister(c.fd)  # type: ignore[union-attr]
+        self._work.put((c, job, m0, m1))
+
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            c, job, m0, m1 = item
+            self._done.append((c, job(), m0, m1))  # dispatch answers errors, never raises
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def _finish(self, ready: list[_Connection], c: _Connection, answer: bytes, m0: int,
+                m1: int) -> None:
+        """Send the worker's answer to `c` and read from `c` again."""
+        if not c.alive:  # closed meanwhile (the agent stops)
+            return
+        self._epoll.register(c.fd, _IN)  # type: ignore[union-attr]
+        if not c.send(answer):
+            return
+        if self.tap is not None:
+            self.tap(c.buf, m0, m1, answer)
+        if not c.queued:
+            c.queued = True
+            ready.append(c)
+
+    def _flush(self, c: _Connection) -> bool:
+        """Send more of `c`'s pending answer; True once all of it went (read again)."""
+        try:
+            n = c.sock.send(c.out)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._close(c, CloseReason.RESET)
+            return False
+        if n < len(c.out):
+            c.out = c.out[n:]
+            return False
+        c.out = c.send_deadline = None
+        self._epoll.modify(c.fd, _IN)  # type: ignore[union-attr]
+        return True
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle past idle_timeout_s, with a message not whole by its deadline,
+        or with an answer not taken by io_timeout_s."""
+        idle_s = self.config.idle_timeout_s
+        for c in list(self._conns.values()):
+            if c.out is not None and now >= c.send_deadline:
+                self._close(c, CloseReason.SEND_TIMEOUT)
+            elif c.deadline is not None and now >= c.deadline:
+                self.metrics.record_error(ErrorCode.INCOMPLETE)
+                self._close(c, CloseReason.MESSAGE_TIMEOUT)
+            elif idle_s > 0 and c.idle_since is not None and now - c.idle_since >= idle_s:
+                self._close(c, CloseReason.IDLE_TIMEOUT)
+
     # ------------------------------------------------------------------ connections
 
-    def _accept_loop(self) -> None:
+    def _accept_all(self) -> None:
         assert self._listener is not None
-        while not self._stopping.is_set():
+        while True:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)  # EMFILE and the like: back off, keep serving the others
-                continue
+            except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE and the like: back off, keep serving the others
+                log.warning("cannot accept a connection: %s", e)
+                self._epoll.unregister(self._listener.fileno())  # type: ignore[union-attr]
+                self._accept_paused_until = _mono() + 0.01
+                return
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        """Serve `conn` in its own thread, evicting the longest-idle connection when every slot
-        is taken, or refuse it with `busy`."""
+        """Serve `conn`, evicting the longest-idle connection when every slot is taken, or
+        refuse it with `busy`."""
         pid = _peer_pid(conn)
         cfg = self.config
         refusal = victim = None
@@ -266,23 +427,21 @@ class AgentServer:
                 if victim is None:
                     refusal = (f"too many connections ({cfg.max_connections}), none idle; "
                                "try again later")
-                else:
-                    self._forget(victim)
-                    victim.evicted = True
-            if refusal is None:
-                c = _Connection(self, conn, pid)
-                self._conns[conn] = c
-                self._per_peer[pid] += 1
         if victim is not None:
             log.info("closing the connection idle longest (pid %d) for a new one", victim.pid)
-            with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)
+            self._close(victim, CloseReason.EVICTED)
         if refusal is not None:
+            conn.setblocking(True)
             self._refuse(conn, refusal)
             return
+        conn.setblocking(False)
+        c = _Connection(self, conn, pid)
+        with self._conns_lock:
+            self._conns[c.fd] = c
+            self._per_peer[pid] += 1
+        self._epoll.register(c.fd, _IN)  # type: ignore[union-attr]
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()
-        threading.Thread(target=self._serve, args=(c,), name="agent-conn", daemon=True).start()
 
     def _longest_idle(self) -> _Connection | None:
         """The connection waiting for its next message the longest, if EVICT_IDLE_S or more."""
@@ -293,16 +452,49 @@ class AgentServer:
                 oldest, since = c, t
         return oldest
 
-    def _forget(self, c: _Connection) -> None:
-        """Free `c`'s slot (under the lock); idempotent."""
-        if self._conns.pop(c.sock, None) is not None:
+    def _forget(self, c: _Connection) -> bool:
+        """Free `c`'s slot and stop watching it; False when it was gone already."""
+        with self._conns_lock:
+            if self._conns.pop(c.fd, None) is None:
+                return False
             self._per_peer[c.pid] -= 1
             if not self._per_peer[c.pid]:
                 del self._per_peer[c.pid]
+        c.alive = False
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(c.fd)  # type: ignore[union-attr]
+        return True
+
+    def _close(self, c: _Connection, reason: CloseReason) -> None:
+        if not self._forget(c):
+            return
+        self._closed[reason].inc()
+        self.metrics.connections_active.dec()
+        c.sock.close()
+
+    def _fatal(self, c: _Connection, answer: bytes, code: ErrorCode,
+               reason: CloseReason) -> None:
+        """Answer, then close: the stream cannot be trusted to continue. The answer goes out
+        (and what the client still sends is drained) on a short-lived thread, off the loop."""
+        self.metrics.record_error(code)
+        if not self._forget(c):
+            return
+        pending = bytes(c.out) if c.out is not None else b""
+
+        def finish() -> None:
+            try:
+                c.sock.setblocking(True)
+                _send_last(c.sock, pending + answer)
+            finally:
+                self._closed[reason].inc()
+                self.metrics.connections_active.dec()
+                c.sock.close()
+
+        threading.Thread(target=finish, name="agent-close", daemon=True).start()
 
     def _refuse(self, conn: socket.socket, message: str) -> None:
         """Answer `busy` and close; in the client's framing when its first bytes come within
-        BUSY_PEEK_S (on a short-lived thread, so accepting goes on)."""
+        BUSY_PEEK_S (on a short-lived thread, so serving goes on)."""
         self.metrics.record_error(ErrorCode.BUSY)
         self._closed[CloseReason.BUSY].inc()
         err = ProtocolError(ErrorCode.BUSY, message)
@@ -317,33 +509,6 @@ class AgentServer:
                 self._refusing.release()
 
         threading.Thread(target=answer, name="agent-busy", daemon=True).start()
-
-    def _serve(self, c: _Connection) -> None:
-        reason = CloseReason.INTERNAL
-        conn = c.sock
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeout)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._idle_timeout)
-            c.run()
-        except _Closed as e:
-            reason = e.reason
-        except (BlockingIOError, TimeoutError):  # sendall: the client does not read answers
-            reason = CloseReason.SEND_TIMEOUT
-        except OSError as e:  # the client hung up, or we shut the socket down
-            log.debug("connection closed: %s", e)
-            reason = CloseReason.RESET
-        except Exception:
-            log.exception("connection handler failed")
-        finally:
-            with self._conns_lock:
-                self._forget(c)
-            if c.evicted:
-                reason = CloseReason.EVICTED
-            elif self._stopping.is_set():
-                reason = CloseReason.SHUTDOWN
-            self._closed[reason].inc()
-            self.metrics.connections_active.dec()
-            conn.close()
 
 
 def _peer_pid(conn: socket.socket) -> int:
@@ -397,161 +562,177 @@ def _send_last(conn: socket.socket, answer: bytes) -> None:
 
 
 class _Connection:
-    """The read loop of one client: find the next complete message in the buffer, answer it.
+    """One client's bytes: `buf[start:end]` holds what was received and not yet answered.
 
-    `buf[start:end]` holds received bytes not yet answered. A message that is already complete
-    costs one `recv_into` and one `sendall`; only a partial one waits for more, against the
-    message's deadline. `idle_since` is set while waiting for the next message (the server
-    picks the connection to evict by it).
+    `receive` reads what the socket has; `process` answers the complete messages in the buffer,
+    except a single-row PREDICT frame, which it leaves in `held` for the loop to answer with
+    the other connections' (and stops there, so answers keep their order). `idle_since` is set
+    while the connection waits for its next message (the server evicts by it), `deadline` while
+    a message is partial, `out` and `send_deadline` while an answer waits for the client to
+    read it (nothing more is read from it meanwhile).
     """
+
+    __slots__ = ("alive", "buf", "deadline", "dispatch", "end", "fd", "held", "idle_since",
+                 "max_frame", "max_line", "out", "pid", "queued", "scanned", "send_deadline",
+                 "server", "sock", "start")
 
     def __init__(self, server: AgentServer, sock: socket.socket, pid: int) -> None:
         self.server = server
         self.sock = sock
+        self.fd = sock.fileno()
         self.pid = pid
-        self.idle_since: float | None = None
-        self.evicted = False
-        self.dispatch = server.dispatch
-        self.metrics = server.metrics
-        self.max_line = server.config.max_line_bytes
-        self.max_frame = server.config.max_frame_bytes
-        self.message_timeout = server.config.message_timeout_s
+        self.idle_since: float | None = _mono()
+        self.alive = True
+        self.queued = False  # in the loop's list of connections to process
         self.buf = bytearray(_INITIAL_BUFFER)
         self.start = self.end = 0
-        self._deadline: float | None = None  # of the message being read, once it is partial
-        self._timed = False  # SO_RCVTIMEO holds a message's deadline, not the idle timeout
-        self.trimmer = server.trimmer
-        self.tap = server.tap
+        self.scanned = 0  # a partial line: searched for its newline up to here
+        self.deadline: float | None = None  # of the partial message at `start`
+        self.out: memoryview | None = None
+        self.send_deadline: float | None = None
+        self.held: tuple | None = None  # (buf, offset, tag, columns, t0) of a single-row frame
+        self.dispatch = server.dispatch
+        self.max_line = server.config.max_line_bytes
+        self.max_frame = server.config.max_frame_bytes
 
-    def run(self) -> None:
-        sock, dispatch = self.sock, self.dispatch
-        while True:
-            if self.start == self.end:  # idle: wait up to idle_timeout_s for the next message
-                self.start = self.end = 0
-                if self._timed:  # back from a message's deadline to the idle timeout
-                    self._timed = False
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                    self.server._idle_timeout)
-                    if len(self.buf) > _INITIAL_BUFFER:  # after a big frame: give memory back
-                        self.buf = bytearray(_INITIAL_BUFFER)
-                self.idle_since = _mono()
-                try:
-                    n = sock.recv_into(self.buf)
-                except (BlockingIOError, TimeoutError):
-                    raise _Closed(CloseReason.IDLE_TIMEOUT) from None
-                self.idle_since = None
-                if not n:
-                    raise _Closed(CloseReason.CLIENT)
-                self.end = n
-            if self.buf[self.start] == MAGIC_BYTE:
-                if self.end - self.start < HEADER_SIZE:
-                    self._need(HEADER_SIZE)
+    def receive(self) -> bool:
+        """Read what the socket has; False when the connection ended."""
+        if self.end == len(self.buf):  # full of complete messages: answer them first
+            return True
+        try:
+            if self.end:
+                n = self.sock.recv_into(memoryview(self.buf)[self.end:])
+            else:  # the usual case, a new message: no view to make
+                n = self.sock.recv_into(self.buf)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            log.debug("connection closed: %s", e)
+            self.server._close(self, CloseReason.RESET)
+            return False
+        if not n:
+            if self.start == self.end:
+                self.server._close(self, CloseReason.CLIENT)
+            else:  # hung up mid-message
+                self.server.metrics.record_error(ErrorCode.INCOMPLETE)
+                self.server._close(self, CloseReason.INCOMPLETE)
+            return False
+        self.end += n
+        self.idle_since = None
+        return True
+
+    def process(self, held: list[_Connection]) -> None:
+        """Answer the complete messages in the buffer (see the class docstring)."""
+        buf, dispatch, tap = self.buf, self.dispatch, self.server.tap
+        while self.start < self.end and self.out is None and self.alive:
+            m0 = self.start
+            if buf[m0] == MAGIC_BYTE:
+                if self.end - m0 < HEADER_SIZE:
+                    return self._partial(HEADER_SIZE)
                 # magic, version, type, flags, tag, rows, columns, length
-                h = HEADER_UNPACK(self.buf, self.start)
+                h = HEADER_UNPACK(buf, m0)
                 if (h[0] != MAGIC or h[1] != PROTOCOL_VERSION or h[2] != FrameType.PREDICT
                         or h[3] or h[7] != h[5] * (8 + 4 * h[6])):
                     try:
-                        parse_header(self.buf, self.start)  # names what is wrong
+                        parse_header(buf, m0)  # names what is wrong
                     except ProtocolError as e:
-                        self._fatal(encode_error_frame(e, h[4]), e.code,
-                                    CloseReason.BAD_FRAME)
+                        return self.server._fatal(self, encode_error_frame(e, h[4]), e.code,
+                                                  CloseReason.BAD_FRAME)
                 total = HEADER_SIZE + h[7]
                 if total > self.max_frame:
-                    self._fatal(encode_error_frame(ProtocolError(
+                    return self.server._fatal(self, encode_error_frame(ProtocolError(
                         ErrorCode.TOO_LARGE, f"frame: {total} bytes, at most {self.max_frame} "
                         "allowed (send smaller batches)"), h[4]), ErrorCode.TOO_LARGE,
                         CloseReason.TOO_LARGE)
-                if self.end - self.start < total:
-                    self._need(total)
-                    if total > _INITIAL_BUFFER:
-                        self.trimmer.note()
-                m0 = self.start
-                if h[2] == FrameType.PREDICT:
-                    answer = dispatch.frame(self.buf, m0, h[4], h[5], h[6], _perf())
-                else:  # a LABEL frame (agent/labels.py)
-                    answer = answer_label_frame(dispatch.labels, self.buf, m0, h[4], h[5])
+                if self.end - m0 < total:
+                    return self._partial(total)
+                if total > _INITIAL_BUFFER:
+                    self.server.trimmer.note()
+                self.deadline = None
                 self.start = m1 = m0 + total
+                if h[2] == FrameType.PREDICT:
+                    if h[5] == 1:  # answered with the other connections' single rows
+                        self.held = (buf, m0, h[4], h[6], _perf())
+                        held.append(self)
+                        return None
+                    if h[5] > BIG_ROWS:
+                        return self.server.hand_off(self, partial(
+                            dispatch.frame, buf, m0, h[4], h[5], h[6], _perf()), m0, m1)
+                    answer = dispatch.frame(buf, m0, h[4], h[5], h[6], _perf())
+                else:  # a LABEL frame (agent/labels.py)
+                    answer = answer_label_frame(dispatch.labels, buf, m0, h[4], h[5])
             else:
-                idx = self._line_end()
-                if idx - self.start > _INITIAL_BUFFER:  # a big batch: trim once they stop
-                    self.trimmer.note()
+                idx = buf.find(b"\n", max(self.scanned, m0), self.end)
+                if idx < 0 or idx - m0 > self.max_line:
+                    if idx < 0 and self.end - m0 <= self.max_line:
+                        self.scanned = self.end
+                        return self._partial(self.end - m0 + 1)
+                    return self.server._fatal(self, encode_json(error_json(ProtocolError(
+                        ErrorCode.TOO_LARGE, f"line: longer than {self.max_line} bytes "
+                        "(send smaller batches, or binary frames)"))), ErrorCode.TOO_LARGE,
+                        CloseReason.TOO_LARGE)
+                if idx - m0 > _INITIAL_BUFFER:  # a big batch: trim once they stop
+                    self.server.trimmer.note()
                 t0 = _perf()
-                stop = idx - 1 if idx > self.start and self.buf[idx - 1] == 13 else idx  # \r\n
-                m0, m1 = self.start, stop
-                if stop > self.start:
-                    answer = dispatch.json_line(memoryview(self.buf)[self.start:stop], t0)
-                else:
-                    answer = b""  # blank line: ignored
+                stop = idx - 1 if idx > m0 and buf[idx - 1] == 13 else idx  # \r\n
+                m1 = stop
+                self.deadline = None
                 self.start = idx + 1
-            if self._deadline is not None:
-                self._deadline = None  # the next message gets its own
-            if answer:
-                sock.sendall(answer)
-                if self.tap is not None:  # the prediction log, after the answer went out
-                    self.tap(self.buf, m0, m1, answer)
+                if stop == m0:
+                    continue  # blank line: ignored
+                if stop - m0 > BIG_LINE:
+                    return self.server.hand_off(self, partial(
+                        dispatch.json_line, memoryview(buf)[m0:stop], t0), m0, m1)
+                answer = dispatch.json_line(memoryview(buf)[m0:stop], t0)
+            if not self.send(answer):
+                return None
+            if tap is not None:  # the prediction log, after the answer went out
+                tap(buf, m0, m1, answer)
+        if self.alive and self.held is None:
+            self.settle()
+        return None
 
-    def _line_end(self) -> int:
-        """Index of the newline ending the line at `start`, reading more as needed."""
-        scanned = self.start
-        while True:
-            idx = self.buf.find(b"\n", scanned, self.end)
-            if idx >= 0:
-                if idx - self.start > self.max_line:
-                    break
-                return idx
-            scanned = self.end
-            if self.end - self.start > self.max_line:
-                break
-            self._read_more(self.end - self.start + 1)
-        self._fatal(encode_json(error_json(ProtocolError(
-            ErrorCode.TOO_LARGE, f"line: longer than {self.max_line} bytes "
-            "(send smaller batches, or binary frames)"))), ErrorCode.TOO_LARGE,
-            CloseReason.TOO_LARGE)
-        raise AssertionError  # unreachable
+    def settle(self) -> None:
+        """After answering: an empty buffer means idle (and small again); else the rest is a
+        partial message, whose deadline `_partial` set."""
+        if self.start == self.end and self.out is None:
+            self.start = self.end = self.scanned = 0
+            self.idle_since = _mono()
+            if len(self.buf) > _INITIAL_BUFFER:  # after a big frame: give memory back
+                self.buf = bytearray(_INITIAL_BUFFER)
 
-    def _need(self, size: int) -> None:
-        """Make sure `size` bytes from `start` are in the buffer."""
-        while self.end - self.start < size:
-            self._read_more(size)
-
-    def _read_more(self, want: int) -> None:
-        """Receive more of a message in progress (at least `want` bytes buffered in total is the
-        goal); gives up when the message is not whole `message_timeout_s` after this first
-        wait for it."""
-        if len(self.buf) - self.start < want:  # make room: compact, or grow
+    def _partial(self, want: int) -> None:
+        """The message at `start` is not whole: make room for `want` bytes of it and give it
+        until message_timeout_s from now (its first wait) to arrive."""
+        if self.deadline is None:
+            self.deadline = _mono() + self.server.config.message_timeout_s
+        if len(self.buf) - self.start < want:  # compact, or grow
+            pending = self.end - self.start
             if want <= len(self.buf):
-                pending = self.end - self.start
                 self.buf[:pending] = self.buf[self.start:self.end]
-                self.start, self.end = 0, pending
             else:
                 new = bytearray(max(want, 2 * len(self.buf)))
-                new[:self.end - self.start] = self.buf[self.start:self.end]
-                self.buf, self.start, self.end = new, 0, self.end - self.start
-        now = _mono()
-        if self._deadline is None:
-            self._deadline = now + self.message_timeout
-        left = self._deadline - now
-        if left <= 0:
-            self._incomplete(CloseReason.MESSAGE_TIMEOUT)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
-        self._timed = True
+                new[:pending] = self.buf[self.start:self.end]
+                self.buf = new
+            self.scanned = max(self.scanned - self.start, 0)
+            self.start, self.end = 0, pending
+
+    def send(self, answer: bytes) -> bool:
+        """Send `answer`, keeping what the client does not take yet for the loop to send when
+        it can (reading from the client stops until then); False when the connection ended."""
         try:
-            n = self.sock.recv_into(memoryview(self.buf)[self.end:])
-        except (BlockingIOError, TimeoutError):
-            self._incomplete(CloseReason.MESSAGE_TIMEOUT)
-        if not n:
-            self._incomplete(CloseReason.INCOMPLETE)  # hung up mid-message
-        self.end += n
-
-    def _incomplete(self, reason: CloseReason) -> None:
-        self.metrics.record_error(ErrorCode.INCOMPLETE)
-        raise _Closed(reason)
-
-    def _fatal(self, answer: bytes, code: ErrorCode, reason: CloseReason) -> None:
-        """Answer, then close: the stream cannot be trusted to continue."""
-        self.metrics.record_error(code)
-        _send_last(self.sock, answer)
-        raise _Closed(reason)
+            n = self.sock.send(answer)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            log.debug("connection closed: %s", e)
+            self.server._close(self, CloseReason.RESET)
+            return False
+        if n < len(answer):
+            self.out = memoryview(answer)[n:]
+            self.send_deadline = _mono() + self.server.config.io_timeout_s
+            self.server._epoll.modify(self.fd, _OUT)  # type: ignore[union-attr]
+        return True
 
 
 def remove_stale_socket(path: Path, option: str = "--socket") -> None:

@@ -14,7 +14,10 @@ servers in their own processes:
           --batch rows on one connection (throughput), and JSON batches of 64 (not a target);
           1, --clients (8) and 32 connections driven by one epoll process (binary, one row
           each, one request in flight per connection: cheap clients, so the agent keeps its
-          CPUs): answers/s, the --clients/1 ratio, and tails
+          CPUs; with --baseline-tree, the same against another checkout's agent, before and
+          after this one's): answers/s, the --clients/1 and 32/1 ratios, and tails (the
+          agent answers single rows that arrive together from several connections in one
+          model run; docs/protocol.md, "Serving many test heads")
   client  agent.client.Client.predict, one row, beside the raw binary round trip; and
           `edgefleet agent predict --file` on a CSV of --file-dies dies beside Client.predict_batch
           on the same rows (batches of 256)
@@ -236,6 +239,41 @@ def epoll_clients(path: str, frames: list[bytes], clients: int, seconds: float
     return np.array(lat[clients:], dtype=np.int64), len(lat) / elapsed
 
 
+def _heads(path: str, frames: list[bytes], clients: int, seconds: float) -> dict:
+    """answers/s and tails for 1, `clients` and 32 epoll connections (a baseline agent's)."""
+    out = {}
+    for n in (1, clients, 32):
+        lat, rate = epoll_clients(path, frames, n, seconds)
+        out[f"clients_{n}"] = {"answers_per_s": rate, **pct(lat)}
+    one = out["clients_1"]["answers_per_s"]
+    out["vs_one_client"] = {n: out[f"clients_{n}"]["answers_per_s"] / one for n in (clients, 32)}
+    return out
+
+
+def _start_baseline(tree: Path, store: Path, keyring: Path, tmp: Path,
+                    procs: list[subprocess.Popen]) -> str:
+    """An agent run from another checkout (e.g. the main branch, to compare serving designs in
+    one run), on a copy of the store; returns its socket path once it is ready."""
+    d = tmp / "baseline"
+    d.mkdir()
+    shutil.copytree(store, d / "store", symlinks=True)
+    sock, port = str(d / "agent.sock"), free_port()
+    procs.append(subprocess.Popen(
+        [PY, "-m", "edgefleet", "agent", "serve", "--socket", sock, "--store", str(d / "store"),
+         "--keyring", str(keyring), "--metrics-addr", f"127.0.0.1:{port}",
+         "--log-level", "warning", "--max-connections-per-peer", "64"],
+        cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree))))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                return sock
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -309,6 +347,9 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, help="a signed model bundle, e.g. an optimizer's "
                     "build/model.efb (default: build the stand-in autoencoder)")
     ap.add_argument("--keyring", type=Path, help="keyring that trusts --bundle's key")
+    ap.add_argument("--baseline-tree", type=Path, help="another checkout (e.g. the main "
+                    "branch): its agent is driven by the same 1/--clients/32 epoll clients, "
+                    "before and after this one's, for a same-run comparison")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -422,6 +463,26 @@ def main() -> int:
             "agent_json_17": pct(json_loop(sock, lines17, args.requests)),
         }
 
+        # -- many test heads: 1, --clients and 32 connections from one epoll process (before
+        # the batch runs, whose prediction-log backlog the agent's writer thread works off
+        # for seconds after: that is not what serving single rows costs)
+        seconds = max(args.seconds, 0.5)
+        if args.baseline_tree:  # the same figures from another checkout's agent, alternating
+            base_sock = _start_baseline(args.baseline_tree, store, keyring, tmp, procs)
+            res["baseline_tree"] = {"tree": str(args.baseline_tree), **_heads(
+                base_sock, frames, args.clients, seconds)}
+        one, one_rate = epoll_clients(sock, frames, 1, seconds)
+        many, many_rate = epoll_clients(sock, frames, args.clients, seconds)
+        lots, lots_rate = epoll_clients(sock, frames, 32, seconds)
+        if args.baseline_tree:
+            res["baseline_tree_again"] = _heads(base_sock, frames, args.clients, seconds)
+        res["one_client"] = {"clients": 1, "answers_per_s": one_rate, **pct(one)}
+        res["concurrent"] = {"clients": args.clients, "answers_per_s": many_rate,
+                             "vs_one_client": many_rate / one_rate, **pct(many)}
+        res["clients_32"] = {"clients": 32, "answers_per_s": lots_rate,
+                             "vs_one_client": lots_rate / one_rate, **pct(lots)}
+        res["clients_loadavg"] = os.getloadavg()[0]
+
         # -- batched throughput on one connection
         batch_frames = [encode_predict(dies[i:i + args.batch],
                                        np.arange(i, i + args.batch, dtype=np.uint64))
@@ -457,16 +518,6 @@ def main() -> int:
                                   "batch": json_batch, "rows": rows}
         s.close()
         res["agent_rss_after_batches_mb"] = rss_mb(agent.pid)  # before the idle trim
-
-        # -- many test heads: 1, --clients and 32 connections from one epoll process
-        seconds = max(args.seconds, 0.5)
-        one, one_rate = epoll_clients(sock, frames, 1, seconds)
-        many, many_rate = epoll_clients(sock, frames, args.clients, seconds)
-        lots, lots_rate = epoll_clients(sock, frames, 32, seconds)
-        res["one_client"] = {"clients": 1, "answers_per_s": one_rate, **pct(one)}
-        res["concurrent"] = {"clients": args.clients, "answers_per_s": many_rate,
-                             "vs_one_client": many_rate / one_rate, **pct(many)}
-        res["clients_32"] = {"clients": 32, "answers_per_s": lots_rate, **pct(lots)}
 
         # -- file screening: the CLI on a CSV, beside the Client's batches of the same rows
         res["file_screening"] = file_screening(sock, tmp, dies[:args.file_dies])
@@ -602,7 +653,16 @@ def print_report(r: dict) -> None:
     print(f"single-row answers/s from one epoll process: 1 client "
           f"{r['one_client']['answers_per_s']:,.0f}, {r['concurrent']['clients']} clients "
           f"{r['concurrent']['answers_per_s']:,.0f} ({r['concurrent']['vs_one_client']:.2f}x), "
-          f"32 clients {r['clients_32']['answers_per_s']:,.0f}")
+          f"32 clients {r['clients_32']['answers_per_s']:,.0f} "
+          f"({r['clients_32']['vs_one_client']:.2f}x); load average {r['clients_loadavg']:.1f}")
+    for key in ("baseline_tree", "baseline_tree_again"):
+        if key in r:
+            b = r[key]
+            print(f"  baseline {r['baseline_tree']['tree']}: " + ", ".join(
+                f"{k.split('_')[1]} clients {v['answers_per_s']:,.0f}/s p99.9 "
+                f"{v['p999_us']:,.0f} us"
+                for k, v in b.items() if k.startswith("clients_")) + " (" + ", ".join(
+                f"{n}/1 {x:.2f}x" for n, x in b["vs_one_client"].items()) + ")")
     print(f"throughput: {r['throughput']['dies_per_s']:,.0f} dies/s "
           f"(batches of {r['throughput']['batch']}, one connection); JSON "
           f"{r['json_throughput']['dies_per_s']:,.0f} dies/s (batches of "
