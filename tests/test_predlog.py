@@ -114,6 +114,10 @@ def _written(port: int) -> float:
         return 0.0
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    return proc.poll() is not None
+
+
 def _ready(port: int) -> bool:
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200
@@ -147,7 +151,10 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
                  "--metrics-addr", f"127.0.0.1:{port}", "--predlog-dir", str(logdir),
                  "--capture-rate", "1.0"], cwd=REPO)
             try:
-                wait_for(lambda p=port: _ready(p), timeout=120)  # the killed one left its socket
+                # the killed one left its socket; an agent that exits (e.g. its metrics port
+                # taken by another process in between) fails the test at once, with its code
+                wait_for(lambda p=port, q=proc: _ready(p) or _exited(q), timeout=120)
+                assert proc.poll() is None, f"the agent exited with {proc.returncode}"
                 before = len(_records(logdir / "predictions"))
                 with Client(tmp / "a.sock") as c:
                     for i in range(300):
