@@ -315,12 +315,7 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
         wait_settled(ctl, settle_s)
         yield ctl
     finally:
-        with contextlib.suppress(Exception):
-            ctl.client.disconnect()
-        deadline = time.monotonic() + 1.0
-        while ctl.client.socket() is not None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        loop.remove(ctl.client)
+        loop.disconnect(ctl.client)
         loop.stop()
 
 
