@@ -57,6 +57,7 @@ def new_owner() -> str:
 class ControllerOptions:
     actor: str = "controller"
     tick_s: float = 0.1
+    min_round_s: float = 0.05  # rounds at most this often: a message storm is taken in batches
     scan_s: float = 0.5
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
@@ -74,12 +75,15 @@ class Controller:
         self.clock = clock
         self.owner = new_owner()
         self.drivers: dict[str, RolloutDriver] = {}
+        self._targets: dict[str, frozenset[str]] = {}  # non-final rollout -> its devices
         self.started = clock()
         self.last_round = 0.0
         self._last_beat = self._last_scan = 0.0
         self.lost_lease: str | None = None
-        self.wake = threading.Event()
-        ctl.add_listener(lambda *_: self.wake.set())
+        self.wake = threading.Event()  # set by every message while `run` runs
+
+    def _on_message(self, *_: Any) -> None:
+        self.wake.set()
 
     @property
     def service(self) -> bool:
@@ -107,6 +111,8 @@ class Controller:
             if holder is not None:
                 self.lost_lease = holder
                 _LOG.error("controller lease taken by %s: stopping", holder)
+                for drv in self.drivers.values():
+                    drv.close()
                 self.drivers.clear()
                 return
         with self.db.tx() as c:
@@ -115,7 +121,7 @@ class Controller:
             row = self.db.rollout(rid)
             if row.owner != self.owner:  # taken over while we were not heard from
                 _LOG.error("rollout %s taken over by %s: no longer driving it", rid, row.owner)
-                del self.drivers[rid]
+                self.drivers.pop(rid).close()
 
     # -- one round --------------------------------------------------------------------
 
@@ -139,7 +145,7 @@ class Controller:
             if not drv.tick():
                 drv.flush()
                 self.db.release(rid, self.owner)
-                del self.drivers[rid]
+                self.drivers.pop(rid).close()
         self.last_round = self.clock()
 
     def run(self, stop: threading.Event, until: Callable[[], bool] | None = None) -> None:
@@ -147,6 +153,7 @@ class Controller:
         if self.service:
             self.take_lease()
         last = 0.0
+        self.ctl.add_listener(self._on_message)
         try:
             while not stop.is_set() and not self.lost_lease:
                 self.step()
@@ -154,7 +161,7 @@ class Controller:
                     break
                 self.wake.wait(self.opt.tick_s)
                 self.wake.clear()
-                rest = last + 0.02 - time.monotonic()  # a message storm does not spin it
+                rest = last + self.opt.min_round_s - time.monotonic()  # no spinning in a storm
                 if rest > 0:
                     time.sleep(rest)
                 last = time.monotonic()
@@ -166,11 +173,13 @@ class Controller:
             raise
         finally:
             self.release_all()
+            self.ctl.remove_listener(self._on_message)
 
     def release_all(self) -> None:
         for rid, drv in list(self.drivers.items()):
             drv.flush()
             self.db.release(rid, self.owner)
+            drv.close()
         self.drivers.clear()
         if self.service:
             self.db.drop_lease(self.owner)
@@ -206,18 +215,26 @@ class Controller:
                 drv.reload()
 
     def _pick_up(self) -> None:
+        """Give every rollout that needs driving and has no live driver one. Costs one query a
+        scan while nothing waits; the device sets (to hold back a pending rollout that
+        overlaps another) are read only when a pending rollout is up for a driver, and kept
+        per rollout id (a rollout's targets never change) while it is not final."""
         active = self.db.active()
-        busy: dict[str, str] = {}
-        for r in active:
-            if r.state != RolloutState.PENDING:
-                for d in self.db.target_ids(r.id):
-                    busy[d] = r.id
-        for r in active:
-            if r.id in self.drivers or r.state not in DRIVEN or not self._mine(r.id):
-                continue
-            if r.state == RolloutState.PENDING and any(
-                    busy.get(d, r.id) != r.id for d in self.db.target_ids(r.id)):
-                continue  # waits for the rollout it overlaps to end (superseded, say)
+        wanted = [r for r in active if r.id not in self.drivers and r.state in DRIVEN
+                  and self._mine(r.id)]
+        if not wanted:
+            return
+        live = {r.id for r in active}
+        for rid in [rid for rid in self._targets if rid not in live]:
+            del self._targets[rid]
+        busy: dict[str, str] | None = None
+        for r in wanted:
+            if r.state == RolloutState.PENDING:
+                if busy is None:
+                    busy = {d: a.id for a in active if a.state != RolloutState.PENDING
+                            for d in self._target_set(a.id)}
+                if any(busy.get(d, r.id) != r.id for d in self._target_set(r.id)):
+                    continue  # waits for the rollout it overlaps to end (superseded, say)
             if self.db.acquire(r.id, self.owner, stale_s=self.opt.stale_s) is not None:
                 continue
             self.db.audit(r.id, self.opt.actor, "driver", {"owner": self.owner,
@@ -226,9 +243,13 @@ class Controller:
                                 self.opt.driver or DriverOptions(actor=self.opt.actor),
                                 clock=self.clock)
             self.drivers[r.id] = drv
-            if r.state != RolloutState.PENDING:
-                for d in drv.targets:
-                    busy[d] = r.id
+            if busy is not None and r.state != RolloutState.PENDING:
+                busy.update(dict.fromkeys(drv.targets, r.id))
+
+    def _target_set(self, rid: str) -> frozenset[str]:
+        if rid not in self._targets:
+            self._targets[rid] = frozenset(self.db.target_ids(rid))
+        return self._targets[rid]
 
     # -- what /metrics and `status` show ----------------------------------------------
 
