@@ -312,6 +312,7 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
                 f"{connect_timeout:.0f} s",
                 hint="is the broker running, and are --mqtt-host/--mqtt-port and the "
                      "certificates right?")
+        ctl.subscribed.wait(connect_timeout)  # the retained states come after the SUBACK
         wait_settled(ctl, settle_s)
         yield ctl
     finally:
@@ -319,13 +320,16 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
         loop.stop()
 
 
-def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 5.0) -> None:
-    """Wait until no new message arrived for `settle_s` (the retained burst is over)."""
+def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 120.0) -> None:
+    """Wait until no new device appeared for `settle_s` (the retained states' burst is over),
+    at most `max_s`. New devices, not new messages: live state reports keep coming from a
+    large fleet, and a burst of 10,000 retained states takes seconds to parse on a loaded
+    host (a rollout started after a 5 s cap saw 6,500 of 10,000 devices)."""
     deadline = time.monotonic() + max_s
     last = -1
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        n = ctl.messages
+        n = ctl.device_count()
         if n != last:
             last, quiet_since = n, time.monotonic()
         elif time.monotonic() - quiet_since >= settle_s:

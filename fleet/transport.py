@@ -95,6 +95,7 @@ class FleetController:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._cond = threading.Condition()
         self._states: dict[str, dict[str, Any]] = {}
         self._commands: dict[str, CommandTrack] = {}
@@ -106,6 +107,7 @@ class FleetController:
         self.forged = 0  # events naming a command that was for another device
         self._listeners: list[Callable[[str, str, dict[str, Any]], bool | None]] = []
         self._subscribed = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged (retained states follow)
         self.connected = threading.Event()
         self.messages = 0
 
@@ -205,6 +207,10 @@ class FleetController:
         with self._cond:
             return {k: dict(v) for k, v in self._states.items()}
 
+    def device_count(self) -> int:
+        """How many devices this controller holds a state of."""
+        return len(self._states)
+
     def state(self, device_id: str) -> dict[str, Any] | None:
         with self._cond:
             s = self._states.get(device_id)
@@ -268,6 +274,9 @@ class FleetController:
         client.subscribe([(self.topics.all("state"), 1), (self.topics.all("event"), 1)])
         self.connected.set()
         self._subscribed.set()
+
+    def _on_subscribe(self, *args: Any) -> None:
+        self.subscribed.set()
 
     def _on_disconnect(self, *args: Any) -> None:
         self.connected.clear()
