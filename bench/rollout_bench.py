@@ -70,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.keys import generate_keypair, trust_key  # noqa: E402
+from fleet.inventory import open_controller  # noqa: E402
 from fleet.rollout import Plan, assign  # noqa: E402
 from fleet.sim import DeviceFaults, SimConfig, Simulator  # noqa: E402
 from fleet.simprocs import ProcessSimulator  # noqa: E402
@@ -152,6 +153,9 @@ class Floor:
             ProcessSimulator(cfg, faults, procs=procs) if light or procs > 1
             else Simulator(cfg, faults)).start()
         assert self.sim.wait_connected(120 + n / 50), "devices did not connect"
+        with open_controller(self.broker.mqtt()) as ctl:  # every state retained at the broker
+            assert ctl.wait_for(lambda c: c.device_count() >= n, 120 + n / 50), \
+                f"{ctl.device_count()} of {n} devices reported their state"
         self.setup_s = time.monotonic() - t0
         time.sleep(max(3.0, TRAFFIC.interval_s * 3))  # every device reports traffic
         self.sniffer = CommandSniffer(self.broker.mqtt())
