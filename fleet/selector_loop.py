@@ -34,7 +34,6 @@ class _Entry:
     next_connect: float = 0.0
     delay: float = 0.0
     connected_since: float | None = None
-    writing: bool = False  # EVENT_WRITE is registered for its socket
 
 
 class SelectorLoop:
@@ -57,7 +56,6 @@ class SelectorLoop:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._entries: dict[int, _Entry] = {}  # id(client) -> entry
-        self._unconnected: dict[int, _Entry] = {}  # those without a socket: to (re)connect
         self._ops: deque[Callable[[], None]] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -84,12 +82,7 @@ class SelectorLoop:
             lambda: self._set_write(entry, True))
         client.on_socket_unregister_write = lambda c, u, s: self._call(
             lambda: self._set_write(entry, False))
-
-        def op() -> None:
-            self._entries[id(client)] = entry
-            self._unconnected[id(client)] = entry
-
-        self._call(op)
+        self._call(lambda: self._entries.__setitem__(id(client), entry))
 
     def remove(self, client: mqtt.Client) -> None:
         """Forget a client (call after `client.disconnect()`); the loop flushes nothing more."""
@@ -97,7 +90,6 @@ class SelectorLoop:
 
         def op() -> None:
             entry = self._entries.pop(id(client), None)
-            self._unconnected.pop(id(client), None)
             if entry is not None and entry.sock is not None:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self._sel.unregister(entry.sock)
@@ -132,9 +124,8 @@ class SelectorLoop:
         if id(entry.client) not in self._entries:
             return
         entry.sock = sock
-        self._unconnected.pop(id(entry.client), None)
-        entry.writing = entry.client.want_write()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.writing else 0)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.client.want_write()
+                                         else 0)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.register(sock, events, entry)
 
@@ -144,21 +135,11 @@ class SelectorLoop:
         if entry.sock is sock:
             entry.sock = None
             entry.connected_since = None
-            entry.writing = False
-            if id(entry.client) in self._entries:
-                self._unconnected[id(entry.client)] = entry
             self._schedule_reconnect(entry)
 
     def _set_write(self, entry: _Entry, on: bool) -> None:
-        """Watch for writability while paho has bytes to send. Checked against what is
-        queued when the operation runs: a packet that `_service` already flushed (an ack
-        written right after the read that caused it) costs no epoll change at all."""
         if entry.sock is None or id(entry.client) not in self._entries:
             return
-        on = on and entry.client.want_write()
-        if on == entry.writing:
-            return
-        entry.writing = on
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.modify(entry.sock, events, entry)
@@ -205,8 +186,7 @@ class SelectorLoop:
                 rc = client.loop_read()
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 return
-        # what reading queued (acks) goes out now, not after another turn through epoll
-        if (mask & selectors.EVENT_WRITE or client.want_write()) and entry.sock is not None:
+        if mask & selectors.EVENT_WRITE and entry.sock is not None:
             client.loop_write()
 
     def _misc(self, entry: _Entry, now: float) -> None:
@@ -224,10 +204,8 @@ class SelectorLoop:
                 _LOG.exception("tick failed")
 
     def _connect_due(self, now: float) -> None:
-        """(Re)connect the clients without a socket whose time has come (the connected ones
-        are not looked at: a loop of thousands of clients turns for every message)."""
         budget = self._connect_budget
-        for entry in list(self._unconnected.values()):
+        for entry in list(self._entries.values()):
             if budget <= 0:
                 self._wake()  # more to connect: come straight back
                 return
@@ -241,9 +219,6 @@ class SelectorLoop:
                         with contextlib.suppress(KeyError, ValueError, OSError):
                             self._sel.unregister(entry.sock)
                         entry.sock = None
-                        entry.writing = False
-                        if id(entry.client) in self._entries:
-                            self._unconnected[id(entry.client)] = entry
                     self._schedule_reconnect(entry)
                 else:
                     self._run_ops()  # register the new socket now
