@@ -5,13 +5,22 @@ scoring) over a real Mosquitto, with the artifact server (`edgefleet fleet serve
 a third process.
 
     .venv/bin/python bench/rollout_bench.py [--sizes 100,500,1000] [--fault-devices 200]
-                                            [--procs 2] [--light]
-                                            [--out bench/results/rollout.json]
+                                            [--procs 2] [--light] [--light-from 2000]
+                                            [--scenarios scale,...,back-to-back]
+                                            [--profile DIR] [--out bench/results/rollout.json]
+    .venv/bin/python bench/rollout_bench.py --sizes 1000,5000,10000 --scenarios scale
 
 `--procs P` spreads each floor over P simulator processes (fleet/simprocs.py); `--light` runs
 the devices in the simulator's light mode (fleet/sim.py: real MQTT, signed commands, downloads,
 verification and store; the ONNX Runtime load and self-test replaced by their measured
-duration), except the canary's devices, which keep real traffic and shadow scoring.
+duration), except the canary's devices, which keep real traffic and shadow scoring. Floors of
+`--light-from` devices or more (default 2,000) are light whatever `--light` says, over at least
+one simulator process per 2,500 devices: one process of full-mode devices holds about 500.
+`--profile DIR` runs the controller service under bench/profiled.py (yappi, every thread).
+
+Every scale figure comes with the load average at its start and end: on a shared machine the
+times are upper bounds; the controller's own CPU seconds (from /proc, from when it took its
+lease) and its resident memory (VmRSS, VmHWM) are the figures docs/scale.md compares.
 
 Scenarios (each on a fresh broker and a fresh floor whose devices already run v1):
 
@@ -31,6 +40,11 @@ Scenarios (each on a fresh broker and a fresh floor whose devices already run v1
                    supervisor would): completes, no command sent twice, end state equal to an
                    uninterrupted run's
   broker-restart   Mosquitto restarted mid-wave: the rollout completes
+  back-to-back     (only when named in --scenarios) --back-to-back K rollouts (default 10), one
+                   after the other, each to a new bundle, on one light floor of
+                   --back-to-back-devices (default 1,000) driven by one controller service:
+                   its RSS and CPU after each (target: RSS after the last within 10% of after
+                   the first)
 
 Device-side figures (the candidate's shadow scoring cost on the agent's p99) are measured by
 bench/shadow_bench.py.
@@ -56,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.keys import generate_keypair, trust_key  # noqa: E402
+from fleet.inventory import open_controller  # noqa: E402
 from fleet.rollout import Plan, assign  # noqa: E402
 from fleet.sim import DeviceFaults, SimConfig, Simulator  # noqa: E402
 from fleet.simprocs import ProcessSimulator  # noqa: E402
@@ -69,7 +84,18 @@ TARGET_500_S = 60.0
 TARGET_ROLLBACK_S = 10.0
 SITES = 4
 TRAFFIC = TrafficConfig(interval_s=1.0, batch=32)
-SIM = {"procs": 1, "light": False}  # --procs, --light
+SIM: dict[str, Any] = {"procs": 1, "light": False, "light_from": 2000,
+                       "profile": None}  # --procs, --light, --light-from, --profile
+DEVICES_PER_PROC = 2500  # light floors get at least n / this simulator processes
+
+
+def sim_mode(n: int, light: bool = False) -> tuple[bool, int]:
+    """(light, processes) for an n-device floor: light when asked, with --light or from
+    --light-from devices on, spread over enough processes that each holds at most
+    DEVICES_PER_PROC."""
+    light = light or bool(SIM["light"]) or n >= int(SIM["light_from"])
+    procs = max(int(SIM["procs"]), -(-n // DEVICES_PER_PROC) if light else 1)
+    return light, procs
 
 
 class Env:
@@ -83,6 +109,7 @@ class Env:
         trust_key(self.keyring, release.public_path, "release")
         trust_key(self.keyring, fleet.public_path, "fleet")
         self.fleet_key = fleet.private_path
+        self.release_key = release.private_path
         self.store = root / "artifacts"
         self.pubs = bundles(root, release.private_path, self.keyring, self.store)
         self.art_port = free_port()
@@ -106,13 +133,15 @@ class Env:
 
 
 class Floor:
-    def __init__(self, env: Env, name: str, n: int, faults: dict | None = None) -> None:
+    def __init__(self, env: Env, name: str, n: int, faults: dict | None = None,
+                 light: bool = False) -> None:
         self.env, self.n = env, n
         self.dir = env.root / name
         (self.dir / "broker").mkdir(parents=True)
         self.broker = Broker(self.dir / "broker").start()
         self.db_path = self.dir / "rollouts.db"
-        light = bool(SIM["light"])
+        light, procs = sim_mode(n, light)
+        self.mode = {"light": light, "procs": procs}
         cfg = SimConfig(devices=n, root=self.dir / "sim",
                         mqtt=self.broker.mqtt(reconnect_min_s=1, reconnect_max_s=4),
                         keyring=env.keyring, state_interval_s=2.0, traffic=TRAFFIC,
@@ -121,17 +150,24 @@ class Floor:
                             _expected_stages(n, _flags())["canary"] if light else ()))
         t0 = time.monotonic()
         self.sim: Simulator | ProcessSimulator = (
-            ProcessSimulator(cfg, faults, procs=int(SIM["procs"])) if light or SIM["procs"] > 1
+            ProcessSimulator(cfg, faults, procs=procs) if light or procs > 1
             else Simulator(cfg, faults)).start()
-        assert self.sim.wait_connected(120), "devices did not connect"
+        assert self.sim.wait_connected(120 + n / 50), "devices did not connect"
+        with open_controller(self.broker.mqtt()) as ctl:  # every state retained at the broker
+            assert ctl.wait_for(lambda c: c.device_count() >= n, 120 + n / 50), \
+                f"{ctl.device_count()} of {n} devices reported their state"
         self.setup_s = time.monotonic() - t0
         time.sleep(max(3.0, TRAFFIC.interval_s * 3))  # every device reports traffic
         self.sniffer = CommandSniffer(self.broker.mqtt())
         self.controller = self.start_controller()
 
     def start_controller(self) -> subprocess.Popen:
-        """`edgefleet fleet controller`, returned once it holds the lease."""
-        proc = self.popen("fleet", "controller", "--metrics-port", "0")
+        """`edgefleet fleet controller`, returned once it holds the lease (with --profile
+        under bench/profiled.py, which writes its profile when it stops)."""
+        prof = SIM["profile"]
+        self.profile = Path(prof) / f"{self.dir.name}.txt" if prof else None
+        proc = self.popen("fleet", "controller", "--metrics-port", "0",
+                          profile=self.profile)
         db = StateDB(self.db_path)
         deadline = time.monotonic() + 60
         while not db.lease()["live"]:
@@ -145,13 +181,19 @@ class Floor:
     def controller_cpu_s(self) -> float:
         return round(_cpu_s(self.controller.pid) - self.cpu0, 2)
 
+    def controller_rss_mb(self) -> dict[str, float]:
+        """The controller's resident memory now and its peak (VmRSS, VmHWM), in MB."""
+        return _rss_mb(self.controller.pid)
+
     def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=REPO,
                               env=self.env.env(self.broker, self.db_path), capture_output=True,
                               text=True, timeout=timeout)
 
-    def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "edgefleet", *args], cwd=REPO,
+    def popen(self, *args: str, profile: Path | None = None) -> subprocess.Popen:
+        run = [str(REPO / "bench" / "profiled.py"), str(profile)] if profile else \
+            ["-m", "edgefleet"]
+        return subprocess.Popen([sys.executable, *run, *args], cwd=REPO,
                                 env=self.env.env(self.broker, self.db_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -160,7 +202,9 @@ class Floor:
 
     def close(self) -> None:
         self.controller.terminate()
-        self.controller.communicate(timeout=30)
+        self.controller.communicate(timeout=60)
+        if self.profile is not None:
+            print(f"controller profile: {self.profile}", flush=True)
         self.sniffer.close()
         self.sim.stop()
         self.broker.stop()
@@ -170,6 +214,13 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
 
 
 def _flags(canary: int = 10, *, shadow: bool = True, extra: tuple[str, ...] = (),
@@ -251,20 +302,70 @@ def _dupes(fl: Floor) -> int:
 def scenario_scale(env: Env, n: int, shadow: bool = True) -> dict[str, Any]:
     fl = Floor(env, f"scale-{n}", n)
     try:
+        load0 = os.getloadavg()
         t0 = time.monotonic()
         r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
-                   f"r-scale-{n}", *_flags(10, shadow=shadow))
+                   f"r-scale-{n}", *_flags(10, shadow=shadow), timeout=900 + n / 10)
         wall = time.monotonic() - t0
-        out = {"devices": n, "setup_s": round(fl.setup_s, 1), "exit_code": r.returncode,
-               "cli_wall_s": round(wall, 2), "controller_cpu_s": fl.controller_cpu_s(),
-               **_report(fl.db_path, f"r-scale-{n}")}
-        out["controller_cpu_ms_per_device"] = round(1000 * out["controller_cpu_s"] / n, 2)
+        out = {"devices": n, "simulator": fl.mode, "setup_s": round(fl.setup_s, 1),
+               "exit_code": r.returncode, "cli_wall_s": round(wall, 2),
+               "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+               "controller_cpu_s": fl.controller_cpu_s(),
+               "controller": fl.controller_rss_mb(), **_report(fl.db_path, f"r-scale-{n}")}
+        out["controller_cpu_ms_per_device"] = round(1000 * out["controller_cpu_s"] / n, 3)
+        out["step_timeouts"] = sum(v for k, v in out["step_status"].items()
+                                   if k.endswith(":timeout"))
         actives = fl.actives()
         out["devices_on_v2"] = sum(a == env.pubs["v2"].digest for a in actives.values())
         out["duplicate_commands"] = _dupes(fl)
         if r.returncode != 0:
             out["stderr"] = r.stderr[-2000:]
         return out
+    finally:
+        fl.close()
+
+
+def scenario_back_to_back(env: Env, n: int, k: int) -> dict[str, Any]:
+    """`k` rollouts one after the other on one floor, driven by one controller service: each
+    to a new bundle (sequences rise, as a device requires), no shadow stage, no bakes. The
+    controller's RSS and CPU after each: a long-running controller must not grow per rollout
+    (target: RSS after the k-th within 10% of after the first)."""
+    from agent.keys import Keyring
+    from fleet.artifacts import publish
+    from tests.broker_fixtures import make_real_bundle
+
+    ring = Keyring.load(env.keyring)
+    digests = []
+    for i in range(k):
+        path = make_real_bundle(env.root / f"b2b-{i}.efb", env.release_key, sequence=10 + i,
+                                seed=5)
+        digests.append(publish(env.store, path, ring, who="bench").digest)
+    flags = ["--canary", "10", "--bake", "0s", "--wave-bake", "0s", "--waves", "50%,100%",
+             "--max-parallel", "100", "--step-timeout", "60s", "--health-grace", "10s",
+             "--no-shadow", "--follow"]  # no bake, so no gates: memory, not evidence
+    fl = Floor(env, f"back-to-back-{n}", n, light=True)
+    rollouts = []
+    try:
+        for i, digest in enumerate(digests):
+            cpu0 = fl.controller_cpu_s()
+            r = fl.cli("fleet", "rollout", "start", f"sha256:{digest}", "--id", f"r-b2b-{i}",
+                       *flags, timeout=900 + n / 10)
+            rep = _report(fl.db_path, f"r-b2b-{i}")
+            rollouts.append({"rollout": i + 1, "exit_code": r.returncode, "state": rep["state"],
+                             "wall_s": rep["wall_s"],
+                             "controller_cpu_s": round(fl.controller_cpu_s() - cpu0, 2),
+                             **fl.controller_rss_mb(), "loadavg": os.getloadavg()[0]})
+            print(json.dumps(rollouts[-1]), flush=True)
+            if r.returncode != 0:
+                rollouts[-1]["stderr"] = r.stderr[-1500:]
+                break
+        first, last = rollouts[0]["rss_mb"], rollouts[-1]["rss_mb"]
+        return {"devices": n, "simulator": fl.mode, "rollouts": rollouts,
+                "all_succeeded": all(x["state"] == "succeeded" for x in rollouts)
+                and len(rollouts) == k,
+                "rss_first_mb": first, "rss_last_mb": last,
+                "rss_last_over_first": round(last / first, 3),
+                "within_10pct": last <= 1.10 * first}
     finally:
         fl.close()
 
@@ -440,11 +541,23 @@ def main() -> None:
                    "kill-resume,broker-restart")
     p.add_argument("--no-shadow", action="store_true", help="scale runs without the shadow "
                    "stage")
-    p.add_argument("--procs", type=int, default=1, help="simulator processes per floor")
-    p.add_argument("--light", action="store_true", help="simulator light mode (see above)")
+    p.add_argument("--procs", type=int, default=1, help="simulator processes per floor "
+                   f"(at least one per {DEVICES_PER_PROC} devices on a light floor)")
+    p.add_argument("--light", action="store_true", help="simulator light mode on every floor "
+                   "(see above)")
+    p.add_argument("--light-from", type=int, default=2000, help="floors of this many devices "
+                   "or more run in light mode")
+    p.add_argument("--back-to-back", type=int, default=10, metavar="K",
+                   help="rollouts in the back-to-back scenario (not in the default set)")
+    p.add_argument("--back-to-back-devices", type=int, default=1000, metavar="N")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="run the controller service "
+                   "under yappi (bench/profiled.py): DIR/<floor>.txt")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "rollout.json")
     args = p.parse_args()
-    SIM.update(procs=args.procs, light=args.light)
+    SIM.update(procs=args.procs, light=args.light, light_from=args.light_from,
+               profile=args.profile)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     wanted = set(args.scenarios.split(","))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
                                            "python": platform.python_version(),
@@ -469,6 +582,9 @@ def main() -> None:
                 runs.append(("kill-resume", lambda: scenario_kill_resume(env, nf)))
             if "broker-restart" in wanted:
                 runs.append(("broker-restart", lambda: scenario_broker_restart(env, nf)))
+            if "back-to-back" in wanted:
+                runs.append(("back-to-back", lambda: scenario_back_to_back(
+                    env, args.back_to_back_devices, args.back_to_back)))
             for name, fn in runs:
                 print(f"running {name} ...", flush=True)
                 t0 = time.monotonic()

@@ -65,6 +65,7 @@ def new_owner() -> str:
 class ControllerOptions:
     actor: str = "controller"
     tick_s: float = 0.1
+    min_round_s: float = 0.05  # rounds at most this often: a message storm is taken in batches
     scan_s: float = 0.5
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
@@ -83,13 +84,16 @@ class Controller:
         self.clock = clock
         self.owner = new_owner()
         self.drivers: dict[str, RolloutDriver] = {}
+        self._targets: dict[str, frozenset[str]] = {}  # non-final rollout -> its devices
         self.started = clock()
         self.last_round = 0.0
         self._last_beat = self._last_scan = 0.0
         self.lost_lease: str | None = None
         self.store_error: str | None = None  # the database server is unreachable
-        self.wake = threading.Event()
-        ctl.add_listener(lambda *_: self.wake.set())
+        self.wake = threading.Event()  # set by every message while `run` runs
+
+    def _on_message(self, *_: Any) -> None:
+        self.wake.set()
 
     @property
     def service(self) -> bool:
@@ -119,6 +123,8 @@ class Controller:
             if holder is not None:
                 self.lost_lease = holder
                 _LOG.error("controller lease taken by %s: stopping", holder)
+                for drv in self.drivers.values():
+                    drv.close()
                 self.drivers.clear()
                 return
         self.db.beat(self.owner)
@@ -126,12 +132,14 @@ class Controller:
             row = self.db.rollout(rid)
             if row.owner != self.owner or row.epoch != drv.epoch:  # taken while not heard from
                 _LOG.error("rollout %s taken over by %s: no longer driving it", rid, row.owner)
-                del self.drivers[rid]
+                self.drivers.pop(rid).close()
 
     def _lost(self, rid: str, e: LeaseLost) -> None:
         """A driver's write was refused: drop it (the new holder drives the rollout)."""
         _LOG.error("%s: no longer driving it", e)
-        self.drivers.pop(rid, None)
+        drv = self.drivers.pop(rid, None)
+        if drv is not None:
+            drv.close()
 
     # -- one round --------------------------------------------------------------------
 
@@ -146,6 +154,8 @@ class Controller:
             if self.store_error is None:
                 _LOG.error("%s: retrying every round", e)
             self.store_error = str(e)
+            for drv in self.drivers.values():
+                drv.close()
             self.drivers.clear()
             self._last_scan = 0.0
             return
@@ -174,7 +184,7 @@ class Controller:
                 if not drv.tick():
                     drv.flush()
                     self.db.release(rid, self.owner)
-                    del self.drivers[rid]
+                    self.drivers.pop(rid).close()
             except LeaseLost as e:
                 self._lost(rid, e)
         self.last_round = self.clock()
@@ -184,6 +194,7 @@ class Controller:
         if self.service:
             self.take_lease()
         last = 0.0
+        self.ctl.add_listener(self._on_message)
         try:
             while not stop.is_set() and not self.lost_lease:
                 self.step()
@@ -191,7 +202,7 @@ class Controller:
                     break
                 self.wake.wait(self.opt.tick_s)
                 self.wake.clear()
-                rest = last + 0.02 - time.monotonic()  # a message storm does not spin it
+                rest = last + self.opt.min_round_s - time.monotonic()  # no spinning in a storm
                 if rest > 0:
                     time.sleep(rest)
                 last = time.monotonic()
@@ -203,6 +214,7 @@ class Controller:
             raise
         finally:
             self.release_all()
+            self.ctl.remove_listener(self._on_message)
 
     def release_all(self) -> None:
         for rid, drv in list(self.drivers.items()):
@@ -211,6 +223,7 @@ class Controller:
             except LeaseLost:
                 continue  # not ours any more: nothing to release
             self.db.release(rid, self.owner)
+            drv.close()
         self.drivers.clear()
         if self.service:
             self.db.drop_lease(self.owner)
@@ -283,19 +296,27 @@ class Controller:
         return min(peers) if peers else None
 
     def _pick_up(self) -> None:
+        """Give every rollout that needs driving and has no live driver one. Costs one query a
+        scan while nothing waits; the device sets (to hold back a pending rollout that
+        overlaps another) are read only when a pending rollout is up for a driver, and kept
+        per rollout id (a rollout's targets never change) while it is not final."""
         active = self.db.active()
+        wanted = [r for r in active if r.id not in self.drivers and r.state in DRIVEN
+                  and self._mine(r.id)]
+        if not wanted:
+            return
+        live = {r.id for r in active}
+        for rid in [rid for rid in self._targets if rid not in live]:
+            del self._targets[rid]
         peer_load = self._peer_load()
-        busy: dict[str, str] = {}
-        for r in active:
-            if r.state != RolloutState.PENDING:
-                for d in self.db.target_ids(r.id):
-                    busy[d] = r.id
-        for r in active:
-            if r.id in self.drivers or r.state not in DRIVEN or not self._mine(r.id):
-                continue
-            if r.state == RolloutState.PENDING and any(
-                    busy.get(d, r.id) != r.id for d in self.db.target_ids(r.id)):
-                continue  # waits for the rollout it overlaps to end (superseded, say)
+        busy: dict[str, str] | None = None
+        for r in wanted:
+            if r.state == RolloutState.PENDING:
+                if busy is None:
+                    busy = {d: a.id for a in active if a.state != RolloutState.PENDING
+                            for d in self._target_set(a.id)}
+                if any(busy.get(d, r.id) != r.id for d in self._target_set(r.id)):
+                    continue  # waits for the rollout it overlaps to end (superseded, say)
             if peer_load is not None and len(self.drivers) > peer_load:
                 continue  # a peer with fewer takes it
             if self.db.acquire(r.id, self.owner, stale_s=self.opt.stale_s) is not None:
@@ -306,9 +327,13 @@ class Controller:
                                 self.opt.driver or DriverOptions(actor=self.opt.actor),
                                 clock=self.clock)
             self.drivers[r.id] = drv
-            if r.state != RolloutState.PENDING:
-                for d in drv.targets:
-                    busy[d] = r.id
+            if busy is not None and r.state != RolloutState.PENDING:
+                busy.update(dict.fromkeys(drv.targets, r.id))
+
+    def _target_set(self, rid: str) -> frozenset[str]:
+        if rid not in self._targets:
+            self._targets[rid] = frozenset(self.db.target_ids(rid))
+        return self._targets[rid]
 
     # -- what /metrics and `status` show ----------------------------------------------
 

@@ -25,7 +25,8 @@ Rules, in one place:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -102,6 +103,7 @@ class Seen:
     last: str | None = None  # the latest step reported
     terminal: Mapping[str, Any] | None = None
     first_ok: float | None = None  # when the success step was first seen (health grace)
+    keys: set[tuple[Any, Any]] = field(default_factory=set)  # (boot, seq): QoS 1 duplicates
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,13 @@ def accept_event(step_device: str | None, topic_device: str, doc: Mapping[str, A
 
 
 def fold_event(seen: Seen, doc: Mapping[str, Any]) -> None:
+    """Take one of the command's events into `seen`; a second copy (QoS 1 delivers at least
+    once) changes nothing."""
+    if doc.get("seq") is not None:
+        key = (doc.get("boot"), doc.get("seq"))
+        if key in seen.keys:
+            return
+        seen.keys.add(key)
     seen.last = doc.get("step")
     if seen.last in TERMINAL_STEPS:
         seen.terminal = doc
@@ -253,25 +262,35 @@ class Deploy:
 
 def decide_deploy(steps: Sequence[StepView], devices: Mapping[str, DeviceView], ctx: Ctx,
                   now: float, *, stage_started: float, accepted: int = 0,
-                  reports: Mapping[str, str] | None = None, connected: bool = True) -> Deploy:
+                  reports: Mapping[str, str] | None = None, connected: bool = True,
+                  counts: Mapping[str, int] | None = None,
+                  pending: Iterable[StepView] | None = None) -> Deploy:
     """One round of a stage's deploy: which pending devices get their command (at most
     `max_parallel` in flight), which are settled without one (fresh and already there:
     done/unchanged; offline: skipped or, past the wait, failed), which must report first,
     and whether the stage is over budget or fully deployed. `reports` maps a device to the
-    status of its report-now step, if it has one."""
+    status of its report-now step, if it has one.
+
+    `counts` (the stage's steps per status) and `pending` (its pending steps in stage order,
+    possibly a lazy iterator, read only as far as the room to send goes) spare a driver a
+    pass over the whole stage every round; without them both come from `steps`."""
     plan, reports = ctx.plan, reports or {}
     out = Deploy()
-    bad = sum(1 for s in steps if s.status in STEP_BAD)
-    in_flight = sum(1 for s in steps if s.status in IN_FLIGHT)
-    pending = [s for s in steps if s.status == StepStatus.PENDING]
-    if bad > budget(plan, len(steps), accepted):
+    if counts is None:
+        counts = collections.Counter(s.status for s in steps)
+    total = sum(counts.values())
+    bad = sum(counts.get(k, 0) for k in STEP_BAD)
+    in_flight = sum(counts.get(k, 0) for k in IN_FLIGHT)
+    if bad > budget(plan, total, accepted):
         out.over_budget = in_flight == 0  # let what is running finish (or time out) first
         return out
-    if not in_flight and not pending:
+    if not in_flight and not counts.get(StepStatus.PENDING, 0):
         out.deployed = True
         return out
     if not connected:
         return out
+    if pending is None:
+        pending = (s for s in steps if s.status == StepStatus.PENDING)
     room = plan.max_parallel - in_flight
     for s in pending:
         if room <= 0:
@@ -351,14 +370,14 @@ def bake_inputs(targets: Mapping[str, Mapping[str, Any]], moved: set[str],
         st = states.get(d) or {}
         if not st.get("online"):
             continue
-        summary = dict(st.get("summary") or {})
-        summary["_health"] = (st.get("health") or {}).get("status", "unknown")
         active = ((st.get("model") or {}).get("active") or {}).get("digest")
         if d in moved and active == digest:
+            summary = dict(st.get("summary") or {})
+            summary["_health"] = (st.get("health") or {}).get("status", "unknown")
             new.append(summary)
             baseline.append(t.get("baseline") or {})
         elif d not in moved and active != digest:
-            old.append(summary)
+            old.append(st.get("summary") or {})  # read only: the stored state's own dict
     return new, old, baseline
 
 

@@ -18,9 +18,12 @@ write it makes checks, in the same transaction, that it still holds the rollout 
 (`StateDB.fence`); one that lost the lease (its controller stalled past it and another took
 over) gets `LeaseLost` before it can record or publish anything more.
 
-Cost: the steps in flight (at most `max_parallel`) are resolved each tick; progress is
-counters per stage, updated when a step changes, so nothing is rebuilt from the database
-while driving; a command's events are dropped once its step is final.
+Cost, linear in devices and events, not in ticks: a tick resolves only the steps in flight
+whose device sent something since the last one (all of them, at most `max_parallel`, every
+`sweep_s`, for timeouts and the health grace); a deploy round reads the stage's counters and
+its pending steps from a cursor, as far as the room to send goes; progress is counters per
+stage, updated when a step changes, so nothing is rebuilt from the database while driving; a
+command's events are dropped once its step is final, and `close` lets go of everything.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ class DriverOptions:
     resend_grace_s: float = 5.0  # after a restart: how long to look for a sign of a step
     rollback_timeout_s: float | None = None  # default: the plan's step timeout
     prometheus_timeout_s: float = 5.0
+    sweep_s: float = 0.5  # every step in flight re-resolved this often (timeouts, grace)
     progress: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -92,6 +95,8 @@ class RolloutDriver:
         self.opt = options or DriverOptions()
         self.clock = clock
         self._inbox: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._touched: collections.deque[str] = collections.deque()  # devices with news
+        self._next_sweep = 0.0
         self._seen: dict[str, D.Seen] = {}
         self._infos: dict[str, Any] = {}  # command id -> paho message info (until acked)
         self._dirty: set[tuple[str, str]] = set()
@@ -99,7 +104,6 @@ class RolloutDriver:
         self._next_measure = 0.0
         self.verdict: G.Verdict | None = None
         self.forged = 0
-        self.wake = threading.Event()
         self._load(first=True)
 
     # -- loading ------------------------------------------------------------------------
@@ -127,6 +131,8 @@ class RolloutDriver:
         self.by_stage: dict[int, list[str]] = collections.defaultdict(list)
         for d in sorted(self.stage_of):
             self.by_stage[self.stage_of[d]].append(d)
+        self._cursor: dict[int, int] = {}  # stage -> its first step that may still be pending
+        self._next_sweep = 0.0
         self._count()
         self._prom = PrometheusClient(self.plan.prometheus, self.opt.prometheus_timeout_s) \
             if self.plan.prometheus else None
@@ -139,6 +145,13 @@ class RolloutDriver:
         self._undo: list[StepRow] | None = None
         if first:
             self.epoch = self.row.epoch  # the lease this driver was created under (fencing)
+
+    def close(self) -> None:
+        """This driver is done (its rollout released): stop listening, drop what it held."""
+        self.ctl.remove_listener(self.on_message)
+        self._inbox.clear()
+        self._seen.clear()
+        self._infos.clear()
 
     def reload(self) -> None:
         """Re-read the rollout after an operator action changed it in the database; what was
@@ -166,7 +179,10 @@ class RolloutDriver:
         self.counts: dict[int, collections.Counter] = collections.defaultdict(
             collections.Counter)
         self.in_flight: set[tuple[str, str]] = set()
+        self.installed: set[str] = set()  # devices whose install step is done (bake evidence)
         for key, s in self.steps.items():
+            if s.step == "install" and s.status == StepStatus.DONE:
+                self.installed.add(s.device_id)
             idx = self._stage_step(s)
             if idx is not None:
                 self.counts[idx][s.status] += 1
@@ -175,13 +191,15 @@ class RolloutDriver:
 
     # -- messages (network thread) ------------------------------------------------------
 
-    def on_message(self, kind: str, device_id: str, doc: dict[str, Any]) -> None:
+    def on_message(self, kind: str, device_id: str, doc: dict[str, Any]) -> bool:
+        """Queue this rollout's events (claimed: True) and note its devices' new states."""
         if kind == "event" and doc.get("rollout_id") == self.rid:
             self._inbox.append((device_id, doc))
-            self.wake.set()
-        elif kind == "state" and device_id in self.targets:
-            self.views[device_id] = D.DeviceView.from_state(self.ctl.state(device_id))
-            self.wake.set()
+            return True
+        if kind == "state" and device_id in self.targets:
+            self.views[device_id] = D.DeviceView.from_state(self.ctl.state_of(device_id))
+            self._touched.append(device_id)
+        return False
 
     def _fold_inbox(self) -> None:
         while self._inbox:
@@ -197,6 +215,25 @@ class RolloutDriver:
                                  self.rid, device, step.device_id, cid)
                 continue
             D.fold_event(self._seen.setdefault(cid, D.Seen()), doc)
+            self._touched.append(step.device_id)
+
+    def _resolve_touched(self, now: float) -> None:
+        """Resolve the steps in flight: of the devices with news since the last round, or all
+        of them every `sweep_s` (a timeout or the end of a health grace is news of no
+        device)."""
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.opt.sweep_s
+            self._touched.clear()
+            for key in list(self.in_flight):
+                self._resolve(self.steps[key], now)
+            return
+        devices = set()
+        while self._touched:
+            devices.add(self._touched.popleft())
+        for d in devices:
+            for name in D.STEP_COMMAND:
+                if (d, name) in self.in_flight:
+                    self._resolve(self.steps[(d, name)], now)
 
     # -- one round ----------------------------------------------------------------------
 
@@ -206,12 +243,10 @@ class RolloutDriver:
 
     def tick(self) -> bool:
         """One round; returns whether the rollout still needs driving."""
-        self.wake.clear()
         now = self.clock()
         self._fold_inbox()
         self._acks()
-        for key in list(self.in_flight):
-            self._resolve(self.steps[key], now)
+        self._resolve_touched(now)
         state, phase = self.row.state, self.row.phase
         if state == RolloutState.PENDING:
             self._move(Trigger.START, audit="running")
@@ -236,7 +271,14 @@ class RolloutDriver:
             if idx is not None:
                 self.counts[idx][s.status] -= 1
                 self.counts[idx][change.status] += 1
+                if change.status == StepStatus.PENDING:  # back to pending: look from the start
+                    self._cursor.pop(idx, None)
             s.status = change.status
+            if s.step == "install":
+                if s.status == StepStatus.DONE:
+                    self.installed.add(s.device_id)
+                else:
+                    self.installed.discard(s.device_id)
             if s.status in IN_FLIGHT:
                 self.in_flight.add(key)
             else:
@@ -390,26 +432,42 @@ class RolloutDriver:
         name = "shadow" if self.kinds[idx] == "shadow" else "install"
         return [self.steps[(d, name)] for d in self.stage_devices(idx)]
 
+    def _pending(self, idx: int) -> Iterator[StepRow]:
+        """Stage `idx`'s pending steps in stage order, lazily, from a cursor past the prefix
+        that has left `pending` (steps go back to pending only on a retry, which reloads, or
+        a refused publish, which resets the cursor): a round costs what it sends."""
+        devs = self.stage_devices(idx)
+        name = "shadow" if self.kinds[idx] == "shadow" else "install"
+        i = self._cursor.get(idx, 0)
+        while i < len(devs) and self.steps[(devs[i], name)].status != StepStatus.PENDING:
+            i += 1
+        self._cursor[idx] = i
+        for j in range(i, len(devs)):
+            s = self.steps[(devs[j], name)]
+            if s.status == StepStatus.PENDING:
+                yield s
+
     def _deploy(self, idx: int, now: float) -> None:
         stage = self.stages[idx]
         if stage.state in (StageState.PENDING, StageState.PAUSED) or stage.started is None:
             self._stage(idx, state=StageState.DEPLOYING, started=stage.started or now)
             self._audit("stage", {"stage": stage.name, "phase": "deploy"})
             stage = self.stages[idx]
-        steps = self._stage_steps(idx)
+        name = "shadow" if self.kinds[idx] == "shadow" else "install"
         reports = {d: s.status for d, s in self.reports.items()}
-        dec = D.decide_deploy(steps, self.views, self.ctx, now,  # type: ignore[arg-type]
+        dec = D.decide_deploy((), self.views, self.ctx, now,  # type: ignore[arg-type]
                               stage_started=stage.started or now,
                               accepted=stage.failures_accepted, reports=reports,
-                              connected=self.ctl.connected.is_set())
+                              connected=self.ctl.connected.is_set(),
+                              counts=self.counts[idx], pending=self._pending(idx))
         for d, change in dec.finish.items():
-            self._set(self.steps[(d, steps[0].step)], change, now)
+            self._set(self.steps[(d, name)], change, now)
         if dec.report:
             self._send(self._add_steps([(d, "report") for d in dec.report]))
         if dec.send:
-            name = steps[0].step
             self._send([self.steps[(d, name)] for d in dec.send])
         if dec.over_budget:
+            steps = self._stage_steps(idx)
             bad = [s for s in steps if s.status in STEP_BAD]
             n_budget = D.budget(self.plan, len(steps), stage.failures_accepted)
             shown = ", ".join(f"{s.device_id} ({s.reason})" for s in bad[:5])
@@ -480,16 +538,15 @@ class RolloutDriver:
             for s in self._stage_steps(idx):
                 if s.status != StepStatus.DONE:
                     continue
-                sh = ((self.ctl.state(s.device_id) or {}).get("summary") or {}).get("shadow") \
-                    or {}
+                sh = ((self.ctl.state_of(s.device_id) or {}).get("summary") or {}).get(
+                    "shadow") or {}
                 if sh.get("digest") == self.bundle.digest:
                     shadows.append(sh)
             return G.evaluate_shadow(self.plan.shadow_gate_list, shadows,
                                      min_dies=self.plan.shadow_min_dies)
-        moved = {d for (d, st), s in self.steps.items() if st == "install"
-                 and s.status == StepStatus.DONE}
-        states = {d: self.ctl.state(d) or {} for d in self.targets}
-        new, old, baseline = D.bake_inputs(self.targets, moved, states, self.bundle.digest)
+        states = _States(self.ctl)  # the stored states, read in place: no copy per device
+        new, old, baseline = D.bake_inputs(self.targets, self.installed, states,
+                                           self.bundle.digest)
         verdict = G.evaluate_bake(self.plan.bake_gates, new, old,
                                   min_requests=self.plan.min_requests, baseline=baseline)
         if self.plan.prom_gates:
@@ -641,3 +698,10 @@ class RolloutDriver:
                 self.opt.progress(self.progress())
             except Exception:
                 _LOG.exception("progress callback failed")
+
+
+class _States:
+    """`FleetController.state_of` as the read-only mapping `bake_inputs` asks with `get`."""
+
+    def __init__(self, ctl: FleetController) -> None:
+        self.get = ctl.state_of

@@ -233,6 +233,11 @@ def _judge(gates: Iterable[Gate], values: Mapping[str, float | None],
 
 def _num(summary: Mapping[str, Any], key: str) -> float | None:
     v = summary.get(key)
+    t = type(v)
+    if t is float:  # the common case first: a bake reads this for every device, every measure
+        return v if math.isfinite(v) else None
+    if t is int:
+        return float(v)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     return float(v)

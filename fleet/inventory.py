@@ -314,27 +314,25 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
                 f"{connect_timeout:.0f} s",
                 hint="is the broker running, and are --mqtt-host/--mqtt-port and the "
                      "certificates right?")
+        ctl.subscribed.wait(connect_timeout)  # the retained states come after the SUBACK
         wait_settled(ctl, settle_s)
         yield ctl
     finally:
-        with contextlib.suppress(Exception):
-            ctl.client.disconnect()
-        deadline = time.monotonic() + 1.0
-        while ctl.client.socket() is not None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        loop.remove(ctl.client)
+        loop.disconnect(ctl.client)
         loop.stop()
 
 
-def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 5.0) -> None:
-    """Wait until no new retained message arrived for `settle_s` (the retained burst is
-    over). Live reports do not count: on a fleet that reports all the time there is never a
-    quiet `settle_s`, and every command would wait `max_s`."""
+def wait_settled(ctl: FleetController, settle_s: float, max_s: float = 120.0) -> None:
+    """Wait until no new device appeared for `settle_s` (the retained states' burst is over),
+    at most `max_s`. New devices, not new messages: live state reports keep coming from a
+    large fleet, and a burst of 10,000 retained states takes seconds to parse on a loaded
+    host (a rollout started after a 5 s cap saw 6,500 of 10,000 devices); waiting for a quiet
+    `settle_s` of all messages never ends on a fleet that reports all the time."""
     deadline = time.monotonic() + max_s
     last = -1
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        n = ctl.retained
+        n = ctl.device_count()
         if n != last:
             last, quiet_since = n, time.monotonic()
         elif time.monotonic() - quiet_since >= settle_s:

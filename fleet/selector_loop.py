@@ -99,6 +99,16 @@ class SelectorLoop:
         if threading.current_thread() is not self._thread:
             done.wait(5)
 
+    def disconnect(self, client: mqtt.Client, timeout: float = 1.0) -> None:
+        """Send `client`'s DISCONNECT, wait (up to `timeout`) until the loop has flushed it and
+        closed the socket, then `remove` it."""
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        deadline = time.monotonic() + timeout
+        while client.socket() is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.remove(client)
+
     # -- loop thread ----------------------------------------------------------------------------
 
     def _call(self, op: Callable[[], None]) -> None:

@@ -15,8 +15,10 @@ arrive when it is back.
 
 Trust: an event counts for a command only when it came from the device the command was for
 (the topic's device id, which the broker's ACL binds to the client certificate); anything else
-is dropped as forged. Bookkeeping is bounded: a command's events are kept until `forget`, the
-duplicate filter and the list of unmatched events are fixed-size.
+is dropped as forged. Bookkeeping is bounded and per command: a tracked command's events
+(and the keys that drop their QoS 1 duplicates) are kept until `forget`; an event of a command
+nobody tracks goes to the listeners (a rollout driver folds in its own and lets go of them once
+the step is final) and is kept, in a fixed-size list, only if no listener claimed it.
 
 The broker configuration lives in fleet/broker_config.py and the many-client selector loop in
 fleet/selector_loop.py; both are re-exported here for older imports.
@@ -48,8 +50,8 @@ from fleet.broker_config import REPO_BROKER_DIR, render_acl, render_broker_confi
 from fleet.selector_loop import SelectorLoop
 
 _LOG = logging.getLogger("edgefleet.fleet")
-_SEEN_MAX = 65536  # (device, boot, seq) keys remembered to drop QoS 1 duplicates
-_ORPHANS_MAX = 1000  # unmatched events kept for `orphan_events`
+_SEEN_MAX = 65536  # (device, boot, seq) keys of tracked commands' events (QoS 1 duplicates)
+_ORPHANS_MAX = 1000  # unmatched, unclaimed events kept for `orphan_events`
 
 __all__ = [
     "REPO_BROKER_DIR",
@@ -69,6 +71,7 @@ class CommandTrack:
 
     command: Command
     events: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[tuple[str, str, int]] = field(default_factory=list)  # its duplicate filter keys
 
     @property
     def terminal(self) -> dict[str, Any] | None:
@@ -88,10 +91,11 @@ class FleetController:
         self.key = fleet_key if isinstance(fleet_key, Ed25519PrivateKey) \
             else load_private_key(Path(fleet_key))
         self.default_ttl = default_ttl
-        self.client = mqtt_config.new_client(client_id)
+        self.client = controller_client(mqtt_config, client_id)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._cond = threading.Condition()
         self._states: dict[str, dict[str, Any]] = {}
         self._commands: dict[str, CommandTrack] = {}
@@ -101,11 +105,11 @@ class FleetController:
         self._seen_events: collections.OrderedDict[tuple[str, str, int], None] = \
             collections.OrderedDict()
         self.forged = 0  # events naming a command that was for another device
-        self._listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self._listeners: list[Callable[[str, str, dict[str, Any]], bool | None]] = []
         self._subscribed = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged (retained states follow)
         self.connected = threading.Event()
         self.messages = 0
-        self.retained = 0  # of those, retained ones: the burst a new subscription gets
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -130,9 +134,15 @@ class FleetController:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def add_listener(self, fn: Callable[[str, str, dict[str, Any]], None]) -> None:
-        """`fn(kind, device_id, payload)` for every state and event (on the network thread)."""
-        self._listeners.append(fn)
+    def add_listener(self, fn: Callable[[str, str, dict[str, Any]], bool | None]) -> None:
+        """`fn(kind, device_id, payload)` for every state and event (on the network thread);
+        a listener returns True for an event it takes care of (it is then not kept among the
+        `orphan_events`)."""
+        self._listeners = [*self._listeners, fn]  # a new list: the network thread iterates
+
+    def remove_listener(self, fn: Callable[[str, str, dict[str, Any]], bool | None]) -> None:
+        """Stop calling `fn` (a finished rollout driver: nothing of it stays reachable)."""
+        self._listeners = [f for f in self._listeners if f != fn]
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -149,9 +159,19 @@ class FleetController:
                                    qos=1)
 
     def forget(self, command_id: str) -> None:
-        """Drop a tracked command and its events (bookkeeping stays bounded)."""
+        """Drop a tracked command, its events and their duplicate filter keys (bookkeeping
+        stays bounded)."""
         with self._cond:
-            self._commands.pop(command_id, None)
+            t = self._commands.pop(command_id, None)
+            for key in t.keys if t is not None else ():
+                self._seen_events.pop(key, None)
+
+    def bookkeeping(self) -> dict[str, int]:
+        """How much this controller holds besides device states (tests, /metrics): tracked
+        commands, duplicate-filter keys, unclaimed events, listeners."""
+        with self._cond:
+            return {"commands": len(self._commands), "seen_events": len(self._seen_events),
+                    "orphan_events": len(self._orphans), "listeners": len(self._listeners)}
 
     def send(self, cmd: Command, *, wait: bool = True, timeout: float = 10.0) -> Command:
         """`publish` and track `cmd`; with `wait`, return once the broker has accepted it."""
@@ -187,10 +207,20 @@ class FleetController:
         with self._cond:
             return {k: dict(v) for k, v in self._states.items()}
 
+    def device_count(self) -> int:
+        """How many devices this controller holds a state of."""
+        return len(self._states)
+
     def state(self, device_id: str) -> dict[str, Any] | None:
         with self._cond:
             s = self._states.get(device_id)
             return dict(s) if s else None
+
+    def state_of(self, device_id: str) -> dict[str, Any] | None:
+        """The latest state itself, not a copy: read it, never change it. (A stored state is
+        never changed in place: a newer one, or a will's copy, replaces it.) For readers
+        that look at thousands of states a second."""
+        return self._states.get(device_id)
 
     def track(self, command_id: str) -> CommandTrack | None:
         with self._cond:
@@ -245,6 +275,9 @@ class FleetController:
         self.connected.set()
         self._subscribed.set()
 
+    def _on_subscribe(self, *args: Any) -> None:
+        self.subscribed.set()
+
     def _on_disconnect(self, *args: Any) -> None:
         self.connected.clear()
 
@@ -263,42 +296,45 @@ class FleetController:
             return
         if not isinstance(doc, dict) or doc.get("device_id") != device:
             return  # the ACL stops this on a TLS broker; be as strict on a plain one
+        tracked = False
         with self._cond:
             self.messages += 1
-            self.retained += bool(msg.retain)
             if kind == "state":
                 if not msg.retain:  # a live report: fresh as of now (retained ones may be old)
                     doc["_received"] = time.time()
                 self._merge_state(device, doc)
             elif kind == "event":
-                try:
-                    key = (device, str(doc.get("boot")), int(doc.get("seq", -1)))
-                except (TypeError, ValueError):
+                if not isinstance(doc.get("seq", -1), int):
                     return
-                if key in self._seen_events:
-                    return  # a QoS 1 duplicate
-                self._seen_events[key] = None
-                if len(self._seen_events) > _SEEN_MAX:
-                    self._seen_events.popitem(last=False)
                 track = self._commands.get(doc.get("command_id") or "")
                 if track is not None and track.command.device_id != device:
                     self.forged += 1  # another device's command id: not this device's to answer
                     _LOG.warning("dropped an event from %s for command %s (sent to %s)",
                                  device, doc.get("command_id"), track.command.device_id)
                     track = None
-                if track is None:
-                    self._orphans.append(doc)
-                else:
+                if track is not None:
+                    key = (device, str(doc.get("boot")), doc.get("seq", -1))
+                    if key in self._seen_events:
+                        return  # a QoS 1 duplicate
+                    self._seen_events[key] = None
+                    if len(self._seen_events) > _SEEN_MAX:
+                        self._seen_events.popitem(last=False)
+                    track.keys.append(key)
                     track.events.append(doc)
                     boots = list(dict.fromkeys(e.get("boot") for e in track.events))
                     track.events.sort(key=lambda e: (boots.index(e.get("boot")),
                                                      e.get("seq", 0)))
+                    tracked = True
             self._cond.notify_all()
+        claimed = False
         for fn in self._listeners:
             try:
-                fn(kind, device, doc)
+                claimed = bool(fn(kind, device, doc)) or claimed
             except Exception:
                 _LOG.exception("listener failed")
+        if kind == "event" and not tracked and not claimed:
+            with self._cond:
+                self._orphans.append(doc)
 
     def _merge_state(self, device: str, doc: dict[str, Any]) -> None:
         """A will (`will: true`) from a device whose newer state we hold only flips `online`."""
@@ -310,6 +346,25 @@ class FleetController:
             self._states[device] = old
         elif old is None or doc.get("seq", 0) >= old.get("seq", 0) or not old.get("online"):
             self._states[device] = doc
+
+
+def controller_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
+    """The controller's paho client: TLS, queue limit, backoff and `connect_async` as
+    `MqttConfig.new_client` sets them for a device, but MQTT 3.1.1. The controller receives
+    every device's events and states, and paho builds and clears an MQTT 5 properties object
+    for each message it receives, about a third of its cost per message (docs/scale.md); the
+    controller uses nothing of MQTT 5. Its session is persistent (events published while it is
+    down wait for it) unless `session_expiry_s` is 0 (a throw-away CLI connection: clean
+    session); a 3.1.1 session does not expire on its own, so a controller keeps one client id."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, clean_session=cfg.session_expiry_s == 0)
+    if cfg.tls:
+        client.tls_set_context(cfg.ssl_context())
+    client.max_queued_messages_set(cfg.max_queued)
+    client.reconnect_delay_set(max(1, int(cfg.reconnect_min_s)), max(1, int(cfg.reconnect_max_s)))
+    client.connect_timeout = cfg.connect_timeout_s
+    client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+    return client
 
 
 def _new_id() -> str:

@@ -5,6 +5,7 @@ runs the rollout in-process or as the real CLI in a subprocess."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 from agent.keys import Keyring
 from agent.link import MqttConfig
 from fleet.artifacts import ArtifactServer, Published, publish
 from fleet.inventory import Inventory, open_controller
 from fleet.rollout import Bundle, NewRollout, Plan, create, drive
+from fleet.selector_loop import SelectorLoop
 from fleet.sim import DeviceFaults, SimConfig, Simulator
 from fleet.simtraffic import TrafficConfig
 from fleet.state import StateDB
@@ -155,7 +155,12 @@ class CommandSniffer:
     marker comes back. The broker (mosquitto, one queue per subscriber) delivers in the order it
     took the messages, so once the marker is back every command that the broker had
     acknowledged before the call is in `commands`: assert "nothing was sent" after `sync()`,
-    never after a sleep."""
+    never after a sleep.
+
+    Its socket is driven by an epoll `SelectorLoop`, not paho's `loop_start()`: paho's loop
+    waits with select(), which cannot watch a descriptor above 1023, and a process holding a
+    simulated floor of 1,000 devices (a socket and a store lock each) has its sockets there
+    (the rollout bench's 1,000-device floor never saw its SUBACK)."""
 
     def __init__(self, mqtt_config: MqttConfig, prefix: str = "edgefleet",
                  timeout: float = 10) -> None:
@@ -165,13 +170,16 @@ class CommandSniffer:
         self._subscribed = threading.Event()
         self._markers: set[str] = set()
         self._marker_topic = f"{prefix}/device/sniffer-marker-{os.getpid()}-{id(self)}/cmd"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                  client_id=f"sniffer-{os.getpid()}-{id(self)}")
+        self.client = dataclasses.replace(mqtt_config, session_expiry_s=0).new_client(
+            f"sniffer-{os.getpid()}-{id(self)}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/device/+/cmd", qos=1)
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect(mqtt_config.host, mqtt_config.port)
-        self.client.loop_start()
+        self._loop = SelectorLoop(reconnect_min_s=mqtt_config.reconnect_min_s,
+                                  reconnect_max_s=mqtt_config.reconnect_max_s, tick_s=0.5,
+                                  name="command-sniffer")
+        self._loop.add(self.client)
+        self._loop.start()
         if not self._subscribed.wait(timeout):
             self.close(sync=False)
             raise AssertionError(f"the sniffer's subscription was not acknowledged within "
@@ -213,8 +221,8 @@ class CommandSniffer:
             if sync:
                 self.sync()
         finally:
-            self.client.disconnect()
-            self.client.loop_stop()
+            self._loop.disconnect(self.client)
+            self._loop.stop()
 
 
 def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
