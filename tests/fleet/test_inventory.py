@@ -128,13 +128,14 @@ def test_fleet_devices_lists_retained_states_with_selector_and_json(
 def test_settling_waits_for_the_retained_burst_not_for_a_quiet_fleet():
     """A fleet that reports all the time never falls quiet: waiting for no message at all
     made every command that reads the fleet (`fleet devices`, `rollout start`) wait its full
-    cap. Only the retained burst a new subscription gets counts."""
+    cap. Only new devices (the retained burst a new subscription gets) count."""
     import time
 
     from fleet.inventory import wait_settled
 
     class Chatty:  # a live report on every look; the retained burst is over
-        retained = 12
+        def device_count(self) -> int:
+            return 12
 
         def __init__(self) -> None:
             self.looks = 0

@@ -75,8 +75,13 @@ class ScriptedFleet:
     def orphan_events(self) -> list[dict[str, Any]]:
         return []
 
+    def remove_listener(self, fn: Callable[[str, str, dict[str, Any]], None]) -> None:
+        self._listeners.remove(fn)
+
     def state(self, device: str) -> dict[str, Any] | None:
         return self.states.get(device)
+
+    state_of = state  # the latest state itself (a new dict replaces it on every change)
 
     def publish(self, cmd: Command, track: bool = True) -> _Acked:
         self.sent.append(cmd)

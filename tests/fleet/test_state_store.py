@@ -43,6 +43,9 @@ class _Ctl:
     def add_listener(self, fn):
         pass
 
+    def remove_listener(self, fn):
+        pass
+
     def publish(self, cmd, track=False):
         raise AssertionError("nothing is published while disconnected")
 
@@ -51,6 +54,8 @@ class _Ctl:
 
     def state(self, device):
         return None
+
+    state_of = state
 
 
 def test_a_new_store_records_every_migration_once(state_target: str):
