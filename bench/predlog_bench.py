@@ -4,11 +4,11 @@
 
 Two agent processes (`edgefleet agent serve`) on copies of the same model store (the 512-feature
 bench autoencoder, bench/ae_model.py): one with EDGEFLEET_AGENT_PREDLOG=off (the baseline), one
-with the log on at its defaults plus a 10% capture (ten times the default, so the capture path
-is exercised). A client sends single-row requests (binary frames, then JSON lines) in
-alternating rounds to one agent and the other, so load that comes and goes on a shared machine
-hits both alike. With --pin-cpu (default 0) both agents and the client share one CPU, the worst
-case for the log's writer thread, which then competes with serving for that CPU.
+with the log on at its defaults plus a 10% capture (`--capture-rate`; ten times the default, so
+the capture path is exercised). A client sends single-row requests (binary frames, then JSON
+lines) in alternating rounds to one agent and the other, so load that comes and goes on a shared
+machine hits both alike. With --pin-cpu (default 0) both agents and the client share one CPU,
+the worst case for the log's writer thread, which then competes with serving for that CPU.
 
 Printed and written to JSON: p50/p99 per encoding and agent, the ratio log-on / log-off (target
 p99 ratio <= 1.05), each agent's CPU time per answer (serving plus, for the one with the log,
@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4000, help="requests per round and agent")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for agents and client; -1: none")
+    ap.add_argument("--capture-rate", type=float, default=0.1,
+                    help="the log-on agent's sampled capture (the agent's default is 0.01)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predlog.json")
     args = ap.parse_args()
     import ae_model
@@ -100,7 +102,7 @@ def main() -> int:
         agents = {}
         for name, extra in (("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}),
                             ("on", {"EDGEFLEET_AGENT_PREDLOG": "on",
-                                    "EDGEFLEET_AGENT_CAPTURE_RATE": "0.1",
+                                    "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate),
                                     "EDGEFLEET_AGENT_PREDLOG_DIR": str(tmp / "predlog")})):
             d = tmp / name
             d.mkdir()
