@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from agent.link import MqttConfig
 from fleet.artifacts import ArtifactServer
 from fleet.certs import CONTROLLER_NAME, CertPaths, init_ca, issue_client, issue_server
 from fleet.transport import render_broker_config
+from tests.agent_support import wait_for
 
 
 def mosquitto_binary() -> str:
@@ -89,17 +89,21 @@ class Broker:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
                                          stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {self.proc.returncode}: "
-                            f"{self.log.read_text()[-2000:]}", pytrace=False)
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, self.port), timeout=0.2):
-                return self
-            if time.monotonic() > deadline:
-                pytest.fail(f"mosquitto did not listen on {self.port} within {timeout} s")
-            time.sleep(0.02)
+        wait_for(self._listening, timeout, interval=0.02,
+                 what=f"mosquitto listening on {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        """Whether the broker accepts connections; fails the test, with its log, if it
+        exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"mosquitto exited with {self.proc.returncode}: "
+                        f"{self.log.read_text()[-2000:]}", pytrace=False)
+        with contextlib.suppress(OSError), socket.create_connection(
+                (self.host, self.port), timeout=0.2):
+            return True
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

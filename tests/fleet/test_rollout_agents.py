@@ -21,6 +21,7 @@ from agent.client import Client
 from agent.install import InstallConfig, Installer
 from fleet.artifacts import ArtifactServer
 from fleet.inventory import open_controller
+from tests.agent_support import wait_for
 from tests.broker_fixtures import Broker, FleetKeys, make_real_bundle
 from tests.fleet.rollout_helpers import REPO, cli_here
 
@@ -49,8 +50,8 @@ def _agent(root: Path, name: str, broker: Broker, keys: FleetKeys, v1: Path,
 def _tester(sock: Path, stop: threading.Event, seed: int) -> None:
     """A tester: one die at a time, as fast as the answers come, ~1 ms apart."""
     rng = np.random.default_rng(seed)
-    while not sock.exists() and not stop.is_set():
-        time.sleep(0.05)
+    wait_for(lambda: sock.exists() or stop.is_set(), 120, interval=0.05,
+             what=f"the agent's socket {sock}")
     with Client(sock) as c:
         i = 0
         while not stop.is_set():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import getpass
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from fleet.inventory import Inventory, open_controller
 from fleet.rollout import Bundle, NewRollout, create, drive
 from fleet.sim import DeviceFaults, SimConfig, Simulator
 from fleet.state import StateDB
+from tests.agent_support import wait_for
 from tests.broker_fixtures import PKI, Broker, FleetKeys
 from tests.fleet.rollout_helpers import (
     FAST_TRAFFIC,
@@ -132,10 +132,11 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
             def stage(name: str) -> str | None:
                 return next((s.state for s in watch.stages(rid) if s.name == name), None)
 
-            deadline = time.monotonic() + 120
-            while stage("wave-1") != "deploying":
-                assert time.monotonic() < deadline and engine.is_alive(), stage("canary")
-                time.sleep(0.02)
+            def wave_deploying() -> bool:
+                assert engine.is_alive(), stage("canary")
+                return stage("wave-1") == "deploying"
+
+            wait_for(wave_deploying, 120, interval=0.02, what="wave-1 deploying")
             wan_a.cut()
             assert link_is("a", b"0")  # the centre knows site a's link is down
             w = next(s.idx for s in watch.stages(rid) if s.name == "wave-1")
@@ -147,10 +148,8 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
                         if s.step == "install" and s.status == "done"
                         and s.device_id in wave and s.device_id[0] == site}
 
-            deadline = time.monotonic() + 120
-            while done("b") != wave & set(ids["b"]):  # site b finishes its part of the wave
-                assert time.monotonic() < deadline, sorted(done("b"))
-                time.sleep(0.1)
+            wait_for(lambda: done("b") == wave & set(ids["b"]), 120, interval=0.1,
+                     what="site b finishing its part of the wave")
             # ... while site a's part waits: nothing of it reached the centre
             assert done("a") == set()
             assert stage("wave-1") == "deploying"
@@ -168,10 +167,9 @@ def test_a_wave_across_two_sites_survives_one_sites_link_dropping(
                 return [c for c in sniffers[name].by_type("install")
                         if c["device_id"] in ids[name]]
 
-            deadline = time.monotonic() + 30  # a listener beside the devices: it may lag
-            while {c["device_id"] for c in delivered()} != set(ids[name]):
-                assert time.monotonic() < deadline, delivered()
-                time.sleep(0.05)
+            wait_for(lambda d=delivered, n=name: {c["device_id"] for c in d()} == set(ids[n]),
+                     30, interval=0.05,  # a listener beside the devices: it may lag
+                     what=f"site {name}'s install commands at its listener")
             # each of the site's devices got its one install command through the bridge:
             # none lost, one command id per device
             by_device = {d: {c["id"] for c in delivered() if c["device_id"] == d}
