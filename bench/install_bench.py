@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.bundle import write_bundle  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
+from agent.drift import drift_reference  # noqa: E402
 from agent.install import InstallConfig, Installer  # noqa: E402
 from agent.keys import generate_keypair, load_private_key, trust_key  # noqa: E402
 from agent.predictor import Limits  # noqa: E402
@@ -65,10 +66,11 @@ def make_bundles(out: Path, count: int, key: Path, models: int = 3) -> list[Path
         onnx_bytes = build_onnx(train)
         sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         golden = train[:8]
-        nets.append((onnx_bytes, golden, sess.run(["score"], {"params": golden})[0]))
+        nets.append((onnx_bytes, golden, sess.run(["score"], {"params": golden})[0],
+                     drift_reference(train)))
     bundles = []
     for i in range(count):
-        onnx_bytes, golden, scores = nets[i % models]
+        onnx_bytes, golden, scores, drift = nets[i % models]
         fields = {
             "model": {"name": "die-ae-bench", "version": f"bench-{i + 1}", "sequence": i + 1},
             "input": {"n_features": N_FEATURES, "dtype": "float32",
@@ -79,6 +81,7 @@ def make_bundles(out: Path, count: int, key: Path, models: int = 3) -> list[Path
             "golden": {"abs_tol": 1e-4, "rel_tol": 1e-3,
                        "vectors": [{"params": row.tolist(), "score": float(s)}
                                    for row, s in zip(golden, scores, strict=True)]},
+            "drift_reference": drift,  # as `edgefleet build` writes it: ~10k more numbers
         }
         path = out / f"bench-{i + 1}.efb"
         write_bundle(path, fields, {"model.onnx": onnx_bytes}, load_private_key(key))
