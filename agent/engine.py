@@ -195,11 +195,16 @@ class Engine:
         return float(diff.max())
 
     def latency_check(self, rows: int = 200) -> float:
-        """Median single-row latency in seconds over `rows` runs of the first golden vector."""
-        x = np.array([self.manifest.golden[0].params], dtype=np.float32)
-        times = []
-        for _ in range(rows):
-            t0 = time.perf_counter()
-            self.predict(x)
-            times.append(time.perf_counter() - t0)
+        """Median single-row latency in seconds over `rows` runs of the first golden vector,
+        through an IO binding as the server scores single rows (`predict_one`). A binding of
+        its own, so the calling thread (the installer's) keeps none; and the least Python per
+        row, since the check runs in the serving process beside the serving thread."""
+        b = _Binding(self.session, self.manifest)
+        b.row[:] = self.manifest.golden[0].params
+        run, clock = b.run, time.perf_counter
+        times = [0.0] * rows
+        for i in range(rows):
+            t0 = clock()
+            run()
+            times[i] = clock() - t0
         return float(np.median(times))
