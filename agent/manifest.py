@@ -426,9 +426,9 @@ def _finite(x: int | float) -> bool:
         return False
 
 
-def _fast_numbers(values: list, *, nullable: bool) -> list[float] | None:
-    """`values` as floats (NaN for null when `nullable`) if every entry is a finite number (or
-    null): as the entry-by-entry check converts them. None otherwise."""
+def _finite_array(values: list | tuple, *, nullable: bool) -> tuple[np.ndarray, bool] | None:
+    """`values` as a float64 array (NaN for null when `nullable`) and whether all of them were
+    floats (or nulls) already, if every entry is a finite number (or null); None otherwise."""
     kinds = set(map(type, values))  # exact types: a bool (JSON true) is no number here
     if not kinds <= (_NUMBER_OR_NULL if nullable else _NUMBER):
         return None
@@ -439,27 +439,36 @@ def _fast_numbers(values: list, *, nullable: bool) -> list[float] | None:
     nulls = values.count(None) if type(None) in kinds else 0
     if a.size - np.count_nonzero(np.isfinite(a)) != nulls:
         return None  # a non-finite number (possible from Python's json, never from orjson)
-    return a.tolist()
+    return a, int not in kinds
+
+
+def _fast_numbers(values: list, *, nullable: bool) -> list[float] | None:
+    """`values` as the entry-by-entry check converts them (floats, NaN for null), or None."""
+    checked = _finite_array(values, nullable=nullable)
+    if checked is None:
+        return None
+    return checked[0].tolist()
 
 
 def _fast_rules(rules: list, n: int) -> list[Rule] | None:
     if not rules or set(map(type, rules)) != {dict}:
         return None
-    features = [rule.get("feature") for rule in rules]
+    features, lows, highs = zip(*[(rule.get("feature"), rule.get("low"), rule.get("high"))
+                                  for rule in rules], strict=True)
     if set(map(type, features)) != {int}:
         return None
-    lows = _fast_numbers([rule.get("low") for rule in rules], nullable=True)
-    highs = _fast_numbers([rule.get("high") for rule in rules], nullable=True)
-    if lows is None or highs is None:
+    lo, hi = _finite_array(lows, nullable=True), _finite_array(highs, nullable=True)
+    if lo is None or hi is None:
         return None
     try:
         f = np.array(features, dtype=np.int64)
     except OverflowError:
         return None
-    if f.min() < 0 or f.max() >= n or np.any(np.array(lows) > np.array(highs)):  # NaN: no limit
+    if f.min() < 0 or f.max() >= n or np.any(lo[0] > hi[0]):  # NaN (null): no limit
         return None
-    return [Rule(feat, None if low != low else low, None if high != high else high)
-            for feat, low, high in zip(features, lows, highs, strict=True)]
+    if not (lo[1] and hi[1]):  # an integer limit: as a float, like the entry-by-entry check
+        lows, highs = (tuple(v if v is None else float(v) for v in x) for x in (lows, highs))
+    return list(map(Rule, features, lows, highs))
 
 
 def _fast_drift(edges: list, props: list):
@@ -469,11 +478,11 @@ def _fast_drift(edges: list, props: list):
     n_props = np.fromiter(map(len, props), dtype=np.intp, count=len(props))
     if np.any(n_props != n_edges + 1):
         return None
-    flat_e = _fast_numbers(list(itertools.chain.from_iterable(edges)), nullable=False)
-    flat_p = _fast_numbers(list(itertools.chain.from_iterable(props)), nullable=False)
-    if flat_e is None or flat_p is None:
+    checked_e = _finite_array(list(itertools.chain.from_iterable(edges)), nullable=False)
+    checked_p = _finite_array(list(itertools.chain.from_iterable(props)), nullable=False)
+    if checked_e is None or checked_p is None:
         return None
-    e, p = np.array(flat_e), np.array(flat_p)
+    (e, floats_e), (p, floats_p) = checked_e, checked_p
     start_e = np.cumsum(n_edges) - n_edges
     start_p = np.cumsum(n_props) - n_props
     rising = np.diff(e) >= 0
@@ -485,10 +494,15 @@ def _fast_drift(edges: list, props: list):
     if not rising.all() or np.any(p < 0) or np.any(off > 1e-3) or np.any(
             np.abs(off - 1e-3) < 1e-9):
         return None
-    cut_e = [*start_e.tolist(), e.size]
-    cut_p = [*start_p.tolist(), p.size]
-    return (tuple(tuple(flat_e[a:b]) for a, b in itertools.pairwise(cut_e)),
-            tuple(tuple(flat_p[a:b]) for a, b in itertools.pairwise(cut_p)))
+    return _rows(edges, e, start_e, floats_e), _rows(props, p, start_p, floats_p)
+
+
+def _rows(rows: list[list], flat: np.ndarray, starts: np.ndarray, floats: bool):
+    """Tuples of floats, one per row: the rows themselves when they hold floats only."""
+    if floats:
+        return tuple(map(tuple, rows))
+    values, cuts = flat.tolist(), [*starts.tolist(), flat.size]
+    return tuple(tuple(values[a:b]) for a, b in itertools.pairwise(cuts))
 
 
 def utc_now() -> datetime:
