@@ -51,7 +51,7 @@ from optimize.baselines import part_figures
 from optimize.calibrate import calibrate_threshold
 from optimize.export import run
 from optimize.split import Split
-from optimize.train import Detector, reconstruct
+from optimize.train import Detector
 
 log = logging.getLogger("edgefleet.optimize")
 
@@ -86,7 +86,7 @@ def ae_features(det: Detector, x: np.ndarray) -> np.ndarray:
     missing = np.isnan(x)
     z = det.prep.scale(x)
     z_in = np.clip(z, -det.prep.clip, det.prep.clip)
-    masked = np.where(missing, np.float32(0), (z - reconstruct(det.model, z_in)) ** 2 * det.weights)
+    masked = np.where(missing, np.float32(0), (z - det.reconstruction(x)) ** 2 * det.weights)
     count = np.where(missing, 0, det.prep.active).sum(axis=1)
     score = (masked / np.maximum(count, 1).astype(np.float32)[:, None]).sum(axis=1,
                                                                              dtype=np.float32)
