@@ -106,9 +106,10 @@ def share_int8_weights(model: bytes) -> bytes:
     """The quantizer leaves the refinement branch (`optimize.export`: an `If` that re-runs the
     autoencoder when a value is missing) in float on the float weights, so the INT8 file would
     carry every weight twice and the branch would run in float. Here each branch layer gets the
-    quantization of its main-graph twin (`_mirror_qdq`: the same activation scales, the INT8
-    weights through their own DequantizeLinear, which ONNX Runtime fuses into QGemm as in the
-    main graph) and the float copies go."""
+    quantization of its main-graph twin (`_mirror_qdq`: the same activation scales and INT8
+    weights, so the rounds compute what the main graph computes) and the float copies go. ONNX
+    Runtime does not fuse these into QGemm inside the branch: a die with a missing value pays
+    for the dequantization (docs/model.md, "The model"), a complete die never enters it."""
     g = onnx.load_from_string(model)
     branch = next((n for n in g.graph.node if n.op_type == "If" and n.name == "refine"), None)
     if branch is None:
