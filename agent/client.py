@@ -245,12 +245,14 @@ class Client:
         self._answer(header, payload)  # an ERROR frame raises AgentError
         raise AgentError("bad_frame", f"expected a LABELED frame, found type {header[5]}")
 
-    def predict(self, params: Sequence[float] | np.ndarray, die_id: int = 0) -> Result:
+    def predict(self, params: Sequence[float] | np.ndarray, die_id: int = 0,
+                tester: int = 0) -> Result:
         """One die over a binary frame; NaN = not measured. Raises `AgentError` if refused.
+        `tester` (1..65535, 0 = none) names the tester for the agent's per-tester calibration.
         The lean path: one pack for the request, one unpack of the record, no numpy views."""
         x = np.asarray(params, dtype="<f4")
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
-        frame = _ONE_HEAD.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, 0, tag, 1, x.size,
+        frame = _ONE_HEAD.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, tester, tag, 1, x.size,
                                8 + 4 * x.size, die_id) + x.tobytes()
         header, payload = self._exchange(frame)
         if header[5] != FrameType.RESULT or header[12:16] != b"\x01\x00\x00\x00":

@@ -35,6 +35,7 @@ from agent.protocol import (
     encode_one_result,
     encode_result,
     error_json,
+    frame_tester,
     json_id,
     params_text_is_numeric,
     parse_json_line,
@@ -103,7 +104,9 @@ class Dispatcher:
             start = offset + HEADER_SIZE
             die_ids[i] = _U64(buf, start)[0]
             x[i] = _frombuffer(buf, _F4, n, start + 8)
-        records, t_inf, fallback = p.score_batch(x, die_ids)
+        testers = [frame_tester(h[0], h[1]) for h in held]
+        records, t_inf, fallback = p.score_batch(
+            x, die_ids, testers[0] if len(set(testers)) == 1 else testers)
         now = _perf()
         latency = np.array([now - h[4] for h in held])
         self.metrics.record_batch(records, "binary", latency, t_inf, fallback)
@@ -131,7 +134,7 @@ class Dispatcher:
             v = _frombuffer(buf, _F4, n, start + 8)
             if not v.flags.aligned:  # after a JSON line of odd length; rare
                 v = v.copy()
-            row, t_inf, reason = p.score_one(v, die_id)
+            row, t_inf, reason = p.score_one(v, die_id, frame_tester(buf, offset))
             body = p.record.pack(*row[:9], *row[9], *row[10])
             latency = _perf() - t0
             self.metrics.record_row(row, "binary", latency, t_inf, reason)
@@ -145,7 +148,7 @@ class Dispatcher:
         x = x.reshape(rows, n)
         if not x.flags.aligned:
             x = x.copy()
-        records, t_inf, fallback = p.score_batch(x, die_ids)
+        records, t_inf, fallback = p.score_batch(x, die_ids, frame_tester(buf, offset))
         latency = _perf() - t0
         self.metrics.record_batch(records, "binary", latency, t_inf, fallback)
         if self.shadow is not None and self.shadow.active:

@@ -192,7 +192,7 @@ def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> Heade
         raise ProtocolError(ErrorCode.BAD_FRAME,
                             f"header: type expected {int(FrameType.PREDICT)} (PREDICT) or "
                             f"{int(FrameType.LABEL)} (LABEL), found {ftype}", field="type")
-    if flags:
+    if flags and ftype != FrameType.PREDICT:  # PREDICT: the tester id (`frame_tester`)
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header: flags expected 0, found {flags}",
                             field="flags")
     if ftype == FrameType.LABEL:
@@ -210,8 +210,17 @@ def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> Heade
     return Header(ftype, flags, tag, rows, columns, length)
 
 
-def encode_predict(params: np.ndarray, die_ids: np.ndarray | None = None, tag: int = 0) -> bytes:
-    """A PREDICT frame for a (rows, columns) batch; die ids default to 0..rows-1."""
+def frame_tester(buf: bytes | bytearray | memoryview, offset: int = 0) -> str:
+    """The calibration context of a PREDICT frame: its header's `flags`, the tester id 1..65535
+    (the same context as JSON `"tester": <that integer>`); 0, the default context."""
+    tester = buf[offset + 6] | buf[offset + 7] << 8
+    return str(tester) if tester else DEFAULT_CONTEXT
+
+
+def encode_predict(params: np.ndarray, die_ids: np.ndarray | None = None, tag: int = 0,
+                   tester: int = 0) -> bytes:
+    """A PREDICT frame for a (rows, columns) batch; die ids default to 0..rows-1; `tester`
+    (1..65535, 0 = none) goes in the header's flags."""
     x = np.ascontiguousarray(params, dtype="<f4")
     if x.ndim == 1:
         x = x.reshape(1, -1)
@@ -219,7 +228,7 @@ def encode_predict(params: np.ndarray, die_ids: np.ndarray | None = None, tag: i
     ids = np.arange(rows, dtype="<u8") if die_ids is None else np.asarray(die_ids, dtype="<u8")
     if ids.shape != (rows,):
         raise ValueError(f"die_ids: expected {rows} ids, found shape {ids.shape}")
-    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, 0, tag, rows, columns,
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, tester, tag, rows, columns,
                          rows * (8 + 4 * columns))
     return header + ids.tobytes() + x.tobytes()
 

@@ -47,6 +47,7 @@ __all__ = [
     "failing_classes",
     "fit_baselines",
     "judge",
+    "paired_auc_diff",
     "part_figures",
 ]
 
@@ -270,6 +271,22 @@ def judge(test_scores: np.ndarray, val_pass_scores: np.ndarray, labels: np.ndarr
                   (int(flagged[passes].sum()), int(passes.sum())), recall)
 
 
+def paired_auc_diff(labels: np.ndarray, a: np.ndarray, b: np.ndarray, boot: int,
+                    seed: int) -> tuple[float, float] | None:  # fmt: skip
+    """95% bootstrap interval of AUC(a) - AUC(b) on the same resampled rows."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        y = labels[idx]
+        if 0 < y.sum() < len(y):
+            diffs.append(roc_auc_score(y, a[idx]) - roc_auc_score(y, b[idx]))
+    if len(diffs) < 10:
+        return None
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def part_figures(part: Any, scores: np.ndarray, val_pass_scores: np.ndarray, threshold: float,
                  target_ffr: float, *, seed: int = 0, boot: int = 200) -> dict[str, Any] | None:
     """`judge` of `scores` on one split part (validation or test) as a JSON-ready summary:
@@ -324,6 +341,8 @@ def compare(split: Any, shipped_val: np.ndarray, shipped_test: np.ndarray, targe
     best = max(unsup, key=lambda k: judged[k].auc or 0.0)
     margin = (judged["model"].auc or 0.0) - (judged[best].auc or 0.0)
     out["best_unsupervised"] = best
+    out["auc_diff_ci"] = {k: paired_auc_diff(t.labels, scores["model"][1], scores[k][1], boot,
+                                             seed) for k in judged if k != "model"}
     out["auc_margin_vs_best_unsupervised"] = margin
     focus_class = focus if focus in classes else None
     if focus_class:
@@ -333,8 +352,10 @@ def compare(split: Any, shipped_val: np.ndarray, shipped_test: np.ndarray, targe
         out["focus"] = {"class": focus_class, "model": mine, "baselines": others,
                         "beats_all": all(mine > r for r in others.values())}
     verb = "beats" if margin > 0 else "does NOT beat"
+    ci = out["auc_diff_ci"][best]
     text = (f"The model {verb} the best unsupervised baseline, {TITLES[best]}, on ROC AUC: "
-            f"{judged['model'].auc:.4f} vs {judged[best].auc:.4f} ({margin:+.4f}).")
+            f"{judged['model'].auc:.4f} vs {judged[best].auc:.4f} ({margin:+.4f}"
+            + (f", paired 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + ").")
     if focus_class:
         f = out["focus"]
         runner = max(f["baselines"], key=f["baselines"].get)

@@ -10,8 +10,10 @@ one false fail is already 2x.
 A group of 200 passes is still too small to judge: at exactly the target rate (1%), its
 false-fail count lands inside the band only 81% of the time (280 passes: 71%). So each grouping
 also gives the share among groups large enough that a group at exactly the target rate is
-inside the band with at least 95% probability (`powered`: about 800 passes at 1%), the share a
-calibration can be held to; the smaller groups are sampling noise as much as calibration.
+inside the band with at least 95% probability (`powered`: 1,060 passes at 1%; the binomial's
+lattice puts 800 passes at 95.5% but 820 at 91%, so the size is the one from which it stays
+above), the share a calibration can be held to; the smaller groups are sampling noise as much
+as calibration, and are listed by name (`too_small`), not dropped.
 """
 
 from __future__ import annotations
@@ -37,16 +39,24 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, min(p, c - h)), min(1.0, max(p, c + h))  # float rounding: keep p inside
 
 
-@cache
-def powered_min_passes(target: float, confidence: float = 0.95) -> int:
-    """The fewest passes at which a group whose true rate is exactly `target` shows a
-    false-fail rate inside the band with probability >= `confidence` (binomial)."""
+def in_band_probability(n: int, target: float) -> float:
+    """The probability that a group of `n` passes whose true rate is exactly `target` shows a
+    false-fail rate inside the band (binomial): the best any threshold can do on it."""
     from scipy.stats import binom
 
-    for n in range(10, 1_000_000, 10):
-        lo, hi = math.ceil(BAND[0] * target * n - 1e-9), math.floor(BAND[1] * target * n + 1e-9)
-        if binom.cdf(hi, n, target) - binom.cdf(lo - 1, n, target) >= confidence:
-            return n
+    lo, hi = math.ceil(BAND[0] * target * n - 1e-9), math.floor(BAND[1] * target * n + 1e-9)
+    return float(binom.cdf(hi, n, target) - binom.cdf(lo - 1, n, target))
+
+
+@cache
+def powered_min_passes(target: float, confidence: float = 0.95) -> int:
+    """The fewest passes (in steps of 10) from which a group whose true rate is exactly
+    `target` shows a false-fail rate inside the band with probability >= `confidence`."""
+    n = 10
+    while n < 1_000_000:
+        if all(in_band_probability(m, target) >= confidence for m in range(n, n + 200, 10)):
+            return n  # and stays there: the binomial's lattice makes it wobble near the edge
+        n += 10
     return 1_000_000
 
 
@@ -60,6 +70,7 @@ def ffr_by_group(flagged: np.ndarray, passes: np.ndarray, groups: Mapping[str, n
     for kind, names in groups.items():
         rows: dict[str, Any] = {}
         inside = counted = p_inside = p_counted = 0
+        small = []
         for name in sorted(set(names[passes].tolist())):
             m = passes & (names == name)
             k, n = int(flagged[m].sum()), int(m.sum())
@@ -71,11 +82,14 @@ def ffr_by_group(flagged: np.ndarray, passes: np.ndarray, groups: Mapping[str, n
             if powered_n is not None and n >= powered_n:
                 p_counted += 1
                 p_inside += lo <= rate <= hi
+            elif powered_n is not None:
+                small.append(name)
         out[kind] = {"groups": rows, "counted": counted,
                      "in_band": inside / counted if counted else None,
                      "band": [lo, hi], "min_passes": min_passes,
                      "powered": {"min_passes": powered_n, "counted": p_counted,
-                                 "in_band": p_inside / p_counted if p_counted else None}}
+                                 "in_band": p_inside / p_counted if p_counted else None,
+                                 "too_small": small}}
     return out
 
 

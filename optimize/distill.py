@@ -25,8 +25,14 @@ the single-row p50 of both is measured, interleaved, and reported, but a build m
 on the load of the box it runs on, so it does not decide) and, on both
 the validation and the time-ordered test part, a ROC AUC no more than `auc_tolerance` below
 the teacher's and a recall at equal false-fail no more than `recall_tolerance` (or one die,
-whichever is more) below it on every defect class with at least `min_class` dies, and a
-false-fail at its own threshold inside [0.5x, 2x] of the target wherever the teacher's is.
+whichever is more) below it on every defect class with at least `min_class` dies, a
+false-fail at its own threshold inside [0.5x, 2x] of the target wherever the teacher's is,
+and no more false fails than the teacher's beyond noise: paired on the same passes, the good
+dies only the student fails against those only the teacher fails, one-sided exact binomial
+(McNemar) p >= `ffr_p_value` (0.05). Each model's threshold is set at the target on the
+validation passes, so this bites on the test part: a student whose tail sits higher on later
+dies (floor seed 0, earlier: 1.09-1.12% vs the teacher's 0.91%) is dropped only when the
+difference is more than the two models' shared sampling noise.
 Without labels quality cannot be judged and the teacher stays.
 """
 
@@ -65,6 +71,7 @@ class DistillConfig:
     auc_tolerance: float = 0.005  # student AUC may be this much below the teacher's
     recall_tolerance: float = 0.02  # per class, at equal false-fail
     min_class: int = 20  # classes smaller than this are reported, not judged
+    ffr_p_value: float = 0.05  # student fails more good dies than the teacher beyond noise
     latency_runs: int = 2000  # single-row runs per model for the keep decision
 
 
@@ -175,6 +182,9 @@ def judge_student(teacher: Candidate, student: Candidate, split: Split, cfg: Dis
                                             == (student.test > student.threshold))),
         "spearman": p.spearman}
     out["target_ffr"] = target_ffr
+    out["ffr_vs_teacher"] = {name: extra_false_fails(teacher, student, part, scores)
+                             for name, part, scores in (("val", split.val, "val"),
+                                                        ("test", split.test, "test"))}
     reasons = _why_not(out, cfg)
     out["kept"] = not reasons
     out["reasons"] = reasons
@@ -185,6 +195,25 @@ def judge_student(teacher: Candidate, student: Candidate, split: Split, cfg: Dis
         + ("kept: as good, smaller and no deeper." if not reasons else
            "dropped: " + "; ".join(reasons) + "."))
     return out
+
+
+def extra_false_fails(teacher: Candidate, student: Candidate, part: Any,
+                      scores: str) -> dict[str, Any] | None:  # fmt: skip
+    """Passes of `part` the student fails and the teacher passes (`student_only`) and the
+    other way round, and the one-sided exact binomial (McNemar) p-value of the student failing
+    more good dies than the teacher. Paired on the same dies, so it separates a real shift of
+    the student's tail from the sampling noise both false-fail rates share. None without
+    labels."""
+    from scipy.stats import binomtest
+
+    if part.labels is None or not part.passes.any():
+        return None
+    p = part.passes
+    t = getattr(teacher, scores)[p] > teacher.threshold
+    s = getattr(student, scores)[p] > student.threshold
+    b, c = int((s & ~t).sum()), int((t & ~s).sum())
+    pvalue = float(binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
+    return {"student_only": b, "teacher_only": c, "passes": int(p.sum()), "p_value": pvalue}
 
 
 def _why_not(r: dict[str, Any], cfg: DistillConfig) -> list[str]:
@@ -203,6 +232,12 @@ def _why_not(r: dict[str, Any], cfg: DistillConfig) -> list[str]:
         if low <= tq["ffr"] <= high and not low <= sq["ffr"] <= high:
             reasons.append(f"{part} false-fail {sq['ffr']:.2%} outside [{low:.2%}, {high:.2%}] "
                            f"(teacher {tq['ffr']:.2%})")
+        extra = (r.get("ffr_vs_teacher") or {}).get(part)
+        if extra and extra["p_value"] < cfg.ffr_p_value:
+            reasons.append(f"{part} false-fail {sq['ffr']:.2%} vs teacher {tq['ffr']:.2%}: the "
+                           f"student fails {extra['student_only']} good dies the teacher passes,"
+                           f" the teacher {extra['teacher_only']} the student passes (paired "
+                           f"p = {extra['p_value']:.3f})")
         if sq["roc_auc"] < tq["roc_auc"] - cfg.auc_tolerance:
             reasons.append(f"{part} ROC AUC {sq['roc_auc']:.4f} vs teacher {tq['roc_auc']:.4f}")
         for cls, rec in tq["recall_equal_ffr"].items():

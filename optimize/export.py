@@ -4,6 +4,8 @@
       -> preprocessing (optimize.preprocess: log of skewed columns, impute, bound, robust
                         scale; clip for the AE input)
       -> autoencoder   (Gemm [+ Relu] per layer; MatMul + Add with layer_op="MatMul")
+      -> refinement    (`det.refine` times: missing inputs <- clipped reconstruction, the
+                        autoencoder again with the same weights; optimize.train)
       -> contribution  = where(missing, 0, (z - recon)^2 * weight) / max(1, measured features)
       -> score         = sum of contributions (batch,)
       -> top_index, top_contribution = TopK(contribution, top_k)
@@ -38,6 +40,8 @@ AE_NODE_PREFIX = "ae_layer_"  # names of the autoencoder's Gemm / MatMul nodes (
 
 
 def ae_node_names(det: Detector) -> list[str]:
+    """The autoencoder's layer nodes of the main graph (the INT8 quantizer's; the refinement
+    rounds live in the `If` branch and share their weights: `optimize.quantize`)."""
     return [f"{AE_NODE_PREFIX}{i}" for i in range(len(det.model.layers))]
 
 
@@ -84,25 +88,49 @@ def to_onnx(det: Detector, top_k: int, name: str = "die_ae", layer_op: str = "Ge
         node("Mul", ["centered", "inv_scale"], "z"),  # (batch, F), |z| <= bound
         node("Clip", ["z", "clip_low", "clip_high"], "z_in"),  # |z_in| <= clip
     ]
-    h = "z_in"
     layers = list(det.model.layers)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):  # shared by the refinement rounds
         w = layer.weight.detach().numpy().astype(f32)  # (out, in)
-        b = layer.bias.detach().numpy().astype(f32)  # (out,)
-        out = "recon" if i == len(layers) - 1 else f"ae_pre{i}"  # (batch, out)
-        if layer_op == "Gemm":  # y = h @ w.T + b
-            inits += [numpy_helper.from_array(w, f"ae_w{i}"),
-                      numpy_helper.from_array(b, f"ae_b{i}")]
-            nodes.append(helper.make_node("Gemm", [h, f"ae_w{i}", f"ae_b{i}"], [out],
-                                          name=f"{AE_NODE_PREFIX}{i}", transB=1))
-        else:
-            inits += [numpy_helper.from_array(np.ascontiguousarray(w.T), f"ae_w{i}"),
-                      numpy_helper.from_array(b, f"ae_b{i}")]
-            nodes.append(node("MatMul", [h, f"ae_w{i}"], f"{AE_NODE_PREFIX}{i}"))
-            nodes.append(node("Add", [f"{AE_NODE_PREFIX}{i}", f"ae_b{i}"], out))
-        if i < len(layers) - 1:
-            nodes.append(node("Relu", [out], f"ae_h{i}"))  # (batch, width_i)
-            h = f"ae_h{i}"
+        if layer_op != "Gemm":
+            w = np.ascontiguousarray(w.T)
+        inits += [numpy_helper.from_array(w, f"ae_w{i}"),
+                  numpy_helper.from_array(layer.bias.detach().numpy().astype(f32), f"ae_b{i}")]
+    def ae(h: str, suffix: str, out: str) -> list[onnx.NodeProto]:
+        """The autoencoder's layers from input `h` to `out`; node names end in `suffix`."""
+        made = []
+        for i in range(len(layers)):
+            last = i == len(layers) - 1
+            y = out if last else f"ae_pre{i}{suffix}"
+            name = f"{AE_NODE_PREFIX}{i}{suffix}"
+            if layer_op == "Gemm":  # y = h @ w.T + b
+                made.append(helper.make_node("Gemm", [h, f"ae_w{i}", f"ae_b{i}"], [y],
+                                             name=name, transB=1))
+            else:
+                made += [node("MatMul", [h, f"ae_w{i}"], name), node("Add", [name, f"ae_b{i}"], y)]
+            if not last:
+                made.append(node("Relu", [y], f"ae_h{i}{suffix}"))  # (batch, width_i)
+                h = f"ae_h{i}{suffix}"
+        return made
+
+    if not det.refine:
+        nodes += ae("z_in", "", "recon")
+    else:  # refinement only when the batch has a missing value (optimize.train)
+        nodes += ae("z_in", "", "recon_r0")
+        inner = []
+        for r in range(1, det.refine + 1):
+            out = "recon_refined" if r == det.refine else f"recon_r{r}"
+            inner += [node("Clip", [f"recon_r{r - 1}", "clip_low", "clip_high"], f"fill_r{r}"),
+                      node("Where", ["missing", f"fill_r{r}", "z_in"], f"z_in_r{r}"),
+                      *ae(f"z_in_r{r}", f"_r{r}", out)]
+        then = helper.make_graph(inner, "refine", [], [
+            helper.make_tensor_value_info("recon_refined", TensorProto.FLOAT, ["batch", n])])
+        keep = helper.make_graph([node("Identity", ["recon_r0"], "recon_kept")], "complete", [], [
+            helper.make_tensor_value_info("recon_kept", TensorProto.FLOAT, ["batch", n])])
+        nodes += [node("Cast", ["missing"], "missing_f", to=TensorProto.FLOAT),
+                  node("ReduceMax", ["missing_f"], "any_missing_f", keepdims=0),
+                  node("Cast", ["any_missing_f"], "any_missing", to=TensorProto.BOOL),
+                  helper.make_node("If", ["any_missing"], ["recon"], name="refine",
+                                   then_branch=then, else_branch=keep)]
     nodes += [
         node("Sub", ["z", "recon"], "resid"),  # (batch, F)
         node("Mul", ["resid", "resid"], "sq"),

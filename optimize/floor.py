@@ -106,6 +106,11 @@ class FloorConfig:
     drift_size: float = 2.5  # speed shift over the second half, sigma of the factor
     drift_ramp: float = 0.5  # share of the run the shift takes to build up, from the midpoint
 
+    @property
+    def dies_per_lot(self) -> int:
+        """Dies in a whole lot: `n_dies` a multiple of it ends on a whole lot."""
+        return self.wafers_per_lot * len(_wafer_map())
+
     def __post_init__(self) -> None:
         _check_n_params(self.n_params)
         if not isinstance(self.n_dies, int) or self.n_dies < 1:

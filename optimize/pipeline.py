@@ -192,7 +192,8 @@ def _data_summary(data: Dataset, split: Split, active: np.ndarray) -> dict[str, 
                             f" e.g. {', '.join(names[i] for i in inactive[:6]) or 'none'})",
         "labels": "none" if data.labels is None else
                   f"{int(data.labels.sum())} fail / {int((data.labels == 0).sum())} pass",
-        "split": f"{'time-ordered' if split.time_ordered else 'shuffled'}: train "
+        "split": f"{'time-ordered' if split.time_ordered else 'shuffled'}"
+                 f"{' at lot boundaries' if split.lot_aligned else ''}: train "
                  f"{len(split.train)} passes ({split.dropped_train_fails} fails of the training "
                  f"period left out), validation {len(split.val)}, test {len(split.test)}",
     }

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from scipy.stats import spearmanr
 
-from optimize.export import ae_node_names, run, session, to_onnx
+from optimize.export import AE_NODE_PREFIX, ae_node_names, run, session, to_onnx
 from optimize.train import Detector
 
 log = logging.getLogger("edgefleet.optimize")
@@ -101,6 +102,102 @@ def parity(reference: np.ndarray, scores: np.ndarray, threshold: float) -> Parit
     )
 
 
+def share_int8_weights(model: bytes) -> bytes:
+    """The quantizer leaves the refinement branch (`optimize.export`: an `If` that re-runs the
+    autoencoder when a value is missing) in float on the float weights, so the INT8 file would
+    carry every weight twice and the branch would run in float. Here each branch layer gets the
+    quantization of its main-graph twin (`_mirror_qdq`: the same activation scales and INT8
+    weights, so the rounds compute what the main graph computes) and the float copies go. ONNX
+    Runtime does not fuse these into QGemm inside the branch: a die with a missing value pays
+    for the dequantization (docs/model.md, "The model"), a complete die never enters it."""
+    g = onnx.load_from_string(model)
+    branch = next((n for n in g.graph.node if n.op_type == "If" and n.name == "refine"), None)
+    if branch is None:
+        return model
+    sub = next(a.g for a in branch.attribute if a.name == "then_branch")
+    producer = {o: n for n in g.graph.node for o in n.output}
+    inits = {i.name for i in g.graph.initializer}
+    main = {n.name: n for n in g.graph.node}
+    nodes: list[onnx.NodeProto] = []
+    for node in sub.node:
+        twin = main.get(node.name.rsplit("_r", 1)[0]) if node.name.startswith(
+            AE_NODE_PREFIX) else None
+        if twin is not None and twin.op_type == node.op_type:
+            nodes += _mirror_qdq(node, twin, producer)  # right before the layer
+        nodes += _dequantized_weights(node, inits)  # what is still float (dynamic INT8)
+        nodes.append(node)
+    del sub.node[:]
+    sub.node.extend(nodes)
+    read = {i for n in g.graph.node for i in n.input} | {i for n in sub.node for i in n.input}
+    for init in [i for i in g.graph.initializer if i.name not in read]:
+        g.graph.initializer.remove(init)  # the float weights only the branch read
+    _toposort(g.graph)  # the quantizer's order ignores what the branches read
+    onnx.checker.check_model(g)
+    return g.SerializeToString()
+
+
+def _mirror_qdq(node: onnx.NodeProto, twin: onnx.NodeProto,
+                producer: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Rewire `node` (a branch layer) so each input goes through the Quantize/Dequantize nodes
+    its main-graph `twin` has on the same input; returns the new nodes."""
+    made = []
+    for j, src in enumerate(twin.input):
+        dq = producer.get(src)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        out = f"{node.name}_in{j}"
+        if q is not None and q.op_type == "QuantizeLinear":  # an activation
+            made.append(onnx.helper.make_node("QuantizeLinear", [node.input[j], *q.input[1:]],
+                                              [f"{out}_q"], name=f"{out}_q"))
+            made.append(onnx.helper.make_node("DequantizeLinear", [f"{out}_q", *dq.input[1:]],
+                                              [out], name=out))
+        else:  # a weight or bias: the same INT8 initializers
+            made.append(onnx.helper.make_node("DequantizeLinear", list(dq.input), [out], name=out,
+                                              **{a.name: onnx.helper.get_attribute_value(a)
+                                                 for a in dq.attribute}))
+        node.input[j] = out
+    return made
+
+
+def _dequantized_weights(node: onnx.NodeProto, inits: set[str]) -> list[onnx.NodeProto]:
+    """Float weights of a branch layer whose INT8 form the main graph has (the dynamic
+    quantizer's `<name>_quantized`, per output channel): read through a DequantizeLinear."""
+    made = []
+    for j, name in enumerate(node.input):
+        if node.op_type in ("Gemm", "MatMul") and j == 1 and f"{name}_quantized" in inits:
+            made.append(onnx.helper.make_node(
+                "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                [f"{node.name}_w"], name=f"{node.name}_w",
+                axis=1 if node.op_type == "MatMul" else 0))
+            node.input[j] = f"{node.name}_w"
+    return made
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Order `graph`'s nodes so every value is produced before it is read, counting the
+    values an If's branches read from the outer graph as inputs of the If."""
+    def reads(n: onnx.NodeProto) -> set[str]:
+        inner = {i for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+                 for m in a.g.node for i in m.input}
+        return (set(n.input) | inner) - {""}
+
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    todo, done = list(graph.node), []
+    while todo:
+        k = next(k for k, n in enumerate(todo) if reads(n) <= ready | _inner_outputs(n))
+        n = todo.pop(k)
+        done.append(n)
+        ready |= set(n.output)
+    del graph.node[:]
+    graph.node.extend(done)
+
+
+def _inner_outputs(n: onnx.NodeProto) -> set[str]:
+    return {o for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+            for m in a.g.node for o in m.output}
+
+
 def _static(fp32: bytes, det: Detector, x_calib: np.ndarray, cfg: QuantizeConfig) -> bytes:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -133,7 +230,7 @@ def _static(fp32: bytes, det: Detector, x_calib: np.ndarray, cfg: QuantizeConfig
                 nodes_to_quantize=ae_node_names(det),
                 extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
             )  # fmt: skip
-        return dst.read_bytes()
+        return share_int8_weights(dst.read_bytes())
 
 
 def _dynamic(det: Detector, top_k: int) -> bytes:
@@ -145,7 +242,7 @@ def _dynamic(det: Detector, top_k: int) -> bytes:
         with _quiet_ort():
             quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
                              nodes_to_quantize=ae_node_names(det))
-        return dst.read_bytes()
+        return share_int8_weights(dst.read_bytes())
 
 
 def quantize(

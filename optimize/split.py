@@ -5,6 +5,13 @@ tested after the ones it learnt from, as in production), else shuffled with a se
 `1 - val_fraction - test_fraction` of that order is the training period, then validation, then
 test. Failing dies of the training period are left out: the autoencoder learns what a passing
 die looks like. Without labels every die counts as passing (only parity figures are possible).
+
+Whole lots (`whole_lots`, on by default): when the data is time-ordered and names its lots, each
+cut moves to the nearest place no lot straddles (every die of a lot before it or every die
+after it), so validation and test hold whole lots, as a floor sees them: a threshold is then
+calibrated on, and judged per lot on, complete lots rather than the tail of one (a lot cut in
+two had a few hundred dies left on one side, too few to judge its false-fail). A cut stays
+where the fractions put it when no clean place keeps every part non-empty.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class SplitConfig:
     seed: int = 0  # row shuffle when the data has no time column
     min_train_passes: int = 50
     min_val_passes: int = 20
+    whole_lots: bool = True  # time-ordered data with lots: cut at lot boundaries
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Split:
     time_ordered: bool
     dropped_train_fails: int  # failing dies of the training period, not used
     train_period: Part | None = None  # every die of the training period, fails included
+    lot_aligned: bool = False  # the cuts fall between lots (SplitConfig.whole_lots)
 
 
 GROUP_COLUMNS = ("lot", "wafer", "tester")  # non-feature columns the report breaks rates down by
@@ -77,7 +86,16 @@ def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
     n_test = round(n * cfg.test_fraction)
     n_val = round(n * cfg.val_fraction)
     n_train = n - n_val - n_test
-    train_rows, val_rows, test_rows = np.split(order, [n_train, n_train + n_val])
+    cuts = [n_train, n_train + n_val]
+    lot = {k.lower(): v for k, v in data.extra.items()}.get("lot")
+    aligned = False
+    if cfg.whole_lots and data.times is not None and lot is not None:
+        clean = lot_cuts(np.asarray(lot).astype(str)[order])
+        moved = [int(clean[np.argmin(np.abs(clean - c))]) if len(clean) else c for c in cuts]
+        if 0 < moved[0] < moved[1] < n:
+            cuts, aligned = moved, True
+    n_train, n_val = cuts[0], cuts[1] - cuts[0]
+    train_rows, val_rows, test_rows = np.split(order, cuts)
 
     def part(rows: np.ndarray) -> Part:
         rows = np.sort(rows) if data.times is None else rows
@@ -113,7 +131,18 @@ def split_dataset(data: Dataset, cfg: SplitConfig = SplitConfig()) -> Split:
             "calibrate the threshold",
             hint="add passing dies or lower the minimum in the build config",
         )
-    return Split(train, val, test, data.times is not None, int((~keep).sum()), train_all)
+    return Split(train, val, test, data.times is not None, int((~keep).sum()), train_all,
+                 aligned)
+
+
+def lot_cuts(lots: np.ndarray) -> np.ndarray:
+    """Positions p (1..n-1) in `lots` (the lot of each row, in time order) that no lot
+    straddles: every row of a lot is before p or every row is at or after p."""
+    _, inverse = np.unique(lots, return_inverse=True)
+    last = np.zeros(inverse.max() + 1 if len(inverse) else 0, np.int64)
+    np.maximum.at(last, inverse, np.arange(len(lots)))
+    reach = np.maximum.accumulate(last[inverse]) if len(lots) else last  # furthest row so far
+    return np.flatnonzero(reach[:-1] == np.arange(len(lots) - 1)) + 1
 
 
 def _groups(data: Dataset, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -47,11 +47,11 @@ from onnx import helper, numpy_helper
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from optimize.baselines import part_figures
+from optimize.baselines import paired_auc_diff, part_figures
 from optimize.calibrate import calibrate_threshold
 from optimize.export import run
 from optimize.split import Split
-from optimize.train import Detector, reconstruct
+from optimize.train import Detector
 
 log = logging.getLogger("edgefleet.optimize")
 
@@ -86,7 +86,7 @@ def ae_features(det: Detector, x: np.ndarray) -> np.ndarray:
     missing = np.isnan(x)
     z = det.prep.scale(x)
     z_in = np.clip(z, -det.prep.clip, det.prep.clip)
-    masked = np.where(missing, np.float32(0), (z - reconstruct(det.model, z_in)) ** 2 * det.weights)
+    masked = np.where(missing, np.float32(0), (z - det.reconstruction(x)) ** 2 * det.weights)
     count = np.where(missing, 0, det.prep.active).sum(axis=1)
     score = (masked / np.maximum(count, 1).astype(np.float32)[:, None]).sum(axis=1,
                                                                              dtype=np.float32)
@@ -183,22 +183,6 @@ class HeadOffer:
     int8_test: np.ndarray | None = None
 
 
-def _paired_auc_diff(labels: np.ndarray, a: np.ndarray, b: np.ndarray, boot: int,
-                     seed: int) -> tuple[float, float] | None:  # fmt: skip
-    """95% bootstrap interval of AUC(a) - AUC(b) on the same resampled rows."""
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        y = labels[idx]
-        if 0 < y.sum() < len(y):
-            diffs.append(roc_auc_score(y, a[idx]) - roc_auc_score(y, b[idx]))
-    if len(diffs) < 10:
-        return None
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: np.ndarray,
                int8_test: np.ndarray, cfg: SupervisedConfig, target_ffr: float,
                seed: int = 0) -> HeadOffer:  # fmt: skip
@@ -233,7 +217,7 @@ def offer_head(split: Split, det: Detector, fp32: bytes, int8: bytes, int8_val: 
         "decision_agreement": float(np.mean((ref > thr_h) == (test_h > thr_h)))}
     t = split.test
     if t.labels is not None and 0 < t.labels.sum() < len(t):
-        out["test_auc_diff_ci"] = _paired_auc_diff(t.labels, test_h, int8_test, 200, seed)
+        out["test_auc_diff_ci"] = paired_auc_diff(t.labels, test_h, int8_test, 200, seed)
     reasons = []
     for part in ("val", "test"):
         u, h = out["unsupervised"][part], out["head"][part]

@@ -275,9 +275,14 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
         unnamed = c.predict_json(rows[0])
         batch = c.request([{"params": json_values(r), "tester": "T8"} for r in rows[:3]])
         refused = c.request({"params": json_values(rows[0]), "tester": ["x"]})
+        # binary frames name the tester in the header's flags (docs/protocol.md): tester 9's
+        # dies over binary and JSON `"tester": 9` share one context; flags 0, the unnamed one
+        binary = [c.predict(r, die_id=i, tester=9) for i, r in enumerate(quiet)]
+        as_json = c.predict_json(quiet[0], tester=9)
+        binary_unnamed = c.predict(rows[0])
         learnt = dict((k, t) for k, t, _ in agent.runtime.calibration.current.snapshot())
         metrics = generate_latest(agent.server.metrics.registry).decode()
-    assert 'edgefleet_calibration_testers{state="tracking"} 1.0' in metrics  # T7
+    assert 'edgefleet_calibration_testers{state="tracking"} 2.0' in metrics  # T7, 9
     assert 'edgefleet_calibration_testers{state="warmup"} 2.0' in metrics  # T8, unnamed
     assert "T7" not in metrics and "T8" not in metrics  # no tester id as a label value
     assert answers[0]["threshold"] == pytest.approx(t0, rel=1e-6)
@@ -286,6 +291,10 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
     assert other["threshold"] == unnamed["threshold"] == pytest.approx(t0, rel=1e-6)
     assert [b["threshold"] for b in batch] == [pytest.approx(t0, rel=1e-6)] * 3
     assert refused["error"]["code"] == "bad_value" and refused["error"]["field"] == "tester"
+    assert binary[0].threshold == pytest.approx(t0, rel=1e-6) and binary[-1].threshold < t0 * 0.9
+    assert as_json["threshold"] == pytest.approx(learnt["9"], rel=1e-6)
+    assert as_json["threshold"] == pytest.approx(binary[-1].threshold, rel=0.02)
+    assert binary_unnamed.threshold == pytest.approx(t0, rel=1e-6)
     assert (tmp_path / "calibration" / "calibration.json").is_file()
 
     with _agent(store, keyring) as agent, Client(agent.config.socket) as c:
@@ -310,9 +319,10 @@ def test_calibration_brings_every_lot_and_tester_into_the_band_on_a_small_floor(
     from optimize.baselines import fit_baselines
     from optimize.calibrate import CalibrateConfig, calibration_figures, calibration_params
     from optimize.floor import FloorConfig, generate_floor
-    from optimize.split import split_dataset
+    from optimize.split import SplitConfig, split_dataset
 
-    split = split_dataset(generate_floor(FloorConfig(n_dies=12_000, n_params=64, seed=1)))
+    split = split_dataset(generate_floor(FloorConfig(n_dies=12_000, n_params=64, seed=1)),
+                          SplitConfig(whole_lots=False))  # the cut as it was designed on
     score = fit_baselines(split.train.x, has_lots=False)["pca_t2"]
     val, test = score(split.val.x, None), score(split.test.x, None)
     threshold = float(np.quantile(val[split.val.passes], 0.99))

@@ -22,7 +22,9 @@ from optimize.package import next_sequence
 from optimize.pipeline import load_config
 from tests.optimize_support import fast_config_file, small_dies, write_small_csv
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared next to the repository (a worktree may sit a level deeper)
+SHARED = next((p / "shared" for p in Path(__file__).resolve().parents[2:]
+               if (p / "shared" / "data").is_dir()), Path(__file__).resolve().parents[2] / "shared")
 SECOM = SHARED / "data" / "secom" / "secom_dev.csv"
 
 

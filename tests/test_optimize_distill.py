@@ -9,7 +9,15 @@ import copy
 import numpy as np
 from scipy.stats import spearmanr
 
-from optimize.distill import DistillConfig, _why_not, distill, offer_student, student_sizes
+from optimize.distill import (
+    Candidate,
+    DistillConfig,
+    _why_not,
+    distill,
+    extra_false_fails,
+    offer_student,
+    student_sizes,
+)
 from optimize.export import run, to_onnx
 from optimize.train import Detector, TrainConfig
 from tests.optimize_support import ae_inputs, small_model, small_split
@@ -56,6 +64,35 @@ def test_the_student_is_kept_only_when_smaller_no_deeper_and_as_good():
     assert bigger == ["not smaller"]
 
 
+def test_a_student_failing_more_good_dies_than_its_teacher_beyond_noise_is_dropped():
+    """Paired on the same test passes: 18 good dies only the student fails against 4 only the
+    teacher fails is beyond noise (one-sided exact binomial p = 0.002); 8 against 5 is not,
+    though the student's rate is higher there too."""
+    split, _ = small_split()
+    passes = np.flatnonzero(split.test.passes)
+    n = len(split.test)
+
+    def pair(student_only: int, teacher_only: int) -> tuple[Candidate, Candidate]:
+        t, s = np.zeros(n), np.zeros(n)
+        t[passes[:teacher_only]] = 2.0
+        s[passes[teacher_only:teacher_only + student_only]] = 2.0
+        t[passes[-3:]] = s[passes[-3:]] = 2.0  # failed by both: not a difference
+        return (Candidate(b"", 1, 1, np.zeros(1), t, 1.0),
+                Candidate(b"", 1, 1, np.zeros(1), s, 1.0))
+
+    worse = extra_false_fails(*pair(18, 4), split.test, "test")
+    assert worse == {"student_only": 18, "teacher_only": 4, "passes": len(passes),
+                     "p_value": worse["p_value"]} and worse["p_value"] < 0.01
+    noise = extra_false_fails(*pair(8, 5), split.test, "test")
+    assert noise is not None and noise["p_value"] > 0.2
+    teacher = _figures(90_000, 6, 0.990, 0.90)
+    for extra, dropped in ((worse, True), (noise, False)):
+        reasons = _why_not({"teacher": teacher, "student": _figures(16_000, 2, 0.990, 0.90),
+                            "target_ffr": 0.01, "ffr_vs_teacher": {"test": extra}},
+                           DistillConfig())
+        assert any("good dies the teacher passes" in r for r in reasons) == dropped
+
+
 def test_offer_reports_both_models_and_goes_on_with_the_one_it_keeps():
     split, prep = small_split()
     teacher = small_model()
@@ -64,6 +101,8 @@ def test_offer_reports_both_models_and_goes_on_with_the_one_it_keeps():
     assert report is not None
     assert set(report["teacher"]) >= {"params", "size_bytes", "p50_us", "val", "test"}
     assert 0 <= report["parity_with_teacher"]["decision_agreement"] <= 1
+    assert set(report["ffr_vs_teacher"]["test"]) == {"student_only", "teacher_only", "passes",
+                                                     "p_value"}
     assert (net is not teacher) == report["kept"]
     assert ("kept" if report["kept"] else "dropped") in report["verdict"]
     off, none = offer_student(teacher, prep, split.train.x, split,

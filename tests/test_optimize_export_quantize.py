@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from agent.engine import INPUT_NAME, OUTPUT_NAMES
-from optimize.export import OPSET, check_export, run, session, to_onnx
+from optimize.export import OPSET, ae_node_names, check_export, run, session, to_onnx
 from optimize.quantize import QuantizeConfig, quantize, score_rows
 from optimize.train import Detector
 from tests.optimize_support import small_model, small_split
@@ -98,7 +98,16 @@ def test_int8_keeps_decisions_and_quantizes_only_the_autoencoder(exported):
     assert "z" not in quantized and "params" not in quantized  # preprocessing stays float
     ops = {n.op_type for n in nodes}
     assert {"IsNaN", "Where", "ReduceSum", "TopK"} <= ops
-    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(det.model.layers)
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(ae_node_names(det)) \
+        == len(det.model.layers)
+    # the refinement branch (dies with missing values) runs the same INT8 layers, no float copy
+    (branch,) = [a.g for n in nodes if n.op_type == "If" for a in n.attribute
+                 if a.name == "then_branch"]
+    assert sum(n.op_type == "QuantizeLinear" for n in branch.node) == \
+        len(det.model.layers) * det.refine
+    floats = {i.name for i in onnx.load_from_string(q.model).graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT}
+    assert not any(f"ae_w{i}" in floats for i in range(len(det.model.layers)))
     # static INT8 scores do not depend on the other rows of a batch
     np.testing.assert_array_equal(run(q.model, split.test.x)[0], got)
 
@@ -121,3 +130,25 @@ def test_a_parity_difference_under_one_in_a_thousand_is_a_tie():
     assert Parity(0.9992, 0.99972, 4.9, 1e-3).ties(dynamic)  # floor data: static wins
     assert not Parity(0.9960, 0.99972, 4.9, 1e-3).ties(dynamic)
     assert not Parity(0.9998, 0.9950, 4.9, 1e-3).ties(dynamic)
+
+
+def test_missing_inputs_are_refined_by_the_model_in_the_graph_as_in_the_reference(exported):
+    """A die with a skipped test block: the graph re-imputes the block with the model's own
+    reconstruction `refine` times, exactly as `Detector.scores`; a complete die's score does
+    not depend on the rounds. Without the rounds (refine=0) the blanked block is the median
+    (z = 0), which reads as a family disagreeing with the rest: the die scores higher."""
+    import dataclasses
+
+    det, model = exported
+    split, _ = small_split()
+    x = split.test.x[split.test.passes].astype(np.float32)
+    x = x[~np.isnan(x).any(axis=1)][:40].copy()
+    complete = run(model, x)[0]
+    once = dataclasses.replace(det, refine=0)
+    np.testing.assert_allclose(once.scores(x), complete, rtol=1e-4, atol=1e-5)
+    x[:, 8:16] = np.nan  # one block of 8 adjacent parameters not measured
+    got = run(model, x)[0]
+    np.testing.assert_allclose(got, det.scores(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(to_onnx(once, TOP_K), x)[0], once.scores(x), rtol=1e-4,
+                               atol=1e-5)
+    assert np.median(np.abs(got - complete)) < np.median(np.abs(once.scores(x) - complete))

@@ -80,3 +80,21 @@ def test_any_raw_row_maps_to_finite_bounded_inputs(row):
     z = prep.scale(np.array([row]))
     assert np.isfinite(z).all() and np.abs(z).max() <= prep.bound * 1.0001
     assert np.abs(prep.transform(np.array([row]))).max() <= prep.clip
+
+
+def test_time_ordered_split_of_a_floor_with_lots_cuts_between_lots():
+    """A floor sees whole lots: validation and test hold every die of their lots (the cut
+    moved to the nearest lot boundary), and `whole_lots=False` cuts at the fractions."""
+    from optimize.floor import FloorConfig, generate_floor
+
+    data = generate_floor(FloorConfig(n_dies=2600, n_params=32, wafers_per_lot=2, seed=5))
+    lots = data.extra["lot"]
+    split = split_dataset(data)
+    assert split.lot_aligned
+    parts = [set(lots[p.rows].tolist()) for p in (split.train_period, split.val, split.test)]
+    assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
+    for p in (split.val, split.test):  # whole lots: every die of each lot is in the part
+        assert all(len(p.rows[lots[p.rows] == lot]) == (lots == lot).sum()
+                   for lot in set(lots[p.rows].tolist()))
+    cut = split_dataset(data, SplitConfig(whole_lots=False))
+    assert not cut.lot_aligned and len(cut.test) == round(0.2 * 2600) != len(split.test)

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.calibration import tester_key as key_of
+from agent.labels import encode_label_frame
 from agent.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -28,6 +30,7 @@ from agent.protocol import (
     encode_one_result,
     encode_predict,
     encode_result,
+    frame_tester,
     json_values,
     pack_row,
     pad_version,
@@ -62,7 +65,6 @@ def test_predict_frame_layout_is_header_ids_then_float32_rows():
     ("magic", lambda b: b"\x89EFQ" + b[4:]),
     ("version", lambda b: b[:4] + bytes([2]) + b[5:]),
     ("type", lambda b: b[:5] + bytes([2]) + b[6:]),
-    ("flags", lambda b: b[:6] + b"\x01\x00" + b[8:]),
     ("length", lambda b: b[:20] + struct.pack("<I", 13) + b[24:]),
 ])
 def test_a_bad_header_is_refused_naming_the_field(field, patch):
@@ -71,6 +73,20 @@ def test_a_bad_header_is_refused_naming_the_field(field, patch):
         parse_header(frame)
     assert e.value.code == ErrorCode.BAD_FRAME and e.value.field == field
     assert field in e.value.message
+
+
+def test_a_predict_frame_names_its_tester_in_the_flags_and_a_label_frame_cannot():
+    """Flags were reserved (0); a PREDICT frame now carries the tester id 1..65535 there for
+    the agent's per-tester calibration (0: the shared context, as every earlier client sends),
+    keyed like JSON's integer `tester`. Any other frame type with flags stays `bad_frame`."""
+    frame = encode_predict(np.zeros((1, 4), np.float32), tester=513)
+    assert parse_header(frame).flags == 513 and frame[6:8] == b"\x01\x02"
+    assert frame_tester(frame) == key_of(513) == "513"
+    assert frame_tester(b"pad" + encode_predict(np.zeros((2, 4), np.float32)), 3) == ""
+    label = encode_label_frame([1], [1])
+    with pytest.raises(ProtocolError) as e:
+        parse_header(label[:6] + b"\x01\x00" + label[8:])
+    assert e.value.code == ErrorCode.BAD_FRAME and e.value.field == "flags"
 
 
 def test_result_frame_round_trips_through_the_client_decoder():
