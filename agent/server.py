@@ -91,6 +91,7 @@ _MAX_REFUSING = 8  # refusals waiting for first bytes at once; beyond, busy goes
 _DRAIN_BYTES = 1 << 20
 _SWEEP_S = 0.05  # timeouts are checked this often (and the loop wakes at least this often)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_ALONE_TURNS = 16  # answers in a row to a lone connection before the loop polls again
 BIG_ROWS = 64
 """Frames of more rows than this, and JSON lines longer than `BIG_LINE` bytes (batches), are
 answered on the worker thread, so the loop goes on answering the other connections meanwhile."""
@@ -276,9 +277,17 @@ class AgentServer:
         if len(events) == 1 and not again and not self._done:  # one connection ready: the
             c = conns.get(events[0][0])  # usual case with one test head, answered directly
             if c is not None and c.out is None:
-                if c.receive() and not c.answer_one():
-                    c.queued = True
-                    self._answer([c], again)
+                # the only connection: its next frame is read right after the answer, with no
+                # epoll_wait (a tester sends its next die as soon as it has read the answer)
+                turns = _ALONE_TURNS if len(conns) == 1 else 1
+                while c.receive():
+                    if not c.answer_one():
+                        c.queued = True
+                        self._answer([c], again)
+                        break
+                    turns -= 1
+                    if not turns or c.out is not None or not c.alive:
+                        break
                 return again, self._tick(next_sweep)
         ready, again = again, []
         for fd, _ in events:
