@@ -211,11 +211,10 @@ class Predictor:
         # call, half the cost of isfinite().all().
         if np.dot(v, self._zeros) != 0:
             nan = np.isnan(v)
-            infinite = ~nan & ~np.isfinite(v)
-            if infinite.any():
-                col = int(np.argmax(infinite))
+            imputed = int(np.count_nonzero(nan))
+            if imputed + np.count_nonzero(np.isfinite(v)) != self.n_features:  # an infinity
+                col = int(np.argmax(~nan & ~np.isfinite(v)))
                 return self._error_row(die_id, ErrorCode.NOT_FINITE, col, 0), 0.0, None
-            imputed = int(nan.sum())
             if imputed > self.max_missing:
                 return self._beyond_max_missing(v, die_id, imputed)
         drift = self.drift
