@@ -127,6 +127,16 @@ def test_a_passing_die_has_no_top_parameters(agent, model):
     assert r.decision == "pass" and r.top == () and r.confidence >= 0
 
 
+def test_a_single_die_with_missing_and_infinite_values_is_refused_naming_the_infinite_one(
+        agent, model):
+    x = model.train[7].copy()
+    x[1] = np.nan
+    x[6] = -np.inf
+    with Client(agent.path) as c, pytest.raises(AgentError) as e:
+        c.predict(x)
+    assert e.value.code == "not_finite" and "params[6]" in str(e.value)
+
+
 def test_binary_batch_answers_each_row_in_order_with_its_own_errors(agent, model):
     x = model.train[:6].copy()
     x[1, 2] = np.nan  # imputed
