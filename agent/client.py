@@ -53,7 +53,9 @@ from agent.protocol import (
 _ONE_HEAD = struct.Struct("<4sBBHIIIIQ")  # a one-row PREDICT's header and die id
 _RESULT_PREFIX = RESULT_PREFIX.unpack_from  # a RESULT frame's header and result block
 _RESULT_PREFIX_SIZE = RESULT_PREFIX.size
+_LENGTH = struct.Struct("<I").unpack_from  # a header's payload length, at offset 20
 _PASS, _FAIL, _ERROR = int(Decision.PASS), int(Decision.FAIL), int(Decision.ERROR)
+_PREDICT, _RESULT = int(FrameType.PREDICT), int(FrameType.RESULT)
 _F4 = np.dtype("<f4")
 
 
@@ -154,6 +156,8 @@ class Client:
         self.model_sequence: int | None = None  # of the model that gave the last answer
         self._info: dict[str, Any] | None = None
         self._version: tuple[bytes, str | None] = (b"", None)  # the last answer's, raw and read
+        # predict's request buffer and a float32 view of its values, for the last width sent
+        self._one: tuple[bytearray, np.ndarray] = (bytearray(), np.empty(0, _F4))
 
     def described(self) -> dict[str, Any]:
         """The agent's `info`, read once and again after the model changed."""
@@ -255,17 +259,29 @@ class Client:
         prefix, one of the record), no numpy views, no copies."""
         x = params if type(params) is np.ndarray and params.dtype == _F4 else \
             np.asarray(params, dtype=_F4)
+        n = x.size
+        frame, row = self._one
+        if len(row) != n:  # the request buffer for this width: header, die id, values
+            frame = bytearray(_ONE_HEAD.size + 4 * n)
+            self._one = frame, row = frame, np.frombuffer(frame, _F4, n, _ONE_HEAD.size)
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
-        frame = _ONE_HEAD.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, 0, tag, 1, x.size,
-                               8 + 4 * x.size, die_id) + x.tobytes()
+        _ONE_HEAD.pack_into(frame, 0, MAGIC, PROTOCOL_VERSION, _PREDICT, 0, tag, 1, n, 8 + 4 * n,
+                            die_id)
+        row[:] = x.reshape(n)
+        buf = self._buf
         try:
             self.sock.sendall(frame)
-            need = self._recv()
+            got = 0 if self._left else self.sock.recv_into(buf)
+            if got >= HEADER_SIZE and got == HEADER_SIZE + _LENGTH(buf, 20)[0]:
+                need = self._left = got  # the usual case: the whole answer in one read
+            else:
+                self._left += got
+                need = self._recv()
+                buf = self._buf
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.path}: {e}") from None
-        buf = self._buf
         (_m, _v, ftype, _f, _t, rows, k, _n, lat, seq, vlen) = _RESULT_PREFIX(buf)
-        if ftype != FrameType.RESULT or rows != 1 or need < _RESULT_PREFIX_SIZE:
+        if ftype != _RESULT or rows != 1 or need < _RESULT_PREFIX_SIZE:
             header, payload = bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
             self._consume(need)
             self._answer(header, payload)  # raises for an ERROR frame
