@@ -284,9 +284,12 @@ class AgentServer:
                     if not c.answer_one():
                         c.queued = True
                         self._answer([c], again)
-                        break
+                        if c.queued:  # more complete messages: the next turn answers them
+                            break
                     turns -= 1
-                    if not turns or c.out is not None or not c.alive:
+                    # read on only from a connection with everything answered and sent (not
+                    # one whose big request is on the worker, or whose answer waits to go)
+                    if not turns or c.idle_since is None or c.out is not None or not c.alive:
                         break
                 return again, self._tick(next_sweep)
         ready, again = again, []
@@ -366,6 +369,7 @@ class AgentServer:
     def hand_off(self, c: _Connection, job: partial, m0: int, m1: int) -> None:
         """Have the worker thread answer `c`'s big request (`job()`, the message being
         `c.buf[m0:m1]`); nothing more is read from `c` until the answer went out."""
+        c.idle_since = None  # busy: not evicted, and not read on by the lone-connection path
         self._epoll.unregister(c.fd)  # type: ignore[union-attr]
         self._work.put((c, job, m0, m1))
 

@@ -221,6 +221,33 @@ def test_both_encodings_interleave_on_one_connection(agent, model):
     s.close()
 
 
+@pytest.mark.parametrize("together", [True, False])
+def test_a_big_batch_on_the_worker_is_answered_before_the_dies_sent_after_it(agent, model,
+                                                                             together):
+    """A lone connection: a batch of more rows than the loop answers itself (BIG_ROWS, on the
+    worker thread) and single dies right behind it, sent with it or just after: the answers
+    come in the order sent (the loop reads nothing more from the connection meanwhile)."""
+    from agent.server import BIG_ROWS
+
+    s = _raw(agent.path)
+    big = encode_predict(model.train[:BIG_ROWS + 1], tag=1)
+    small = [encode_predict(model.train[i:i + 1], tag=2 + i) for i in range(3)]
+    line = json.dumps({"id": 9, "params": model.train[0].tolist()}).encode() + b"\n"
+    if together:
+        s.sendall(big + b"".join(small) + line)
+    else:
+        s.sendall(big)
+        for frame in small:
+            s.sendall(frame)
+        s.sendall(line)
+    answers = _Stream(s)
+    first = answers.frame()
+    assert first.tag == 1 and len(first.records) == BIG_ROWS + 1
+    assert [answers.frame().tag for _ in small] == [2, 3, 4]
+    assert answers.line()["id"] == 9
+    s.close()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
