@@ -7,7 +7,10 @@ so eight test heads got no more answers per second than one and waited milliseco
 queue. The loop reads every connection that is ready, then answers all the single-row binary
 requests it found in one ONNX Runtime run (`Dispatcher.frames`): a batch of eight costs little
 more than one row, and nothing waits on purpose (the batch is what arrived since the last poll).
-Everything else (JSON lines, batch frames, labels, errors) is answered as it is read.
+Everything else (JSON lines, batch frames, labels, errors) is answered as it is read. One
+connection ready with one single-row frame is answered directly (`_Connection.answer_one`);
+while it is the only connection, its next request is read right after the answer, before
+epoll_wait (a tester sends its next die as soon as it has read the answer: most reads succeed).
 
 Fairness: no client, however it behaves, keeps another from getting answers.
 - A connection idle between messages for `idle_timeout_s` is closed (0: never).
