@@ -9,6 +9,7 @@ model; the admin socket and the fleet link start last, once there is something t
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -178,6 +179,10 @@ def run(config: AgentConfig) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     agent.start()
+    # What start-up built (the model, numpy, ONNX Runtime, metrics: ~50k objects) goes to the
+    # permanent generation: a full garbage collection then walks only what came after, instead
+    # of stalling every connection for ~40 ms.
+    gc.freeze()
     try:
         while not stop.wait(0.5):
             pass

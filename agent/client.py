@@ -37,7 +37,7 @@ from agent.protocol import (
     MAGIC,
     NO_SEQUENCE,
     PROTOCOL_VERSION,
-    RESULT_BLOCK,
+    RESULT_PREFIX,
     SOURCE_LABELS,
     Decision,
     ErrorCode,
@@ -51,7 +51,12 @@ from agent.protocol import (
 )
 
 _ONE_HEAD = struct.Struct("<4sBBHIIIIQ")  # a one-row PREDICT's header and die id
-_FAIL, _ERROR = int(Decision.FAIL), int(Decision.ERROR)
+_RESULT_PREFIX = RESULT_PREFIX.unpack_from  # a RESULT frame's header and result block
+_RESULT_PREFIX_SIZE = RESULT_PREFIX.size
+_LENGTH = struct.Struct("<I").unpack_from  # a header's payload length, at offset 20
+_PASS, _FAIL, _ERROR = int(Decision.PASS), int(Decision.FAIL), int(Decision.ERROR)
+_PREDICT, _RESULT = int(FrameType.PREDICT), int(FrameType.RESULT)
+_F4 = np.dtype("<f4")
 
 
 class AgentError(EdgefleetError):
@@ -150,6 +155,9 @@ class Client:
         self._tag = 0
         self.model_sequence: int | None = None  # of the model that gave the last answer
         self._info: dict[str, Any] | None = None
+        self._version: tuple[bytes, str | None] = (b"", None)  # the last answer's, raw and read
+        # predict's request buffer and a float32 view of its values, for the last width sent
+        self._one: tuple[bytearray, np.ndarray] = (bytearray(), np.empty(0, _F4))
 
     def described(self) -> dict[str, Any]:
         """The agent's `info`, read once and again after the model changed."""
@@ -249,22 +257,50 @@ class Client:
                 tester: int = 0) -> Result:
         """One die over a binary frame; NaN = not measured. Raises `AgentError` if refused.
         `tester` (1..65535, 0 = none) names the tester for the agent's per-tester calibration.
-        The lean path: one pack for the request, one unpack of the record, no numpy views."""
-        x = np.asarray(params, dtype="<f4")
+        The lean path: one pack for the request, the answer read in place (one unpack of its
+        prefix, one of the record), no numpy views, no copies."""
+        x = params if type(params) is np.ndarray and params.dtype == _F4 else \
+            np.asarray(params, dtype=_F4)
+        n = x.size
+        frame, row = self._one
+        if len(row) != n:  # the request buffer for this width: header, die id, values
+            frame = bytearray(_ONE_HEAD.size + 4 * n)
+            self._one = frame, row = frame, np.frombuffer(frame, _F4, n, _ONE_HEAD.size)
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
-        frame = _ONE_HEAD.pack(MAGIC, PROTOCOL_VERSION, FrameType.PREDICT, tester, tag, 1, x.size,
-                               8 + 4 * x.size, die_id) + x.tobytes()
-        header, payload = self._exchange(frame)
-        if header[5] != FrameType.RESULT or header[12:16] != b"\x01\x00\x00\x00":
-            self._answer(header, payload)  # raises for an ERROR frame; a RESULT of 1 row here
-        k = HEADER.unpack_from(header)[6]
-        _lat, seq, vlen = RESULT_BLOCK.unpack_from(payload)
-        start = RESULT_BLOCK.size + vlen + (-vlen % 8)
-        row = row_struct(k).unpack_from(payload, start)
-        self._saw(None if seq == NO_SEQUENCE else seq)
-        r = _result((*row[:9], row[9:9 + k], row[9 + k:]),
-                    payload[RESULT_BLOCK.size:RESULT_BLOCK.size + vlen].decode("ascii") or None,
-                    _lat / 1e3)
+        _ONE_HEAD.pack_into(frame, 0, MAGIC, PROTOCOL_VERSION, _PREDICT, tester, tag, 1, n,
+                            8 + 4 * n, die_id)
+        row[:] = x.reshape(n)
+        buf = self._buf
+        try:
+            self.sock.sendall(frame)
+            got = 0 if self._left else self.sock.recv_into(buf)
+            if got >= HEADER_SIZE and got == HEADER_SIZE + _LENGTH(buf, 20)[0]:
+                need = self._left = got  # the usual case: the whole answer in one read
+            else:
+                self._left += got
+                need = self._recv()
+                buf = self._buf
+        except OSError as e:
+            raise AgentUnreachable(f"agent at {self.path}: {e}") from None
+        (_m, _v, ftype, _f, _t, rows, k, _n, lat, seq, vlen) = _RESULT_PREFIX(buf)
+        if ftype != _RESULT or rows != 1 or need < _RESULT_PREFIX_SIZE:
+            header, payload = bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
+            self._consume(need)
+            self._answer(header, payload)  # raises for an ERROR frame
+            raise AgentError("bad_frame", f"expected a one-row RESULT frame, found type "
+                             f"{ftype} with {rows} rows")
+        version = self._version
+        if buf[_RESULT_PREFIX_SIZE:_RESULT_PREFIX_SIZE + vlen] != version[0]:
+            raw = bytes(buf[_RESULT_PREFIX_SIZE:_RESULT_PREFIX_SIZE + vlen])
+            self._version = version = (raw, raw.decode("ascii") or None)
+        row = row_struct(k).unpack_from(buf, _RESULT_PREFIX_SIZE + vlen + (-vlen % 8))
+        self._consume(need)
+        if seq != self.model_sequence:
+            self._saw(None if seq == NO_SEQUENCE else seq)
+        if row[1] == _PASS:  # the common answer: no top list, no error
+            return Result(row[0], "pass", row[6], row[7], row[8], SOURCE_LABELS[row[2]],
+                          version[1], row[4], (), lat / 1e3)
+        r = _result((*row[:9], row[9:9 + k], row[9 + k:]), version[1], lat / 1e3)
         if r.error:
             raise AgentError(r.error, r.message or "")
         return r
@@ -317,8 +353,16 @@ class Client:
                            answer.latency_ns / 1e3)
 
     def _recv_frame(self) -> tuple[bytes, bytes]:
-        """One answer frame: (header, payload), copied out of the receive buffer. Bytes read
-        past it (the next pipelined answer's) stay at the buffer's start for the next call."""
+        """One answer frame: (header, payload), copied out of the receive buffer."""
+        need = self._recv()
+        buf = self._buf
+        header, payload = bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
+        self._consume(need)
+        return header, payload
+
+    def _recv(self) -> int:
+        """Read until one whole answer frame is at the start of the receive buffer; its size.
+        Bytes read past it (the next pipelined answer's) follow it; `_consume` keeps them."""
         buf, got, need = self._buf, self._left, 0
         while True:
             if not need and got >= HEADER_SIZE:
@@ -328,13 +372,16 @@ class Client:
                     bigger[:got] = buf[:got]
                     self._buf = buf = bigger
             if need and got >= need:
-                break
-            n = self.sock.recv_into(memoryview(buf)[got:])
+                self._left = got
+                return need
+            n = self.sock.recv_into(memoryview(buf)[got:] if got else buf)
             if not n:
                 raise AgentUnreachable(f"agent at {self.path} closed the connection")
             got += n
-        header, payload = bytes(buf[:HEADER_SIZE]), bytes(buf[HEADER_SIZE:need])
-        self._left = got - need
-        if self._left:
-            buf[:self._left] = buf[need:got]
-        return header, payload
+
+    def _consume(self, need: int) -> None:
+        """Drop the answer frame of `need` bytes at the buffer's start, keeping what follows."""
+        got = self._left
+        self._left = left = got - need
+        if left:
+            self._buf[:left] = self._buf[need:got]

@@ -97,16 +97,33 @@ class Dispatcher:
         n = p.n_features
         if not p.available or any(h[3] != n for h in held):  # errors: answered one by one
             return [self.frame(b, o, tag, 1, cols, t0) for b, o, tag, cols, t0 in held]
-        rows = len(held)
-        x = np.empty((rows, n), dtype=np.float32)
-        die_ids = np.empty(rows, dtype=np.uint64)
+        x = np.empty((len(held), n), dtype=np.float32)
+        die_ids = []
         for i, (buf, offset, *_) in enumerate(held):
             start = offset + HEADER_SIZE
-            die_ids[i] = _U64(buf, start)[0]
+            die_ids.append(_U64(buf, start)[0])
             x[i] = _frombuffer(buf, _F4, n, start + 8)
         testers = [frame_tester(h[0], h[1]) for h in held]
-        records, t_inf, fallback = p.score_batch(
-            x, die_ids, testers[0] if len(set(testers)) == 1 else testers)
+        tester = testers[0] if len(set(testers)) == 1 else testers
+        scored = p.score_rows(x, die_ids, tester)
+        if scored is None:  # a row the model alone cannot answer: the general path
+            return self._frames_batch(p, held, x, np.array(die_ids, dtype=np.uint64), tester)
+        rows, t_inf, scores = scored
+        now = _perf()
+        latency = [now - h[4] for h in held]
+        self.metrics.record_rows(rows, "binary", latency, t_inf)
+        if self.shadow is not None and self.shadow.active:
+            self.shadow.offer(x, scores, p.manifest)
+        pack, k, seq, vpad = p.record.pack, p.k, p.sequence_u64, p.version_padded
+        vlen = len(p.version_bytes)
+        return [encode_one_result(pack(*r[:9], *r[9], *r[10]), k, h[2], int(lat * 1e9), seq,
+                                  vpad, vlen)
+                for r, h, lat in zip(rows, held, latency, strict=True)]
+
+    def _frames_batch(self, p: Predictor, held: list[tuple], x: np.ndarray,
+                      die_ids: np.ndarray, tester: str | list[str]) -> list[bytes]:
+        """Gathered single rows through `score_batch` (fallback rules, refusals)."""
+        records, t_inf, fallback = p.score_batch(x, die_ids, tester)
         now = _perf()
         latency = np.array([now - h[4] for h in held])
         self.metrics.record_batch(records, "binary", latency, t_inf, fallback)

@@ -144,6 +144,22 @@ class AgentMetrics:
             elif fallback_reason:
                 self._fallback[fallback_reason] += 1
 
+    def record_rows(self, rows: list[tuple], encoding: str, latency: list[float],
+                    inference: float) -> None:
+        """Single-row requests the model answered in one run (`Predictor.score_rows`): one
+        latency per request, one inference time for the run."""
+        req, scores, pred = self._req[encoding], self._scores, self._pred
+        with self._lock:
+            for lat in latency:
+                req.add(lat)
+            if inference:
+                self._inference.add(inference)
+            for row in rows:
+                pred[row[1] * 3 + row[2]] += 1
+                if row[4]:
+                    self._imputed += row[4]
+                scores.add(row[6])
+
     def record_batch(self, records: np.ndarray, encoding: str, latency: float | np.ndarray,
                      inference: float, fallback: dict[str, int]) -> None:
         """One batch request (`latency` a float), or single-row requests answered by one model

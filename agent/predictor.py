@@ -211,11 +211,10 @@ class Predictor:
         # call, half the cost of isfinite().all().
         if np.dot(v, self._zeros) != 0:
             nan = np.isnan(v)
-            infinite = ~nan & ~np.isfinite(v)
-            if infinite.any():
-                col = int(np.argmax(infinite))
+            imputed = int(np.count_nonzero(nan))
+            if imputed + np.count_nonzero(np.isfinite(v)) != self.n_features:  # an infinity
+                col = int(np.argmax(~nan & ~np.isfinite(v)))
                 return self._error_row(die_id, ErrorCode.NOT_FINITE, col, 0), 0.0, None
-            imputed = int(nan.sum())
             if imputed > self.max_missing:
                 return self._beyond_max_missing(v, die_id, imputed)
         drift = self.drift
@@ -273,6 +272,50 @@ class Predictor:
     def _error_row(self, die_id, code: ErrorCode, column: int, imputed: int) -> Row:
         return (die_id, Decision.ERROR, Source.NONE, int(code), imputed, column, math.nan,
                 math.nan, math.nan, *self._no_top)
+
+    def score_rows(self, x: np.ndarray, die_ids: list[int],
+                   tester: str | Sequence[str] = DEFAULT_CONTEXT
+                   ) -> tuple[list[Row], float, np.ndarray] | None:
+        """Single-row requests of several connections in one model run (agent/server.py):
+        (row tuples as `score_one` gives them, inference seconds, the scores), or None when a
+        row needs more than the model (an infinite value, too many missing, a model failing or
+        absent, a non-finite score): `score_batch` answers those. The lean path: a handful of
+        numpy calls for the whole batch, then plain Python per row, with `score_one`'s
+        arithmetic (double precision, calibration die by die in order), so a row answers the
+        same alone or gathered. `tester`: the calibration context of every row, or one per
+        row."""
+        if not self._use_model or self.health.failing:
+            return None
+        nan = np.isnan(x)
+        imputed = np.count_nonzero(nan, axis=1)
+        if imputed.max() > self.max_missing or np.isinf(x).any():
+            return None
+        t0 = _perf()
+        try:
+            out = self.engine.predict(x)  # type: ignore[union-attr]
+        except Exception:  # score_batch runs it again and takes the fallback
+            return None
+        t_inf = _perf() - t0
+        scores = out.score.reshape(-1)
+        if not np.isfinite(scores).all() or out.top_index.shape != (len(die_ids), self.k):
+            return None
+        if self.drift is not None:
+            self.drift.observe(x)
+        cal, thr, inv, no_top = self.calibration, self.threshold, self.inv_scale, self._no_top
+        keys = [tester] * len(die_ids) if isinstance(tester, str) else tester
+        rows: list[Row] = []
+        for i, (die_id, s, m, key) in enumerate(zip(die_ids, scores.tolist(), imputed.tolist(),
+                                                   keys, strict=True)):
+            if cal is not None:
+                thr = cal.judge(key, s, m > 0)
+            if s > thr:
+                rows.append((die_id, _FAIL, _MODEL, 0, m, -1, s, thr,
+                             1.0 - _exp((thr - s) * inv), out.top_index[i].tolist(),
+                             out.top_contribution[i].tolist()))
+            else:
+                rows.append((die_id, _PASS, _MODEL, 0, m, -1, s, thr,
+                             1.0 - _exp((s - thr) * inv), *no_top))
+        return rows, t_inf, scores
 
     def score_batch(self, x: np.ndarray, die_ids: np.ndarray,
                     tester: str | Sequence[str] = DEFAULT_CONTEXT

@@ -330,9 +330,10 @@ def _raw_decode(text: str) -> tuple[Any, int]:
     return _decoder.raw_decode(text, start)
 
 
-# `"params"`, then JSON whitespace, `:`, `[`, and up to the first `]` only what numbers and
-# null are spelled with: digits, sign, point, exponent, the letters of null, commas, whitespace
-_NUMERIC_PARAMS = re.compile(rb'"params"[ \t\r\n]*:[ \t\r\n]*\[[-+0-9.eEnul, \t\r\n]*\]')
+_JSON_SPACE = b" \t\r\n"
+# what numbers and null are spelled with: digits, sign, point, exponent, the letters of null,
+# commas, whitespace
+_NUMBER_TEXT = b"-+0123456789.eEnul," + _JSON_SPACE
 
 
 def params_text_is_numeric(line: bytes | bytearray | memoryview) -> bool:
@@ -344,10 +345,23 @@ def params_text_is_numeric(line: bytes | bytearray | memoryview) -> bool:
     `"params"` followed by `:` is a key (a string value is never followed by `:` in valid JSON);
     when each such literal is followed by a list whose text has no quote (no string), no `[`
     or `{` (no container) and no `t` or `f` (no true/false), that list holds numbers and nulls."""
+    if type(line) is memoryview:
+        line = line.tobytes()
     if b"\\" in line:
         return False
-    keys = line.count(b'"params"')
-    return keys > 0 and len(_NUMERIC_PARAMS.findall(line)) == keys
+    # each `"params"` followed by JSON whitespace, `:`, whitespace, `[`, and up to the first
+    # `]` only number text (bytes.find and bytes.translate: a few microseconds for 512 values,
+    # a third of what a regular expression takes)
+    keys, at = line.count(b'"params"'), 0
+    for _ in range(keys):
+        key = line.find(b'"params"', at) + 8
+        start = line.find(b"[", key)
+        if start < 0 or line[key:start].strip(_JSON_SPACE) != b":":
+            return False
+        at = line.find(b"]", start)
+        if at < 0 or line[start + 1:at].translate(None, _NUMBER_TEXT):
+            return False
+    return keys > 0
 
 
 _NUMBER_OR_NULL = frozenset((float, int, type(None)))

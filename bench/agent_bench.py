@@ -17,7 +17,8 @@ servers in their own processes:
           CPUs; with --baseline-tree, the same against another checkout's agent, before and
           after this one's): answers/s, the --clients/1 and 32/1 ratios, and tails (the
           agent answers single rows that arrive together from several connections in one
-          model run; docs/protocol.md, "Serving many test heads")
+          model run; docs/protocol.md, "Serving many test heads"); --baseline-tree's agent
+          also gets the pinned single-row binary and JSON figures, right after this one's
   client  agent.client.Client.predict, one row, beside the raw binary round trip; and
           `edgefleet agent predict --file` on a CSV of --file-dies dies beside Client.predict_batch
           on the same rows (batches of 256)
@@ -425,10 +426,15 @@ def main() -> int:
         wait_for_path(fa_sock)
         res["echo_request_bytes"], res["agent_answer_bytes"] = len(frames[0]), answer_size
 
+        base_procs: list[subprocess.Popen] = []
+        if args.baseline_tree:  # another checkout's agent, measured beside this one
+            base_sock = _start_baseline(args.baseline_tree, store, keyring, tmp, base_procs)
+            procs += base_procs
+
         # -- single-row latency, client and servers pinned to one CPU (see the module docstring)
         pin = {args.pin_cpu}
         res["single_row_conditions"] = f"client and servers pinned to CPU {args.pin_cpu}"
-        for proc in (agent, fastapi, *echo_procs):
+        for proc in (agent, fastapi, *echo_procs, *base_procs):
             set_affinity(proc.pid, pin)
         os.sched_setaffinity(0, pin)
         sess = ort.InferenceSession(str(onnx_path), sess_options=session_options(1),
@@ -449,11 +455,17 @@ def main() -> int:
         res["client_predict"] = pct(client_loop(sock, sample, args.requests))
         res["agent_json"] = pct(json_loop(sock, lines, args.requests))
         res["agent_json_17"] = pct(json_loop(sock, lines17, args.requests))
+        if args.baseline_tree:
+            res["baseline_single"] = {
+                "agent_binary": pct(binary_loop(base_sock, frames, args.requests)),
+                "agent_json": pct(json_loop(base_sock, lines, args.requests)),
+                "agent_json_17": pct(json_loop(base_sock, lines17, args.requests)),
+            }
         bodies = [line.rstrip(b"\n") for line in lines]
         res["fastapi"] = pct(http_loop(fa_sock, bodies, max(args.requests // 4, 2000)))
 
         # -- the same unpinned, for reference (this VM's cross-CPU wake-ups are slow)
-        for proc in (agent, fastapi, *echo_procs):
+        for proc in (agent, fastapi, *echo_procs, *base_procs):
             set_affinity(proc.pid, all_cpus)
         os.sched_setaffinity(0, all_cpus)
         res["unpinned"] = {
@@ -468,7 +480,6 @@ def main() -> int:
         # for seconds after: that is not what serving single rows costs)
         seconds = max(args.seconds, 0.5)
         if args.baseline_tree:  # the same figures from another checkout's agent, alternating
-            base_sock = _start_baseline(args.baseline_tree, store, keyring, tmp, procs)
             res["baseline_tree"] = {"tree": str(args.baseline_tree), **_heads(
                 base_sock, frames, args.clients, seconds)}
         one, one_rate = epoll_clients(sock, frames, 1, seconds)
@@ -655,6 +666,13 @@ def print_report(r: dict) -> None:
           f"{r['concurrent']['answers_per_s']:,.0f} ({r['concurrent']['vs_one_client']:.2f}x), "
           f"32 clients {r['clients_32']['answers_per_s']:,.0f} "
           f"({r['clients_32']['vs_one_client']:.2f}x); load average {r['clients_loadavg']:.1f}")
+    if "baseline_single" in r:
+        print(f"baseline {r['baseline_tree']['tree']}, the same pinned single-row figures:")
+        for key, name in (("agent_binary", "binary"), ("agent_json", "JSON"),
+                          ("agent_json_17", "JSON 17-digit")):
+            b = r["baseline_single"][key]
+            print(f"  baseline {name:24s} p50 {b['p50_us']:8.1f}  p99 {b['p99_us']:8.1f}  "
+                  f"(this tree {r[key]['p50_us'] / b['p50_us']:.2f}x the baseline's p50)")
     for key in ("baseline_tree", "baseline_tree_again"):
         if key in r:
             b = r[key]

@@ -127,6 +127,16 @@ def test_a_passing_die_has_no_top_parameters(agent, model):
     assert r.decision == "pass" and r.top == () and r.confidence >= 0
 
 
+def test_a_single_die_with_missing_and_infinite_values_is_refused_naming_the_infinite_one(
+        agent, model):
+    x = model.train[7].copy()
+    x[1] = np.nan
+    x[6] = -np.inf
+    with Client(agent.path) as c, pytest.raises(AgentError) as e:
+        c.predict(x)
+    assert e.value.code == "not_finite" and "params[6]" in str(e.value)
+
+
 def test_binary_batch_answers_each_row_in_order_with_its_own_errors(agent, model):
     x = model.train[:6].copy()
     x[1, 2] = np.nan  # imputed
@@ -208,6 +218,33 @@ def test_both_encodings_interleave_on_one_connection(agent, model):
     j2 = answers.line()
     assert (a1.tag, a2.tag, j1["id"], j2["id"]) == (1, 2, 7, 7)
     assert a1.records["score"][0] == pytest.approx(j1["score"], rel=1e-6)
+    s.close()
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_big_batch_on_the_worker_is_answered_before_the_dies_sent_after_it(agent, model,
+                                                                             together):
+    """A lone connection: a batch of more rows than the loop answers itself (BIG_ROWS, on the
+    worker thread) and single dies right behind it, sent with it or just after: the answers
+    come in the order sent (the loop reads nothing more from the connection meanwhile)."""
+    from agent.server import BIG_ROWS
+
+    s = _raw(agent.path)
+    big = encode_predict(model.train[:BIG_ROWS + 1], tag=1)
+    small = [encode_predict(model.train[i:i + 1], tag=2 + i) for i in range(3)]
+    line = json.dumps({"id": 9, "params": model.train[0].tolist()}).encode() + b"\n"
+    if together:
+        s.sendall(big + b"".join(small) + line)
+    else:
+        s.sendall(big)
+        for frame in small:
+            s.sendall(frame)
+        s.sendall(line)
+    answers = _Stream(s)
+    first = answers.frame()
+    assert first.tag == 1 and len(first.records) == BIG_ROWS + 1
+    assert [answers.frame().tag for _ in small] == [2, 3, 4]
+    assert answers.line()["id"] == 9
     s.close()
 
 
@@ -532,16 +569,19 @@ def test_batch_answers_are_arrays_and_a_stream_keeps_their_order(agent, model):
     assert np.array_equal(np.concatenate([s.score for s in streamed]), b.score, equal_nan=True)
 
 
-@pytest.mark.parametrize("widths", ["model", "one wrong"])
+@pytest.mark.parametrize("widths", ["model", "one wrong", "model answers all"])
 def test_single_rows_answered_together_get_the_answers_they_get_alone(agent, model, widths):
     """Single-row frames of several connections answered by one model run
     (`Dispatcher.frames`, what the server does with single rows that arrive together): every
     answer is the one its frame gets alone, byte for byte but for latency_ns, refused and
-    failing dies among them; with a frame of the wrong width among them each is answered alone."""
+    failing dies among them (the general path, `score_batch`) or none (the lean path the
+    model answers alone, `score_rows`); with a frame of the wrong width among them each is
+    answered alone."""
     x = np.tile(np.linspace(0.9, 1.1, N, dtype=np.float32), (6, 1))
     x[1] += 5.0  # fails
-    x[2, 3] = np.inf  # not_finite
-    x[3, :N // 2] = np.nan  # too_many_missing
+    if widths != "model answers all":
+        x[2, 3] = np.inf  # not_finite
+        x[3, :N // 2] = np.nan  # too_many_missing
     x[4, 0] = np.nan  # imputed
     frames = [encode_predict(row, np.array([100 + i], np.uint64), tag=7 + i)
               for i, row in enumerate(x)]
@@ -549,14 +589,24 @@ def test_single_rows_answered_together_get_the_answers_they_get_alone(agent, mod
         frames[5] = encode_predict(np.ones((1, N + 1), np.float32), tag=12)
     bufs = [bytearray(f) for f in frames]
     held = [(b, 0, 7 + i, struct.unpack_from("<I", b, 16)[0], 0.0) for i, b in enumerate(bufs)]
+    counted = agent.dispatch.metrics.totals
+    before = counted()
     together = agent.dispatch.frames(held)
+    between = counted()
     alone = [agent.dispatch.frame(b, 0, tag, 1, cols, 0.0) for b, _, tag, cols, _ in held]
+    after = counted()
+    for b, m, a in zip(before, between, after, strict=True):  # the same metrics counted
+        assert np.array_equal(np.subtract(m, b), np.subtract(a, m))
     assert len(together) == len(alone) == 6
     for a, b in zip(together, alone, strict=True):
         assert a[:24] + a[32:] == b[:24] + b[32:]  # bytes 24..32: latency_ns
     rec = [decode_answer_frame(a[:HEADER_SIZE], a[HEADER_SIZE:]).records[0] for a in together[:5]]
     assert [int(r["die_id"]) for r in rec] == [100, 101, 102, 103, 104]
-    assert [int(r["decision"]) for r in rec] == [0, 1, 2, 2, 0]  # pass, fail, error, error, pass
-    assert [int(r["error_code"]) for r in rec[2:4]] == [ErrorCode.NOT_FINITE,
-                                                        ErrorCode.TOO_MANY_MISSING]
+    if widths == "model answers all":
+        assert [int(r["decision"]) for r in rec] == [0, 1, 0, 0, 0]
+        assert int(rec[1]["top_index"][0]) >= 0
+    else:  # pass, fail, error, error, pass
+        assert [int(r["decision"]) for r in rec] == [0, 1, 2, 2, 0]
+        assert [int(r["error_code"]) for r in rec[2:4]] == [ErrorCode.NOT_FINITE,
+                                                            ErrorCode.TOO_MANY_MISSING]
     assert int(rec[4]["imputed"]) == 1
