@@ -33,7 +33,7 @@ from agent.calibration import (
 )
 from agent.client import Client
 from agent.config import AgentConfig
-from agent.protocol import json_values
+from agent.protocol import HEADER_SIZE, decode_answer_frame, encode_predict, json_values
 from tests.agent_support import (
     build_model,
     install_into_store,
@@ -280,6 +280,13 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
         binary = [c.predict(r, die_id=i, tester=9) for i, r in enumerate(quiet)]
         as_json = c.predict_json(quiet[0], tester=9)
         binary_unnamed = c.predict(rows[0])
+        # single rows of several test heads answered by one model run (agent/server.py)
+        # keep each frame's tester: tester 9's learnt threshold, the unnamed one's fixed one
+        frames = [bytearray(encode_predict(quiet[0], tag=1, tester=9)),
+                  bytearray(encode_predict(rows[0], tag=2))]
+        gathered = [decode_answer_frame(a[:HEADER_SIZE], a[HEADER_SIZE:]).records[0]
+                    for a in agent.server.dispatch.frames([(f, 0, i + 1, N, 0.0)
+                                                    for i, f in enumerate(frames)])]
         learnt = dict((k, t) for k, t, _ in agent.runtime.calibration.current.snapshot())
         metrics = generate_latest(agent.server.metrics.registry).decode()
     assert 'edgefleet_calibration_testers{state="tracking"} 2.0' in metrics  # T7, 9
@@ -295,6 +302,8 @@ def test_agent_calibrates_per_tester_and_keeps_it_across_a_restart_not_a_swap(tm
     assert as_json["threshold"] == pytest.approx(learnt["9"], rel=1e-6)
     assert as_json["threshold"] == pytest.approx(binary[-1].threshold, rel=0.02)
     assert binary_unnamed.threshold == pytest.approx(t0, rel=1e-6)
+    assert float(gathered[0]["threshold"]) == pytest.approx(binary[-1].threshold, rel=0.02)
+    assert float(gathered[1]["threshold"]) == pytest.approx(t0, rel=1e-6)
     assert (tmp_path / "calibration" / "calibration.json").is_file()
 
     with _agent(store, keyring) as agent, Client(agent.config.socket) as c:
