@@ -173,9 +173,12 @@ def client_loop(path: str, rows: np.ndarray, n: int, warmup: int = 500) -> np.nd
     return out
 
 
-def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
+def file_screening(path: str, tmp: Path, dies: np.ndarray, runs: int = 1,
+                   baseline_tree: Path | None = None) -> dict:
     """`edgefleet agent predict --file --quiet` on a CSV of `dies` (shortest float32 text, empty
-    cells for missing values), whole process, beside Client.predict_batch on the same rows."""
+    cells for missing values), whole process, beside Client.predict_batch on the same rows
+    (batches of 256); with `baseline_tree`, that checkout's CLI on the same file and agent too.
+    Medians of `runs` rounds, each round running all of them in turn."""
     from agent.client import Client
 
     csv_path = tmp / "dies.csv"
@@ -184,17 +187,28 @@ def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
         for i, row in enumerate(dies):
             cells = ("" if v is None else repr(v) for v in json_values(row))
             f.write(f"D{i}," + ",".join(cells) + "\n")
-    with Client(path) as c:
-        t0 = time.perf_counter()
-        for i in range(0, len(dies), 256):
-            c.predict_batch(dies[i:i + 256])
-        client = len(dies) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path, "--file",
-                    str(csv_path), "--quiet"], cwd=REPO, check=True, capture_output=True)
-    cli = len(dies) / (time.perf_counter() - t0)
-    return {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6,
-            "cli_dies_per_s": cli, "client_dies_per_s": client, "ratio": cli / client}
+    trees = {"cli": REPO} | ({"baseline_cli": baseline_tree} if baseline_tree else {})
+    rates: dict[str, list[float]] = {"client": [], **{k: [] for k in trees}}
+    for _ in range(runs):
+        with Client(path) as c:
+            t0 = time.perf_counter()
+            for i in range(0, len(dies), 256):
+                c.predict_batch(dies[i:i + 256])
+            rates["client"].append(len(dies) / (time.perf_counter() - t0))
+        for key, tree in trees.items():
+            t0 = time.perf_counter()
+            subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path,
+                            "--file", str(csv_path), "--quiet"], cwd=tree, check=True,
+                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+            rates[key].append(len(dies) / (time.perf_counter() - t0))
+    out = {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6, "runs": runs,
+           "loadavg": os.getloadavg()[0]}
+    for key, values in rates.items():
+        out[f"{key}_dies_per_s"] = float(np.median(values))
+        if key != "client":
+            out[key.replace("cli", "ratio")] = float(np.median(
+                np.array(values) / np.array(rates["client"])))
+    return out
 
 
 def epoll_clients(path: str, frames: list[bytes], clients: int, seconds: float
