@@ -97,7 +97,7 @@ def test_a_spreadsheet_export_reads_as_written(tmp_path, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_batches_are_whole_across_chunks_and_errors_name_the_line(tmp_path, monkeypatch,
                                                                  engine):
-    monkeypatch.setattr(csvread, "CHUNK_BYTES", 100)  # many chunks, batches straddle them
+    monkeypatch.setitem(csvread.CHUNK_BYTES, engine, 100)  # many chunks; batches straddle them
     rows = [f"{i},{i}.5,{-i},1e{i % 30}" for i in range(1000)]
     path = _write(tmp_path / "f.csv", "die_id,p0,p1,p2\n" + "\n".join(rows) + "\n")
     got, ids, x = _read(path, engine, batch=64)
