@@ -125,6 +125,18 @@ def test_a_file_without_ids_numbers_dies_by_data_row(tmp_path, engine):
     assert ids == ["1", "2"] and x.tolist() == [[1, 2, 3], [4, 5, 6]]
 
 
+def test_the_docs_example_file_reads_as_the_doc_says(tmp_path):
+    """docs/protocol.md, "Screening a CSV file": its example, on a 3-feature model."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    example = doc.split("```csv\n", 1)[1].split("```", 1)[0]
+    names = [f"param_{i:03d}" for i in range(3)]
+    for engine in ENGINES:
+        _, ids, x = _read(_write(tmp_path / "dies.csv", example), engine, names=names)
+        assert ids == ["1000017", "W3,12-07"]
+        assert np.array_equal(x, np.array([[0.51, np.nan, 1.2], [0.49, np.nan, 1.1]],
+                                          np.float32), equal_nan=True)
+
+
 def test_a_header_that_does_not_map_is_refused(tmp_path):
     path = _write(tmp_path / "f.csv", "die_id,a,b\nD1,1,2\n")
     with pytest.raises(UsageError, match="the header names 2 parameter columns .* expects 3"):
