@@ -4,9 +4,11 @@ bench/agent_bench.py without its other runs), and the CSV readers one by one.
     .venv/bin/python bench/file_screen_bench.py [--dies 20000] [--runs 3] [--baseline-tree DIR]
 
 On the bench autoencoder (bench/ae_model.py, 512 parameters), one agent process: the CLI on a
-CSV of --dies dies (whole process: start, read, screen; `agent_bench.file_screening`) and
-Client.predict_batch on the same rows, medians of --runs rounds; with --baseline-tree (e.g. a
-checkout of main), that tree's CLI on the same file and agent in the same rounds. Then each
+CSV of --dies dies (whole process: start, read, screen; and the CLI's own in-process rate;
+`agent_bench.file_screening`), with the reader this install has and with the base install's
+(orjson), and Client.predict_batch on the same rows, medians of --runs rounds; with
+--baseline-tree (e.g. a checkout of main), that tree's CLI on the same file and agent in the
+same rounds. Then each
 reader of agent/csvread.py on its own (ns per value, wall and CPU). Writes JSON to --out.
 """
 
@@ -58,7 +60,7 @@ def main() -> int:
         sock = _start_baseline(REPO, store, keyring, tmp, procs)
         res = {"loadavg_start": os.getloadavg()[0]}
         res["file_screening"] = file_screening(sock, tmp, dies[:args.dies], args.runs,
-                                               args.baseline_tree)
+                                               args.baseline_tree, light_cli=True)
         res["readers"] = reader_costs(tmp / "dies.csv", n, [f"p{i}" for i in range(n)])
         res["loadavg_end"] = os.getloadavg()[0]
     finally:
@@ -70,10 +72,13 @@ def main() -> int:
     print(f"{fs['dies']} dies, {fs['csv_mb']:.0f} MB CSV, median of {fs['runs']} rounds, load "
           f"{res['loadavg_start']:.1f} -> {res['loadavg_end']:.1f}")
     print(f"  Client batches of 256       {fs['client_dies_per_s']:>9,.0f} dies/s")
-    for key, ratio in (("cli", "ratio"), ("baseline_cli", "baseline_ratio")):
-        if key in fs:
+    for key in ("cli", "light_cli", "baseline_cli"):
+        if f"{key}_dies_per_s" in fs:
+            ratio = key.replace("cli", "ratio")
             print(f"  predict --file ({key:12s}) {fs[f'{key}_dies_per_s']:>9,.0f} dies/s  "
-                  f"ratio {fs[ratio]:.2f} (target >= 0.5)")
+                  f"ratio {fs[ratio]:.2f} (target >= 0.5); in-process "
+                  f"{fs[f'{key}_inprocess_dies_per_s']:,.0f} dies/s, ratio "
+                  f"{fs[f'{ratio}_inprocess']:.2f}")
     for engine, r in res["readers"].items():
         print(f"  reader {engine:10s} {r['wall_ns_per_value']:6.1f} ns/value wall, "
               f"{r['cpu_ns_per_value']:6.1f} CPU")
