@@ -296,7 +296,7 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
     meta = c.info(feature_names=True)
     if not meta.get("ready"):
         raise AgentError("unavailable", "the agent has no model and no fallback rules")
-    size = max(path.stat().st_size, 1) if path.is_file() else 1
+    size = path.stat().st_size if path.is_file() else 0
     read = [0]  # bytes parsed so far: progress without counting the file's lines first
     counts = {"pass": 0, "fail": 0, "error": 0, "fallback": 0}
     server_us: list[float] = []
@@ -328,7 +328,7 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
         now = time.perf_counter()
         if now - last > (0.2 if tty else 5.0):  # progress: live on a terminal, sparse in logs
             last = now
-            print(f"\r{done} dies ({100 * read[0] / size:.0f}% of the file read), "
+            print(f"\r{done} dies ({100 * read[0] / max(size, 1):.0f}% of the file read), "
                   f"{done / max(now - t_start, 1e-9):,.0f} dies/s", end="" if tty else "\n",
                   file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -340,7 +340,7 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
           f"({counts['fallback']} by fallback rules), {counts['error']} refused; "
           f"model {meta['model']['version'] if meta.get('model') else '-'}; agent time per die "
           f"p50 {p50:.1f} us (batches of {batch}); {done / max(elapsed, 1e-9):,.0f} dies/s "
-          f"end to end (CSV read by {csvread.engines()[0]})", file=sys.stderr)
+          f"end to end (CSV read by {csvread.engine_for(size)})", file=sys.stderr)
     return counts["error"] == 0
 
 

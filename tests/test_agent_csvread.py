@@ -150,6 +150,14 @@ def test_a_header_that_does_not_map_is_refused(tmp_path):
         _read(path, ENGINES[0])
 
 
+def test_polars_reads_large_files_only_and_the_environment_picks_a_reader(monkeypatch):
+    """Importing polars costs more than it saves on a file under one polars chunk."""
+    assert csvread.engine_for(1000) == "orjson"
+    assert csvread.engine_for(8 << 20) == ENGINES[0]
+    monkeypatch.setenv("EDGEFLEET_CSV_READER", "orjson")
+    assert csvread.engine_for(8 << 20) == "orjson"
+
+
 def test_prefetched_keeps_order_and_raises_the_readers_error_in_turn():
     def items():
         yield from range(5)
