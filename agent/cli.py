@@ -260,10 +260,10 @@ def predict(
 
 
 def _predict_one(c, values: list[str], die_id: str | None, output: str) -> bool:
-    from agent.csvread import _parse_value
+    from agent.csvread import parse_value
 
     cells = [cell for v in values for cell in v.split(",")]
-    params = [_parse_value(v, f"value {i}") for i, v in enumerate(cells)]
+    params = [parse_value(v, f"value {i}") for i, v in enumerate(cells)]
     answer = c.predict_json(params, die_id=die_id)
     if output == "json":
         typer.echo(json.dumps(answer))
@@ -333,7 +333,7 @@ def _predict_file(c, path: Path, id_column: str, batch: int, output: str, quiet:
                   file=sys.stderr, flush=True)
     sys.stdout.flush()
     elapsed = time.perf_counter() - t_start
-    print(f"\r{done}/{done} dies (100%)", file=sys.stderr)
+    print(f"\r{done} dies (100% of the file read)", file=sys.stderr)
     per_die = sorted(server_us)
     p50 = per_die[len(per_die) // 2] if per_die else 0.0
     print(f"{done} dies: {counts['pass']} pass, {counts['fail']} fail "

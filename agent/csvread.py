@@ -317,14 +317,14 @@ def _exact_rows(chunk: bytes, layout: Layout, line_no: int):
         if len(rec) != len(header):  # a short or long row: its cells would name wrong columns
             raise UsageError(f"{path}:{at}: {len(rec)} cells, the header has {len(header)}")
         try:
-            rows.append([_parse_value(rec[j], f"column {header[j]!r}") for j in layout.cols])
+            rows.append([parse_value(rec[j], f"column {header[j]!r}") for j in layout.cols])
         except UsageError as e:
             raise UsageError(f"{path}:{at}: {e}") from None
         ids.append(rec[layout.id_col] if layout.id_col is not None else str(at - 1))
     return ids, np.array(rows, dtype=np.float32).reshape(len(rows), len(layout.cols))
 
 
-def _parse_value(text: str, where: str) -> float:
+def parse_value(text: str, where: str) -> float:
     """One cell or argument as a float: empty, nan, null or na (any case) are missing (NaN)."""
     t = text.strip()
     if t == "" or t.lower() in MISSING:

@@ -104,7 +104,7 @@ def test_predict_a_csv_file_prints_each_die_and_a_summary(served, tmp_path):
     assert sum("\tfail\t" in line for line in lines) == fails
     assert f"300 dies: {300 - fails} pass, {fails} fail (0 by fallback rules), 0 refused" \
         in r.stderr
-    assert "300/300 dies (100%)" in r.stderr
+    assert "300 dies (100% of the file read)" in r.stderr
 
 
 def test_predict_file_sends_whole_number_die_ids_so_labels_join_on_them(served, tmp_path):
