@@ -71,14 +71,15 @@ def main() -> int:
     fs = res["file_screening"]
     print(f"{fs['dies']} dies, {fs['csv_mb']:.0f} MB CSV, median of {fs['runs']} rounds, load "
           f"{res['loadavg_start']:.1f} -> {res['loadavg_end']:.1f}")
-    print(f"  Client batches of 256       {fs['client_dies_per_s']:>9,.0f} dies/s")
+    print(f"  Client batches of 256       {fs['client_dies_per_s']:>9,.0f} dies/s; CPU "
+          f"{fs['client_cpu_s']:.2f} s (the client's own; the agent's is not counted)")
     for key in ("cli", "light_cli", "baseline_cli"):
         if f"{key}_dies_per_s" in fs:
             ratio = key.replace("cli", "ratio")
             print(f"  predict --file ({key:12s}) {fs[f'{key}_dies_per_s']:>9,.0f} dies/s  "
                   f"ratio {fs[ratio]:.2f} (target >= 0.5); in-process "
                   f"{fs[f'{key}_inprocess_dies_per_s']:,.0f} dies/s, ratio "
-                  f"{fs[f'{ratio}_inprocess']:.2f}")
+                  f"{fs[f'{ratio}_inprocess']:.2f}; CPU {fs[f'{key}_cpu_s']:.2f} s")
     for engine, r in res["readers"].items():
         print(f"  reader {engine:10s} {r['wall_ns_per_value']:6.1f} ns/value wall, "
               f"{r['cpu_ns_per_value']:6.1f} CPU")
