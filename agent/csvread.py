@@ -1,17 +1,18 @@
 """Read a CSV file of dies as batches of (die ids, float32 rows), streaming, at C speed.
 
 `edgefleet agent predict --file` screens files of thousands of 512-parameter dies; reading the
-text is most of its work. The file is read in chunks of whole lines (a few MB: memory stays
-bounded whatever the file's size), and each chunk is parsed by one of two engines:
+text is most of its work. The file is read in chunks of whole lines (256 KB to 8 MB: memory
+stays bounded whatever the file's size), and each chunk is parsed by one of two engines:
 
 - `polars` (the `screen` extra, `pip install edgefleet[screen]`): its CSV reader parses a chunk in
   Rust, without the GIL, at ~40-60 ns per value; used when installed, for files of 8 MB and
   more (importing it costs ~0.15 s).
 - `orjson` (the device's base install): the chunk's rows rewritten as one JSON array of arrays
-  and parsed by orjson, ~150 ns per value with the numpy conversion.
+  and parsed by orjson, ~90-130 ns per value with the numpy conversion.
 
-Either engine gives up on a chunk it cannot vouch for (quotes it cannot count, text, blank
-lines, a short or long row), and the csv module then reads that chunk cell by cell
+(Figures: a 2-core VM under load, bench/file_screen_bench.py.) Either engine gives up on a
+chunk it cannot vouch for (text cells, blank lines, a short or long row; for orjson also any
+quote), and the csv module then reads that chunk cell by cell
 (`_exact_rows`): every engine gives the same ids and float32 values (a value is parsed to
 float64, as Python's float() does, then rounded to float32), and a bad cell is refused with its
 file, line and column. A missing value is an empty cell, `nan`, `null` or `na` (any case).
@@ -59,12 +60,16 @@ class Layout:
 def engines() -> list[str]:
     """The engines this install has, fastest first; EDGEFLEET_CSV_READER=orjson (or polars)
     names the one to use."""
+    have = ["orjson"]
+    if importlib.util.find_spec("polars") is not None:  # found, not imported (~0.15 s)
+        have.insert(0, "polars")
     chosen = os.environ.get("EDGEFLEET_CSV_READER")
-    if chosen in ("orjson", "polars"):
-        return [chosen]
-    if importlib.util.find_spec("polars") is None:  # found, not imported: that costs ~0.15 s
-        return ["orjson"]
-    return ["polars", "orjson"]
+    if chosen is None:
+        return have
+    if chosen not in have:
+        raise UsageError(f"EDGEFLEET_CSV_READER={chosen}: this install reads CSV with "
+                         f"{' or '.join(have)}", hint="polars: pip install 'edgefleet[screen]'")
+    return [chosen]
 
 
 def read_batches(path: Path, id_column: str, names: list[str] | None, n: int, batch: int,

@@ -156,6 +156,9 @@ def test_polars_reads_large_files_only_and_the_environment_picks_a_reader(monkey
     assert csvread.engine_for(8 << 20) == ENGINES[0]
     monkeypatch.setenv("EDGEFLEET_CSV_READER", "orjson")
     assert csvread.engine_for(8 << 20) == "orjson"
+    monkeypatch.setenv("EDGEFLEET_CSV_READER", "pandas")
+    with pytest.raises(UsageError, match="EDGEFLEET_CSV_READER=pandas: this install reads"):
+        csvread.engine_for(1000)
 
 
 def test_prefetched_keeps_order_and_raises_the_readers_error_in_turn():
