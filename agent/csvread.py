@@ -253,27 +253,31 @@ _POLARS_MISSING = ["", "NA", "na", "null", "NULL"]
 def _fast_rows(chunk: bytes, layout: Layout, line_no: int, k: int):
     """(ids, rows) for a chunk of plain numeric CSV lines, read by orjson as one JSON array of
     arrays (an empty cell becomes null); None when the chunk has anything else (quotes, nan,
-    text cells, blank lines, a short row), for `_exact_rows` to read."""
+    text cells it needs, blank lines, a short or long row), for `_exact_rows` to read. Lines
+    whose only other column is a leading id are passed whole; any other layout (columns the
+    model does not use, say a lot or a timestamp) has its cells picked per line."""
     if b'"' in chunk:  # quoted cells, ids too: the csv module unquotes them
         return None
     lines = _lines(chunk)
-    id_col, width = layout.id_col, len(layout.header)
+    id_col, width, cols = layout.id_col, len(layout.header), layout.cols
+    whole = width == len(cols) + (id_col is not None) and id_col in (None, 0)
     ids, nums = [], []
     for raw in lines:
         line = raw.rstrip(b"\r")
         if not line:
             return None
-        if id_col is None:
+        if whole and id_col is None:
             num = line
-        elif id_col == 0:
+        elif whole:
             die, _, num = line.partition(b",")
             ids.append(die)
         else:
             cells = line.split(b",")
             if len(cells) != width:
                 return None
-            ids.append(cells.pop(id_col))
-            num = b",".join(cells)
+            if id_col is not None:
+                ids.append(cells[id_col])
+            num = b",".join([cells[j] for j in cols])
         if num[:1] == b",":  # an empty first or last cell: null
             num = b"null" + num
         if num[-1:] == b",":
@@ -283,25 +287,26 @@ def _fast_rows(chunk: bytes, layout: Layout, line_no: int, k: int):
             num = num.replace(b",,", b",null,").replace(b",,", b",null,")
         nums.append(num)
     doc = b"[[" + b"],[".join(nums) + b"]]"
-    if any(c in doc for c in (b'"', b"t", b"f", b"{", b"\\", b",,")):  # text, inf, ...
+    if any(c in doc for c in (b"t", b"f", b"{", b"\\", b",,")):  # text, inf, ...
         return None
     try:
         x = np.array(orjson.loads(doc), dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
         return None
-    ncols = width - (id_col is not None)
-    if x.shape != (len(lines), ncols):
+    if x.shape != (len(lines), len(cols)):  # a short or long row among whole lines
         return None
-    if id_col is not None:
-        idx = [j - (j > id_col) for j in layout.cols]
+    if id_col is None:
+        ids = _row_ids(line_no, len(lines))
+    else:
         try:
             ids = [d.decode("utf-8") for d in ids]
         except UnicodeDecodeError:
             return None
-    else:
-        idx = layout.cols
-        ids = _row_ids(line_no, len(lines))
-    return ids, x if idx == list(range(ncols)) else np.ascontiguousarray(x[:, idx])
+    # whole lines hold the parameters in the file's order; picked cells are in the model's
+    idx = [j - (j > id_col) for j in cols] if id_col is not None else cols
+    if not whole or idx == list(range(len(cols))):
+        return ids, x
+    return ids, np.ascontiguousarray(x[:, idx])
 
 
 def _exact_rows(chunk: bytes, layout: Layout, line_no: int):
