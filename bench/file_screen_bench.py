@@ -8,8 +8,8 @@ CSV of --dies dies (whole process: start, read, screen; and the CLI's own in-pro
 `agent_bench.file_screening`), with the reader this install has and with the base install's
 (orjson), and Client.predict_batch on the same rows, medians of --runs rounds; with
 --baseline-tree (e.g. a checkout of main), that tree's CLI on the same file and agent in the
-same rounds. Then each
-reader of agent/csvread.py on its own (ns per value, wall and CPU). Writes JSON to --out.
+same rounds. Then each reader of agent/csvread.py on its own (ns per value, wall and CPU;
+polars' import timed apart). Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def reader_costs(csv_path: Path, n: int, names: list[str]) -> dict[str, dict[str
     from agent import csvread
 
     out = {}
+    if "polars" in csvread.engines():
+        c0 = time.process_time()
+        import polars  # noqa: F401
+
+        out["polars_import"] = {"cpu_s": time.process_time() - c0}
     for engine in csvread.engines():
         t0, c0 = time.perf_counter(), time.process_time()
         values = sum(x.size for _, x in csvread.read_batches(csv_path, "die_id", names, n, 256,
@@ -80,9 +85,13 @@ def main() -> int:
                   f"ratio {fs[ratio]:.2f} (target >= 0.5); in-process "
                   f"{fs[f'{key}_inprocess_dies_per_s']:,.0f} dies/s, ratio "
                   f"{fs[f'{ratio}_inprocess']:.2f}; CPU {fs[f'{key}_cpu_s']:.2f} s")
-    for engine, r in res["readers"].items():
-        print(f"  reader {engine:10s} {r['wall_ns_per_value']:6.1f} ns/value wall, "
-              f"{r['cpu_ns_per_value']:6.1f} CPU")
+    readers = res["readers"]
+    for engine, r in readers.items():
+        if "cpu_ns_per_value" in r:
+            print(f"  reader {engine:10s} {r['wall_ns_per_value']:6.1f} ns/value wall, "
+                  f"{r['cpu_ns_per_value']:6.1f} CPU")
+    if "polars_import" in readers:
+        print(f"  importing polars: {readers['polars_import']['cpu_s']:.2f} s CPU")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     return 0
