@@ -136,7 +136,8 @@ def test_batches_are_whole_across_chunks_and_errors_name_the_line(tmp_path, monk
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_file_without_ids_numbers_dies_by_data_row(tmp_path, engine):
+def test_a_file_without_ids_numbers_dies_by_data_row(tmp_path, monkeypatch, engine):
+    monkeypatch.setitem(csvread.CHUNK_BYTES, engine, 3)  # each line longer than a chunk
     path = _write(tmp_path / "f.csv", "a,b,c\n1,2,3\n4,5,6\n")
     _, ids, x = _read(path, engine, names=["x", "y", "z"])  # not the model's names: by position
     assert ids == ["1", "2"] and x.tolist() == [[1, 2, 3], [4, 5, 6]]
