@@ -174,9 +174,19 @@ def client_loop(path: str, rows: np.ndarray, n: int, warmup: int = 500) -> np.nd
     return out
 
 
-def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
+def file_screening(path: str, tmp: Path, dies: np.ndarray, runs: int = 1,
+                   baseline_tree: Path | None = None, light_cli: bool = False) -> dict:
     """`edgefleet agent predict --file --quiet` on a CSV of `dies` (shortest float32 text, empty
-    cells for missing values), whole process, beside Client.predict_batch on the same rows."""
+    cells for missing values), whole process, beside Client.predict_batch on the same rows
+    (batches of 256); with `baseline_tree`, that checkout's CLI on the same file and agent too;
+    with `light_cli`, this CLI with the base install's reader (EDGEFLEET_CSV_READER=orjson).
+    Medians of `runs` rounds, each round running all of them in turn. `*_inprocess` is the
+    CLI's own end-to-end rate (its summary line: from connecting to the last answer, without
+    the interpreter's start and imports); `*_cpu_s` the CLI process's CPU time (user + system,
+    all threads), which a busy machine changes less than the rates."""
+    import re
+    import resource
+
     from agent.client import Client
 
     csv_path = tmp / "dies.csv"
@@ -185,17 +195,42 @@ def file_screening(path: str, tmp: Path, dies: np.ndarray) -> dict[str, float]:
         for i, row in enumerate(dies):
             cells = ("" if v is None else repr(v) for v in json_values(row))
             f.write(f"D{i}," + ",".join(cells) + "\n")
-    with Client(path) as c:
-        t0 = time.perf_counter()
-        for i in range(0, len(dies), 256):
-            c.predict_batch(dies[i:i + 256])
-        client = len(dies) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path, "--file",
-                    str(csv_path), "--quiet"], cwd=REPO, check=True, capture_output=True)
-    cli = len(dies) / (time.perf_counter() - t0)
-    return {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6,
-            "cli_dies_per_s": cli, "client_dies_per_s": client, "ratio": cli / client}
+    trees = {"cli": (REPO, {})}
+    if light_cli:
+        trees["light_cli"] = (REPO, {"EDGEFLEET_CSV_READER": "orjson"})
+    if baseline_tree:
+        trees["baseline_cli"] = (baseline_tree, {})
+    rates: dict[str, list[float]] = {"client": [], **{k: [] for k in trees},
+                                     **{f"{k}_inprocess": [] for k in trees}}
+    cpu: dict[str, list[float]] = {"client": [], **{k: [] for k in trees}}
+    for _ in range(runs):
+        with Client(path) as c:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(0, len(dies), 256):
+                c.predict_batch(dies[i:i + 256])
+            rates["client"].append(len(dies) / (time.perf_counter() - t0))
+            cpu["client"].append(time.process_time() - c0)
+        for key, (tree, env) in trees.items():
+            t0, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            run = subprocess.run([PY, "-m", "edgefleet", "agent", "predict", "--socket", path,
+                                  "--file", str(csv_path), "--quiet"], cwd=tree, check=True,
+                                 capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(tree), **env))
+            rates[key].append(len(dies) / (time.perf_counter() - t0))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[key].append(after.ru_utime + after.ru_stime - ru.ru_utime - ru.ru_stime)
+            own = re.search(r"([\d,]+) dies/s end to end", run.stderr)
+            rates[f"{key}_inprocess"].append(float(own[1].replace(",", "")) if own else np.nan)
+    out = {"dies": len(dies), "csv_mb": csv_path.stat().st_size / 1e6, "runs": runs,
+           "loadavg": os.getloadavg()[0]}
+    for key, values in cpu.items():
+        out[f"{key}_cpu_s"] = float(np.median(values))
+    for key, values in rates.items():
+        out[f"{key}_dies_per_s"] = float(np.median(values))
+        if key != "client":  # cli -> ratio, baseline_cli_inprocess -> baseline_ratio_inprocess
+            out[key.replace("cli", "ratio")] = float(np.median(
+                np.array(values) / np.array(rates["client"])))
+    return out
 
 
 def epoll_clients(path: str, frames: list[bytes], clients: int, seconds: float
