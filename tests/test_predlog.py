@@ -16,7 +16,7 @@ import pytest
 from agent.client import Client
 from agent.predlog import (
     decode_capture,
-    decode_prediction,
+    read_predictions,
     wait_flushed,
 )
 from agent.segring import RECORD, RingConfig, SegmentRing, read_ring
@@ -43,6 +43,11 @@ def _records(ring_dir: Path) -> list[tuple[int, bytes]]:
     return read_ring(ring_dir, 0, max_records=10**9, max_bytes=1 << 40).records
 
 
+def _predictions(ring_dir: Path) -> list[tuple[int, dict]]:
+    """(prediction seq, answer) of every logged answer (the ring holds blocks of them)."""
+    return read_predictions(ring_dir, 0, max_records=10**9, max_bytes=1 << 40)[1]
+
+
 def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(model, tmp_path):
     x = model.train[:6].copy()
     x[1] += 50.0  # a fail
@@ -56,7 +61,7 @@ def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(mo
                        {"die_id": "B1", "params": x[1].tolist()}])
             c.request({"die_id": "bad", "params": [1.0]})  # refused: not a decision, not logged
         assert wait_flushed(plog, server)
-    preds = [decode_prediction(p) for _, p in _records(tmp_path / "log" / "predictions")]
+    preds = [p for _, p in _predictions(tmp_path / "log" / "predictions")]
     assert [p["die_id"] for p in preds] == ["7", "8", "10", "11", "12", "W1-X3", "B0", "B1"]
     assert [p["decision"] for p in preds] == ["pass", "fail", "pass", "fail", "pass", "fail",
                                               "pass", "fail"]
@@ -155,7 +160,7 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
                 # taken by another process in between) fails the test at once, with its code
                 wait_for(lambda p=port, q=proc: _ready(p) or _exited(q), timeout=120)
                 assert proc.poll() is None, f"the agent exited with {proc.returncode}"
-                before = len(_records(logdir / "predictions"))
+                before = len(_predictions(logdir / "predictions"))
                 with Client(tmp / "a.sock") as c:
                     for i in range(300):
                         c.predict(model.train[i % 100], die_id=run * 1000 + i)
@@ -166,9 +171,9 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
-            recs = _records(logdir / "predictions")
+            recs = _predictions(logdir / "predictions")
             assert [s for s, _ in recs] == list(range(len(recs)))  # no hole, no duplicate
-            ids = [int(decode_prediction(p)["die_id"]) for _, p in recs[before:]]
+            ids = [int(p["die_id"]) for _, p in recs[before:]]
             assert ids[:300] == [run * 1000 + i for i in range(300)]
             assert len(ids) <= 400
             lost.append(400 - len(ids))
