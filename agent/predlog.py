@@ -84,10 +84,12 @@ from agent.segring import RingConfig, RingFull, SegmentRing
 
 log = logging.getLogger("edgefleet.agent")
 
-# Messages per chunk: the writer holds the GIL for one chunk (about 100 us of binary single-row
-# answers), then gives it back, so a request that arrives meanwhile waits at most that long.
+# Messages per chunk: the writer holds the GIL for half a chunk at a time (about 150 us of
+# binary single-row answers), then gives it back, so a request that arrives meanwhile waits at
+# most that long.
 _CHUNK_MESSAGES = 256
-_CHUNK_ROWS = 8192  # and rows (batch frames): one block holds at most this many answers
+_CHUNK_ROWS = 2048  # and rows (batch frames): one block holds at most this many answers
+_TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
 NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
@@ -119,10 +121,11 @@ class PredLogConfig:
     capture_fails: bool = True  # and every fail
     min_free_bytes: int = 64 << 20
     queue_size: int = 65536  # answered messages waiting for the writer
-    queue_bytes: int = 32 << 20  # and their bytes (answers, copied rows and JSON lines)
+    queue_bytes: int = 16 << 20  # and their bytes (answers, copied rows and JSON lines)
     flush_interval_s: float = 0.2
     fsync_interval_s: float = 1.0
-    index_rows: int = 1 << 18  # die index rows kept in memory before they go to a sidecar
+    index_rows: int = 1 << 16  # die index rows kept in memory (34 bytes each) before they go
+    # to a sidecar
 
     def ring(self, which: str) -> RingConfig:
         size = self.capture_max_bytes if which == "capture" else self.max_bytes
@@ -370,6 +373,7 @@ class PredictionLog:
         for rows in _index_rows(self.predictions, self.index.covered):
             self.index.add(rows)
         self.labels: Any = None
+        self.trimmer: Any = None  # agent.memory.Trimmer: told after a pass that freed a lot
         self._queue: deque = deque()
         self._cap = config.queue_size
         self._cap_bytes = config.queue_bytes
@@ -492,6 +496,7 @@ class PredictionLog:
     def _flush(self) -> None:
         q = self._queue
         todo = len(q)
+        drained = self._out_bytes
         while todo > 0:
             chunk, rows = [], 0
             while todo > 0 and len(chunk) < _CHUNK_MESSAGES and rows < _CHUNK_ROWS:
@@ -501,10 +506,14 @@ class PredictionLog:
                 todo -= 1
             self._out_bytes += sum(item[6] for item in chunk)
             try:
-                self._write(self._parts(chunk))
+                parts = self._parts(chunk)
+                _yield_gil()  # about half of the chunk's work: let a waiting request in
+                self._write(parts)
             except Exception:
                 log.exception("prediction log: cannot write %d answers", len(chunk))
             _yield_gil()
+        if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
+            self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
         if now - self._last_sync >= self.config.fsync_interval_s:
             self.predictions.sync()
@@ -859,6 +868,7 @@ def plug_in(server: Any, plog: PredictionLog) -> None:
     """Connect a log (and its label desk, if any) to an AgentServer: its tap after each answer,
     the `label` op, its metrics."""
     server.tap = plog.tap
+    plog.trimmer = getattr(server, "trimmer", None)
     server.dispatch.labels = plog.labels
     server.metrics.registry.register(PredLogCollector(plog))
 
