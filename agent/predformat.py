@@ -131,11 +131,12 @@ def id_bytes(text: str) -> bytes:
 
 
 def encode_capture(t: float, model: int, pred_seq: int, die_id: str, decision: int,
-                   reason: int, score: float, row: np.ndarray) -> bytes:
+                   reason: int, score: float, row: np.ndarray | bytes) -> bytes:
+    """`row`: the values, or their little-endian float32 bytes as a binary frame carries them."""
     raw = id_bytes(die_id)
-    values = np.ascontiguousarray(row, dtype=_F4)
-    return (_CAP.pack(t, model, pred_seq, decision, reason, score, len(raw), values.size) + raw
-            + values.tobytes())
+    values = row if isinstance(row, bytes) else np.ascontiguousarray(row, dtype=_F4).tobytes()
+    return b"".join((_CAP.pack(t, model, pred_seq, decision, reason, score, len(raw),
+                               len(values) // 4), raw, values))
 
 
 def decode_capture(payload: bytes) -> tuple[dict[str, Any], np.ndarray]:

@@ -84,11 +84,13 @@ from agent.segring import RingConfig, RingFull, SegmentRing
 
 log = logging.getLogger("edgefleet.agent")
 
-# Messages per chunk: the writer holds the GIL for half a chunk at a time (about 150 us of
-# binary single-row answers), then gives it back, so a request that arrives meanwhile waits at
-# most that long.
-_CHUNK_MESSAGES = 256
-_CHUNK_ROWS = 2048  # and rows (batch frames): one block holds at most this many answers
+# One chunk, one GIL hold, one block: up to this many messages or rows (about 2 ms of work).
+# A request that arrives while the writer holds the GIL waits for the rest of the chunk, so
+# what the p99 feels is how many holds there are, not how long each is: a tester's one request
+# in flight is delayed at most once per chunk, one request in hundreds or thousands.
+_CHUNK_MESSAGES = 4096
+_CHUNK_ROWS = 8192
+_JSON_RUN = 128  # JSON messages parsed at once (more live objects at once make the GC work)
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
@@ -498,17 +500,17 @@ class PredictionLog:
         todo = len(q)
         drained = self._out_bytes
         while todo > 0:
-            chunk, rows = [], 0
-            while todo > 0 and len(chunk) < _CHUNK_MESSAGES and rows < _CHUNK_ROWS:
-                item = q.popleft()
-                chunk.append(item)
+            chunk: list[tuple] = []
+            add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
+            while n and rows < _CHUNK_ROWS:
+                item = pop()
+                add(item)
                 rows += item[5]
-                todo -= 1
-            self._out_bytes += sum(item[6] for item in chunk)
+                n -= 1
+            todo -= len(chunk)
             try:
-                parts = self._parts(chunk)
-                _yield_gil()  # about half of the chunk's work: let a waiting request in
-                self._write(parts)
+                self._out_bytes += sum([item[6] for item in chunk])
+                self._write(self._parts(chunk))
             except Exception:
                 log.exception("prediction log: cannot write %d answers", len(chunk))
             _yield_gil()
@@ -537,7 +539,7 @@ class PredictionLog:
             answer = item[2]
             key = (int.from_bytes(answer[16:20], "little") if item[4] <= _BINARY_BATCH
                    else -1)
-            if key != run_key and run:
+            if run and (key != run_key or (key < 0 and len(run) >= _JSON_RUN)):
                 parts.append(self._binary_part(run, run_key) if run_key >= 0
                              else self._json_part(run))
                 run = []
@@ -548,9 +550,13 @@ class PredictionLog:
                          else self._json_part(run))
         return parts
 
-    def _model_indices(self, items: list[tuple]) -> list[int]:
-        out, last_p, last_m = [], None, NO_MODEL
+    def _model_indices(self, items: list[tuple]) -> list[int] | int:
+        """Each message's model index; one int when one model answered them all."""
         index_of = self.models.index_of
+        first = items[0][1]
+        if all(item[1] is first for item in items):
+            return index_of(first)
+        out, last_p, last_m = [], None, NO_MODEL
         for item in items:
             p = item[1]
             if p is not last_p:
@@ -561,24 +567,30 @@ class PredictionLog:
     def _binary_part(self, items: list[tuple], k: int) -> _Part:
         dt = record_dtype(k)
         size = dt.itemsize
-        slices, counts, caps = [], [], []
-        pos = 0
-        for _t, _p, answer, extra, kind, rows, _ in items:
-            vlen = answer[40] | answer[41] << 8
-            off = _RESULT_OFF + vlen + (-vlen % 8)
-            slices.append(answer[off:off + rows * size])
-            counts.append(rows)
-            if extra is not None:
-                if kind == _BINARY_ONE:
-                    caps.append((pos, np.frombuffer(extra, _F4)))
-                else:
-                    caps += [(pos + i, r) for i, r in zip(extra[0].tolist(), extra[1],
-                                                           strict=True)]
-            pos += rows
-        rec = np.frombuffer(b"".join(slices), dt)  # (rows,)
+        times, _ps, answers, extras, kinds, counts, _ = zip(*items, strict=True)
+        # a RESULT frame ends with its records
+        if len(answers) == counts.count(1):
+            rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)  # (rows,)
+            starts: Any = range(len(answers))
+        else:
+            rec = np.frombuffer(b"".join([a[-n * size:] for a, n in zip(answers, counts,
+                                                                         strict=True)]), dt)
+            starts = np.cumsum((0, *counts[:-1])).tolist()
+        caps: list[tuple[int, Any]] = []
+        for i in [i for i, e in enumerate(extras) if e is not None]:
+            extra, pos = extras[i], starts[i]
+            if kinds[i] == _BINARY_ONE:
+                caps.append((pos, extra))  # the row's bytes, float32 as sent
+            else:  # (indices, rows): each row's bytes, sliced from one copy
+                blob, width = np.ascontiguousarray(extra[1], _F4).tobytes(), 4 * extra[1].shape[1]
+                caps += [(pos + j, blob[r * width:(r + 1) * width])
+                         for r, j in enumerate(extra[0].tolist())]
         out = np.empty(len(rec), ROW)
-        out["time"] = np.repeat([it[0] for it in items], counts)
-        out["model"] = np.repeat(self._model_indices(items), counts)
+        models = self._model_indices(items)
+        one_each = len(rec) == len(answers)
+        out["time"] = times if one_each else np.repeat(times, counts)
+        out["model"] = models if one_each or isinstance(models, int) else np.repeat(models,
+                                                                                  counts)
         out["die_num"] = rec["die_id"]
         for name in ("score", "threshold", "confidence", "decision", "source"):
             out[name] = rec[name]
@@ -603,7 +615,10 @@ class PredictionLog:
         ids: list[str] = []
         tops: list[tuple[list, list]] = []
         caps: list[tuple[int, np.ndarray]] = []
-        for item, doc, model in zip(items, docs, self._model_indices(items), strict=True):
+        indices = self._model_indices(items)
+        if isinstance(indices, int):
+            indices = [indices] * len(items)
+        for item, doc, model in zip(items, docs, indices, strict=True):
             t, _p, _a, extra, kind, _rows, _ = item
             many = kind == _JSON_BATCH
             if many and not isinstance(doc, list):

@@ -28,7 +28,8 @@ Why this shape:
 - **Full disk.** A write that fails (ENOSPC, EIO) is rolled back with `ftruncate` to the last
   whole record and raised as `RingFull`; the caller drops and counts. `min_free_bytes` refuses to
   write at all when the file system is nearly full, so the log never eats the space the model
-  store needs.
+  store needs (checked at most every 0.5 s while there is room: a statvfs per write would hand
+  the GIL to serving and take it back each time).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class SegmentRing:
         self._size = 0
         self.next_seq = 0
         self.truncated_bytes = 0  # torn tail removed at open
+        self._free_until, self._free_short = 0.0, False  # the last free-space check
         self._open()
 
     # ------------------------------------------------------------------ state
@@ -203,8 +205,12 @@ class SegmentRing:
             self._start_segment(self.next_seq)
             self.enforce()
         if self.config.min_free_bytes:
-            st = os.statvfs(self.dir)
-            if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
+            now = time.monotonic()
+            if now >= self._free_until or self._free_short:  # statvfs at most every 0.5 s
+                st = os.statvfs(self.dir)
+                self._free_short = st.f_bavail * st.f_frsize < self.config.min_free_bytes
+                self._free_until = now + 0.5
+            if self._free_short:
                 raise RingFull(f"{self.dir}: less than {self.config.min_free_bytes} bytes free")
         seq = self.next_seq
         parts = []
