@@ -25,14 +25,14 @@ when a request arrives delays that answer until it lets go):
   `_CHUNK_MESSAGES` messages, giving the GIL back after each: a chunk of binary answers is one
   `b"".join` of their result records and a handful of numpy operations (decode, die keys,
   per-model counts, index rows), then one block record and one `os.write`; JSON answers are
-  parsed by orjson, a chunk in one call. It fsyncs every `fsync_interval_s`, joins pending
+  parsed by orjson, 128 at a time. It fsyncs every `fsync_interval_s`, joins pending
   labels (agent/labels.py) and keeps the per-model proxy metrics. A full disk drops and counts
   (`reason="disk_full"`).
 
 Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
-of answers; the writer runs at idle priority, so under a CPU kept busy by serving it lags, and
-the bound is the queue's caps); a power cut also loses what was written since the last fsync (at
-most `fsync_interval_s`). A torn last record is cut off at the next start (agent/segring.py).
+of answers; should the writer fall behind, the bound is the queue's caps); a power cut also
+loses what was written since the last fsync (at most `fsync_interval_s`). A torn last record is
+cut off at the next start (agent/segring.py).
 """
 
 from __future__ import annotations
@@ -479,11 +479,10 @@ class PredictionLog:
             self.labels.ring.close()
 
     def _run(self) -> None:
-        # SCHED_IDLE (else nice +10), as the shadow scorer: a serving thread that wakes up
-        # preempts the writer at once; the writer only takes CPU nobody else wants
-        from agent.shadow import _lower_priority
-
-        _lower_priority(10)
+        # Normal priority, not idle (as the shadow scorer): the writer needs the GIL, and a
+        # serving thread made to hand the GIL over (after the 5 ms switch interval) waits
+        # until the writer is scheduled to take it, which for an idle-class thread on a busy
+        # box can take milliseconds. Its CPU is about 1% of serving's, so it runs when it wakes.
         while not self._stop.wait(self.config.flush_interval_s):
             try:
                 self.flush()

@@ -10,10 +10,10 @@ the capture path is exercised). A client sends single-row requests (binary frame
 lines) in alternating rounds to one agent and the other, so load that comes and goes on a shared
 machine hits both alike. With --pin-cpu (default 0) both agents and the client share one CPU,
 the worst case for the log's writer thread, which then competes with serving for that CPU.
-A continuous stream of back-to-back requests on one CPU starves the idle-priority writer, so
-after each round the bench waits until the log has written every answer so far (a tester's
-handling time gives it that; reported as the writer's catch-up time) instead of letting the
-queue fill up and drop.
+After each round the bench waits until the log has written every answer so far (reported as
+the writer's catch-up time; a tester's handling time gives the writer that room), so a writer
+that falls behind a continuous stream of back-to-back requests on one CPU is not judged by
+its queue's caps.
 
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
@@ -210,7 +210,7 @@ def main() -> int:
                 sock = agents[name][0]
                 lat[name]["binary"].append(binary_loop(sock, frames, args.requests, 200))
                 lat[name]["json"].append(json_loop(sock, lines, args.requests, 200))
-            # the writer runs at idle priority: let it write every answer so far (or 60 s)
+            # let the writer write every answer so far (or 60 s)
             catch_up.append(_catch_up(agents["on"][1], (r + 1) * 2 * (args.requests + 200)))
         load_end = os.getloadavg()
         written = scrape(agents["on"][1])
