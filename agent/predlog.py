@@ -248,7 +248,7 @@ class ModelTable:
         idx = self._by_engine.get(key)
         if idx is not None:
             return idx
-        digest = _bundle_digest(p) or m.model_digest
+        digest = getattr(p, "bundle_digest", None) or _bundle_digest(p) or m.model_digest
         for info in self.models:
             if info.digest == digest:
                 self._by_engine[key] = info.index
