@@ -63,6 +63,9 @@ class Hit:
     score: float
 
 
+_MERGE = 32  # recent arrays merged into one at this many: lookups and memory stay small
+
+
 class DieIndex:
     """See the module docstring. Owned by the prediction log's writer thread."""
 
@@ -91,6 +94,8 @@ class DieIndex:
         self.recent_rows += len(rows)
         if self.recent_rows >= self.limit:
             self.spill()
+        elif len(self.recent) >= _MERGE:  # a quiet agent writes blocks of a few rows
+            self.recent = [np.concatenate(self.recent)]
 
     def spill(self) -> None:
         if not self.recent:
