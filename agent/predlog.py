@@ -126,6 +126,7 @@ class PredLogConfig:
     queue_bytes: int = 16 << 20  # and their bytes (answers, copied rows and JSON lines)
     flush_interval_s: float = 0.2
     fsync_interval_s: float = 1.0
+    enforce_interval_s: float = 30.0  # age cap and old index sidecars checked this often
     index_rows: int = 1 << 16  # die index rows kept in memory (34 bytes each) before they go
     # to a sidecar
 
@@ -387,7 +388,7 @@ class PredictionLog:
         self._rng = np.random.default_rng()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_sync = 0.0
+        self._last_sync = self._last_enforce = 0.0
         self._lock = threading.Lock()  # counters read by scrapes
         self._flush_lock = threading.Lock()  # the writer thread, or stop() and tests
         self.records = {"predictions": 0, "capture": 0}
@@ -512,17 +513,22 @@ class PredictionLog:
                 self._write(self._parts(chunk))
             except Exception:
                 log.exception("prediction log: cannot write %d answers", len(chunk))
-            _yield_gil()
+            if todo > 0:
+                _yield_gil()
         if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
             self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
         if now - self._last_sync >= self.config.fsync_interval_s:
             self.predictions.sync()
             self.capture.sync()
+            self._last_sync = now
+        # the size caps are kept at every segment change (agent/segring.py); this is for the
+        # age cap and the index's sidecars: every stat and listing hands the GIL over and back
+        if now - self._last_enforce >= self.config.enforce_interval_s:
             self.predictions.enforce()
             self.capture.enforce()
             self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
-            self._last_sync = now
+            self._last_enforce = now
         if self.labels is not None:
             self.labels.tick(self)
 

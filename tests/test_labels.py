@@ -120,7 +120,8 @@ def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_count
 def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unknown(
         model, tmp_path):
     with logged_agent(model, tmp_path / "log", max_bytes=3000, segment_bytes=1000,
-                        fsync_interval_s=0.0, index_rows=64, flush_interval_s=3600) as (
+                        fsync_interval_s=0.0, index_rows=64, flush_interval_s=3600,
+                        enforce_interval_s=0.0) as (
             server, plog):
         with Client(server.path) as c:
             for i in range(400):
