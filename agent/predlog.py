@@ -807,8 +807,13 @@ def _params(req: Any) -> np.ndarray | None:
     """A JSON request's input row (None = not measured -> NaN), None when it has none."""
     if not isinstance(req, dict) or not isinstance(req.get("params"), list):
         return None
+    params = req["params"]
     try:
-        return np.array([np.nan if v is None else v for v in req["params"]], dtype=_F4)
+        return np.array(params, dtype=_F4)  # C speed when every value was measured
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return np.array([np.nan if v is None else v for v in params], dtype=_F4)
     except (TypeError, ValueError, OverflowError):
         return None
 

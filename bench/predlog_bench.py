@@ -103,7 +103,7 @@ def _catch_up(url: str, answered: int, timeout: float = 60.0) -> float:
         m = scrape(url)
         if m.get(_WRITTEN, 0) + m.get(_DROPPED, 0) >= answered:
             break
-        time.sleep(0.02)
+        time.sleep(0.1)  # a scrape costs the agent CPU too: not too often
     return time.monotonic() - t0
 
 
