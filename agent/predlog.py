@@ -635,8 +635,8 @@ class PredictionLog:
                 if not isinstance(a, dict) or "decision" not in a:
                     continue
                 fail = a["decision"] == "fail"
-                sampled = line is not None and (not many or bool(draw[j]) or
-                                                (fail and self._fails))
+                sampled = line is not None and (not many or (j < len(draw) and bool(draw[j]))
+                                                or (fail and self._fails))
                 j += 1
                 d = a.get("die_id")
                 if type(d) is int and 0 <= d < _U64:
