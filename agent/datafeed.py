@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from agent.errors import EdgefleetError
-from agent.predlog import PredictionLog, decode_capture, decode_prediction
+from agent.predlog import PredictionLog, decode_capture, read_predictions
 from agent.segring import read_ring
 
 log = logging.getLogger("edgefleet.agent")
@@ -56,15 +56,16 @@ class FeedError(EdgefleetError):
     """The device's certificate is not what the collector expects."""
 
 
-def decode_stream_record(stream: str, seq: int, payload: bytes) -> dict[str, Any]:
-    """One ring record as the JSON the feed sends."""
+def decode_stream_record(stream: str, seq: int, payload: bytes | dict[str, Any]
+                         ) -> dict[str, Any]:
+    """One record as the JSON the feed sends (a prediction comes decoded from its block)."""
     if stream == "labels":
         out = json.loads(payload)
     elif stream == "capture":
         out, row = decode_capture(payload)
         out["params_f32"] = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
     else:
-        out = decode_prediction(payload)
+        out = dict(payload)  # type: ignore[arg-type]
     for key in ("score", "threshold", "confidence"):
         v = out.get(key)
         if isinstance(v, float) and not math.isfinite(v):
@@ -137,7 +138,15 @@ class DataFeed:
 
     def stream(self, name: str, cursor: int, max_records: int) -> dict[str, Any]:
         directory = self.plog.dir / name
-        batch = read_ring(directory, cursor, min(max_records, MAX_RECORDS), MAX_BYTES)
+        limit = min(max_records, MAX_RECORDS)
+        if name == "predictions":  # blocks of answers: cut at the limit, resume after it
+            batch, items = read_predictions(directory, cursor, limit, MAX_BYTES)
+            items = items[:limit]
+            nxt = items[-1][0] + 1 if len(items) == limit else batch.next_cursor
+            return {"device": self.device_id, "stream": name, "cursor": cursor,
+                    "next": nxt, "gap": batch.gap,
+                    "records": [decode_stream_record(name, s, p) for s, p in items]}
+        batch = read_ring(directory, cursor, limit, MAX_BYTES)
         return {"device": self.device_id, "stream": name, "cursor": cursor,
                 "next": batch.next_cursor, "gap": batch.gap,
                 "records": [decode_stream_record(name, s, p) for s, p in batch.records]}

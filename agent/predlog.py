@@ -7,35 +7,39 @@
 What is recorded, per answered die (refused rows are not decisions and are not logged): time,
 die id, the model (an index into `models.json`: bundle digest, ONNX digest, name, version,
 sequence), decision, source (model / fallback rules), score, threshold, confidence and the top
-contributions. A configurable sample of the full input rows goes to a second ring, the capture
-(`capture_rate`, default 1%, plus every fail). Formats: `encode_prediction`/`decode_prediction`,
-`encode_capture`/`decode_capture` below; rings: agent/segring.py; retention, fsync policy and
-what a crash loses: docs/operations.md, "Prediction log, capture and labels".
+contributions of fails. A configurable sample of the full input rows goes to a second ring, the
+capture (`capture_rate`, default 1%, plus every fail). Formats: agent/predformat.py (answers are
+written in blocks, one ring record per writer pass and up to `_CHUNK_MESSAGES` messages);
+rings: agent/segring.py; retention, fsync policy and what a crash loses: docs/operations.md,
+"Prediction log, capture and labels".
 
-Never on the hot path:
+Never on the hot path, and as little GIL time as possible beside it (a writer holding the GIL
+when a request arrives delays that answer until it lets go):
 - `tap(buf, start, end, answer)` runs in the serving loop *after* the answer was sent.
   It keeps a reference to the answer bytes (immutable), copies the input row only when the row
   is sampled (a fail, or the random draw), and appends one tuple to a deque: about a microsecond.
-- The queue is bounded (`queue_size` messages): when it is full the message is dropped and
-  counted (`edgefleet_predlog_dropped_total{reason="queue_full"}`), never waited on.
-- One writer thread wakes every `flush_interval_s`, decodes the queued answers, appends the
-  records, fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps
-  the per-model proxy metrics. A full disk drops and counts (`reason="disk_full"`).
+- The queue is bounded by messages (`queue_size`) and by bytes (`queue_bytes`: answers and
+  the copied rows; a JSON batch line is big): beyond either, the message is dropped and counted
+  (`edgefleet_predlog_dropped_total{reason="queue_full"}`), never waited on.
+- One writer thread wakes every `flush_interval_s` and works in chunks of up to
+  `_CHUNK_MESSAGES` messages, giving the GIL back after each: a chunk of binary answers is one
+  `b"".join` of their result records and a handful of numpy operations (decode, die keys,
+  per-model counts, index rows), then one block record and one `os.write`; JSON answers are
+  parsed by orjson, 128 at a time. It fsyncs every `fsync_interval_s`, joins pending
+  labels (agent/labels.py) and keeps the per-model proxy metrics. A full disk drops and counts
+  (`reason="disk_full"`).
 
 Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
-of answers; the writer runs at idle priority, so under a CPU kept busy by serving it lags, and
-the bound is `queue_size`); a power cut also loses what was written since the last fsync (at
-most `fsync_interval_s`). A torn last record is cut off at the next start (agent/segring.py).
+of answers; should the writer fall behind, the bound is the queue's caps); a power cut also
+loses what was written since the last fsync (at most `fsync_interval_s`). A torn last record is
+cut off at the next start (agent/segring.py).
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import json
 import logging
 import random
-import struct
 import threading
 import time
 from collections import deque
@@ -45,10 +49,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.dieindex import DieIndex, die_key, die_text
+from agent.dieindex import INDEX_DTYPE, DieIndex, die_key, die_text
 from agent.fsio import atomic_write
+from agent.predformat import (
+    CAPTURE_FAIL,
+    CAPTURE_SAMPLE,
+    NUMERIC_ID,
+    ROW,
+    Block,
+    block_count,
+    decode_block,
+    decode_capture,
+    encode_block,
+    encode_capture,
+    id_bytes,
+    iter_predictions,
+)
 from agent.protocol import (
     DECISION_LABELS,
     HEADER,
@@ -60,28 +79,35 @@ from agent.protocol import (
     Source,
     parse_json_line,
     record_dtype,
-    row_struct,
 )
 from agent.segring import RingConfig, RingFull, SegmentRing
 
 log = logging.getLogger("edgefleet.agent")
 
-# The writer hands the GIL to the serving threads every this many answers (about 50 us of
-# work): a request that arrives while the writer runs waits at most that long, not a whole
-# switch interval.
-_YIELD_EVERY = 8
+# One chunk, one GIL hold, one block: up to this many messages or rows (about 2 ms of work).
+# A request that arrives while the writer holds the GIL waits for the rest of the chunk, so
+# what the p99 feels is how many holds there are, not how long each is: a tester's one request
+# in flight is delayed at most once per chunk, one request in hundreds or thousands.
+_CHUNK_MESSAGES = 4096
+_CHUNK_ROWS = 8192
+_JSON_RUN = 128  # JSON messages parsed at once (more live objects at once make the GC work)
+_TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
 NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
+FORMAT = "2"  # the log directory's format (agent/predformat.py); `format` file in it
 _F4 = np.dtype("<f4")
 _FAIL_TEXT = b'"decision":"fail"'
 _DECISION_TEXT = b'"decision"'
 _RESULT = int(FrameType.RESULT)
 _FAIL = int(Decision.FAIL)
+_ERROR = int(Decision.ERROR)
+_MODEL = int(Source.MODEL)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
+_U64 = 1 << 64
 
-__all__ = ["PredLogConfig", "PredictionLog", "decode_capture", "decode_prediction",
-           "die_key", "encode_capture", "encode_prediction"]
+__all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
+           "encode_capture", "iter_predictions", "read_predictions"]
 
 
 @dataclass(frozen=True)
@@ -97,9 +123,12 @@ class PredLogConfig:
     capture_fails: bool = True  # and every fail
     min_free_bytes: int = 64 << 20
     queue_size: int = 65536  # answered messages waiting for the writer
+    queue_bytes: int = 16 << 20  # and their bytes (answers, copied rows and JSON lines)
     flush_interval_s: float = 0.2
     fsync_interval_s: float = 1.0
-    index_rows: int = 1 << 18  # die index rows kept in memory before they go to a sidecar
+    enforce_interval_s: float = 30.0  # age cap and old index sidecars checked this often
+    index_rows: int = 1 << 16  # die index rows kept in memory (34 bytes each) before they go
+    # to a sidecar
 
     def ring(self, which: str) -> RingConfig:
         size = self.capture_max_bytes if which == "capture" else self.max_bytes
@@ -108,84 +137,75 @@ class PredLogConfig:
                           min_free_bytes=self.min_free_bytes)
 
 
-_row_struct = functools.lru_cache(maxsize=8)(row_struct)
-
-
 def _yield_gil() -> None:
     time.sleep(0)  # releases the GIL; a waiting serving thread takes it
 
 
-# ---------------------------------------------------------------------------- record formats
+def read_predictions(directory: Path, cursor: int = 0, max_records: int = 10_000,
+                     max_bytes: int = 4 << 20):
+    """(batch, [(prediction seq, answer), ...]) of a predictions ring from `cursor`: the
+    ring's `Batch` (next cursor, gap) and its blocks decoded, items before `cursor` skipped."""
+    from agent.segring import read_ring
 
-# time, model index, decision, source, n top, die id length, score, threshold, confidence;
-# then the die id (UTF-8), n top int32 indices, n top float32 contributions
-_PRED = struct.Struct("<dIBBBBfff")
-# time, model index, prediction seq, decision, reason (1 sample, 2 fail), score, die id length,
-# n values; then the die id, then n float32 values (NaN = not measured)
-_CAP = struct.Struct("<dIQBBfHI")
-CAPTURE_SAMPLE, CAPTURE_FAIL = 1, 2
+    batch = read_ring(directory, cursor, max_records, max_bytes, block_count)
+    return batch, list(iter_predictions(batch.records, cursor))
 
 
-def _index_rows(ring: SegmentRing, cursor: int):
-    """(die id, seq, time, model, decision, source, score) of every record from `cursor`."""
+def _index_rows(ring: SegmentRing, cursor: int) -> Iterable[np.ndarray]:
+    """The die index's rows (INDEX_DTYPE) of every block from `cursor`."""
     cursor = max(cursor, ring.first_seq())
     while True:
-        batch = ring.read(cursor, max_records=50_000, max_bytes=16 << 20)
+        batch = ring.read(cursor, max_records=1 << 20, max_bytes=16 << 20)
         if not batch.records:
             return
         for seq, payload in batch.records:
-            t, model, decision, source, _n, idlen, score, _, _ = _PRED.unpack_from(payload)
-            die = payload[_PRED.size:_PRED.size + idlen].decode("utf-8", "replace")
-            yield die, seq, t, model, decision, source, score
+            try:
+                b = Block(payload)
+            except ValueError as e:
+                log.warning("prediction log: block %d unreadable: %s", seq, e)
+                continue
+            rows = _index_of_block(b.rows, seq, b.die_ids())
+            yield rows[rows["seq"] >= cursor]
         cursor = batch.next_cursor
 
 
-def _id_bytes(text: str) -> bytes:
-    return text.encode("utf-8")[:255]
+def _index_of_block(rows: np.ndarray, first: int, texts: list[str] | None) -> np.ndarray:
+    """Index rows of a block's rows (ROW) numbered from `first`; `texts`: every row's die id
+    text, needed only when some id is not numeric. Rows without a die id are left out."""
+    out = np.empty(len(rows), INDEX_DTYPE)
+    out["key"] = rows["die_num"]
+    out["seq"] = np.arange(first, first + len(rows), dtype=np.uint64)
+    for name in ("time", "model", "decision", "source", "score"):
+        out[name] = rows[name]
+    text = rows["die_len"] != NUMERIC_ID
+    if text.any():
+        keep = np.ones(len(rows), bool)
+        for i in np.flatnonzero(text).tolist():
+            die = texts[i] if texts is not None else ""
+            if die:
+                out["key"][i] = die_key(die)
+            else:
+                keep[i] = False
+        out = out[keep]
+    return out
 
 
-def encode_prediction(t: float, model: int, die_id: str, decision: int, source: int,
-                      score: float, threshold: float, confidence: float,
-                      top_index: Iterable[int] = (), top_contribution: Iterable[float] = ()
-                      ) -> bytes:
-    raw = _id_bytes(die_id)
-    if decision != _FAIL:  # a pass has no top contributions: the common, short record
-        return _PRED.pack(t, model, decision, source, 0, len(raw), score, threshold,
-                          confidence) + raw
-    idx = [int(i) for i in top_index if i >= 0]
-    con = list(top_contribution)[:len(idx)]
-    return (_PRED.pack(t, model, decision, source, len(idx), len(raw), score, threshold,
-                       confidence) + raw + struct.pack(f"<{len(idx)}i{len(idx)}f", *idx, *con))
-
-
-def decode_prediction(payload: bytes) -> dict[str, Any]:
-    t, model, decision, source, ntop, idlen, score, thr, conf = _PRED.unpack_from(payload)
-    pos = _PRED.size
-    die = payload[pos:pos + idlen].decode("utf-8", "replace")
-    vals = struct.unpack_from(f"<{ntop}i{ntop}f", payload, pos + idlen)
-    return {"time": t, "model": model, "die_id": die, "decision": DECISION_LABELS[decision],
-            "source": "model" if source == Source.MODEL else "fallback", "score": score,
-            "threshold": thr, "confidence": conf,
-            "top": [{"index": i, "contribution": c} for i, c in zip(vals[:ntop], vals[ntop:],
-                                                                     strict=True)]}
-
-
-def encode_capture(t: float, model: int, pred_seq: int, die_id: str, decision: int,
-                   reason: int, score: float, row: np.ndarray) -> bytes:
-    raw = _id_bytes(die_id)
-    values = np.ascontiguousarray(row, dtype=_F4)
-    return (_CAP.pack(t, model, pred_seq, decision, reason, score, len(raw), values.size) + raw
-            + values.tobytes())
-
-
-def decode_capture(payload: bytes) -> tuple[dict[str, Any], np.ndarray]:
-    t, model, seq, decision, reason, score, idlen, n = _CAP.unpack_from(payload)
-    pos = _CAP.size
-    die = payload[pos:pos + idlen].decode("utf-8", "replace")
-    row = np.frombuffer(payload, _F4, n, pos + idlen).copy()
-    return ({"time": t, "model": model, "prediction_seq": seq, "die_id": die,
-             "decision": DECISION_LABELS[decision],
-             "reason": "fail" if reason == CAPTURE_FAIL else "sample", "score": score}, row)
+def _prepare(directory: Path) -> None:
+    """A log directory from an older format: its rings and index are set aside (renamed,
+    with a warning), never misread."""
+    marker = directory / "format"
+    found = marker.read_text().strip() if marker.exists() else None
+    if found == FORMAT:
+        return
+    olds = [directory / n for n in ("predictions", "capture", "index")]
+    if any(p.exists() and any(p.iterdir()) for p in olds):
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for p in olds:
+            if p.exists():
+                p.rename(p.with_name(f"{p.name}.v{found or 1}-{stamp}"))
+        log.warning("prediction log: %s held format %s; set aside as *.v%s-%s", directory,
+                    found or 1, found or 1, stamp)
+    atomic_write(marker, (FORMAT + "\n").encode())
 
 
 # ---------------------------------------------------------------------------- model table
@@ -229,7 +249,7 @@ class ModelTable:
         idx = self._by_engine.get(key)
         if idx is not None:
             return idx
-        digest = _bundle_digest(p) or m.model_digest
+        digest = getattr(p, "bundle_digest", None) or _bundle_digest(p) or m.model_digest
         for info in self.models:
             if info.digest == digest:
                 self._by_engine[key] = info.index
@@ -283,9 +303,29 @@ class ModelStats:
     """Per model, what the device knows before any label: decisions by source, the margin
     and confidence distributions of model answers."""
 
-    decisions: list[int] = field(default_factory=lambda: [0] * 4)  # decision * 2 + source
-    margin: list[int] = field(default_factory=lambda: [0] * (len(MARGIN_EDGES) + 1))
-    confidence: list[int] = field(default_factory=lambda: [0] * (len(CONFIDENCE_EDGES) + 1))
+    decisions: np.ndarray = field(default_factory=lambda: np.zeros(4, np.int64))  # d * 2 + src
+    margin: np.ndarray = field(default_factory=lambda: np.zeros(len(MARGIN_EDGES) + 1, np.int64))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(len(CONFIDENCE_EDGES) + 1,
+                                                                    np.int64))
+
+    def count(self, rows: np.ndarray, info: ModelInfo | None) -> None:
+        """Add a block's rows (ROW) of this model."""
+        self.decisions += np.bincount(rows["decision"].astype(np.intp) * 2
+                                      + (rows["source"] != _MODEL), minlength=4)[:4]
+        if info is None:
+            return
+        m = rows[(rows["source"] == _MODEL) & ~np.isnan(rows["score"])]
+        if len(m):
+            margin = (m["score"].astype(np.float64) - info.threshold) / info.confidence_scale
+            self.margin += np.bincount(np.searchsorted(_MARGIN, margin, side="left"),
+                                       minlength=len(_MARGIN) + 1)
+            self.confidence += np.bincount(np.searchsorted(
+                _CONFIDENCE, m["confidence"].astype(np.float64), side="left"),
+                minlength=len(_CONFIDENCE) + 1)
+
+
+_MARGIN = np.array(MARGIN_EDGES)
+_CONFIDENCE = np.array(CONFIDENCE_EDGES)
 
 
 def psi(counts: Iterable[int], proportions: Iterable[float], floor: float = 1e-4) -> float:
@@ -302,6 +342,20 @@ def psi(counts: Iterable[int], proportions: Iterable[float], floor: float = 1e-4
 # ---------------------------------------------------------------------------- the log
 
 
+@dataclass
+class _Part:
+    """Answers of one run of messages, ready for a block: rows (ROW), the fails' tops, each
+    text id's bytes, every row's die id text when some is text (else None), and the captured
+    rows as (position in `rows`, input row)."""
+
+    rows: np.ndarray
+    top_index: np.ndarray
+    top_contribution: np.ndarray
+    text: list[bytes]
+    ids: list[str] | None
+    caps: list[tuple[int, np.ndarray]]
+
+
 class PredictionLog:
     """See the module docstring. `labels` (agent.labels.LabelDesk) is served by the same
     writer thread when attached."""
@@ -313,21 +367,28 @@ class PredictionLog:
         d = Path(config.directory)
         d.mkdir(parents=True, exist_ok=True)
         self.dir = d
+        _prepare(d)
         self.models = ModelTable(d / "models.json")
-        self.predictions = SegmentRing(d / "predictions", config.ring("predictions"), clock=clock)
+        self.predictions = SegmentRing(d / "predictions", config.ring("predictions"),
+                                       clock=clock, count=block_count)
         self.capture = SegmentRing(d / "capture", config.ring("capture"), clock=clock)
         self.index = DieIndex(d / "index", config.index_rows)
-        self.index.load(_index_rows(self.predictions, self.index.covered))
+        for rows in _index_rows(self.predictions, self.index.covered):
+            self.index.add(rows)
         self.labels: Any = None
+        self.trimmer: Any = None  # agent.memory.Trimmer: told after a pass that freed a lot
         self._queue: deque = deque()
         self._cap = config.queue_size
+        self._cap_bytes = config.queue_bytes
+        self._in_bytes = 0  # bytes ever queued (only the serving loop adds)
+        self._out_bytes = 0  # bytes ever taken off the queue (only the writer adds)
         self._rate = config.capture_rate
         self._fails = config.capture_fails
         self._random = random.random
         self._rng = np.random.default_rng()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_sync = 0.0
+        self._last_sync = self._last_enforce = 0.0
         self._lock = threading.Lock()  # counters read by scrapes
         self._flush_lock = threading.Lock()  # the writer thread, or stop() and tests
         self.records = {"predictions": 0, "capture": 0}
@@ -343,7 +404,7 @@ class PredictionLog:
         """Called after `answer` was sent for the message `buf[start:end]` (a JSON line without
         its newline, or a whole binary frame). Never raises, never blocks."""
         q = self._queue
-        if len(q) >= self._cap:
+        if len(q) >= self._cap or self._in_bytes - self._out_bytes >= self._cap_bytes:
             self.dropped_queue += 1
             return
         try:
@@ -355,22 +416,34 @@ class PredictionLog:
                     vlen = answer[40] | answer[41] << 8
                     fail = answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
                     row = None
+                    size = len(answer)
                     if (fail and self._fails) or self._random() < self._rate:
                         n = int.from_bytes(buf[start + 16:start + 20], "little")
                         row = bytes(buf[start + 32:start + 32 + 4 * n])
-                    q.append((self.clock(), self.runtime.active(), answer, row, _BINARY_ONE))
+                        size += len(row)
+                    q.append((self.clock(), self.runtime.active(), answer, row, _BINARY_ONE,
+                              1, size))
                 else:
-                    q.append((self.clock(), self.runtime.active(), answer,
-                              self._sample_frame(buf, start, answer, rows), _BINARY_BATCH))
+                    extra = self._sample_frame(buf, start, answer, rows)
+                    size = len(answer) + (0 if extra is None else extra[1].nbytes)
+                    q.append((self.clock(), self.runtime.active(), answer, extra, _BINARY_BATCH,
+                              rows, size))
             elif _DECISION_TEXT in answer:
-                if answer[0] == 0x5B:  # "[": a batch; rows are sampled by the writer
-                    q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]), _JSON_BATCH))
+                fail = self._fails and _FAIL_TEXT in answer
+                if answer[0] == 0x5B:  # "[": a batch; the line is kept when a row is sampled
+                    rows = answer.count(_DECISION_TEXT)
+                    draw = self._rng.random(rows) < self._rate
+                    extra = (bytes(buf[start:end]), draw) if fail or draw.any() else None
+                    q.append((self.clock(), self.runtime.active(), answer, extra, _JSON_BATCH,
+                              rows, len(answer) + (0 if extra is None else end - start)))
                 else:
-                    sampled = ((self._fails and _FAIL_TEXT in answer)
-                               or self._random() < self._rate)
-                    q.append((self.clock(), self.runtime.active(), answer,
-                              bytes(buf[start:end]) if sampled else None, _JSON_ONE))
+                    line = (bytes(buf[start:end]) if fail or self._random() < self._rate
+                            else None)
+                    q.append((self.clock(), self.runtime.active(), answer, line, _JSON_ONE, 1,
+                              len(answer) + (0 if line is None else end - start)))
+            else:
+                return
+            self._in_bytes += q[-1][6]
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -407,11 +480,10 @@ class PredictionLog:
             self.labels.ring.close()
 
     def _run(self) -> None:
-        # SCHED_IDLE (else nice +10), as the shadow scorer: a serving thread that wakes up
-        # preempts the writer at once; the writer only takes CPU nobody else wants
-        from agent.shadow import _lower_priority
-
-        _lower_priority(10)
+        # Normal priority, not idle (as the shadow scorer): the writer needs the GIL, and a
+        # serving thread made to hand the GIL over (after the 5 ms switch interval) waits
+        # until the writer is scheduled to take it, which for an idle-class thread on a busy
+        # box can take milliseconds. Its CPU is about 1% of serving's, so it runs when it wakes.
         while not self._stop.wait(self.config.flush_interval_s):
             try:
                 self.flush()
@@ -424,129 +496,226 @@ class PredictionLog:
             self._flush()
 
     def _flush(self) -> None:
-        preds: list[tuple] = []  # (payload, die id, time, model, decision, source, score)
-        caps: list[tuple[int, tuple]] = []  # (position in preds, capture fields)
         q = self._queue
-        for i in range(len(q)):
+        todo = len(q)
+        drained = self._out_bytes
+        while todo > 0:
+            chunk: list[tuple] = []
+            add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
+            while n and rows < _CHUNK_ROWS:
+                item = pop()
+                add(item)
+                rows += item[5]
+                n -= 1
+            todo -= len(chunk)
             try:
-                item = q.popleft()
-            except IndexError:
-                break
-            try:
-                self._decode(item, preds, caps)
+                self._out_bytes += sum([item[6] for item in chunk])
+                self._write(self._parts(chunk))
             except Exception:
-                log.exception("prediction log: cannot decode an answer")
-            if len(preds) >= 4096:
-                self._write(preds, caps)
-                preds, caps = [], []
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                log.exception("prediction log: cannot write %d answers", len(chunk))
+            if todo > 0:
                 _yield_gil()
-        self._write(preds, caps)
+        if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
+            self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
         if now - self._last_sync >= self.config.fsync_interval_s:
             self.predictions.sync()
             self.capture.sync()
+            self._last_sync = now
+        # the size caps are kept at every segment change (agent/segring.py); this is for the
+        # age cap and the index's sidecars: every stat and listing hands the GIL over and back
+        if now - self._last_enforce >= self.config.enforce_interval_s:
             self.predictions.enforce()
             self.capture.enforce()
             self.index.prune(self.predictions.first_seq(), self.predictions.next_seq)
-            self._last_sync = now
+            self._last_enforce = now
         if self.labels is not None:
             self.labels.tick(self)
 
     # ------------------------------------------------------------------ writer
 
-    def _decode(self, item: tuple, preds: list, caps: list) -> None:
-        t, p, answer, extra, kind = item
-        model = self.models.index_of(p)
-        if kind == _BINARY_ONE:  # the record as a tuple, no numpy
-            vlen = answer[40] | answer[41] << 8
-            k = int.from_bytes(answer[16:20], "little")
-            r = _row_struct(k).unpack_from(answer, _RESULT_OFF + vlen + (-vlen % 8))
-            if r[1] != Decision.ERROR:
-                self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
-                          r[9:9 + k], r[9 + k:], None if extra is None else
-                          np.frombuffer(extra, _F4))
-        elif kind == _BINARY_BATCH:
-            vlen = answer[40] | answer[41] << 8
-            rows, k = int.from_bytes(answer[12:16], "little"), int.from_bytes(answer[16:20],
-                                                                              "little")
-            rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
-            sampled: dict[int, np.ndarray] = {}
-            if extra is not None:
-                sampled = dict(zip(extra[0].tolist(), extra[1], strict=True))
-            for i, r in enumerate(rec.tolist()):
-                if r[1] == Decision.ERROR:
-                    continue
-                self._add(preds, caps, t, model, str(r[0]), r[1], r[2], r[6], r[7], r[8],
-                          r[9], r[10], sampled.get(i))
-        elif kind == _JSON_ONE:
-            self._json_answer(preds, caps, t, model, json.loads(answer), extra, None)
+    def _parts(self, chunk: list[tuple]) -> list[_Part]:
+        """The chunk's answers, in order, as parts: runs of binary answers of one top-k
+        width, and runs of JSON answers."""
+        parts: list[_Part] = []
+        run: list[tuple] = []
+        run_key = None
+        for item in chunk:
+            answer = item[2]
+            key = (int.from_bytes(answer[16:20], "little") if item[4] <= _BINARY_BATCH
+                   else -1)
+            if run and (key != run_key or (key < 0 and len(run) >= _JSON_RUN)):
+                parts.append(self._binary_part(run, run_key) if run_key >= 0
+                             else self._json_part(run))
+                run = []
+            run_key = key
+            run.append(item)
+        if run:
+            parts.append(self._binary_part(run, run_key) if run_key >= 0
+                         else self._json_part(run))
+        return parts
+
+    def _model_indices(self, items: list[tuple]) -> list[int] | int:
+        """Each message's model index; one int when one model answered them all."""
+        index_of = self.models.index_of
+        first = items[0][1]
+        if all(item[1] is first for item in items):
+            return index_of(first)
+        out, last_p, last_m = [], None, NO_MODEL
+        for item in items:
+            p = item[1]
+            if p is not last_p:
+                last_p, last_m = p, index_of(p)
+            out.append(last_m)
+        return out
+
+    def _binary_part(self, items: list[tuple], k: int) -> _Part:
+        dt = record_dtype(k)
+        size = dt.itemsize
+        times, _ps, answers, extras, kinds, counts, _ = zip(*items, strict=True)
+        # a RESULT frame ends with its records
+        if len(answers) == counts.count(1):
+            rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)  # (rows,)
+            starts: Any = range(len(answers))
         else:
-            answers = json.loads(answer)
-            requests = parse_json_line(extra) if extra is not None else None
-            for i, a in enumerate(answers):
-                req = requests[i] if isinstance(requests, list) and i < len(requests) else None
-                self._json_answer(preds, caps, t, model, a, None, req)
+            rec = np.frombuffer(b"".join([a[-n * size:] for a, n in zip(answers, counts,
+                                                                         strict=True)]), dt)
+            starts = np.cumsum((0, *counts[:-1])).tolist()
+        caps: list[tuple[int, Any]] = []
+        for i in [i for i, e in enumerate(extras) if e is not None]:
+            extra, pos = extras[i], starts[i]
+            if kinds[i] == _BINARY_ONE:
+                caps.append((pos, extra))  # the row's bytes, float32 as sent
+            else:  # (indices, rows): each row's bytes, sliced from one copy
+                blob, width = np.ascontiguousarray(extra[1], _F4).tobytes(), 4 * extra[1].shape[1]
+                caps += [(pos + j, blob[r * width:(r + 1) * width])
+                         for r, j in enumerate(extra[0].tolist())]
+        out = np.empty(len(rec), ROW)
+        models = self._model_indices(items)
+        one_each = len(rec) == len(answers)
+        out["time"] = times if one_each else np.repeat(times, counts)
+        out["model"] = models if one_each or isinstance(models, int) else np.repeat(models,
+                                                                                  counts)
+        out["die_num"] = rec["die_id"]
+        for name in ("score", "threshold", "confidence", "decision", "source"):
+            out[name] = rec[name]
+        out["die_len"] = NUMERIC_ID
+        keep = rec["decision"] != _ERROR
+        if not keep.all():  # refused rows are not decisions
+            at = np.cumsum(keep) - 1
+            caps = [(int(at[i]), r) for i, r in caps if keep[i]]
+            out, rec = out[keep], rec[keep]
+        fail = rec["decision"] == _FAIL
+        return _Part(out, rec["top_index"][fail], rec["top_contribution"][fail], [], None, caps)
 
-    def _json_answer(self, preds, caps, t, model, a: dict, line: bytes | None, req) -> None:
-        if not isinstance(a, dict) or "decision" not in a:
-            return
-        fail = a["decision"] == "fail"
-        row = None
-        if line is not None:
-            req = parse_json_line(line)
-        elif req is not None and not ((fail and self._fails) or self._random() < self._rate):
-            req = None
-        if isinstance(req, dict) and isinstance(req.get("params"), list):
-            try:
-                row = np.array([np.nan if v is None else v for v in req["params"]], dtype=_F4)
-            except (TypeError, ValueError, ProtocolError):
-                row = None
-        top = a.get("top") or []
-        score = a.get("score")
-        self._add(preds, caps, t, model, die_text(a.get("die_id")), _FAIL if fail else 0,
-                  Source.MODEL if a.get("source") == "model" else Source.FALLBACK,
-                  float("nan") if score is None else score, a.get("threshold") or 0.0,
-                  a.get("confidence") or 0.0, [e["index"] for e in top],
-                  [e["contribution"] for e in top], row)
-
-    def _add(self, preds, caps, t, model, die, decision, source, score, thr, conf, top_i, top_c,
-             row) -> None:
-        # the payload, and what the die index needs (so _write need not decode it again)
-        preds.append((encode_prediction(t, model, die, decision, source, score, thr, conf,
-                                        top_i, top_c), die, t, model, decision, source, score))
-        if row is not None:
-            reason = CAPTURE_FAIL if decision == _FAIL else CAPTURE_SAMPLE
-            caps.append((len(preds) - 1, (t, model, die, decision, reason, score, row)))
-        stats = self.stats.get(model)
-        if stats is None:
-            stats = self.stats[model] = ModelStats()
-        stats.decisions[decision * 2 + (0 if source == Source.MODEL else 1)] += 1
-        info = self.models.get(model)
-        if source == Source.MODEL and info is not None and score == score:
-            m = (score - info.threshold) / info.confidence_scale
-            stats.margin[bisect.bisect_left(MARGIN_EDGES, m)] += 1
-            stats.confidence[bisect.bisect_left(CONFIDENCE_EDGES, conf)] += 1
-
-    def _write(self, preds: list[tuple], caps: list) -> None:
-        if not preds:
-            return
-        payloads = [p[0] for p in preds]
+    def _json_part(self, items: list[tuple]) -> _Part:
+        answers = [it[2] for it in items]
         try:
-            first = self.predictions.append(payloads)
+            docs = orjson.loads(b"[" + b",".join(answers) + b"]")
+        except orjson.JSONDecodeError:  # one the json module takes (see parse_json_line)
+            docs = [_loads(a) for a in answers]
+        cols: list[list] = [[] for _ in range(9)]
+        times, models, nums, lens, decisions, sources, scores, thrs, confs = cols
+        text: list[bytes] = []
+        ids: list[str] = []
+        tops: list[tuple[list, list]] = []
+        caps: list[tuple[int, np.ndarray]] = []
+        indices = self._model_indices(items)
+        if isinstance(indices, int):
+            indices = [indices] * len(items)
+        for item, doc, model in zip(items, docs, indices, strict=True):
+            t, _p, _a, extra, kind, _rows, _ = item
+            many = kind == _JSON_BATCH
+            if many and not isinstance(doc, list):
+                continue
+            line, draw = (extra if many else (extra, None)) if extra is not None else (None, None)
+            requests: Any = None
+            j = 0  # the answer's place among the batch's decisions (the tap's draw)
+            for i, a in enumerate(doc if many else (doc,)):
+                if not isinstance(a, dict) or "decision" not in a:
+                    continue
+                fail = a["decision"] == "fail"
+                sampled = line is not None and (not many or (j < len(draw) and bool(draw[j]))
+                                                or (fail and self._fails))
+                j += 1
+                d = a.get("die_id")
+                if type(d) is int and 0 <= d < _U64:
+                    nums.append(d)
+                    lens.append(NUMERIC_ID)
+                    ids.append(str(d))
+                else:
+                    die = die_text(d)
+                    raw = id_bytes(die)
+                    nums.append(0)
+                    lens.append(len(raw))
+                    text.append(raw)
+                    ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
+                score = a.get("score")
+                times.append(t)
+                models.append(model)
+                decisions.append(_FAIL if fail else 0)
+                sources.append(_MODEL if a.get("source") == "model" else int(Source.FALLBACK))
+                scores.append(float("nan") if score is None else score)
+                thrs.append(a.get("threshold") or 0.0)
+                confs.append(a.get("confidence") or 0.0)
+                if fail:
+                    top = a.get("top") or []
+                    tops.append(([e["index"] for e in top], [e["contribution"] for e in top]))
+                if sampled:
+                    if requests is None:
+                        requests = _request(line)
+                    req = requests[i] if many and isinstance(requests, list) and i < len(
+                        requests) else (None if many else requests)
+                    row = _params(req)
+                    if row is not None:
+                        caps.append((len(times) - 1, row))
+        out = np.empty(len(times), ROW)
+        for name, values in zip(ROW.names, (times, nums, models, scores, thrs, confs, lens,
+                                            decisions, sources), strict=True):
+            out[name] = values
+        k = max((len(ti) for ti, _ in tops), default=0)
+        top_i = np.full((len(tops), k), -1, np.int32)
+        top_c = np.zeros((len(tops), k), np.float32)
+        for r, (ti, tc) in enumerate(tops):
+            top_i[r, :len(ti)] = ti
+            top_c[r, :len(tc)] = tc
+        return _Part(out, top_i, top_c, text, ids, caps)
+
+    def _write(self, parts: list[_Part]) -> None:
+        if not parts:
+            return
+        if len(parts) == 1:
+            part = parts[0]
+            rows, top_i, top_c, caps = part.rows, part.top_index, part.top_contribution, part.caps
+        else:
+            rows, top_i, top_c, caps = _join_parts(parts)
+        if not len(rows):
+            return
+        text = b"".join(t for p in parts for t in p.text)
+        ids = None
+        if any(p.ids is not None for p in parts):
+            ids = [i for p in parts for i in (p.ids if p.ids is not None else map(
+                str, p.rows["die_num"].tolist()))]
+        payload = encode_block(rows, top_i, top_c, text)
+        try:
+            first = self.predictions.append([payload], [len(rows)])
         except RingFull as e:
             with self._lock:
-                self.dropped["disk_full"] += len(preds)
+                self.dropped["disk_full"] += len(rows)
             log.debug("prediction log: %s", e)
             return
-        add = self.index.add
-        for i, (_, die, t, model, decision, source, score) in enumerate(preds):
-            if die:
-                if len(die) > 63:  # as stored: at most 255 bytes of UTF-8
-                    die = _id_bytes(die).decode("utf-8", "replace")
-                add(die_key(die), first + i, t, model, decision, source, score)
-        cap_payloads = [encode_capture(t, model, first + pos, die, decision, reason, score, row)
-                        for pos, (t, model, die, decision, reason, score, row) in caps]
+        self.index.add(_index_of_block(rows, first, ids))
+        self._count(rows)
+        cap_payloads, reasons = [], []
+        if caps:
+            at = [pos for pos, _ in caps]
+            for pos, (_, row), r in zip(at, caps, rows[at].tolist(), strict=True):
+                t, num, model, score, _thr, _conf, _len, decision, _src = r
+                reason = CAPTURE_FAIL if decision == _FAIL else CAPTURE_SAMPLE
+                reasons.append(reason)
+                cap_payloads.append(encode_capture(
+                    t, model, first + pos, ids[pos] if ids is not None else str(num), decision,
+                    reason, score, row))
         cap_ok = True
         if cap_payloads:
             try:
@@ -555,15 +724,28 @@ class PredictionLog:
                 cap_ok = False
                 log.debug("capture: %s", e)
         with self._lock:
-            self.records["predictions"] += len(preds)
-            self.bytes_written["predictions"] += sum(map(len, payloads))
+            self.records["predictions"] += len(rows)
+            self.bytes_written["predictions"] += len(payload)
             if cap_ok:
                 self.records["capture"] += len(cap_payloads)
                 self.bytes_written["capture"] += sum(map(len, cap_payloads))
-                for c in caps:
-                    self.captured["fail" if c[1][4] == CAPTURE_FAIL else "sample"] += 1
+                fails = reasons.count(CAPTURE_FAIL)
+                self.captured["fail"] += fails
+                self.captured["sample"] += len(reasons) - fails
             else:
                 self.dropped["disk_full"] += len(cap_payloads)
+
+    def _count(self, rows: np.ndarray) -> None:
+        """The proxy metrics: per model, decisions, margins and confidences."""
+        models = rows["model"]
+        groups = ([int(models[0])] if models.min() == models.max()
+                  else np.unique(models).tolist())
+        with self._lock:
+            for m in groups:
+                stats = self.stats.get(m)
+                if stats is None:
+                    stats = self.stats[m] = ModelStats()
+                stats.count(rows if len(groups) == 1 else rows[models == m], self.models.get(m))
 
     # ------------------------------------------------------------------ metrics
 
@@ -571,7 +753,7 @@ class PredictionLog:
         with self._lock:
             records, written = dict(self.records), dict(self.bytes_written)
             dropped, captured = dict(self.dropped), dict(self.captured)
-            stats = {k: (list(v.decisions), list(v.margin), list(v.confidence))
+            stats = {k: (v.decisions.tolist(), v.margin.tolist(), v.confidence.tolist())
                      for k, v in self.stats.items()}
         dropped["queue_full"] += self.dropped_queue
         yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
@@ -587,6 +769,53 @@ class PredictionLog:
         fam.add_metric(["capture"], self.capture.disk_bytes())
         yield fam
         yield from _model_families(self.models, stats)
+
+
+def _join_parts(parts: list[_Part]):
+    """(rows, top indices, top contributions, captures) of several parts, in order (the tops
+    padded to the widest)."""
+    k = max(p.top_index.shape[1] for p in parts)
+    fails = sum(len(p.top_index) for p in parts)
+    top_i = np.full((fails, k), -1, np.int32)
+    top_c = np.zeros((fails, k), np.float32)
+    caps, at, base = [], 0, 0
+    for p in parts:
+        n, w = p.top_index.shape
+        top_i[at:at + n, :w] = p.top_index
+        top_c[at:at + n, :w] = p.top_contribution
+        at += n
+        caps += [(base + pos, row) for pos, row in p.caps]
+        base += len(p.rows)
+    return np.concatenate([p.rows for p in parts]), top_i, top_c, caps
+
+
+def _loads(answer: bytes) -> Any:
+    try:
+        return json.loads(answer)
+    except ValueError:
+        return None
+
+
+def _request(line: bytes) -> Any:
+    try:
+        return parse_json_line(line)
+    except (ProtocolError, ValueError):
+        return None
+
+
+def _params(req: Any) -> np.ndarray | None:
+    """A JSON request's input row (None = not measured -> NaN), None when it has none."""
+    if not isinstance(req, dict) or not isinstance(req.get("params"), list):
+        return None
+    params = req["params"]
+    try:
+        return np.array(params, dtype=_F4)  # C speed when every value was measured
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return np.array([np.nan if v is None else v for v in params], dtype=_F4)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _by_label(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
@@ -664,6 +893,7 @@ def plug_in(server: Any, plog: PredictionLog) -> None:
     """Connect a log (and its label desk, if any) to an AgentServer: its tap after each answer,
     the `label` op, its metrics."""
     server.tap = plog.tap
+    plog.trimmer = getattr(server, "trimmer", None)
     server.dispatch.labels = plog.labels
     server.metrics.registry.register(PredLogCollector(plog))
 

@@ -20,10 +20,16 @@ Why this shape:
   active segment is never deleted. Sequence numbers keep growing across segments and restarts,
   so a reader's cursor (`read(cursor)`) stays valid; records deleted before it was read are
   reported as a gap, never silently skipped.
+- **Records that hold several items.** A ring made with `count` (a function of the payload)
+  numbers items, not records: a record's seq is its first item's, the next record's is that plus
+  `count(payload)` (the prediction log writes blocks of answers as one record, agent/predformat.py).
+  A reader's cursor may then fall inside a record; `read` returns that record whole and the
+  caller skips the items before the cursor.
 - **Full disk.** A write that fails (ENOSPC, EIO) is rolled back with `ftruncate` to the last
   whole record and raised as `RingFull`; the caller drops and counts. `min_free_bytes` refuses to
   write at all when the file system is nearly full, so the log never eats the space the model
-  store needs.
+  store needs (checked at most every 0.5 s while there is room: a statvfs per write would hand
+  the GIL to serving and take it back each time).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +55,12 @@ SUFFIX = ".seg"
 MAX_PAYLOAD = 1 << 24
 
 __all__ = ["RingConfig", "RingFull", "SegmentRing", "read_records"]
+
+Count = Callable[[bytes], int]  # items in one record's payload
+
+
+def _one(_payload: bytes) -> int:
+    return 1
 
 
 class RingFull(EdgefleetError):
@@ -100,16 +112,18 @@ class SegmentRing:
     thread (it only opens files by name and tolerates one disappearing under it)."""
 
     def __init__(self, directory: Path, config: RingConfig = RingConfig(), *,
-                 clock=time.time) -> None:
+                 clock=time.time, count: Count | None = None) -> None:
         self.dir = Path(directory)
         self.config = config
         self.clock = clock
+        self.count = count or _one
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fd = -1
         self._active: Path | None = None
         self._size = 0
         self.next_seq = 0
         self.truncated_bytes = 0  # torn tail removed at open
+        self._free_until, self._free_short = 0.0, False  # the last free-space check
         self._open()
 
     # ------------------------------------------------------------------ state
@@ -137,8 +151,9 @@ class SegmentRing:
         last = segs[-1]
         data = last.read_bytes()
         good, next_seq = 0, int(last.name[:-len(SUFFIX)])
-        for stop, seq, _ in read_records(data):
-            good, next_seq = stop, seq + 1
+        count = self.count
+        for stop, seq, payload in read_records(data):
+            good, next_seq = stop, seq + count(payload)
         if good < len(data):
             self.truncated_bytes = len(data) - good
             log.warning("%s: dropped a torn tail of %d bytes (records after seq %d)", last,
@@ -161,43 +176,49 @@ class SegmentRing:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, payloads: list[bytes]) -> int:
+    def append(self, payloads: list[bytes], counts: list[int] | None = None) -> int:
         """Append records (a new segment whenever the active one is full); return the seq of the
-        first. Raises `RingFull`: the records of the failed write are not on disk."""
+        first. `counts`: the items of each record, for a ring made with `count` (else 1 each).
+        Raises `RingFull`: the records of the failed write are not on disk."""
         first = self.next_seq
         limit = self.config.segment_bytes
         total = sum(map(len, payloads)) + RECORD.size * len(payloads)
         if self._size + total <= limit:  # the common case: the batch fits
             if payloads:
-                self._append(payloads, total)
+                self._append(payloads, counts, total)
             return first
         start = size = 0
         for i, p in enumerate(payloads):
             if i > start and self._size + size + len(p) > limit:
-                self._append(payloads[start:i])
+                self._append(payloads[start:i], counts and counts[start:i])
                 start, size = i, 0
             size += RECORD.size + len(p)
         if start < len(payloads):
-            self._append(payloads[start:])
+            self._append(payloads[start:], counts and counts[start:])
         return first
 
-    def _append(self, payloads: list[bytes], batch: int | None = None) -> None:
+    def _append(self, payloads: list[bytes], counts: list[int] | None = None,
+                batch: int | None = None) -> None:
         if batch is None:
             batch = sum(map(len, payloads)) + RECORD.size * len(payloads)
         if self._size and self._size + batch > self.config.segment_bytes:
             self._start_segment(self.next_seq)
             self.enforce()
         if self.config.min_free_bytes:
-            st = os.statvfs(self.dir)
-            if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
+            now = time.monotonic()
+            if now >= self._free_until or self._free_short:  # statvfs at most every 0.5 s
+                st = os.statvfs(self.dir)
+                self._free_short = st.f_bavail * st.f_frsize < self.config.min_free_bytes
+                self._free_until = now + 0.5
+            if self._free_short:
                 raise RingFull(f"{self.dir}: less than {self.config.min_free_bytes} bytes free")
         seq = self.next_seq
         parts = []
         crc, pack, seq_pack = zlib.crc32, RECORD.pack, SEQ.pack
-        for p in payloads:
+        for i, p in enumerate(payloads):
             parts.append(pack(len(p), crc(p, crc(seq_pack(seq))), seq))
             parts.append(p)
-            seq += 1
+            seq += counts[i] if counts else 1
         blob = b"".join(parts)
         view, written = memoryview(blob), 0
         try:
@@ -248,17 +269,20 @@ class SegmentRing:
     # ------------------------------------------------------------------ reading
 
     def read(self, cursor: int, max_records: int = 10_000, max_bytes: int = 4 << 20) -> Batch:
-        """Records with seq >= `cursor`, oldest first, up to either cap."""
-        return read_ring(self.dir, cursor, max_records, max_bytes)
+        """Records holding items >= `cursor`, oldest first, up to either cap (`max_records`
+        counts items)."""
+        return read_ring(self.dir, cursor, max_records, max_bytes, self.count)
 
 
 def read_ring(directory: Path, cursor: int, max_records: int = 10_000,
-              max_bytes: int = 4 << 20) -> Batch:
-    """`SegmentRing.read` without a writer: for tools and other threads."""
+              max_bytes: int = 4 << 20, count: Count | None = None) -> Batch:
+    """`SegmentRing.read` without a writer: for tools and other threads (`count` as the
+    ring's)."""
+    count = count or _one
     segs = sorted(p for p in Path(directory).glob("*" + SUFFIX) if p.name[:-len(SUFFIX)].isdigit())
     firsts = [int(p.name[:-len(SUFFIX)]) for p in segs]
     out: list[tuple[int, bytes]] = []
-    size, gap, nxt = 0, 0, cursor
+    size, items, gap, nxt = 0, 0, 0, cursor
     start = 0
     for i, first in enumerate(firsts):
         if first <= cursor:
@@ -269,13 +293,15 @@ def read_ring(directory: Path, cursor: int, max_records: int = 10_000,
         except FileNotFoundError:  # deleted by retention while we read
             continue
         for _, seq, payload in read_records(data):
-            if seq < nxt:
+            n = count(payload)
+            if seq + n <= nxt:
                 continue
             if not out and seq > nxt:
                 gap += seq - nxt
             out.append((seq, payload))
             size += len(payload) + RECORD.size
-            nxt = seq + 1
-            if len(out) >= max_records or size >= max_bytes:
+            items += seq + n - max(seq, nxt)
+            nxt = seq + n
+            if items >= max_records or size >= max_bytes:
                 return Batch(out, nxt, gap)
     return Batch(out, nxt, gap)

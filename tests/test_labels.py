@@ -120,16 +120,18 @@ def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_count
 def test_labels_for_dies_the_ring_no_longer_holds_are_counted_as_expired_or_unknown(
         model, tmp_path):
     with logged_agent(model, tmp_path / "log", max_bytes=3000, segment_bytes=1000,
-                        fsync_interval_s=0.0, index_rows=64) as (server, plog):
+                        fsync_interval_s=0.0, index_rows=64, flush_interval_s=3600,
+                        enforce_interval_s=0.0) as (
+            server, plog):
         with Client(server.path) as c:
             for i in range(400):
                 c.predict(model.train[i % 100], die_id=i)
-            c.health()  # a round trip: every earlier answer has been tapped
-            assert wait_flushed(plog)
-            plog.flush()
+                if i % 40 == 39:  # a block of 40 answers (over 1000 bytes: a segment each)
+                    c.health()  # a round trip: every earlier answer has been tapped
+                    plog.flush()
             first = plog.predictions.first_seq()
-            assert first > 100  # the oldest segments are gone
-            # die i was logged as record i: just out of the ring, long gone, still there
+            assert 100 < first < 399  # the oldest segments are gone
+            # die i was logged as prediction i: just out of the ring, long gone, still there
             c.request({"op": "label", "labels": [{"die_id": first - 2, "label": "pass"},
                                                  {"die_id": 0, "label": "pass"},
                                                  {"die_id": 399, "label": "pass"}]})
@@ -341,3 +343,29 @@ def test_live_label_frames_mutated_then_a_prediction_still_answers(model, tmp_pa
             assert c.predict(model.train[0], die_id=1).decision == "pass"
             assert c.request({"op": "label", "die_id": 1, "label": "pass"})["accepted"] == 1
     assert server.metrics._errors[ErrorCode.INTERNAL] == 0
+
+
+def test_the_die_index_finds_each_dies_newest_prediction_in_memory_and_in_sidecars(tmp_path):
+    """Blocks of one row (a quiet agent) and of many; a die logged again; rows spilled to a
+    sorted sidecar; numeric ids keyed by value, so the text "7" finds the binary id 7."""
+    from agent.dieindex import INDEX_DTYPE, DieIndex, die_key
+
+    def rows(seqs, keys):
+        r = np.zeros(len(seqs), INDEX_DTYPE)
+        r["seq"], r["key"], r["decision"] = seqs, keys, [s % 2 for s in seqs]
+        return r
+
+    index = DieIndex(tmp_path / "index", limit=300)
+    for s in range(100):  # 100 one-row blocks: merged as they come, looked up alike
+        index.add(rows([s], [s]))
+    index.add(rows(list(range(100, 250)), [die_key(f"W{i}") for i in range(150)]))
+    index.add(rows([250], [7]))  # die 7 again
+    assert len(index.recent) < 32 and not index.sidecars()
+    hits = index.lookup([die_key("7"), die_key("W3"), 5, die_key("nope")])
+    assert (hits[7].seq, hits[die_key("W3")].seq, hits[5].seq) == (250, 103, 5)
+    assert die_key("nope") not in hits and die_key("7") == 7 and die_key("07") != 7
+    index.add(rows(list(range(251, 301)), list(range(1000, 1050))))  # over the limit: spilled
+    assert index.sidecars() and not index.recent
+    index = DieIndex(tmp_path / "index", limit=300)  # a restart reads the sidecar
+    hits = index.lookup([7, 5, 1049])
+    assert (hits[7].seq, hits[5].seq, hits[1049].seq, hits[7].decision) == (250, 5, 300, 0)

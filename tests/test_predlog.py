@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.client import Client
 from agent.predlog import (
     decode_capture,
-    decode_prediction,
+    read_predictions,
     wait_flushed,
 )
 from agent.segring import RECORD, RingConfig, SegmentRing, read_ring
@@ -43,6 +45,11 @@ def _records(ring_dir: Path) -> list[tuple[int, bytes]]:
     return read_ring(ring_dir, 0, max_records=10**9, max_bytes=1 << 40).records
 
 
+def _predictions(ring_dir: Path) -> list[tuple[int, dict]]:
+    """(prediction seq, answer) of every logged answer (the ring holds blocks of them)."""
+    return read_predictions(ring_dir, 0, max_records=10**9, max_bytes=1 << 40)[1]
+
+
 def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(model, tmp_path):
     x = model.train[:6].copy()
     x[1] += 50.0  # a fail
@@ -56,7 +63,7 @@ def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(mo
                        {"die_id": "B1", "params": x[1].tolist()}])
             c.request({"die_id": "bad", "params": [1.0]})  # refused: not a decision, not logged
         assert wait_flushed(plog, server)
-    preds = [decode_prediction(p) for _, p in _records(tmp_path / "log" / "predictions")]
+    preds = [p for _, p in _predictions(tmp_path / "log" / "predictions")]
     assert [p["die_id"] for p in preds] == ["7", "8", "10", "11", "12", "W1-X3", "B0", "B1"]
     assert [p["decision"] for p in preds] == ["pass", "fail", "pass", "fail", "pass", "fail",
                                               "pass", "fail"]
@@ -155,7 +162,7 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
                 # taken by another process in between) fails the test at once, with its code
                 wait_for(lambda p=port, q=proc: _ready(p) or _exited(q), timeout=120)
                 assert proc.poll() is None, f"the agent exited with {proc.returncode}"
-                before = len(_records(logdir / "predictions"))
+                before = len(_predictions(logdir / "predictions"))
                 with Client(tmp / "a.sock") as c:
                     for i in range(300):
                         c.predict(model.train[i % 100], die_id=run * 1000 + i)
@@ -166,9 +173,9 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
-            recs = _records(logdir / "predictions")
+            recs = _predictions(logdir / "predictions")
             assert [s for s, _ in recs] == list(range(len(recs)))  # no hole, no duplicate
-            ids = [int(decode_prediction(p)["die_id"]) for _, p in recs[before:]]
+            ids = [int(p["die_id"]) for _, p in recs[before:]]
             assert ids[:300] == [run * 1000 + i for i in range(300)]
             assert len(ids) <= 400
             lost.append(400 - len(ids))
@@ -297,3 +304,91 @@ def test_proxy_metrics_per_model_before_any_label(tmp_path):
     assert _metric(text, f'edgefleet_model_score_margin_total{{digest="{digest}",upper="+Inf"}}'
                    ) >= 5
     assert _metric(text, f'edgefleet_model_score_psi{{digest="{digest}"}}') > 1.0
+
+
+# ---------------------------------------------------------------------------- the block format
+
+_answers = st.lists(st.tuples(
+    st.one_of(st.integers(0, 2**64 - 1), st.text(max_size=40)),  # die id: numeric or text
+    st.booleans(),  # fail
+    st.floats(width=32, allow_nan=True), st.integers(0, 3),  # score, model
+    st.lists(st.tuples(st.integers(0, 511), st.floats(width=32, allow_nan=False)),
+             max_size=4)), max_size=30)  # a fail's top contributions
+
+
+@settings(max_examples=100, deadline=None)
+@given(_answers)
+def test_a_block_reads_back_every_answer_it_was_built_from(answers):
+    from agent.predformat import NUMERIC_ID, ROW, block_count, decode_block, encode_block
+
+    rows = np.zeros(len(answers), ROW)
+    text, tops = [], []
+    for i, (die, fail, score, model, top) in enumerate(answers):
+        if isinstance(die, int):
+            rows[i]["die_num"], rows[i]["die_len"] = die, NUMERIC_ID
+        else:
+            text.append(die.encode())
+            rows[i]["die_len"] = len(text[-1])
+        rows[i]["decision"], rows[i]["score"], rows[i]["model"] = int(fail), score, model
+        if fail:
+            tops.append(top)
+    k = max((len(t) for t in tops), default=0)
+    top_i = np.full((len(tops), k), -1, np.int32)
+    top_c = np.zeros((len(tops), k), np.float32)
+    for r, t in enumerate(tops):
+        top_i[r, :len(t)] = [i for i, _ in t]
+        top_c[r, :len(t)] = [c for _, c in t]
+    payload = encode_block(rows, top_i, top_c, b"".join(text))
+    assert block_count(payload) == len(answers)
+    got = decode_block(payload)
+    assert [g["die_id"] for g in got] == [str(a[0]) for a in answers]
+    assert [g["decision"] for g in got] == ["fail" if a[1] else "pass" for a in answers]
+    assert [g["model"] for g in got] == [a[3] for a in answers]
+    np.testing.assert_array_equal([g["score"] for g in got],
+                                  np.array([a[2] for a in answers], np.float32))
+    assert [[t["index"] for t in g["top"]] for g in got if g["decision"] == "fail"] == [
+        [i for i, _ in t] for t in tops]
+
+
+def test_a_ring_of_blocks_numbers_answers_and_reads_from_inside_a_block(tmp_path):
+    count = len  # a payload of n bytes holds n items
+    ring = SegmentRing(tmp_path / "r", RingConfig(min_free_bytes=0), count=count)
+    assert ring.append([b"abc", b"de"], [3, 2]) == 0 and ring.next_seq == 5
+    ring.close()
+    ring = SegmentRing(tmp_path / "r", RingConfig(min_free_bytes=0), count=count)
+    assert ring.next_seq == 5  # reopened: the sequence continues after the last block's items
+    assert ring.append([b"f"], [1]) == 5
+    assert [s for s, _ in read_ring(tmp_path / "r", 1, count=count).records] == [0, 3, 5]
+    assert [s for s, _ in read_ring(tmp_path / "r", 3, count=count).records] == [3, 5]
+    batch = read_ring(tmp_path / "r", 4, max_records=1, count=count)
+    assert batch.records == [(3, b"de")] and batch.next_cursor == 5  # capped in items
+
+
+def test_the_queue_is_capped_in_bytes_too(model, tmp_path):
+    """A JSON batch's line is copied when one of its rows is captured: hundreds of kB each.
+    Beyond `queue_bytes` messages are dropped and counted, whatever their number."""
+    rows = [{"die_id": f"D{i}", "params": model.train[i].tolist()} for i in range(64)]
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0, queue_bytes=100_000,
+                      flush_interval_s=3600) as (server, plog):
+        with Client(server.path) as c:
+            for _ in range(20):
+                c.request(rows)
+        wait_for(lambda: plog.dropped_queue + len(plog._queue) == 20)
+        queued = len(plog._queue)
+        assert 1 <= queued < 20 and plog.dropped_queue == 20 - queued
+        plog.flush()
+        assert plog.records["predictions"] == 64 * queued
+        assert plog._in_bytes == plog._out_bytes  # nothing queued, nothing counted twice
+
+
+def test_a_log_directory_of_an_older_format_is_set_aside_not_misread(model, tmp_path):
+    old = tmp_path / "log" / "predictions"
+    old.mkdir(parents=True)
+    (old / f"{0:020d}.seg").write_bytes(b"records of the first format")
+    with logged_agent(model, tmp_path / "log") as (server, plog):
+        with Client(server.path) as c:
+            c.predict(model.train[0], die_id=5)
+        assert wait_flushed(plog, server)
+    assert [p["die_id"] for _, p in _predictions(old)] == ["5"]
+    kept = [p for p in (tmp_path / "log").iterdir() if p.name.startswith("predictions.v1-")]
+    assert len(kept) == 1 and (kept[0] / f"{0:020d}.seg").read_bytes().startswith(b"records")
