@@ -79,6 +79,19 @@ def psi(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return ((p - q) * np.log(p / q)).sum(axis=-1)
 
 
+def _padded(rows: tuple[tuple[float, ...], ...], width: int, fill: float,
+            dtype: type) -> np.ndarray:
+    """`rows` as a (len(rows), width) array, each row padded on the right with `fill`. A few
+    numpy calls instead of one slice assignment per feature: the monitor is built on every
+    model swap, in the serving process, and 512 assignments held the GIL for ~0.4 ms."""
+    lengths = np.fromiter(map(len, rows), dtype=np.intp, count=len(rows))
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.float64,
+                       count=int(lengths.sum()))
+    out[np.arange(width) < lengths[:, None]] = flat  # row-major: each row's values in order
+    return out
+
+
 class DriftMonitor:
     """Recent inputs of one model against its training reference. Thread-safe."""
 
@@ -96,11 +109,10 @@ class DriftMonitor:
         self.interval = interval
         # Pad every feature to k edges with +inf: x >= inf is never true, so padded bins stay
         # empty in both the window and the reference and add nothing to PSI.
-        self._edges = np.full((n, k), np.inf, dtype=np.float32)
-        self._ref = np.zeros((n, k + 1), dtype=np.float64)
-        for j, (e, p) in enumerate(zip(edges, proportions, strict=True)):
-            self._edges[j, :len(e)] = e
-            self._ref[j, :len(p)] = p
+        self._edges = _padded(edges, k, np.inf, np.float32)
+        self._ref = _padded(proportions, k + 1, 0.0, np.float64)
+        if len(proportions) != n:
+            raise ValueError(f"{n} features' edges but {len(proportions)} features' proportions")
         self._buf = np.empty((window, n), dtype=np.float32)
         self._written = 0  # rows ever observed
         self._slots = itertools.count()  # next row's sequence number

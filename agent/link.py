@@ -31,7 +31,6 @@ published while the broker is unreachable are queued in memory (bounded) and sen
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,6 @@ import platform
 import re
 import secrets
 import ssl
-import tarfile
 import threading
 import time
 from collections import deque
@@ -50,7 +48,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -65,6 +62,7 @@ from agent.commands import (
     valid_device_id,
     verify_command,
 )
+from agent.digest import bundle_digest
 from agent.download import Cancel, DownloadCancelled, DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
@@ -254,30 +252,6 @@ class ModelInstaller(Protocol):
     def install(self, bundle: Path) -> Any: ...
 
     def rollback(self) -> Any: ...
-
-
-def bundle_digest(version_dir: Path) -> str:
-    """SHA-256 of the canonical bundle an installed version was unpacked from, rebuilt from the
-    stored files (docs/bundle-format.md: the archive has exactly one encoding; bundles written
-    by edgefleet are that encoding). It equals the `sha256` the install command named."""
-    d = Path(version_dir)
-    manifest_bytes = (d / "manifest.json").read_bytes()
-    # orjson: json.loads of a ~100 kB manifest held the GIL for 1-5 ms on every fresh install,
-    # stalling answers on the serving loop (issue 15); orjson takes about a fifth of that
-    names = sorted(orjson.loads(manifest_bytes)["files"])
-    h = hashlib.sha256()
-    for name in ["manifest.json", "manifest.sig", *names]:
-        data = manifest_bytes if name == "manifest.json" else (d / name).read_bytes()
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime, info.uid, info.gid = len(data), 0o644, 0, 0, 0
-        info.uname = info.gname = ""
-        h.update(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-        h.update(data)
-        h.update(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-    h.update(b"\0" * (2 * tarfile.BLOCKSIZE))
-    return h.hexdigest()
-
-
 
 
 class _Serial:

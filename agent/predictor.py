@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from agent.calibration import DEFAULT_CONTEXT, Calibration
+from agent.digest import bundle_digest
 from agent.drift import DriftMonitor, alert_threshold
 from agent.engine import Engine
 from agent.fallback import RuleSet, max_missing
@@ -464,9 +465,10 @@ _digests: dict[tuple[str, int, int], str] = {}  # by (directory, manifest.sig in
 
 def _bundle_digest(engine: Engine | None) -> str | None:
     """sha256 of the bundle an installed model came from, rebuilt from its version directory
-    (agent.link.bundle_digest); None for an engine not loaded from a store version. Kept per
-    version directory: a snapshot is rebuilt on every fallback change and a rollback loads a
-    retained version again, and rebuilding the digest parses the manifest with the GIL held."""
+    (agent.digest.bundle_digest, with the engine's parsed manifest so that the swap does not
+    parse it again); None for an engine not loaded from a store version. Kept per version
+    directory: a snapshot is rebuilt on every fallback change and a rollback loads a retained
+    version again."""
     path = getattr(engine, "model_path", None)
     if path is None:
         return None
@@ -478,10 +480,8 @@ def _bundle_digest(engine: Engine | None) -> str | None:
     digest = _digests.get(key)
     if digest is not None:
         return digest
-    from agent.link import bundle_digest  # the fleet link's definition; imported on a swap only
-
     try:
-        digest = bundle_digest(path.parent)
+        digest = bundle_digest(path.parent, getattr(engine, "manifest", None))
     except (OSError, ValueError, KeyError) as e:
         log.warning("cannot compute the bundle digest of %s: %s", path.parent, e)
         return None

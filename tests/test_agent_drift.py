@@ -159,3 +159,17 @@ def test_agent_exports_the_bundles_alert_threshold_next_to_the_psi(tmp_path):
         c.predict_batch(training_rows(N, rows=512, seed=3))
         got = _scrape(agent.http.url)
     assert got[("edgefleet_drift_psi_alert", ())] == 0.33
+
+
+def test_features_with_fewer_edges_are_padded_so_their_extra_bins_stay_empty():
+    """Features have as many edges as their quantiles were distinct (a constant column has
+    none): each row is its own values then padding, in the features' order."""
+    mon = DriftMonitor(((1.0, 2.0, 3.0), (), (5.0,)),
+                       ((0.1, 0.2, 0.3, 0.4), (1.0,), (0.5, 0.5)), min_rows=1)
+    inf = np.inf
+    assert mon._edges.tolist() == [[1, 2, 3], [inf, inf, inf], [5, inf, inf]]
+    assert mon._ref.tolist() == [[0.1, 0.2, 0.3, 0.4], [1, 0, 0, 0], [0.5, 0.5, 0, 0]]
+    mon.observe(np.array([[2.5, 7.0, 6.0]], dtype=np.float32))
+    assert mon.report(force=True).rows == 1
+    with pytest.raises(ValueError):
+        DriftMonitor(((1.0,), (2.0,)), ((0.5, 0.5),))

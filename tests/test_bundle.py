@@ -312,3 +312,26 @@ def test_one_written_rule_for_revoked_keys_and_installed_models():
     rules = {name: rule(text or "") for name, text in texts.items()}
     assert len(set(rules.values())) == 1, rules
     assert "a rollback to it is refused" in rules["install.py"]
+
+
+def test_bundle_digest_from_the_parsed_manifest_or_the_stored_files(make_bundle, signer,
+                                                                    tmp_path):
+    """The digest of an unpacked version is the bundle's sha256 whether the caller hands in the
+    version's parsed manifest (a swap) or not; a manifest of other bytes is not trusted for
+    the file list."""
+    import dataclasses
+    import hashlib
+
+    from agent.digest import bundle_digest
+
+    path, _ = make_bundle()
+    m = verify_bundle(path, signer.keyring)
+    staging = tmp_path / "v"
+    staging.mkdir()
+    unpack_bundle(path, m, staging)
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    # another version's manifest: its file list would name a file this version lacks
+    other = dataclasses.replace(m, files={**m.files, "extra.bin": m.files["model.onnx"]},
+                                signed_bytes=b"{}")
+    assert bundle_digest(staging) == bundle_digest(staging, m) == want
+    assert bundle_digest(staging, other) == want

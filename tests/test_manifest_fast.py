@@ -131,3 +131,57 @@ def test_each_kind_of_bad_entry_is_named_by_both_paths(spot, i, value, message):
     assert _outcome(obj, fast=True) == slow
     assert isinstance(slow, tuple) and slow[0] == "error"
     assert re.search(message, slow[1])
+
+
+_PAD = b" " * 70_000  # past the size below which the manifest is parsed in one call
+
+
+@pytest.mark.parametrize("data", [
+    b'{"a":1' + _PAD + b',"golden":{"x":1},"input":2,"golden":5}',  # a repeated key
+    b'{"s":"x,\\"golden\\":' + _PAD + b'","input":1,"fallback":2}',  # a cut inside a string
+    b'{"n":{"q":1' + _PAD + b',"golden":2},"input":{"a":1},"fallback":[1]}',  # nested key
+    b'{' + _PAD + b',"golden":1,"input":2}',  # an empty first piece
+    b'{"a":1,"golden":1' + _PAD + b',"input":2,}',  # trailing comma
+    b'{"a":1,"golden":1' + _PAD + b',"input":2} x',  # trailing text
+    b'{"a":1,"golden":1' + _PAD + b',"input":2}\n  ',
+    b'{"x":"\xff"' + _PAD + b',"golden":1,"input":2}',  # invalid UTF-8
+    b'[{"a":1' + _PAD + b',"golden":1,"input":2}]',  # not an object
+    b'{"a":1' + _PAD + b',"golden":1,"input":2',  # truncated
+])
+def test_a_manifest_parsed_in_pieces_is_what_one_parse_gives(data):
+    """Cuts that are not between top-level members are detected: the same object, key order
+    and acceptance as one orjson parse."""
+    try:
+        want = orjson.loads(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            manifest_module.loads_in_pieces(data)
+        return
+    got = manifest_module.loads_in_pieces(data)
+    assert got == want and list(got) == list(want)
+
+
+def test_a_large_manifest_is_cut_where_its_members_are(monkeypatch):
+    """A 512-feature manifest with golden vectors, rules and drift reference parses in pieces,
+    none near the whole, to the same object as one parse."""
+    fields = _fields()
+    n = 512
+    fields["input"] = {"n_features": n, "dtype": "float32",
+                       "feature_names": [f"p{j}" for j in range(n)]}
+    fields["golden"]["vectors"] = [{"params": [j / 7 for j in range(n)], "score": 1.0}] * 8
+    fields["drift_reference"] = {"edges": [[-1 / 3, 1 / 7, 2 / 9]] * n,
+                                 "proportions": [[0.25, 0.25, 0.25, 0.25]] * n}
+    data = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    assert len(data) > 65536
+    sizes: list[int] = []
+
+    class Counting:
+        @staticmethod
+        def loads(b: bytes):
+            sizes.append(len(b))
+            return orjson.loads(b)
+
+    monkeypatch.setattr(manifest_module, "orjson", Counting)
+    got = manifest_module.loads_in_pieces(data)
+    assert got == orjson.loads(data) and list(got) == list(orjson.loads(data))
+    assert len(sizes) >= 4 and max(sizes) < 0.6 * len(data)
