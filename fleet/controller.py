@@ -93,7 +93,8 @@ class Controller:
         self.wake = threading.Event()  # set by every message while `run` runs
 
     def _on_message(self, *_: Any) -> None:
-        self.wake.set()
+        if not self.wake.is_set():  # set already: the round after its `clear` sees this one
+            self.wake.set()
 
     @property
     def service(self) -> bool:
