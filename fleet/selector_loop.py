@@ -34,16 +34,67 @@ __all__ = ["ReadAheadClient", "SelectorLoop"]
 _READ_AHEAD = 65536
 
 
+class _Message(mqtt.MQTTMessage):
+    """A received message as `ReadAheadClient` hands it to `on_message`: paho's, without the
+    `info` (a publish's delivery tracker, with a lock and a condition, of no use to a
+    receiver) and the timestamp."""
+
+    __slots__ = ()
+
+    def __init__(self, topic: bytes, payload: bytes, qos: int, mid: int, retain: bool,
+                 dup: bool) -> None:
+        self._topic, self.payload, self.qos, self.mid = topic, payload, qos, mid
+        self.retain, self.dup = retain, dup
+        self.timestamp, self.state, self.info, self.properties = 0.0, 0, None, None
+
+
 class ReadAheadClient(mqtt.Client):
-    """A paho client whose socket reads, once a `SelectorLoop` drives it, take up to 64 KB at a
-    time: paho's reads of a packet's first byte, its length and its body are then served from
-    that buffer instead of one system call each. Off (paho's own reads) until the loop turns
-    it on: paho's own network loop (`loop_start`) waits on the socket with select(), which
-    cannot see bytes already in this buffer."""
+    """A paho client for a process that follows a stream (the controller: every device's
+    states and events), once a `SelectorLoop` drives it:
+
+    - its socket reads take up to 64 KB at a time: paho's reads of a packet's first byte, its
+      length and its body are served from that buffer instead of one system call each;
+    - a PUBLISH (MQTT 3.1.1, QoS 0 or 1) goes to `on_message` without paho's per-message
+      extras (a debug line formatted, a delivery tracker with a lock and a condition, the
+      topic decoded three times, the per-topic callback lookup); MQTT 5, QoS 2, manual
+      acknowledgements, per-topic callbacks (`message_callback_add`) or a packet it cannot
+      read go through paho's own handling.
+
+    Off (paho's own reads and handling) until the loop turns it on: paho's own network loop
+    (`loop_start`) waits on the socket with select(), which cannot see bytes already in this
+    buffer."""
 
     read_ahead = False
     _rbuf = b""
     _rpos = 0
+    _filtered = False
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._filtered = True
+        super().message_callback_add(sub, callback)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if not self.read_ahead or qos == 2 or self._filtered or self._manual_ack or \
+                self._protocol == mqtt.MQTTv5 or len(packet) < 2:
+            return super()._handle_publish()
+        end = 2 + ((packet[0] << 8) | packet[1])
+        if end == 2 or end + 2 * qos > len(packet):  # an empty topic, or cut short
+            return super()._handle_publish()  # paho says what is wrong with it
+        mid = (packet[end] << 8) | packet[end + 1] if qos else 0
+        msg = _Message(bytes(packet[2:end]), bytes(packet[end + 2 * qos:]), qos, mid,
+                       bool(header & 0x01), bool(header & 0x08))
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                try:
+                    on_message(self, self._userdata, msg)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+        return self._send_puback(mid) if qos else mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not self.read_ahead:
