@@ -100,7 +100,7 @@ class RolloutDriver:
         self._seen: dict[str, D.Seen] = {}
         self._infos: dict[str, Any] = {}  # command id -> paho message info (until acked)
         self._dirty: set[tuple[str, str]] = set()
-        self._last_commit = 0.0
+        self._last_commit = self._last_send = 0.0
         self._next_measure = 0.0
         self.verdict: G.Verdict | None = None
         self.forged = 0
@@ -351,7 +351,7 @@ class RolloutDriver:
         """Record the intent (committed), then publish."""
         if not steps:
             return
-        now = self.clock()
+        now = self._last_send = self.clock()
         for s in steps:
             s.sent, s.attempts = now, s.attempts + 1
             self._set(s, D.StepChange(StepStatus.SENDING), now)
@@ -471,7 +471,7 @@ class RolloutDriver:
             self._set(self.steps[(d, name)], change, now)
         if dec.report:
             self._send(self._add_steps([(d, "report") for d in dec.report]))
-        if dec.send:
+        if dec.send and not self._hold_sends(len(dec.send), idx, now):
             self._send([self.steps[(d, name)] for d in dec.send])
         if dec.over_budget:
             steps = self._stage_steps(idx)
@@ -487,6 +487,16 @@ class RolloutDriver:
         elif dec.deployed:
             self._commit(force=True)
             self._deployed(idx, now)
+
+    def _hold_sends(self, n: int, idx: int, now: float) -> bool:
+        """Whether to leave `n` sends for a later round: a few slots freed while most are
+        still in flight are filled together, a tenth of `max_parallel` at a time or after
+        `commit_every_s`, so a wave costs one committed intent per batch rather than one per
+        round (each a durable commit: the intent is written before the publish)."""
+        batch = self.plan.max_parallel // 10
+        c = self.counts[idx]
+        in_flight = c.get(StepStatus.SENDING, 0) + c.get(StepStatus.SENT, 0)
+        return n < batch and in_flight > 0 and now - self._last_send < self.opt.commit_every_s
 
     def _deployed(self, idx: int, now: float) -> None:
         stage = self.stages[idx]
