@@ -342,10 +342,14 @@ def psi(p: Sequence[float], q: Sequence[float], eps: float = 1e-4) -> float | No
     return total
 
 
+# agent.shadow.MARGIN_EDGES, the buckets of the shadow counters' margin histograms (a test
+# checks they agree): importing agent.shadow would load numpy and ONNX Runtime into the
+# controller (~0.1 s of CPU at its first shadow measure, and their memory) for one tuple.
+MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def _decision_region(hist: Sequence[float]) -> list[float]:
     """Margin histogram with every bucket below margin -1 merged into one."""
-    from agent.shadow import MARGIN_EDGES
-
     if len(hist) != len(MARGIN_EDGES) + 1:
         return list(hist)
     k = MARGIN_EDGES.index(-1.0)  # bucket k holds [-2, -1)
