@@ -65,7 +65,7 @@ def new_owner() -> str:
 class ControllerOptions:
     actor: str = "controller"
     tick_s: float = 0.1
-    min_round_s: float = 0.05  # rounds at most this often: a message storm is taken in batches
+    min_round_s: float = 0.1  # rounds at most this often: a message stream is taken in batches
     scan_s: float = 0.5
     heartbeat_s: float = 1.0
     stale_s: float = 10.0

@@ -80,7 +80,7 @@ class DriverOptions:
     resend_grace_s: float = 5.0  # after a restart: how long to look for a sign of a step
     rollback_timeout_s: float | None = None  # default: the plan's step timeout
     prometheus_timeout_s: float = 5.0
-    sweep_s: float = 0.5  # every step in flight re-resolved this often (timeouts, grace)
+    sweep_s: float = 1.0  # every step in flight re-resolved this often (timeouts, grace)
     progress: Callable[[dict[str, Any]], None] | None = None
 
 
