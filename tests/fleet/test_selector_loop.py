@@ -95,3 +95,29 @@ def test_a_per_topic_callback_gets_paho_handling(broker, publisher):
         assert not any(m[1] == b"x" for m in reader.got)  # the callback took it, as paho does
     finally:
         reader.close()
+
+
+def test_the_reader_reads_on_after_the_broker_restarts(broker):
+    """A restarted broker: the reader reconnects (its read-ahead buffer starts empty on the
+    new connection) and gets what is published afterwards."""
+    reader = Reader(broker, client_id="restarts")
+    try:
+        broker.restart()
+        wait_for(lambda: not reader.client.is_connected(), what="the reader to notice")
+        reader.subscribed.clear()
+        assert reader.subscribed.wait(30)  # reconnected and subscribed again
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-2",
+                          protocol=mqtt.MQTTv311)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        try:
+            for i in range(50):
+                info = pub.publish(TOPIC.format("after"), b"%d" % i * 300, qos=1)
+            info.wait_for_publish(10)
+            wait_for(lambda: sum(m[0] == TOPIC.format("after") for m in reader.got) == 50,
+                     what="what was published after the restart")
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
+    finally:
+        reader.close()
