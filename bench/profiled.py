@@ -38,7 +38,7 @@ def main() -> None:
         for key in ("ttot", "tsub"):
             buf.write(f"\n== functions by {'cumulative' if key == 'ttot' else 'own'} CPU ==\n")
             stats.sort(key, "desc")
-            for f in list(stats)[:40]:
+            for f in list(stats)[:80]:
                 buf.write(f"{f.tsub:9.3f} own {f.ttot:9.3f} cum {f.ncall:9d} calls  "
                           f"{f.module}:{f.lineno} {f.name}\n")
         buf.write("\n== threads ==\n")

@@ -19,8 +19,15 @@ one simulator process per 2,500 devices: one process of full-mode devices holds 
 `--profile DIR` runs the controller service under bench/profiled.py (yappi, every thread).
 
 Every scale figure comes with the load average at its start and end: on a shared machine the
-times are upper bounds; the controller's own CPU seconds (from /proc, from when it took its
-lease) and its resident memory (VmRSS, VmHWM) are the figures docs/scale.md compares.
+times are upper bounds; the controller's own CPU seconds (from /proc) and its resident memory
+(VmRSS, VmHWM) are the figures docs/scale.md compares. The controller's CPU is measured over
+the rollout (`controller_cpu_s`, from `rollout start` to its end) and, for IDLE_S seconds
+before it, in the steady state (`controller_steady_cpu_s_per_s`: the devices' periodic state
+reports, its rounds and heartbeats, which it pays with or without a rollout); the rollout's
+own cost is the first less the second times the rollout's wall time (`controller_cpu_net_s`).
+A full-mode floor's devices report their state every 2 s (traffic changes their summary), a
+light floor's only on a change, so the steady state is the part of a full floor's figure
+that grows with the rollout's wall time, not with its work.
 
 Scenarios (each on a fresh broker and a fresh floor whose devices already run v1):
 
@@ -87,6 +94,7 @@ TRAFFIC = TrafficConfig(interval_s=1.0, batch=32)
 SIM: dict[str, Any] = {"procs": 1, "light": False, "light_from": 2000,
                        "profile": None}  # --procs, --light, --light-from, --profile
 DEVICES_PER_PROC = 2500  # light floors get at least n / this simulator processes
+IDLE_S = 15.0  # the controller's steady-state CPU is measured this long before a rollout
 
 
 def sim_mode(n: int, light: bool = False) -> tuple[bool, int]:
@@ -302,17 +310,26 @@ def _dupes(fl: Floor) -> int:
 def scenario_scale(env: Env, n: int, shadow: bool = True) -> dict[str, Any]:
     fl = Floor(env, f"scale-{n}", n)
     try:
+        cpu_idle0 = fl.controller_cpu_s()
+        time.sleep(IDLE_S)  # the steady state: the devices' state stream, rounds, heartbeats
+        steady = (fl.controller_cpu_s() - cpu_idle0) / IDLE_S
         load0 = os.getloadavg()
+        cpu0 = fl.controller_cpu_s()
         t0 = time.monotonic()
         r = fl.cli("fleet", "rollout", "start", f"sha256:{env.pubs['v2'].digest}", "--id",
                    f"r-scale-{n}", *_flags(10, shadow=shadow), timeout=900 + n / 10)
         wall = time.monotonic() - t0
+        cpu = round(fl.controller_cpu_s() - cpu0, 2)
         out = {"devices": n, "simulator": fl.mode, "setup_s": round(fl.setup_s, 1),
                "exit_code": r.returncode, "cli_wall_s": round(wall, 2),
                "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-               "controller_cpu_s": fl.controller_cpu_s(),
+               "controller_cpu_s": cpu,
+               "controller_steady_cpu_s_per_s": round(steady, 4),
+               "controller_cpu_net_s": round(cpu - steady * wall, 2),
                "controller": fl.controller_rss_mb(), **_report(fl.db_path, f"r-scale-{n}")}
-        out["controller_cpu_ms_per_device"] = round(1000 * out["controller_cpu_s"] / n, 3)
+        out["controller_cpu_ms_per_device"] = round(1000 * cpu / n, 3)
+        out["controller_cpu_net_ms_per_device"] = round(1000 * out["controller_cpu_net_s"] / n,
+                                                        3)
         out["step_timeouts"] = sum(v for k, v in out["step_status"].items()
                                    if k.endswith(":timeout"))
         actives = fl.actives()

@@ -6,6 +6,12 @@ there is one implementation whoever asks and whoever drives.
 
     ok, message = apply(db, "r-42", "pause", "alice@host")
     seq = db.add_request("r-42", "retry", "alice@host")   # for the live driver, in order
+    apply(db, "r-42", "pause", "controller", lease=(owner, epoch))  # fenced (see below)
+
+A controller applies them under the rollout's lease (`lease`: the owner and epoch it holds the
+rollout at): each action's transaction checks it first (`StateDB.fence`), so a controller that
+lost the rollout to another (shared PostgreSQL store, it stalled past its lease) changes
+nothing and gets `fleet.state.LeaseLost`, as its driver's writes do.
 
 What each does beyond the state change:
 
@@ -27,7 +33,9 @@ What each does beyond the state change:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fleet.machine import (
@@ -47,10 +55,15 @@ from fleet.state import StateDB
 __all__ = ["apply", "overlapping"]
 
 
+Tx = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
 def apply(db: StateDB, rid: str, action: str, who: str,
-          args: dict[str, Any] | None = None) -> tuple[bool, str]:
+          args: dict[str, Any] | None = None, *,
+          lease: tuple[str, int] | None = None) -> tuple[bool, str]:
     """Apply an operator action to rollout `rid`; returns (done, one line saying what
-    happened or why not). Nothing is changed when the transition table refuses it."""
+    happened or why not). Nothing is changed when the transition table refuses it, or (raising
+    `LeaseLost`) when `lease` (owner, epoch) no longer holds the rollout."""
     args = args or {}
     try:
         trigger = Trigger(action)
@@ -63,53 +76,61 @@ def apply(db: StateDB, rid: str, action: str, who: str,
     if new is None:
         can = ", ".join(a for a in allowed(row.state) if a in _OPERATOR) or "nothing"
         return False, f"rollout {rid} is {row.state}: cannot {action} it (possible: {can})"
-    return _DO[trigger](db, rid, row, new, who, args)  # type: ignore[index]
+
+    @contextlib.contextmanager
+    def tx() -> Iterator[Any]:
+        with db.tx() as c:
+            if lease is not None:
+                db.fence(c, rid, *lease)
+            yield c
+
+    return _DO[trigger](db, tx, rid, row, new, who, args)  # type: ignore[index]
 
 
-def _simple(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _simple(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
             args: dict[str, Any], action: str, reason: str, **fields: Any) -> tuple[bool, str]:
     if new in TERMINAL:
         fields.setdefault("finished", time.time())
-    with db.tx() as c:
+    with tx() as c:
         db.update(rid, c, state=new, reason=reason, **fields)
         db.audit(rid, who, action, {"was": row.state, "reason": reason, **args}, c)
     return True, f"rollout {rid}: {new}"
 
 
-def _pause(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _pause(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
            args: dict[str, Any]) -> tuple[bool, str]:
-    return _simple(db, rid, row, new, who, args, "paused",
+    return _simple(db, tx, rid, row, new, who, args, "paused",
                    args.get("reason") or f"paused by an operator ({who}); next: edgefleet "
                    f"fleet rollout resume {rid}")
 
 
-def _abort(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _abort(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
            args: dict[str, Any]) -> tuple[bool, str]:
-    return _simple(db, rid, row, new, who, args, "aborted",
+    return _simple(db, tx, rid, row, new, who, args, "aborted",
                    f"aborted by an operator ({who}); devices left as they are")
 
 
-def _supersede(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _supersede(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
                args: dict[str, Any]) -> tuple[bool, str]:
-    return _simple(db, rid, row, new, who, args, "superseded",
+    return _simple(db, tx, rid, row, new, who, args, "superseded",
                    f"superseded by rollout {args.get('by', '?')} (--replace, {who}); "
                    "its devices are that rollout's now")
 
 
-def _rollback(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _rollback(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
               args: dict[str, Any]) -> tuple[bool, str]:
     reason = f"rollback requested by an operator ({who})" + (
         f"; was {row.state}: {row.reason}" if row.reason else "")
-    return _simple(db, rid, row, new, who, args, "rolling-back", reason,
+    return _simple(db, tx, rid, row, new, who, args, "rolling-back", reason,
                    phase=Phase.ROLLBACK, finished=None)
 
 
-def _resume(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _resume(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
             args: dict[str, Any]) -> tuple[bool, str]:
     stages = db.stages(rid)
     detail: dict[str, Any] = {"paused_because": row.reason, "phase": row.phase}
     plan = dict(row.plan)
-    with db.tx() as c:
+    with tx() as c:
         if row.phase == Phase.FINISH or row.stage >= len(stages):
             if args.get("allow_partial"):  # the devices named in the reason are accepted
                 plan["allow_partial"] = True
@@ -131,12 +152,12 @@ def _resume(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
     return True, f"rollout {rid}: {new}"
 
 
-def _promote(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _promote(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
              args: dict[str, Any]) -> tuple[bool, str]:
     stages = db.stages(rid)
     detail: dict[str, Any] = {"stage": stages[row.stage].name if row.stage < len(stages)
                               else None, "full": bool(args.get("full"))}
-    with db.tx() as c:
+    with tx() as c:
         if args.get("full") and row.stage < len(stages) - 1:
             last = len(stages) - 1
             first = row.stage + 1
@@ -158,7 +179,7 @@ def _promote(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
     return True, f"rollout {rid}: {new} (promoted)"
 
 
-def _retry(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
+def _retry(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
            args: dict[str, Any]) -> tuple[bool, str]:
     again = [s for s in db.steps(rid) if s.step in ("install", "shadow")
              and s.status in (*STEP_BAD, StepStatus.SKIPPED)]
@@ -172,7 +193,7 @@ def _retry(db: StateDB, rid: str, row: Any, new: RolloutState, who: str,
         return i - 1 if step == "shadow" else i
 
     first = min(stage_idx(s.step, s.device_id) for s in again)
-    with db.tx() as c:
+    with tx() as c:
         for s in again:
             cid = command_id(rid, s.device_id, f"{s.step}.{s.attempts + 1}")
             c.execute("UPDATE steps SET status=?, command_id=?, result=NULL, reason=NULL, "

@@ -65,7 +65,7 @@ def new_owner() -> str:
 class ControllerOptions:
     actor: str = "controller"
     tick_s: float = 0.1
-    min_round_s: float = 0.05  # rounds at most this often: a message storm is taken in batches
+    min_round_s: float = 0.1  # rounds at most this often: a message stream is taken in batches
     scan_s: float = 0.5
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
@@ -93,7 +93,8 @@ class Controller:
         self.wake = threading.Event()  # set by every message while `run` runs
 
     def _on_message(self, *_: Any) -> None:
-        self.wake.set()
+        if not self.wake.is_set():  # set already: the round after its `clear` sees this one
+            self.wake.set()
 
     @property
     def service(self) -> bool:
@@ -237,10 +238,13 @@ class Controller:
                 self._lost(rid, e)
                 continue
             if drv.row.state in (RolloutState.RUNNING, RolloutState.PENDING):
-                actions.apply(self.db, rid, "pause", self.opt.actor, {
-                    "reason": f"its driver stopped ({why}); next: edgefleet fleet rollout "
-                              f"resume {rid} --once, or start a controller: edgefleet fleet "
-                              "controller"})
+                try:
+                    actions.apply(self.db, rid, "pause", self.opt.actor, {
+                        "reason": f"its driver stopped ({why}); next: edgefleet fleet rollout "
+                                  f"resume {rid} --once, or start a controller: edgefleet "
+                                  "fleet controller"}, lease=(self.owner, drv.epoch))
+                except LeaseLost as e:
+                    self._lost(rid, e)
 
     def _mine(self, rid: str) -> bool:
         return self.opt.only is None or rid in self.opt.only
@@ -261,16 +265,25 @@ class Controller:
                 if self.db.request_result(req["seq"]) is not None:
                     self.db.release(rid, self.owner)  # applied meanwhile by the other one
                     continue
+                epoch = self.db.rollout(rid).epoch
             else:
                 try:
                     drv.flush()
                 except LeaseLost as e:
                     self._lost(rid, e)
                     continue
-            try:
-                ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"])
+                epoch = drv.epoch
+            try:  # fenced: applied only while this controller still holds the rollout
+                ok, msg = actions.apply(self.db, rid, req["action"], req["actor"], req["args"],
+                                        lease=(self.owner, epoch))
                 with self.db.tx() as c:
                     self.db.close_request(req["seq"], ("ok: " if ok else "refused: ") + msg, c)
+            except LeaseLost as e:  # taken over meanwhile: its new holder applies the request
+                if drv is not None:
+                    self._lost(rid, e)
+                else:
+                    _LOG.error("%s: leaving the request to it", e)
+                continue
             finally:
                 if drv is None:
                     self.db.release(rid, self.owner)  # `_pick_up` takes it if it needs a driver

@@ -5,6 +5,11 @@ one rollout per device keeps few; stage names from the plan; states, statuses, g
 and pause reasons from fixed sets):
 
     edgefleet_controller_up                                  1 while it holds the lease
+    edgefleet_controller_store_up                            1 when this scrape read the state
+                                                             store, 0 when it could not (the
+                                                             two store-wide families below are
+                                                             then left out; the rest is what
+                                                             the controller holds in memory)
     edgefleet_controller_rollouts_driven                     rollouts it drives now
     edgefleet_rollouts{state}                                rollouts per state (all time)
     edgefleet_rollout_stage{rollout,stage,phase}             1: the current stage and phase
@@ -34,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from fleet.machine import RolloutState
+from fleet.state_backend import StoreUnavailable
 
 if TYPE_CHECKING:
     from fleet.controller import Controller
@@ -79,13 +85,22 @@ class _Collector:
         n = GaugeMetricFamily("edgefleet_controller_rollouts_driven", "Rollouts it drives")
         n.add_metric([], float(len(c.drivers)))
         yield n
-        counts = {s.value: 0 for s in RolloutState}
-        counts.update(c.db.state_counts())
-        by_state = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per state",
-                                     labels=["state"])
-        for state, k in counts.items():
-            by_state.add_metric([state], float(k))
-        yield by_state
+        try:  # the store may be unreachable (a PostgreSQL restart): say so, show the rest
+            counts = {s.value: 0 for s in RolloutState}
+            counts.update(c.db.state_counts())
+            active = c.db.active()
+        except StoreUnavailable:
+            counts, active = {}, None
+        store = GaugeMetricFamily("edgefleet_controller_store_up", "1 when this scrape read "
+                                  "the state store")
+        store.add_metric([], 0.0 if active is None else 1.0)
+        yield store
+        if active is not None:
+            by_state = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per state",
+                                         labels=["state"])
+            for state, k in counts.items():
+                by_state.add_metric([state], float(k))
+            yield by_state
         stage = GaugeMetricFamily("edgefleet_rollout_stage", "The current stage and phase",
                                   labels=["rollout", "stage", "phase"])
         index = GaugeMetricFamily("edgefleet_rollout_stage_index", "Current stage's position",
@@ -119,9 +134,11 @@ class _Collector:
                     gate_v.add_metric([rid, r["gate"]], float(r["value"]))
                 gate_p.add_metric([rid, r["gate"]], _GATE_VERDICT.get(r["verdict"], -1.0))
         yield from (stage, index, secs, devices, gate_v, gate_p)
+        if active is None:
+            return
         paused = GaugeMetricFamily("edgefleet_rollout_paused", "Paused rollouts and why",
                                    labels=["rollout", "reason"])
-        for row in c.db.active():
+        for row in active:
             if row.state == RolloutState.PAUSED:
                 paused.add_metric([row.id, pause_reason(row.reason)], 1.0)
         yield paused

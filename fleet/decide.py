@@ -38,6 +38,7 @@ from fleet.machine import IN_FLIGHT, STEP_BAD, StepStatus
 from fleet.plan import Plan, amount_of
 
 __all__ = [
+    "BakeEvidence",
     "BakeOutcome",
     "Ctx",
     "Deploy",
@@ -47,6 +48,7 @@ __all__ = [
     "StepView",
     "accept_event",
     "bake_inputs",
+    "bake_side",
     "budget",
     "decide_bake",
     "decide_deploy",
@@ -360,6 +362,25 @@ def bake_time(plan: Plan, kinds: Sequence[str], idx: int) -> float:
     return plan.bake_s if idx == first_install else plan.wave_bake
 
 
+def bake_side(moved: bool, st: Mapping[str, Any] | None, digest: str
+              ) -> tuple[str | None, Mapping[str, Any] | None]:
+    """Where one targeted device's state puts it in a bake's evidence: ("new", its summary
+    with its health status under `_health`) when this rollout moved it (`moved`) and it runs
+    `digest`, ("old", its summary) when it was not moved and runs something else, (None,
+    None) otherwise or when it is offline."""
+    st = st or {}
+    if not st.get("online"):
+        return None, None
+    active = ((st.get("model") or {}).get("active") or {}).get("digest")
+    if moved and active == digest:
+        summary = dict(st.get("summary") or {})
+        summary["_health"] = (st.get("health") or {}).get("status", "unknown")
+        return "new", summary
+    if not moved and active != digest:
+        return "old", st.get("summary") or {}  # read only: the stored state's own dict
+    return None, None
+
+
 def bake_inputs(targets: Mapping[str, Mapping[str, Any]], moved: set[str],
                 states: Mapping[str, Mapping[str, Any]], digest: str
                 ) -> tuple[list[dict], list[dict], list[dict]]:
@@ -367,18 +388,46 @@ def bake_inputs(targets: Mapping[str, Mapping[str, Any]], moved: set[str],
     model, of those still on the old one, and the moved ones' baselines."""
     new, old, baseline = [], [], []
     for d, t in targets.items():
-        st = states.get(d) or {}
-        if not st.get("online"):
-            continue
-        active = ((st.get("model") or {}).get("active") or {}).get("digest")
-        if d in moved and active == digest:
-            summary = dict(st.get("summary") or {})
-            summary["_health"] = (st.get("health") or {}).get("status", "unknown")
+        side, summary = bake_side(d in moved, states.get(d), digest)
+        if side == "new":
             new.append(summary)
             baseline.append(t.get("baseline") or {})
-        elif d not in moved and active != digest:
-            old.append(st.get("summary") or {})  # read only: the stored state's own dict
-    return new, old, baseline
+        elif side == "old":
+            old.append(summary)
+    return new, old, baseline  # type: ignore[return-value]
+
+
+class BakeEvidence:
+    """`bake_inputs` kept device by device: each targeted device's `gates.bake_part` on the
+    side its state puts it (`bake_side`), recomputed by `update` when its state or its install
+    step changed. A measure then judges the parts it holds (`verdict`) instead of reading
+    every device's state and summary again: the driver's bake costs what changed, not the
+    fleet's size times the number of measures."""
+
+    def __init__(self, targets: Mapping[str, Mapping[str, Any]], moved: set[str],
+                 states: Mapping[str, Mapping[str, Any]], digest: str) -> None:
+        self.targets, self.digest = targets, digest
+        self.new: dict[str, tuple[Any, ...]] = {}
+        self.old: dict[str, tuple[Any, ...]] = {}
+        self.baseline: dict[str, tuple[Any, ...]] = {}
+        for d in targets:
+            self.update(d, d in moved, states.get(d))
+
+    def update(self, device: str, moved: bool, st: Mapping[str, Any] | None) -> None:
+        self.new.pop(device, None)
+        self.old.pop(device, None)
+        side, summary = bake_side(moved, st, self.digest)
+        if side == "new":
+            self.new[device] = G.bake_part(summary)  # type: ignore[arg-type]
+            if device not in self.baseline:  # a target's baseline never changes
+                self.baseline[device] = G.bake_part(self.targets[device].get("baseline") or {})
+        elif side == "old":
+            self.old[device] = G.bake_part(summary)  # type: ignore[arg-type]
+
+    def verdict(self, gates: Sequence[G.Gate], min_requests: int) -> G.Verdict:
+        return G.judge_bake(gates, list(self.new.values()), list(self.old.values()),
+                            min_requests=min_requests,
+                            baseline=[self.baseline[d] for d in self.new])
 
 
 def left_behind(targets: Sequence[str], steps: Mapping[tuple[str, str], StepView],

@@ -80,7 +80,7 @@ class DriverOptions:
     resend_grace_s: float = 5.0  # after a restart: how long to look for a sign of a step
     rollback_timeout_s: float | None = None  # default: the plan's step timeout
     prometheus_timeout_s: float = 5.0
-    sweep_s: float = 0.5  # every step in flight re-resolved this often (timeouts, grace)
+    sweep_s: float = 1.0  # every step in flight re-resolved this often (timeouts, grace)
     progress: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -100,7 +100,7 @@ class RolloutDriver:
         self._seen: dict[str, D.Seen] = {}
         self._infos: dict[str, Any] = {}  # command id -> paho message info (until acked)
         self._dirty: set[tuple[str, str]] = set()
-        self._last_commit = 0.0
+        self._last_commit = self._last_send = 0.0
         self._next_measure = 0.0
         self.verdict: G.Verdict | None = None
         self.forged = 0
@@ -143,6 +143,8 @@ class RolloutDriver:
                     self._inbox.append((str(ev.get("device_id")), ev))
         self.views = {d: D.DeviceView.from_state(self.ctl.state(d)) for d in self.targets}
         self._undo: list[StepRow] | None = None
+        self._evidence: D.BakeEvidence | None = None  # built at the first bake measure
+        self._evidence_stale: set[str] = set()  # devices whose part changed since the last
         if first:
             self.epoch = self.row.epoch  # the lease this driver was created under (fencing)
 
@@ -152,6 +154,8 @@ class RolloutDriver:
         self._inbox.clear()
         self._seen.clear()
         self._infos.clear()
+        self._evidence = None
+        self._evidence_stale.clear()
 
     def reload(self) -> None:
         """Re-read the rollout after an operator action changed it in the database; what was
@@ -221,15 +225,16 @@ class RolloutDriver:
         """Resolve the steps in flight: of the devices with news since the last round, or all
         of them every `sweep_s` (a timeout or the end of a health grace is news of no
         device)."""
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.opt.sweep_s
-            self._touched.clear()
-            for key in list(self.in_flight):
-                self._resolve(self.steps[key], now)
-            return
         devices = set()
         while self._touched:
             devices.add(self._touched.popleft())
+        if self._evidence is not None:  # their part of the bake's evidence, at the next measure
+            self._evidence_stale |= devices
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.opt.sweep_s
+            for key in list(self.in_flight):
+                self._resolve(self.steps[key], now)
+            return
         for d in devices:
             for name in D.STEP_COMMAND:
                 if (d, name) in self.in_flight:
@@ -279,6 +284,8 @@ class RolloutDriver:
                     self.installed.add(s.device_id)
                 else:
                     self.installed.discard(s.device_id)
+                if self._evidence is not None:
+                    self._evidence_stale.add(s.device_id)
             if s.status in IN_FLIGHT:
                 self.in_flight.add(key)
             else:
@@ -344,7 +351,7 @@ class RolloutDriver:
         """Record the intent (committed), then publish."""
         if not steps:
             return
-        now = self.clock()
+        now = self._last_send = self.clock()
         for s in steps:
             s.sent, s.attempts = now, s.attempts + 1
             self._set(s, D.StepChange(StepStatus.SENDING), now)
@@ -464,7 +471,7 @@ class RolloutDriver:
             self._set(self.steps[(d, name)], change, now)
         if dec.report:
             self._send(self._add_steps([(d, "report") for d in dec.report]))
-        if dec.send:
+        if dec.send and not self._hold_sends(len(dec.send), idx, now):
             self._send([self.steps[(d, name)] for d in dec.send])
         if dec.over_budget:
             steps = self._stage_steps(idx)
@@ -480,6 +487,16 @@ class RolloutDriver:
         elif dec.deployed:
             self._commit(force=True)
             self._deployed(idx, now)
+
+    def _hold_sends(self, n: int, idx: int, now: float) -> bool:
+        """Whether to leave `n` sends for a later round: a few slots freed while most are
+        still in flight are filled together, a tenth of `max_parallel` at a time or after
+        `commit_every_s`, so a wave costs one committed intent per batch rather than one per
+        round (each a durable commit: the intent is written before the publish)."""
+        batch = self.plan.max_parallel // 10
+        c = self.counts[idx]
+        in_flight = c.get(StepStatus.SENDING, 0) + c.get(StepStatus.SENT, 0)
+        return n < batch and in_flight > 0 and now - self._last_send < self.opt.commit_every_s
 
     def _deployed(self, idx: int, now: float) -> None:
         stage = self.stages[idx]
@@ -544,11 +561,7 @@ class RolloutDriver:
                     shadows.append(sh)
             return G.evaluate_shadow(self.plan.shadow_gate_list, shadows,
                                      min_dies=self.plan.shadow_min_dies)
-        states = _States(self.ctl)  # the stored states, read in place: no copy per device
-        new, old, baseline = D.bake_inputs(self.targets, self.installed, states,
-                                           self.bundle.digest)
-        verdict = G.evaluate_bake(self.plan.bake_gates, new, old,
-                                  min_requests=self.plan.min_requests, baseline=baseline)
+        verdict = self._bake_evidence().verdict(self.plan.bake_gates, self.plan.min_requests)
         if self.plan.prom_gates:
             verdict = verdict.merge(G.evaluate_prometheus(
                 self.plan.prom_gate_list, self._prom,
@@ -560,6 +573,20 @@ class RolloutDriver:
                 window_s=self.plan.label_window_s, min_good=self.plan.label_min_good,
                 min_bad=self.plan.label_min_bad))
         return verdict
+
+    def _bake_evidence(self) -> D.BakeEvidence:
+        """The bake's evidence, brought up to date with the devices whose state or install
+        step changed since the last measure (built from every target's state the first
+        time)."""
+        if self._evidence is None:
+            self._evidence = D.BakeEvidence(self.targets, self.installed, _States(self.ctl),
+                                            self.bundle.digest)
+            self._evidence_stale.clear()
+        for d in self._evidence_stale:
+            if d in self.targets:
+                self._evidence.update(d, d in self.installed, self.ctl.state_of(d))
+        self._evidence_stale.clear()
+        return self._evidence
 
     def _bake(self, idx: int, now: float) -> None:
         stage = self.stages[idx]

@@ -52,10 +52,12 @@ __all__ = [
     "GateResult",
     "PromGate",
     "Verdict",
+    "bake_part",
     "check_consistent",
     "evaluate_bake",
     "evaluate_prometheus",
     "evaluate_shadow",
+    "judge_bake",
     "parse_gate",
     "parse_prom_gate",
     "psi",
@@ -243,15 +245,33 @@ def _num(summary: Mapping[str, Any], key: str) -> float | None:
     return float(v)
 
 
-def _fail_rate(summaries: Iterable[Mapping[str, Any]]) -> tuple[float | None, int]:
-    """Request-weighted fail rate over summaries, and the requests behind it."""
-    total = weighted = 0.0
-    for s in summaries:
-        req, fr = _num(s, "requests"), _num(s, "fail_rate")
-        if req and fr is not None:
-            total += req
-            weighted += req * fr
-    return (weighted / total if total else None), int(total)
+def bake_part(summary: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What one device's summary brings to a bake's evidence, read once: its requests, errors
+    and fallbacks, the requests and failures its fail rate stands for (0, 0 without one), its
+    p99 and drift (None without), whether it is unhealthy (`_health`, new-model devices). A
+    driver keeps these per device as states change (`fleet.decide.BakeEvidence`), so a measure
+    does not read every device's summary again."""
+    req, fr = _num(summary, "requests"), _num(summary, "fail_rate")
+    rated = bool(req) and fr is not None
+    return (req or 0.0, _num(summary, "errors") or 0.0, _num(summary, "fallback") or 0.0,
+            req if rated else 0.0, req * fr if rated else 0.0,  # type: ignore[operator]
+            _num(summary, "p99_ms"), _num(summary, "max_psi"),
+            int(summary.get("_health", "ok") != "ok"))
+
+
+def _columns(parts: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return list(zip(*parts, strict=True)) if parts else [()] * 8
+
+
+def _fail_rate(cols: list[tuple[Any, ...]]) -> tuple[float | None, int]:
+    """Request-weighted fail rate over `bake_part` columns, and the requests behind it (sums
+    with `math.fsum`: exact, whatever the order the parts come in)."""
+    total = math.fsum(cols[3])
+    return (math.fsum(cols[4]) / total if total else None), int(total)
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
 
 
 def evaluate_bake(gates: Sequence[Gate], new: Sequence[Mapping[str, Any]],
@@ -260,21 +280,28 @@ def evaluate_bake(gates: Sequence[Gate], new: Sequence[Mapping[str, Any]],
     """Judge `gates` on the summaries of devices on the new model (`new`: each a device state's
     `summary` plus `health` status under `_health`) against devices still on the old one
     (`old`), or `baseline` (their summaries from before the rollout) when no old ones report."""
-    requests = sum(_num(s, "requests") or 0 for s in new)
-    errors = sum(_num(s, "errors") or 0 for s in new)
-    fallback = sum(_num(s, "fallback") or 0 for s in new)
+    return judge_bake(gates, [bake_part(s) for s in new], [bake_part(s) for s in old],
+                      min_requests=min_requests, baseline=[bake_part(s) for s in baseline])
+
+
+def judge_bake(gates: Sequence[Gate], new: Sequence[tuple[Any, ...]],
+               old: Sequence[tuple[Any, ...]], *, min_requests: int = 1,
+               baseline: Sequence[tuple[Any, ...]] = ()) -> Verdict:
+    """`evaluate_bake` on the devices' `bake_part`s."""
+    n, o, b = _columns(new), _columns(old), _columns(baseline)
+    requests, errors, fallback = math.fsum(n[0]), math.fsum(n[1]), math.fsum(n[2])
     enough = requests >= max(1, min_requests)
     few = f"{int(requests)} requests on the new model, {min_requests} needed"
-    new_fail, _ = _fail_rate(new)
-    old_fail, old_req = _fail_rate(old)
+    new_fail, _ = _fail_rate(n)
+    old_fail, old_req = _fail_rate(o)
     reference = "old-model devices"
     if old_fail is None:
-        old_fail, old_req = _fail_rate(baseline)
+        old_fail, old_req = _fail_rate(b)
         reference = "the same devices before the rollout"
-    p99_new = [v for s in new if (v := _num(s, "p99_ms")) is not None]
-    p99_old = [v for s in (old or baseline) if (v := _num(s, "p99_ms")) is not None]
-    psis = [v for s in new if (v := _num(s, "max_psi")) is not None]
-    unhealthy = sum(1 for s in new if s.get("_health", "ok") != "ok")
+    p99_new = _present(n[5])
+    p99_old = _present((o if old else b)[5])
+    psis = _present(n[6])
+    unhealthy = sum(n[7])
     values: dict[str, float | None] = {
         "error_rate": errors / requests if enough else None,
         "fallback_rate": fallback / requests if enough else None,
@@ -315,10 +342,14 @@ def psi(p: Sequence[float], q: Sequence[float], eps: float = 1e-4) -> float | No
     return total
 
 
+# agent.shadow.MARGIN_EDGES, the buckets of the shadow counters' margin histograms (a test
+# checks they agree): importing agent.shadow would load numpy and ONNX Runtime into the
+# controller (~0.1 s of CPU at its first shadow measure, and their memory) for one tuple.
+MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def _decision_region(hist: Sequence[float]) -> list[float]:
     """Margin histogram with every bucket below margin -1 merged into one."""
-    from agent.shadow import MARGIN_EDGES
-
     if len(hist) != len(MARGIN_EDGES) + 1:
         return list(hist)
     k = MARGIN_EDGES.index(-1.0)  # bucket k holds [-2, -1)

@@ -2,6 +2,12 @@
 (epoll) instead of one network thread per client. The simulator runs thousands of devices on
 it, the controller its one client (paho's own loop uses select(), which stalls above
 descriptor 1023).
+
+A client that receives a stream (the controller: every device's states and events) is a
+`ReadAheadClient`: paho reads each packet with three or more `recv` calls (its first byte, each
+byte of its length, the rest) and one packet per wake-up; read ahead, one `recv` brings up to
+64 KB, the loop hands paho every whole packet in it, and `batch_s` lets a few milliseconds of
+messages gather before each read (docs/scale.md: the controller's cost per message).
 """
 
 from __future__ import annotations
@@ -23,7 +29,92 @@ import paho.mqtt.client as mqtt
 
 _LOG = logging.getLogger("edgefleet.fleet")
 
-__all__ = ["SelectorLoop"]
+__all__ = ["ReadAheadClient", "SelectorLoop"]
+
+_READ_AHEAD = 65536
+
+
+class _Message(mqtt.MQTTMessage):
+    """A received message as `ReadAheadClient` hands it to `on_message`: paho's, without the
+    `info` (a publish's delivery tracker, with a lock and a condition, of no use to a
+    receiver) and the timestamp."""
+
+    __slots__ = ()
+
+    def __init__(self, topic: bytes, payload: bytes, qos: int, mid: int, retain: bool,
+                 dup: bool) -> None:
+        self._topic, self.payload, self.qos, self.mid = topic, payload, qos, mid
+        self.retain, self.dup = retain, dup
+        self.timestamp, self.state, self.info, self.properties = 0.0, 0, None, None
+
+
+class ReadAheadClient(mqtt.Client):
+    """A paho client for a process that follows a stream (the controller: every device's
+    states and events), once a `SelectorLoop` drives it:
+
+    - its socket reads take up to 64 KB at a time: paho's reads of a packet's first byte, its
+      length and its body are served from that buffer instead of one system call each;
+    - a PUBLISH (MQTT 3.1.1, QoS 0 or 1) goes to `on_message` without paho's per-message
+      extras (a debug line formatted, a delivery tracker with a lock and a condition, the
+      topic decoded three times, the per-topic callback lookup); MQTT 5, QoS 2, manual
+      acknowledgements, per-topic callbacks (`message_callback_add`) or a packet it cannot
+      read go through paho's own handling.
+
+    Off (paho's own reads and handling) until the loop turns it on: paho's own network loop
+    (`loop_start`) waits on the socket with select(), which cannot see bytes already in this
+    buffer."""
+
+    read_ahead = False
+    _rbuf = b""
+    _rpos = 0
+    _filtered = False
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._filtered = True
+        super().message_callback_add(sub, callback)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if not self.read_ahead or qos == 2 or self._filtered or self._manual_ack or \
+                self._protocol == mqtt.MQTTv5 or len(packet) < 2:
+            return super()._handle_publish()
+        end = 2 + ((packet[0] << 8) | packet[1])
+        if end == 2 or end + 2 * qos > len(packet):  # an empty topic, or cut short
+            return super()._handle_publish()  # paho says what is wrong with it
+        mid = (packet[end] << 8) | packet[end + 1] if qos else 0
+        msg = _Message(bytes(packet[2:end]), bytes(packet[end + 2 * qos:]), qos, mid,
+                       bool(header & 0x01), bool(header & 0x08))
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                try:
+                    on_message(self, self._userdata, msg)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+        return self._send_puback(mid) if qos else mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.read_ahead:
+            return super()._sock_recv(bufsize)
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf = super()._sock_recv(max(bufsize, _READ_AHEAD))  # BlockingIOError: none yet
+            if not buf:
+                return buf  # the connection closed
+            self._rbuf, pos = buf, 0
+        self._rpos = pos + bufsize
+        return buf[pos:pos + bufsize]
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet."""
+        return len(self._rbuf) - self._rpos
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0  # a new connection starts with an empty buffer
+        super()._sock_close()
 
 
 @dataclass
@@ -31,6 +122,8 @@ class _Entry:
     client: mqtt.Client
     tick: Callable[[], None] | None
     sock: Any = None
+    writing: bool = False  # EVENT_WRITE is registered for `sock`
+    want_write: bool = False  # paho has bytes to send
     next_connect: float = 0.0
     delay: float = 0.0
     connected_since: float | None = None
@@ -44,12 +137,18 @@ class SelectorLoop:
 
     `reconnect()` (TCP connect and TLS handshake) blocks the loop thread while it runs; against a
     broker on the local network that is milliseconds, and a refused connection returns at once.
+
+    `batch_s` > 0: after a round that read something, the loop waits that long before it looks
+    again, so a stream of messages is read in batches (one wake-up, one read of many packets)
+    instead of one wake-up per message; what a client publishes meanwhile waits as long. For
+    a process that follows a stream (the controller), not for the simulator's devices.
     """
 
     def __init__(self, *, reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0,
-                 tick_s: float = 1.0, name: str = "mqtt-selector") -> None:
+                 tick_s: float = 1.0, name: str = "mqtt-selector", batch_s: float = 0.0) -> None:
         self.reconnect_min_s, self.reconnect_max_s, self.tick_s = (
             reconnect_min_s, reconnect_max_s, tick_s)
+        self.batch_s = batch_s
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -60,6 +159,7 @@ class SelectorLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._connect_budget = 64  # new connections per loop iteration (spreads a start burst)
+        self._write_changed: dict[int, _Entry] = {}  # entries whose write interest changed
 
     def start(self) -> SelectorLoop:
         self._thread.start()
@@ -76,6 +176,8 @@ class SelectorLoop:
 
     def add(self, client: mqtt.Client, tick: Callable[[], None] | None = None) -> None:
         entry = _Entry(client, tick)
+        if isinstance(client, ReadAheadClient):
+            client.read_ahead = True
         client.on_socket_open = lambda c, u, s: self._call(lambda: self._opened(entry, s))
         client.on_socket_close = lambda c, u, s: self._call(lambda: self._closed(entry, s))
         client.on_socket_register_write = lambda c, u, s: self._call(
@@ -124,8 +226,8 @@ class SelectorLoop:
         if id(entry.client) not in self._entries:
             return
         entry.sock = sock
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.client.want_write()
-                                         else 0)
+        entry.writing = entry.want_write = entry.client.want_write()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.writing else 0)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.register(sock, events, entry)
 
@@ -134,15 +236,27 @@ class SelectorLoop:
             self._sel.unregister(sock)
         if entry.sock is sock:
             entry.sock = None
+            entry.writing = False
             entry.connected_since = None
             self._schedule_reconnect(entry)
 
     def _set_write(self, entry: _Entry, on: bool) -> None:
-        if entry.sock is None or id(entry.client) not in self._entries:
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._sel.modify(entry.sock, events, entry)
+        """Note paho's write interest; `_apply_writes` registers the last one before the loop
+        waits (paho turns it on and off around every packet it sends: one system call, or
+        none, instead of two)."""
+        entry.want_write = on
+        self._write_changed[id(entry)] = entry
+
+    def _apply_writes(self) -> None:
+        changed, self._write_changed = self._write_changed, {}
+        for entry in changed.values():
+            if entry.sock is None or id(entry.client) not in self._entries or \
+                    entry.writing == entry.want_write:
+                continue
+            entry.writing = entry.want_write
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.writing else 0)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.modify(entry.sock, events, entry)
 
     def _schedule_reconnect(self, entry: _Entry) -> None:
         entry.delay = min(max(entry.delay * 2, self.reconnect_min_s), self.reconnect_max_s)
@@ -160,14 +274,19 @@ class SelectorLoop:
         next_tick = time.monotonic()
         while not self._stop.is_set():
             self._run_ops()
+            self._apply_writes()
             timeout = max(0.0, min(next_tick - time.monotonic(), 0.25))
+            read = False
             for key, mask in self._sel.select(timeout):
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError, OSError):
                         self._wake_r.recv(4096)
                     continue
                 self._service(key.data, mask)
+                read = read or bool(mask & selectors.EVENT_READ)
             self._run_ops()
+            if read and self.batch_s > 0:
+                self._stop.wait(self.batch_s)
             now = time.monotonic()
             self._connect_due(now)
             if now >= next_tick:
@@ -180,11 +299,17 @@ class SelectorLoop:
         if mask & selectors.EVENT_READ:
             rc = client.loop_read()
             sock = entry.sock
-            # TLS: decrypted bytes may wait inside the SSL object where select cannot see them.
-            while rc == mqtt.MQTT_ERR_SUCCESS and sock is not None and \
-                    hasattr(sock, "pending") and sock.pending() > 0:
+            # Bytes select cannot see: read ahead into the client's buffer, or (TLS) decrypted
+            # and waiting inside the SSL object. paho reads one packet a call.
+            ahead = client.buffered if isinstance(client, ReadAheadClient) else None
+            while rc == mqtt.MQTT_ERR_SUCCESS and sock is not None and (
+                    (ahead is not None and ahead() > 0)
+                    or (hasattr(sock, "pending") and sock.pending() > 0)):
                 rc = client.loop_read()
             if rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+            if entry.sock is not None and client.want_write():
+                client.loop_write()  # the acknowledgements of what was read, at once
                 return
         if mask & selectors.EVENT_WRITE and entry.sock is not None:
             client.loop_write()

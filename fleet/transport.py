@@ -38,6 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -47,7 +48,7 @@ from agent.keys import load_private_key
 from agent.link import MqttConfig
 from agent.wire import TERMINAL_STEPS, Topics
 from fleet.broker_config import REPO_BROKER_DIR, render_acl, render_broker_config
-from fleet.selector_loop import SelectorLoop
+from fleet.selector_loop import ReadAheadClient, SelectorLoop
 
 _LOG = logging.getLogger("edgefleet.fleet")
 _SEEN_MAX = 65536  # (device, boot, seq) keys of tracked commands' events (QoS 1 duplicates)
@@ -287,7 +288,7 @@ class FleetController:
             return
         device, kind = parsed
         try:
-            doc = json.loads(msg.payload)
+            doc = _loads(msg.payload)
         except ValueError:
             if kind == "state" and not msg.payload:  # retained state cleared
                 with self._cond:
@@ -356,8 +357,8 @@ def controller_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
     controller uses nothing of MQTT 5. Its session is persistent (events published while it is
     down wait for it) unless `session_expiry_s` is 0 (a throw-away CLI connection: clean
     session); a 3.1.1 session does not expire on its own, so a controller keeps one client id."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv311, clean_session=cfg.session_expiry_s == 0)
+    client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv311, clean_session=cfg.session_expiry_s == 0)
     if cfg.tls:
         client.tls_set_context(cfg.ssl_context())
     client.max_queued_messages_set(cfg.max_queued)
@@ -365,6 +366,16 @@ def controller_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
     client.connect_timeout = cfg.connect_timeout_s
     client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
     return client
+
+
+def _loads(payload: bytes) -> Any:
+    """A message's JSON: orjson (a few microseconds for a 1 KB state, several times less than
+    json), or json for what orjson refuses and json reads (NaN, Infinity, integers past 64
+    bits, which an agent's json.dumps can write): what is accepted does not change."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload)
 
 
 def _new_id() -> str:

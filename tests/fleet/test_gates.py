@@ -232,3 +232,11 @@ def test_a_prometheus_that_does_not_answer_fails_the_gate_with_the_reason():
     with pytest.raises(PrometheusError, match="does not answer"):
         dead.check()
     assert math.isnan(float("nan"))
+
+
+def test_the_shadow_margin_buckets_are_the_agents():
+    """fleet/gates.py keeps its own copy (the controller does not load the agent's ONNX
+    Runtime side for it): it must be the one devices count in."""
+    from agent.shadow import MARGIN_EDGES
+
+    assert G.MARGIN_EDGES == MARGIN_EDGES

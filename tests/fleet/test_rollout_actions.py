@@ -10,7 +10,7 @@ from agent.errors import UsageError
 from fleet.actions import apply
 from fleet.inventory import Device, Inventory
 from fleet.rollout import Bundle, NewRollout, Plan, create
-from fleet.state import StateDB
+from fleet.state import LeaseLost, StateDB
 
 B = Bundle("ab" * 32, 10, "http://x/sha256/ab", 2, "m", "2")
 
@@ -45,6 +45,24 @@ def test_an_overlapping_rollout_is_refused_or_supersedes_with_replace(state_db: 
     assert db.rollout("r-2").state == "pending"
     with pytest.raises(UsageError, match="already targets 5"):
         create(db, p, NewRollout(B, _inv(10), "tester", "r-3"))
+
+
+def test_an_action_under_a_lease_taken_over_changes_nothing(state_db: StateDB):
+    """A controller applies requests under the rollout's lease: one that lost the rollout to
+    another (it stalled past its lease on a shared store) writes nothing."""
+    db = state_db
+    _new(db, "r-1")
+    assert db.acquire("r-1", "ctl-a") is None
+    lease_a = ("ctl-a", db.rollout("r-1").epoch)
+    assert apply(db, "r-1", "pause", "alice", lease=lease_a)[0]
+    assert apply(db, "r-1", "resume", "alice", lease=lease_a)[0]
+    assert db.acquire("r-1", "ctl-b", stale_s=0.0) is None  # ctl-a went quiet: ctl-b took it
+    with pytest.raises(LeaseLost, match="lease lost: ctl-a held it"):
+        apply(db, "r-1", "abort", "alice", lease=lease_a)
+    row = db.rollout("r-1")
+    assert row.state == "running" and row.owner == "ctl-b"
+    assert [a["action"] for a in db.audit_log("r-1")][-1] == "resumed"
+    assert apply(db, "r-1", "abort", "alice", lease=("ctl-b", row.epoch))[0]
 
 
 def test_actions_go_through_the_transition_table_and_say_why_not(state_db: StateDB):

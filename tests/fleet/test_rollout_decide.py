@@ -6,6 +6,8 @@ transition table (fleet/machine.py) the driver and every operator action go thro
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleet import decide as D
 from fleet import gates as G
@@ -221,6 +223,42 @@ def test_bake_evidence_splits_moved_devices_from_the_rest():
               "c": {"online": False}}
     new, old, base = D.bake_inputs(targets, {"a"}, states, NEW)
     assert [s["requests"] for s in new] == [9] and len(old) == 1 and base == [{"requests": 5}]
+
+
+_BAKE_GATES = [G.parse_gate(t, G.BAKE_METRICS) for t in (
+    "error_rate<=0.01", "fail_rate_delta<=0.05", "p99_ratio<=1.5", "max_psi<=0.2",
+    "unhealthy<=0")]
+_summary = st.fixed_dictionaries({}, optional={
+    "requests": st.integers(0, 500), "errors": st.integers(0, 5),
+    "fail_rate": st.sampled_from([0.0, 0.01, 0.03, 0.1, float("nan")]),
+    "p99_ms": st.sampled_from([1.0, 2.5, 4.0, None]), "max_psi": st.sampled_from([0.01, 0.3])})
+_state = st.one_of(st.none(), st.builds(
+    lambda online, new, health, summary: {
+        "online": online, "model": {"active": {"digest": NEW if new else OLD}},
+        "health": {"status": health}, "summary": summary},
+    st.booleans(), st.booleans(), st.sampled_from(["ok", "degraded"]), _summary))
+_change = st.tuples(st.sampled_from("abcdef"), st.booleans(), _state)
+
+
+@settings(max_examples=60)
+@given(st.lists(_change, max_size=25))
+def test_bake_evidence_kept_per_device_judges_as_a_fresh_read(changes):
+    """The driver's incremental evidence (updated per device as states and install steps
+    change) gives the verdict and evidence a fresh read of every state gives."""
+    targets = {d: {"baseline": {"requests": 100, "fail_rate": 0.02, "p99_ms": 2.0}}
+               for d in "abcdef"}
+    states: dict = {"a": {"online": True, "model": {"active": {"digest": OLD}},
+                          "summary": {"requests": 50, "fail_rate": 0.02}}}
+    moved: set[str] = set()
+    ev = D.BakeEvidence(targets, moved, states, NEW)
+    for d, install_done, state in changes:
+        (moved.add if install_done else moved.discard)(d)
+        states[d] = state
+        ev.update(d, d in moved, state)
+    new, old, base = D.bake_inputs(targets, moved, states, NEW)
+    fresh = G.evaluate_bake(_BAKE_GATES, new, old, min_requests=100, baseline=base)
+    kept = ev.verdict(_BAKE_GATES, 100)
+    assert kept.to_json() == fresh.to_json()
 
 
 # -- the end, and undoing it -----------------------------------------------------------------

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from agent.errors import EdgefleetError
 from fleet.controller import Controller, ControllerOptions
+from fleet.controller_metrics import MetricsServer
 from fleet.driver import RolloutDriver
 from fleet.inventory import Device, Inventory
 from fleet.rollout import Bundle, NewRollout, Plan, create
@@ -249,3 +251,33 @@ def test_a_controller_outlives_a_dropped_database_connection(postgres: Postgres)
     ctl.step()
     assert list(ctl.drivers) == ["r-1"] and ctl.store_error is None
     assert admin.rollout("r-1").epoch == epoch and admin.holder("r-1") == ctl.owner
+
+
+def test_metrics_answer_while_the_store_is_unreachable(postgres: Postgres):
+    """/metrics of a controller whose store cannot be reached says so
+    (edgefleet_controller_store_up 0) and shows what the controller holds, its driven
+    rollouts; the store-wide families come back with the store."""
+    url = postgres.new_store()
+    ctl = Controller(StateDB(url), _Ctl(), ControllerOptions(shared=True))
+    ctl.take_lease()
+    _rollout(ctl.db)
+    ctl.step()
+    server = MetricsServer(ctl, port=0).start()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics",
+                                    timeout=10) as r:
+            return r.read().decode()
+
+    try:
+        assert "edgefleet_controller_store_up 1.0" in scrape()
+        (pid,) = ctl.db._q("SELECT pg_backend_pid()")[0].values()
+        StateDB(url)._q("SELECT pg_terminate_backend(?)", (pid,))
+        body = scrape()
+        assert "edgefleet_controller_store_up 0.0" in body, body
+        assert 'edgefleet_rollout_stage_index{rollout="r-1"}' in body
+        assert "edgefleet_rollouts{" not in body
+        body = scrape()  # the next read connects again
+        assert "edgefleet_controller_store_up 1.0" in body and "edgefleet_rollouts{" in body
+    finally:
+        server.stop()
