@@ -97,7 +97,7 @@ def test_null_params_are_nan_and_missing_rule_limits_are_none():
     m = parse_manifest(obj)
     assert math.isnan(m.golden[1].params[0]) and m.golden[1].params[1:] == (0.0, 1.0, 2.0, 3.0,
                                                                              4.0)
-    assert (m.rules[0].low, m.rules[0].high) == (None, None)
+    assert m.rules[0][1:] == (None, None)
     assert m.drift_edges[-1] == () and m.drift_proportions[-1] == (1.0,)
 
 
