@@ -7,13 +7,16 @@ expected and what was found. Unknown top-level keys are refused unless they star
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -134,22 +137,42 @@ def parse_manifest_bytes(data: bytes, where: str) -> Manifest:
     m = _parsed.get(key)
     if m is not None:
         return m
-    try:
-        # orjson: a 100 kB manifest parses in a fifth of json's time, and the parse holds the
-        # GIL from start to end (the serving thread waits on it during an install); it refuses
-        # NaN and Infinity and checks UTF-8, as this did with the json module
-        obj = loads_in_pieces(data)
-    except ValueError as e:
-        raise ManifestError(f"{where}: not valid UTF-8 JSON: {e}") from None
-    # the tree is dropped here (the manifest keeps its bytes and `head`): freed by reference
-    # counting at once, before a garbage collection during the install has to scan it
-    m = dataclasses.replace(parse_manifest(obj, where), signed_bytes=bytes(data), tree=None)
-    del obj
+    with _no_collection():
+        try:
+            # orjson: a 100 kB manifest parses in a fifth of json's time, and the parse holds
+            # the GIL from start to end (the serving thread waits on it during an install); it
+            # refuses NaN and Infinity and checks UTF-8, as this did with the json module
+            obj = loads_in_pieces(data)
+        except ValueError as e:
+            raise ManifestError(f"{where}: not valid UTF-8 JSON: {e}") from None
+        # the tree is dropped here (the manifest keeps its bytes and `head`): freed by
+        # reference counting at once, never scanned by a garbage collection
+        m = dataclasses.replace(parse_manifest(obj, where), signed_bytes=bytes(data), tree=None)
+        del obj
     with _parsed_lock:
         while len(_parsed) >= _PARSED_MAX:
             _parsed.pop(next(iter(_parsed)))
         _parsed[key] = m
     return m
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No automatic garbage collection inside (restored after, if it was on).
+
+    A 512-feature manifest decodes to ~2.5k lists and dicts, alive until the parse ends: young
+    collections during the parse (one per 700 allocations) scanned them again and again, ~1 ms
+    each with the GIL held (issue 15), to find nothing to free; reference counting frees the
+    tree when the parse drops it. Collection is process-wide state: another thread that turns
+    it off meanwhile keeps it off only until the outermost of the two ends (nobody else in the
+    agent does)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 # Top-level keys before which a manifest is cut for `loads_in_pieces`: in the canonical (sorted)
