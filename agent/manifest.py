@@ -163,9 +163,9 @@ def _no_collection() -> Iterator[None]:
     A 512-feature manifest decodes to ~2.5k lists and dicts, alive until the parse ends: young
     collections during the parse (one per 700 allocations) scanned them again and again, ~1 ms
     each with the GIL held (issue 15), to find nothing to free; reference counting frees the
-    tree when the parse drops it. Collection is process-wide state: another thread that turns
-    it off meanwhile keeps it off only until the outermost of the two ends (nobody else in the
-    agent does)."""
+    tree when the parse drops it. Collection is process-wide state: with two parses at once,
+    it comes back when the one that turned it off ends (nothing else in the agent turns it
+    off)."""
     was_on = gc.isenabled()
     gc.disable()
     try:
