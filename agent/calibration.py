@@ -448,7 +448,7 @@ class CalibrationHub:
     def for_manifest(self, manifest: Any) -> Calibration | None:
         if manifest is None or not self.enabled:
             return None
-        block = (manifest.raw.get("decision") or {}).get("calibration")
+        block = (manifest.head.get("decision") or {}).get("calibration")
         try:
             params = CalibrationParams.from_manifest(block, float(np.float32(manifest.threshold)))
             imputed = params.imputed_from_manifest(block) if params is not None else None

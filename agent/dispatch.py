@@ -329,7 +329,7 @@ class Dispatcher:
             "model": None if m is None else {
                 "name": m.name, "version": m.version, "sequence": m.sequence,
                 "digest": p.bundle_digest, "model_sha256": m.model_digest,
-                "created": m.raw.get("created"),
+                "created": m.head.get("created"),
             },
             "n_features": p.n_features if up else None,
             "threshold": p.threshold if m is not None else None,

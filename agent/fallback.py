@@ -73,10 +73,10 @@ class RuleSet:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> RuleSet:
-        return cls(manifest.input.n_features, [(r.feature, r.low, r.high) for r in manifest.rules],
+        return cls(manifest.input.n_features, list(manifest.rules),
                    top_k=manifest.top_k, version=manifest.version,
                    feature_names=manifest.input.feature_names,
-                   min_measured=_share((manifest.raw.get("fallback") or {}).get("min_measured")))
+                   min_measured=_share((manifest.head.get("fallback") or {}).get("min_measured")))
 
     @classmethod
     def load(cls, path: Path) -> RuleSet:
@@ -165,7 +165,7 @@ class RuleSet:
 def max_missing(manifest: Manifest | None, n_features: int, default_share: float) -> int:
     """The bundle's learnt `input.max_missing` (an int in 0..n_features), else the agent's
     `default_share` of the features."""
-    raw = (manifest.raw.get("input") or {}).get("max_missing") if manifest is not None else None
+    raw = (manifest.head.get("input") or {}).get("max_missing") if manifest is not None else None
     if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= n_features:
         return raw
     return math.floor(default_share * n_features)

@@ -80,6 +80,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
+
 from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpacked
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
@@ -723,7 +725,10 @@ class Installer:
                      "kind": job.kind, "reason": job.reason, "time": time.time()}
         rec["last"] = prior
         try:
-            atomic_write(self.record_path, json.dumps(rec, indent=1).encode())
+            # orjson: json.dumps with an indent runs the pure-Python encoder, whose closures
+            # form reference cycles (~130 objects per write, 6 writes an install) that only a
+            # garbage collection frees, holding the GIL while it looks (issue 15)
+            atomic_write(self.record_path, orjson.dumps(rec, option=orjson.OPT_INDENT_2))
         except OSError:
             if not best_effort:
                 raise

@@ -7,16 +7,19 @@ expected and what was found. Unknown top-level keys are refused unless they star
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import orjson
@@ -59,14 +62,12 @@ class InputSchema:
     dtype: str = "float32"
 
 
-class Rule(NamedTuple):
-    """Fail the die when parameter `feature` is below `low` or above `high` (None: no limit).
-    A missing measurement (NaN) never violates a rule. (A named tuple: a manifest holds one per
-    feature, and a tuple is made in a fifth of a frozen dataclass's time.)"""
-
-    feature: int
-    low: float | None
-    high: float | None
+# Fail the die when parameter `feature` (an index) is below `low` or above `high` (None: no
+# limit); a missing measurement (NaN) never violates a rule. A plain tuple (feature, low, high):
+# a manifest holds one per feature, and the garbage collector stops tracking a tuple of numbers
+# after its first look, where it keeps scanning a named tuple or any class's instances in every
+# young collection until they are promoted (each collection holds the GIL; issue 15).
+Rule = tuple[int, float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,27 @@ class Manifest:
     evaluation: dict[str, Any] = field(default_factory=dict)
     drift_edges: tuple[tuple[float, ...], ...] | None = None
     drift_proportions: tuple[tuple[float, ...], ...] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the decoded JSON without its per-feature arrays (see `_head`): what the agent reads at
+    # run time (created, alert_psi, max_missing, min_measured, calibration, x- extensions)
+    head: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     signed_bytes: bytes = field(default=b"", compare=False, repr=False)  # manifest.json as stored
+    # the whole decoded JSON when the manifest was not parsed from bytes (else decoded anew)
+    tree: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def model_digest(self) -> str:
         return self.files[MODEL_FILE].sha256
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The whole decoded manifest.json, for tools that print or rewrite it.
+
+        Decoded from `signed_bytes` on each call when the manifest was parsed from bytes: a
+        kept tree of a 512-feature manifest is ~2.5k lists and dicts, that every young garbage
+        collection during an install scanned (issue 15); the agent reads `head`."""
+        if self.tree is not None:
+            return self.tree
+        return orjson.loads(self.signed_bytes) if self.signed_bytes else dict(self.head)
 
 
 _PARSED_MAX = 4  # the manifests of the active, previous and incoming versions, and one spare
@@ -121,19 +137,42 @@ def parse_manifest_bytes(data: bytes, where: str) -> Manifest:
     m = _parsed.get(key)
     if m is not None:
         return m
-    try:
-        # orjson: a 100 kB manifest parses in a fifth of json's time, and the parse holds the
-        # GIL from start to end (the serving thread waits on it during an install); it refuses
-        # NaN and Infinity and checks UTF-8, as this did with the json module
-        obj = loads_in_pieces(data)
-    except ValueError as e:
-        raise ManifestError(f"{where}: not valid UTF-8 JSON: {e}") from None
-    m = dataclasses.replace(parse_manifest(obj, where), signed_bytes=bytes(data))
+    with _no_collection():
+        try:
+            # orjson: a 100 kB manifest parses in a fifth of json's time, and the parse holds
+            # the GIL from start to end (the serving thread waits on it during an install); it
+            # refuses NaN and Infinity and checks UTF-8, as this did with the json module
+            obj = loads_in_pieces(data)
+        except ValueError as e:
+            raise ManifestError(f"{where}: not valid UTF-8 JSON: {e}") from None
+        # the tree is dropped here (the manifest keeps its bytes and `head`): freed by
+        # reference counting at once, never scanned by a garbage collection
+        m = dataclasses.replace(parse_manifest(obj, where), signed_bytes=bytes(data), tree=None)
+        del obj
     with _parsed_lock:
         while len(_parsed) >= _PARSED_MAX:
             _parsed.pop(next(iter(_parsed)))
         _parsed[key] = m
     return m
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No automatic garbage collection inside (restored after, if it was on).
+
+    A 512-feature manifest decodes to ~2.5k lists and dicts, alive until the parse ends: young
+    collections during the parse (one per 700 allocations) scanned them again and again, ~1 ms
+    each with the GIL held (issue 15), to find nothing to free; reference counting frees the
+    tree when the parse drops it. Collection is process-wide state: with two parses at once,
+    it comes back when the one that turned it off ends (nothing else in the agent turns it
+    off)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 # Top-level keys before which a manifest is cut for `loads_in_pieces`: in the canonical (sorted)
@@ -382,8 +421,20 @@ def parse_manifest(obj: Any, where: str = "manifest.json") -> Manifest:
         evaluation=evaluation,
         drift_edges=drift_edges,
         drift_proportions=drift_props,
-        raw=obj,
+        head=_head(obj),
+        tree=obj,
     )
+
+
+# The per-feature arrays of a manifest, left out of `Manifest.head` (the parsed fields hold them)
+_ARRAYS = {"drift_reference": ("edges", "proportions"), "fallback": ("rules",),
+           "golden": ("vectors",), "input": ("feature_names",)}
+
+
+def _head(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without the arrays in `_ARRAYS` (the rest of each object kept as is)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in _ARRAYS[k]}
+                if k in _ARRAYS and isinstance(v, dict) else v) for k, v in obj.items()}
 
 
 def _parse_rules(r: _Reader, rule_list: list, n: int) -> list[Rule]:
@@ -399,7 +450,7 @@ def _parse_rules(r: _Reader, rule_list: list, n: int) -> list[Rule]:
         high = r.number(rule, "high", p, optional=True)
         if low is not None and high is not None and low > high:
             raise r.fail(f"{p}low", f"<= high ({high})", low)
-        rules.append(Rule(feat, low, high))
+        rules.append((feat, low, high))
     return rules
 
 
@@ -504,7 +555,7 @@ def _fast_rules(rules: list, n: int) -> list[Rule] | None:
         return None
     if not (lo[1] and hi[1]):  # an integer limit: as a float, like the entry-by-entry check
         lows, highs = (tuple(v if v is None else float(v) for v in x) for x in (lows, highs))
-    return list(map(Rule, features, lows, highs))
+    return list(zip(features, lows, highs, strict=True))
 
 
 def _fast_drift(edges: list, props: list):

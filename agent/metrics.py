@@ -310,7 +310,7 @@ class _RuntimeCollector:
 def _drift_alert_psi(manifest) -> float:
     """`drift_reference.alert_psi` of the manifest when the build shipped one, else 0.25 (the
     rule of thumb for a real shift)."""
-    value = ((manifest.raw if manifest is not None else {}).get("drift_reference") or {}
+    value = ((manifest.head if manifest is not None else {}).get("drift_reference") or {}
              ).get("alert_psi")
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
     return float(value) if ok else 0.25

@@ -179,7 +179,7 @@ class Predictor:
             self.drift = DriftMonitor(manifest.drift_edges, manifest.drift_proportions or (),
                                       window=limits.drift_window, top_k=limits.drift_top_k,
                                       interval=limits.drift_interval_s,
-                                      alert_psi=alert_threshold(manifest.raw.get("drift_reference")))
+                                      alert_psi=alert_threshold(manifest.head.get("drift_reference")))
         # per-tester threshold (agent.calibration); None: the manifest's fixed threshold
         self.calibration = calibration if manifest is not None else None
         self._use_model = engine is not None and forced_reason is None

@@ -235,7 +235,7 @@ class Store:
         for vid in self.version_ids():
             try:
                 m = self.manifest(vid)
-                name, version, seq, created = m.name, m.version, m.sequence, m.raw["created"]
+                name, version, seq, created = m.name, m.version, m.sequence, m.head["created"]
             except EdgefleetError:
                 name, version, seq, created = "?", "?", -1, "?"
             out.append(VersionInfo(

@@ -18,9 +18,11 @@ requests around it.
    all requests in install windows, each minus the baseline p99 of the same run; the rate the
    client achieved; the time and the installing thread's CPU in `runtime.swap` (building the
    new snapshot); and the agent process's RSS growth over the install windows (per swap,
-   and against its RSS before them). As `edgefleet agent serve` does, what start-up built is
-   frozen out of garbage collection (gc.freeze) once the agent is up: without that, full
-   collections (~14 ms each, 3 per 4 s of installs) dominated the p99 here and not in the agent.
+   and against its RSS before them); the garbage collections in the install windows, per
+   generation: count and CPU time each (every one holds the GIL). As `edgefleet agent serve`
+   does, what start-up built is frozen out of garbage collection (gc.freeze) once the agent
+   is up: without that, full collections (~14 ms each, 3 per 4 s of installs) dominated the
+   p99 here and not in the agent.
    tests/test_install_load.py asserts the behaviour (no
    error, no fallback, no engine or session left alive); these figures only here.
 
@@ -163,6 +165,19 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         swaps.append((t0, time.perf_counter()))
         swap_cpu.append(time.thread_time() - c0)
 
+    gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    gc_start: list[float] = [0.0]
+    counting = [False]
+
+    def on_gc(phase: str, info: dict) -> None:
+        # every collection holds the GIL from start to end: the serving thread waits on it.
+        # The collecting thread's CPU time: the wall time would also count the other thread's
+        # turn when the GIL changes hands inside this callback, and the box's other work
+        if phase == "start":
+            gc_start[0] = time.thread_time()
+        elif counting[0]:
+            gc_pauses[info["generation"]].append(time.thread_time() - gc_start[0])
+
     inst = Installer.open(tmp / "store-b", ring, on_commit=swap,
                           on_fallback=runtime.enter_fallback)
     server = AgentServer(cfg, runtime)
@@ -185,11 +200,13 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         i, nxt = 0, 2
         time.sleep(0.2)
         rss_before = _rss_bytes()
+        gc.callbacks.append(on_gc)
         for _ in range(max(1, int(seconds / (2 * PHASE_S)))):
             q0 = time.perf_counter()
             time.sleep(PHASE_S)
             quiet.append((q0, time.perf_counter()))
             b0 = time.perf_counter()
+            counting[0] = True
             while time.perf_counter() - b0 < PHASE_S and nxt < len(bundles):
                 if i % 2 == 0:
                     inst.install(bundles[nxt])
@@ -197,7 +214,9 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
                 else:
                     inst.rollback()
                 i += 1
+            counting[0] = False
             busy.append((b0, time.perf_counter()))
+        gc.callbacks.remove(on_gc)
         rss_growth = _rss_bytes() - rss_before
         out, _ = client.communicate("", timeout=120)
     finally:
@@ -233,6 +252,13 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         "whole_install_phase": {"n": len(during), "p99_us": round(p99(during), 1),
                                 "added_p99_us": round(p99(during) - p99(base), 1),
                                 "p99_vs_baseline": round(p99(during) / p99(base), 2)},
+        # garbage collections in the install windows: count and CPU time per generation (each
+        # holds the GIL; CPU time moves far less with the box's load than the p99)
+        "gc_in_install_windows": {
+            f"gen{g}": {"count": len(xs), "cpu_median_us": round(float(np.median(xs)) * 1e6, 1)
+                        if xs else 0.0, "cpu_max_us": round(max(xs, default=0.0) * 1e6, 1),
+                        "cpu_total_ms": round(sum(xs) * 1e3, 2)}
+            for g, xs in gc_pauses.items()},
         "rss": {"before_mib": round(rss_before / 2**20, 1),
                 "growth_kib": round(rss_growth / 1024, 1),
                 "growth_per_swap_kib": round(rss_growth / 1024 / max(1, len(swaps)), 1),
@@ -289,6 +315,9 @@ def main() -> None:
           f"({sw['whole_install_phase']['p99_vs_baseline']}x the baseline, added "
           f"{sw['whole_install_phase']['added_p99_us']} us); {sw['requests']} requests at "
           f"{sw['rate_achieved']}/s, {sw['errors']} errors, {sw['fallback_answers']} fallback")
+    print("  garbage collections in the install windows (CPU each): " + "; ".join(
+        f"{g} {v['count']}x median {v['cpu_median_us']} us max {v['cpu_max_us']} us"
+        for g, v in sw["gc_in_install_windows"].items()))
     print(f"RSS growth {sw['rss']['growth_per_swap_kib']} KiB per swap over {sw['swaps']} swaps"
           f" ({sw['rss']['growth_vs_before']:.2%} of the {sw['rss']['before_mib']} MiB before)")
     print(f"wrote {args.out}")

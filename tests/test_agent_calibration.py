@@ -194,7 +194,7 @@ def test_bad_manifest_blocks_are_refused() -> None:
 class _Manifest:
     def __init__(self, version: str, block: dict | None, threshold: float = 1.0) -> None:
         self.name, self.version, self.sequence, self.threshold = "m", version, 1, threshold
-        self.raw = {"decision": {"threshold": threshold, "calibration": block}}
+        self.head = {"decision": {"threshold": threshold, "calibration": block}}
 
 
 def test_hub_keeps_state_per_model_on_disk(tmp_path) -> None:

@@ -5,6 +5,7 @@ whatever entry of the golden vectors, rules or drift reference is off."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import re
 
@@ -97,7 +98,7 @@ def test_null_params_are_nan_and_missing_rule_limits_are_none():
     m = parse_manifest(obj)
     assert math.isnan(m.golden[1].params[0]) and m.golden[1].params[1:] == (0.0, 1.0, 2.0, 3.0,
                                                                              4.0)
-    assert (m.rules[0].low, m.rules[0].high) == (None, None)
+    assert m.rules[0][1:] == (None, None)
     assert m.drift_edges[-1] == () and m.drift_proportions[-1] == (1.0,)
 
 
@@ -185,3 +186,22 @@ def test_a_large_manifest_is_cut_where_its_members_are(monkeypatch):
     got = manifest_module.loads_in_pieces(data)
     assert got == orjson.loads(data) and list(got) == list(orjson.loads(data))
     assert len(sizes) >= 4 and max(sizes) < 0.6 * len(data)
+
+
+def test_a_parsed_manifest_keeps_its_bytes_and_no_decoded_tree():
+    """Issue 15: the decoded tree of a 512-feature manifest is ~2.5k lists and dicts that every
+    young garbage collection during an install scanned; the manifest keeps its bytes, a `head`
+    without the per-feature arrays, and plain-tuple rules (untracked by the collector)."""
+    fields = _fields()
+    fields["x-vendor"] = {"k": 1}
+    data = manifest_module.canonical_json(fields)
+    was_on = gc.isenabled()
+    m = parse_manifest_bytes(data, "a")
+    assert gc.isenabled() == was_on  # parsed with collection off, and restored
+    assert m.tree is None and m.raw == orjson.loads(data)  # the whole manifest, on demand
+    assert "rules" not in m.head["fallback"] and "vectors" not in m.head["golden"]
+    assert set(m.head["drift_reference"]) == set() and m.head["x-vendor"] == {"k": 1}
+    assert m.head["created"] == fields["created"] and m.head["input"] == {"n_features": N,
+                                                                         "dtype": "float32"}
+    assert all(type(r) is tuple for r in m.rules) and m.rules[1] == (1, -2.0, 3.0)
+    assert parse_manifest(fields).raw is fields  # parsed from a tree: that tree
