@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from agent.errors import UsageError
 from fleet import gates as G
 from fleet.prometheus import PrometheusClient, PrometheusError
+from tests.agent_support import wait_for
 from tests.broker_fixtures import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -185,15 +185,14 @@ def prometheus(tmp_path: Path):
                              f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = PrometheusClient(f"http://127.0.0.1:{port}", timeout_s=2)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def scraped() -> bool:
         try:
-            if client.query("gate_error_ratio"):
-                break
-        except PrometheusError:
-            pass
-        assert time.monotonic() < deadline, "prometheus did not scrape in time"
-        time.sleep(0.2)
+            return bool(client.query("gate_error_ratio"))
+        except PrometheusError:  # not listening yet
+            return False
+
+    wait_for(scraped, 30, interval=0.2, what="prometheus scraping the exporter")
     yield client, exporter
     proc.terminate()
     proc.wait(10)
@@ -208,10 +207,8 @@ def test_promql_gates_pass_fail_and_report_errors(prometheus):
     assert v.verdict == "pass", v.explain()
     assert v.results[0].value == pytest.approx(0.002)
     exporter.values["gate_error_ratio"] = 0.2
-    deadline = time.monotonic() + 10
-    while G.evaluate_prometheus(gates, client).verdict != "fail":
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_for(lambda: G.evaluate_prometheus(gates, client).verdict == "fail", 10, interval=0.3,
+             what="the gate failing on the scraped 0.2")
     assert G.evaluate_prometheus([G.parse_prom_gate("absent_metric_xyz <= 1")],
                                  client).verdict == "inconclusive"
     syntax = G.evaluate_prometheus([G.parse_prom_gate("sum(rate(x[1m] <= 1")], client)
