@@ -81,6 +81,7 @@ from agent.protocol import (
     record_dtype,
 )
 from agent.segring import RingConfig, RingFull, SegmentRing
+from agent.wire import MARGIN_EDGES
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -293,8 +294,6 @@ def _score_reference(m: Any) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------- proxy metrics
 
-# margin = (score - threshold) / confidence_scale, the same buckets as shadow scoring
-MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 CONFIDENCE_EDGES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 

@@ -50,7 +50,7 @@ from agent.errors import EdgefleetError
 from agent.handlers import sequence_refusal
 from agent.manifest import Manifest, format_time, utc_now
 from agent.store import version_id
-from agent.wire import Step, reason_of
+from agent.wire import MARGIN_EDGES, Step, reason_of
 
 if TYPE_CHECKING:
     from agent.link import CommandContext
@@ -58,8 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgefleet.agent")
 
 _monotonic = time.monotonic
-# margin = (score - threshold) / confidence_scale; 0 is the decision boundary
-MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 _EDGES = np.array(MARGIN_EDGES)
 
 __all__ = ["MARGIN_EDGES", "ShadowCounters", "ShadowHost", "ShadowScorer"]

@@ -25,12 +25,18 @@ from agent.errors import UsageError
 
 PROTOCOL_VERSION = 1  # the `v` of every state, event and command envelope
 
+# Buckets of the margin histograms a device reports (shadow counters, proxy metrics) and the
+# controller's shadow gates read: margin = (score - threshold) / confidence_scale, 0 the
+# decision boundary.
+MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
 __all__ = [
     "CANCELLING",
     "COMMAND_TYPES",
     "DUPLICATE_REASONS",
     "HEALTH_STATUSES",
     "INSTALL_TYPES",
+    "MARGIN_EDGES",
     "PROTOCOL_VERSION",
     "STEPS",
     "SUCCESS",

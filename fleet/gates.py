@@ -16,7 +16,7 @@ A gate is `metric OP threshold` (OP one of <=, <, >=, >):
       agreement         dies where candidate and live model decide alike / dies scored
       fail_rate_delta   |candidate fail rate - live fail rate| on the same dies
       score_psi         PSI between the two models' score distributions, each score taken as
-                        its margin from the model's own threshold (agent.shadow.MARGIN_EDGES),
+                        its margin from the model's own threshold (agent.wire.MARGIN_EDGES),
                         every die clearly passing (margin < -1) in one bucket: the shift where
                         decisions are made, not in the bulk of good dies (a retrained model
                         scores those differently without deciding differently)
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import UsageError
+from agent.wire import MARGIN_EDGES  # not agent.shadow: that loads ONNX Runtime
 from fleet.prometheus import PrometheusClient, PrometheusError
 
 __all__ = [
@@ -340,12 +341,6 @@ def psi(p: Sequence[float], q: Sequence[float], eps: float = 1e-4) -> float | No
         pa, qb = max(a / sp, eps), max(b / sq, eps)
         total += (pa - qb) * math.log(pa / qb)
     return total
-
-
-# agent.shadow.MARGIN_EDGES, the buckets of the shadow counters' margin histograms (a test
-# checks they agree): importing agent.shadow would load numpy and ONNX Runtime into the
-# controller (~0.1 s of CPU at its first shadow measure, and their memory) for one tuple.
-MARGIN_EDGES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def _decision_region(hist: Sequence[float]) -> list[float]:
