@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,6 @@ SIGNATURE_NAME = "manifest.sig"
 HISTORY_LIMIT = 200
 QUARANTINE_LIMIT = 3
 _CHUNK = 1 << 20
-_PARSE_CACHE = 8
 _ID_RE = re.compile(r"^[0-9]+-[A-Za-z0-9._-]+-[0-9a-f]{12}$")  # one path component, never ..
 
 __all__ = ["Store", "StoreBusy", "StoreError", "VersionInfo", "version_id"]
@@ -100,8 +98,6 @@ class Store:
         self.quarantine_dir = self.root / "quarantine"
         self.record_path = self.root / "store.json"
         self._lock_fd: int | None = None
-        self._parsed: dict[bytes, Manifest] = {}
-        self._parsed_lock = threading.Lock()
         self._record_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         for d in (self.root, self.versions_dir, self.staging_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -210,18 +206,9 @@ class Store:
             return None
 
     def _parse(self, data: bytes, path: Path) -> Manifest:
-        """Parse manifest bytes, cached by their SHA-256: the same bytes always parse to the
-        same manifest, so the cache can never serve something that changed on disk. (A 512-
-        feature manifest takes milliseconds of pure Python to parse, on the install path.)"""
-        key = hashlib.sha256(data).digest()
-        m = self._parsed.get(key)
-        if m is None:
-            m = parse_manifest_bytes(data, str(path))
-            with self._parsed_lock:
-                while len(self._parsed) >= _PARSE_CACHE:
-                    self._parsed.pop(next(iter(self._parsed)))
-                self._parsed[key] = m
-        return m
+        """Parse manifest bytes (`parse_manifest_bytes` keeps parses by the bytes' SHA-256,
+        so the same version is not parsed again)."""
+        return parse_manifest_bytes(data, str(path))
 
     def version_ids(self) -> list[str]:
         return sorted(p.name for p in self.versions_dir.iterdir()
