@@ -11,17 +11,7 @@ We set `scale` to the robust spread (IQR / 1.349) of validation-pass scores: a d
 pass-to-pass score difference away from the threshold gets 0.63, three away 0.95, and a die
 right at the threshold 0, whichever side it is on.
 
-Fallback rules: a die fails when a measured value is below `low` or above `high`. From the
-data's spec limits when it has them, else static PAT limits from training passes: median +- k
-sigmas (k = 6 by default), sigma being the larger of IQR / 1.349 and the half-width of the
-central 99% range / 2.576. Both equal the standard deviation for a normal signal; the second
-keeps heavy-tailed and lumpy signals (most of SECOM) from failing every die, as IQR alone did
-(97% false fails over 207 rules). Guards (`rule_guards`): no rule on a column that is constant,
-never observed, quantized or near-constant (fewer than `min_distinct` distinct values among the
-training passes, or its most common value on over half of them: a tester resolution step there
-moves the median by a whole band, SECOM's f543 failed 76% of later passes that way), nor on one
-whose limits already fail more than `target / 4` of the validation passes on their own. The
-rules' false-fail on validation passes is reported, and the build gate bounds it on test passes.
+Fallback rules: `optimize.rules`.
 
 max_missing: the most values any training or validation pass lacks, times 1.5, plus 2 (never
 above the feature count): a die beyond it is unlike anything the model learnt from. The agent
@@ -51,8 +41,6 @@ tester and recall per class, calibration on and off (`calibration_figures`).
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +54,11 @@ from agent.calibration import (
 )
 from agent.drift import drift_reference
 from optimize.breakdown import ffr_by_group
-from optimize.data import ParamSpec
 
 __all__ = [
     "CalibrateConfig", "Decision", "calibrate_threshold", "calibration_figures",
     "calibration_params", "confidence", "drift_reference",
-    "drift_with_noise_floor", "fallback_rules", "learn_max_missing", "psi_max", "rule_violations",
-    "window_psi",
+    "drift_with_noise_floor", "learn_max_missing", "psi_max", "window_psi",
 ]
 
 
@@ -80,8 +66,6 @@ __all__ = [
 class CalibrateConfig:
     target_ffr: float = 0.01  # false-fail rate on validation passes
     top_k: int = 5  # contributing parameters reported per die
-    rule_sigmas: float = 6.0  # static PAT limits when the data has no spec limits
-    min_distinct: int = 20  # distinct values a column needs for a PAT rule
     drift_bins: int = 10
     drift_pool: int = 8192  # most recent passes the drift reference is built from
     drift_window: int = 2048  # the agent's drift window (agent Limits.drift_window)
@@ -122,51 +106,6 @@ def confidence(scores: np.ndarray, decision: Decision) -> np.ndarray:
     """The bundle format's confidence in [0, 1] for each score."""
     return 1.0 - np.exp(-np.abs(np.asarray(scores, np.float64) - decision.threshold)
                         / decision.confidence_scale)
-
-
-def _robust_center_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        median = np.nanmedian(x, axis=0)
-        q = np.nanpercentile(x, [0.5, 25, 75, 99.5], axis=0)
-        std = np.nanstd(x, axis=0)
-    sigma = np.maximum((q[2] - q[1]) / 1.349, (q[3] - q[0]) / (2 * 2.576))
-    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, std)
-    return median, np.where(np.isfinite(sigma), sigma, 0.0)
-
-
-def fallback_rules(
-    x_train: np.ndarray, spec: Sequence[ParamSpec] | None = None, sigmas: float = 6.0,
-    *, x_val_passes: np.ndarray | None = None, target_ffr: float = 0.01, min_distinct: int = 20,
-) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
-    """(rules for the manifest, where they came from: "spec" or "pat", what the guards left
-    out and why)."""
-    if spec is not None:
-        rules = [{"feature": j, "low": p.low, "high": p.high}
-                 for j, p in enumerate(spec) if p.low is not None or p.high is not None]
-        return rules, "spec", {}
-    x = np.asarray(x_train, dtype=np.float64)
-    median, sigma = _robust_center_scale(x)
-    skipped: dict[str, list[int]] = {"constant": [], "quantized": [], "too_tight": []}
-    rules = []
-    for j, (m, s) in enumerate(zip(median, sigma, strict=True)):
-        if not (np.isfinite(m) and s > 1e-6 * max(abs(m), 1e-30)):
-            skipped["constant"].append(j)
-            continue
-        col = x[:, j][~np.isnan(x[:, j])]
-        values, counts = np.unique(col, return_counts=True)
-        if len(values) < min_distinct or counts.max() > 0.5 * len(col):
-            skipped["quantized"].append(j)
-            continue
-        low, high = float(m - sigmas * s), float(m + sigmas * s)
-        if x_val_passes is not None and len(x_val_passes):
-            v = x_val_passes[:, j]
-            with np.errstate(invalid="ignore"):
-                if float(np.mean((v < low) | (v > high))) > target_ffr / 4:
-                    skipped["too_tight"].append(j)
-                    continue
-        rules.append({"feature": j, "low": low, "high": high})
-    return rules, "pat", skipped
 
 
 def learn_max_missing(x_passes: np.ndarray) -> dict[str, Any]:
@@ -220,20 +159,6 @@ def psi_max(reference: dict[str, Any], x: np.ndarray, min_rows: int = 200) -> fl
                        window=max(len(x), 1), min_rows=min(min_rows, max(len(x), 1)))
     mon.observe(x)
     return float(mon.report(force=True).psi_max)
-
-
-def rule_violations(rules: Sequence[dict[str, Any]], x: np.ndarray) -> np.ndarray:
-    """(n,) number of rules each row violates; NaN violates nothing."""
-    x = np.asarray(x, dtype=np.float64)
-    n_features = x.shape[1]
-    low, high = np.full(n_features, -np.inf), np.full(n_features, np.inf)
-    for r in rules:
-        if r["low"] is not None:
-            low[r["feature"]] = r["low"]
-        if r["high"] is not None:
-            high[r["feature"]] = r["high"]
-    with np.errstate(invalid="ignore"):
-        return ((x < low) | (x > high)).sum(axis=1)
 
 
 Strata = tuple[CalibrationParams, CalibrationParams | None]  # complete dies, imputed ones

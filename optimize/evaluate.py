@@ -410,6 +410,32 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
         ffr = "-" if f["test_ffr"] is None else f"{f['test_ffr']:.2%}"
         lines.append(f"Fallback: {f['rules']} rules from {f['source']} (left out: {skipped}); "
                      f"they fail {f['val_ffr']:.2%} of validation and {ffr} of test passes.")
+        lines.extend(_fallback_detail(f))
+    return lines
+
+
+def _limit(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _fallback_detail(f: dict[str, Any]) -> list[str]:
+    """How the PAT margin was chosen, the rules that fail passes, the signals left out."""
+    lines = []
+    if f.get("margin") is not None:
+        tried = ", ".join(f"{m}x {v:.2%}" for m, v in f["holdout_val_ffr"].items()) or "none"
+        lines.append(f"Fallback limits sit {f['margin']:g}x beyond the furthest pass (at least "
+                     "6 robust sigma): the smallest margin whose training-only rules fail at "
+                     f"most {f['budget']:.2%} of validation passes (tried: {tried}); shipped "
+                     "refitted on training and validation passes.")
+    failing = [r for r in f.get("per_rule", []) if r["val_fails"] or r["test_fails"]]
+    if failing:
+        lines.append("Rules that fail passes: " + "; ".join(
+            f"{r['feature']} [{_limit(r['low'])}, {_limit(r['high'])}] {r['val_fails']} "
+            f"validation, "
+            f"{r['test_fails']} test" for r in failing) + ".")
+    if f.get("dropped"):
+        lines.append("No rule on: " + "; ".join(f"{k} ({v})" for k, v in f["dropped"].items())
+                     + ".")
     return lines
 
 

@@ -45,9 +45,7 @@ from optimize.calibrate import (
     calibration_figures,
     calibration_params,
     drift_with_noise_floor,
-    fallback_rules,
     learn_max_missing,
-    rule_violations,
     window_psi,
 )
 from optimize.data import Dataset, load_dataset
@@ -66,6 +64,7 @@ from optimize.package import (
 from optimize.preprocess import PreprocessConfig, fit_preprocessor
 from optimize.prune import PruneConfig, prune
 from optimize.quantize import QuantizeConfig, quantize, score_rows
+from optimize.rules import RulesConfig, fallback_rules, rule_report, rule_violations
 from optimize.split import Split, SplitConfig, split_dataset
 from optimize.supervised import SupervisedConfig, offer_head
 from optimize.train import (
@@ -97,6 +96,7 @@ class BuildConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
@@ -156,7 +156,7 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
     try:
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(int(v) for v in items)
+            return tuple(_number(v) for v in items)
         if kind is bool:
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")
@@ -166,6 +166,14 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"{where}: expected {kind.__name__}, found {value!r}") from None
+
+
+def _number(value: Any) -> int | float:
+    """An int when the value is a whole number written as one ("3", 3), else a float."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return float(value)
 
 
 @dataclass(frozen=True)
@@ -320,9 +328,9 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
         scored["pruned_fp32"] = Scored(val, test, dec.threshold, dec, pruned_fp32)
     per_tester = calibration_params(cfg.calibrate, val8, split.val.passes, split.val.x,
                                     decision.threshold)
-    rules, rules_source, rules_skipped = fallback_rules(
-        split.train.x, data.spec, cfg.calibrate.rule_sigmas, x_val_passes=x_val_pass,
-        target_ffr=cfg.calibrate.target_ffr, min_distinct=cfg.calibrate.min_distinct)
+    made = fallback_rules(split.train.x, data.spec, x_val_passes=x_val_pass,
+                          target_ffr=cfg.calibrate.target_ffr, cfg=cfg.rules)
+    rules, rules_source = made.rules, made.source
     scored["rules"] = Scored(rule_violations(rules, split.val.x).astype(np.float64),
                              rule_violations(rules, split.test.x).astype(np.float64), 0.5)
     recent = np.vstack([split.train.x, x_val_pass])  # time order: training, then validation
@@ -349,8 +357,9 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     if head.report is not None:
         report["supervised"] = head.report
     stage("baselines")
-    report.update(_floor_figures(split, cfg, scored, decision, drift, missing, rules,
-                                 rules_source, rules_skipped))
+    report.update(_floor_figures(split, cfg, scored, decision, drift, missing))
+    report["fallback"] = rule_report(made, data.feature_names, x_val_pass,
+                                     split.test.x[split.test.passes])
     if per_tester is not None and split.test.labels is not None:
         report["calibration"] = calibration_figures(
             per_tester, test8, split.test.x, split.test.passes, split.test.defect,
@@ -442,8 +451,9 @@ def _publish(out_dir: Path, write: Callable[[Path], tuple[list[Path], Any]], *,
 def _notes(cfg: BuildConfig, decision: Decision, method: str, golden: dict[str, Any],
            rules: list[dict[str, Any]], rules_source: str) -> list[str]:  # fmt: skip
     source = ("the spec limits" if rules_source == "spec" else
-              "static PAT limits of training passes (guarded: no quantized, near-constant or "
-              "too-tight signals)")
+              "static PAT limits of training passes, each a margin beyond the furthest pass "
+              "(the margin chosen on validation passes; no rule on constant, quantized or "
+              "drifting signals)")
     return [
         "Each model is judged at its own threshold, calibrated on validation passes at "
         f"{cfg.calibrate.target_ffr:.2%} false-fail; test false-fail can differ (drift).",
@@ -484,11 +494,10 @@ def _manifest_evaluation(report: dict[str, Any], decision: Decision, cfg: BuildC
 
 
 def _floor_figures(split: Split, cfg: BuildConfig, scored: dict[str, Scored],
-                   decision: Decision, drift: dict[str, Any], missing: dict[str, Any],
-                   rules: list[dict[str, Any]], rules_source: str,
-                   rules_skipped: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                   decision: Decision, drift: dict[str, Any],
+                   missing: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """What a product engineer acts on: baselines on the same splits, false-fail per lot /
-    wafer / tester, confusion counts, drift against the noise floor, missing values, rules."""
+    wafer / tester, confusion counts, drift against the noise floor, missing values."""
     t, target = split.test, cfg.calibrate.target_ffr
     s8 = scored["pruned_int8"]
     flagged = s8.test > decision.threshold
@@ -512,9 +521,4 @@ def _floor_figures(split: Split, cfg: BuildConfig, scored: dict[str, Scored],
                     "lot_to_lot_psi": drift["lot_to_lot_psi"], "test_psi": test_psi,
                     "reference_rows": drift["pool"], "window": drift["window"],
                     "reference": "the most recent passing dies before the test part"}
-    out["fallback"] = {"source": rules_source, "rules": len(rules),
-                       "skipped": {k: len(v) for k, v in rules_skipped.items()},
-                       "val_ffr": float((scored["rules"].val > 0.5)[split.val.passes].mean()),
-                       "test_ffr": (float((scored["rules"].test > 0.5)[t.passes].mean())
-                                    if t.passes.any() else None)}
     return out

@@ -1,5 +1,6 @@
 """Stage 7: the threshold hits the target false-fail rate on validation; confidence follows the
-bundle format; rules and the drift reference are valid manifest content for any column."""
+bundle format; the drift reference is valid manifest content for any column (the fallback
+rules: tests/test_optimize_rules.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from optimize.calibrate import (
     confidence,
     drift_reference,
     drift_with_noise_floor,
-    fallback_rules,
     learn_max_missing,
     psi_max,
-    rule_violations,
 )
-from optimize.data import ParamSpec
 from tests.conftest import examples, manifest_fields
 
 
@@ -52,24 +50,6 @@ def test_confidence_is_zero_at_the_threshold_and_grows_away_from_it():
     np.testing.assert_allclose(c, [0.0, 1 - np.exp(-1), 1 - np.exp(-3), 1.0])
 
 
-def test_rules_come_from_spec_limits_when_given_else_from_robust_bounds():
-    rng = np.random.default_rng(0)
-    x = rng.normal(10, 2, size=(500, 3))
-    x[:, 2] = 4.0  # constant: no rule
-    spec = [ParamSpec("a", "g", "V", 0.0, 20.0), ParamSpec("b", "g", "V", None, 15.0),
-            ParamSpec("c", "g", "V", None, None)]
-    rules, source, _ = fallback_rules(x, spec)
-    assert source == "spec"
-    assert rules == [{"feature": 0, "low": 0.0, "high": 20.0},
-                     {"feature": 1, "low": None, "high": 15.0}]
-    rules, source, skipped = fallback_rules(x, None, sigmas=6)
-    assert source == "pat" and [r["feature"] for r in rules] == [0, 1]
-    assert skipped["constant"] == [2]
-    assert all(r["low"] < 10 - 10 and r["high"] > 10 + 10 for r in rules)  # ~6 sigma
-    probe = np.array([[10.0, 10.0, 99.0], [30.0, np.nan, 4.0], [np.nan, -50.0, np.nan]])
-    assert rule_violations(rules, probe).tolist() == [0, 1, 1]
-
-
 def test_drift_reference_is_valid_for_normal_constant_and_never_observed_columns():
     rng = np.random.default_rng(0)
     x = np.column_stack([rng.normal(size=300), np.full(300, 3.5), np.full(300, np.nan),
@@ -89,21 +69,6 @@ def test_drift_reference_is_valid_for_normal_constant_and_never_observed_columns
     assert edges[2] == () and props[2] == (1.0,)  # never observed: one bin
     assert len(edges[0]) == 9 and abs(props[0][0] - 0.1) < 0.02  # deciles hold a tenth each
     assert edges[3] == (0.0, 1.0, 2.0)  # three values: repeated quantiles merge
-
-
-def test_pat_rules_skip_quantized_and_too_tight_signals_and_bound_their_false_fail():
-    """SECOM's f543 failed 76% of later passes: a signal on a few tester steps gets no rule,
-    nor one whose limits already fail validation passes on their own."""
-    rng = np.random.default_rng(1)
-    x = rng.normal(10, 2, size=(2000, 4))
-    x[:, 1] = np.round(rng.normal(0.008, 0.0004, 2000), 3)  # 0.007 / 0.008 / 0.009 steps
-    x[:, 2] = np.where(rng.random(2000) < 0.7, 5.0, rng.normal(5, 1, 2000))  # mostly one value
-    val = rng.normal(10, 2, size=(1000, 4))
-    val[:, 3] += 15.0  # the validation period sits far from training on this one
-    rules, source, skipped = fallback_rules(x, None, x_val_passes=val, target_ffr=0.01)
-    assert source == "pat" and [r["feature"] for r in rules] == [0]
-    assert skipped == {"constant": [], "quantized": [1, 2], "too_tight": [3]}
-    assert rule_violations(rules, val).mean() <= 0.01
 
 
 def test_max_missing_is_learnt_with_a_margin_and_its_histogram_reported():
