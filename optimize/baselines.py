@@ -356,6 +356,9 @@ def compare(split: Any, shipped_val: np.ndarray, shipped_test: np.ndarray, targe
     text = (f"The model {verb} the best unsupervised baseline, {TITLES[best]}, on ROC AUC: "
             f"{judged['model'].auc:.4f} vs {judged[best].auc:.4f} ({margin:+.4f}"
             + (f", paired 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + ").")
+    if ci and ci[0] <= 0 <= ci[1]:
+        text += (f" The interval includes 0: on {int(t.labels.sum())} test fails the two cannot "
+                 "be told apart.")
     if focus_class:
         f = out["focus"]
         runner = max(f["baselines"], key=f["baselines"].get)

@@ -112,3 +112,25 @@ def test_without_labels_only_the_drift_gate_applies():
     assert gate_reasons(report, 0.01, GateConfig()) == [
         "the test part drifts from the drift reference: PSI max 0.500 above the alert "
         "threshold 0.300 (noise floor 0.050)"]
+
+
+def test_the_verdict_says_when_a_few_test_fails_cannot_tell_the_model_from_a_baseline():
+    """As on SECOM (6 test fails): a lead whose paired interval includes 0 is called noise."""
+    from optimize.baselines import compare
+    from optimize.split import Part, Split
+
+    rng = np.random.default_rng(3)
+
+    def part(n: int, fails: int) -> Part:
+        x = rng.normal(size=(n, 4))
+        x[:fails] += 0.3  # fails barely off the passes
+        labels = np.r_[np.ones(fails, int), np.zeros(n - fails, int)]
+        return Part(x, np.arange(n), labels, None)
+
+    train, val, test = part(300, 0), part(200, 6), part(200, 6)
+    split = Split(train, val, test, True, 0, train)
+    out = compare(split, val.x.sum(axis=1), test.x.sum(axis=1), 0.01, boot=100)
+    lo, hi = out["auc_diff_ci"][out["best_unsupervised"]]
+    assert lo <= 0 <= hi
+    assert out["verdict"].endswith("The interval includes 0: on 6 test fails the two cannot be "
+                                   "told apart.")
