@@ -47,7 +47,8 @@ import numpy as np
 
 from optimize.data import ParamSpec
 
-__all__ = ["Rules", "RulesConfig", "fallback_rules", "rule_report", "rule_violations"]
+__all__ = ["Rules", "RulesConfig", "fallback_rules", "rule_report", "rule_violations",
+           "signal_guards"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ def _guard(x_train: np.ndarray, x_val: np.ndarray | None, median: np.ndarray,
             dropped[j] = "drifted"
             detail[j] = f"{m:.4g} -> {val_median[j]:.4g}, {shift:+.1f} sigma"
     return dropped, detail
+
+
+def signal_guards(x_train: np.ndarray, x_val: np.ndarray | None = None,
+                  cfg: RulesConfig = RulesConfig()) -> dict[int, str]:  # fmt: skip
+    """Feature -> reason (`REASONS` key) for every signal the guards give no rule."""
+    x = np.asarray(x_train, dtype=np.float64)
+    return _guard(x, x_val, *_centre_sigma(x), cfg)[0]
 
 
 def _limits(x: np.ndarray, features: Sequence[int], median: np.ndarray, sigma: np.ndarray,
