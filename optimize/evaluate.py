@@ -424,15 +424,15 @@ def _fallback_detail(f: dict[str, Any]) -> list[str]:
     if f.get("margin") is not None:
         tried = ", ".join(f"{m}x {v:.2%}" for m, v in f["holdout_val_ffr"].items()) or "none"
         lines.append(f"Fallback limits sit {f['margin']:g}x beyond the furthest pass (at least "
-                     "6 robust sigma): the smallest margin whose training-only rules fail at "
-                     f"most {f['budget']:.2%} of validation passes (tried: {tried}); shipped "
-                     "refitted on training and validation passes.")
+                     f"{f['sigmas']:g} robust sigma): the smallest margin whose training-only "
+                     f"rules fail at most {f['budget']:.2%} of validation passes (tried: "
+                     f"{tried}; the validation figure above is theirs); shipped refitted on "
+                     "training and validation passes.")
     failing = [r for r in f.get("per_rule", []) if r["val_fails"] or r["test_fails"]]
     if failing:
         lines.append("Rules that fail passes: " + "; ".join(
             f"{r['feature']} [{_limit(r['low'])}, {_limit(r['high'])}] {r['val_fails']} "
-            f"validation, "
-            f"{r['test_fails']} test" for r in failing) + ".")
+            f"validation, {r['test_fails']} test" for r in failing) + ".")
     if f.get("dropped"):
         lines.append("No rule on: " + "; ".join(f"{k} ({v})" for k, v in f["dropped"].items())
                      + ".")

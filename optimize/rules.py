@@ -69,6 +69,7 @@ class Rules:
     dropped: dict[int, str] = field(default_factory=dict)  # feature -> reason (`REASONS` key)
     detail: dict[int, str] = field(default_factory=dict)  # feature -> the figures behind it
     margin: float | None = None  # the chosen margin (PAT only)
+    sigmas: float | None = None  # the narrowest limit, robust sigmas (PAT only)
     holdout: dict[str, float] = field(default_factory=dict)  # margin -> validation union FFR
     budget: float | None = None  # the union false-fail allowed on validation passes
     val_fails: dict[int, int] = field(default_factory=dict)  # feature -> validation passes
@@ -178,7 +179,7 @@ def fallback_rules(x_train: np.ndarray, spec: Sequence[ParamSpec] | None = None,
     if xv is None or not len(xv):
         margin = cfg.margins[0]
         return Rules(_limits(x, kept, median, sigma, cfg.sigmas, margin), "pat", dropped,
-                     detail, margin)
+                     detail, margin, cfg.sigmas)
     budget = cfg.budget_ratio * target_ffr
     holdout: dict[str, float] = {}
     margin = cfg.margins[-1]
@@ -190,7 +191,7 @@ def fallback_rules(x_train: np.ndarray, spec: Sequence[ParamSpec] | None = None,
     trained = _limits(x, kept, median, sigma, cfg.sigmas, margin)
     val_fails = dict(zip(kept, _violated(trained, xv).sum(axis=0).tolist(), strict=True))
     rules = _limits(np.vstack([x, xv]), kept, median, sigma, cfg.sigmas, margin)
-    return Rules(rules, "pat", dropped, detail, margin, holdout, budget,
+    return Rules(rules, "pat", dropped, detail, margin, cfg.sigmas, holdout, budget,
                  {j: int(n) for j, n in val_fails.items() if n})
 
 
@@ -217,7 +218,7 @@ def rule_report(made: Rules, names: Sequence[str], x_val_passes: np.ndarray,
                     for j, why in sorted(made.dropped.items())},
     }
     if made.source == "pat":
-        out["margin"] = made.margin
+        out["margin"], out["sigmas"] = made.margin, made.sigmas
         out["holdout_val_ffr"] = made.holdout
         out["budget"] = made.budget
     return out
