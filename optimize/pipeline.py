@@ -147,16 +147,20 @@ def load_config(
         for name, (value, where) in items.items():
             if name not in types:
                 raise UsageError(f"{where}: unknown setting; expected one of {', '.join(types)}")
-            kwargs[name] = _coerce(value, types[name], where)
+            kwargs[name] = _coerce(value, types[name], where, getattr(default, name))
         built[section] = dataclasses.replace(default, **kwargs)
     return BuildConfig(**built)
 
 
-def _coerce(value: Any, kind: type, where: str) -> Any:
+def _coerce(value: Any, kind: type, where: str, like: Any = None) -> Any:
+    """`value` as a `kind`; a tuple's items as the default `like`'s (float when any is)."""
     try:
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(_number(v) for v in items)
+            item = float if any(isinstance(v, float) for v in like or ()) else int
+            if item is int and any(isinstance(v, float) and not v.is_integer() for v in items):
+                raise ValueError(value)
+            return tuple(item(v) for v in items)
         if kind is bool:
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")
@@ -166,14 +170,6 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"{where}: expected {kind.__name__}, found {value!r}") from None
-
-
-def _number(value: Any) -> int | float:
-    """An int when the value is a whole number written as one ("3", 3), else a float."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return float(value)
 
 
 @dataclass(frozen=True)

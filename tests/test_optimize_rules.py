@@ -4,7 +4,9 @@ holds a false-fail budget on the later validation period, every signal left out 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from agent.errors import UsageError
 from optimize.data import ParamSpec
 from optimize.rules import RulesConfig, fallback_rules, rule_report, rule_violations
 
@@ -73,4 +75,6 @@ def test_the_margins_are_configurable_as_decimals():
     from optimize.pipeline import load_config
 
     cfg = load_config(env={"EDGEFLEET_OPTIMIZE_RULES_MARGINS": "2,3.5"})
-    assert cfg.rules.margins == (2, 3.5) and cfg.rules.budget_ratio == 1.0
+    assert cfg.rules.margins == (2.0, 3.5) and cfg.rules.budget_ratio == 1.0
+    with pytest.raises(UsageError, match="MODEL_WIDTHS: expected tuple"):
+        load_config(env={"EDGEFLEET_OPTIMIZE_MODEL_WIDTHS": "64,16.5"})  # widths stay whole
