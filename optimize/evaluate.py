@@ -263,11 +263,15 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"rank correlation {p['spearman']:.5f}")
     if report.get("checks"):
         lines.append("targets (set for the 512-parameter synthetic benchmark):")
-    for name, c in report.get("checks", {}).items():
-        ci = f", 95% CI [{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if "ci" in c else ""
-        lines.append(f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g}{ci} "
-                     f"(target {c['rule']} {c['limit']})")
+    lines += [check_line(name, c) for name, c in report.get("checks", {}).items()]
     return "\n".join(lines)
+
+
+def check_line(name: str, c: dict[str, Any]) -> str:
+    """One target check as text: '[ok] name = value[, 95% CI [lo, hi]] (target rule limit)'."""
+    ci = f", 95% CI [{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if "ci" in c else ""
+    return (f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g}{ci} "
+            f"(target {c['rule']} {c['limit']})")
 
 
 def _num(v: float | None, fmt: str) -> str:
