@@ -12,7 +12,9 @@ ring of the last `window` scores below `cap` (a gross fail says nothing about wh
 dies' tail is), and every `every` scores the threshold is recomputed as
 
     q  = the `level` quantile of the ring (the build measured on validation dies, fails
-         included, which quantile of the scores below cap sits at the fixed threshold)
+         included, which quantile of the scores below cap sits at the fixed threshold, then
+         tuned it so this very algorithm, replayed on those dies, fails what t0 fails there:
+         `tune_level`)
     w  = n / (n + prior)                   # shrink towards the fixed threshold while n is small
     t  = clip(t0 + w * (q - t0), low, high), rounded to float32
 
