@@ -470,10 +470,11 @@ def strata_from_validation(val_scores: np.ndarray, val_passes: np.ndarray,
             break
         t = float(np.quantile(sp, 1 - target_ffr))
         strata.append(params_from_validation(s[rows], passes[rows], t, target_ffr))
-    if len(strata) == 2 and None not in strata:
-        return tuple(tune_level(q, s[rows], None if testers is None else testers[rows],
-                                passes[rows])
-                     for q, rows in zip(strata, (~imp, imp), strict=True))  # type: ignore
+    if len(strata) == 2 and strata[0] is not None and strata[1] is not None:
+        complete, imputed = (tune_level(q, s[rows], None if testers is None else testers[rows],
+                                        passes[rows])
+                             for q, rows in zip(strata, (~imp, imp), strict=True))
+        return complete, imputed
     single = params_from_validation(s, passes, threshold, target_ffr)
     return None if single is None else (tune_level(single, s, testers, passes), None)
 
