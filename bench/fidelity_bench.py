@@ -30,6 +30,9 @@ Checks (the issue's done-when), printed as ok / MISS:
   fixed threshold's;
 - floor, every seed: the fallback rules fail <= 5x target of test passes; INT8 vs FP32
   decision agreement >= 99.5%;
+- the build's own targets (optimize/evaluate.py `_checks`, set for the classic 512-parameter
+  data: size and latency ratios, INT8 AUC and agreement, recall where the test false-fail is
+  the target, test false-fail in [0.5x, 2x]) are printed for every build as information;
 - SECOM: the shipped model's test AUC beats every unsupervised baseline's (the paired
   interval printed beside). Then a weak build, SECOM with plain 6-sigma PAT rules
   (`rules.margins=0`: they fail 18.8% of its test passes), must be refused with its reasons,
@@ -216,6 +219,8 @@ def _weak_build(data: Path, key: Path, out: Path) -> dict[str, bool]:
 
 
 def _run(title: str, data: Path, kind: str, key: Path, out: Path) -> dict[str, Any]:
+    from optimize.evaluate import check_line
+
     code, report, seconds = _build(data, key, out)
     target = report["build"]["config"]["calibrate"]["target_ffr"]
     checks = _floor_checks(report) if kind == "floor" else _secom_checks(report)
@@ -250,6 +255,9 @@ def _run(title: str, data: Path, kind: str, key: Path, out: Path) -> dict[str, A
         checks.update(_weak_build(data, key, out))
     for name, passed in checks.items():
         print(f"  [{'ok' if passed else 'MISS'}] {name}")
+    for name, c in report.get("checks", {}).items():  # optimize/evaluate.py: informational here
+        print(f"  (build target, set for the classic data) {check_line(name, c)}")
+    result["build_targets"] = report.get("checks", {})
     return result
 
 

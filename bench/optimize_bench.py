@@ -124,9 +124,10 @@ def main() -> int:
           f"{par['int8_vs_fp32']['decision_agreement']:.3%}")
     for step in steps.values():
         print(f"  {step['verdict']}")
+    from optimize.evaluate import check_line
+
     for name, c in checks.items():
-        print(f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g} "
-              f"(target {c['rule']} {c['limit']})")
+        print(check_line(name, c))
     print(f"wrote {results_path}")
     return 0 if all(c["ok"] for c in checks.values()) else 1
 

@@ -165,13 +165,16 @@ Strata = tuple[CalibrationParams, CalibrationParams | None]  # complete dies, im
 
 
 def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes: np.ndarray,
-                       val_x: np.ndarray, threshold: float) -> Strata | None:
+                       val_x: np.ndarray, threshold: float,
+                       val_testers: np.ndarray | None = None) -> Strata | None:
     """The parameters of the bundle's `decision.calibration` (`agent.calibration
-    .manifest_block`), or None (configured off, or too few passes)."""
+    .manifest_block`), or None (configured off, or too few passes). The levels are tuned by
+    replaying the device's algorithm on the validation part in time order, per tester
+    (`val_testers`) as the device will (`agent.calibration.tune_level`)."""
     if not cfg.per_tester:
         return None
     return strata_from_validation(val_scores, val_passes, np.isnan(val_x).any(axis=1),
-                                  threshold, cfg.target_ffr)
+                                  threshold, cfg.target_ffr, val_testers)
 
 
 def calibration_figures(strata: Strata, scores: np.ndarray, x: np.ndarray, passes: np.ndarray,

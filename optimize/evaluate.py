@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from optimize.calibrate import Decision
+from optimize.breakdown import BAND, wilson
+from optimize.calibrate import Decision, calibrate_threshold
 from optimize.export import session
 from optimize.quantize import parity
 from optimize.split import Split
@@ -82,17 +83,35 @@ def model_figures(split: Split, s: Scored) -> dict[str, Any]:
         "test_flag_rate": float(fails.mean()) if len(fails) else 0.0,
         "test_ffr": (float(fails[t.passes].mean())
                      if t.labels is not None and t.passes.any() else None),
+        "test_passes": int(t.passes.sum()) if t.labels is not None else None,
+        "test_false_fails": int(fails[t.passes].sum()) if t.labels is not None else None,
         "val_ffr": float((s.val > s.threshold)[split.val.passes].mean()),
         "scores_finite": bool(np.isfinite(s.test).all() and np.isfinite(s.val).all()),
     }
     if s.decision is not None:
         out["confidence_scale"] = s.decision.confidence_scale
+        out["target_ffr"] = s.decision.target_ffr
     if s.model is not None:
         out["size_bytes"] = len(s.model)
     if t.labels is not None and 0 < t.labels.sum() < len(t.labels):
         out["roc_auc"] = float(roc_auc_score(t.labels, s.test))
     out["recall"] = {c: float(fails[m].mean()) for c, m in _classes(split).items() if m.any()}
+    if s.decision is not None and t.labels is not None and t.passes.any():
+        out["at_target_test_ffr"] = operating_point(s.test, t.passes, _classes(split),
+                                                    s.decision.target_ffr)
     return out
+
+
+def operating_point(scores: np.ndarray, passes: np.ndarray, classes: dict[str, np.ndarray],
+                    target: float) -> dict[str, Any]:
+    """Recall per class where the test false-fail is the target: the threshold set on the test
+    passes themselves (`calibrate_threshold`: at most floor(target x passes) above it). This is
+    the model's quality at the target rate, free of where the validation threshold happened to
+    land; whether that threshold holds is the false-fail band check's job."""
+    d = calibrate_threshold(scores[passes], target)
+    fails = scores > d.threshold
+    return {"threshold": d.threshold, "test_ffr": d.val_ffr,
+            "recall": {c: float(fails[m].mean()) for c, m in classes.items() if m.any()}}
 
 
 def measure_latency(models: dict[str, bytes], x: np.ndarray,
@@ -182,10 +201,33 @@ def _checks(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
           0.995, at_most=False)
     recall = m["pruned_int8"]["recall"]
     check("int8_subtle_recall", recall.get("subtle"), 0.90, at_most=False)
-    check("int8_test_ffr", m["pruned_int8"].get("test_ffr"), 0.01, at_most=True)
+    at_target = m["pruned_int8"].get("at_target_test_ffr") or {}
+    check("int8_subtle_recall_at_target_test_ffr", at_target.get("recall", {}).get("subtle"),
+          0.90, at_most=False)
+    ffr_check = _ffr_band_check(m["pruned_int8"])
+    if ffr_check is not None:
+        checks["int8_test_ffr_in_band"] = ffr_check
     check("int8_gross_recall", recall.get("gross"), 0.99, at_most=False)
     check("rules_gross_recall", m["rules"]["recall"].get("gross"), 0.99, at_most=False)
     return checks
+
+
+def _ffr_band_check(m: dict[str, Any]) -> dict[str, Any] | None:
+    """The threshold set on validation holds on the test part: its test false-fail inside
+    [0.5x, 2x] of the target (issue 13's bar for every lot and tester). Not `<= target`: the
+    threshold sits at the target on validation, so the test rate is the target plus the
+    sampling noise of both parts, and `<=` failed about half of well-calibrated builds. The
+    Wilson interval is recorded beside it; `ci_contains_target` is information, not the
+    check: with validation and test parts of equal size an exactly calibrated build misses
+    it about one time in six (the validation quantile's own noise is not in the interval)."""
+    ffr, n, k = m.get("test_ffr"), m.get("test_passes"), m.get("test_false_fails")
+    target = m.get("target_ffr")
+    if ffr is None or not target or not n:
+        return None
+    lo, hi = BAND[0] * target, BAND[1] * target
+    ci = wilson(int(k), int(n))
+    return {"value": ffr, "limit": [lo, hi], "rule": "in", "ok": bool(lo <= ffr <= hi),
+            "ci": list(ci), "ci_contains_target": bool(ci[0] <= target <= ci[1])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,10 +263,15 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"rank correlation {p['spearman']:.5f}")
     if report.get("checks"):
         lines.append("targets (set for the 512-parameter synthetic benchmark):")
-    for name, c in report.get("checks", {}).items():
-        lines.append(f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g} "
-                     f"(target {c['rule']} {c['limit']})")
+    lines += [check_line(name, c) for name, c in report.get("checks", {}).items()]
     return "\n".join(lines)
+
+
+def check_line(name: str, c: dict[str, Any]) -> str:
+    """One target check as text: '[ok] name = value[, 95% CI [lo, hi]] (target rule limit)'."""
+    ci = f", 95% CI [{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if "ci" in c else ""
+    return (f"[{'ok' if c['ok'] else 'MISS'}] {name} = {c['value']:.4g}{ci} "
+            f"(target {c['rule']} {c['limit']})")
 
 
 def _num(v: float | None, fmt: str) -> str:
