@@ -98,10 +98,12 @@ class DriftMonitor:
     def __init__(self, edges: tuple[tuple[float, ...], ...],
                  proportions: tuple[tuple[float, ...], ...], *, window: int = 2048,
                  min_rows: int = 200, top_k: int = 5, interval: float = 10.0,
-                 alert_psi: float = DEFAULT_ALERT_PSI) -> None:
+                 alert_psi: float = DEFAULT_ALERT_PSI,
+                 padded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`padded`: the same reference as `Manifest.drift_arrays` holds it (edges padded
+        with +inf, proportions with 0), used instead of padding `edges` and `proportions`."""
         n = len(edges)
         self.alert_psi = alert_psi
-        k = max((len(e) for e in edges), default=0)
         self.n_features = n
         self.window = window
         self.min_rows = min_rows
@@ -109,8 +111,12 @@ class DriftMonitor:
         self.interval = interval
         # Pad every feature to k edges with +inf: x >= inf is never true, so padded bins stay
         # empty in both the window and the reference and add nothing to PSI.
-        self._edges = _padded(edges, k, np.inf, np.float32)
-        self._ref = _padded(proportions, k + 1, 0.0, np.float64)
+        if padded is not None:
+            self._edges, self._ref = padded  # read only: shared with the manifest
+        else:
+            k = max((len(e) for e in edges), default=0)
+            self._edges = _padded(edges, k, np.inf, np.float32)
+            self._ref = _padded(proportions, k + 1, 0.0, np.float64)
         if len(proportions) != n:
             raise ValueError(f"{n} features' edges but {len(proportions)} features' proportions")
         self._buf = np.empty((window, n), dtype=np.float32)

@@ -86,6 +86,7 @@ from typing import Any, ClassVar
 import orjson
 
 from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpacked
+from agent.digest import remember as remember_digest
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
@@ -540,9 +541,12 @@ class Installer:
         if self.store.has_version(job.id) and not self.store.check_integrity(job.id):
             return State.LOAD  # installed before and intact (e.g. the previous version)
         staging = self.store.new_staging(job.id)
-        unpack_bundle(Path(job.bundle or ""), job.manifest, staging)
+        digest = unpack_bundle(Path(job.bundle or ""), job.manifest, staging)
         _crash_point("unpack.staged")
         self.store.promote(job.id)
+        # the bundle digest of the bytes just written: the serving snapshot names the model
+        # by it without reading the files again (agent.digest)
+        remember_digest(self.store.version_dir(job.id), digest)
         return State.LOAD
 
     def _load(self, job: _Job) -> State:

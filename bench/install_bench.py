@@ -170,9 +170,10 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
 
         def switch():
             c0, t0 = time.thread_time(), time.perf_counter()
-            go_live()
+            old = go_live()
             swaps.append((t0, time.perf_counter()))
             swap_cpu.append(time.thread_time() - c0)
+            return old  # the installer releases it at the end of the job, as in the agent
 
         return switch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -256,7 +257,8 @@ def test_prepared_snapshot_is_built_while_loading_and_goes_live_at_the_commit(ki
         inst.install(b1)
         assert seen == [("prepared", None, None), ("live", "1.1.1", kit.vid(b1))]
         p1 = runtime.active()
-        assert p1.bundle_digest is not None and p1.engine is not None
+        # the digest unpacking computed: the bundle's sha256, what the fleet names it by
+        assert p1.bundle_digest == hashlib.sha256(b1.read_bytes()).hexdigest()
         seen.clear()
         with pytest.raises(InstallFailed) as e:
             inst.install(kit.bundle(2, golden_offset=0.5))
