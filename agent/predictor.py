@@ -18,6 +18,7 @@ Answers are records in the protocol's layout (`agent.protocol.record_dtype`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -164,8 +165,7 @@ class Predictor:
         self.model_json = (f'"model_version":{self.version_json},"model_sequence":'
                            f'{json.dumps(self.sequence)},"model_digest":'
                            f'{json.dumps(self.bundle_digest)}')
-        self.feature_names_json = ([orjson.dumps(nm).decode() for nm in self.feature_names]
-                                   if self.feature_names else None)
+        self.feature_names_json = _names_json(self.feature_names) if self.feature_names else None
         self.n_features, self.k = n, k
         self.max_missing = max_missing(manifest, n, limits.max_missing_share)
         self.dtype = record_dtype(k)
@@ -459,6 +459,13 @@ class Predictor:
         rec["error_column"][idx] = column
         for f in ("score", "threshold", "confidence"):
             rec[f][idx] = np.nan
+
+
+@functools.lru_cache(maxsize=4)
+def _names_json(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Each feature name as JSON text. Kept by the names: successive versions of a model
+    usually name the same features, and 512 encodes held the GIL ~0.25 ms on every swap."""
+    return tuple(orjson.dumps(nm).decode() for nm in names)
 
 
 def _bundle_digest(engine: Engine | None) -> str | None:
