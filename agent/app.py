@@ -126,7 +126,9 @@ def _attach_store(agent: Agent) -> None:
         runtime.swap(start.engine, start.manifest)
     elif start.manifest is not None:  # the model is unusable but its manifest is intact
         runtime.rules_of(start.manifest, start.fallback_reason or "active model unusable")
-    installer.attach(on_commit=runtime.swap, on_fallback=runtime.enter_fallback)
+    # on_prepare: the new snapshot is built while loading, the commit only switches to it
+    installer.attach(on_commit=runtime.swap, on_fallback=runtime.enter_fallback,
+                     on_prepare=runtime.prepare)
     agent.server.metrics.registry.register(InstallCollector(installer))
 
     admin_path = cfg.admin_socket or cfg.socket.with_name("admin.sock")

@@ -61,6 +61,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.digest import BundleHasher, canonical_header
 from agent.fsio import atomic_write, fsync_dir
 from agent.keys import Keyring, KeyringError, key_id, verify_signature
 from agent.manifest import (
@@ -222,15 +223,6 @@ def _check_member(
         )
 
 
-def _canonical_header(name: str, size: int) -> bytes:
-    """The one ustar header v1 allows for a member: only name and size vary (see the docs)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o644, 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-
-
 def _check_framing(path: Path, members: Mapping[str, tarfile.TarInfo], size: int) -> None:
     """Every byte the tar reader would skip or tolerate must be canonical: each header equal to
     `_canonical_header`, zero padding after each member, then exactly the end-of-archive marker.
@@ -241,7 +233,7 @@ def _check_framing(path: Path, members: Mapping[str, tarfile.TarInfo], size: int
         for m in members.values():
             f.seek(m.offset)
             header = f.read(m.offset_data - m.offset)
-            if header != _canonical_header(m.name, m.size):
+            if header != canonical_header(m.name, m.size):
                 raise CorruptArchive(
                     f"{path}: member {m.name!r}: header is not the canonical v1 ustar header "
                     "(mode 0644, owner 0, mtime 0, no extended headers)"
@@ -460,15 +452,24 @@ def verify_unpacked(directory: Path, keyring: Keyring, *, files: bool = True) ->
     return manifest
 
 
-def unpack_bundle(path: Path, manifest: Manifest, dest: Path, limits: Limits = Limits()) -> None:
+def unpack_bundle(path: Path, manifest: Manifest, dest: Path, limits: Limits = Limits()) -> str:
     """Write the verified files of `path` into the empty directory `dest` (staging), hashing
     each again while writing, fsync every file and the directory. Raises `DigestMismatch` if the
-    bundle changed since it was verified; the caller then discards `dest`."""
+    bundle changed since it was verified; the caller then discards `dest`.
+
+    Returns the bundle digest of what it wrote (agent.digest: the canonical bundle's SHA-256,
+    the fleet's name for the model), hashed from the same bytes, in canonical member order, so
+    that nothing reads the files again to name the model (issue 15)."""
     path, dest = Path(path), Path(dest)
     tf, archive = _open(path, limits)
+    bundle_hash = BundleHasher()
     with tf:
         if archive.manifest_bytes != manifest.signed_bytes:
             raise DigestMismatch(f"{path}: {MANIFEST_NAME} changed since verification")
+        for name, data in ((MANIFEST_NAME, archive.manifest_bytes),
+                           (SIGNATURE_NAME, archive.signature_bytes)):
+            bundle_hash.member(name, len(data))
+            bundle_hash.update(data)
         for name, entry in sorted(manifest.files.items()):
             member = archive.members.get(name)
             if member is None:
@@ -476,10 +477,12 @@ def unpack_bundle(path: Path, manifest: Manifest, dest: Path, limits: Limits = L
             src = tf.extractfile(member)
             assert src is not None
             digest = hashlib.sha256()
+            bundle_hash.member(name, entry.size)  # a size that differs fails just below
             target = dest / name
             with open(target, "xb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
+                    bundle_hash.update(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
@@ -492,6 +495,7 @@ def unpack_bundle(path: Path, manifest: Manifest, dest: Path, limits: Limits = L
                            (SIGNATURE_NAME, archive.signature_bytes)):
             atomic_write(dest / name, data)
     fsync_dir(dest)
+    return bundle_hash.hexdigest()
 
 
 def write_bundle(
@@ -528,7 +532,7 @@ def write_bundle(
     parts = []
     for name, data in [(MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, sig_bytes),
                        *sorted(blobs.items())]:
-        parts += [_canonical_header(name, len(data)), data,
+        parts += [canonical_header(name, len(data)), data,
                   b"\x00" * (-len(data) % tarfile.BLOCKSIZE)]
     parts.append(b"\x00" * _EOF_MARKER)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ import numpy as np
 
 EPS = 1e-4
 DEFAULT_ALERT_PSI = 0.25
-_CHUNK = 256  # rows binned per numpy call, so no call holds the GIL for long
+# rows binned per numpy call, so no call holds the GIL for long and the temporaries stay under
+# ~0.5 MB each (at 512 features and 10 bins)
+_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,12 @@ class DriftMonitor:
     def __init__(self, edges: tuple[tuple[float, ...], ...],
                  proportions: tuple[tuple[float, ...], ...], *, window: int = 2048,
                  min_rows: int = 200, top_k: int = 5, interval: float = 10.0,
-                 alert_psi: float = DEFAULT_ALERT_PSI) -> None:
+                 alert_psi: float = DEFAULT_ALERT_PSI,
+                 padded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`padded`: the same reference as `Manifest.drift_arrays` holds it (edges padded
+        with +inf, proportions with 0), used instead of padding `edges` and `proportions`."""
         n = len(edges)
         self.alert_psi = alert_psi
-        k = max((len(e) for e in edges), default=0)
         self.n_features = n
         self.window = window
         self.min_rows = min_rows
@@ -109,8 +113,12 @@ class DriftMonitor:
         self.interval = interval
         # Pad every feature to k edges with +inf: x >= inf is never true, so padded bins stay
         # empty in both the window and the reference and add nothing to PSI.
-        self._edges = _padded(edges, k, np.inf, np.float32)
-        self._ref = _padded(proportions, k + 1, 0.0, np.float64)
+        if padded is not None:
+            self._edges, self._ref = padded  # read only: shared with the manifest
+        else:
+            k = max((len(e) for e in edges), default=0)
+            self._edges = _padded(edges, k, np.inf, np.float32)
+            self._ref = _padded(proportions, k + 1, 0.0, np.float64)
         if len(proportions) != n:
             raise ValueError(f"{n} features' edges but {len(proportions)} features' proportions")
         self._buf = np.empty((window, n), dtype=np.float32)
@@ -149,25 +157,34 @@ class DriftMonitor:
         if not force and (now - self._computed_at < self.interval
                           or self._written == self._computed_written):
             return self._report
-        with self._lock:
-            written = self._written
-            rows = min(written, self.window)
-            window = self._buf[:rows].copy()
-        self._report = self._compute(window)
+        written = self._written
+        self._report = self._compute(min(written, self.window))
         self._computed_at, self._computed_written = now, written
         return self._report
 
-    def _compute(self, window: np.ndarray) -> DriftReport:
+    def _chunk(self, start: int, stop: int) -> np.ndarray:
+        """A copy of window rows start..stop, taken under the lock (a batch being written
+        is not seen half done)."""
+        with self._lock:
+            return self._buf[start:stop].copy()
+
+    def _compute(self, rows: int) -> DriftReport:
+        """PSI over the first `rows` rows of the window, binned `_CHUNK` rows at a time, each
+        copied on its own: a copy of the whole window (4 MB at 512 features) plus the
+        temporaries was what the first metrics scrape after traffic left in the scraping
+        thread's heap (~8 MB of resident memory, issue 15). A row written between two chunks
+        is only a statistic, as in `observe_one`."""
         n, bins = self._ref.shape
-        rows = window.shape[0]
         if rows < self.min_rows:
             return DriftReport(rows, float("nan"), (), self.alert_psi)
         offsets = np.arange(n, dtype=np.int64) * bins
         counts = np.zeros(n * bins, dtype=np.int64)
         for start in range(0, rows, _CHUNK):
-            chunk = window[start:start + _CHUNK]  # (c, n)
-            idx = (chunk[:, :, None] >= self._edges[None]).sum(axis=2) + offsets  # (c, n)
+            chunk = self._chunk(start, min(start + _CHUNK, rows))  # (c, n)
+            idx = (chunk[:, :, None] >= self._edges[None]).sum(axis=2, dtype=np.int64)
+            idx += offsets  # (c, n)
             counts += np.bincount(idx[~np.isnan(chunk)], minlength=n * bins)
+            del chunk, idx
         counts = counts.reshape(n, bins)
         measured = counts.sum(axis=1, keepdims=True)
         shares = counts / np.maximum(measured, 1)

@@ -13,11 +13,13 @@ still serves the old version, after it the new one.
                 == running model's (or force)
     unpack      files to staging/<id>, fsync, rename to versions/<id>  load
     load        new ONNX Runtime session (a retained version's files   self_test
-                are re-hashed first)
+                are re-hashed first); with `on_prepare`, the serving
+                snapshot built from it, not yet visible
     self_test   golden vectors within the manifest's tolerance,        commit
                 median latency <= max_latency_s
     commit      move `active` (durable), then swap the engine in       cleanup
-                memory (on_commit), then `previous` and the history
+                memory (the prepared snapshot, else on_commit), then
+                `previous` and the history
     cleanup     quarantine, garbage collection, staging                idle
     rollback    restore `active` and `previous`, drop staging and the  idle
                 new version, record why
@@ -55,7 +57,8 @@ Wiring into the agent (start-up, before the serving socket opens):
     start = installer.start()        # recover, check, load, self-test (or previous, or rules)
     if start.engine is not None:
         runtime.swap(start.engine, start.manifest)
-    installer.attach(on_commit=runtime.swap, on_fallback=runtime.enter_fallback)
+    installer.attach(on_commit=runtime.swap, on_fallback=runtime.enter_fallback,
+                     on_prepare=runtime.prepare)
     IntegrityMonitor(installer).start()
 
 For fault tests, `EDGEFLEET_CRASH_AT=<point>` (one of `CRASH_POINTS`) makes the process SIGKILL
@@ -83,6 +86,7 @@ from typing import Any, ClassVar
 import orjson
 
 from agent.bundle import Incompatible, unpack_bundle, verify_bundle, verify_unpacked
+from agent.digest import remember as remember_digest
 from agent.engine import Engine, SelfTestError
 from agent.errors import EdgefleetError
 from agent.fsio import atomic_write
@@ -209,6 +213,9 @@ class InstallConfig:
 
 
 OnCommit = Callable[[Engine, Manifest], object]  # e.g. slot.swap(engine, manifest)
+# e.g. slot.prepare(engine, manifest): builds what serves the engine, returns the call that
+# makes it serve (the commit then runs that instead of on_commit)
+OnPrepare = Callable[[Engine, Manifest], Callable[[], object]]
 OnFallback = Callable[[str], object]  # e.g. slot.enter_fallback(reason)
 OnState = Callable[[str], object]  # progress: the state just persisted
 
@@ -238,6 +245,9 @@ class _Job:
     manifest: Manifest | None = None
     engine: Engine | None = None
     on_commit: OnCommit | None = None
+    on_prepare: OnPrepare | None = None
+    go_live: Callable[[], object] | None = None  # what on_prepare returned
+    retired: object = None  # what the switch returned (the old snapshot), dropped at the end
     on_state: OnState | None = None
     committed: bool = False
     outcome: str = "committed"
@@ -322,12 +332,14 @@ class Installer:
         *,
         on_commit: OnCommit | None = None,
         on_fallback: OnFallback | None = None,
+        on_prepare: OnPrepare | None = None,
     ) -> None:
         self.store = store
         self.keyring = LiveKeyring(keyring)  # re-read when the directory changes
         self.config = config
         self.on_commit = on_commit
         self.on_fallback = on_fallback
+        self.on_prepare = on_prepare
         self.record_path = store.root / RECORD_NAME
         self.integrity = IntegrityReport(True, 0.0, None)
         self.fallback_reason: str | None = None
@@ -342,11 +354,16 @@ class Installer:
         return cls(Store(root, keep=config.keep), keyring, config, **callbacks)
 
     def attach(self, on_commit: OnCommit | None = None,
-               on_fallback: OnFallback | None = None) -> None:
+               on_fallback: OnFallback | None = None,
+               on_prepare: OnPrepare | None = None) -> None:
         """Connect the serving side: `on_commit(engine, manifest)` makes a committed engine
         serve (the old one is released by the caller once its requests finish);
-        `on_fallback(reason)` makes the rule fallback serve."""
+        `on_fallback(reason)` makes the rule fallback serve. `on_prepare(engine, manifest)`,
+        if given, is called in the load step and returns the call that makes the engine serve:
+        the commit runs that instead of `on_commit`, so the snapshot is built before the
+        commit point and the switch itself is cheap (the runtime's `prepare`)."""
         self.on_commit, self.on_fallback = on_commit, on_fallback
+        self.on_prepare = on_prepare
 
     def close(self) -> None:
         self.store.unlock()
@@ -451,12 +468,12 @@ class Installer:
 
     def _run(self, job: _Job, first: State) -> InstallResult:
         """Drive a new job to idle (lock held); raise `InstallFailed` if it was rolled back."""
-        job.on_commit = self.on_commit
+        job.on_commit, job.on_prepare = self.on_commit, self.on_prepare
         t0 = time.perf_counter()
         try:
             self._drive(job, first, self._STEPS)
         finally:
-            job.engine = None
+            job.engine = job.go_live = job.retired = None
         self.outcomes[job.op, "rolled_back" if job.failed_at else job.outcome or "unknown"] += 1
         if job.failed_at is not None:
             raise InstallFailed(job.op, job.id, job.failed_at, job.kind or "", job.reason or "",
@@ -524,9 +541,12 @@ class Installer:
         if self.store.has_version(job.id) and not self.store.check_integrity(job.id):
             return State.LOAD  # installed before and intact (e.g. the previous version)
         staging = self.store.new_staging(job.id)
-        unpack_bundle(Path(job.bundle or ""), job.manifest, staging)
+        digest = unpack_bundle(Path(job.bundle or ""), job.manifest, staging)
         _crash_point("unpack.staged")
         self.store.promote(job.id)
+        # the bundle digest of the bytes just written: the serving snapshot names the model
+        # by it without reading the files again (agent.digest)
+        remember_digest(self.store.version_dir(job.id), digest)
         return State.LOAD
 
     def _load(self, job: _Job) -> State:
@@ -542,6 +562,10 @@ class Installer:
         assert job.manifest is not None
         job.engine = Engine(self.store.model_path(job.id), job.manifest,
                             threads=self.config.engine_threads)
+        if job.on_prepare is not None:
+            # what serves the engine is built now, while the old model still serves, so the
+            # commit only switches to it (issue 15); a failure here rolls back like any other
+            job.go_live = job.on_prepare(job.engine, job.manifest)
         return State.SELF_TEST
 
     def _self_test(self, job: _Job) -> State:
@@ -561,9 +585,17 @@ class Installer:
         self.store.set_active(job.id)  # the commit point, durable before anything serves it
         _crash_point("commit.pointer")
         engine, job.engine = job.engine, None
-        if job.on_commit is not None and engine is not None:
-            job.on_commit(engine, job.manifest)  # new requests go to the new engine from here
-        del engine  # the caller holds the old engine only until its requests finish
+        go_live, job.go_live = job.go_live, None
+        # new requests go to the new engine from here. What the switch returns (the runtime's
+        # previous snapshot) is kept until the job ends, so that releasing the old engine and
+        # ONNX Runtime session (~0.2 ms with the GIL held) happens after the cleanup, not at
+        # the switch, and on this thread rather than on a serving thread that finished the
+        # last request on it
+        if go_live is not None:
+            job.retired = go_live()
+        elif job.on_commit is not None and engine is not None:
+            job.retired = job.on_commit(engine, job.manifest)  # the same, built now
+        del engine, go_live
         job.committed = True
         _crash_point("commit.swapped")
         self._finish_commit(job)
@@ -595,7 +627,7 @@ class Installer:
 
     def _rollback(self, job: _Job) -> State:
         """Put both pointers back where they were, drop what this job added, record why."""
-        job.engine = None
+        job.engine = job.go_live = None
         s = self.store
         for name, before in (("active", job.from_id), ("previous", job.previous_before)):
             if s.pointer_target(name) != before:
@@ -690,6 +722,8 @@ class Installer:
             job = _Job("integrity", id=previous, from_id=active, previous_before=previous,
                        previous_after=None, quarantine=[active], reason="; ".join(problems))
             job.on_commit = on_commit
+            # the serving side's prepared switch only when the switch goes to the serving side
+            job.on_prepare = self.on_prepare if on_commit is self.on_commit else None
             self._drive(job, State.LOAD, self._STEPS)
             if job.failed_at is None:
                 self.fallback_reason = None

@@ -97,6 +97,12 @@ class Manifest:
     evaluation: dict[str, Any] = field(default_factory=dict)
     drift_edges: tuple[tuple[float, ...], ...] | None = None
     drift_proportions: tuple[tuple[float, ...], ...] | None = None
+    # the same drift reference as the drift monitor holds it: edges (n, k) float32 padded on
+    # the right with +inf, proportions (n, k + 1) float64 padded with 0 (k: the most edges of
+    # any feature). Built here from the parser's flat arrays, so that building a monitor on a
+    # swap copies two arrays instead of walking ~10k floats in 1k tuples (issue 15)
+    drift_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False,
+                                                               repr=False)
     # the decoded JSON without its per-feature arrays (see `_head`): what the agent reads at
     # run time (created, alert_psi, max_missing, min_measured, calibration, x- extensions)
     head: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -374,10 +380,10 @@ def parse_manifest(obj: Any, where: str = "manifest.json") -> Manifest:
 
     evaluation = r.get(obj, "evaluation", "", dict, optional=True) or {}
 
-    drift_edges = drift_props = None
+    drift_edges = drift_props = drift_arrays = None
     drift = r.get(obj, "drift_reference", "", dict, optional=True)
     if drift is not None:
-        drift_edges, drift_props = _parse_drift(r, drift, n)
+        drift_edges, drift_props, drift_arrays = _parse_drift(r, drift, n)
 
     files_obj = r.get(obj, "files", "", dict)
     files: dict[str, FileEntry] = {}
@@ -421,6 +427,7 @@ def parse_manifest(obj: Any, where: str = "manifest.json") -> Manifest:
         evaluation=evaluation,
         drift_edges=drift_edges,
         drift_proportions=drift_props,
+        drift_arrays=drift_arrays,
         head=_head(obj),
         tree=obj,
     )
@@ -488,7 +495,23 @@ def _parse_drift(r: _Reader, drift: dict, n: int):
             raise r.fail(f"drift_reference.proportions[{i}]", "proportions summing to 1", p)
         out_e.append(tuple(float(x) for x in e))
         out_p.append(tuple(float(x) for x in p))
-    return tuple(out_e), tuple(out_p)
+    flat_e = np.array([x for e in out_e for x in e], dtype=np.float64)
+    flat_p = np.array([x for p in out_p for x in p], dtype=np.float64)
+    lengths = np.array([len(e) for e in out_e], dtype=np.intp)
+    return tuple(out_e), tuple(out_p), _drift_arrays(flat_e, flat_p, lengths)
+
+
+def _drift_arrays(flat_e: np.ndarray, flat_p: np.ndarray,
+                  n_edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The padded arrays of `Manifest.drift_arrays` from every feature's edges and proportions
+    one after the other (`n_edges[i]` edges and `n_edges[i] + 1` proportions for feature i)."""
+    k = int(n_edges.max()) if n_edges.size else 0
+    edges = np.full((n_edges.size, k), np.inf, dtype=np.float32)
+    edges[np.arange(k) < n_edges[:, None]] = flat_e  # row-major: each row's values in order
+    props = np.zeros((n_edges.size, k + 1), dtype=np.float64)
+    props[np.arange(k + 1) < n_edges[:, None] + 1] = flat_p
+    edges.flags.writeable = props.flags.writeable = False  # every monitor of the model shares them
+    return edges, props
 
 
 # -- fast paths ------------------------------------------------------------------------------
@@ -581,7 +604,8 @@ def _fast_drift(edges: list, props: list):
     if not rising.all() or np.any(p < 0) or np.any(off > 1e-3) or np.any(
             np.abs(off - 1e-3) < 1e-9):
         return None
-    return _rows(edges, e, start_e, floats_e), _rows(props, p, start_p, floats_p)
+    return (_rows(edges, e, start_e, floats_e), _rows(props, p, start_p, floats_p),
+            _drift_arrays(e, p, n_edges))
 
 
 def _rows(rows: list[list], flat: np.ndarray, starts: np.ndarray, floats: bool):

@@ -18,6 +18,7 @@ Answers are records in the protocol's layout (`agent.protocol.record_dtype`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import numpy as np
 import orjson
 
 from agent.calibration import DEFAULT_CONTEXT, Calibration
-from agent.digest import bundle_digest
+from agent.digest import cached_bundle_digest
 from agent.drift import DriftMonitor, alert_threshold
 from agent.engine import Engine
 from agent.fallback import RuleSet, max_missing
@@ -164,8 +165,7 @@ class Predictor:
         self.model_json = (f'"model_version":{self.version_json},"model_sequence":'
                            f'{json.dumps(self.sequence)},"model_digest":'
                            f'{json.dumps(self.bundle_digest)}')
-        self.feature_names_json = ([orjson.dumps(nm).decode() for nm in self.feature_names]
-                                   if self.feature_names else None)
+        self.feature_names_json = _names_json(self.feature_names) if self.feature_names else None
         self.n_features, self.k = n, k
         self.max_missing = max_missing(manifest, n, limits.max_missing_share)
         self.dtype = record_dtype(k)
@@ -179,7 +179,8 @@ class Predictor:
             self.drift = DriftMonitor(manifest.drift_edges, manifest.drift_proportions or (),
                                       window=limits.drift_window, top_k=limits.drift_top_k,
                                       interval=limits.drift_interval_s,
-                                      alert_psi=alert_threshold(manifest.head.get("drift_reference")))
+                                      alert_psi=alert_threshold(manifest.head.get("drift_reference")),
+                                      padded=manifest.drift_arrays)
         # per-tester threshold (agent.calibration); None: the manifest's fixed threshold
         self.calibration = calibration if manifest is not None else None
         self._use_model = engine is not None and forced_reason is None
@@ -460,35 +461,25 @@ class Predictor:
             rec[f][idx] = np.nan
 
 
-_digests: dict[tuple[str, int, int], str] = {}  # by (directory, manifest.sig inode, mtime)
+@functools.lru_cache(maxsize=4)
+def _names_json(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Each feature name as JSON text. Kept by the names: successive versions of a model
+    usually name the same features, and 512 encodes held the GIL ~0.25 ms on every swap."""
+    return tuple(orjson.dumps(nm).decode() for nm in names)
 
 
 def _bundle_digest(engine: Engine | None) -> str | None:
-    """sha256 of the bundle an installed model came from, rebuilt from its version directory
-    (agent.digest.bundle_digest, with the engine's parsed manifest so that the swap does not
-    parse it again); None for an engine not loaded from a store version. Kept per version
-    directory: a snapshot is rebuilt on every fallback change and a rollback loads a retained
-    version again."""
+    """sha256 of the bundle an installed model came from (agent.digest: the one the install
+    computed while unpacking, else rebuilt from its version directory with the engine's parsed
+    manifest); None for an engine not loaded from a store version."""
     path = getattr(engine, "model_path", None)
-    if path is None:
+    if path is None or not (path.parent / "manifest.sig").exists():
         return None
     try:
-        st = (path.parent / "manifest.sig").stat()
-    except OSError:
-        return None
-    key = (str(path.parent), st.st_ino, st.st_mtime_ns)
-    digest = _digests.get(key)
-    if digest is not None:
-        return digest
-    try:
-        digest = bundle_digest(path.parent, getattr(engine, "manifest", None))
+        return cached_bundle_digest(path.parent, getattr(engine, "manifest", None))
     except (OSError, ValueError, KeyError) as e:
         log.warning("cannot compute the bundle digest of %s: %s", path.parent, e)
         return None
-    if len(_digests) >= 8:
-        _digests.pop(next(iter(_digests)))
-    _digests[key] = digest
-    return digest
 
 
 def _short(e: Exception) -> str:

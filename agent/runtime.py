@@ -9,6 +9,8 @@ The model store (agent/store.py) drives it:
 
     engine = Engine(model_dir / "model.onnx", manifest)   # after verify, unpack, self-test
     runtime.swap(engine, manifest)                        # the new model answers from now on
+    go_live = runtime.prepare(engine, manifest)           # or: build the snapshot ahead ...
+    go_live()                                             # ... and only flip the reference
     runtime.enter_fallback("install failed self-test")    # rules only, model kept loaded
     runtime.unload("model removed")                       # rules only, model dropped
 
@@ -17,6 +19,7 @@ and can watch every change with `add_listener(fn)`, called with the new snapshot
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -74,18 +77,35 @@ class Runtime:
 
     def swap(self, engine: Engine, manifest: Manifest | None = None) -> Predictor:
         """Serve `engine` from the next request on; return the previous snapshot. The engine
-        must be verified and self-tested already (the store's job); it is warmed up here, before
-        it becomes visible, so the first request does not pay for lazy allocations."""
+        must be verified and self-tested already (the store's job). `prepare(...)()` in one."""
+        return self.prepare(engine, manifest)()
+
+    def prepare(self, engine: Engine, manifest: Manifest | None = None
+                ) -> Callable[[], Predictor]:
+        """Build the snapshot that serves `engine` without making it visible; calling the
+        result makes it serve (and returns the previous snapshot), as `swap` would.
+
+        The build is most of a swap's work: warming the engine up (so the first request does
+        not pay for lazy allocations), the bundle digest (re-reads the version's files), the
+        drift monitor and the rules. The store runs it while it loads the model, before the
+        commit point (agent/install.py `on_prepare`), so that the commit itself only moves a
+        reference: ~2 ms of the installing thread's CPU, all of it competing for the GIL with
+        the serving thread, used to sit right at the switch (issue 15). A prepared snapshot
+        that is never called is simply dropped."""
         manifest = manifest or engine.manifest
         try:
             engine.warm_up()
         except Exception as e:  # a model that cannot run one row still goes live; rules cover it
             log.warning("warm-up of %s %s failed: %s", manifest.name, manifest.version, e)
-        new = self._build(engine, manifest, None)
+        return functools.partial(self._go_live, self._build(engine, manifest, None))
+
+    def _go_live(self, new: Predictor) -> Predictor:
         old = self._set(new)
         self.swaps += 1
-        log.info("serving model %s %s (sequence %d, sha256 %s...)", manifest.name,
-                    manifest.version, manifest.sequence, manifest.model_digest[:12])
+        m = new.manifest
+        assert m is not None
+        log.info("serving model %s %s (sequence %d, sha256 %s...)", m.name, m.version,
+                 m.sequence, m.model_digest[:12])
         return old
 
     def unload(self, reason: str) -> Predictor:

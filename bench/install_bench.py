@@ -16,9 +16,10 @@ requests around it.
    windows (installs and rollbacks back to back), 0.5 s each, so background load on the box
    weighs on both alike. Reported: p99 of requests sent within +-2 ms of a swap, and p99 of
    all requests in install windows, each minus the baseline p99 of the same run; the rate the
-   client achieved; the time and the installing thread's CPU in `runtime.swap` (building the
-   new snapshot); and the agent process's RSS growth over the install windows (per swap,
-   and against its RSS before them); the garbage collections in the install windows, per
+   client achieved; the time and the installing thread's CPU in the switch (the snapshot
+   `runtime.prepare` built in the load step going live), and in that build; the agent
+   process's RSS growth over the install windows (per swap, and against its RSS before
+   them); the garbage collections in the install windows, per
    generation: count and CPU time each (every one holds the GIL). As `edgefleet agent serve`
    does, what start-up built is frozen out of garbage collection (gc.freeze) once the agent
    is up: without that, full collections (~14 ms each, 3 per 4 s of installs) dominated the
@@ -158,12 +159,23 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
     runtime = Runtime(Limits(fallback_retry_s=0.0))
     swaps: list[tuple[float, float]] = []
     swap_cpu: list[float] = []
+    prepare_cpu: list[float] = []
 
-    def swap(engine, manifest):
-        c0, t0 = time.thread_time(), time.perf_counter()
-        runtime.swap(engine, manifest)
-        swaps.append((t0, time.perf_counter()))
-        swap_cpu.append(time.thread_time() - c0)
+    def prepare(engine, manifest):
+        # runtime.prepare (in the load step) builds the snapshot; the call it returns, run at
+        # the commit, is the switch: the swap window is that call
+        c0 = time.thread_time()
+        go_live = runtime.prepare(engine, manifest)
+        prepare_cpu.append(time.thread_time() - c0)
+
+        def switch():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            old = go_live()
+            swaps.append((t0, time.perf_counter()))
+            swap_cpu.append(time.thread_time() - c0)
+            return old  # the installer releases it at the end of the job, as in the agent
+
+        return switch
 
     gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
     gc_start: list[float] = [0.0]
@@ -178,7 +190,7 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         elif counting[0]:
             gc_pauses[info["generation"]].append(time.thread_time() - gc_start[0])
 
-    inst = Installer.open(tmp / "store-b", ring, on_commit=swap,
+    inst = Installer.open(tmp / "store-b", ring, on_commit=runtime.swap, on_prepare=prepare,
                           on_fallback=runtime.enter_fallback)
     server = AgentServer(cfg, runtime)
     server.start()
@@ -241,9 +253,11 @@ def swap_latency(tmp: Path, ring: Path, bundles: list[Path], rate: float, second
         "requests": s["requests"], "errors": s["errors"], "fallback_answers": s["fallback"],
         "swaps": len(swaps), "swap_call_median_us": round(float(np.median(
             [(b - a) * 1e6 for a, b in swaps])), 1),
-        # the installing thread's CPU in runtime.swap (the new snapshot: digest, drift monitor,
-        # rules): the swap's own claim on the serving process, less load-dependent than the wall
+        # the installing thread's CPU in the switch, and in building the new snapshot before
+        # it (runtime.prepare in the load step: warm-up, digest, drift monitor, rules): the
+        # swap's claim on the serving process, less load-dependent than the wall times
         "swap_call_cpu_median_us": round(float(np.median(swap_cpu)) * 1e6, 1),
+        "prepare_cpu_median_us": round(float(np.median(prepare_cpu)) * 1e6, 1),
         "baseline": {"n": len(base), "p50_us": round(float(np.median(base)), 1),
                      "p99_us": round(p99(base), 1)},
         "within_2ms_of_swap": {"n": len(at_swap), "p99_us": round(p99(at_swap), 1),
@@ -309,8 +323,9 @@ def main() -> None:
           f"{sw['baseline']['p99_us']} us, {sw['within_2ms_of_swap']['p99_vs_baseline']}x; "
           f"{sw['within_2ms_of_swap']['n']} requests around "
           f"{sw['swaps']} swaps; target <= 1000 us)")
-    print(f"  runtime.swap (building the new snapshot): median {sw['swap_call_median_us']} us, "
-          f"of it the installing thread's CPU {sw['swap_call_cpu_median_us']} us")
+    print(f"  the switch (prepared snapshot goes live): median {sw['swap_call_median_us']} us, "
+          f"of it the installing thread's CPU {sw['swap_call_cpu_median_us']} us; building "
+          f"the snapshot in the load step (runtime.prepare): CPU {sw['prepare_cpu_median_us']} us")
     print(f"  whole install phase p99 {sw['whole_install_phase']['p99_us']} us "
           f"({sw['whole_install_phase']['p99_vs_baseline']}x the baseline, added "
           f"{sw['whole_install_phase']['added_p99_us']} us); {sw['requests']} requests at "

@@ -317,8 +317,9 @@ def test_one_written_rule_for_revoked_keys_and_installed_models():
 def test_bundle_digest_from_the_parsed_manifest_or_the_stored_files(make_bundle, signer,
                                                                     tmp_path):
     """The digest of an unpacked version is the bundle's sha256 whether the caller hands in the
-    version's parsed manifest (a swap) or not; a manifest of other bytes is not trusted for
-    the file list."""
+    version's parsed manifest (a swap) or not, and unpacking returns the same (computed from
+    the bytes it wrote, kept for the swap); a manifest of other bytes is not trusted for the
+    file list."""
     import dataclasses
     import hashlib
 
@@ -328,8 +329,9 @@ def test_bundle_digest_from_the_parsed_manifest_or_the_stored_files(make_bundle,
     m = verify_bundle(path, signer.keyring)
     staging = tmp_path / "v"
     staging.mkdir()
-    unpack_bundle(path, m, staging)
+    unpacked = unpack_bundle(path, m, staging)
     want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert unpacked == want
     # another version's manifest: its file list would name a file this version lacks
     other = dataclasses.replace(m, files={**m.files, "extra.bin": m.files["model.onnx"]},
                                 signed_bytes=b"{}")

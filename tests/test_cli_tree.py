@@ -160,3 +160,45 @@ def test_rollout_start_options_are_grouped():
     assert None not in panels, panels.get(None)
     assert {"Selection", "Stages", "Gates", "Timing", "Connection"} <= set(panels)
     assert max(len(v) for v in panels.values()) <= 10, panels
+
+
+GROUP_MODULES = ("agent.cli", "agent.cli_bundle", "fleet.cli", "optimize.cli")
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The group modules loaded in a fresh interpreter after running `code`."""
+    probe = (f"import sys\n{code}\n"
+             f"print('loaded:' + ','.join(m for m in {GROUP_MODULES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.rsplit("loaded:", 1)[1].strip()
+    return set(filter(None, loaded.split(",")))
+
+
+def test_the_root_imports_a_group_module_only_when_that_group_is_invoked():
+    """`edgefleet agent ...` loads the agent's commands alone (not the fleet's pydantic and
+    database clients, nor the optimizer's): the root is lazy. Its own --help lists every
+    group without importing one."""
+    run = ("from edgefleet.cli import main\ntry:\n    main({})\nexcept SystemExit:\n"
+           "    pass")
+    assert _loaded_after("import edgefleet.cli") == set()
+    assert _loaded_after(run.format(["--help"])) == set()
+    assert _loaded_after(run.format(["--version"])) == set()
+    assert _loaded_after(run.format(["agent", "health", "--help"])) == {"agent.cli"}
+    assert _loaded_after(run.format(["keys", "--help"])) == {"agent.cli_bundle"}
+    assert _loaded_after(run.format(["fleet", "--help"])) == {"fleet.cli"}
+
+
+def test_the_root_help_lists_each_group_with_its_own_help():
+    from edgefleet.cli import GROUPS, app, load_group
+
+    root = typer.main.get_command(app)
+    ctx = root.context_class(root, info_name="edgefleet", terminal_width=200,
+                             max_content_width=200)
+    root.rich_markup_mode = None
+    text = root.get_help(ctx)
+    for name, (_, _, help_text) in GROUPS.items():
+        assert load_group(name).help == help_text
+        assert any(line.split()[:1] == [name] and help_text in " ".join(line.split())
+                   for line in text.splitlines()), (name, text)

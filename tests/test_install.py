@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -224,6 +225,52 @@ def test_swap_failure_moves_the_pointer_back(kit):
         assert e.value.state == "commit"
         assert inst.store.active() == "1-1.1.1-" + inst.store.active().rsplit("-", 1)[1]
         assert inst.store.highest_sequence() == 1
+    finally:
+        inst.close()
+
+
+def test_prepared_snapshot_is_built_while_loading_and_goes_live_at_the_commit(kit):
+    """`on_prepare` (the runtime's `prepare`, as the agent wires it) builds the serving
+    snapshot in the load step, while the old model still serves; the commit only switches to
+    it, after the pointer moved. A snapshot prepared for an install that then fails its self
+    test never serves, and the failure rolls back as before."""
+    from agent.predictor import Limits
+    from agent.runtime import Runtime
+
+    runtime = Runtime(Limits())
+    seen: list[tuple[str, str | None, str | None]] = []  # (event, serving, store's active)
+
+    def prepare(engine, manifest):
+        go_live = runtime.prepare(engine, manifest)
+        seen.append(("prepared", runtime.active().version, Store(kit.root).active()))
+
+        def switch():
+            old = go_live()
+            seen.append(("live", runtime.active().version, Store(kit.root).active()))
+            return old
+
+        return switch
+
+    inst = Installer.open(kit.root, kit.ring, on_commit=runtime.swap, on_prepare=prepare)
+    try:
+        b1 = kit.bundle(1)
+        inst.install(b1)
+        assert seen == [("prepared", None, None), ("live", "1.1.1", kit.vid(b1))]
+        p1 = runtime.active()
+        # the digest unpacking computed: the bundle's sha256, what the fleet names it by
+        assert p1.bundle_digest == hashlib.sha256(b1.read_bytes()).hexdigest()
+        seen.clear()
+        with pytest.raises(InstallFailed) as e:
+            inst.install(kit.bundle(2, golden_offset=0.5))
+        assert e.value.state == "self_test"
+        assert seen == [("prepared", "1.1.1", kit.vid(b1))]  # built, never switched to
+        assert runtime.active() is p1 and inst.store.active() == kit.vid(b1)
+        b3 = kit.bundle(3)
+        inst.install(b3)
+        assert runtime.active().version == "1.3.3" and runtime.swaps == 2
+        inst.rollback()  # a retained version goes through the load step too
+        assert runtime.active().version == "1.1.1" and runtime.swaps == 3
+        assert runtime.active().bundle_digest == p1.bundle_digest
     finally:
         inst.close()
 

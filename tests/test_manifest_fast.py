@@ -9,6 +9,7 @@ import gc
 import math
 import re
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -70,7 +71,9 @@ def _put(obj: dict, spot: str, i: int, value) -> None:
 def _outcome(obj: dict, fast: bool) -> object:
     manifest_module.FAST = fast
     try:
-        return parse_manifest(obj, "m.json")
+        m = parse_manifest(obj, "m.json")
+        _assert_drift_arrays_match_the_tuples(m)
+        return m
     except ManifestError as e:
         return ("error", str(e))
     finally:
@@ -92,6 +95,22 @@ def test_fast_and_entry_by_entry_checks_agree(changes):
         assert fast.rules == slow.rules and fast.drift_edges == slow.drift_edges
 
 
+def _assert_drift_arrays_match_the_tuples(m) -> None:
+    """`drift_arrays` (what the drift monitor uses) is the tuples, padded as the monitor
+    pads them itself (agent.drift._padded)."""
+    from agent.drift import _padded
+
+    if m.drift_edges is None:
+        assert m.drift_arrays is None
+        return
+    k = max(map(len, m.drift_edges))
+    edges, props = m.drift_arrays
+    np.testing.assert_array_equal(edges, _padded(m.drift_edges, k, np.inf, np.float32))
+    np.testing.assert_array_equal(props, _padded(m.drift_proportions, k + 1, 0.0, np.float64))
+    assert edges.dtype == np.float32 and props.dtype == np.float64
+    assert not edges.flags.writeable and not props.flags.writeable
+
+
 def test_null_params_are_nan_and_missing_rule_limits_are_none():
     obj = _fields()
     obj["fallback"]["rules"][0] = {"feature": 0}
@@ -100,6 +119,7 @@ def test_null_params_are_nan_and_missing_rule_limits_are_none():
                                                                              4.0)
     assert m.rules[0][1:] == (None, None)
     assert m.drift_edges[-1] == () and m.drift_proportions[-1] == (1.0,)
+    _assert_drift_arrays_match_the_tuples(m)
 
 
 def test_a_number_too_large_for_a_double_is_refused_by_name():
