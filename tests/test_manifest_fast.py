@@ -59,7 +59,8 @@ def _put(obj: dict, spot: str, i: int, value) -> None:
     elif spot == "fallback.rules":
         rules[i % N] = value
     elif spot.startswith("fallback.rules."):
-        rules[i % N][spot.rsplit(".", 1)[1]] = value
+        if isinstance(rules[i % N], dict):  # an earlier edit may have replaced the rule itself
+            rules[i % N][spot.rsplit(".", 1)[1]] = value
     elif spot.endswith(".row"):
         drift[spot.split(".")[1]][i % N] = value
     else:
