@@ -489,12 +489,17 @@ def _parse_drift(r: _Reader, drift: dict, n: int):
         if not ok:
             raise r.fail(f"drift_reference[{i}]", "k edges and k+1 proportions",
                          [len(x) if isinstance(x, list) else x for x in (e, p)])
+        try:  # an integer past float's range is refused here, not raised as OverflowError
+            fe, fp = tuple(float(x) for x in e), tuple(float(x) for x in p)
+        except OverflowError:
+            raise r.fail(f"drift_reference[{i}]", "numbers within float range",
+                         [x for x in e + p if isinstance(x, int)]) from None
         if any(b < a for a, b in itertools.pairwise(e)):
             raise r.fail(f"drift_reference.edges[{i}]", "non-decreasing edges", e)
         if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-3:
             raise r.fail(f"drift_reference.proportions[{i}]", "proportions summing to 1", p)
-        out_e.append(tuple(float(x) for x in e))
-        out_p.append(tuple(float(x) for x in p))
+        out_e.append(fe)
+        out_p.append(fp)
     flat_e = np.array([x for e in out_e for x in e], dtype=np.float64)
     flat_p = np.array([x for p in out_p for x in p], dtype=np.float64)
     lengths = np.array([len(e) for e in out_e], dtype=np.intp)

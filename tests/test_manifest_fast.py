@@ -12,7 +12,7 @@ import re
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import agent.manifest as manifest_module
@@ -83,6 +83,7 @@ def _outcome(obj: dict, fast: bool) -> object:
 
 @settings(max_examples=300)
 @given(st.lists(st.tuples(st.sampled_from(_SPOTS), st.integers(0, 50), _ODD), max_size=3))
+@example([("drift.proportions", 0, 10**400)])  # past float's range: once an OverflowError
 def test_fast_and_entry_by_entry_checks_agree(changes):
     obj = _fields()
     for spot, i, value in changes:
