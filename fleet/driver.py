@@ -341,10 +341,9 @@ class RolloutDriver:
                if (d, st) not in self.steps]
         if new:
             with self._tx() as c:
-                self.db.add_steps(self.rid, new, c)
-            have = {(s.device_id, s.step): s for s in self.db.steps(self.rid)}
-            for d, st, _ in new:
-                self._index(have[(d, st)])
+                added = self.db.add_steps(self.rid, new, c)
+            for s in added:  # not the rollout's every step read back: a round costs what it adds
+                self._index(s)
         return [self.steps[p] for p in pairs]
 
     def _send(self, steps: list[StepRow]) -> None:
