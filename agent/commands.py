@@ -174,14 +174,16 @@ class Command:
         return cmd
 
 
-def sign_command(command: Command, private_key: Ed25519PrivateKey) -> bytes:
-    """The MQTT payload for `command`, signed with a fleet key."""
-    body = canonical_json(command.body()).decode("utf-8")
-    signature = private_key.sign(SIGNING_CONTEXT + body.encode("utf-8"))
+def sign_command(command: Command, private_key: Ed25519PrivateKey, *,
+                 kid: str | None = None) -> bytes:
+    """The MQTT payload for `command`, signed with a fleet key. `kid`: the key's id
+    (`agent.keys.key_id` of its public key), for a signer that computes it once."""
+    body = canonical_json(command.body())
+    signature = private_key.sign(SIGNING_CONTEXT + body)
     return canonical_json({
         "v": ENVELOPE_VERSION,
-        "body": body,
-        "sig": {"algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
+        "body": body.decode("utf-8"),
+        "sig": {"algorithm": "ed25519", "key_id": kid or key_id(private_key.public_key()),
                 "signature": base64.b64encode(signature).decode("ascii")},
     })
 

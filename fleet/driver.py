@@ -32,7 +32,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -141,7 +141,7 @@ class RolloutDriver:
             for ev in self.ctl.orphan_events():  # delivered before our listener existed
                 if ev.get("rollout_id") == self.rid:
                     self._inbox.append((str(ev.get("device_id")), ev))
-        self.views = {d: D.DeviceView.from_state(self.ctl.state(d)) for d in self.targets}
+        self.views = _Views(self.ctl, self.targets)
         self._undo: list[StepRow] | None = None
         self._evidence: D.BakeEvidence | None = None  # built at the first bake measure
         self._evidence_stale: set[str] = set()  # devices whose part changed since the last
@@ -201,7 +201,7 @@ class RolloutDriver:
             self._inbox.append((device_id, doc))
             return True
         if kind == "state" and device_id in self.targets:
-            self.views[device_id] = D.DeviceView.from_state(self.ctl.state_of(device_id))
+            self.views.touch(device_id)
             self._touched.append(device_id)
         return False
 
@@ -341,10 +341,9 @@ class RolloutDriver:
                if (d, st) not in self.steps]
         if new:
             with self._tx() as c:
-                self.db.add_steps(self.rid, new, c)
-            have = {(s.device_id, s.step): s for s in self.db.steps(self.rid)}
-            for d, st, _ in new:
-                self._index(have[(d, st)])
+                added = self.db.add_steps(self.rid, new, c)
+            for s in added:  # not the rollout's every step read back: a round costs what it adds
+                self._index(s)
         return [self.steps[p] for p in pairs]
 
     def _send(self, steps: list[StepRow]) -> None:
@@ -725,6 +724,35 @@ class RolloutDriver:
                 self.opt.progress(self.progress())
             except Exception:
                 _LOG.exception("progress callback failed")
+
+
+class _Views(Mapping[str, D.DeviceView]):
+    """Each target's `DeviceView`, made from its latest state when read, once per new state:
+    a state report costs a set insertion, and the view of a device that reports while nothing
+    asks about it (its stage not yet or no longer deploying) is made only when asked. `touch`
+    runs on the network thread, reads on the driver's: a state that arrives during a read
+    leaves the device stale again, so the next read sees it."""
+
+    def __init__(self, ctl: FleetController, targets: Mapping[str, Any]) -> None:
+        self._state_of = ctl.state_of
+        self._targets = targets
+        self._views: dict[str, D.DeviceView] = {}
+        self._stale: set[str] = set(targets)
+
+    def touch(self, device_id: str) -> None:
+        self._stale.add(device_id)
+
+    def __getitem__(self, device_id: str) -> D.DeviceView:
+        if device_id in self._stale:
+            self._stale.discard(device_id)  # before the read: a newer state marks it again
+            self._views[device_id] = D.DeviceView.from_state(self._state_of(device_id))
+        return self._views[device_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
 
 
 class _States:

@@ -6,8 +6,9 @@ descriptor 1023).
 A client that receives a stream (the controller: every device's states and events) is a
 `ReadAheadClient`: paho reads each packet with three or more `recv` calls (its first byte, each
 byte of its length, the rest) and one packet per wake-up; read ahead, one `recv` brings up to
-64 KB, the loop hands paho every whole packet in it, and `batch_s` lets a few milliseconds of
-messages gather before each read (docs/scale.md: the controller's cost per message).
+64 KB, every whole PUBLISH in it is taken from the buffer in one go (the rest goes through
+paho), and `batch_s` lets a few milliseconds of messages gather before each read
+(docs/scale.md: the controller's cost per message).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _LOG = logging.getLogger("edgefleet.fleet")
 __all__ = ["ReadAheadClient", "SelectorLoop"]
 
 _READ_AHEAD = 65536
+_PUBLISH = int(mqtt.PUBLISH)  # a packet's type, its first byte's high nibble
 
 
 class _Message(mqtt.MQTTMessage):
@@ -52,8 +54,9 @@ class ReadAheadClient(mqtt.Client):
     """A paho client for a process that follows a stream (the controller: every device's
     states and events), once a `SelectorLoop` drives it:
 
-    - its socket reads take up to 64 KB at a time: paho's reads of a packet's first byte, its
-      length and its body are served from that buffer instead of one system call each;
+    - its socket reads take up to 64 KB at a time: a PUBLISH whole in that buffer is cut from
+      it directly, and paho's reads of any other packet's first byte, its length and its body
+      are served from it instead of one system call each;
     - a PUBLISH (MQTT 3.1.1, QoS 0 or 1) goes to `on_message` without paho's per-message
       extras (a debug line formatted, a delivery tracker with a lock and a condition, the
       topic decoded three times, the per-topic callback lookup); MQTT 5, QoS 2, manual
@@ -73,17 +76,55 @@ class ReadAheadClient(mqtt.Client):
         self._filtered = True
         super().message_callback_add(sub, callback)
 
-    def _handle_publish(self) -> mqtt.MQTTErrorCode:
-        header, packet = self._in_packet["command"], self._in_packet["packet"]
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        """A PUBLISH already whole in the read-ahead buffer is taken from it in one go (paho
+        reads a packet a byte or a field at a time, each through `_sock_recv`); anything else
+        (another packet type, a packet cut at the buffer's end, one paho has begun, one
+        `_deliverable` refuses) is paho's."""
+        buf, pos = self._rbuf, self._rpos
+        if not self.read_ahead or pos >= len(buf) or buf[pos] & 0xF0 != _PUBLISH or \
+                self._in_packet["command"]:
+            return super()._packet_read()
+        i, length, shift = pos + 1, 0, 0
+        while True:  # the remaining length: 1 to 4 bytes, 7 bits each
+            if i >= len(buf) or shift > 21:
+                return super()._packet_read()  # cut short (or malformed: paho says so)
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if i + length > len(buf):
+            return super()._packet_read()
+        packet = buf[i:i + length]
+        if not self._deliverable(buf[pos], packet):
+            return super()._packet_read()
+        self._rpos = i + length
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()  # as paho does (keepalive)
+        return self._deliver(buf[pos], packet)
+
+    def _deliverable(self, header: int, packet: bytes | bytearray) -> bool:
+        """Whether `_deliver` takes this PUBLISH (else paho's own handling does)."""
         qos = (header & 0x06) >> 1
         if not self.read_ahead or qos == 2 or self._filtered or self._manual_ack or \
                 self._protocol == mqtt.MQTTv5 or len(packet) < 2:
-            return super()._handle_publish()
+            return False
         end = 2 + ((packet[0] << 8) | packet[1])
-        if end == 2 or end + 2 * qos > len(packet):  # an empty topic, or cut short
+        return end != 2 and end + 2 * qos <= len(packet)  # a topic, and not cut short
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        if not self._deliverable(header, packet):
             return super()._handle_publish()  # paho says what is wrong with it
+        return self._deliver(header, bytes(packet))
+
+    def _deliver(self, header: int, packet: bytes) -> mqtt.MQTTErrorCode:
+        qos = (header & 0x06) >> 1
+        end = 2 + ((packet[0] << 8) | packet[1])
         mid = (packet[end] << 8) | packet[end + 1] if qos else 0
-        msg = _Message(bytes(packet[2:end]), bytes(packet[end + 2 * qos:]), qos, mid,
+        msg = _Message(packet[2:end], packet[end + 2 * qos:], qos, mid,
                        bool(header & 0x01), bool(header & 0x08))
         on_message = self.on_message
         if on_message is not None:

@@ -79,7 +79,10 @@ class SimConfig:
     id_format: str = "sim-{:04d}"
     driver: str = "selector"  # or "threads"
     workers: int = 4  # threads running commands, shared by all devices
-    state_interval_s: float = 30.0
+    state_interval_s: float = 30.0  # the agent's default
+    # per device id, a state interval other than `state_interval_s` (e.g. the devices whose
+    # health a short bake judges)
+    state_intervals: Mapping[str, float] = field(default_factory=dict)
     download: DownloadConfig = field(default_factory=lambda: DownloadConfig(
         timeout_s=5, attempts=8, backoff_s=0.2, backoff_max_s=2.0))
     groups: tuple[str, ...] = ("canary", "wave-1", "wave-2", "wave-3")
@@ -96,6 +99,9 @@ class SimConfig:
 
     def indices(self) -> range:
         return range(self.offset, self.offset + self.devices)
+
+    def state_interval(self, device_id: str) -> float:
+        return self.state_intervals.get(device_id, self.state_interval_s)
 
     def is_light(self, device_id: str) -> bool:
         return self.light and device_id not in self.full_devices
@@ -346,7 +352,7 @@ class Simulator:
         holder: dict[str, Any] = {}
         link = DeviceLink(
             LinkConfig(dev_id, base / "link", cfg.mqtt, prefix=cfg.prefix,
-                       labels=cfg.labels(i), state_interval_s=cfg.state_interval_s,
+                       labels=cfg.labels(i), state_interval_s=cfg.state_interval(dev_id),
                        download=cfg.download),
             keyring=self.keyring, installer=installer,
             health=traffic or StaticHealth(requests=1000 + i, p99_ms=0.2, fail_rate=0.01,

@@ -529,12 +529,15 @@ class StateDB:
                         (rid,))]
 
     def add_steps(self, rid: str, steps: Sequence[tuple[str, str, str]],
-                  c: Any) -> None:
-        """Add pending steps (device, step, command id) that are not there yet."""
+                  c: Any) -> list[StepRow]:
+        """Add pending steps (device, step, command id) that are not there yet; returns them
+        as rows, as stored (the caller adds only steps it knows are not there)."""
         now = time.time()
         c.executemany("INSERT INTO steps (rollout_id, device_id, step, command_id, status, "
                       "created) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                       [(rid, d, s, cid, S_PENDING, now) for d, s, cid in steps])
+        return [StepRow(rid, d, s, cid, S_PENDING, None, None, None, now, None, None, 0)
+                for d, s, cid in steps]
 
     def save_steps(self, rows: Sequence[StepRow], c: Any) -> None:
         c.executemany("UPDATE steps SET status=?, result=?, reason=?, detail=?, sent=?, "

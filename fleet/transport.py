@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.commands import Command, InstallSpec, sign_command
 from agent.errors import EdgefleetError
-from agent.keys import load_private_key
+from agent.keys import key_id, load_private_key
 from agent.link import MqttConfig
 from agent.wire import TERMINAL_STEPS, Topics
 from fleet.broker_config import REPO_BROKER_DIR, render_acl, render_broker_config
@@ -91,6 +91,7 @@ class FleetController:
         self.topics = Topics(prefix)
         self.key = fleet_key if isinstance(fleet_key, Ed25519PrivateKey) \
             else load_private_key(Path(fleet_key))
+        self.key_id = key_id(self.key.public_key())  # once, not per command signed
         self.default_ttl = default_ttl
         self.client = controller_client(mqtt_config, client_id)
         self.client.on_connect = self._on_connect
@@ -156,8 +157,8 @@ class FleetController:
         if track:
             with self._cond:
                 self._commands[cmd.id] = CommandTrack(cmd)
-        return self.client.publish(self.topics.cmd(cmd.device_id), sign_command(cmd, self.key),
-                                   qos=1)
+        return self.client.publish(self.topics.cmd(cmd.device_id),
+                                   sign_command(cmd, self.key, kid=self.key_id), qos=1)
 
     def forget(self, command_id: str) -> None:
         """Drop a tracked command, its events and their duplicate filter keys (bookkeeping

@@ -207,6 +207,12 @@ class CommandSniffer:
             assert self._cond.wait_for(lambda: marker in self._markers, self.timeout), \
                 f"the sniffer's marker did not come back within {self.timeout} s"
 
+    def wait_for(self, predicate: Any, timeout: float) -> bool:
+        """Whether `predicate(commands)` holds within `timeout`: woken by each command as it
+        arrives."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.commands), timeout)
+
     def ids(self) -> Counter:
         with self._cond:
             return Counter(c["id"] for c in self.commands)

@@ -64,6 +64,18 @@ def test_signed_install_verifies_to_the_same_command(fleet_keys):
     assert got.install == InstallSpec("http://a/sha256/" + SHA, SHA, 1234, 7)
 
 
+def test_a_key_id_given_to_the_signer_is_the_only_shortcut(fleet_keys):
+    """A controller passes its key's id, computed once: the payload is byte for byte the
+    one signed without it, and a wrong id is refused by the device like any untrusted key."""
+    key, _, ring = fleet_keys
+    cmd = _install()
+    kid = key_id(key.public_key())
+    assert sign_command(cmd, key, kid=kid) == sign_command(cmd, key)
+    with pytest.raises(UntrustedKey):
+        verify_command(sign_command(cmd, key, kid="0" * 16), Keyring.load(ring),
+                       device_id="box-1")
+
+
 def test_release_key_cannot_sign_commands(fleet_keys):
     _, release, ring = fleet_keys
     with pytest.raises(UntrustedKey, match="role 'release', not for 'fleet'") as e:

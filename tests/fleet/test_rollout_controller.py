@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,16 +92,24 @@ def test_controller_killed_mid_wave_and_restarted_completes_with_no_duplicate_co
         r = cli_here("fleet", "rollout", "promote", "r-kill", env=env)  # ends the canary bake
         assert r.returncode == 0, r.stderr
 
-        def mid_wave():  # wave-2 deploying (6 devices, one at a time)
-            st = next((s for s in fl.db.stages("r-kill") if s.name == "wave-2"), None)
-            assert fl.db.rollout("r-kill").state == "running", fl.db.rollout("r-kill")
-            return st is not None and st.state == "deploying"
-
-        wait_until(mid_wave, 90, "wave-2 to be under way")
+        # wave-2 under way (6 devices, one at a time): woken by its first install command on
+        # the wire; a rollout that stopped on the way fails the test at once, and one that
+        # does not get there names where each stage and step stands (a flake seen at a load
+        # of 53 said only that wave-2 never started)
+        idx = next(s.idx for s in fl.db.stages("r-kill") if s.name == "wave-2")
+        wave2 = {t["device_id"] for t in fl.db.targets("r-kill") if t["stage"] == idx}
+        deadline = time.monotonic() + 120
+        while not sniffer.wait_for(lambda cmds: any(
+                c["type"] == "install" and c["device_id"] in wave2 for c in cmds), 1.0):
+            row = fl.db.rollout("r-kill")
+            assert row.state == "running" and time.monotonic() < deadline, (
+                row, [(s.name, s.state) for s in fl.db.stages("r-kill")],
+                [(s.device_id, s.status, s.result, s.reason) for s in fl.db.steps("r-kill")])
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=10)
         row = fl.db.rollout("r-kill")
         assert row.state == "running" and row.owner  # it died holding the rollout
+        assert next(s.state for s in fl.db.stages("r-kill") if s.idx == idx) == "deploying"
         r = cli_here("fleet", "rollout", "status", "r-kill", env=env)
         assert "driver  NONE: nobody is driving it" in r.stdout, r.stdout
         port2 = free_port()

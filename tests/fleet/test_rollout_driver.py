@@ -261,3 +261,28 @@ def test_a_device_already_there_is_skipped_only_after_a_fresh_report(tmp_path: P
     assert (steps["box-00", "install"].status, steps["box-00", "install"].result) == (
         "done", "unchanged")
     assert "box-00" not in fleet.installs() and "box-01" in fleet.installs()
+
+
+def test_a_device_view_follows_its_latest_state_made_only_when_read():
+    """The driver's views (`fleet.driver._Views`): a state report only marks the device; the
+    view is made from the latest state when read, once per new state, and a report that
+    arrives after a read is seen by the next one."""
+    from fleet.driver import _Views
+
+    fleet = ScriptedFleet(2, Clock())
+    reads: list[str] = []
+
+    def state_of(d: str) -> dict[str, Any] | None:
+        reads.append(d)
+        return fleet.states.get(d)
+
+    fleet.state_of = state_of  # type: ignore[method-assign]
+    views = _Views(fleet, {d: {} for d in fleet.devices})  # type: ignore[arg-type]
+    assert reads == [] and len(views) == 2 and list(views) == fleet.devices
+    assert views["box-00"].active == OLD and views.get("box-00").active == OLD
+    assert reads == ["box-00"]  # made once, then kept
+    assert views.get("box-99") is None  # not a target
+    fleet.states["box-00"] = fleet._doc("box-00", NEW)
+    views.touch("box-00")
+    views.touch("box-00")  # two reports before a read: one view, of the latest
+    assert views["box-00"].active == NEW and reads == ["box-00", "box-00"]

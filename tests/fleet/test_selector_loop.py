@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.link import MqttConfig
 from fleet.selector_loop import ReadAheadClient, SelectorLoop
 from fleet.transport import controller_client
 from tests.agent_support import wait_for
@@ -121,3 +122,65 @@ def test_the_reader_reads_on_after_the_broker_restarts(broker):
             pub.loop_stop()
     finally:
         reader.close()
+
+
+def _publish_packet(topic: str, payload: bytes, qos: int, mid: int = 0,
+                    retain: bool = False) -> bytes:
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + (mid.to_bytes(2, "big") if qos else b"") + payload
+    n, length = len(body), bytearray()
+    while True:
+        length.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+    return bytes([0x30 | qos << 1 | retain]) + bytes(length) + body
+
+
+class _Chunks:
+    """A non-blocking socket that has received `chunks`, one per `recv`."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def recv(self, n: int) -> bytes:
+        if not self.chunks:
+            raise BlockingIOError
+        return self.chunks.pop(0)
+
+    def close(self) -> None:
+        self.chunks = []
+
+
+def test_packets_split_anywhere_between_reads_arrive_whole_once_each():
+    """No broker: a stream of PUBLISH packets (QoS 0 and 1, retained, a payload whose length
+    takes two bytes) with a PINGRESP among them, cut at every byte boundary between two reads:
+    the packets whole in the buffer take the reader's own path, a cut one paho's; each is
+    delivered once, whole and in order, each QoS 1 one acknowledged once."""
+    packets = [_publish_packet(TOPIC.format("a"), b"s" * 300, 0, retain=True),
+               _publish_packet(TOPIC.format("b"), b'{"step":"live"}', 1, mid=7),
+               bytes([0xD0, 0x00]),  # PINGRESP: paho's
+               _publish_packet(TOPIC.format("c"), b"", 1, mid=8)]
+    stream = b"".join(packets)
+    want = [(TOPIC.format("a"), b"s" * 300, 0, True),
+            (TOPIC.format("b"), b'{"step":"live"}', 1, False),
+            (TOPIC.format("c"), b"", 1, False)]
+    for cut in range(len(stream) + 1):
+        got, acks = _read(_Chunks([stream[:cut], stream[cut:]]))
+        assert got == want, cut
+        assert acks == [7, 8], cut
+
+
+def _read(sock: _Chunks) -> tuple[list[tuple[str, bytes, int, bool]], list[int]]:
+    """What a controller's client delivers (and acknowledges) of what `sock` received."""
+    client = controller_client(MqttConfig(port=1), "t")
+    got: list[tuple[str, bytes, int, bool]] = []
+    acks: list[int] = []
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload, m.qos, m.retain))
+    client._send_puback = lambda mid: acks.append(mid) or mqtt.MQTT_ERR_SUCCESS
+    client._sock = sock
+    client.read_ahead = True
+    for _ in range(3):  # a read's worth of packets, then the next read's
+        while client._packet_read() == mqtt.MQTT_ERR_SUCCESS:
+            pass
+    return got, acks
