@@ -331,9 +331,6 @@ def _raw_decode(text: str) -> tuple[Any, int]:
 
 
 _JSON_SPACE = b" \t\r\n"
-# what numbers and null are spelled with: digits, sign, point, exponent, the letters of null,
-# commas, whitespace
-_NUMBER_TEXT = b"-+0123456789.eEnul," + _JSON_SPACE
 
 
 def params_text_is_numeric(line: bytes | bytearray | memoryview) -> bool:
@@ -343,25 +340,31 @@ def params_text_is_numeric(line: bytes | bytearray | memoryview) -> bool:
     unsure. Why it is sound: with no backslash in the line no key is escaped and no string
     holds a quote, so every key named params is a literal `"params"` in the text, and a literal
     `"params"` followed by `:` is a key (a string value is never followed by `:` in valid JSON);
-    when each such literal is followed by a list whose text has no quote (no string), no `[`
-    or `{` (no container) and no `t` or `f` (no true/false), that list holds numbers and nulls."""
+    when each such literal is followed by a list whose text up to the first `]` has no quote
+    (no string), no `[` or `{` (no container, so that `]` closes it) and no `t` or `f` (no
+    true/false), what is left in valid JSON is numbers and nulls. Each test is one memchr over
+    the list's text (bytes.find of one byte): about a microsecond for 512 values, where
+    counting the keys over the whole line and deleting the number characters took six."""
     if type(line) is memoryview:
         line = line.tobytes()
     if b"\\" in line:
         return False
-    # each `"params"` followed by JSON whitespace, `:`, whitespace, `[`, and up to the first
-    # `]` only number text (bytes.find and bytes.translate: a few microseconds for 512 values,
-    # a third of what a regular expression takes)
-    keys, at = line.count(b'"params"'), 0
-    for _ in range(keys):
-        key = line.find(b'"params"', at) + 8
-        start = line.find(b"[", key)
+    find = line.find
+    key = find(b'"params"')
+    if key < 0:
+        return False
+    while key >= 0:
+        key += 8
+        start = find(b"[", key)
         if start < 0 or line[key:start].strip(_JSON_SPACE) != b":":
             return False
-        at = line.find(b"]", start)
-        if at < 0 or line[start + 1:at].translate(None, _NUMBER_TEXT):
+        end = find(b"]", start)
+        if end < 0 or find(b'"', start, end) >= 0 or find(b"t", start, end) >= 0 or \
+                find(b"f", start, end) >= 0 or find(b"{", start, end) >= 0 or \
+                find(b"[", start + 1, end) >= 0:
             return False
-    return keys > 0
+        key = find(b'"params"', end)
+    return True
 
 
 _NUMBER_OR_NULL = frozenset((float, int, type(None)))

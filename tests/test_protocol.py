@@ -292,3 +292,8 @@ def test_the_numeric_shortcut_is_refused_for_escaped_keys_or_any_non_numeric_par
     assert not params_text_is_numeric(b'[{"params":[1]},{"params":[false]}]')
     assert not params_text_is_numeric(b'{"die_id":"params","params":[1]}')  # a value: unsure
     assert not params_text_is_numeric(b'{"params":[1,"2"]}')
+    assert not params_text_is_numeric(b'{"params":[1,[2]]}')  # a list: the first ] is not its end
+    assert not params_text_is_numeric(b'{"params":[1,{"a":2}]}')
+    assert not params_text_is_numeric(b'{"params":[1,false]}')
+    assert not params_text_is_numeric(b'{"params":[1],"x":{"params":[null,true]}}')  # each one
+    assert not params_text_is_numeric(b'{"params" 1, "x": [1]}')  # not followed by a list
