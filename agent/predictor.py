@@ -40,6 +40,7 @@ from agent.protocol import (
     NO_SEQUENCE,
     Decision,
     ErrorCode,
+    OneResult,
     Source,
     pad_version,
     record_dtype,
@@ -173,6 +174,7 @@ class Predictor:
         self.version_bytes = (self.version or "").encode("ascii")
         self.version_padded = pad_version(self.version_bytes)
         self.sequence_u64 = NO_SEQUENCE if self.sequence is None else self.sequence
+        self.one_result = OneResult(k, self.version_bytes, self.sequence_u64)  # one-row answers
         self.health = ModelHealth(limits.fallback_retry_s, on_health_change)
         self.drift: DriftMonitor | None = drift
         if drift is None and manifest is not None and manifest.drift_edges is not None:

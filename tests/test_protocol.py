@@ -23,6 +23,7 @@ from agent.protocol import (
     Decision,
     ErrorCode,
     FrameType,
+    OneResult,
     ProtocolError,
     Source,
     decode_answer_frame,
@@ -119,6 +120,9 @@ def test_one_row_encoder_writes_the_same_bytes_as_the_batch_encoder():
     one = encode_one_result(pack_row(row, row_struct(k)), k, 3, 777, 8, pad_version(version),
                             len(version))
     assert one == encode_result(rec, k, 3, 777, 8, version)
+    assert OneResult(k, version, 8).frame(3, 777, row) == one
+    assert OneResult(k, b"", NO_SEQUENCE).frame(3, 777, row) == encode_result(
+        rec, k, 3, 777, NO_SEQUENCE, b"")
 
 
 def test_no_model_sequence_decodes_as_none():
