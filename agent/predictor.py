@@ -211,8 +211,8 @@ class Predictor:
         Python is cheaper. `tester` picks the calibration context (agent.calibration)."""
         imputed = 0
         # v . 0 is 0 exactly when every value is finite (NaN * 0 and inf * 0 are NaN): one BLAS
-        # call, half the cost of isfinite().all().
-        if np.dot(v, self._zeros) != 0:
+        # call, half the cost of isfinite().all() (the method: np.dot's dispatch costs 0.4 us).
+        if v.dot(self._zeros) != 0:
             nan = np.isnan(v)
             imputed = int(np.count_nonzero(nan))
             if imputed + np.count_nonzero(np.isfinite(v)) != self.n_features:  # an infinity
