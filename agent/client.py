@@ -57,6 +57,7 @@ _LENGTH = struct.Struct("<I").unpack_from  # a header's payload length, at offse
 _PASS, _FAIL, _ERROR = int(Decision.PASS), int(Decision.FAIL), int(Decision.ERROR)
 _PREDICT, _RESULT = int(FrameType.PREDICT), int(FrameType.RESULT)
 _F4 = np.dtype("<f4")
+_new_tuple = tuple.__new__
 
 
 class AgentError(EdgefleetError):
@@ -158,6 +159,7 @@ class Client:
         self._version: tuple[bytes, str | None] = (b"", None)  # the last answer's, raw and read
         # predict's request buffer and a float32 view of its values, for the last width sent
         self._one: tuple[bytearray, np.ndarray] = (bytearray(), np.empty(0, _F4))
+        self._record: tuple[int, Any] = (-1, None)  # (top-k, its record's unpack_from)
 
     def described(self) -> dict[str, Any]:
         """The agent's `info`, read once and again after the model changed."""
@@ -269,7 +271,7 @@ class Client:
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
         _ONE_HEAD.pack_into(frame, 0, MAGIC, PROTOCOL_VERSION, _PREDICT, tester, tag, 1, n,
                             8 + 4 * n, die_id)
-        row[:] = x.reshape(n)
+        row[:] = x if x.ndim == 1 else x.reshape(n)
         buf = self._buf
         try:
             self.sock.sendall(frame)
@@ -290,16 +292,23 @@ class Client:
             raise AgentError("bad_frame", f"expected a one-row RESULT frame, found type "
                              f"{ftype} with {rows} rows")
         version = self._version
-        if buf[_RESULT_PREFIX_SIZE:_RESULT_PREFIX_SIZE + vlen] != version[0]:
+        if vlen != len(version[0]) or not buf.startswith(version[0], _RESULT_PREFIX_SIZE):
             raw = bytes(buf[_RESULT_PREFIX_SIZE:_RESULT_PREFIX_SIZE + vlen])
             self._version = version = (raw, raw.decode("ascii") or None)
-        row = row_struct(k).unpack_from(buf, _RESULT_PREFIX_SIZE + vlen + (-vlen % 8))
-        self._consume(need)
+        record = self._record
+        if record[0] != k:
+            self._record = record = (k, row_struct(k).unpack_from)
+        row = record[1](buf, _RESULT_PREFIX_SIZE + vlen + (-vlen % 8))
+        self._left = left = self._left - need  # _consume, inline
+        if left:
+            buf[:left] = buf[need:need + left]
         if seq != self.model_sequence:
             self._saw(None if seq == NO_SEQUENCE else seq)
-        if row[1] == _PASS:  # the common answer: no top list, no error
-            return Result(row[0], "pass", row[6], row[7], row[8], SOURCE_LABELS[row[2]],
-                          version[1], row[4], (), lat / 1e3)
+        if row[1] == _PASS:  # the common answer: no top list, no error (a tuple made as
+            # Result's own __new__ makes it, without its Python-level call)
+            return _new_tuple(Result, (row[0], "pass", row[6], row[7], row[8],
+                                       SOURCE_LABELS[row[2]], version[1], row[4], (), lat / 1e3,
+                                       None, None))
         r = _result((*row[:9], row[9:9 + k], row[9 + k:]), version[1], lat / 1e3)
         if r.error:
             raise AgentError(r.error, r.message or "")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.calibration import DEFAULT_CONTEXT
 from agent.labels import answer_label_json
 from agent.metrics import AgentMetrics
 from agent.predictor import Predictor
@@ -114,11 +115,8 @@ class Dispatcher:
         self.metrics.record_rows(rows, "binary", latency, t_inf)
         if self.shadow is not None and self.shadow.active:
             self.shadow.offer(x, scores, p.manifest)
-        pack, k, seq, vpad = p.record.pack, p.k, p.sequence_u64, p.version_padded
-        vlen = len(p.version_bytes)
-        return [encode_one_result(pack(*r[:9], *r[9], *r[10]), k, h[2], int(lat * 1e9), seq,
-                                  vpad, vlen)
-                for r, h, lat in zip(rows, held, latency, strict=True)]
+        one = p.one_result.frame
+        return [one(h[2], int(lat * 1e9), r) for r, h, lat in zip(rows, held, latency, strict=True)]
 
     def _frames_batch(self, p: Predictor, held: list[tuple], x: np.ndarray,
                       die_ids: np.ndarray, tester: str | list[str]) -> list[bytes]:
@@ -151,15 +149,15 @@ class Dispatcher:
             v = _frombuffer(buf, _F4, n, start + 8)
             if not v.flags.aligned:  # after a JSON line of odd length; rare
                 v = v.copy()
-            row, t_inf, reason = p.score_one(v, die_id, frame_tester(buf, offset))
-            body = p.record.pack(*row[:9], *row[9], *row[10])
+            tester = buf[offset + 6] | buf[offset + 7] << 8  # frame_tester, inline
+            row, t_inf, reason = p.score_one(v, die_id, str(tester) if tester else
+                                             DEFAULT_CONTEXT)
             latency = _perf() - t0
             self.metrics.record_row(row, "binary", latency, t_inf, reason)
             sh = self.shadow
             if sh is not None and sh.active and row[2] == Source.MODEL:
                 sh.offer_one(v, row[6], p.manifest)
-            return encode_one_result(body, p.k, tag, int(latency * 1e9), p.sequence_u64,
-                                     p.version_padded, len(p.version_bytes))
+            return p.one_result.frame(tag, int(latency * 1e9), row)
         die_ids = np.frombuffer(buf, dtype="<u8", count=rows, offset=start)
         x = np.frombuffer(buf, dtype="<f4", count=rows * n, offset=start + 8 * rows)
         x = x.reshape(rows, n)
@@ -203,12 +201,14 @@ class Dispatcher:
         p = self.runtime.active()
         if isinstance(obj, list):
             return self._json_batch(p, obj, t0, params_text_is_numeric(line))
-        rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
-        try:
-            check_ids(obj)
-        except ProtocolError as e:
-            self.metrics.record_error(e.code)
-            return encode_json(error_json(e, rid, die_id))
+        rid, die_id = obj.get("id"), obj.get("die_id")
+        if type(rid) not in _PLAIN_ID or type(die_id) not in _PLAIN_ID:  # else both are fine
+            rid, die_id = json_id(obj, "id"), json_id(obj, "die_id")
+            try:
+                check_ids(obj)
+            except ProtocolError as e:
+                self.metrics.record_error(e.code)
+                return encode_json(error_json(e, rid, die_id))
         if op == "health":
             return encode_json(self._health(obj))
         if op == "info":
@@ -382,12 +382,18 @@ def _num(v: float) -> str:
 
 
 def _scalar(v: Any) -> str:
-    """An echoed id (a JSON scalar) as JSON text."""
+    """An echoed id (a JSON scalar) as JSON text. A string of printable ASCII without a quote
+    or backslash needs no escape (the usual die id): quoted as is, the encoder's own text."""
+    t = type(v)
     if v is None:
         return "null"
-    if type(v) is int:
+    if t is int:
         return str(v)
+    if t is str and v.isascii() and v.isprintable() and '"' not in v and "\\" not in v:
+        return f'"{v}"'
     return _dumps(v)
 
 
+_PLAIN_ID = frozenset((int, str, type(None)))
+"""Types of an `id` or `die_id` that `check_ids` accepts and `json_id` echoes as they are."""
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

@@ -60,6 +60,8 @@ LATENCY_BUCKETS = (
     10e-6, 20e-6, 30e-6, 40e-6, 50e-6, 75e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 750e-6,
     1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
 )
+_bisect = bisect.bisect_left
+_ERROR, _MODEL = int(Decision.ERROR), int(Source.MODEL)
 SCORE_BUCKETS = tuple(float(f"{v:.3g}") for v in np.geomspace(1e-3, 1e4, 22))
 
 
@@ -128,19 +130,27 @@ class AgentMetrics:
 
     def record_row(self, row: tuple, encoding: str, latency: float, inference: float,
                    fallback_reason: str | None) -> None:
+        """One single-row request; every single-die answer passes here, so the histogram
+        adds are inlined (`_Histogram.add`) and the enum members are plain ints."""
         decision, source = row[1], row[2]
         with self._lock:
-            self._req[encoding].add(latency)
-            if decision == Decision.ERROR:
+            h = self._req[encoding]
+            h.counts[_bisect(h.bounds, latency)] += 1
+            h.sum += latency
+            if decision == _ERROR:
                 self._errors[row[3]] += 1
                 return
             self._pred[decision * 3 + source] += 1
             if inference:
-                self._inference.add(inference)
+                h = self._inference
+                h.counts[_bisect(h.bounds, inference)] += 1
+                h.sum += inference
             if row[4]:
                 self._imputed += row[4]
-            if source == Source.MODEL:
-                self._scores.add(row[6])
+            if source == _MODEL:
+                h, v = self._scores, row[6]
+                h.counts[_bisect(h.bounds, v)] += 1
+                h.sum += v
             elif fallback_reason:
                 self._fallback[fallback_reason] += 1
 

@@ -41,6 +41,7 @@ from agent.protocol import (
     NO_SEQUENCE,
     Decision,
     ErrorCode,
+    OneResult,
     Source,
     pad_version,
     record_dtype,
@@ -173,6 +174,7 @@ class Predictor:
         self.version_bytes = (self.version or "").encode("ascii")
         self.version_padded = pad_version(self.version_bytes)
         self.sequence_u64 = NO_SEQUENCE if self.sequence is None else self.sequence
+        self.one_result = OneResult(k, self.version_bytes, self.sequence_u64)  # one-row answers
         self.health = ModelHealth(limits.fallback_retry_s, on_health_change)
         self.drift: DriftMonitor | None = drift
         if drift is None and manifest is not None and manifest.drift_edges is not None:
@@ -210,8 +212,8 @@ class Predictor:
         Python is cheaper. `tester` picks the calibration context (agent.calibration)."""
         imputed = 0
         # v . 0 is 0 exactly when every value is finite (NaN * 0 and inf * 0 are NaN): one BLAS
-        # call, half the cost of isfinite().all().
-        if np.dot(v, self._zeros) != 0:
+        # call, half the cost of isfinite().all() (the method: np.dot's dispatch costs 0.4 us).
+        if v.dot(self._zeros) != 0:
             nan = np.isnan(v)
             imputed = int(np.count_nonzero(nan))
             if imputed + np.count_nonzero(np.isfinite(v)) != self.n_features:  # an infinity

@@ -228,3 +228,12 @@ def test_every_batch_answer_is_the_same_as_with_the_json_module(dispatcher, reco
 def test_info_says_which_json_parser_runs(dispatcher):
     info = json.loads(dispatcher.json_line(b'{"op": "info"}', time.perf_counter()))
     assert info["json_parser"] == JSON_PARSER == "orjson"
+
+
+@SETTINGS
+@given(st.one_of(st.none(), st.integers(), st.text(), st.text(alphabet=st.characters(
+    min_codepoint=0, max_codepoint=0x7f))))
+def test_an_echoed_id_is_the_json_encoders_text(v):
+    """The answer writer quotes plain ASCII ids itself; the text is the encoder's, byte for
+    byte, for every id (escapes, control characters, non-ASCII go to the encoder)."""
+    assert dispatch_module._scalar(v) == dispatch_module._dumps(v)

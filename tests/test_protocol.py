@@ -23,6 +23,7 @@ from agent.protocol import (
     Decision,
     ErrorCode,
     FrameType,
+    OneResult,
     ProtocolError,
     Source,
     decode_answer_frame,
@@ -119,6 +120,9 @@ def test_one_row_encoder_writes_the_same_bytes_as_the_batch_encoder():
     one = encode_one_result(pack_row(row, row_struct(k)), k, 3, 777, 8, pad_version(version),
                             len(version))
     assert one == encode_result(rec, k, 3, 777, 8, version)
+    assert OneResult(k, version, 8).frame(3, 777, row) == one
+    assert OneResult(k, b"", NO_SEQUENCE).frame(3, 777, row) == encode_result(
+        rec, k, 3, 777, NO_SEQUENCE, b"")
 
 
 def test_no_model_sequence_decodes_as_none():
@@ -292,3 +296,8 @@ def test_the_numeric_shortcut_is_refused_for_escaped_keys_or_any_non_numeric_par
     assert not params_text_is_numeric(b'[{"params":[1]},{"params":[false]}]')
     assert not params_text_is_numeric(b'{"die_id":"params","params":[1]}')  # a value: unsure
     assert not params_text_is_numeric(b'{"params":[1,"2"]}')
+    assert not params_text_is_numeric(b'{"params":[1,[2]]}')  # a list: the first ] is not its end
+    assert not params_text_is_numeric(b'{"params":[1,{"a":2}]}')
+    assert not params_text_is_numeric(b'{"params":[1,false]}')
+    assert not params_text_is_numeric(b'{"params":[1],"x":{"params":[null,true]}}')  # each one
+    assert not params_text_is_numeric(b'{"params" 1, "x": [1]}')  # not followed by a list
