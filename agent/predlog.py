@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -91,7 +92,11 @@ log = logging.getLogger("edgefleet.agent")
 # in flight is delayed at most once per chunk, one request in hundreds or thousands.
 _CHUNK_MESSAGES = 4096
 _CHUNK_ROWS = 8192
-_JSON_RUN = 128  # JSON messages parsed at once (more live objects at once make the GC work)
+_JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make the GC work)
+_SLICE_S = 0.004  # the writer works this long at a time (see `_Slices`)
+_PAUSE_S = 0.001  # then sleeps this long
+_HOLD_S = 0.008  # the switch interval within a slice: a piece of work overrunning the slice
+# is cut after this long
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
@@ -104,6 +109,7 @@ _RESULT = int(FrameType.RESULT)
 _FAIL = int(Decision.FAIL)
 _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
+_FALLBACK = int(Source.FALLBACK)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
 _U64 = 1 << 64
 
@@ -138,8 +144,37 @@ class PredLogConfig:
                           min_free_bytes=self.min_free_bytes)
 
 
-def _yield_gil() -> None:
-    time.sleep(0)  # releases the GIL; a waiting serving thread takes it
+class _Slices:
+    """The writer's hold on the GIL, in slices: it works up to `_SLICE_S`, then sleeps
+    `_PAUSE_S` (the serving thread answers untouched meanwhile). Within a slice the switch
+    interval is raised to `_HOLD_S`, so a serving thread that wants the GIL waits for the end
+    of the slice instead of taking it back every 0.5 ms (the agent's interval): with one
+    request in flight per tester, a slice delays one request once, where the short interval
+    had every request that overlapped the writer's work wait up to 0.5 ms, several times
+    (after each socket call and model run), and on one CPU run at half speed beside it."""
+
+    def __init__(self) -> None:
+        self.saved = 0.0
+        self.until = 0.0
+
+    def __enter__(self) -> _Slices:
+        self._hold()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setswitchinterval(self.saved)
+
+    def _hold(self) -> None:
+        self.saved = sys.getswitchinterval()
+        sys.setswitchinterval(max(self.saved, _HOLD_S))
+        self.until = time.perf_counter() + _SLICE_S
+
+    def check(self) -> None:
+        """Between two pieces of work: past the slice, let serving run, then a new slice."""
+        if time.perf_counter() >= self.until:
+            sys.setswitchinterval(self.saved)
+            time.sleep(_PAUSE_S)
+            self._hold()
 
 
 def read_predictions(directory: Path, cursor: int = 0, max_records: int = 10_000,
@@ -498,22 +533,22 @@ class PredictionLog:
         q = self._queue
         todo = len(q)
         drained = self._out_bytes
-        while todo > 0:
-            chunk: list[tuple] = []
-            add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
-            while n and rows < _CHUNK_ROWS:
-                item = pop()
-                add(item)
-                rows += item[5]
-                n -= 1
-            todo -= len(chunk)
-            try:
-                self._out_bytes += sum([item[6] for item in chunk])
-                self._write(self._parts(chunk))
-            except Exception:
-                log.exception("prediction log: cannot write %d answers", len(chunk))
-            if todo > 0:
-                _yield_gil()
+        with _Slices() as slices:
+            while todo > 0:
+                chunk: list[tuple] = []
+                add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
+                while n and rows < _CHUNK_ROWS:
+                    item = pop()
+                    add(item)
+                    rows += item[5]
+                    n -= 1
+                todo -= len(chunk)
+                try:
+                    self._out_bytes += sum([item[6] for item in chunk])
+                    self._write(self._parts(chunk, slices.check))
+                except Exception:
+                    log.exception("prediction log: cannot write %d answers", len(chunk))
+                slices.check()
         if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
             self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
@@ -533,22 +568,30 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ writer
 
-    def _parts(self, chunk: list[tuple]) -> list[_Part]:
+    def _parts(self, chunk: list[tuple], pause: Any = None) -> list[_Part]:
         """The chunk's answers, in order, as parts: runs of binary answers of one top-k
-        width, and runs of JSON answers."""
+        width, and runs of JSON messages of up to `_JSON_RUN` answers. `pause()` after each
+        part (`_Slices.check`)."""
+        kinds = [item[4] for item in chunk]
+        if _JSON_ONE not in kinds and _JSON_BATCH not in kinds:  # the usual chunk: binary
+            widths = {item[2][16:20] for item in chunk}  # answers of one model: one width
+            if len(widths) == 1:
+                return [self._binary_part(chunk, int.from_bytes(widths.pop(), "little"))]
         parts: list[_Part] = []
         run: list[tuple] = []
-        run_key = None
+        run_key, run_rows = None, 0
         for item in chunk:
-            answer = item[2]
-            key = (int.from_bytes(answer[16:20], "little") if item[4] <= _BINARY_BATCH
+            key = (int.from_bytes(item[2][16:20], "little") if item[4] <= _BINARY_BATCH
                    else -1)
-            if run and (key != run_key or (key < 0 and len(run) >= _JSON_RUN)):
+            if run and (key != run_key or (key < 0 and run_rows + item[5] > _JSON_RUN)):
                 parts.append(self._binary_part(run, run_key) if run_key >= 0
                              else self._json_part(run))
-                run = []
+                if pause is not None:
+                    pause()
+                run, run_rows = [], 0
             run_key = key
             run.append(item)
+            run_rows += item[5]
         if run:
             parts.append(self._binary_part(run, run_key) if run_key >= 0
                          else self._json_part(run))
@@ -574,8 +617,14 @@ class PredictionLog:
         times, _ps, answers, extras, kinds, counts, _ = zip(*items, strict=True)
         # a RESULT frame ends with its records
         if len(answers) == counts.count(1):
-            rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)  # (rows,)
             starts: Any = range(len(answers))
+            lengths = set(map(len, answers))
+            if len(lengths) == 1:  # one model version: the records at one offset, cut at once
+                n = lengths.pop()
+                rec = np.frombuffer(b"".join(answers), np.uint8).reshape(-1, n)[
+                    :, n - size:].copy().view(dt).reshape(-1)  # (rows,)
+            else:
+                rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)
         else:
             rec = np.frombuffer(b"".join([a[-n * size:] for a, n in zip(answers, counts,
                                                                          strict=True)]), dt)
@@ -613,72 +662,81 @@ class PredictionLog:
             docs = orjson.loads(b"[" + b",".join(answers) + b"]")
         except orjson.JSONDecodeError:  # one the json module takes (see parse_json_line)
             docs = [_loads(a) for a in answers]
-        cols: list[list] = [[] for _ in range(9)]
-        times, models, nums, lens, decisions, sources, scores, thrs, confs = cols
-        text: list[bytes] = []
-        ids: list[str] = []
-        tops: list[tuple[list, list]] = []
-        caps: list[tuple[int, np.ndarray]] = []
         indices = self._model_indices(items)
         if isinstance(indices, int):
             indices = [indices] * len(items)
+        # the answers (dicts with a decision), flat, with their message's time and model; the
+        # sampled ones as (place in `flat`, request line, place in a batch or None)
+        flat: list[dict] = []
+        times: list[float] = []
+        models: list[int] = []
+        sampled: list[tuple[int, bytes, int | None]] = []
         for item, doc, model in zip(items, docs, indices, strict=True):
-            t, _p, _a, extra, kind, _rows, _ = item
-            many = kind == _JSON_BATCH
-            if many and not isinstance(doc, list):
-                continue
-            line, draw = (extra if many else (extra, None)) if extra is not None else (None, None)
-            requests: Any = None
-            j = 0  # the answer's place among the batch's decisions (the tap's draw)
-            for i, a in enumerate(doc if many else (doc,)):
-                if not isinstance(a, dict) or "decision" not in a:
-                    continue
-                fail = a["decision"] == "fail"
-                sampled = line is not None and (not many or (j < len(draw) and bool(draw[j]))
-                                                or (fail and self._fails))
-                j += 1
-                d = a.get("die_id")
-                if type(d) is int and 0 <= d < _U64:
-                    nums.append(d)
-                    lens.append(NUMERIC_ID)
-                    ids.append(str(d))
-                else:
-                    die = die_text(d)
-                    raw = id_bytes(die)
-                    nums.append(0)
-                    lens.append(len(raw))
-                    text.append(raw)
-                    ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
-                score = a.get("score")
-                times.append(t)
-                models.append(model)
-                decisions.append(_FAIL if fail else 0)
-                sources.append(_MODEL if a.get("source") == "model" else int(Source.FALLBACK))
-                scores.append(float("nan") if score is None else score)
-                thrs.append(a.get("threshold") or 0.0)
-                confs.append(a.get("confidence") or 0.0)
-                if fail:
-                    top = a.get("top") or []
-                    tops.append(([e["index"] for e in top], [e["contribution"] for e in top]))
-                if sampled:
-                    if requests is None:
-                        requests = _request(line)
-                    req = requests[i] if many and isinstance(requests, list) and i < len(
-                        requests) else (None if many else requests)
-                    row = _params(req)
-                    if row is not None:
-                        caps.append((len(times) - 1, row))
-        out = np.empty(len(times), ROW)
-        for name, values in zip(ROW.names, (times, nums, models, scores, thrs, confs, lens,
-                                            decisions, sources), strict=True):
-            out[name] = values
-        k = max((len(ti) for ti, _ in tops), default=0)
+            if item[4] == _JSON_ONE:
+                if type(doc) is dict and "decision" in doc:
+                    if item[3] is not None:
+                        sampled.append((len(flat), item[3], None))
+                    flat.append(doc)
+                    times.append(item[0])
+                    models.append(model)
+            elif isinstance(doc, list):
+                self._json_batch_answers(item, doc, model, flat, times, models, sampled)
+        fail = [a["decision"] == "fail" for a in flat]
+        dies = [a.get("die_id") for a in flat]
+        if all(type(d) is int and 0 <= d < _U64 for d in dies):  # no text id
+            nums, lens, text, ids = dies, NUMERIC_ID, [], None
+        else:
+            nums, lens, text, ids = _json_ids(dies)
+        out = np.empty(len(flat), ROW)
+        out["time"] = times
+        out["die_num"] = nums
+        out["model"] = models
+        out["score"] = [a.get("score") for a in flat]  # None: NaN
+        out["threshold"] = [a.get("threshold") or 0.0 for a in flat]
+        out["confidence"] = [a.get("confidence") or 0.0 for a in flat]
+        out["die_len"] = lens
+        out["decision"] = fail  # pass 0, fail 1
+        out["source"] = [_MODEL if a.get("source") == "model" else _FALLBACK for a in flat]
+        tops = [a.get("top") or [] for a, f in zip(flat, fail, strict=True) if f]
+        k = max(map(len, tops), default=0)
         top_i = np.full((len(tops), k), -1, np.int32)
         top_c = np.zeros((len(tops), k), np.float32)
-        for r, (ti, tc) in enumerate(tops):
-            top_i[r, :len(ti)] = ti
-            top_c[r, :len(tc)] = tc
+        for r, top in enumerate(tops):
+            top_i[r, :len(top)] = [e["index"] for e in top]
+            top_c[r, :len(top)] = [e["contribution"] for e in top]
+        caps: list[tuple[int, np.ndarray]] = []
+        requests: dict[int, Any] = {}  # a batch's line is parsed once, however many are sampled
+        for pos, line, i in sampled:
+            if i is None:
+                req = _request(line)
+            else:
+                key = id(line)
+                if key not in requests:
+                    requests[key] = _request(line)
+                batch = requests[key]
+                req = batch[i] if isinstance(batch, list) and i < len(batch) else None
+            row = _params(req)
+            if row is not None:
+                caps.append((pos, row))
         return _Part(out, top_i, top_c, text, ids, caps)
+
+    def _json_batch_answers(self, item: tuple, doc: list, model: int, flat: list,
+                            times: list, models: list, sampled: list) -> None:
+        """A JSON batch's answers into the flat lists: its draw (the tap's, one per answer
+        with a decision, in order) and, with `capture_fails`, its fails are sampled."""
+        line, draw = item[3] if item[3] is not None else (None, None)
+        t = item[0]
+        j = 0  # the answer's place among the batch's decisions (the tap's draw)
+        for i, a in enumerate(doc):
+            if not isinstance(a, dict) or "decision" not in a:
+                continue
+            if line is not None and ((j < len(draw) and bool(draw[j])) or (
+                    self._fails and a["decision"] == "fail")):
+                sampled.append((len(flat), line, i))
+            j += 1
+            flat.append(a)
+            times.append(t)
+            models.append(model)
 
     def _write(self, parts: list[_Part]) -> None:
         if not parts:
@@ -786,6 +844,25 @@ def _join_parts(parts: list[_Part]):
         caps += [(base + pos, row) for pos, row in p.caps]
         base += len(p.rows)
     return np.concatenate([p.rows for p in parts]), top_i, top_c, caps
+
+
+def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]:
+    """(die_num, die_len, text ids' bytes, every die's id text) of JSON die ids: an integer
+    0..2**64-1 is numeric, anything else (a string, None, another value) text."""
+    nums, lens, text, ids = [], [], [], []
+    for d in dies:
+        if type(d) is int and 0 <= d < _U64:
+            nums.append(d)
+            lens.append(NUMERIC_ID)
+            ids.append(str(d))
+        else:
+            die = die_text(d)
+            raw = id_bytes(die)
+            nums.append(0)
+            lens.append(len(raw))
+            text.append(raw)
+            ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
+    return nums, lens, text, ids
 
 
 def _loads(answer: bytes) -> Any:
