@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import struct
 import sys
 import threading
 import time
@@ -111,6 +112,7 @@ _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
 _FALLBACK = int(Source.FALLBACK)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
+_TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
 _U64 = 1 << 64
 
 __all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
@@ -443,15 +445,14 @@ class PredictionLog:
             return
         try:
             if answer[0] == MAGIC_BYTE:
-                if answer[5] != _RESULT:
+                frame_type, rows, vlen = _TAP_HEAD(answer, 5)
+                if frame_type != _RESULT:
                     return
-                rows = int.from_bytes(answer[12:16], "little")
                 if rows == 1:
-                    vlen = answer[40] | answer[41] << 8
-                    fail = answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
-                    row = None
                     size = len(answer)
-                    if (fail and self._fails) or self._random() < self._rate:
+                    row = None
+                    if (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
+                            ) or self._random() < self._rate:
                         n = int.from_bytes(buf[start + 16:start + 20], "little")
                         row = bytes(buf[start + 32:start + 32 + 4 * n])
                         size += len(row)
@@ -468,16 +469,18 @@ class PredictionLog:
                     rows = answer.count(_DECISION_TEXT)
                     draw = self._rng.random(rows) < self._rate
                     extra = (bytes(buf[start:end]), draw) if fail or draw.any() else None
+                    size = len(answer) + (0 if extra is None else end - start)
                     q.append((self.clock(), self.runtime.active(), answer, extra, _JSON_BATCH,
-                              rows, len(answer) + (0 if extra is None else end - start)))
+                              rows, size))
                 else:
                     line = (bytes(buf[start:end]) if fail or self._random() < self._rate
                             else None)
+                    size = len(answer) + (0 if line is None else end - start)
                     q.append((self.clock(), self.runtime.active(), answer, line, _JSON_ONE, 1,
-                              len(answer) + (0 if line is None else end - start)))
+                              size))
             else:
                 return
-            self._in_bytes += q[-1][6]
+            self._in_bytes += size
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
