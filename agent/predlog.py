@@ -79,6 +79,7 @@ from agent.protocol import (
     FrameType,
     ProtocolError,
     Source,
+    params_text_is_numeric,
     parse_json_line,
     record_dtype,
 )
@@ -669,16 +670,17 @@ class PredictionLog:
         if isinstance(indices, int):
             indices = [indices] * len(items)
         # the answers (dicts with a decision), flat, with their message's time and model; the
-        # sampled ones as (place in `flat`, request line, place in a batch or None)
+        # sampled ones as (place in `flat`, request line, place in a batch or None, and the
+        # batch's size when each of its requests was answered with a decision, else 0)
         flat: list[dict] = []
         times: list[float] = []
         models: list[int] = []
-        sampled: list[tuple[int, bytes, int | None]] = []
+        sampled: list[tuple[int, bytes, int | None, int]] = []
         for item, doc, model in zip(items, docs, indices, strict=True):
             if item[4] == _JSON_ONE:
                 if type(doc) is dict and "decision" in doc:
                     if item[3] is not None:
-                        sampled.append((len(flat), item[3], None))
+                        sampled.append((len(flat), item[3], None, 0))
                     flat.append(doc)
                     times.append(item[0])
                     models.append(model)
@@ -708,17 +710,16 @@ class PredictionLog:
             top_i[r, :len(top)] = [e["index"] for e in top]
             top_c[r, :len(top)] = [e["contribution"] for e in top]
         caps: list[tuple[int, np.ndarray]] = []
-        requests: dict[int, Any] = {}  # a batch's line is parsed once, however many are sampled
-        for pos, line, i in sampled:
+        rows_of: dict[int, Any] = {}  # a batch line's sampled rows, read once per line
+        for pos, line, i, count in sampled:
             if i is None:
-                req = _request(line)
+                row = _params(_request(line))
             else:
                 key = id(line)
-                if key not in requests:
-                    requests[key] = _request(line)
-                batch = requests[key]
-                req = batch[i] if isinstance(batch, list) and i < len(batch) else None
-            row = _params(req)
+                if key not in rows_of:
+                    rows_of[key] = _batch_rows(line, count, [w for _, ln, w, _ in sampled
+                                                             if ln is line])
+                row = rows_of[key].get(i)
             if row is not None:
                 caps.append((pos, row))
         return _Part(out, top_i, top_c, text, ids, caps)
@@ -730,16 +731,19 @@ class PredictionLog:
         line, draw = item[3] if item[3] is not None else (None, None)
         t = item[0]
         j = 0  # the answer's place among the batch's decisions (the tap's draw)
+        mine = []
         for i, a in enumerate(doc):
             if not isinstance(a, dict) or "decision" not in a:
                 continue
             if line is not None and ((j < len(draw) and bool(draw[j])) or (
                     self._fails and a["decision"] == "fail")):
-                sampled.append((len(flat), line, i))
+                mine.append((len(flat), line, i))
             j += 1
             flat.append(a)
             times.append(t)
             models.append(model)
+        whole = len(doc) if j == len(doc) else 0
+        sampled += [(pos, ln, i, whole) for pos, ln, i in mine]
 
     def _write(self, parts: list[_Part]) -> None:
         if not parts:
@@ -866,6 +870,35 @@ def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]
             text.append(raw)
             ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
     return nums, lens, text, ids
+
+
+def _batch_rows(line: bytes, count: int, wanted: list[int]) -> dict[int, np.ndarray | None]:
+    """Requests `wanted`'s input rows of a JSON batch line (`count`: its size when each of its
+    requests was answered with a decision, else 0), by place in the batch. A sampled row or
+    two of a 64-row batch would otherwise cost a parse of the whole line (~350 kB, as long as
+    answering it took): when sound, only their `params` lists are read. Sound when each request
+    was answered (so each has a top-level `params` list of numbers and nulls), the text has
+    no backslash (no escaped quote: a `"params"` in it is a key or a whole string) and holds
+    `"params"` exactly `count` times (so none is a value or a nested key, and the k-th is
+    request k's), and each list's text is number text only (`params_text_is_numeric`: the
+    first `]` ends it). Otherwise the whole line is parsed, as the dispatcher did."""
+    if count and line.count(b'"params"') == count and params_text_is_numeric(line):
+        out: dict[int, np.ndarray | None] = {}
+        at, want = 0, set(wanted)
+        for k in range(max(want) + 1):
+            at = line.find(b'"params"', at) + 8
+            if k in want:
+                start = line.find(b"[", at)
+                try:
+                    out[k] = _params({"params": orjson.loads(line[start:line.find(b"]", start)
+                                                                  + 1])})
+                except orjson.JSONDecodeError:  # a number beyond double range: the long way
+                    break
+        else:
+            return out
+    requests = _request(line)
+    return {i: _params(requests[i]) if isinstance(requests, list) and i < len(requests)
+            else None for i in wanted}
 
 
 def _loads(answer: bytes) -> Any:

@@ -280,11 +280,17 @@ def main() -> int:
             d = tmp / name
             d.mkdir()
             store = shutil.copytree(m.store, d / "store", symlinks=True)
-            port = free_port()
             env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(args.agent_tree),
                        **extra)
-            proc = _start(store, m.keyring, d / "agent.sock", port, env, d / "agent.log",
-                          args.agent_tree)
+            for attempt in range(3):  # a free port can be taken by another job meanwhile
+                port = free_port()
+                try:
+                    proc = _start(store, m.keyring, d / "agent.sock", port, env,
+                                  d / "agent.log", args.agent_tree)
+                    break
+                except RuntimeError as e:
+                    if attempt == 2 or "Address already in use" not in str(e):
+                        raise
             procs.append(proc)
             agents[name] = (str(d / "agent.sock"), f"http://127.0.0.1:{port}/metrics", proc)
         if args.pin_cpu >= 0:
