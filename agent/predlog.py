@@ -721,8 +721,8 @@ class PredictionLog:
             else:
                 key = id(line)
                 if key not in rows_of:
-                    rows_of[key] = _batch_rows(line, count, [w for _, ln, w, _ in sampled
-                                                             if ln is line])
+                    rows_of[key] = _batch_rows(line, count, [
+                        w for _, ln, w, _ in sampled if ln is line and w is not None])
                 row = rows_of[key].get(i)
             if row is not None:
                 caps.append((pos, row))
