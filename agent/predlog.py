@@ -83,7 +83,6 @@ from agent.protocol import (
     FrameType,
     ProtocolError,
     Source,
-    params_text_is_numeric,
     parse_json_line,
     record_dtype,
 )
@@ -119,6 +118,7 @@ _FALLBACK = int(Source.FALLBACK)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
 _TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
 _U64 = 1 << 64
+_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"  # what a list of numbers and nulls is made of
 
 __all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
            "encode_capture", "iter_predictions", "read_predictions"]
@@ -881,21 +881,23 @@ def _batch_rows(line: bytes, count: int, wanted: list[int]) -> dict[int, np.ndar
     requests was answered with a decision, else 0), by place in the batch. A sampled row or
     two of a 64-row batch would otherwise cost a parse of the whole line (~350 kB, as long as
     answering it took): when sound, only their `params` lists are read. Sound when each request
-    was answered (so each has a top-level `params` list of numbers and nulls), the text has
-    no backslash (no escaped quote: a `"params"` in it is a key or a whole string) and holds
-    `"params"` exactly `count` times (so none is a value or a nested key, and the k-th is
-    request k's), and each list's text is number text only (`params_text_is_numeric`: the
-    first `]` ends it). Otherwise the whole line is parsed, as the dispatcher did."""
-    if count and line.count(b'"params"') == count and params_text_is_numeric(line):
+    was answered (so each has one top-level `params` key whose value is a list of numbers and
+    nulls: its text ends at the first `]`), the text has no backslash (no escaped quote, so a
+    `"params"` in it is a key or a whole string) and holds `"params"` exactly `count` times (so
+    none is a value or a nested key, and the k-th is request k's); each list read must also be
+    number text only. Otherwise the whole line is parsed, as the dispatcher did."""
+    if count and b"\\" not in line and line.count(b'"params"') == count:
         out: dict[int, np.ndarray | None] = {}
         at, want = 0, set(wanted)
         for k in range(max(want) + 1):
             at = line.find(b'"params"', at) + 8
             if k in want:
                 start = line.find(b"[", at)
+                text = line[start:line.find(b"]", start) + 1]
+                if text[1:-1].translate(None, _NUMBER_TEXT):
+                    break  # not number text after all: the long way
                 try:
-                    out[k] = _params({"params": orjson.loads(line[start:line.find(b"]", start)
-                                                                  + 1])})
+                    out[k] = _params({"params": orjson.loads(text)})
                 except orjson.JSONDecodeError:  # a number beyond double range: the long way
                     break
         else:
