@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/predlog_bench.py [--requests 3000] [--rounds 12] [--out FILE]
         [--capture-rate 0.01] [--pin-cpu 0] [--batch-seconds 2] [--agent-tree CHECKOUT]
+        [--compare-tree CHECKOUT]
 
 Three agent processes (`edgefleet agent serve`) on copies of the same model store (the
 512-feature bench autoencoder, bench/ae_model.py): `off` and `off2` with
@@ -27,8 +28,10 @@ load average at start and end.
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
 connection, dies per second, alternating, and each agent's resident memory after them (1.5 s
-later, as bench/agent_bench.py measures it). --agent-tree runs the agents of another checkout
-(e.g. the main branch), for a before/after comparison on the same machine.
+later, as bench/agent_bench.py measures it). --agent-tree runs the agents of another checkout;
+--compare-tree adds a fourth agent, `on_ref`, with the log on in another checkout's code (e.g.
+the main branch), in the same interleaved rounds: a before/after comparison of two logs that
+the load hits alike.
 
 Printed and written to JSON (--out); exit status 1 when the median p99 ratio of an encoding
 is over the target (1.05).
@@ -243,6 +246,9 @@ def _figures(lat: dict) -> dict:
                                                                   strict=True)]),
                     "noise_p99_ratio": _interval([a / b for a, b in zip(
                         p99["off2"], p99["off"], strict=True)])}
+        if "on_ref" in lat:  # the log of --compare-tree, in the same rounds
+            out[enc]["ref_p99_ratio"] = _interval([a / b for a, b in zip(
+                p99["on_ref"], p99["off"], strict=True)])
     return out
 
 
@@ -258,6 +264,9 @@ def main() -> int:
                     help="batched throughput per encoding and agent, unpinned (0: skip)")
     ap.add_argument("--agent-tree", type=Path, default=REPO,
                     help="the checkout whose agents run (default: this one)")
+    ap.add_argument("--compare-tree", type=Path, default=None,
+                    help="a fourth agent, log on, running this checkout's code (e.g. the main "
+                         "branch): a before/after comparison in the same interleaved rounds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predlog.json")
     args = ap.parse_args()
     import ae_model
@@ -272,21 +281,24 @@ def main() -> int:
         dies[bad] += rng.normal(scale=0.3, size=(int(bad.sum()), dies.shape[1])).astype(
             np.float32)
         agents = {}
-        for name, extra in (("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}),
-                            ("off2", {"EDGEFLEET_AGENT_PREDLOG": "off"}),
-                            ("on", {"EDGEFLEET_AGENT_PREDLOG": "on",
-                                    "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate),
-                                    "EDGEFLEET_AGENT_PREDLOG_DIR": str(tmp / "predlog")})):
+        log_on = {"EDGEFLEET_AGENT_PREDLOG": "on",
+                  "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate)}
+        runs = [("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}, args.agent_tree),
+                ("off2", {"EDGEFLEET_AGENT_PREDLOG": "off"}, args.agent_tree),
+                ("on", log_on, args.agent_tree)]
+        if args.compare_tree is not None:
+            runs.append(("on_ref", log_on, args.compare_tree))
+        for name, extra, tree in runs:
             d = tmp / name
             d.mkdir()
             store = shutil.copytree(m.store, d / "store", symlinks=True)
-            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(args.agent_tree),
-                       **extra)
+            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree),
+                       EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "predlog"), **extra)
             for attempt in range(3):  # a free port can be taken by another job meanwhile
                 port = free_port()
                 try:
                     proc = _start(store, m.keyring, d / "agent.sock", port, env,
-                                  d / "agent.log", args.agent_tree)
+                                  d / "agent.log", tree)
                     break
                 except RuntimeError as e:
                     if attempt == 2 or "Address already in use" not in str(e):
@@ -314,6 +326,8 @@ def main() -> int:
                                          / cpu["off"]["total_us_per_answer"]),
                      "pinned_cpu": args.pin_cpu, "loadavg_start": load_start,
                      "loadavg_end": load_end, "agent_tree": str(args.agent_tree),
+                     "compare_tree": None if args.compare_tree is None else str(
+                         args.compare_tree),
                      "capture_rate": args.capture_rate,
                      "writer_catch_up_s": {"mean": float(np.mean(run["catch_up"])),
                                            "max": float(np.max(run["catch_up"]))},
@@ -363,6 +377,10 @@ def _print(res: dict, out: Path) -> None:
               f"-{r['ci95'][1]:.3f}, min {r['min']:.3f} max {r['max']:.3f}] | noise off2/off "
               f"{z['median']:.3f} [{z['ci95'][0]:.3f}-{z['ci95'][1]:.3f}, min {z['min']:.3f} "
               f"max {z['max']:.3f}]")
+        if "ref_p99_ratio" in f:
+            x = f["ref_p99_ratio"]
+            print(f"{'':6s} --compare-tree's log: p99 on/off median {x['median']:.3f} [95% "
+                  f"{x['ci95'][0]:.3f}-{x['ci95'][1]:.3f}]")
         print(f"{'':6s} pooled p50 off {f['off']['p50_us']:.1f} on {f['on']['p50_us']:.1f} us "
               f"(ratio {f['p50_ratio']:.3f}); p99 off {f['off']['p99_us']:.1f} off2 "
               f"{f['off2']['p99_us']:.1f} on {f['on']['p99_us']:.1f} us")
