@@ -26,12 +26,9 @@ when a request arrives delays that answer until it lets go):
   and a handful of numpy operations (decode, die keys, per-model counts, index rows), then one
   block record and one `os.write`; JSON answers are parsed by orjson, 128 at a time, and read
   column by column (a sampled row of a JSON batch from its own `params` list when that is
-  sound, `_batch_rows`). It holds the GIL in slices (`_Slices`: up to 4 ms of work, the switch
-  interval raised meanwhile, then a 1 ms pause), so a pass delays the one request in flight
-  once per slice rather than every request it overlaps by up to the agent's 0.5 ms switch
-  interval at each GIL handoff. It fsyncs every `fsync_interval_s`, joins pending labels
-  (agent/labels.py) and keeps the per-model proxy metrics. A full disk drops and counts
-  (`reason="disk_full"`).
+  sound, `_batch_rows`), yielding the GIL after each chunk. It fsyncs every
+  `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps the per-model proxy
+  metrics. A full disk drops and counts (`reason="disk_full"`).
 
 Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
 of answers; should the writer fall behind, the bound is the queue's caps); a power cut also
@@ -45,7 +42,6 @@ import json
 import logging
 import random
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -91,17 +87,10 @@ from agent.wire import MARGIN_EDGES
 
 log = logging.getLogger("edgefleet.agent")
 
-# One chunk, one block: up to this many messages or rows. A request that arrives while the
-# writer holds the GIL waits for the rest of its slice (`_Slices`), so what the p99 feels is how
-# many holds there are, not how long each is: a tester's one request in flight is delayed at
-# most once per slice, one request in hundreds or thousands.
+# One chunk, one block: up to this many messages or rows, then the writer yields the GIL.
 _CHUNK_MESSAGES = 4096
 _CHUNK_ROWS = 8192
 _JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make the GC work)
-_SLICE_S = 0.004  # the writer works this long at a time (see `_Slices`)
-_PAUSE_S = 0.001  # then sleeps this long
-_HOLD_S = 0.008  # the switch interval within a slice: a piece of work overrunning the slice
-# is cut after this long
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
@@ -151,37 +140,8 @@ class PredLogConfig:
                           min_free_bytes=self.min_free_bytes)
 
 
-class _Slices:
-    """The writer's hold on the GIL, in slices: it works up to `_SLICE_S`, then sleeps
-    `_PAUSE_S` (the serving thread answers untouched meanwhile). Within a slice the switch
-    interval is raised to `_HOLD_S`, so a serving thread that wants the GIL waits for the end
-    of the slice instead of taking it back every 0.5 ms (the agent's interval): with one
-    request in flight per tester, a slice delays one request once, where the short interval
-    had every request that overlapped the writer's work wait up to 0.5 ms, several times
-    (after each socket call and model run), and on one CPU run at half speed beside it."""
-
-    def __init__(self) -> None:
-        self.saved = 0.0
-        self.until = 0.0
-
-    def __enter__(self) -> _Slices:
-        self._hold()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.setswitchinterval(self.saved)
-
-    def _hold(self) -> None:
-        self.saved = sys.getswitchinterval()
-        sys.setswitchinterval(max(self.saved, _HOLD_S))
-        self.until = time.perf_counter() + _SLICE_S
-
-    def check(self) -> None:
-        """Between two pieces of work: past the slice, let serving run, then a new slice."""
-        if time.perf_counter() >= self.until:
-            sys.setswitchinterval(self.saved)
-            time.sleep(_PAUSE_S)
-            self._hold()
+def _yield_gil() -> None:
+    time.sleep(0)  # releases the GIL; a waiting serving thread takes it
 
 
 def read_predictions(directory: Path, cursor: int = 0, max_records: int = 10_000,
@@ -541,22 +501,22 @@ class PredictionLog:
         q = self._queue
         todo = len(q)
         drained = self._out_bytes
-        with _Slices() as slices:
-            while todo > 0:
-                chunk: list[tuple] = []
-                add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
-                while n and rows < _CHUNK_ROWS:
-                    item = pop()
-                    add(item)
-                    rows += item[5]
-                    n -= 1
-                todo -= len(chunk)
-                try:
-                    self._out_bytes += sum([item[6] for item in chunk])
-                    self._write(self._parts(chunk, slices.check))
-                except Exception:
-                    log.exception("prediction log: cannot write %d answers", len(chunk))
-                slices.check()
+        while todo > 0:
+            chunk: list[tuple] = []
+            add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
+            while n and rows < _CHUNK_ROWS:
+                item = pop()
+                add(item)
+                rows += item[5]
+                n -= 1
+            todo -= len(chunk)
+            try:
+                self._out_bytes += sum([item[6] for item in chunk])
+                self._write(self._parts(chunk))
+            except Exception:
+                log.exception("prediction log: cannot write %d answers", len(chunk))
+            if todo > 0:
+                _yield_gil()
         if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
             self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
@@ -576,10 +536,9 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ writer
 
-    def _parts(self, chunk: list[tuple], pause: Any = None) -> list[_Part]:
+    def _parts(self, chunk: list[tuple]) -> list[_Part]:
         """The chunk's answers, in order, as parts: runs of binary answers of one top-k
-        width, and runs of JSON messages of up to `_JSON_RUN` answers. `pause()` after each
-        part (`_Slices.check`)."""
+        width, and runs of JSON messages of up to `_JSON_RUN` answers."""
         kinds = [item[4] for item in chunk]
         if _JSON_ONE not in kinds and _JSON_BATCH not in kinds:  # the usual chunk: binary
             widths = {item[2][16:20] for item in chunk}  # answers of one model: one width
@@ -594,8 +553,6 @@ class PredictionLog:
             if run and (key != run_key or (key < 0 and run_rows + item[5] > _JSON_RUN)):
                 parts.append(self._binary_part(run, run_key) if run_key >= 0
                              else self._json_part(run))
-                if pause is not None:
-                    pause()
                 run, run_rows = [], 0
             run_key = key
             run.append(item)
