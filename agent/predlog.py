@@ -17,17 +17,18 @@ Never on the hot path, and as little GIL time as possible beside it (a writer ho
 when a request arrives delays that answer until it lets go):
 - `tap(buf, start, end, answer)` runs in the serving loop *after* the answer was sent.
   It keeps a reference to the answer bytes (immutable), copies the input row only when the row
-  is sampled (a fail, or the random draw), and appends one tuple to a deque: about a microsecond.
+  is sampled (a fail, or the random draw), and appends one tuple to a deque: 0.6 to 1 us.
 - The queue is bounded by messages (`queue_size`) and by bytes (`queue_bytes`: answers and
   the copied rows; a JSON batch line is big): beyond either, the message is dropped and counted
   (`edgefleet_predlog_dropped_total{reason="queue_full"}`), never waited on.
 - One writer thread wakes every `flush_interval_s` and works in chunks of up to
-  `_CHUNK_MESSAGES` messages, giving the GIL back after each: a chunk of binary answers is one
-  `b"".join` of their result records and a handful of numpy operations (decode, die keys,
-  per-model counts, index rows), then one block record and one `os.write`; JSON answers are
-  parsed by orjson, 128 at a time. It fsyncs every `fsync_interval_s`, joins pending
-  labels (agent/labels.py) and keeps the per-model proxy metrics. A full disk drops and counts
-  (`reason="disk_full"`).
+  `_CHUNK_MESSAGES` messages: a chunk of binary answers is one join of their result records
+  and a handful of numpy operations (decode, die keys, per-model counts, index rows), then one
+  block record and one `os.write`; JSON answers are parsed by orjson, 128 at a time, and read
+  column by column (a sampled row of a JSON batch from its own `params` list when that is
+  sound, `_batch_rows`), yielding the GIL after each chunk. It fsyncs every
+  `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps the per-model proxy
+  metrics. A full disk drops and counts (`reason="disk_full"`).
 
 Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
 of answers; should the writer fall behind, the bound is the queue's caps); a power cut also
@@ -40,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import struct
 import threading
 import time
 from collections import deque
@@ -85,13 +87,10 @@ from agent.wire import MARGIN_EDGES
 
 log = logging.getLogger("edgefleet.agent")
 
-# One chunk, one GIL hold, one block: up to this many messages or rows (about 2 ms of work).
-# A request that arrives while the writer holds the GIL waits for the rest of the chunk, so
-# what the p99 feels is how many holds there are, not how long each is: a tester's one request
-# in flight is delayed at most once per chunk, one request in hundreds or thousands.
+# One chunk, one block: up to this many messages or rows, then the writer yields the GIL.
 _CHUNK_MESSAGES = 4096
 _CHUNK_ROWS = 8192
-_JSON_RUN = 128  # JSON messages parsed at once (more live objects at once make the GC work)
+_JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make the GC work)
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
@@ -104,8 +103,11 @@ _RESULT = int(FrameType.RESULT)
 _FAIL = int(Decision.FAIL)
 _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
+_FALLBACK = int(Source.FALLBACK)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
+_TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
 _U64 = 1 << 64
+_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"  # what a list of numbers and nulls is made of
 
 __all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
            "encode_capture", "iter_predictions", "read_predictions"]
@@ -414,15 +416,14 @@ class PredictionLog:
             return
         try:
             if answer[0] == MAGIC_BYTE:
-                if answer[5] != _RESULT:
+                frame_type, rows, vlen = _TAP_HEAD(answer, 5)
+                if frame_type != _RESULT:
                     return
-                rows = int.from_bytes(answer[12:16], "little")
                 if rows == 1:
-                    vlen = answer[40] | answer[41] << 8
-                    fail = answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
-                    row = None
                     size = len(answer)
-                    if (fail and self._fails) or self._random() < self._rate:
+                    row = None
+                    if (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
+                            ) or self._random() < self._rate:
                         n = int.from_bytes(buf[start + 16:start + 20], "little")
                         row = bytes(buf[start + 32:start + 32 + 4 * n])
                         size += len(row)
@@ -439,16 +440,18 @@ class PredictionLog:
                     rows = answer.count(_DECISION_TEXT)
                     draw = _draws(rows, self._rate)
                     extra = (bytes(buf[start:end]), draw) if fail or draw.any() else None
+                    size = len(answer) + (0 if extra is None else end - start)
                     q.append((self.clock(), self.runtime.active(), answer, extra, _JSON_BATCH,
-                              rows, len(answer) + (0 if extra is None else end - start)))
+                              rows, size))
                 else:
                     line = (bytes(buf[start:end]) if fail or self._random() < self._rate
                             else None)
+                    size = len(answer) + (0 if line is None else end - start)
                     q.append((self.clock(), self.runtime.active(), answer, line, _JSON_ONE, 1,
-                              len(answer) + (0 if line is None else end - start)))
+                              size))
             else:
                 return
-            self._in_bytes += q[-1][6]
+            self._in_bytes += size
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -541,20 +544,25 @@ class PredictionLog:
 
     def _parts(self, chunk: list[tuple]) -> list[_Part]:
         """The chunk's answers, in order, as parts: runs of binary answers of one top-k
-        width, and runs of JSON answers."""
+        width, and runs of JSON messages of up to `_JSON_RUN` answers."""
+        kinds = [item[4] for item in chunk]
+        if _JSON_ONE not in kinds and _JSON_BATCH not in kinds:  # the usual chunk: binary
+            widths = {item[2][16:20] for item in chunk}  # answers of one model: one width
+            if len(widths) == 1:
+                return [self._binary_part(chunk, int.from_bytes(widths.pop(), "little"))]
         parts: list[_Part] = []
         run: list[tuple] = []
-        run_key = None
+        run_key, run_rows = None, 0
         for item in chunk:
-            answer = item[2]
-            key = (int.from_bytes(answer[16:20], "little") if item[4] <= _BINARY_BATCH
+            key = (int.from_bytes(item[2][16:20], "little") if item[4] <= _BINARY_BATCH
                    else -1)
-            if run and (key != run_key or (key < 0 and len(run) >= _JSON_RUN)):
+            if run and (key != run_key or (key < 0 and run_rows + item[5] > _JSON_RUN)):
                 parts.append(self._binary_part(run, run_key) if run_key >= 0
                              else self._json_part(run))
-                run = []
+                run, run_rows = [], 0
             run_key = key
             run.append(item)
+            run_rows += item[5]
         if run:
             parts.append(self._binary_part(run, run_key) if run_key >= 0
                          else self._json_part(run))
@@ -580,8 +588,14 @@ class PredictionLog:
         times, _ps, answers, extras, kinds, counts, _ = zip(*items, strict=True)
         # a RESULT frame ends with its records
         if len(answers) == counts.count(1):
-            rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)  # (rows,)
             starts: Any = range(len(answers))
+            lengths = set(map(len, answers))
+            if len(lengths) == 1:  # one model version: the records at one offset, cut at once
+                n = lengths.pop()
+                rec = np.frombuffer(b"".join(answers), np.uint8).reshape(-1, n)[
+                    :, n - size:].copy().view(dt).reshape(-1)  # (rows,)
+            else:
+                rec = np.frombuffer(b"".join([a[-size:] for a in answers]), dt)
         else:
             rec = np.frombuffer(b"".join([a[-n * size:] for a, n in zip(answers, counts,
                                                                          strict=True)]), dt)
@@ -619,72 +633,84 @@ class PredictionLog:
             docs = orjson.loads(b"[" + b",".join(answers) + b"]")
         except orjson.JSONDecodeError:  # one the json module takes (see parse_json_line)
             docs = [_loads(a) for a in answers]
-        cols: list[list] = [[] for _ in range(9)]
-        times, models, nums, lens, decisions, sources, scores, thrs, confs = cols
-        text: list[bytes] = []
-        ids: list[str] = []
-        tops: list[tuple[list, list]] = []
-        caps: list[tuple[int, np.ndarray]] = []
         indices = self._model_indices(items)
         if isinstance(indices, int):
             indices = [indices] * len(items)
+        # the answers (dicts with a decision), flat, with their message's time and model; the
+        # sampled ones as (place in `flat`, request line, place in a batch or None, and the
+        # batch's size when each of its requests was answered with a decision, else 0)
+        flat: list[dict] = []
+        times: list[float] = []
+        models: list[int] = []
+        sampled: list[tuple[int, bytes, int | None, int]] = []
         for item, doc, model in zip(items, docs, indices, strict=True):
-            t, _p, _a, extra, kind, _rows, _ = item
-            many = kind == _JSON_BATCH
-            if many and not isinstance(doc, list):
-                continue
-            line, draw = (extra if many else (extra, None)) if extra is not None else (None, None)
-            requests: Any = None
-            j = 0  # the answer's place among the batch's decisions (the tap's draw)
-            for i, a in enumerate(doc if many else (doc,)):
-                if not isinstance(a, dict) or "decision" not in a:
-                    continue
-                fail = a["decision"] == "fail"
-                sampled = line is not None and (not many or (j < len(draw) and bool(draw[j]))
-                                                or (fail and self._fails))
-                j += 1
-                d = a.get("die_id")
-                if type(d) is int and 0 <= d < _U64:
-                    nums.append(d)
-                    lens.append(NUMERIC_ID)
-                    ids.append(str(d))
-                else:
-                    die = die_text(d)
-                    raw = id_bytes(die)
-                    nums.append(0)
-                    lens.append(len(raw))
-                    text.append(raw)
-                    ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
-                score = a.get("score")
-                times.append(t)
-                models.append(model)
-                decisions.append(_FAIL if fail else 0)
-                sources.append(_MODEL if a.get("source") == "model" else int(Source.FALLBACK))
-                scores.append(float("nan") if score is None else score)
-                thrs.append(a.get("threshold") or 0.0)
-                confs.append(a.get("confidence") or 0.0)
-                if fail:
-                    top = a.get("top") or []
-                    tops.append(([e["index"] for e in top], [e["contribution"] for e in top]))
-                if sampled:
-                    if requests is None:
-                        requests = _request(line)
-                    req = requests[i] if many and isinstance(requests, list) and i < len(
-                        requests) else (None if many else requests)
-                    row = _params(req)
-                    if row is not None:
-                        caps.append((len(times) - 1, row))
-        out = np.empty(len(times), ROW)
-        for name, values in zip(ROW.names, (times, nums, models, scores, thrs, confs, lens,
-                                            decisions, sources), strict=True):
-            out[name] = values
-        k = max((len(ti) for ti, _ in tops), default=0)
+            if item[4] == _JSON_ONE:
+                if type(doc) is dict and "decision" in doc:
+                    if item[3] is not None:
+                        sampled.append((len(flat), item[3], None, 0))
+                    flat.append(doc)
+                    times.append(item[0])
+                    models.append(model)
+            elif isinstance(doc, list):
+                self._json_batch_answers(item, doc, model, flat, times, models, sampled)
+        fail = [a["decision"] == "fail" for a in flat]
+        dies = [a.get("die_id") for a in flat]
+        if all(type(d) is int and 0 <= d < _U64 for d in dies):  # no text id
+            nums, lens, text, ids = dies, NUMERIC_ID, [], None
+        else:
+            nums, lens, text, ids = _json_ids(dies)
+        out = np.empty(len(flat), ROW)
+        out["time"] = times
+        out["die_num"] = nums
+        out["model"] = models
+        out["score"] = [a.get("score") for a in flat]  # None: NaN
+        out["threshold"] = [a.get("threshold") or 0.0 for a in flat]
+        out["confidence"] = [a.get("confidence") or 0.0 for a in flat]
+        out["die_len"] = lens
+        out["decision"] = fail  # pass 0, fail 1
+        out["source"] = [_MODEL if a.get("source") == "model" else _FALLBACK for a in flat]
+        tops = [a.get("top") or [] for a, f in zip(flat, fail, strict=True) if f]
+        k = max(map(len, tops), default=0)
         top_i = np.full((len(tops), k), -1, np.int32)
         top_c = np.zeros((len(tops), k), np.float32)
-        for r, (ti, tc) in enumerate(tops):
-            top_i[r, :len(ti)] = ti
-            top_c[r, :len(tc)] = tc
+        for r, top in enumerate(tops):
+            top_i[r, :len(top)] = [e["index"] for e in top]
+            top_c[r, :len(top)] = [e["contribution"] for e in top]
+        caps: list[tuple[int, np.ndarray]] = []
+        rows_of: dict[int, Any] = {}  # a batch line's sampled rows, read once per line
+        for pos, line, i, count in sampled:
+            if i is None:
+                row = _params(_request(line))
+            else:
+                key = id(line)
+                if key not in rows_of:
+                    rows_of[key] = _batch_rows(line, count, [
+                        w for _, ln, w, _ in sampled if ln is line and w is not None])
+                row = rows_of[key].get(i)
+            if row is not None:
+                caps.append((pos, row))
         return _Part(out, top_i, top_c, text, ids, caps)
+
+    def _json_batch_answers(self, item: tuple, doc: list, model: int, flat: list,
+                            times: list, models: list, sampled: list) -> None:
+        """A JSON batch's answers into the flat lists: its draw (the tap's, one per answer
+        with a decision, in order) and, with `capture_fails`, its fails are sampled."""
+        line, draw = item[3] if item[3] is not None else (None, None)
+        t = item[0]
+        j = 0  # the answer's place among the batch's decisions (the tap's draw)
+        mine = []
+        for i, a in enumerate(doc):
+            if not isinstance(a, dict) or "decision" not in a:
+                continue
+            if line is not None and ((j < len(draw) and bool(draw[j])) or (
+                    self._fails and a["decision"] == "fail")):
+                mine.append((len(flat), line, i))
+            j += 1
+            flat.append(a)
+            times.append(t)
+            models.append(model)
+        whole = len(doc) if j == len(doc) else 0
+        sampled += [(pos, ln, i, whole) for pos, ln, i in mine]
 
     def _write(self, parts: list[_Part]) -> None:
         if not parts:
@@ -792,6 +818,56 @@ def _join_parts(parts: list[_Part]):
         caps += [(base + pos, row) for pos, row in p.caps]
         base += len(p.rows)
     return np.concatenate([p.rows for p in parts]), top_i, top_c, caps
+
+
+def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]:
+    """(die_num, die_len, text ids' bytes, every die's id text) of JSON die ids: an integer
+    0..2**64-1 is numeric, anything else (a string, None, another value) text."""
+    nums, lens, text, ids = [], [], [], []
+    for d in dies:
+        if type(d) is int and 0 <= d < _U64:
+            nums.append(d)
+            lens.append(NUMERIC_ID)
+            ids.append(str(d))
+        else:
+            die = die_text(d)
+            raw = id_bytes(die)
+            nums.append(0)
+            lens.append(len(raw))
+            text.append(raw)
+            ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
+    return nums, lens, text, ids
+
+
+def _batch_rows(line: bytes, count: int, wanted: list[int]) -> dict[int, np.ndarray | None]:
+    """Requests `wanted`'s input rows of a JSON batch line (`count`: its size when each of its
+    requests was answered with a decision, else 0), by place in the batch. A sampled row or
+    two of a 64-row batch would otherwise cost a parse of the whole line (~350 kB, as long as
+    answering it took): when sound, only their `params` lists are read. Sound when each request
+    was answered (so each has one top-level `params` key whose value is a list of numbers and
+    nulls: its text ends at the first `]`), the text has no backslash (no escaped quote, so a
+    `"params"` in it is a key or a whole string) and holds `"params"` exactly `count` times (so
+    none is a value or a nested key, and the k-th is request k's); each list read must also be
+    number text only. Otherwise the whole line is parsed, as the dispatcher did."""
+    if count and b"\\" not in line and line.count(b'"params"') == count:
+        out: dict[int, np.ndarray | None] = {}
+        at, want = 0, set(wanted)
+        for k in range(max(want) + 1):
+            at = line.find(b'"params"', at) + 8
+            if k in want:
+                start = line.find(b"[", at)
+                text = line[start:line.find(b"]", start) + 1]
+                if text[1:-1].translate(None, _NUMBER_TEXT):
+                    break  # not number text after all: the long way
+                try:
+                    out[k] = _params({"params": orjson.loads(text)})
+                except orjson.JSONDecodeError:  # a number beyond double range: the long way
+                    break
+        else:
+            return out
+    requests = _request(line)
+    return {i: _params(requests[i]) if isinstance(requests, list) and i < len(requests)
+            else None for i in wanted}
 
 
 def _loads(answer: bytes) -> Any:

@@ -1,37 +1,46 @@
 """What the prediction log costs the tester: p99 latency with the log on vs off, same run.
 
-    .venv/bin/python bench/predlog_bench.py [--requests 4000] [--rounds 8] [--out FILE]
-        [--capture-rate 0.1] [--pin-cpu 0] [--batch-seconds 2] [--agent-tree CHECKOUT]
+    .venv/bin/python bench/predlog_bench.py [--requests 3000] [--rounds 12] [--out FILE]
+        [--capture-rate 0.01] [--pin-cpu 0] [--batch-seconds 2] [--agent-tree CHECKOUT]
+        [--compare-tree CHECKOUT]
 
-Two agent processes (`edgefleet agent serve`) on copies of the same model store (the 512-feature
-bench autoencoder, bench/ae_model.py): one with EDGEFLEET_AGENT_PREDLOG=off (the baseline), one
-with the log on at its defaults plus a 10% capture (`--capture-rate`; ten times the default, so
-the capture path is exercised). A client sends single-row requests (binary frames, then JSON
-lines) in alternating rounds to one agent and the other, so load that comes and goes on a shared
-machine hits both alike. With --pin-cpu (default 0) both agents and the client share one CPU,
-the worst case for the log's writer thread, which then competes with serving for that CPU.
-After each round the bench waits until the log has written every answer so far (reported as
-the writer's catch-up time; a tester's handling time gives the writer that room), so a writer
-that falls behind a continuous stream of back-to-back requests on one CPU is not judged by
-its queue's caps.
+Three agent processes (`edgefleet agent serve`) on copies of the same model store (the
+512-feature bench autoencoder, bench/ae_model.py): `off` and `off2` with
+EDGEFLEET_AGENT_PREDLOG=off, and `on` with the log at its defaults (capture at `--capture-rate`,
+the agent's default 1%). Each round, the client sends `--requests` single-row requests (binary
+frames, then JSON lines, on one connection after 200 warm-up ones) to each agent in turn, the
+order rotating from round to round, so load that comes and goes on a shared machine hits all
+three alike. With --pin-cpu (default 0) the agents and the client share one CPU: the worst case
+for the log's writer thread, which then competes with serving for it. After each encoding's
+turn the bench waits until the log has written every answer so far (the writer's catch-up
+time; a tester's handling time gives the writer that room).
+
+The figure: per round, the p99 of `on` over the p99 of `off` (the log's cost) and of `off2`
+over `off` (the noise floor: two identical agents), per encoding; the median over the rounds
+with a 95% bootstrap interval (rounds resampled) and the min and max. A p99 from one pair of
+runs on a shared 2-core box is mostly the scheduler's; the median of interleaved rounds beside
+its own noise floor is not. Also each agent's CPU time per answer, from the kernel's
+per-thread run time (/proc/PID/task/TID/schedstat, ns; a busy machine moves it less than a
+latency): the serving thread's (the agent's busiest) and the rest (for `on`, mostly the
+log's writer), the records the log wrote (scraped from its metrics, to show it ran) and the
+load average at start and end.
 
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
 connection, dies per second, alternating, and each agent's resident memory after them (1.5 s
-later, as bench/agent_bench.py measures it). --agent-tree runs the agents of another checkout
-(e.g. the main branch), for a before/after comparison on the same machine.
+later, as bench/agent_bench.py measures it). --agent-tree runs the agents of another checkout;
+--compare-tree adds a fourth agent, `on_ref`, with the log on in another checkout's code (e.g.
+the main branch), in the same interleaved rounds: a before/after comparison of two logs that
+the load hits alike.
 
-Printed and written to JSON: p50/p99 per encoding and agent, the ratio log-on / log-off (target
-p99 ratio <= 1.05; also each round pair's p99 ratio and their median, which a burst of load
-from other work during one round moves less than the pooled p99), each agent's CPU time per
-answer (serving plus, for the one with the log, its writer thread: less sensitive to a busy
-machine than a p99), the records the log wrote (scraped from its metrics, to show it ran) and
-the load average at start and end.
+Printed and written to JSON (--out); exit status 1 when the median p99 ratio of an encoding
+is over the target (1.05).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -86,10 +95,30 @@ def _start(store: Path, keyring: Path, sock: Path, port: int, env: dict, log: Pa
         time.sleep(0.01)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time (ns) of each thread of a process, from the scheduler's own accounting."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+            out[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return out
+
+
+class _CpuMeter:
+    """CPU time of one agent's serving thread (its busiest) and of the rest, from `start()`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base: dict[int, int] = {}
+
+    def start(self) -> None:
+        self.base = _thread_cpu_ns(self.pid)
+
+    def read(self) -> tuple[float, float]:
+        """(serving thread s, other threads s) since `start()`."""
+        now = _thread_cpu_ns(self.pid)
+        used = sorted((v - self.base.get(t, 0) for t, v in now.items()), reverse=True)
+        return used[0] / 1e9, sum(used[1:]) / 1e9
 
 
 _WRITTEN = 'edgefleet_predlog_records_total{log="predictions"}'
@@ -152,17 +181,92 @@ def _batches(agents: dict, dies: np.ndarray, seconds: float) -> dict:
     return out
 
 
+def _interval(ratios: list[float], seed: int = 0) -> dict:
+    """The median of per-round ratios, its 95% bootstrap interval (rounds resampled with
+    replacement), and the min and max."""
+    r = np.asarray(ratios)
+    boot = np.median(np.random.default_rng(seed).choice(r, (2000, len(r))), axis=1)
+    return {"median": float(np.median(r)), "ci95": [float(np.percentile(boot, 2.5)),
+                                                     float(np.percentile(boot, 97.5))],
+            "min": float(r.min()), "max": float(r.max()), "per_round": r.tolist()}
+
+
+def _messages(dies: np.ndarray) -> dict[str, list[bytes]]:
+    """Single-row requests of `dies`, per encoding."""
+    return {"binary": [encode_predict(r.reshape(1, -1), np.array([i], np.uint64))
+                       for i, r in enumerate(dies)],
+            "json": [json.dumps({"die_id": f"D{i}", "params": json_values(r)}).encode() + b"\n"
+                     for i, r in enumerate(dies)]}
+
+
+_LOOPS = {"binary": binary_loop, "json": json_loop}
+_WARMUP = 200  # requests per connection before the timed ones
+
+
+def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
+    """Interleaved rounds: per round and encoding, each agent's latencies (ns) in turn, the
+    order rotating; each agent's CPU per answer over all of them; the writer's catch-up."""
+    names = list(agents)
+    lat: dict = {n: {enc: [] for enc in messages} for n in names}
+    meters = {n: _CpuMeter(agents[n][2].pid) for n in names}
+    for m in meters.values():
+        m.start()
+    catch_up, answered = [], 0
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if (r // len(names)) % 2:
+            order.reverse()  # every agent goes first, middle and last, after each other one
+        for enc, msgs in messages.items():
+            for n in order:
+                lat[n][enc].append(_LOOPS[enc](agents[n][0], msgs, requests, _WARMUP))
+            answered += requests + _WARMUP
+            time.sleep(0.3)  # the writer's pass (every 0.2 s), before the first scrape
+            catch_up.append(0.3 + _catch_up(agents["on"][1], answered))
+    total = rounds * len(messages) * (requests + _WARMUP)
+    cpu = {}
+    for n, m in meters.items():
+        serving, rest = m.read()
+        cpu[n] = {"serving_us_per_answer": serving / total * 1e6,
+                  "other_threads_us_per_answer": rest / total * 1e6,
+                  "total_us_per_answer": (serving + rest) / total * 1e6}
+    return {"latencies": lat, "cpu": cpu, "catch_up": catch_up}
+
+
+def _figures(lat: dict) -> dict:
+    """Per encoding: pooled p50/p99 per agent, and the per-round p99 ratios on/off (the
+    log's cost) and off2/off (the noise floor), as `_interval`s."""
+    out = {}
+    for enc in lat["off"]:
+        p99 = {n: [pct(a)["p99_us"] for a in lat[n][enc]] for n in lat}
+        pooled = {n: pct(np.concatenate(lat[n][enc])) for n in lat}
+        out[enc] = {**pooled,
+                    "p50_ratio": pooled["on"]["p50_us"] / pooled["off"]["p50_us"],
+                    "p99_ratio_pooled": pooled["on"]["p99_us"] / pooled["off"]["p99_us"],
+                    "p99_ratio": _interval([a / b for a, b in zip(p99["on"], p99["off"],
+                                                                  strict=True)]),
+                    "noise_p99_ratio": _interval([a / b for a, b in zip(
+                        p99["off2"], p99["off"], strict=True)])}
+        if "on_ref" in lat:  # the log of --compare-tree, in the same rounds
+            out[enc]["ref_p99_ratio"] = _interval([a / b for a, b in zip(
+                p99["on_ref"], p99["off"], strict=True)])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=4000, help="requests per round and agent")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3000,
+                    help="timed requests per round, encoding and agent")
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for agents and client; -1: none")
-    ap.add_argument("--capture-rate", type=float, default=0.1,
-                    help="the log-on agent's sampled capture (the agent's default is 0.01)")
+    ap.add_argument("--capture-rate", type=float, default=0.01,
+                    help="the log-on agent's sampled capture (the agent's default: 0.01)")
     ap.add_argument("--batch-seconds", type=float, default=2.0,
                     help="batched throughput per encoding and agent, unpinned (0: skip)")
     ap.add_argument("--agent-tree", type=Path, default=REPO,
                     help="the checkout whose agents run (default: this one)")
+    ap.add_argument("--compare-tree", type=Path, default=None,
+                    help="a fourth agent, log on, running this checkout's code (e.g. the main "
+                         "branch): a before/after comparison in the same interleaved rounds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predlog.json")
     args = ap.parse_args()
     import ae_model
@@ -176,23 +280,29 @@ def main() -> int:
         bad = rng.random(len(dies)) < 0.03  # a few fails: every fail is captured
         dies[bad] += rng.normal(scale=0.3, size=(int(bad.sum()), dies.shape[1])).astype(
             np.float32)
-        frames = [encode_predict(r.reshape(1, -1), np.array([i], np.uint64))
-                  for i, r in enumerate(dies)]
-        lines = [json.dumps({"die_id": f"D{i}", "params": json_values(r)}).encode() + b"\n"
-                 for i, r in enumerate(dies)]
         agents = {}
-        for name, extra in (("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}),
-                            ("on", {"EDGEFLEET_AGENT_PREDLOG": "on",
-                                    "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate),
-                                    "EDGEFLEET_AGENT_PREDLOG_DIR": str(tmp / "predlog")})):
+        log_on = {"EDGEFLEET_AGENT_PREDLOG": "on",
+                  "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate)}
+        runs = [("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}, args.agent_tree),
+                ("off2", {"EDGEFLEET_AGENT_PREDLOG": "off"}, args.agent_tree),
+                ("on", log_on, args.agent_tree)]
+        if args.compare_tree is not None:
+            runs.append(("on_ref", log_on, args.compare_tree))
+        for name, extra, tree in runs:
             d = tmp / name
             d.mkdir()
             store = shutil.copytree(m.store, d / "store", symlinks=True)
-            port = free_port()
-            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(args.agent_tree),
-                       **extra)
-            proc = _start(store, m.keyring, d / "agent.sock", port, env, d / "agent.log",
-                          args.agent_tree)
+            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree),
+                       EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "predlog"), **extra)
+            for attempt in range(3):  # a free port can be taken by another job meanwhile
+                port = free_port()
+                try:
+                    proc = _start(store, m.keyring, d / "agent.sock", port, env,
+                                  d / "agent.log", tree)
+                    break
+                except RuntimeError as e:
+                    if attempt == 2 or "Address already in use" not in str(e):
+                        raise
             procs.append(proc)
             agents[name] = (str(d / "agent.sock"), f"http://127.0.0.1:{port}/metrics", proc)
         if args.pin_cpu >= 0:
@@ -200,39 +310,29 @@ def main() -> int:
             for _, _, proc in agents.values():
                 set_affinity(proc.pid, cpus)
             os.sched_setaffinity(0, cpus)
-        cpu_start = {k: _cpu_s(a[2].pid) for k, a in agents.items()}
         load_start = os.getloadavg()
-        lat: dict[str, dict[str, list]] = {k: {"binary": [], "json": []} for k in agents}
-        catch_up = []
-        for r in range(args.rounds):
-            order = ("off", "on") if r % 2 == 0 else ("on", "off")
-            for name in order:
-                sock = agents[name][0]
-                lat[name]["binary"].append(binary_loop(sock, frames, args.requests, 200))
-                lat[name]["json"].append(json_loop(sock, lines, args.requests, 200))
-            # let the writer write every answer so far (or 60 s)
-            catch_up.append(_catch_up(agents["on"][1], (r + 1) * 2 * (args.requests + 200)))
+        t0 = time.monotonic()
+        run = _rounds(agents, _messages(dies), args.requests, args.rounds)
         load_end = os.getloadavg()
-        written = scrape(agents["on"][1])
-        answers = args.rounds * 2 * (args.requests + 200)
-        cpu = {k: (_cpu_s(a[2].pid) - cpu_start[k]) / answers * 1e6 for k, a in agents.items()}
-        res: dict = {"requests_per_agent_and_encoding": args.requests * args.rounds,
-                     "cpu_us_per_answer": cpu, "cpu_ratio": cpu["on"] / cpu["off"],
+        cpu = run["cpu"]
+        res: dict = {"requests_per_round_encoding_and_agent": args.requests,
+                     "rounds": args.rounds, "seconds": time.monotonic() - t0,
+                     "cpu": cpu,
+                     "serving_cpu_ratio": (cpu["on"]["serving_us_per_answer"]
+                                           / cpu["off"]["serving_us_per_answer"]),
+                     "serving_cpu_noise_ratio": (cpu["off2"]["serving_us_per_answer"]
+                                                 / cpu["off"]["serving_us_per_answer"]),
+                     "total_cpu_ratio": (cpu["on"]["total_us_per_answer"]
+                                         / cpu["off"]["total_us_per_answer"]),
                      "pinned_cpu": args.pin_cpu, "loadavg_start": load_start,
                      "loadavg_end": load_end, "agent_tree": str(args.agent_tree),
+                     "compare_tree": None if args.compare_tree is None else str(
+                         args.compare_tree),
                      "capture_rate": args.capture_rate,
-                     "writer_catch_up_s": {"mean": float(np.mean(catch_up)),
-                                           "max": float(np.max(catch_up))}, "figures": {}}
-        for enc in ("binary", "json"):
-            off = pct(np.concatenate(lat["off"][enc]))
-            on = pct(np.concatenate(lat["on"][enc]))
-            rounds = [pct(a)["p99_us"] / pct(b)["p99_us"]
-                      for a, b in zip(lat["on"][enc], lat["off"][enc], strict=True)]
-            res["figures"][enc] = {"off": off, "on": on,
-                                   "p50_ratio": on["p50_us"] / off["p50_us"],
-                                   "p99_ratio": on["p99_us"] / off["p99_us"],
-                                   "p99_ratio_per_round": rounds,
-                                   "p99_ratio_median_of_rounds": float(np.median(rounds))}
+                     "writer_catch_up_s": {"mean": float(np.mean(run["catch_up"])),
+                                           "max": float(np.max(run["catch_up"]))},
+                     "figures": _figures(run["latencies"])}
+        written = scrape(agents["on"][1])
         res["log_records"] = {k: v for k, v in written.items()
                               if k.startswith(("edgefleet_predlog_records_total",
                                                "edgefleet_predlog_dropped_total",
@@ -246,35 +346,14 @@ def main() -> int:
             bad = rng.random(len(batch_dies)) < 0.03  # is captured
             batch_dies[bad] += rng.normal(scale=0.3, size=(int(bad.sum()), dies.shape[1])
                                           ).astype(np.float32)
-            res["batches"] = _batches(agents, batch_dies, args.batch_seconds)
-        worst = max(f["p99_ratio"] for f in res["figures"].values())
+            res["batches"] = _batches({k: agents[k] for k in ("off", "on")}, batch_dies,
+                                      args.batch_seconds)
+        worst = max(f["p99_ratio"]["median"] for f in res["figures"].values())
         res["target_p99_ratio"] = TARGET_P99_RATIO
         res["pass"] = worst <= TARGET_P99_RATIO
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"load average start {load_start[0]:.2f} end {load_end[0]:.2f}; "
-              f"{args.rounds} alternating rounds x {args.requests} requests per agent")
-        for enc, f in res["figures"].items():
-            print(f"{enc:6s} p50 off {f['off']['p50_us']:7.1f} us  on {f['on']['p50_us']:7.1f} us"
-                  f"  ratio {f['p50_ratio']:.3f} | p99 off {f['off']['p99_us']:7.1f} us  on "
-                  f"{f['on']['p99_us']:7.1f} us  ratio {f['p99_ratio']:.3f} (median of the "
-                  f"rounds' ratios {f['p99_ratio_median_of_rounds']:.3f})")
-        print(f"agent CPU per answer (serving + the log's writer): off {cpu['off']:.1f} us, "
-              f"on {cpu['on']:.1f} us, ratio {res['cpu_ratio']:.3f}; the writer caught up "
-              f"{res['writer_catch_up_s']['mean']:.2f} s after a round (max "
-              f"{res['writer_catch_up_s']['max']:.2f} s)")
-        b = res.get("batches")
-        if b:
-            print(f"batches (unpinned, load {b['loadavg'][0]:.2f}): binary 1024 rows off "
-                  f"{b['off']['binary_dies_per_s']:,.0f} on {b['on']['binary_dies_per_s']:,.0f} "
-                  f"dies/s (ratio {b['binary_ratio']:.3f}); JSON 64 rows off "
-                  f"{b['off']['json_dies_per_s']:,.0f} on {b['on']['json_dies_per_s']:,.0f} "
-                  f"(ratio {b['json_ratio']:.3f}); RSS after them off {b['off']['rss_mb']:.1f} "
-                  f"MB, on {b['on']['rss_mb']:.1f} MB")
-        for k, v in res["log_records"].items():
-            print(f"  {k} {v:.0f}")
-        print(f"p99 ratio (worst encoding) {worst:.3f}, target <= {TARGET_P99_RATIO}: "
-              f"{'pass' if res['pass'] else 'FAIL'}; written to {args.out}")
+        _print(res, args.out)
         return 0 if res["pass"] else 1
     finally:
         for p in procs:
@@ -285,6 +364,47 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print(res: dict, out: Path) -> None:
+    print(f"load average start {res['loadavg_start'][0]:.2f} end {res['loadavg_end'][0]:.2f}; "
+          f"{res['rounds']} interleaved rounds x {res['requests_per_round_encoding_and_agent']} "
+          f"requests per encoding and agent (off, off2, on), {res['seconds']:.0f} s; capture "
+          f"{res['capture_rate']:g}")
+    for enc, f in res["figures"].items():
+        r, z = f["p99_ratio"], f["noise_p99_ratio"]
+        print(f"{enc:6s} p99 on/off median of rounds {r['median']:.3f} [95% {r['ci95'][0]:.3f}"
+              f"-{r['ci95'][1]:.3f}, min {r['min']:.3f} max {r['max']:.3f}] | noise off2/off "
+              f"{z['median']:.3f} [{z['ci95'][0]:.3f}-{z['ci95'][1]:.3f}, min {z['min']:.3f} "
+              f"max {z['max']:.3f}]")
+        if "ref_p99_ratio" in f:
+            x = f["ref_p99_ratio"]
+            print(f"{'':6s} --compare-tree's log: p99 on/off median {x['median']:.3f} [95% "
+                  f"{x['ci95'][0]:.3f}-{x['ci95'][1]:.3f}]")
+        print(f"{'':6s} pooled p50 off {f['off']['p50_us']:.1f} on {f['on']['p50_us']:.1f} us "
+              f"(ratio {f['p50_ratio']:.3f}); p99 off {f['off']['p99_us']:.1f} off2 "
+              f"{f['off2']['p99_us']:.1f} on {f['on']['p99_us']:.1f} us")
+    c = res["cpu"]
+    print("CPU per answer (us): " + "; ".join(
+        f"{n} serving {v['serving_us_per_answer']:.1f} + other threads "
+        f"{v['other_threads_us_per_answer']:.2f}" for n, v in c.items())
+        + f"; serving on/off {res['serving_cpu_ratio']:.3f} (off2/off "
+        f"{res['serving_cpu_noise_ratio']:.3f}), total on/off {res['total_cpu_ratio']:.3f}")
+    print(f"the writer caught up {res['writer_catch_up_s']['mean']:.2f} s after a turn (max "
+          f"{res['writer_catch_up_s']['max']:.2f} s)")
+    b = res.get("batches")
+    if b:
+        print(f"batches (unpinned, load {b['loadavg'][0]:.2f}): binary 1024 rows off "
+              f"{b['off']['binary_dies_per_s']:,.0f} on {b['on']['binary_dies_per_s']:,.0f} "
+              f"dies/s (ratio {b['binary_ratio']:.3f}); JSON 64 rows off "
+              f"{b['off']['json_dies_per_s']:,.0f} on {b['on']['json_dies_per_s']:,.0f} "
+              f"(ratio {b['json_ratio']:.3f}); RSS after them off {b['off']['rss_mb']:.1f} "
+              f"MB, on {b['on']['rss_mb']:.1f} MB")
+    for k, v in res["log_records"].items():
+        print(f"  {k} {v:.0f}")
+    worst = max(f["p99_ratio"]["median"] for f in res["figures"].values())
+    print(f"p99 ratio (worst encoding, median of rounds) {worst:.3f}, target <= "
+          f"{res['target_p99_ratio']}: {'pass' if res['pass'] else 'FAIL'}; written to {out}")
 
 
 if __name__ == "__main__":

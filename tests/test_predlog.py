@@ -95,6 +95,31 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
     assert 40 <= sampled <= 180  # 25% of ~396 passes; binomial, far from both bounds
 
 
+def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path):
+    """The writer reads a sampled request's row from its `params` list alone when the line's
+    text makes that sound, else parses the whole line: the same rows either way."""
+    x = model.train[:4].astype(np.float64)
+    plain = [{"die_id": f"P{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
+             for i, r in enumerate(x.tolist())]
+    odd = [dict(plain[0], die_id="params"), dict(plain[1], note={"params": [1]}),
+           dict(plain[2], die_id="Ö\\")]  # "params" as a value, nested, a backslash
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0) as (server, plog):
+        with Client(server.path) as c:
+            c.request(plain)
+            c.request(odd)
+            c.request([plain[3], {"die_id": "refused", "params": [1.0]}])  # not all answered
+        assert wait_flushed(plog, server)
+    found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
+    assert [c["die_id"] for c, _ in found] == ["P0", "P1", "P2", "P3", "params", "P1", "Ö\\",
+                                               "P3"]
+    caps = {c["die_id"]: row for c, row in found}
+    for die, i in [("P0", 0), ("P1", 1), ("P2", 2), ("P3", 3), ("params", 0), ("Ö\\", 2)]:
+        want = np.array(plain[i]["params"], dtype=np.float64)
+        np.testing.assert_array_equal(np.isnan(caps[die]), np.isnan(want))
+        np.testing.assert_allclose(caps[die][~np.isnan(want)], want[~np.isnan(want)],
+                                   rtol=1e-6)
+
+
 def test_a_full_queue_drops_and_counts_and_never_blocks(model, tmp_path):
     with logged_agent(model, tmp_path / "log", queue_size=5, flush_interval_s=3600) as (
             server, plog):

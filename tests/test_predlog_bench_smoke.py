@@ -22,6 +22,10 @@ def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the target missed on a busy box
     report = json.loads(out.read_text())
     for enc in ("binary", "json"):
-        assert report["figures"][enc]["p99_ratio"] > 0
+        figures = report["figures"][enc]
+        for ratio in (figures["p99_ratio"], figures["noise_p99_ratio"]):  # log's cost, noise
+            assert len(ratio["per_round"]) == 2
+            assert ratio["ci95"][0] <= ratio["median"] <= ratio["ci95"][1]
+    assert report["cpu"]["on"]["serving_us_per_answer"] > 0
     written = report["log_records"]['edgefleet_predlog_records_total{log="predictions"}']
     assert written == 2 * 2 * (100 + 200)  # rounds x encodings x (requests + warm-up): all
