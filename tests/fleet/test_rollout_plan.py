@@ -161,6 +161,8 @@ def test_a_command_published_while_disconnected_stays_sending_until_the_broker_h
         def state(self, device):
             return None
 
+        state_of = state  # what the driver reads a device's latest state with
+
     class Info:
         def __init__(self, exc):
             self.exc, self._published = exc, False
