@@ -331,8 +331,8 @@ class SelectorLoop:
                     continue
                 packets += self._service(key.data, mask)
             self._run_ops()
-            if packets and self.batch_s > 0:
-                self._pause_sel.select(self._batch_wait(packets))  # `_wake` ends it early
+            if packets and self.batch_s > 0:  # `_wake` (a publish, `stop`) ends the wait early
+                self._pause_sel.select(self._batch_wait(packets, time.monotonic()))
             now = time.monotonic()
             self._connect_due(now)
             if now >= next_tick:
@@ -340,13 +340,12 @@ class SelectorLoop:
                 for entry in list(self._entries.values()):
                     self._misc(entry, now)
 
-    def _batch_wait(self, packets: int) -> float:
+    def _batch_wait(self, packets: int, now: float) -> float:
         """How long to let the next batch gather: `batch_s`, or less on a fast stream, so that
         about BATCH_FILL packets arrive meanwhile (from the rate of the last batch). Waiting
         for more could stall the broker: it stops sending QoS 1 messages to a client with 20
         unacknowledged (Mosquitto's `max_inflight_messages`), and the acknowledgements of a
         batch go out when it is read."""
-        now = time.monotonic()
         span, self._last_batch = now - self._last_batch, now
         return min(self.batch_s, BATCH_FILL * span / packets)
 
