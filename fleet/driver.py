@@ -6,7 +6,7 @@ what the current phase needs, and does it. State changes go through the transiti
 
     driver = RolloutDriver(db, rollout_id, ctl, owner="host:pid:tok")
     while driver.tick():          # True while the rollout still needs driving
-        wait_for_a_message_or(0.1)
+        time.sleep(0.2)           # the controller's tick: messages are folded by the round
 
 Intent first: a step is committed `sending` before its command is published, with a command
 id derived from the rollout, the device and the step; a driver loaded after a crash publishes
@@ -460,10 +460,10 @@ class RolloutDriver:
             self._audit("stage", {"stage": stage.name, "phase": "deploy"})
             stage = self.stages[idx]
         name = "shadow" if self.kinds[idx] == "shadow" else "install"
-        reports = {d: s.status for d, s in self.reports.items()}
         dec = D.decide_deploy((), self.views, self.ctx, now,  # type: ignore[arg-type]
                               stage_started=stage.started or now,
-                              accepted=stage.failures_accepted, reports=reports,
+                              accepted=stage.failures_accepted,
+                              reports=_Statuses(self.reports),
                               connected=self.ctl.connected.is_set(),
                               counts=self.counts[idx], pending=self._pending(idx))
         for d, change in dec.finish.items():
@@ -753,6 +753,23 @@ class _Views(Mapping[str, D.DeviceView]):
 
     def __len__(self) -> int:
         return len(self._targets)
+
+
+class _Statuses(Mapping[str, str]):
+    """device -> the status of its step in `steps`, read when asked: a deploy round looks up
+    only the devices it considers, instead of copying every report step's status."""
+
+    def __init__(self, steps: Mapping[str, StepRow]) -> None:
+        self._steps = steps
+
+    def __getitem__(self, device_id: str) -> str:
+        return self._steps[device_id].status
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
 
 
 class _States:

@@ -251,3 +251,24 @@ def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
         finally:
             ctl.send_signal(signal.SIGTERM)
             ctl.communicate(timeout=30)
+
+
+def test_the_controller_loop_wakes_by_the_clock_a_tick_while_driving_else_when_work_is_due(
+        tmp_path: Path):
+    """The loop sleeps a tick (0.2 s) between rounds while it drives a rollout and, with none,
+    until its next heartbeat or scan: an idle controller does not wake ten times a second, and
+    no message wakes it (a wake-up is CPU on a small machine)."""
+    from fleet.controller import Controller, ControllerOptions
+    from fleet.state import StateDB
+
+    now = [1000.3]
+    loop = Controller(StateDB(tmp_path / "r.db"), None,  # type: ignore[arg-type]
+                      ControllerOptions(), clock=lambda: now[0])
+    loop._last_beat, loop._last_scan = 1000.0, 1000.2  # heartbeat every 1 s, scan every 0.5 s
+    assert loop._pause() == pytest.approx(0.4)  # the next scan is due at 1000.7
+    now[0] = 1000.6
+    assert loop._pause() == pytest.approx(0.2)  # never less than a tick
+    now[0] = 900.0  # the clock stepped back: at most a scan interval
+    assert loop._pause() == pytest.approx(0.5)
+    loop.drivers["r1"] = object()  # type: ignore[assignment]
+    assert loop._pause() == pytest.approx(0.2)

@@ -33,7 +33,7 @@ class Reader:
         self.client.on_message = lambda c, u, m: self.got.append(
             (m.topic, m.payload, m.qos, m.retain))
         self.loop = SelectorLoop(reconnect_min_s=1, reconnect_max_s=2, tick_s=0.5,
-                                 batch_s=0.02).start()
+                                 batch_s=0.1).start()  # as the controller's
         self.loop.add(self.client)
         assert self.subscribed.wait(10)
 
@@ -184,3 +184,18 @@ def _read(sock: _Chunks) -> tuple[list[tuple[str, bytes, int, bool]], list[int]]
         while client._packet_read() == mqtt.MQTT_ERR_SUCCESS:
             pass
     return got, acks
+
+
+def test_a_batch_wait_shortens_on_a_fast_stream_to_keep_the_brokers_window_open():
+    """After a read the loop lets the next batch gather for `batch_s`, or, on a stream fast
+    enough to bring more than BATCH_FILL packets in that time, only as long as BATCH_FILL take:
+    the broker stops at 20 unacknowledged QoS 1 messages, and a longer wait would cap the
+    stream at 20 a batch."""
+    from fleet.selector_loop import BATCH_FILL
+
+    loop = SelectorLoop(batch_s=0.1)  # not started: `_batch_wait` is arithmetic on the clock
+    loop._batch_wait(1, 100.0)
+    assert loop._batch_wait(2, 101.0) == 0.1  # 2 packets a second: the whole batch_s
+    # 1,000 packets a second: BATCH_FILL of them take BATCH_FILL ms
+    assert loop._batch_wait(50, 101.05) == pytest.approx(BATCH_FILL / 1000)
+    assert BATCH_FILL < 20
