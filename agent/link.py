@@ -62,7 +62,7 @@ from agent.commands import (
     valid_device_id,
     verify_command,
 )
-from agent.digest import bundle_digest
+from agent.digest import bundle_digest, cached_bundle_digest
 from agent.download import Cancel, DownloadCancelled, DownloadConfig, DownloadError, download
 from agent.errors import EdgefleetError, UsageError
 from agent.fsio import atomic_write
@@ -448,7 +448,6 @@ class DeviceLink:
         self._event_seq = 0
         self._state_seq = 0
         self._running: dict[str, CommandContext] = {}  # accepted, not ended, oldest first
-        self._digests: dict[str, str] = {}
         self._last_published: dict[str, Any] | None = None
         self._last_publish_t = 0.0
         self._ticker: threading.Thread | None = None
@@ -606,21 +605,19 @@ class DeviceLink:
             return None
         try:
             m = store.manifest(vid)
-            digest = self._digests.get(vid) or bundle_digest(store.version_dir(vid))
+            digest = cached_bundle_digest(store.version_dir(vid), m)
         except (EdgefleetError, OSError, ValueError, KeyError) as e:
             return {"id": vid, "error": str(e)}
-        self._digests[vid] = digest
         return {"id": vid, "name": m.name, "version": m.version, "sequence": m.sequence,
                 "digest": digest, "model_sha256": m.model_digest}
 
     def _digest(self, vid: str) -> str | None:
-        """The bundle SHA-256 of a stored version (cached: a version never changes)."""
-        if vid not in self._digests:
-            try:
-                self._digests[vid] = bundle_digest(self.installer.store.version_dir(vid))
-            except (EdgefleetError, OSError, ValueError, KeyError):
-                return None
-        return self._digests[vid]
+        """The bundle SHA-256 of a stored version (agent.digest's cache: the install computed
+        it while unpacking)."""
+        try:
+            return cached_bundle_digest(self.installer.store.version_dir(vid))
+        except (EdgefleetError, OSError, ValueError, KeyError):
+            return None
 
     def publish_state(self, *, force: bool = False, only_if_changed: bool = False) -> None:
         """Publish the state (retained, QoS 0: a lost one is superseded by the republish on the

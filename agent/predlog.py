@@ -55,6 +55,7 @@ import orjson
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.dieindex import INDEX_DTYPE, DieIndex, die_key, die_text
+from agent.digest import cached_bundle_digest
 from agent.fsio import atomic_write
 from agent.predformat import (
     CAPTURE_FAIL,
@@ -275,10 +276,8 @@ def _bundle_digest(p: Any) -> str | None:
     path = getattr(engine, "model_path", None)
     if path is None:
         return None
-    try:
-        from agent.link import bundle_digest
-
-        return bundle_digest(Path(path).parent)
+    try:  # agent.digest, not agent.link: the log must not load the MQTT client
+        return cached_bundle_digest(Path(path).parent)
     except (OSError, ValueError, KeyError) as e:
         log.warning("prediction log: no bundle digest for %s: %s", path, e)
         return None

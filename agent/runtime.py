@@ -86,12 +86,12 @@ class Runtime:
         result makes it serve (and returns the previous snapshot), as `swap` would.
 
         The build is most of a swap's work: warming the engine up (so the first request does
-        not pay for lazy allocations), the bundle digest (re-reads the version's files), the
-        drift monitor and the rules. The store runs it while it loads the model, before the
-        commit point (agent/install.py `on_prepare`), so that the commit itself only moves a
-        reference: ~2 ms of the installing thread's CPU, all of it competing for the GIL with
-        the serving thread, used to sit right at the switch (issue 15). A prepared snapshot
-        that is never called is simply dropped."""
+        not pay for lazy allocations), the bundle digest (agent.digest's cache, else the
+        version's files re-read), the drift monitor and the rules. The store runs it while it
+        loads the model, before the commit point (agent/install.py `on_prepare`), so that the
+        commit itself only moves a reference: ~2 ms of the installing thread's CPU, all of it
+        competing for the GIL with the serving thread, used to sit right at the switch (issue
+        15). A prepared snapshot that is never called is simply dropped."""
         manifest = manifest or engine.manifest
         try:
             engine.warm_up()
