@@ -215,38 +215,18 @@ def _parse_csv(reader: csv.DictReader) -> list[tuple[str, int, float | None]]:
 # ---------------------------------------------------------------------------- the desk
 
 
-class LabelDesk:
-    """Receives labels (any thread), joins them (the prediction log's writer thread)."""
+class LabelInbox:
+    """The socket side of labels: answers the `label` op (JSON and binary) and hands the valid
+    labels to `offer`, counting the invalid ones. `LabelDesk` joins them where they arrive; the
+    agent's writer-process link (agent/predlog_proc.py) forwards them to the desk there."""
 
-    def __init__(self, config: LabelConfig, directory: Path, *, clock=time.time) -> None:
-        from agent.segring import RingConfig, SegmentRing
-
-        self.config = config
-        self.clock = clock
-        self.ring = SegmentRing(Path(directory) / "labels", RingConfig(max_bytes=64 << 20,
-                                                                       segment_bytes=4 << 20))
-        self._pending: deque[Label] = deque()
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.results = {(s, r): 0 for s in SOURCES for r in RESULTS}
-        self.joins: dict[tuple[int, int, int], int] = {}  # (model, predicted, actual) -> n
-        self._next_poll = 0.0
-        if config.drop_dir is not None:
-            for sub in ("incoming", "done", "rejected"):
-                (Path(config.drop_dir) / sub).mkdir(parents=True, exist_ok=True)
-
-    # -- receiving (serving threads)
 
     def offer(self, labels: list[tuple[str, int, float | None]], source: str) -> tuple[int, int]:
         """Queue labels; return (accepted, dropped). Never blocks."""
-        room = self.config.max_pending - len(self._pending)
-        take = labels[:max(room, 0)]
-        for die, value, t in take:
-            self._pending.append(Label(die, value, t, source))
-        dropped = len(labels) - len(take)
-        if dropped:
-            with self._lock:
-                self.results[(source, "dropped")] += dropped
-        return len(take), dropped
+        raise NotImplementedError
 
     def handle_json(self, obj: dict) -> dict[str, Any]:
         """Answer a JSON `label` request (the dispatcher's `op == "label"` branch)."""
@@ -271,6 +251,39 @@ class LabelDesk:
                 self.results[("socket", "invalid")] += 1
             return encode_error_frame(e, tag)
         return encode_labeled(*self.offer(labels, "socket"), tag)
+
+
+class LabelDesk(LabelInbox):
+    """Receives labels (any thread), joins them (the prediction log's writer thread)."""
+
+    def __init__(self, config: LabelConfig, directory: Path, *, clock=time.time) -> None:
+        from agent.segring import RingConfig, SegmentRing
+
+        super().__init__()
+        self.config = config
+        self.clock = clock
+        self.ring = SegmentRing(Path(directory) / "labels", RingConfig(max_bytes=64 << 20,
+                                                                       segment_bytes=4 << 20))
+        self._pending: deque[Label] = deque()
+        self.joins: dict[tuple[int, int, int], int] = {}  # (model, predicted, actual) -> n
+        self._next_poll = 0.0
+        if config.drop_dir is not None:
+            for sub in ("incoming", "done", "rejected"):
+                (Path(config.drop_dir) / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- receiving (serving threads)
+
+    def offer(self, labels: list[tuple[str, int, float | None]], source: str) -> tuple[int, int]:
+        """Queue labels; return (accepted, dropped). Never blocks."""
+        room = self.config.max_pending - len(self._pending)
+        take = labels[:max(room, 0)]
+        for die, value, t in take:
+            self._pending.append(Label(die, value, t, source))
+        dropped = len(labels) - len(take)
+        if dropped:
+            with self._lock:
+                self.results[(source, "dropped")] += dropped
+        return len(take), dropped
 
     # -- the MES drop directory
 
@@ -370,31 +383,40 @@ class LabelDesk:
 
     # -- metrics
 
-    def collect(self, models: Any) -> Iterable[Metric]:
+    def snapshot(self) -> dict[str, Any]:
+        """The counts the metrics show (`label_families`), as JSON-able values."""
         with self._lock:
-            results, joins = dict(self.results), dict(self.joins)
-        fam = CounterMetricFamily("edgefleet_labels", "Final-test labels received, by source "
-                                  "and what became of them.", labels=["source", "result"])
-        for (s, r), n in results.items():
-            fam.add_metric([s, r], n)
-        yield fam
-        fam = CounterMetricFamily("edgefleet_label_joins", "Labels joined to the device's "
-                                  "decision, per model: predicted (the decision) vs actual "
-                                  "(the label).", labels=["digest", "predicted", "actual"])
-        # Zero for every cell of the newest models that answered: a series must exist before
-        # its first label for Prometheus' increase() to count that label (a rollout's label
-        # gate reads the new bundle's counts that way, fleet/label_gates.py).
-        for info in models.models[-_ZERO_MODELS:]:
-            for pred in (0, 1):
-                for actual in (0, 1):
-                    joins.setdefault((info.index, pred, actual), 0)
-        for (model, pred, actual), n in sorted(joins.items()):
-            info = models.get(model)
-            fam.add_metric([info.digest if info is not None else "none", LABEL_NAMES[pred],
-                            LABEL_NAMES[actual]], n)
-        yield fam
-        yield GaugeMetricFamily("edgefleet_labels_pending", "Labels queued for the join.",
-                                value=len(self._pending))
+            return {"results": [[s, r, n] for (s, r), n in self.results.items()],
+                    "joins": [[*k, n] for k, n in self.joins.items()],
+                    "pending": len(self._pending)}
+
+
+def label_families(snap: dict[str, Any], models: list[Any]) -> Iterable[Metric]:
+    """The desk's metrics from its `snapshot()`; `models`: the log's table (ModelInfo, by
+    index)."""
+    fam = CounterMetricFamily("edgefleet_labels", "Final-test labels received, by source "
+                              "and what became of them.", labels=["source", "result"])
+    for s, r, n in snap["results"]:
+        fam.add_metric([s, r], n)
+    yield fam
+    fam = CounterMetricFamily("edgefleet_label_joins", "Labels joined to the device's "
+                              "decision, per model: predicted (the decision) vs actual "
+                              "(the label).", labels=["digest", "predicted", "actual"])
+    # Zero for every cell of the newest models that answered: a series must exist before
+    # its first label for Prometheus' increase() to count that label (a rollout's label
+    # gate reads the new bundle's counts that way, fleet/label_gates.py).
+    joins = {(m, p, a): n for m, p, a, n in snap["joins"]}
+    for info in models[-_ZERO_MODELS:]:
+        for pred in (0, 1):
+            for actual in (0, 1):
+                joins.setdefault((info.index, pred, actual), 0)
+    for (model, pred, actual), n in sorted(joins.items()):
+        info = models[model] if 0 <= model < len(models) else None
+        fam.add_metric([info.digest if info is not None else "none", LABEL_NAMES[pred],
+                        LABEL_NAMES[actual]], n)
+    yield fam
+    yield GaugeMetricFamily("edgefleet_labels_pending", "Labels queued for the join.",
+                            value=snap["pending"])
 
 
 # ---------------------------------------------------------------------------- the server's hooks
@@ -402,7 +424,7 @@ class LabelDesk:
 _NOT_ENABLED = "labels are not enabled on this agent (it keeps no prediction log)"
 
 
-def answer_label_json(desk: LabelDesk | None, obj: dict) -> dict[str, Any]:
+def answer_label_json(desk: LabelInbox | None, obj: dict) -> dict[str, Any]:
     """The answer to a JSON `label` request (agent/dispatch.py)."""
     if desk is None:
         return {"id": json_id(obj, "id"),
@@ -410,7 +432,7 @@ def answer_label_json(desk: LabelDesk | None, obj: dict) -> dict[str, Any]:
     return desk.handle_json(obj)
 
 
-def answer_label_frame(desk: LabelDesk | None, buf: bytes | bytearray, offset: int, tag: int,
+def answer_label_frame(desk: LabelInbox | None, buf: bytes | bytearray, offset: int, tag: int,
                        rows: int) -> bytes:
     """The answer to a LABEL frame whose header was checked (agent/server.py)."""
     from agent.protocol import encode_error_frame

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import struct
 import threading
 import time
 from collections import deque
@@ -55,7 +53,6 @@ import orjson
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.dieindex import INDEX_DTYPE, DieIndex, die_key, die_text
-from agent.digest import cached_bundle_digest
 from agent.fsio import atomic_write
 from agent.predformat import (
     CAPTURE_FAIL,
@@ -71,13 +68,21 @@ from agent.predformat import (
     id_bytes,
     iter_predictions,
 )
+from agent.predlog_models import NO_MODEL, ModelInfo, ModelTable
+from agent.predlog_tap import (
+    BINARY_BATCH,
+    BINARY_ONE,
+    JSON_BATCH,
+    JSON_ONE,
+    LABELS,
+    MODEL,
+    MSG,
+    U32,
+    Tap,
+)
 from agent.protocol import (
     DECISION_LABELS,
-    HEADER,
-    MAGIC_BYTE,
-    RESULT_BLOCK,
     Decision,
-    FrameType,
     ProtocolError,
     Source,
     parse_json_line,
@@ -94,19 +99,14 @@ _CHUNK_ROWS = 8192
 _JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make the GC work)
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
-_BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = 1, 2, 3, 4
-NO_MODEL = 0xFFFFFFFF  # model index when nothing but a standalone rules file answered
+_BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH
 FORMAT = "2"  # the log directory's format (agent/predformat.py); `format` file in it
 _F4 = np.dtype("<f4")
-_FAIL_TEXT = b'"decision":"fail"'
-_DECISION_TEXT = b'"decision"'
-_RESULT = int(FrameType.RESULT)
+_U4 = np.dtype("<u4")
 _FAIL = int(Decision.FAIL)
 _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
 _FALLBACK = int(Source.FALLBACK)
-_RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
-_TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
 _U64 = 1 << 64
 _NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"  # what a list of numbers and nulls is made of
 
@@ -139,6 +139,20 @@ class PredLogConfig:
         return RingConfig(max_bytes=size, max_age_s=self.max_age_s,
                           segment_bytes=min(self.segment_bytes, max(size // 4, 4096)),
                           min_free_bytes=self.min_free_bytes)
+
+
+def _extra(kind: int, raw: memoryview) -> Any:
+    """A queued answer's extra from its tap message's (agent/predlog_tap.py): the sampled row's
+    bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH), the request line (JSON_ONE), (the
+    line, the draw) (JSON_BATCH)."""
+    if kind in (_BINARY_ONE, _JSON_ONE):
+        return bytes(raw)
+    (n,) = U32.unpack_from(raw)
+    if kind == _BINARY_BATCH:
+        idx = np.frombuffer(raw, _U4, n, 4)
+        return idx, np.frombuffer(raw, _F4, offset=4 + 4 * n).reshape(n, -1)
+    line = bytes(raw[4:4 + n])
+    return line, np.frombuffer(raw, np.bool_, offset=4 + n)
 
 
 def _yield_gil() -> None:
@@ -212,87 +226,6 @@ def _prepare(directory: Path) -> None:
     atomic_write(marker, (FORMAT + "\n").encode())
 
 
-# ---------------------------------------------------------------------------- model table
-
-
-@dataclass
-class ModelInfo:
-    index: int
-    digest: str  # the bundle's sha256, as devices report it and rollouts name it
-    model_sha256: str
-    name: str
-    version: str
-    sequence: int
-    threshold: float
-    confidence_scale: float
-    reference: dict[str, Any] | None = None  # score-margin reference of the build, if shipped
-    feature_names: list[str] | None = None  # for a dataset built from captured rows
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class ModelTable:
-    """`models.json` in the log directory: index -> model. A model gets its index (written
-    durably) before the first record that names it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.models: list[ModelInfo] = []
-        self._by_engine: dict[int, int] = {}
-        if path.exists():
-            for m in json.loads(path.read_text()):
-                self.models.append(ModelInfo(**m))
-
-    def index_of(self, p: Any) -> int:
-        """The index of predictor `p`'s model (adds it on first sight); NO_MODEL without one."""
-        m = p.manifest
-        if m is None:
-            return NO_MODEL
-        key = id(m)
-        idx = self._by_engine.get(key)
-        if idx is not None:
-            return idx
-        digest = getattr(p, "bundle_digest", None) or _bundle_digest(p) or m.model_digest
-        for info in self.models:
-            if info.digest == digest:
-                self._by_engine[key] = info.index
-                return info.index
-        info = ModelInfo(len(self.models), digest, m.model_digest, m.name, m.version,
-                         m.sequence, float(m.threshold), float(m.confidence_scale),
-                         _score_reference(m), list(m.input.feature_names or ()) or None)
-        self.models.append(info)
-        atomic_write(self.path, json.dumps([i.to_json() for i in self.models]).encode())
-        self._by_engine[key] = info.index
-        return info.index
-
-    def get(self, index: int) -> ModelInfo | None:
-        return self.models[index] if 0 <= index < len(self.models) else None
-
-
-def _bundle_digest(p: Any) -> str | None:
-    """The bundle digest of the loaded model (from its unpacked directory), None if unknown."""
-    engine = p.engine
-    path = getattr(engine, "model_path", None)
-    if path is None:
-        return None
-    try:  # agent.digest, not agent.link: the log must not load the MQTT client
-        return cached_bundle_digest(Path(path).parent)
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("prediction log: no bundle digest for %s: %s", path, e)
-        return None
-
-
-def _score_reference(m: Any) -> dict[str, Any] | None:
-    """`evaluation.score_margin_reference` ({"edges": [...], "proportions": [...]}), when the
-    build ships the validation passes' margin distribution; else None."""
-    ref = (m.evaluation or {}).get("score_margin_reference")
-    if isinstance(ref, dict) and isinstance(ref.get("edges"), list) and isinstance(
-            ref.get("proportions"), list) and len(ref["proportions"]) == len(ref["edges"]) + 1:
-        return ref
-    return None
-
-
 # ---------------------------------------------------------------------------- proxy metrics
 
 CONFIDENCE_EDGES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -356,20 +289,15 @@ class _Part:
     caps: list[tuple[int, np.ndarray]]
 
 
-def _draws(rows: int, rate: float) -> np.ndarray:
-    """`rows` independent draws, each True with probability `rate` (to 2**-32). From the
-    random module's generator, not numpy.random: importing that costs the agent ~6.6 MB of
-    resident memory for this one use (issue 15)."""
-    return np.frombuffer(random.randbytes(4 * rows), np.uint32) < rate * 4294967296.0
-
-
 class PredictionLog:
-    """See the module docstring. `labels` (agent.labels.LabelDesk) is served by the same
-    writer thread when attached."""
+    """See the module docstring: the writer. `labels` (agent.labels.LabelDesk) is served by the
+    same writer thread when attached. With `runtime`, it also keeps its own `Tap` (`tap` is
+    the server's hook) and takes from it every pass: the log in the serving process (tests and
+    tools); without, it is fed the tap's byte stream (`feed`) by the writer process
+    (agent/predlog_child.py)."""
 
-    def __init__(self, config: PredLogConfig, runtime: Any, *, clock=time.time) -> None:
+    def __init__(self, config: PredLogConfig, runtime: Any = None, *, clock=time.time) -> None:
         self.config = config
-        self.runtime = runtime
         self.clock = clock
         d = Path(config.directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -384,90 +312,79 @@ class PredictionLog:
             self.index.add(rows)
         self.labels: Any = None
         self.trimmer: Any = None  # agent.memory.Trimmer: told after a pass that freed a lot
+        self._tap = None if runtime is None else Tap(
+            runtime, capture_rate=config.capture_rate, capture_fails=config.capture_fails,
+            queue_size=config.queue_size, queue_bytes=config.queue_bytes, clock=clock)
+        self.tap = None if self._tap is None else self._tap.record
         self._queue: deque = deque()
-        self._cap = config.queue_size
-        self._cap_bytes = config.queue_bytes
-        self._in_bytes = 0  # bytes ever queued (only the serving loop adds)
+        self._in_bytes = 0  # bytes ever queued (only `feed` adds)
         self._out_bytes = 0  # bytes ever taken off the queue (only the writer adds)
-        self._rate = config.capture_rate
+        self._rest = b""  # a message cut by the end of the last `feed`
+        self._tokens: dict[int, int] = {}  # a MODEL message's token -> model index
         self._fails = config.capture_fails
-        self._random = random.random
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sync = self._last_enforce = 0.0
         self._lock = threading.Lock()  # counters read by scrapes
         self._flush_lock = threading.Lock()  # the writer thread, or stop() and tests
+        self._feed_lock = threading.Lock()  # `feed`: the queue's one producer at a time
         self.records = {"predictions": 0, "capture": 0}
         self.bytes_written = {"predictions": 0, "capture": 0}
         self.dropped = {"queue_full": 0, "disk_full": 0}
-        self.dropped_queue = 0  # incremented by taps without the lock (GIL-atomic enough)
         self.captured = {"sample": 0, "fail": 0}
         self.stats: dict[int, ModelStats] = {}
 
-    # ------------------------------------------------------------------ hot path
+    # ------------------------------------------------------------------ the tap's stream
 
-    def tap(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
-        """Called after `answer` was sent for the message `buf[start:end]` (a JSON line without
-        its newline, or a whole binary frame). Never raises, never blocks."""
-        q = self._queue
-        if len(q) >= self._cap or self._in_bytes - self._out_bytes >= self._cap_bytes:
-            self.dropped_queue += 1
-            return
-        try:
-            if answer[0] == MAGIC_BYTE:
-                frame_type, rows, vlen = _TAP_HEAD(answer, 5)
-                if frame_type != _RESULT:
-                    return
-                if rows == 1:
-                    size = len(answer)
-                    row = None
-                    if (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
-                            ) or self._random() < self._rate:
-                        n = int.from_bytes(buf[start + 16:start + 20], "little")
-                        row = bytes(buf[start + 32:start + 32 + 4 * n])
-                        size += len(row)
-                    q.append((self.clock(), self.runtime.active(), answer, row, _BINARY_ONE,
-                              1, size))
-                else:
-                    extra = self._sample_frame(buf, start, answer, rows)
-                    size = len(answer) + (0 if extra is None else extra[1].nbytes)
-                    q.append((self.clock(), self.runtime.active(), answer, extra, _BINARY_BATCH,
-                              rows, size))
-            elif _DECISION_TEXT in answer:
-                fail = self._fails and _FAIL_TEXT in answer
-                if answer[0] == 0x5B:  # "[": a batch; the line is kept when a row is sampled
-                    rows = answer.count(_DECISION_TEXT)
-                    draw = _draws(rows, self._rate)
-                    extra = (bytes(buf[start:end]), draw) if fail or draw.any() else None
-                    size = len(answer) + (0 if extra is None else end - start)
-                    q.append((self.clock(), self.runtime.active(), answer, extra, _JSON_BATCH,
-                              rows, size))
-                else:
-                    line = (bytes(buf[start:end]) if fail or self._random() < self._rate
-                            else None)
-                    size = len(answer) + (0 if line is None else end - start)
-                    q.append((self.clock(), self.runtime.active(), answer, line, _JSON_ONE, 1,
-                              size))
-            else:
-                return
-            self._in_bytes += size
-        except Exception:  # a tap must never break serving
-            log.exception("prediction log: tap failed")
+    def feed(self, data: bytes | bytearray, on_control: Any = None) -> None:
+        """Queue the answers (and take the models and labels) of the tap's byte stream
+        (agent/predlog_tap.py); a message cut at the end waits for the next call. Control
+        messages go to `on_control(kind, request id)`, in stream order. Past `queue_size`
+        messages or `queue_bytes` bytes queued, an answer is dropped and counted."""
+        with self._feed_lock:
+            self._feed(data, on_control)
 
-    def _sample_frame(self, buf, start: int, answer: bytes, rows: int):
-        """(indices, rows) of a batch frame's sampled rows: every fail, and the random draw."""
-        vlen = answer[40] | answer[41] << 8
-        k = int.from_bytes(answer[16:20], "little")
-        rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
-        want = _draws(rows, self._rate)
-        if self._fails:
-            want |= rec["decision"] == _FAIL
-        idx = np.flatnonzero(want)
-        if not len(idx):
-            return None
-        n = int.from_bytes(buf[start + 16:start + 20], "little")
-        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
-        return idx, x[idx]
+    def _feed(self, data: bytes | bytearray, on_control: Any) -> None:
+        if self._rest:
+            data = self._rest + bytes(data)
+        view = memoryview(data)
+        pos, end, head = 0, len(data), MSG.size
+        q, unpack, tokens = self._queue, MSG.unpack_from, self._tokens
+        cap, cap_bytes, dropped = self.config.queue_size, self.config.queue_bytes, 0
+        while end - pos >= head:
+            kind, rows, token, t, alen, elen = unpack(view, pos)
+            stop = pos + head + alen + elen
+            if stop > end:
+                break
+            a0 = pos + head
+            pos = stop
+            if kind <= JSON_BATCH:
+                size = alen + elen
+                if len(q) >= cap or self._in_bytes - self._out_bytes >= cap_bytes:
+                    dropped += 1
+                    continue
+                q.append((t, tokens.get(token, NO_MODEL), bytes(view[a0:a0 + alen]),
+                          _extra(kind, view[a0 + alen:stop]) if elen else None, kind, rows,
+                          size))
+                self._in_bytes += size
+            elif kind == MODEL:
+                tokens[token] = self.models.index_of(orjson.loads(view[a0:stop]))
+            elif kind == LABELS:
+                if self.labels is not None:
+                    self._offer_labels(orjson.loads(view[a0:stop]))
+            elif on_control is not None:
+                on_control(kind, token)
+        self._rest = bytes(view[pos:]) if pos < end else b""
+        if dropped:
+            with self._lock:
+                self.dropped["queue_full"] += dropped
+
+    def _offer_labels(self, items: list) -> None:
+        by_source: dict[str, list] = {}
+        for die, value, t, source in items:
+            by_source.setdefault(source, []).append((die, value, t))
+        for source, labels in by_source.items():
+            self.labels.offer(labels, source)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -487,10 +404,6 @@ class PredictionLog:
             self.labels.ring.close()
 
     def _run(self) -> None:
-        # Normal priority, not idle (as the shadow scorer): the writer needs the GIL, and a
-        # serving thread made to hand the GIL over (after the 5 ms switch interval) waits
-        # until the writer is scheduled to take it, which for an idle-class thread on a busy
-        # box can take milliseconds. Its CPU is about 1% of serving's, so it runs when it wakes.
         while not self._stop.wait(self.config.flush_interval_s):
             try:
                 self.flush()
@@ -498,14 +411,18 @@ class PredictionLog:
                 log.exception("prediction log: writer pass failed")
 
     def flush(self) -> None:
-        """One writer pass: drain the queue, append, maybe fsync, join labels, enforce caps."""
+        """One writer pass: take what the tap recorded (in-process), drain the queue, append,
+        maybe fsync, join labels, enforce caps."""
         with self._flush_lock:
+            if self._tap is not None:
+                for part in self._tap.take()[0]:
+                    self.feed(part)
             self._flush()
 
     def _flush(self) -> None:
         q = self._queue
         todo = len(q)
-        drained = self._out_bytes
+        drained = 0
         while todo > 0:
             chunk: list[tuple] = []
             add, pop, rows, n = chunk.append, q.popleft, 0, min(todo, _CHUNK_MESSAGES)
@@ -516,13 +433,15 @@ class PredictionLog:
                 n -= 1
             todo -= len(chunk)
             try:
-                self._out_bytes += sum([item[6] for item in chunk])
+                size = sum([item[6] for item in chunk])
+                self._out_bytes += size
+                drained += size
                 self._write(self._parts(chunk))
             except Exception:
                 log.exception("prediction log: cannot write %d answers", len(chunk))
             if todo > 0:
                 _yield_gil()
-        if self.trimmer is not None and self._out_bytes - drained >= _TRIM_BYTES:
+        if self.trimmer is not None and drained >= _TRIM_BYTES:
             self.trimmer.note()  # freed queue memory goes back to the OS once serving is idle
         now = self.clock()
         if now - self._last_sync >= self.config.fsync_interval_s:
@@ -567,19 +486,12 @@ class PredictionLog:
                          else self._json_part(run))
         return parts
 
-    def _model_indices(self, items: list[tuple]) -> list[int] | int:
+    @staticmethod
+    def _model_indices(items: list[tuple]) -> list[int] | int:
         """Each message's model index; one int when one model answered them all."""
-        index_of = self.models.index_of
         first = items[0][1]
-        if all(item[1] is first for item in items):
-            return index_of(first)
-        out, last_p, last_m = [], None, NO_MODEL
-        for item in items:
-            p = item[1]
-            if p is not last_p:
-                last_p, last_m = p, index_of(p)
-            out.append(last_m)
-        return out
+        out = [item[1] for item in items]
+        return first if out.count(first) == len(out) else out
 
     def _binary_part(self, items: list[tuple], k: int) -> _Part:
         dt = record_dtype(k)
@@ -779,26 +691,46 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ metrics
 
-    def collect(self) -> Iterable[Metric]:
+    def snapshot(self) -> dict[str, Any]:
+        """What the metrics show, as JSON-able values (the writer process sends it to the
+        agent for each scrape): counters, ring sizes, per-model proxy counts, the model table
+        and the label desk's counts."""
         with self._lock:
-            records, written = dict(self.records), dict(self.bytes_written)
-            dropped, captured = dict(self.dropped), dict(self.captured)
-            stats = {k: (v.decisions.tolist(), v.margin.tolist(), v.confidence.tolist())
-                     for k, v in self.stats.items()}
-        dropped["queue_full"] += self.dropped_queue
-        yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
-                        records)
-        yield _by_label("edgefleet_predlog_written_bytes", "Bytes appended.", "log", written)
-        yield _by_label("edgefleet_predlog_dropped", "Records not logged: the queue was full or "
-                        "the disk was.", "reason", dropped)
-        yield _by_label("edgefleet_capture_rows", "Input rows captured, by why.", "reason",
-                        captured)
-        fam = GaugeMetricFamily("edgefleet_predlog_disk_bytes", "Bytes the rings hold on disk.",
-                                labels=["log"])
-        fam.add_metric(["predictions"], self.predictions.disk_bytes())
-        fam.add_metric(["capture"], self.capture.disk_bytes())
-        yield fam
-        yield from _model_families(self.models, stats)
+            snap: dict[str, Any] = {
+                "records": dict(self.records), "bytes_written": dict(self.bytes_written),
+                "dropped": dict(self.dropped), "captured": dict(self.captured),
+                "stats": [[k, v.decisions.tolist(), v.margin.tolist(), v.confidence.tolist()]
+                          for k, v in self.stats.items()]}
+        if self._tap is not None:
+            snap["dropped"]["queue_full"] += self._tap.dropped
+        snap["disk"] = {"predictions": self.predictions.disk_bytes(),
+                        "capture": self.capture.disk_bytes()}
+        snap["models"] = [m.to_json() for m in self.models.models]
+        snap["labels"] = None if self.labels is None else self.labels.snapshot()
+        return snap
+
+
+def snapshot_families(snap: dict[str, Any]) -> Iterable[Metric]:
+    """The log's metrics (and its label desk's) from a `PredictionLog.snapshot()`."""
+    from agent.labels import label_families
+
+    yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
+                    snap["records"])
+    yield _by_label("edgefleet_predlog_written_bytes", "Bytes appended.", "log",
+                    snap["bytes_written"])
+    yield _by_label("edgefleet_predlog_dropped", "Records not logged: the queue was full, the "
+                    "disk was, or the writer process was lost.", "reason", snap["dropped"])
+    yield _by_label("edgefleet_capture_rows", "Input rows captured, by why.", "reason",
+                    snap["captured"])
+    fam = GaugeMetricFamily("edgefleet_predlog_disk_bytes", "Bytes the rings hold on disk.",
+                            labels=["log"])
+    for name, n in snap["disk"].items():
+        fam.add_metric([name], n)
+    yield fam
+    models = [ModelInfo(**m) for m in snap["models"]]
+    yield from _model_families(models, {k: (d, m, c) for k, d, m, c in snap["stats"]})
+    if snap["labels"] is not None:
+        yield from label_families(snap["labels"], models)
 
 
 def _join_parts(parts: list[_Part]):
@@ -905,7 +837,7 @@ def _by_label(name: str, doc: str, label: str, values: dict[str, int]) -> Metric
     return fam
 
 
-def _model_families(models: ModelTable, stats: dict) -> Iterable[Metric]:
+def _model_families(models: list[ModelInfo], stats: dict) -> Iterable[Metric]:
     """Per model (label `digest`, the bundle digest): proxy figures before any label."""
     dec = CounterMetricFamily("edgefleet_model_decisions",
                               "Logged decisions per model, by decision and source.",
@@ -921,7 +853,7 @@ def _model_families(models: ModelTable, stats: dict) -> Iterable[Metric]:
                               "PSI of the margin distribution vs the build's reference (only "
                               "for bundles that ship one).", labels=["digest"])
     for index, (decisions, m_hist, c_hist) in stats.items():
-        info = models.get(index)
+        info = models[index] if 0 <= index < len(models) else None
         digest = info.digest if info is not None else "none"
         for d in (0, 1):
             for s in (0, 1):
@@ -949,9 +881,7 @@ class PredLogCollector:
         return []
 
     def collect(self) -> Iterable[Metric]:
-        yield from self.plog.collect()
-        if self.plog.labels is not None:
-            yield from self.plog.labels.collect(self.plog.models)
+        yield from snapshot_families(self.plog.snapshot())
 
 
 def wait_flushed(plog: PredictionLog, server: Any = None, timeout: float = 60.0) -> bool:

@@ -127,8 +127,8 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(model, tmp_path):
             for i in range(20):
                 assert c.predict(model.train[i], die_id=i).decision in ("pass", "fail")
         # the tap runs after the answer is sent: wait for the last one
-        wait_for(lambda: plog.dropped_queue + len(plog._queue) == 20)
-        assert plog.dropped_queue == 15
+        wait_for(lambda: plog._tap.dropped + plog._tap.waiting() == 20)
+        assert plog._tap.dropped == 15
         plog.flush()
         text = server.metrics.exposition().decode()
     assert 'edgefleet_predlog_dropped_total{reason="queue_full"} 15.0' in text
@@ -398,9 +398,9 @@ def test_the_queue_is_capped_in_bytes_too(model, tmp_path):
         with Client(server.path) as c:
             for _ in range(20):
                 c.request(rows)
-        wait_for(lambda: plog.dropped_queue + len(plog._queue) == 20)
-        queued = len(plog._queue)
-        assert 1 <= queued < 20 and plog.dropped_queue == 20 - queued
+        wait_for(lambda: plog._tap.dropped + plog._tap.waiting() == 20)
+        queued = plog._tap.waiting()
+        assert 1 <= queued < 20 and plog._tap.dropped == 20 - queued
         plog.flush()
         assert plog.records["predictions"] == 64 * queued
         assert plog._in_bytes == plog._out_bytes  # nothing queued, nothing counted twice

@@ -1,0 +1,209 @@
+"""The prediction log's serving-side half: what the serving thread does after each answer, and
+the byte stream it hands to the log's writer.
+
+    tap = Tap(runtime, capture_rate=0.01, ...)
+    server.tap = tap.record          # agent/server.py calls it after each answer went out
+    parts, messages = tap.take()     # another thread, every flush interval: bytes to write
+
+Why a byte stream: the writer (agent/predlog.py) runs in its own process (agent/predlog_proc.py)
+so that its work - decoding answers, JSON parsing, numpy, checksums, file writes - never holds
+the serving process's GIL (a writer thread in the serving process held it ~0.5 ms every pass,
+which a request arriving then waited for: issues 15 and 17). What stays here is `record`: read
+the answer's header, draw the capture sample, copy the answer (and the sampled input row) into
+one bytearray under a lock that `take` holds only to swap the buffer: ~1 us of the serving
+thread per answer, nothing else. Bounded: past `queue_size` messages or `queue_bytes` bytes
+waiting (here and not yet handed over, `backlog`), an answer is dropped and counted, never
+waited on.
+
+A message: MSG (kind, rows, model token, time, answer length, extra length), the answer's bytes,
+then the extra:
+    BINARY_ONE    the sampled row's float32 bytes as the frame carried them (none: not sampled)
+    BINARY_BATCH  u32 count, count u32 row indices, count rows of float32 (none: none sampled)
+    JSON_ONE      the request line (none: not sampled)
+    JSON_BATCH    u32 line length, the line, one byte per answer with a decision (the draw)
+    MODEL         answer: the model's description (agent/predlog_models.py `describe`, JSON);
+                  `model` is the token later messages name it by
+    LABELS        answer: JSON [[die id, label, time or null, source], ...] (agent/labels.py)
+    FLUSH, SNAPSHOT  control (the writer process answers them; `model` carries a request id)
+A model's MODEL message comes before the first answer that names its token (`take` writes the
+models first seen since the last take ahead of the answers).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+
+from agent.predlog_models import describe
+from agent.protocol import HEADER, MAGIC_BYTE, RESULT_BLOCK, Decision, FrameType, record_dtype
+
+MSG = struct.Struct("<BIIdII")  # kind, rows, model token, time, answer length, extra length
+U32 = struct.Struct("<I")
+BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH = 1, 2, 3, 4  # answers
+MODEL, LABELS, FLUSH, SNAPSHOT = 8, 9, 10, 11  # the rest
+_FAIL_TEXT = b'"decision":"fail"'
+_DECISION_TEXT = b'"decision"'
+_RESULT = int(FrameType.RESULT)
+_FAIL = int(Decision.FAIL)
+_RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
+_TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
+_F4 = np.dtype("<f4")
+_U4 = np.dtype("<u4")
+_KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
+
+__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "LABELS", "MODEL",
+           "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
+
+
+def draws(rows: int, rate: float) -> np.ndarray:
+    """`rows` independent draws, each True with probability `rate` (to 2**-32). From the
+    random module's generator, not numpy.random: importing that costs the agent ~6.6 MB of
+    resident memory for this one use (issue 15)."""
+    return np.frombuffer(random.randbytes(4 * rows), np.uint32) < rate * 4294967296.0
+
+
+def message(kind: int, token: int, body: bytes, rows: int = 0) -> bytes:
+    return MSG.pack(kind, rows, token, 0.0, len(body), 0) + body
+
+
+def labels_message(labels: list[tuple[str, int, float | None]], source: str) -> bytes:
+    return message(LABELS, 0, orjson.dumps([[d, v, t, source] for d, v, t in labels]))
+
+
+class Tap:
+    """See the module docstring. `record` runs on the serving thread; `take` and `send` on any
+    other one."""
+
+    def __init__(self, runtime: Any, *, capture_rate: float = 0.01, capture_fails: bool = True,
+                 queue_size: int = 65536, queue_bytes: int = 16 << 20,
+                 clock=time.time) -> None:
+        self._active = runtime.active
+        self._rate = capture_rate
+        self._fails = capture_fails
+        self._random = random.random
+        self._clock = clock
+        self._cap, self._cap_bytes = queue_size, queue_bytes
+        self._lock = threading.Lock()
+        self._out = bytearray()
+        self._n = 0  # messages in `_out`
+        self._last_p: Any = None
+        self._token = 0
+        self._fresh: list[tuple[int, Any]] = []  # (token, predictor) first seen since a take
+        self._retired: list[Any] = []  # snapshots replaced since: released by `take`'s thread
+        self.announced: dict[int, bytes] = {}  # token -> MODEL message, the newest few
+        self.backlog = 0  # bytes taken but not handed over yet (the taker sets it)
+        self.dropped = 0  # answers not recorded: the buffer was full
+
+    def record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
+        """The server's tap: called after `answer` was sent for the message `buf[start:end]`
+        (a JSON line without its newline, or a whole binary frame). Never raises, never
+        blocks (but for the lock `take` holds for a swap)."""
+        if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
+            self.dropped += 1
+            return
+        try:
+            if answer[0] == MAGIC_BYTE:
+                frame_type, rows, vlen = _TAP_HEAD(answer, 5)
+                if frame_type != _RESULT:
+                    return
+                if rows == 1:
+                    kind = BINARY_ONE
+                    if (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
+                            ) or self._random() < self._rate:
+                        n = int.from_bytes(buf[start + 16:start + 20], "little")
+                        extra = buf[start + 32:start + 32 + 4 * n]
+                    else:
+                        extra = b""
+                else:
+                    kind = BINARY_BATCH
+                    extra = self._sample_frame(buf, start, answer, rows)
+            elif _DECISION_TEXT in answer:
+                fail = self._fails and _FAIL_TEXT in answer
+                if answer[0] == 0x5B:  # "[": a batch; the line is kept when a row is sampled
+                    kind = JSON_BATCH
+                    rows = answer.count(_DECISION_TEXT)
+                    draw = draws(rows, self._rate)
+                    extra = (b"".join((U32.pack(end - start), buf[start:end], draw.tobytes()))
+                             if fail or draw.any() else b"")
+                else:
+                    kind, rows = JSON_ONE, 1
+                    extra = buf[start:end] if fail or self._random() < self._rate else b""
+            else:
+                return
+            p = self._active()
+            t = self._clock()
+            with self._lock:
+                if p is not self._last_p:
+                    self._new_model(p)
+                out = self._out
+                out += MSG.pack(kind, rows, self._token, t, len(answer), len(extra))
+                out += answer
+                if extra:
+                    out += extra
+                self._n += 1
+        except Exception:  # a tap must never break serving
+            import logging
+
+            logging.getLogger("edgefleet.agent").exception("prediction log: tap failed")
+
+    def _new_model(self, p: Any) -> None:
+        """(Under the lock.) `p` answers from now on: a new token, announced by the next take;
+        the snapshot it replaces is released there too (freeing an ORT session takes ~0.2 ms
+        with the GIL: not on the serving thread)."""
+        self._token += 1
+        self._fresh.append((self._token, p))
+        if self._last_p is not None:
+            self._retired.append(self._last_p)
+        self._last_p = p
+
+    def _sample_frame(self, buf, start: int, answer: bytes, rows: int) -> bytes:
+        """A batch frame's sampled rows (every fail, and the random draw) as BINARY_BATCH's
+        extra; b"" when none is."""
+        vlen = answer[40] | answer[41] << 8
+        k = int.from_bytes(answer[16:20], "little")
+        rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
+        want = draws(rows, self._rate)
+        if self._fails:
+            want |= rec["decision"] == _FAIL
+        idx = np.flatnonzero(want)
+        if not len(idx):
+            return b""
+        n = int.from_bytes(buf[start + 16:start + 20], "little")
+        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
+        return b"".join((U32.pack(len(idx)), idx.astype(_U4).tobytes(), x[idx].tobytes()))
+
+    def waiting(self) -> int:
+        """Answers recorded and not taken yet."""
+        return self._n
+
+    def take(self) -> tuple[list[bytes | bytearray], int]:
+        """Everything recorded since the last take, as parts to write in order (the MODEL
+        messages of models first seen, then the answers), and how many answers that is."""
+        with self._lock:
+            data, n, fresh, retired = self._out, self._n, self._fresh, self._retired
+            self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
+        del retired  # the replaced snapshots go here, on this thread
+        parts: list[bytes | bytearray] = []
+        for token, p in fresh:
+            msg = message(MODEL, token, orjson.dumps(describe(p)))
+            self.announced[token] = msg
+            parts.append(msg)
+        while len(self.announced) > _KEEP_MODELS:
+            del self.announced[min(self.announced)]
+        if data:
+            parts.append(data)
+        return parts, n
+
+    def send(self, msg: bytes) -> bool:
+        """Queue a message of another kind (labels) behind the answers; False when full."""
+        with self._lock:
+            if len(self._out) + self.backlog >= self._cap_bytes:
+                return False
+            self._out += msg
+        return True
