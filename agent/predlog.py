@@ -709,6 +709,9 @@ class PredictionLog:
         snap["labels"] = None if self.labels is None else self.labels.snapshot()
         return snap
 
+    def collect(self) -> Iterable[Metric]:
+        yield from snapshot_families(self.snapshot())
+
 
 def snapshot_families(snap: dict[str, Any]) -> Iterable[Metric]:
     """The log's metrics (and its label desk's) from a `PredictionLog.snapshot()`."""
@@ -881,7 +884,7 @@ class PredLogCollector:
         return []
 
     def collect(self) -> Iterable[Metric]:
-        yield from snapshot_families(self.plog.snapshot())
+        yield from self.plog.collect()
 
 
 def wait_flushed(plog: PredictionLog, server: Any = None, timeout: float = 60.0) -> bool:
@@ -908,21 +911,23 @@ def plug_in(server: Any, plog: PredictionLog) -> None:
     server.metrics.registry.register(PredLogCollector(plog))
 
 
-def attach(agent: Any) -> PredictionLog | None:
-    """Give an assembled agent (agent/app.py) its prediction log, label desk and, with
-    `data_addr`, the data feed; None when the log is off or there is nowhere to keep it."""
-    from agent.labels import LabelConfig, LabelDesk
+def attach(agent: Any) -> Any:
+    """Give an assembled agent (agent/app.py) its prediction log - the tap, and the writer
+    process that writes the log, the capture and the labels (agent/predlog_proc.py) - and,
+    with `data_addr`, the data feed; None when the log is off or there is nowhere to keep it."""
+    from agent.labels import LabelConfig
+    from agent.predlog_proc import WriterProcess
 
     cfg = agent.config
     directory = cfg.predlog_dir or (cfg.store.parent / "predlog" if cfg.store else None)
     if cfg.predlog == "off" or directory is None:
         return None
-    plog = PredictionLog(PredLogConfig(
+    plog = WriterProcess(PredLogConfig(
         directory=Path(directory), max_bytes=cfg.predlog_max_mb << 20,
         max_age_s=cfg.predlog_max_age_h * 3600.0, capture_max_bytes=cfg.capture_max_mb << 20,
         capture_rate=cfg.capture_rate, capture_fails=bool(cfg.capture_fails),
-        queue_size=cfg.predlog_queue, fsync_interval_s=cfg.predlog_fsync_s), agent.runtime)
-    plog.labels = LabelDesk(LabelConfig(drop_dir=cfg.labels_dir), plog.dir)
+        queue_size=cfg.predlog_queue, fsync_interval_s=cfg.predlog_fsync_s), agent.runtime,
+        LabelConfig(drop_dir=cfg.labels_dir), log_level=cfg.log_level)
     plug_in(agent.server, plog)
     agent.services.insert(0, plog)
     if cfg.data_addr:

@@ -54,7 +54,7 @@ SEQ = struct.Struct("<Q")
 SUFFIX = ".seg"
 MAX_PAYLOAD = 1 << 24
 
-__all__ = ["RingConfig", "RingFull", "SegmentRing", "read_records"]
+__all__ = ["RingConfig", "RingFull", "RingView", "SegmentRing", "read_records"]
 
 Count = Callable[[bytes], int]  # items in one record's payload
 
@@ -305,3 +305,44 @@ def read_ring(directory: Path, cursor: int, max_records: int = 10_000,
             if items >= max_records or size >= max_bytes:
                 return Batch(out, nxt, gap)
     return Batch(out, nxt, gap)
+
+
+class RingView:
+    """A ring read by a process that does not write it (the agent, whose log writer runs in a
+    process of its own): `first_seq()`, `next_seq`, `read` and `disk_bytes()`, from the
+    files."""
+
+    def __init__(self, directory: Path, count: Count | None = None) -> None:
+        self.dir = Path(directory)
+        self.count = count or _one
+
+    def _segments(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*" + SUFFIX) if p.name[:-len(SUFFIX)].isdigit())
+
+    def first_seq(self) -> int:
+        segs = self._segments()
+        return int(segs[0].name[:-len(SUFFIX)]) if segs else 0
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next record will get (the newest segment's whole records counted)."""
+        for last in reversed(self._segments()):
+            try:
+                data = last.read_bytes()
+            except FileNotFoundError:
+                continue
+            nxt = int(last.name[:-len(SUFFIX)])
+            for _, seq, payload in read_records(data):
+                nxt = seq + self.count(payload)
+            return nxt
+        return 0
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for p in self._segments():
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
+
+    def read(self, cursor: int, max_records: int = 10_000, max_bytes: int = 4 << 20) -> Batch:
+        return read_ring(self.dir, cursor, max_records, max_bytes, self.count)

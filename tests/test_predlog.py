@@ -146,6 +146,18 @@ def _written(port: int) -> float:
         return 0.0
 
 
+def _unlocked(path: Path) -> bool:
+    """No process holds `path`'s flock (the log's writer process holds it while it runs)."""
+    import fcntl
+
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
 def _exited(proc: subprocess.Popen) -> bool:
     return proc.poll() is not None
 
@@ -167,7 +179,8 @@ def _metric(text: str, name: str) -> float:
 def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_path):
     """A real agent process (`edgefleet agent serve`) killed with SIGKILL twice: everything the
     writer had flushed before the kill is on disk, intact and readable; what is lost is at most
-    the answers sent after that (the queue); a restart continues the sequence."""
+    the answers sent after that (the tap's buffer; the writer process writes what it was
+    handed and exits); a restart continues the sequence."""
     from tests.test_agent_app import free_port
 
     keyring = model.bundle.parent.parent / "keyring"
@@ -198,6 +211,8 @@ def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_pa
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
+            # its writer process writes what it was handed, then exits and lets go of the lock
+            wait_for(lambda: _unlocked(logdir / "writer.lock"), timeout=60)
             recs = _predictions(logdir / "predictions")
             assert [s for s, _ in recs] == list(range(len(recs)))  # no hole, no duplicate
             ids = [int(p["die_id"]) for _, p in recs[before:]]

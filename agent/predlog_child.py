@@ -1,0 +1,98 @@
+"""The prediction log's writer process: `python -m agent.predlog_child CONFIG_JSON`.
+
+Spawned by the agent (agent/predlog_proc.py), never by hand. It reads the serving process's tap
+stream (agent/predlog_tap.py) on stdin, writes the log, the capture and the labels
+(agent/predlog.py's `PredictionLog` and its writer thread, agent/labels.py's `LabelDesk`) and
+answers FLUSH and SNAPSHOT messages on stdout (u32 length, then JSON {"id", "snapshot"}).
+
+Its life is the agent's: it ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a service
+manager's stop reach the whole process group; the agent's own stop then hands over the rest of
+its answers and closes the pipe), and at end of input - the agent stopped, or was killed - it
+writes every answer it has read and exits. It holds `<log dir>/writer.lock` (flock) while it
+writes, so a writer still finishing for a killed agent and the next agent's writer never
+append to the same rings at once. It runs at a lower CPU priority (nice 10): on a busy core the
+kernel hands the CPU to a waking serving thread at once, and no GIL is shared any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from agent.predlog import PredictionLog, PredLogConfig
+from agent.predlog_tap import FLUSH, U32
+
+NICE = 10
+
+log = logging.getLogger("edgefleet.agent")
+
+
+def lock_directory(directory: Path) -> int:
+    """Hold `<directory>/writer.lock` (blocks while another writer holds it); the fd."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "writer.lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("prediction log: waiting for the previous writer of %s to finish", directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def serve(config: dict, stdin: int = 0, stdout: int = 1) -> None:
+    """Write the log of the tap stream read from `stdin` until it ends; replies to `stdout`."""
+    from agent.labels import LabelConfig, LabelDesk
+
+    log_cfg = PredLogConfig(**{**config["log"], "directory": Path(config["log"]["directory"])})
+    lock = lock_directory(log_cfg.directory)
+    plog = PredictionLog(log_cfg)
+    labels = config.get("labels")
+    if labels is not None:
+        drop = labels.get("drop_dir")
+        plog.labels = LabelDesk(LabelConfig(**{**labels, "drop_dir": drop and Path(drop)}),
+                                plog.dir)
+    plog.start()
+
+    def control(kind: int, request: int) -> None:
+        if kind == FLUSH:
+            plog.flush()
+        reply = orjson.dumps({"id": request, "snapshot": plog.snapshot()})
+        data = memoryview(U32.pack(len(reply)) + reply)
+        while data:
+            data = data[os.write(stdout, data):]
+
+    try:
+        while data := os.read(stdin, 1 << 20):
+            plog.feed(data, control)
+    except BrokenPipeError:  # the agent is gone: nobody waits for a reply
+        pass
+    finally:
+        plog.stop()  # writes everything read
+        os.close(lock)
+
+
+def main(argv: list[str]) -> int:
+    config = orjson.loads(argv[1])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    logging.basicConfig(level=config.get("log_level", "WARNING").upper(), stream=sys.stderr,
+                        format="%(asctime)s predlog-writer %(levelname)s %(message)s")
+    logging.Formatter.converter = time.gmtime
+    out = os.dup(1)  # replies only: nothing else may print into them
+    os.dup2(2, 1)
+    serve(config, 0, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
