@@ -63,8 +63,11 @@ class Dispatcher:
         # agent.shadow.ShadowScorer, when the fleet link runs: rows the model answered are
         # copied to it (bounded, never waited on) for a candidate to score off the hot path
         self.shadow: Any = None
-        # agent.labels.LabelDesk, when the prediction log runs: the `label` op's receiver
+        # agent.labels.LabelInbox, when the prediction log runs: the `label` op's receiver
         self.labels: Any = None
+        # (answer, row) of the last single-row JSON answer: the log's tap copies the parsed
+        # row from here rather than the request line (agent/predlog_tap.py, JSON_ROW)
+        self.parsed: tuple[bytes, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ binary
 
@@ -234,7 +237,9 @@ class Dispatcher:
         sh = self.shadow
         if sh is not None and sh.active and row[2] == Source.MODEL:
             sh.offer_one(x, row[6], p.manifest)
-        return (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
+        answer = (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
+        self.parsed = (answer, x)  # the prediction log's tap reads the row here, not the line
+        return answer
 
     def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:
         """Answer a batch; `numeric`: every params list is known to hold numbers and nulls

@@ -44,8 +44,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-
 from agent.dieindex import die_key, die_text
 from agent.fsio import atomic_write, fsync_dir
 from agent.protocol import (
@@ -63,7 +61,6 @@ log = logging.getLogger("edgefleet.agent")
 LABEL_RECORD = struct.Struct("<QdB7x")  # die id, time (0 = when received), label (0 pass, 1 fail)
 LABELED_BLOCK = struct.Struct("<II")  # accepted, dropped
 LABEL_NAMES = ("pass", "fail")
-_ZERO_MODELS = 4  # the newest models whose label series are exported from zero
 MAX_LABELS_PER_REQUEST = 65536
 MAX_FILE_BYTES = 64 << 20
 SOURCES = ("socket", "file")
@@ -389,34 +386,6 @@ class LabelDesk(LabelInbox):
             return {"results": [[s, r, n] for (s, r), n in self.results.items()],
                     "joins": [[*k, n] for k, n in self.joins.items()],
                     "pending": len(self._pending)}
-
-
-def label_families(snap: dict[str, Any], models: list[Any]) -> Iterable[Metric]:
-    """The desk's metrics from its `snapshot()`; `models`: the log's table (ModelInfo, by
-    index)."""
-    fam = CounterMetricFamily("edgefleet_labels", "Final-test labels received, by source "
-                              "and what became of them.", labels=["source", "result"])
-    for s, r, n in snap["results"]:
-        fam.add_metric([s, r], n)
-    yield fam
-    fam = CounterMetricFamily("edgefleet_label_joins", "Labels joined to the device's "
-                              "decision, per model: predicted (the decision) vs actual "
-                              "(the label).", labels=["digest", "predicted", "actual"])
-    # Zero for every cell of the newest models that answered: a series must exist before
-    # its first label for Prometheus' increase() to count that label (a rollout's label
-    # gate reads the new bundle's counts that way, fleet/label_gates.py).
-    joins = {(m, p, a): n for m, p, a, n in snap["joins"]}
-    for info in models[-_ZERO_MODELS:]:
-        for pred in (0, 1):
-            for actual in (0, 1):
-                joins.setdefault((info.index, pred, actual), 0)
-    for (model, pred, actual), n in sorted(joins.items()):
-        info = models[model] if 0 <= model < len(models) else None
-        fam.add_metric([info.digest if info is not None else "none", LABEL_NAMES[pred],
-                        LABEL_NAMES[actual]], n)
-    yield fam
-    yield GaugeMetricFamily("edgefleet_labels_pending", "Labels queued for the join.",
-                            value=snap["pending"])
 
 
 # ---------------------------------------------------------------------------- the server's hooks

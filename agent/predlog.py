@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.dieindex import INDEX_DTYPE, DieIndex, die_key, die_text
 from agent.fsio import atomic_write
@@ -74,6 +73,7 @@ from agent.predlog_tap import (
     BINARY_ONE,
     JSON_BATCH,
     JSON_ONE,
+    JSON_ROW,
     LABELS,
     MODEL,
     MSG,
@@ -81,7 +81,6 @@ from agent.predlog_tap import (
     Tap,
 )
 from agent.protocol import (
-    DECISION_LABELS,
     Decision,
     ProtocolError,
     Source,
@@ -100,6 +99,7 @@ _JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make t
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH
+_JSON_ROW = JSON_ROW
 FORMAT = "2"  # the log directory's format (agent/predformat.py); `format` file in it
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
@@ -145,7 +145,7 @@ def _extra(kind: int, raw: memoryview) -> Any:
     """A queued answer's extra from its tap message's (agent/predlog_tap.py): the sampled row's
     bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH), the request line (JSON_ONE), (the
     line, the draw) (JSON_BATCH)."""
-    if kind in (_BINARY_ONE, _JSON_ONE):
+    if kind in (_BINARY_ONE, _JSON_ONE, _JSON_ROW):
         return bytes(raw)
     (n,) = U32.unpack_from(raw)
     if kind == _BINARY_BATCH:
@@ -261,17 +261,6 @@ _MARGIN = np.array(MARGIN_EDGES)
 _CONFIDENCE = np.array(CONFIDENCE_EDGES)
 
 
-def psi(counts: Iterable[int], proportions: Iterable[float], floor: float = 1e-4) -> float:
-    """Population stability index of observed bucket counts against reference proportions."""
-    counts = np.asarray(list(counts), dtype=np.float64)
-    p = np.maximum(np.asarray(list(proportions), dtype=np.float64), floor)
-    total = counts.sum()
-    if not total:
-        return 0.0
-    q = np.maximum(counts / total, floor)
-    return float(((q - p) * np.log(q / p)).sum())
-
-
 # ---------------------------------------------------------------------------- the log
 
 
@@ -312,10 +301,10 @@ class PredictionLog:
             self.index.add(rows)
         self.labels: Any = None
         self.trimmer: Any = None  # agent.memory.Trimmer: told after a pass that freed a lot
-        self._tap = None if runtime is None else Tap(
+        self.tapper = None if runtime is None else Tap(
             runtime, capture_rate=config.capture_rate, capture_fails=config.capture_fails,
             queue_size=config.queue_size, queue_bytes=config.queue_bytes, clock=clock)
-        self.tap = None if self._tap is None else self._tap.record
+        self.tap = None if self.tapper is None else self.tapper.record
         self._queue: deque = deque()
         self._in_bytes = 0  # bytes ever queued (only `feed` adds)
         self._out_bytes = 0  # bytes ever taken off the queue (only the writer adds)
@@ -358,7 +347,7 @@ class PredictionLog:
                 break
             a0 = pos + head
             pos = stop
-            if kind <= JSON_BATCH:
+            if kind <= _JSON_ROW:
                 size = alen + elen
                 if len(q) >= cap or self._in_bytes - self._out_bytes >= cap_bytes:
                     dropped += 1
@@ -414,8 +403,8 @@ class PredictionLog:
         """One writer pass: take what the tap recorded (in-process), drain the queue, append,
         maybe fsync, join labels, enforce caps."""
         with self._flush_lock:
-            if self._tap is not None:
-                for part in self._tap.take()[0]:
+            if self.tapper is not None:
+                for part in self.tapper.take()[0]:
                     self.feed(part)
             self._flush()
 
@@ -464,7 +453,7 @@ class PredictionLog:
         """The chunk's answers, in order, as parts: runs of binary answers of one top-k
         width, and runs of JSON messages of up to `_JSON_RUN` answers."""
         kinds = [item[4] for item in chunk]
-        if _JSON_ONE not in kinds and _JSON_BATCH not in kinds:  # the usual chunk: binary
+        if max(kinds) <= _BINARY_BATCH:  # the usual chunk: binary
             widths = {item[2][16:20] for item in chunk}  # answers of one model: one width
             if len(widths) == 1:
                 return [self._binary_part(chunk, int.from_bytes(widths.pop(), "little"))]
@@ -549,16 +538,18 @@ class PredictionLog:
             indices = [indices] * len(items)
         # the answers (dicts with a decision), flat, with their message's time and model; the
         # sampled ones as (place in `flat`, request line, place in a batch or None, and the
-        # batch's size when each of its requests was answered with a decision, else 0)
+        # batch's size when each of its requests was answered with a decision, else 0; the
+        # place -1: not a line but the row itself, float32, JSON_ROW)
         flat: list[dict] = []
         times: list[float] = []
         models: list[int] = []
         sampled: list[tuple[int, bytes, int | None, int]] = []
         for item, doc, model in zip(items, docs, indices, strict=True):
-            if item[4] == _JSON_ONE:
+            if item[4] != _JSON_BATCH:
                 if type(doc) is dict and "decision" in doc:
-                    if item[3] is not None:
-                        sampled.append((len(flat), item[3], None, 0))
+                    if item[3] is not None:  # the row (JSON_ROW) or the request line
+                        sampled.append((len(flat), item[3], -1 if item[4] == _JSON_ROW
+                                        else None, 0))
                     flat.append(doc)
                     times.append(item[0])
                     models.append(model)
@@ -590,7 +581,9 @@ class PredictionLog:
         caps: list[tuple[int, np.ndarray]] = []
         rows_of: dict[int, Any] = {}  # a batch line's sampled rows, read once per line
         for pos, line, i, count in sampled:
-            if i is None:
+            if i == -1:  # the dispatcher's parsed row, float32 (agent/predlog_tap.py)
+                row = np.frombuffer(line, _F4)
+            elif i is None:
                 row = _params(_request(line))
             else:
                 key = id(line)
@@ -701,39 +694,18 @@ class PredictionLog:
                 "dropped": dict(self.dropped), "captured": dict(self.captured),
                 "stats": [[k, v.decisions.tolist(), v.margin.tolist(), v.confidence.tolist()]
                           for k, v in self.stats.items()]}
-        if self._tap is not None:
-            snap["dropped"]["queue_full"] += self._tap.dropped
+        if self.tapper is not None:
+            snap["dropped"]["queue_full"] += self.tapper.dropped
         snap["disk"] = {"predictions": self.predictions.disk_bytes(),
                         "capture": self.capture.disk_bytes()}
         snap["models"] = [m.to_json() for m in self.models.models]
         snap["labels"] = None if self.labels is None else self.labels.snapshot()
         return snap
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterable[Any]:
+        from agent.predlog_metrics import snapshot_families
+
         yield from snapshot_families(self.snapshot())
-
-
-def snapshot_families(snap: dict[str, Any]) -> Iterable[Metric]:
-    """The log's metrics (and its label desk's) from a `PredictionLog.snapshot()`."""
-    from agent.labels import label_families
-
-    yield _by_label("edgefleet_predlog_records", "Records written to the log.", "log",
-                    snap["records"])
-    yield _by_label("edgefleet_predlog_written_bytes", "Bytes appended.", "log",
-                    snap["bytes_written"])
-    yield _by_label("edgefleet_predlog_dropped", "Records not logged: the queue was full, the "
-                    "disk was, or the writer process was lost.", "reason", snap["dropped"])
-    yield _by_label("edgefleet_capture_rows", "Input rows captured, by why.", "reason",
-                    snap["captured"])
-    fam = GaugeMetricFamily("edgefleet_predlog_disk_bytes", "Bytes the rings hold on disk.",
-                            labels=["log"])
-    for name, n in snap["disk"].items():
-        fam.add_metric([name], n)
-    yield fam
-    models = [ModelInfo(**m) for m in snap["models"]]
-    yield from _model_families(models, {k: (d, m, c) for k, d, m, c in snap["stats"]})
-    if snap["labels"] is not None:
-        yield from label_families(snap["labels"], models)
 
 
 def _join_parts(parts: list[_Part]):
@@ -833,47 +805,6 @@ def _params(req: Any) -> np.ndarray | None:
         return None
 
 
-def _by_label(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
-    fam = CounterMetricFamily(name, doc, labels=[label])
-    for k, v in values.items():
-        fam.add_metric([k], v)
-    return fam
-
-
-def _model_families(models: list[ModelInfo], stats: dict) -> Iterable[Metric]:
-    """Per model (label `digest`, the bundle digest): proxy figures before any label."""
-    dec = CounterMetricFamily("edgefleet_model_decisions",
-                              "Logged decisions per model, by decision and source.",
-                              labels=["digest", "decision", "source"])
-    margin = CounterMetricFamily("edgefleet_model_score_margin",
-                                 "Model answers per margin bucket, (score - threshold) / "
-                                 "confidence_scale in (previous edge, upper].",
-                                 labels=["digest", "upper"])
-    confidence = CounterMetricFamily("edgefleet_model_confidence",
-                                     "Model answers per confidence bucket, in (previous "
-                                     "edge, upper].", labels=["digest", "upper"])
-    drift = GaugeMetricFamily("edgefleet_model_score_psi",
-                              "PSI of the margin distribution vs the build's reference (only "
-                              "for bundles that ship one).", labels=["digest"])
-    for index, (decisions, m_hist, c_hist) in stats.items():
-        info = models[index] if 0 <= index < len(models) else None
-        digest = info.digest if info is not None else "none"
-        for d in (0, 1):
-            for s in (0, 1):
-                dec.add_metric([digest, DECISION_LABELS[d], "model" if s == 0 else "fallback"],
-                               decisions[d * 2 + s])
-        for edge, c in zip([*MARGIN_EDGES, "+Inf"], m_hist, strict=True):
-            margin.add_metric([digest, str(edge)], c)
-        for edge, c in zip([*CONFIDENCE_EDGES, "+Inf"], c_hist, strict=True):
-            confidence.add_metric([digest, str(edge)], c)
-        if info is not None and info.reference is not None and sum(m_hist):
-            drift.add_metric([digest], psi(m_hist, info.reference["proportions"]))
-    yield dec
-    yield margin
-    yield confidence
-    yield drift
-
-
 class PredLogCollector:
     """Registers a `PredictionLog` (and its label desk) in the agent's metrics registry."""
 
@@ -883,7 +814,7 @@ class PredLogCollector:
     def describe(self) -> list:
         return []
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterable[Any]:
         yield from self.plog.collect()
 
 
@@ -906,6 +837,8 @@ def plug_in(server: Any, plog: PredictionLog) -> None:
     """Connect a log (and its label desk, if any) to an AgentServer: its tap after each answer,
     the `label` op, its metrics."""
     server.tap = plog.tap
+    if plog.tapper is not None:
+        plog.tapper.dispatch = server.dispatch  # JSON rows as it parsed them
     plog.trimmer = getattr(server, "trimmer", None)
     server.dispatch.labels = plog.labels
     server.metrics.registry.register(PredLogCollector(plog))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.digest import cached_bundle_digest
 from agent.fsio import atomic_write
 
 log = logging.getLogger("edgefleet.agent")
@@ -90,7 +89,11 @@ def _bundle_digest(p: Any) -> str | None:
     path = getattr(p.engine, "model_path", None)
     if path is None:
         return None
-    try:  # agent.digest, not agent.link: the log must not load the MQTT client
+    # agent.digest, not agent.link (the MQTT client); imported here, in the agent: the writer
+    # process reads descriptions, never makes them
+    from agent.digest import cached_bundle_digest
+
+    try:
         return cached_bundle_digest(Path(path).parent)
     except (OSError, ValueError, KeyError) as e:
         log.warning("prediction log: no bundle digest for %s: %s", path, e)

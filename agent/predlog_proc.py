@@ -45,7 +45,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from agent.labels import LabelConfig, LabelInbox
 from agent.predformat import block_count
-from agent.predlog import PredLogConfig, snapshot_families
+from agent.predlog import PredLogConfig
+from agent.predlog_metrics import snapshot_families
 from agent.predlog_models import ModelTable
 from agent.predlog_tap import FLUSH, SNAPSHOT, U32, Tap, labels_message, message
 from agent.segring import RingView
@@ -67,11 +68,11 @@ class WriterProcess:
                  labels: LabelConfig | None = None, *, log_level: str = "warning") -> None:
         self.config = config
         self.dir = Path(config.directory)
-        self._tap = Tap(runtime, capture_rate=config.capture_rate,
+        self.tapper = Tap(runtime, capture_rate=config.capture_rate,
                         capture_fails=config.capture_fails, queue_size=config.queue_size,
                         queue_bytes=config.queue_bytes)
-        self.tap = self._tap.record
-        self.labels = None if labels is None else LabelForwarder(self._tap, self.dir)
+        self.tap = self.tapper.record
+        self.labels = None if labels is None else LabelForwarder(self.tapper, self.dir)
         self.predictions = RingView(self.dir / "predictions", block_count)
         self.capture = RingView(self.dir / "capture")
         self.trimmer: Any = None  # agent.memory.Trimmer: told after a big hand-over
@@ -86,6 +87,8 @@ class WriterProcess:
         self._replies = bytearray()
         self._request_id = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the tap: a big buffer is waiting
+        self.tapper.wake = self._wake.set
         self._thread: threading.Thread | None = None
         self._last: dict[str, Any] | None = None  # the writer's last snapshot
         self.lost = 0  # answers handed to a writer that died before writing them (known ones)
@@ -107,6 +110,7 @@ class WriterProcess:
     def stop(self) -> None:
         """Hand over the rest, close the pipe (the writer writes everything and exits)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.forward()
@@ -132,7 +136,7 @@ class WriterProcess:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(fd, False)
         self._replies.clear()
-        announced = list(self._tap.announced.values())  # a restarted writer learns the models
+        announced = list(self.tapper.announced.values())  # a restarted writer learns the models
         if announced and not self._write(announced):
             log.warning("prediction log: the new writer process did not take its models")
 
@@ -155,7 +159,9 @@ class WriterProcess:
     # ------------------------------------------------------------------ handing over
 
     def _run(self) -> None:
-        while not self._stop.wait(self.config.flush_interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.config.flush_interval_s)
+            self._wake.clear()
             try:
                 self.forward()
             except Exception:
@@ -163,20 +169,20 @@ class WriterProcess:
 
     def forward(self, extra: list[bytes] | None = None) -> bool:
         """Hand everything tapped so far (then `extra`) to the writer; False if it was lost."""
-        parts, n = self._tap.take()
+        parts, n = self.tapper.take()
         if extra:
             parts += extra
         if not parts:
             return True
         size = sum(map(len, parts))
-        self._tap.backlog = size  # counted against the tap's byte cap until written
+        self.tapper.backlog = size  # counted against the tap's byte cap until written
         try:
             with self._write_lock:
                 if self._proc is not None and self._proc.poll() is not None:
                     self._restart()
                 ok = self._write(parts)
         finally:
-            self._tap.backlog = 0
+            self.tapper.backlog = 0
         if not ok:
             self.lost += n
         if size >= _TRIM_BYTES and self.trimmer is not None:
@@ -265,7 +271,7 @@ class WriterProcess:
         agent's own drops."""
         snap = self._request(SNAPSHOT, SNAPSHOT_WAIT_S) or self._last or _EMPTY
         snap = {**snap, "dropped": {**snap["dropped"]}}
-        snap["dropped"]["queue_full"] = snap["dropped"].get("queue_full", 0) + self._tap.dropped
+        snap["dropped"]["queue_full"] = snap["dropped"].get("queue_full", 0) + self.tapper.dropped
         snap["dropped"]["writer_lost"] = self.lost
         if self.labels is not None and snap.get("labels") is not None:
             snap["labels"] = self.labels.merged(snap["labels"])
@@ -292,11 +298,11 @@ class LabelForwarder(LabelInbox):
 
     def __init__(self, tap: Tap, directory: Path) -> None:
         super().__init__()
-        self._tap = tap
+        self.tapper = tap
         self.ring = RingView(directory / "labels")  # the label log, for the data feed
 
     def offer(self, labels: list[tuple[str, int, float | None]], source: str) -> tuple[int, int]:
-        if not labels or self._tap.send(labels_message(labels, source)):
+        if not labels or self.tapper.send(labels_message(labels, source)):
             return len(labels), 0
         with self._lock:
             self.results[(source, "dropped")] += len(labels)

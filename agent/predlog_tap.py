@@ -20,6 +20,9 @@ then the extra:
     BINARY_ONE    the sampled row's float32 bytes as the frame carried them (none: not sampled)
     BINARY_BATCH  u32 count, count u32 row indices, count rows of float32 (none: none sampled)
     JSON_ONE      the request line (none: not sampled)
+    JSON_ROW      a JSON request's row as the dispatcher parsed it, float32 (`Dispatcher.parsed`:
+                  no second parse of a 5 kB line in the writer, ~70 us, and 2 kB instead of 5
+                  piped); JSON_ONE when that is not this answer's (a line answered elsewhere)
     JSON_BATCH    u32 line length, the line, one byte per answer with a decision (the draw)
     MODEL         answer: the model's description (agent/predlog_models.py `describe`, JSON);
                   `model` is the token later messages name it by
@@ -45,7 +48,7 @@ from agent.protocol import HEADER, MAGIC_BYTE, RESULT_BLOCK, Decision, FrameType
 
 MSG = struct.Struct("<BIIdII")  # kind, rows, model token, time, answer length, extra length
 U32 = struct.Struct("<I")
-BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH = 1, 2, 3, 4  # answers
+BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW = 1, 2, 3, 4, 5  # answers
 MODEL, LABELS, FLUSH, SNAPSHOT = 8, 9, 10, 11  # the rest
 _FAIL_TEXT = b'"decision":"fail"'
 _DECISION_TEXT = b'"decision"'
@@ -56,8 +59,13 @@ _TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, ve
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
 _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
+# Past this many bytes recorded, the taker is woken before its interval: big batches then move
+# on in ~1 MB pieces, not one buffer of up to `queue_bytes` (a freed buffer that big would
+# also raise glibc's mmap threshold, and later ones would stay in the heap)
+WAKE_BYTES = 1 << 20
 
-__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "LABELS", "MODEL",
+__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW", "LABELS",
+           "MODEL",
            "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
 
 
@@ -84,6 +92,7 @@ class Tap:
                  queue_size: int = 65536, queue_bytes: int = 16 << 20,
                  clock=time.time) -> None:
         self._active = runtime.active
+        self.dispatch: Any = None  # agent.dispatch.Dispatcher: its `parsed` (answer, row)
         self._rate = capture_rate
         self._fails = capture_fails
         self._random = random.random
@@ -98,6 +107,8 @@ class Tap:
         self._retired: list[Any] = []  # snapshots replaced since: released by `take`'s thread
         self.announced: dict[int, bytes] = {}  # token -> MODEL message, the newest few
         self.backlog = 0  # bytes taken but not handed over yet (the taker sets it)
+        self.wake: Any = None  # called (once per take) when WAKE_BYTES are waiting
+        self._woken = False
         self.dropped = 0  # answers not recorded: the buffer was full
 
     def record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
@@ -132,8 +143,13 @@ class Tap:
                     extra = (b"".join((U32.pack(end - start), buf[start:end], draw.tobytes()))
                              if fail or draw.any() else b"")
                 else:
-                    kind, rows = JSON_ONE, 1
-                    extra = buf[start:end] if fail or self._random() < self._rate else b""
+                    kind, rows, extra = JSON_ONE, 1, b""
+                    if fail or self._random() < self._rate:
+                        parsed = getattr(self.dispatch, "parsed", None)
+                        if parsed is not None and parsed[0] is answer:
+                            kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
+                        else:
+                            extra = buf[start:end]
             else:
                 return
             p = self._active()
@@ -147,6 +163,9 @@ class Tap:
                 if extra:
                     out += extra
                 self._n += 1
+                if len(out) > WAKE_BYTES and not self._woken and self.wake is not None:
+                    self._woken = True
+                    self.wake()
         except Exception:  # a tap must never break serving
             import logging
 
@@ -188,6 +207,7 @@ class Tap:
         with self._lock:
             data, n, fresh, retired = self._out, self._n, self._fresh, self._retired
             self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
+            self._woken = False
         del retired  # the replaced snapshots go here, on this thread
         parts: list[bytes | bytearray] = []
         for token, p in fresh:

@@ -95,6 +95,29 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
     assert 40 <= sampled <= 180  # 25% of ~396 passes; binomial, far from both bounds
 
 
+def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, tmp_path):
+    """A sampled single-row JSON request: its row is what the dispatcher parsed (the tap copies
+    it, float32; None = not measured -> NaN), not the line parsed again; and a JSON request
+    answered with an error is not logged."""
+    x = model.train[:3].astype(np.float64)
+    reqs = [{"die_id": f"J{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
+            for i, r in enumerate(x.tolist())]
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0) as (server, plog):
+        with Client(server.path) as c:
+            for r in reqs:
+                c.request(r)
+            c.request({"die_id": "short", "params": [1.0]})
+        assert wait_flushed(plog, server)
+    found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
+    assert [c["die_id"] for c, _ in found] == ["J0", "J1", "J2"]
+    assert [p["die_id"] for _, p in _predictions(tmp_path / "log" / "predictions")] == [
+        "J0", "J1", "J2"]
+    for (_, row), r in zip(found, reqs, strict=True):
+        want = np.array(r["params"], dtype=np.float64)
+        np.testing.assert_array_equal(np.isnan(row), np.isnan(want))
+        np.testing.assert_allclose(row[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
+
+
 def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path):
     """The writer reads a sampled request's row from its `params` list alone when the line's
     text makes that sound, else parses the whole line: the same rows either way."""
@@ -127,8 +150,8 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(model, tmp_path):
             for i in range(20):
                 assert c.predict(model.train[i], die_id=i).decision in ("pass", "fail")
         # the tap runs after the answer is sent: wait for the last one
-        wait_for(lambda: plog._tap.dropped + plog._tap.waiting() == 20)
-        assert plog._tap.dropped == 15
+        wait_for(lambda: plog.tapper.dropped + plog.tapper.waiting() == 20)
+        assert plog.tapper.dropped == 15
         plog.flush()
         text = server.metrics.exposition().decode()
     assert 'edgefleet_predlog_dropped_total{reason="queue_full"} 15.0' in text
@@ -413,9 +436,9 @@ def test_the_queue_is_capped_in_bytes_too(model, tmp_path):
         with Client(server.path) as c:
             for _ in range(20):
                 c.request(rows)
-        wait_for(lambda: plog._tap.dropped + plog._tap.waiting() == 20)
-        queued = plog._tap.waiting()
-        assert 1 <= queued < 20 and plog._tap.dropped == 20 - queued
+        wait_for(lambda: plog.tapper.dropped + plog.tapper.waiting() == 20)
+        queued = plog.tapper.waiting()
+        assert 1 <= queued < 20 and plog.tapper.dropped == 20 - queued
         plog.flush()
         assert plog.records["predictions"] == 64 * queued
         assert plog._in_bytes == plog._out_bytes  # nothing queued, nothing counted twice
