@@ -325,6 +325,13 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ the tap's stream
 
+    def queued(self) -> int:
+        """Answers queued for the next pass."""
+        return len(self._queue)
+
+    def queued_bytes(self) -> int:
+        return self._in_bytes - self._out_bytes
+
     def feed(self, data: bytes | bytearray, on_control: Any = None) -> None:
         """Queue the answers (and take the models and labels) of the tap's byte stream
         (agent/predlog_tap.py); a message cut at the end waits for the next call. Control

@@ -3,7 +3,8 @@
 Spawned by the agent (agent/predlog_proc.py), never by hand. It reads the serving process's tap
 stream (agent/predlog_tap.py) on stdin, writes the log, the capture and the labels
 (agent/predlog.py's `PredictionLog` and its writer thread, agent/labels.py's `LabelDesk`) and
-answers FLUSH and SNAPSHOT messages on stdout (u32 length, then JSON {"id", "snapshot"}).
+answers FLUSH and SNAPSHOT messages on stdout (u32 length, then JSON {"id", "snapshot"}). One
+thread reads and writes (`serve`): no lock, no GIL to share, one malloc arena.
 
 Its life is the agent's: it ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a service
 manager's stop reach the whole process group; the agent's own stop then hands over the rest of
@@ -20,6 +21,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -31,6 +33,8 @@ from agent.predlog import PredictionLog, PredLogConfig
 from agent.predlog_tap import FLUSH, U32
 
 NICE = 10
+_PASS_MESSAGES = 4096  # a pass as soon as this many answers are queued
+_PASS_BYTES = 4 << 20  # or this many bytes
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -48,9 +52,18 @@ def lock_directory(directory: Path) -> int:
 
 
 def serve(config: dict, stdin: int = 0, stdout: int = 1) -> None:
-    """Write the log of the tap stream read from `stdin` until it ends; replies to `stdout`."""
-    from agent.labels import LabelConfig, LabelDesk
+    """Write the log of the tap stream read from `stdin` until it ends; replies to `stdout`.
 
+    One thread: it reads what the pipe holds, queues it (`PredictionLog.feed`) and writes a pass
+    (`PredictionLog.flush`) every `flush_interval_s`, or sooner once `_PASS_MESSAGES` or
+    `_PASS_BYTES` are queued. While it writes it does not read, so a writer that falls behind
+    fills the pipe and the agent's tap drops and counts (its caps): the writer's own queue stays
+    small. Memory a big pass freed goes back to the OS once passes stay small (malloc_trim).
+    """
+    from agent.labels import LabelConfig, LabelDesk
+    from agent.memory import Trimmer, limit_arenas
+
+    limit_arenas(1)
     log_cfg = PredLogConfig(**{**config["log"], "directory": Path(config["log"]["directory"])})
     lock = lock_directory(log_cfg.directory)
     plog = PredictionLog(log_cfg)
@@ -59,7 +72,8 @@ def serve(config: dict, stdin: int = 0, stdout: int = 1) -> None:
         drop = labels.get("drop_dir")
         plog.labels = LabelDesk(LabelConfig(**{**labels, "drop_dir": drop and Path(drop)}),
                                 plog.dir)
-    plog.start()
+    plog.trimmer = Trimmer(idle_s=1.0)
+    plog.trimmer.start()
 
     def control(kind: int, request: int) -> None:
         if kind == FLUSH:
@@ -69,13 +83,26 @@ def serve(config: dict, stdin: int = 0, stdout: int = 1) -> None:
         while data:
             data = data[os.write(stdout, data):]
 
+    interval = log_cfg.flush_interval_s
+    next_pass = time.monotonic() + interval
     try:
-        while data := os.read(stdin, 1 << 20):
+        while True:
+            wait = next_pass - time.monotonic()
+            if wait <= 0 or plog.queued() >= _PASS_MESSAGES or plog.queued_bytes() >= _PASS_BYTES:
+                plog.flush()
+                next_pass = time.monotonic() + interval
+                continue
+            if not select.select([stdin], [], [], wait)[0]:
+                continue
+            data = os.read(stdin, 1 << 20)
+            if not data:
+                break  # the agent stopped, or died
             plog.feed(data, control)
     except BrokenPipeError:  # the agent is gone: nobody waits for a reply
         pass
     finally:
         plog.stop()  # writes everything read
+        plog.trimmer.stop()
         os.close(lock)
 
 

@@ -140,8 +140,9 @@ class Tap:
                     kind = JSON_BATCH
                     rows = answer.count(_DECISION_TEXT)
                     draw = draws(rows, self._rate)
-                    extra = (b"".join((U32.pack(end - start), buf[start:end], draw.tobytes()))
-                             if fail or draw.any() else b"")
+                    # pieces, copied once into the buffer (a line can be 350 kB)
+                    extra = ((U32.pack(end - start), memoryview(buf)[start:end],
+                              draw.tobytes()) if fail or draw.any() else b"")
                 else:
                     kind, rows, extra = JSON_ONE, 1, b""
                     if fail or self._random() < self._rate:
@@ -158,10 +159,17 @@ class Tap:
                 if p is not self._last_p:
                     self._new_model(p)
                 out = self._out
-                out += MSG.pack(kind, rows, self._token, t, len(answer), len(extra))
-                out += answer
-                if extra:
-                    out += extra
+                if type(extra) is tuple:
+                    out += MSG.pack(kind, rows, self._token, t, len(answer),
+                                    sum(map(len, extra)))
+                    out += answer
+                    for piece in extra:
+                        out += piece
+                else:
+                    out += MSG.pack(kind, rows, self._token, t, len(answer), len(extra))
+                    out += answer
+                    if extra:
+                        out += extra
                 self._n += 1
                 if len(out) > WAKE_BYTES and not self._woken and self.wake is not None:
                     self._woken = True

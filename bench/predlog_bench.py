@@ -10,8 +10,10 @@ EDGEFLEET_AGENT_PREDLOG=off, and `on` with the log at its defaults (capture at `
 the agent's default 1%). Each round, the client sends `--requests` single-row requests (binary
 frames, then JSON lines, on one connection after 200 warm-up ones) to each agent in turn, the
 order rotating from round to round, so load that comes and goes on a shared machine hits all
-three alike. With --pin-cpu (default 0) the agents and the client share one CPU: the worst case
-for the log's writer thread, which then competes with serving for it. After each encoding's
+three alike. With --pin-cpu (default 0) the agents, the processes they start (the log's
+writer process, agent/predlog_proc.py) and the client share one CPU: the worst case for the
+writer, which then competes with serving for it (--writer-free leaves the writer process free
+to run on another core, as on a device). After each encoding's
 turn the bench waits until the log has written every answer so far (the writer's catch-up
 time; a tester's handling time gives the writer that room).
 
@@ -21,17 +23,18 @@ with a 95% bootstrap interval (rounds resampled) and the min and max. A p99 from
 runs on a shared 2-core box is mostly the scheduler's; the median of interleaved rounds beside
 its own noise floor is not. Also each agent's CPU time per answer, from the kernel's
 per-thread run time (/proc/PID/task/TID/schedstat, ns; a busy machine moves it less than a
-latency): the serving thread's (the agent's busiest) and the rest (for `on`, mostly the
-log's writer), the records the log wrote (scraped from its metrics, to show it ran) and the
-load average at start and end.
+latency): the serving thread's (the agent's busiest), the agent's other threads' and its child
+processes' (for `on`, the log's writer process; a log in the agent, as --compare-tree's may
+be, shows as other threads), the records the log wrote (scraped from its metrics, to show it
+ran) and the load average at start and end.
 
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
 connection, dies per second, alternating, and each agent's resident memory after them (1.5 s
-later, as bench/agent_bench.py measures it). --agent-tree runs the agents of another checkout;
---compare-tree adds a fourth agent, `on_ref`, with the log on in another checkout's code (e.g.
-the main branch), in the same interleaved rounds: a before/after comparison of two logs that
-the load hits alike.
+later, as bench/agent_bench.py measures it), with its writer process's and the PSS of both.
+--agent-tree runs the agents of another checkout; --compare-tree adds a fourth agent,
+`on_ref`, with the log on in another checkout's code (e.g. the main branch), in the same
+interleaved rounds: a before/after comparison of two logs that the load hits alike.
 
 Printed and written to JSON (--out); exit status 1 when the median p99 ratio of an encoding
 is over the target (1.05).
@@ -104,21 +107,63 @@ def _thread_cpu_ns(pid: int) -> dict[int, int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (the log's writer process)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                out += [int(child), *descendants(int(child))]
+    return out
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin an agent and the processes it started (its log writer) to `cpus`."""
+    for p in (pid, *descendants(pid)):
+        set_affinity(p, cpus)
+
+
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """RSS of the agent and of its child processes, and the PSS of both together (shared
+    library pages counted once)."""
+    kids = descendants(pid)
+    pss = 0.0
+    for p in (pid, *kids):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) / 1024
+    return {"agent_rss_mb": rss_mb(pid), "writer_rss_mb": sum(rss_mb(k) for k in kids),
+            "pss_mb": pss}
+
+
 class _CpuMeter:
-    """CPU time of one agent's serving thread (its busiest) and of the rest, from `start()`."""
+    """CPU time of one agent's serving thread (its busiest), of its other threads and of the
+    processes it started (the log's writer process), from `start()`."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.base: dict[int, int] = {}
+        self.kids_base: dict[int, int] = {}
+
+    def _kids(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for k in descendants(self.pid):
+            with contextlib.suppress(OSError):
+                for t, v in _thread_cpu_ns(k).items():
+                    out[t] = v
+        return out
 
     def start(self) -> None:
         self.base = _thread_cpu_ns(self.pid)
+        self.kids_base = self._kids()
 
-    def read(self) -> tuple[float, float]:
-        """(serving thread s, other threads s) since `start()`."""
+    def read(self) -> tuple[float, float, float]:
+        """(serving thread s, other threads s, child processes s) since `start()`."""
         now = _thread_cpu_ns(self.pid)
         used = sorted((v - self.base.get(t, 0) for t, v in now.items()), reverse=True)
-        return used[0] / 1e9, sum(used[1:]) / 1e9
+        kids = sum(v - self.kids_base.get(t, 0) for t, v in self._kids().items())
+        return used[0] / 1e9, sum(used[1:]) / 1e9, kids / 1e9
 
 
 _WRITTEN = 'edgefleet_predlog_records_total{log="predictions"}'
@@ -173,6 +218,7 @@ def _batches(agents: dict, dies: np.ndarray, seconds: float) -> dict:
     time.sleep(1.5)  # the agent gives batch buffers back after 1 s without one
     for name, (_, _, proc) in agents.items():
         out[name]["rss_mb"] = rss_mb(proc.pid)
+        out[name]["memory"] = tree_memory_mb(proc.pid)
         for k in ("binary_dies_per_s", "json_dies_per_s"):
             out[name][k] = float(np.mean(out[name][k]))
     out["binary_ratio"] = out["on"]["binary_dies_per_s"] / out["off"]["binary_dies_per_s"]
@@ -225,10 +271,11 @@ def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
     total = rounds * len(messages) * (requests + _WARMUP)
     cpu = {}
     for n, m in meters.items():
-        serving, rest = m.read()
+        serving, rest, kids = m.read()
         cpu[n] = {"serving_us_per_answer": serving / total * 1e6,
                   "other_threads_us_per_answer": rest / total * 1e6,
-                  "total_us_per_answer": (serving + rest) / total * 1e6}
+                  "writer_process_us_per_answer": kids / total * 1e6,
+                  "total_us_per_answer": (serving + rest + kids) / total * 1e6}
     return {"latencies": lat, "cpu": cpu, "catch_up": catch_up}
 
 
@@ -258,6 +305,10 @@ def main() -> int:
                     help="timed requests per round, encoding and agent")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for agents and client; -1: none")
+    ap.add_argument("--writer-free", action="store_true",
+                    help="with --pin-cpu, leave the log's writer process unpinned (free to use "
+                         "another core, as on a device); default: pinned with its agent, the "
+                         "worst case")
     ap.add_argument("--capture-rate", type=float, default=0.01,
                     help="the log-on agent's sampled capture (the agent's default: 0.01)")
     ap.add_argument("--batch-seconds", type=float, default=2.0,
@@ -308,7 +359,10 @@ def main() -> int:
         if args.pin_cpu >= 0:
             cpus = {args.pin_cpu}
             for _, _, proc in agents.values():
-                set_affinity(proc.pid, cpus)
+                if args.writer_free:
+                    set_affinity(proc.pid, cpus)
+                else:
+                    pin_tree(proc.pid, cpus)
             os.sched_setaffinity(0, cpus)
         load_start = os.getloadavg()
         t0 = time.monotonic()
@@ -324,7 +378,8 @@ def main() -> int:
                                                  / cpu["off"]["serving_us_per_answer"]),
                      "total_cpu_ratio": (cpu["on"]["total_us_per_answer"]
                                          / cpu["off"]["total_us_per_answer"]),
-                     "pinned_cpu": args.pin_cpu, "loadavg_start": load_start,
+                     "pinned_cpu": args.pin_cpu, "writer_free": args.writer_free,
+                     "loadavg_start": load_start,
                      "loadavg_end": load_end, "agent_tree": str(args.agent_tree),
                      "compare_tree": None if args.compare_tree is None else str(
                          args.compare_tree),
@@ -340,7 +395,7 @@ def main() -> int:
         if args.batch_seconds > 0:
             every = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
             for _, _, proc in agents.values():
-                set_affinity(proc.pid, every)
+                pin_tree(proc.pid, every)
             os.sched_setaffinity(0, every)
             batch_dies = m.normal.copy()  # 3% anomalous, as in the agent bench: every fail
             bad = rng.random(len(batch_dies)) < 0.03  # is captured
@@ -387,7 +442,8 @@ def _print(res: dict, out: Path) -> None:
     c = res["cpu"]
     print("CPU per answer (us): " + "; ".join(
         f"{n} serving {v['serving_us_per_answer']:.1f} + other threads "
-        f"{v['other_threads_us_per_answer']:.2f}" for n, v in c.items())
+        f"{v['other_threads_us_per_answer']:.2f} + writer process "
+        f"{v.get('writer_process_us_per_answer', 0):.2f}" for n, v in c.items())
         + f"; serving on/off {res['serving_cpu_ratio']:.3f} (off2/off "
         f"{res['serving_cpu_noise_ratio']:.3f}), total on/off {res['total_cpu_ratio']:.3f}")
     print(f"the writer caught up {res['writer_catch_up_s']['mean']:.2f} s after a turn (max "
@@ -399,7 +455,9 @@ def _print(res: dict, out: Path) -> None:
               f"dies/s (ratio {b['binary_ratio']:.3f}); JSON 64 rows off "
               f"{b['off']['json_dies_per_s']:,.0f} on {b['on']['json_dies_per_s']:,.0f} "
               f"(ratio {b['json_ratio']:.3f}); RSS after them off {b['off']['rss_mb']:.1f} "
-              f"MB, on {b['on']['rss_mb']:.1f} MB")
+              f"MB, on {b['on']['rss_mb']:.1f} MB + writer process "
+              f"{b['on']['memory']['writer_rss_mb']:.1f} MB (PSS of both "
+              f"{b['on']['memory']['pss_mb']:.1f} MB, off {b['off']['memory']['pss_mb']:.1f})")
     for k, v in res["log_records"].items():
         print(f"  {k} {v:.0f}")
     worst = max(f["p99_ratio"]["median"] for f in res["figures"].values())

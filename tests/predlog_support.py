@@ -10,19 +10,31 @@ from typing import Any
 
 from agent.labels import LabelConfig, LabelDesk
 from agent.predlog import PredictionLog, PredLogConfig, plug_in
+from agent.predlog_proc import WriterProcess
 from agent.server import AgentServer
 from tests.agent_support import Model, running_agent
+
+# Where the log's writer runs: "process" as the agent runs it (agent/predlog_proc.py, a real
+# writer process), "thread" in the test's own process (its counters and rings inspectable)
+MODES = ("thread", "process")
 
 
 @contextlib.contextmanager
 def logged_agent(model: Model, directory: Path, *, drop: Path | None = None,
-                 **config: Any) -> Iterator[tuple[AgentServer, PredictionLog]]:
+                 mode: str = "thread", **config: Any) -> Iterator[tuple[AgentServer, Any]]:
     """`running_agent(model)` whose answers go to a log in `directory` (`config`: the
-    PredLogConfig fields; the free-space floor is off), labels joined, drop dir polled at once."""
+    PredLogConfig fields; the free-space floor is off), labels joined, drop dir polled at once.
+    Yields the server and the log: a `PredictionLog` (mode "thread") or a `WriterProcess`
+    ("process")."""
     config.setdefault("min_free_bytes", 0)
+    labels = LabelConfig(drop_dir=drop, poll_interval_s=0.0)
     with running_agent(model) as server:
-        plog = PredictionLog(PredLogConfig(directory=directory, **config), server.runtime)
-        plog.labels = LabelDesk(LabelConfig(drop_dir=drop, poll_interval_s=0.0), plog.dir)
+        if mode == "process":
+            plog: Any = WriterProcess(PredLogConfig(directory=directory, **config),
+                                      server.runtime, labels)
+        else:
+            plog = PredictionLog(PredLogConfig(directory=directory, **config), server.runtime)
+            plog.labels = LabelDesk(labels, plog.dir)
         plug_in(server, plog)
         plog.start()
         try:

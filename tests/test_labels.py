@@ -38,7 +38,7 @@ from agent.protocol import (
 )
 from agent.runtime import Runtime
 from tests.agent_support import build_model, make_keys, running_agent
-from tests.predlog_support import logged_agent
+from tests.predlog_support import MODES, logged_agent
 
 N = 8
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -79,10 +79,11 @@ def _recv(s: socket.socket, n: int) -> bytes:
     return out
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_labels_join_to_the_logged_decision_per_model_and_unknown_dies_are_counted(model,
-                                                                                    tmp_path):
+                                                                                    tmp_path, mode):
     good, bad = model.train[0], model.train[1] + 50.0
-    with logged_agent(model, tmp_path / "log") as (server, plog):
+    with logged_agent(model, tmp_path / "log", mode=mode) as (server, plog):
         with Client(server.path) as c:
             c.predict(good, die_id=1)      # pass; the label says pass: a true pass
             c.predict(bad, die_id=2)       # fail; the label says pass: a false fail

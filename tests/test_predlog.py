@@ -30,7 +30,7 @@ from tests.agent_support import (
     wait_for,
 )
 from tests.conftest import REPO
-from tests.predlog_support import logged_agent
+from tests.predlog_support import MODES, logged_agent
 
 N = 8
 
@@ -50,10 +50,12 @@ def _predictions(ring_dir: Path) -> list[tuple[int, dict]]:
     return read_predictions(ring_dir, 0, max_records=10**9, max_bytes=1 << 40)[1]
 
 
-def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(model, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_every_answer_is_logged_with_die_model_decision_and_top_contributions(model, tmp_path,
+                                                                             mode):
     x = model.train[:6].copy()
     x[1] += 50.0  # a fail
-    with logged_agent(model, tmp_path / "log", capture_rate=0.0) as (server, plog):
+    with logged_agent(model, tmp_path / "log", capture_rate=0.0, mode=mode) as (server, plog):
         with Client(server.path) as c:
             c.predict(x[0], die_id=7)
             c.predict(x[1], die_id=8)
@@ -95,14 +97,15 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
     assert 40 <= sampled <= 180  # 25% of ~396 passes; binomial, far from both bounds
 
 
-def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, tmp_path, mode):
     """A sampled single-row JSON request: its row is what the dispatcher parsed (the tap copies
     it, float32; None = not measured -> NaN), not the line parsed again; and a JSON request
     answered with an error is not logged."""
     x = model.train[:3].astype(np.float64)
     reqs = [{"die_id": f"J{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
             for i, r in enumerate(x.tolist())]
-    with logged_agent(model, tmp_path / "log", capture_rate=1.0) as (server, plog):
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
         with Client(server.path) as c:
             for r in reqs:
                 c.request(r)
@@ -118,7 +121,8 @@ def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, t
         np.testing.assert_allclose(row[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
 
 
-def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path, mode):
     """The writer reads a sampled request's row from its `params` list alone when the line's
     text makes that sound, else parses the whole line: the same rows either way."""
     x = model.train[:4].astype(np.float64)
@@ -126,7 +130,7 @@ def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path):
              for i, r in enumerate(x.tolist())]
     odd = [dict(plain[0], die_id="params"), dict(plain[1], note={"params": [1]}),
            dict(plain[2], die_id="Ö\\")]  # "params" as a value, nested, a backslash
-    with logged_agent(model, tmp_path / "log", capture_rate=1.0) as (server, plog):
+    with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
         with Client(server.path) as c:
             c.request(plain)
             c.request(odd)
