@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +57,7 @@ log = logging.getLogger("edgefleet.agent")
 PIPE_BYTES = 1 << 20  # the stdin pipe's capacity (the Linux default is 64 kB)
 STALL_S = 10.0  # a writer that reads nothing for this long while we write is restarted
 SNAPSHOT_WAIT_S = 2.0
+RESPAWN_S = 30.0  # at most 3 writer processes started within this long
 _TRIM_BYTES = 1 << 20
 
 __all__ = ["WriterProcess"]
@@ -82,6 +84,7 @@ class WriterProcess:
         self._argv = [sys.executable, "-m", "agent.predlog_child",
                       orjson.dumps({"log": cfg, "labels": lab, "log_level": log_level}).decode()]
         self._proc: subprocess.Popen | None = None
+        self._spawns: deque[float] = deque(maxlen=3)
         self._write_lock = threading.Lock()  # the pipe to the writer
         self._request_lock = threading.Lock()  # one request (flush, snapshot) at a time
         self._replies = bytearray()
@@ -129,6 +132,7 @@ class WriterProcess:
             proc.stdout.close()  # type: ignore[union-attr]
 
     def _spawn(self) -> None:
+        self._spawns.append(time.monotonic())
         self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       bufsize=0)
         fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
@@ -137,11 +141,18 @@ class WriterProcess:
         os.set_blocking(fd, False)
         self._replies.clear()
         announced = list(self.tapper.announced.values())  # a restarted writer learns the models
-        if announced and not self._write(announced):
+        if announced and not self._write(announced, restart=False):
             log.warning("prediction log: the new writer process did not take its models")
 
     def _restart(self) -> None:
-        """(Under the write lock.) The writer died or stalled: a new one."""
+        """(Under the write lock.) The writer died or stalled: a new one, but not a fourth
+        within RESPAWN_S (a writer that cannot start must not become a fork loop; meanwhile
+        what is handed over is lost, and counted)."""
+        spawns = self._spawns
+        if len(spawns) == spawns.maxlen and time.monotonic() - spawns[0] < RESPAWN_S:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()  # stalled: gone, so writes fail fast until the next one
+            return
         proc = self._proc
         if proc is not None:
             with contextlib.suppress(OSError):
@@ -168,30 +179,33 @@ class WriterProcess:
                 log.exception("prediction log: hand-over failed")
 
     def forward(self, extra: list[bytes] | None = None) -> bool:
-        """Hand everything tapped so far (then `extra`) to the writer; False if it was lost."""
-        parts, n = self.tapper.take()
-        if extra:
-            parts += extra
-        if not parts:
-            return True
-        size = sum(map(len, parts))
-        self.tapper.backlog = size  # counted against the tap's byte cap until written
-        try:
-            with self._write_lock:
-                if self._proc is not None and self._proc.poll() is not None:
+        """Hand everything tapped so far (then `extra`) to the writer; False if it was lost.
+        Taking and writing under one lock: two hand-overs never swap their order."""
+        with self._write_lock:
+            parts, n = self.tapper.take()
+            if extra:
+                parts += extra
+            if not parts:
+                return True
+            size = sum(map(len, parts))
+            self.tapper.backlog = size  # counted against the tap's byte cap until written
+            try:
+                if self._proc is None or self._proc.poll() is not None:
                     self._restart()
                 ok = self._write(parts)
-        finally:
-            self.tapper.backlog = 0
+            finally:
+                self.tapper.backlog = 0
         if not ok:
             self.lost += n
         if size >= _TRIM_BYTES and self.trimmer is not None:
             self.trimmer.note()
         return ok
 
-    def _write(self, parts: list) -> bool:
+    def _write(self, parts: list, restart: bool = True) -> bool:
         """(Under the write lock.) Write `parts` to the writer's pipe; on a dead or stalled
         writer, restart it and return False (what it had not written is lost)."""
+        if self._proc is None or self._proc.stdin.closed:  # type: ignore[union-attr]
+            return False
         fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
         for part in parts:
             view = memoryview(part)
@@ -202,13 +216,15 @@ class WriterProcess:
                 except BlockingIOError:
                     n = 0
                 except OSError:  # EPIPE: the writer is gone
-                    self._restart()
+                    if restart:
+                        self._restart()
                     return False
                 if n:
                     view, idle_since = view[n:], time.monotonic()
                 elif time.monotonic() - idle_since > STALL_S:
                     log.warning("prediction log: the writer read nothing for %.0f s", STALL_S)
-                    self._restart()
+                    if restart:
+                        self._restart()
                     return False
                 else:
                     select.select([], [fd], [], 0.5)

@@ -36,6 +36,11 @@ later, as bench/agent_bench.py measures it), with its writer process's and the P
 `on_ref`, with the log on in another checkout's code (e.g. the main branch), in the same
 interleaved rounds: a before/after comparison of two logs that the load hits alike.
 
+With --heads-seconds, last, issue 15's many test heads: 8 and 32 connections from one epoll
+process (bench/agent_bench.py's), binary single rows, unpinned, against each agent in turn
+(off, on, and --compare-tree's), --heads-rounds times, the order rotating: the p99.9 of each
+run and their median, per agent.
+
 Printed and written to JSON (--out); exit status 1 when the median p99 ratio of an encoding
 is over the target (1.05).
 """
@@ -65,6 +70,7 @@ from agent_bench import (  # noqa: E402
     _recv_frame,
     _recv_line,
     binary_loop,
+    epoll_clients,
     free_port,
     json_loop,
     pct,
@@ -227,6 +233,34 @@ def _batches(agents: dict, dies: np.ndarray, seconds: float) -> dict:
     return out
 
 
+def _heads(agents: dict, dies: np.ndarray, seconds: float, rounds: int) -> dict:
+    """Many test heads (issue 15's figure): 8 and 32 connections from one epoll process,
+    binary single rows, unpinned, each agent in turn, the order rotating over `rounds`;
+    per agent and count, p99 and p99.9 per round and their medians, answers/s."""
+    frames = _messages(dies)["binary"]
+    names = [n for n in agents if n != "off2"]
+    out: dict = {n: {c: {"p99_us": [], "p999_us": [], "answers_per_s": []} for c in (8, 32)}
+                 for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            for c in (8, 32):
+                lat, rate = epoll_clients(agents[n][0], frames, c, seconds)
+                p = pct(lat)
+                out[n][c]["p99_us"].append(p["p99_us"])
+                out[n][c]["p999_us"].append(p["p999_us"])
+                out[n][c]["answers_per_s"].append(rate)
+            time.sleep(0.3)  # the writer's pass
+    for n in names:
+        for c in (8, 32):
+            f = out[n][c]
+            f["median_p99_us"] = float(np.median(f["p99_us"]))
+            f["median_p999_us"] = float(np.median(f["p999_us"]))
+            f["median_answers_per_s"] = float(np.median(f["answers_per_s"]))
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 def _interval(ratios: list[float], seed: int = 0) -> dict:
     """The median of per-round ratios, its 95% bootstrap interval (rounds resampled with
     replacement), and the min and max."""
@@ -313,6 +347,10 @@ def main() -> int:
                     help="the log-on agent's sampled capture (the agent's default: 0.01)")
     ap.add_argument("--batch-seconds", type=float, default=2.0,
                     help="batched throughput per encoding and agent, unpinned (0: skip)")
+    ap.add_argument("--heads-seconds", type=float, default=0.0,
+                    help="with this many seconds per run, also 8 and 32 connections (issue 15's "
+                         "many test heads) against each agent, unpinned (0: skipped)")
+    ap.add_argument("--heads-rounds", type=int, default=4)
     ap.add_argument("--agent-tree", type=Path, default=REPO,
                     help="the checkout whose agents run (default: this one)")
     ap.add_argument("--compare-tree", type=Path, default=None,
@@ -403,6 +441,12 @@ def main() -> int:
                                           ).astype(np.float32)
             res["batches"] = _batches({k: agents[k] for k in ("off", "on")}, batch_dies,
                                       args.batch_seconds)
+        if args.heads_seconds > 0:
+            every = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+            for _, _, proc in agents.values():
+                pin_tree(proc.pid, every)
+            os.sched_setaffinity(0, every)
+            res["heads"] = _heads(agents, dies, args.heads_seconds, args.heads_rounds)
         worst = max(f["p99_ratio"]["median"] for f in res["figures"].values())
         res["target_p99_ratio"] = TARGET_P99_RATIO
         res["pass"] = worst <= TARGET_P99_RATIO
@@ -458,6 +502,19 @@ def _print(res: dict, out: Path) -> None:
               f"MB, on {b['on']['rss_mb']:.1f} MB + writer process "
               f"{b['on']['memory']['writer_rss_mb']:.1f} MB (PSS of both "
               f"{b['on']['memory']['pss_mb']:.1f} MB, off {b['off']['memory']['pss_mb']:.1f})")
+    h = res.get("heads")
+    if h:
+        print(f"many test heads (unpinned, load {h['loadavg'][0]:.2f}; median of rounds, "
+              "per round in brackets):")
+        for n, v in h.items():
+            if n == "loadavg":
+                continue
+            for c in (8, 32):
+                f = v[c]
+                print(f"  {n:6s} {c:2d} clients p99.9 {f['median_p999_us']:7,.0f} us ["
+                      + " ".join(f"{x:,.0f}" for x in f["p999_us"]) + f"], p99 "
+                      f"{f['median_p99_us']:6,.0f} us, {f['median_answers_per_s']:,.0f} "
+                      "answers/s")
     for k, v in res["log_records"].items():
         print(f"  {k} {v:.0f}")
     worst = max(f["p99_ratio"]["median"] for f in res["figures"].values())

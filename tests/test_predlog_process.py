@@ -83,3 +83,31 @@ def test_the_writer_process_imports_no_serving_library():
     mods = set(r.stdout.split())
     assert {"numpy", "orjson"} <= mods
     assert not mods & {"onnxruntime", "paho", "cryptography", "prometheus_client", "torch"}
+
+
+def test_a_writer_that_cannot_start_costs_counted_answers_not_a_fork_loop(model, tmp_path):
+    """A writer process that exits at once (a broken install): at most 3 are started within
+    RESPAWN_S, the answers handed over meanwhile are counted as lost, and serving goes on."""
+    from agent.predlog import PredLogConfig, plug_in
+    from agent.predlog_proc import WriterProcess
+    from tests.agent_support import running_agent
+
+    with running_agent(model) as server:
+        plog = WriterProcess(PredLogConfig(directory=tmp_path / "log", min_free_bytes=0),
+                             server.runtime)
+        plog._argv = [sys.executable, "-c", "raise SystemExit(3)"]
+        plug_in(server, plog)
+        plog.start()
+        try:
+            with Client(server.path) as c:
+                for i in range(8):
+                    assert c.predict(model.train[i], die_id=i).decision in ("pass", "fail")
+                    c.health()
+                    wait_for(lambda: plog._proc.poll() is not None)
+                    plog.forward()
+            assert len(plog._spawns) == 3 and plog.restarts == 2
+            assert plog.lost >= 1
+            text = server.metrics.exposition().decode()
+        finally:
+            plog.stop()
+    assert _metric(text, 'edgefleet_predlog_dropped_total{reason="writer_lost"}') >= 1
