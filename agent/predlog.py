@@ -1,39 +1,33 @@
-"""The prediction log: every answer the agent gave, on disk, off the hot path.
+"""The prediction log's writer: every answer the agent gave, on disk, off the hot path.
 
-    log = PredictionLog(PredLogConfig(directory=...), runtime)
-    server.tap = log.tap            # agent/server.py calls it after each answer is sent
-    log.start(); ...; log.stop()
+    log = PredictionLog(PredLogConfig(directory=...))   # in the writer process
+    log.feed(tap_bytes); log.flush(); ...; log.stop()
+
+The agent runs it in a process of its own (agent/predlog_proc.py starts agent/predlog_child.py,
+which feeds it the serving thread's tap stream, agent/predlog_tap.py): no work of the log holds
+the serving process's GIL. Given a runtime, `PredictionLog` keeps its own `Tap` and takes from
+it every pass instead: the log in one process (tests, tools), a writer thread beside serving.
 
 What is recorded, per answered die (refused rows are not decisions and are not logged): time,
-die id, the model (an index into `models.json`: bundle digest, ONNX digest, name, version,
-sequence), decision, source (model / fallback rules), score, threshold, confidence and the top
-contributions of fails. A configurable sample of the full input rows goes to a second ring, the
-capture (`capture_rate`, default 1%, plus every fail). Formats: agent/predformat.py (answers are
-written in blocks, one ring record per writer pass and up to `_CHUNK_MESSAGES` messages);
-rings: agent/segring.py; retention, fsync policy and what a crash loses: docs/operations.md,
-"Prediction log, capture and labels".
+die id, the model (an index into `models.json`, agent/predlog_models.py), decision, source
+(model / fallback rules), score, threshold, confidence and the top contributions of fails. A
+configurable sample of the full input rows goes to a second ring, the capture (`capture_rate`,
+default 1%, plus every fail). Formats: agent/predformat.py (answers are written in blocks, one
+ring record per chunk of up to `_CHUNK_MESSAGES` messages); rings: agent/segring.py;
+retention, fsync policy and what a crash loses: docs/operations.md, "Prediction log, capture
+and labels".
 
-Never on the hot path, and as little GIL time as possible beside it (a writer holding the GIL
-when a request arrives delays that answer until it lets go):
-- `tap(buf, start, end, answer)` runs in the serving loop *after* the answer was sent.
-  It keeps a reference to the answer bytes (immutable), copies the input row only when the row
-  is sampled (a fail, or the random draw), and appends one tuple to a deque: 0.6 to 1 us.
-- The queue is bounded by messages (`queue_size`) and by bytes (`queue_bytes`: answers and
-  the copied rows; a JSON batch line is big): beyond either, the message is dropped and counted
-  (`edgefleet_predlog_dropped_total{reason="queue_full"}`), never waited on.
-- One writer thread wakes every `flush_interval_s` and works in chunks of up to
-  `_CHUNK_MESSAGES` messages: a chunk of binary answers is one join of their result records
-  and a handful of numpy operations (decode, die keys, per-model counts, index rows), then one
-  block record and one `os.write`; JSON answers are parsed by orjson, 128 at a time, and read
-  column by column (a sampled row of a JSON batch from its own `params` list when that is
-  sound, `_batch_rows`), yielding the GIL after each chunk. It fsyncs every
-  `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps the per-model proxy
-  metrics. A full disk drops and counts (`reason="disk_full"`).
-
-Crash: `kill -9` loses the messages still in the queue (normally the last `flush_interval_s`
-of answers; should the writer fall behind, the bound is the queue's caps); a power cut also
-loses what was written since the last fsync (at most `fsync_interval_s`). A torn last record is
-cut off at the next start (agent/segring.py).
+- `feed` decodes the tap's messages into a queue, bounded by messages (`queue_size`) and bytes
+  (`queue_bytes`): beyond either, the answer is dropped and counted
+  (`edgefleet_predlog_dropped_total{reason="queue_full"}`).
+- A pass (`flush`) works in chunks of up to `_CHUNK_MESSAGES` messages: a chunk of binary
+  answers is one join of their result records and a handful of numpy operations (decode, die
+  keys, per-model counts, index rows), then one block record and one `os.write`; JSON answers
+  are parsed by orjson, 128 at a time, and read column by column (a sampled row comes as the
+  dispatcher parsed it, or - a JSON batch's - from its own `params` list when that is sound,
+  `_batch_rows`). It fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py)
+  and keeps the per-model proxy counts (`snapshot`, rendered by agent/predlog_metrics.py). A
+  full disk drops and counts (`reason="disk_full"`).
 """
 
 from __future__ import annotations
@@ -691,7 +685,7 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ metrics
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, models: bool = True) -> dict[str, Any]:
         """What the metrics show, as JSON-able values (the writer process sends it to the
         agent for each scrape): counters, ring sizes, per-model proxy counts, the model table
         and the label desk's counts."""
@@ -705,7 +699,10 @@ class PredictionLog:
             snap["dropped"]["queue_full"] += self.tapper.dropped
         snap["disk"] = {"predictions": self.predictions.disk_bytes(),
                         "capture": self.capture.disk_bytes()}
-        snap["models"] = [m.to_json() for m in self.models.models]
+        # without `models`, their count: the reader has models.json (written before any
+        # record names a model) and reads it again when the count grows
+        snap["models"] = ([m.to_json() for m in self.models.models] if models
+                          else len(self.models.models))
         snap["labels"] = None if self.labels is None else self.labels.snapshot()
         return snap
 

@@ -78,7 +78,7 @@ def serve(config: dict, stdin: int = 0, stdout: int = 1) -> None:
     def control(kind: int, request: int) -> None:
         if kind == FLUSH:
             plog.flush()
-        reply = orjson.dumps({"id": request, "snapshot": plog.snapshot()})
+        reply = orjson.dumps({"id": request, "snapshot": plog.snapshot(models=False)})
         data = memoryview(U32.pack(len(reply)) + reply)
         while data:
             data = data[os.write(stdout, data):]

@@ -94,6 +94,7 @@ class WriterProcess:
         self.tapper.wake = self._wake.set
         self._thread: threading.Thread | None = None
         self._last: dict[str, Any] | None = None  # the writer's last snapshot
+        self._model_rows: list[dict[str, Any]] = []  # models.json, as last read
         self.lost = 0  # answers handed to a writer that died before writing them (known ones)
         self.restarts = 0
 
@@ -286,12 +287,21 @@ class WriterProcess:
         """The log's figures for the metrics (`agent.predlog.snapshot_families`), with the
         agent's own drops."""
         snap = self._request(SNAPSHOT, SNAPSHOT_WAIT_S) or self._last or _EMPTY
-        snap = {**snap, "dropped": {**snap["dropped"]}}
+        snap = {**snap, "dropped": {**snap["dropped"]}, "models": self._models(snap["models"])}
         snap["dropped"]["queue_full"] = snap["dropped"].get("queue_full", 0) + self.tapper.dropped
         snap["dropped"]["writer_lost"] = self.lost
         if self.labels is not None and snap.get("labels") is not None:
             snap["labels"] = self.labels.merged(snap["labels"])
         return snap
+
+    def _models(self, count: int | list) -> list[dict[str, Any]]:
+        """The model table's entries (the writer's snapshot gives their count): models.json,
+        read again only when the count grew."""
+        if isinstance(count, list):
+            return count
+        if len(self._model_rows) < count:
+            self._model_rows = [m.to_json() for m in self.models.models]
+        return self._model_rows[:count]
 
     def collect(self) -> Iterable[Metric]:
         yield from snapshot_families(self.snapshot())

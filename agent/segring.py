@@ -90,6 +90,20 @@ def _seg_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SUFFIX}"
 
 
+def _segments(directory: Path) -> list[Path]:
+    """A ring directory's segment files, oldest first."""
+    return sorted(p for p in Path(directory).glob("*" + SUFFIX)
+                  if p.name[:-len(SUFFIX)].isdigit())
+
+
+def _disk_bytes(segments: list[Path]) -> int:
+    total = 0
+    for p in segments:
+        with contextlib.suppress(FileNotFoundError):  # deleted by retention meanwhile
+            total += p.stat().st_size
+    return total
+
+
 def read_records(data: bytes | memoryview) -> Iterator[tuple[int, int, bytes]]:
     """`(offset_after, seq, payload)` of the whole, checksummed records at the start of `data`;
     stops at the first torn or corrupt one."""
@@ -129,15 +143,10 @@ class SegmentRing:
     # ------------------------------------------------------------------ state
 
     def segments(self) -> list[Path]:
-        return sorted(p for p in self.dir.iterdir() if p.name.endswith(SUFFIX)
-                      and p.name[:-len(SUFFIX)].isdigit())
+        return _segments(self.dir)
 
     def disk_bytes(self) -> int:
-        total = 0
-        for p in self.segments():
-            with contextlib.suppress(FileNotFoundError):
-                total += p.stat().st_size
-        return total
+        return _disk_bytes(self.segments())
 
     def first_seq(self) -> int:
         segs = self.segments()
@@ -279,7 +288,7 @@ def read_ring(directory: Path, cursor: int, max_records: int = 10_000,
     """`SegmentRing.read` without a writer: for tools and other threads (`count` as the
     ring's)."""
     count = count or _one
-    segs = sorted(p for p in Path(directory).glob("*" + SUFFIX) if p.name[:-len(SUFFIX)].isdigit())
+    segs = _segments(directory)
     firsts = [int(p.name[:-len(SUFFIX)]) for p in segs]
     out: list[tuple[int, bytes]] = []
     size, items, gap, nxt = 0, 0, 0, cursor
@@ -316,17 +325,14 @@ class RingView:
         self.dir = Path(directory)
         self.count = count or _one
 
-    def _segments(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("*" + SUFFIX) if p.name[:-len(SUFFIX)].isdigit())
-
     def first_seq(self) -> int:
-        segs = self._segments()
+        segs = _segments(self.dir)
         return int(segs[0].name[:-len(SUFFIX)]) if segs else 0
 
     @property
     def next_seq(self) -> int:
         """The seq the next record will get (the newest segment's whole records counted)."""
-        for last in reversed(self._segments()):
+        for last in reversed(_segments(self.dir)):
             try:
                 data = last.read_bytes()
             except FileNotFoundError:
@@ -338,11 +344,7 @@ class RingView:
         return 0
 
     def disk_bytes(self) -> int:
-        total = 0
-        for p in self._segments():
-            with contextlib.suppress(FileNotFoundError):
-                total += p.stat().st_size
-        return total
+        return _disk_bytes(_segments(self.dir))
 
     def read(self, cursor: int, max_records: int = 10_000, max_bytes: int = 4 << 20) -> Batch:
         return read_ring(self.dir, cursor, max_records, max_bytes, self.count)

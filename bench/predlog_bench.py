@@ -90,7 +90,8 @@ def _start(store: Path, keyring: Path, sock: Path, port: int, env: dict, log: Pa
     proc = subprocess.Popen(
         [PY, "-m", "edgefleet", "agent", "serve", "--socket", str(sock), "--store", str(store),
          "--keyring", str(keyring), "--metrics-addr", f"127.0.0.1:{port}",
-         "--log-level", "warning"], cwd=tree, env=env, stderr=open(log, "w"))  # noqa: SIM115
+         "--log-level", "warning", "--max-connections-per-peer", "64"],  # 32 heads, 1 pid
+        cwd=tree, env=env, stderr=open(log, "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}/readyz"
     deadline = time.monotonic() + 120
     while True:

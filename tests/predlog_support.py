@@ -41,3 +41,12 @@ def logged_agent(model: Model, directory: Path, *, drop: Path | None = None,
             yield server, plog
         finally:
             plog.stop()
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of sample `name` (with its labels, as exposed) in a metrics exposition; 0 if
+    absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

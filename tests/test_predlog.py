@@ -30,7 +30,7 @@ from tests.agent_support import (
     wait_for,
 )
 from tests.conftest import REPO
-from tests.predlog_support import MODES, logged_agent
+from tests.predlog_support import MODES, logged_agent, metric_value
 
 N = 8
 
@@ -196,11 +196,7 @@ def _ready(port: int) -> bool:
         return False
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+_metric = metric_value
 
 
 def test_the_log_survives_kill_9_losing_at_most_the_unflushed_tail(model, tmp_path):

@@ -17,7 +17,7 @@ from agent.client import Client
 from agent.predlog import read_predictions
 from tests.agent_support import build_model, make_keys, wait_for
 from tests.conftest import REPO
-from tests.predlog_support import logged_agent
+from tests.predlog_support import logged_agent, metric_value
 
 N = 8
 
@@ -28,11 +28,7 @@ def model(tmp_path_factory):
     return build_model(d, *make_keys(d), n_features=N)
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+_metric = metric_value
 
 
 def test_a_killed_writer_process_is_restarted_and_later_answers_are_logged(model, tmp_path):
