@@ -4,6 +4,7 @@ full runs, on a quiet machine)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
     out = tmp_path / "predlog.json"
     proc = subprocess.run(
         [sys.executable, "bench/predlog_bench.py", "--requests", "100", "--rounds", "2",
+         "--batch-seconds", "0.5", "--heads-seconds", "0.3", "--heads-rounds", "1",
          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the target missed on a busy box
     report = json.loads(out.read_text())
@@ -29,3 +31,22 @@ def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
     assert report["cpu"]["on"]["serving_us_per_answer"] > 0
     written = report["log_records"]['edgefleet_predlog_records_total{log="predictions"}']
     assert written == 2 * 2 * (100 + 200)  # rounds x encodings x (requests + warm-up): all
+    assert report["cpu"]["on"]["writer_process_us_per_answer"] > 0  # the log's own process
+    assert report["batches"]["on"]["memory"]["writer_rss_mb"] > 0
+    for agent in ("off", "on"):
+        for clients in ("8", "32"):
+            assert len(report["heads"][agent][clients]["p999_us"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="bench/gil_waits.py needs strace")
+def test_gil_waits_benchmark_runs(tmp_path: Path):
+    out = tmp_path / "gil.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gil_waits.py", "--rounds", "1", "--seconds", "0.5",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for agent in ("off", "on"):
+        (run,) = report["rounds"][agent]
+        assert run["answers_per_s"] > 0 and run["futex_wait_ms"] >= 0
