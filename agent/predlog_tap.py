@@ -125,10 +125,10 @@ class Tap:
                 frame_type, rows, vlen = _TAP_HEAD(answer, 5)
                 if frame_type != _RESULT:
                     return
-                if rows == 1 and not (self._fails and answer[
-                        _RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL) and (
-                        self._random() >= self._rate):
-                    # the usual answer: a binary single-row pass, not sampled
+                if rows == 1:
+                    sampled = (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8]
+                               == _FAIL) or self._random() < self._rate
+                if rows == 1 and not sampled:  # the usual answer: not sampled
                     p, t = self._active(), self._clock()
                     self._acquire()  # not `with`: 2-3x the cost of the calls on this path
                     try:
@@ -141,14 +141,10 @@ class Tap:
                     finally:
                         self._release()
                     return
-                if rows == 1:
+                if rows == 1:  # sampled: a fail, or the draw
                     kind = BINARY_ONE
-                    if (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL
-                            ) or self._random() < self._rate:
-                        n = int.from_bytes(buf[start + 16:start + 20], "little")
-                        extra = buf[start + 32:start + 32 + 4 * n]
-                    else:
-                        extra = b""
+                    n = int.from_bytes(buf[start + 16:start + 20], "little")
+                    extra = buf[start + 32:start + 32 + 4 * n]
                 else:
                     kind = BINARY_BATCH
                     extra = self._sample_frame(buf, start, answer, rows)
