@@ -126,23 +126,22 @@ class Tap:
                 if frame_type != _RESULT:
                     return
                 if rows == 1:
-                    sampled = (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8]
-                               == _FAIL) or self._random() < self._rate
-                if rows == 1 and not sampled:  # the usual answer: not sampled
-                    p, t = self._active(), self._clock()
-                    self._acquire()  # not `with`: 2-3x the cost of the calls on this path
-                    try:
-                        if p is not self._last_p:
-                            self._new_model(p)
-                        out = self._out
-                        out += _PACK(BINARY_ONE, 1, self._token, t, len(answer), 0)
-                        out += answer
-                        self._n += 1
-                    finally:
-                        self._release()
-                    return
-                if rows == 1:  # sampled: a fail, or the draw
-                    kind = BINARY_ONE
+                    if not ((self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8]
+                             == _FAIL) or self._random() < self._rate):
+                        # the usual answer: a pass, not sampled; the short path
+                        p, t = self._active(), self._clock()
+                        self._acquire()  # not `with`: 2-3x the cost of the calls here
+                        try:
+                            if p is not self._last_p:
+                                self._new_model(p)
+                            out = self._out
+                            out += _PACK(BINARY_ONE, 1, self._token, t, len(answer), 0)
+                            out += answer
+                            self._n += 1
+                        finally:
+                            self._release()
+                        return
+                    kind = BINARY_ONE  # sampled: a fail, or the draw
                     n = int.from_bytes(buf[start + 16:start + 20], "little")
                     extra = buf[start + 32:start + 32 + 4 * n]
                 else:
