@@ -31,9 +31,10 @@ servers in their own processes:
           unchanged over 2 s, at most 15 s after the last request; the value 1.5 s after it is
           kept too); process start to /readyz
   base    the reference design: FastAPI + uvicorn on a Unix socket, same model, JSON
-  info    the least a Python server does per single-row request (bench/ort_echo_server.py:
-          read the frame, `Engine.predict_one`, send a fixed-size answer; no checks, metrics or
-          log), pinned like the others: how much of the gap to the floor is Python itself
+  info    the least a Python server does per single-row request (bench/echo_server.py with a
+          model: read the frame, `Engine.predict_one`, send a fixed-size answer; no checks,
+          metrics or log), pinned like the others: how much of the gap to the floor is Python
+          itself
 
 The single-row figures (floors, agent, FastAPI) are measured with the client and every server
 pinned to one CPU (--pin-cpu): in this VM a wake-up across CPUs costs 15-40 us and comes and
@@ -509,8 +510,8 @@ def main() -> int:
         procs += echo_procs
         py_floor = str(tmp / "ortecho.sock")  # the least a Python server does (info)
         echo_procs.append(subprocess.Popen(
-            [PY, str(REPO / "bench" / "ort_echo_server.py"), py_floor, str(onnx_path.parent),
-             str(len(frames[0])), str(answer_size)]))
+            [PY, str(REPO / "bench" / "echo_server.py"), py_floor, str(len(frames[0])),
+             str(answer_size), str(onnx_path.parent)]))
         wait_for_path(py_floor)
         procs.append(echo_procs[-1])
         fa_sock = str(tmp / "fastapi.sock")
