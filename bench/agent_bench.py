@@ -377,6 +377,26 @@ def rss_at_rest_mb(pid: int, steady_s: float = 2.0, limit_s: float = 15.0) -> tu
     return last, time.monotonic() - t0
 
 
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """Where the resident set is (MB): file-backed pages (the libraries' code and data: ONNX
+    Runtime, cryptography, libpython, numpy, ...), anonymous memory, and of the anonymous the
+    malloc heap and the 1 MiB mappings (CPython's small-object arenas, mostly)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    out = {key: int(status.split(f"{key}:")[1].split()[0]) / 1024
+           for key in ("RssFile", "RssAnon")}
+    out["heap"] = out["arenas_1mib"] = 0.0
+    kind = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:  # a mapping's first line
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            kind = ("heap" if head[-1] == "[heap]" else
+                    "arenas_1mib" if len(head) == 5 and hi - lo == 1 << 20 else None)
+        elif kind and head[0] == "Rss:":
+            out[kind] += int(head[1]) / 1024
+    return out
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -608,6 +628,7 @@ def main() -> int:
         metrics = scrape(url + "/metrics")
         res["agent_rss_1_5s_mb"] = rss_mb(agent.pid)  # the reading before 2026-12-05
         res["agent_rss_mb"], res["agent_rss_wait_s"] = rss_at_rest_mb(agent.pid)
+        res["agent_rss_parts_mb"] = rss_parts_mb(agent.pid)
         res["agent_predictions"] = int(sum(v for k, v in metrics.items()
                                            if k.startswith("edgefleet_predictions_total")))
         res["agent_errors"] = int(sum(v for k, v in metrics.items()
@@ -766,7 +787,8 @@ def print_report(r: dict) -> None:
           f"at rest ({r['agent_rss_wait_s']:.1f} s after the scrape; "
           f"{r['agent_rss_1_5s_mb']:.1f} MB 1.5 s after the last request) after "
           f"{r['agent_predictions']:,} predictions ({r['agent_errors']} errors); "
-          f"{r['agent_rss_after_batches_mb']:.1f} MB right after the batch run")
+          f"{r['agent_rss_after_batches_mb']:.1f} MB right after the batch run; at rest: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in r["agent_rss_parts_mb"].items()))
     print("other ratios (not targets): " + "; ".join(f"{k} {v:.2f}" for k, v in r["info"].items()))
     print("targets:")
     for t in r["targets"]:
