@@ -167,7 +167,7 @@ class _Monitor:
 def run(config: AgentConfig) -> None:
     """Serve until SIGTERM or SIGINT (the CLI's `agent serve`)."""
     sys.setswitchinterval(config.switch_interval_s)
-    limit_arenas(2)
+    limit_arenas()
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()  # no *_created series: they double the exposition for nothing

@@ -85,6 +85,8 @@ def main() -> int:
                   f"ratio {fs[ratio]:.2f} (target >= 0.5); in-process "
                   f"{fs[f'{key}_inprocess_dies_per_s']:,.0f} dies/s, ratio "
                   f"{fs[f'{ratio}_inprocess']:.2f}; CPU {fs[f'{key}_cpu_s']:.2f} s")
+    print(f"  the CLI on a one-die file   {fs['cli_startup_s']:.2f} s (start-up); with a free "
+          f"CSV reader the ratio would be at most {fs['ratio_bound']:.2f}")
     readers = res["readers"]
     for engine, r in readers.items():
         if "cpu_ns_per_value" in r:

@@ -29,5 +29,8 @@ def test_agent_benchmark_runs_and_reports_every_figure(tmp_path: Path):
         "binary single-row p50 vs floor", "json single-row p50 vs floor",
         "batched binary throughput", "2 clients p99.9", "start to ready"}
     assert report["agent_errors"] == 0 and report["agent_predictions"] > 1000
+    parts = report["agent_rss_parts_mb"]  # where the resident set is, beside its total
+    assert parts["RssFile"] > 0 and parts["heap"] > 0
+    assert parts["RssFile"] + parts["RssAnon"] == pytest.approx(report["agent_rss_mb"], abs=2)
     assert report["throughput"]["dies_per_s"] > 0 and report["json_throughput"]["dies_per_s"] > 0
     assert report["json_parser"] == "orjson"

@@ -23,3 +23,4 @@ def test_file_screen_bench_reports_the_cli_beside_the_client(tmp_path: Path):
     fs = json.loads(out.read_text())["file_screening"]
     assert fs["dies"] == 40 and fs["client_dies_per_s"] > 0
     assert fs["ratio"] > 0 and fs["light_ratio"] > 0 and fs["ratio_inprocess"] > 0
+    assert fs["cli_startup_s"] > 0 and 0 < fs["ratio_bound"] < 1
