@@ -529,17 +529,19 @@ class RolloutDriver:
             self._update(stage=nxt, phase=Phase.DEPLOY)
 
     def _on_failure(self, reason: str, detail: dict[str, Any], *, shadow: bool) -> None:
+        """The stage failed: an operator's promote of it (made while it deployed) goes too."""
         rid = self.rid
         if shadow:  # nothing answered with the candidate: stop the shadows; the rollout failed
             self._move(Trigger.ROLLBACK, reason=reason, audit="shadow-failed", detail=detail,
-                       phase=Phase.SHADOW_STOP)
+                       phase=Phase.SHADOW_STOP, request=None)
         elif self.plan.on_failure == "rollback":
             self._move(Trigger.ROLLBACK, reason=reason, audit="rolling-back", detail=detail,
-                       phase=Phase.ROLLBACK)
+                       phase=Phase.ROLLBACK, request=None)
         else:
             self._move(Trigger.PAUSE, reason=f"{reason}; next: edgefleet fleet rollout retry "
                        f"{rid} (command the failed devices again), resume {rid} (accept them "
-                       f"and go on) or rollback {rid}", audit="paused", detail=detail)
+                       f"and go on) or rollback {rid}", audit="paused", detail=detail,
+                       request=None)
 
     # -- bake ---------------------------------------------------------------------------
 
