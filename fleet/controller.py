@@ -64,7 +64,7 @@ def new_owner() -> str:
 @dataclass
 class ControllerOptions:
     actor: str = "controller"
-    tick_s: float = 0.2  # a round this often while driving; idle, one per heartbeat
+    tick_s: float = 0.2  # at most a round this often (while a driver has work)
     scan_s: float = 0.5  # requests and rollouts to pick up (idle: with each heartbeat)
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
@@ -91,18 +91,21 @@ class Controller:
         self.store_error: str | None = None  # the database server is unreachable
 
     def _pause(self) -> float:
-        """How long the loop sleeps before its next round: a tick while it drives (a driver
-        folds the messages that arrived meanwhile and watches the clock: bakes, step
-        timeouts, measure intervals; a scan every `scan_s` comes with a round), else until
-        the next heartbeat, which brings the scan with it. One wake-up a round, at a pace set
-        by the clock, not by the message stream: a thread's wake-up costs tens of
-        microseconds of CPU on a small VM (and the first statements after it, with cold
-        caches, hundreds), and a stream of device messages used to wake the loop for rounds
-        of next to nothing; an idle controller wakes once a second."""
+        """How long the loop sleeps before its next round: a tick while a driver has work
+        (it folds the messages that arrived meanwhile and watches the clock: step timeouts,
+        measure intervals), in a quiet bake until its next measure or the bake's end, the
+        next scan (`scan_s`: requests, rollouts to pick up) or heartbeat, whichever comes
+        first; with no rollout, until the next heartbeat, which brings the scan with it. One
+        wake-up a round, at a pace set by the clock, not by the message stream: a thread's
+        wake-up costs tens of microseconds of CPU on a small VM (and the first statements
+        after it, with cold caches, hundreds), and a stream of device messages used to wake
+        the loop for rounds of next to nothing; an idle controller wakes once a second."""
+        now = self.clock()
+        due = self._last_beat + self.opt.heartbeat_s
         if self.drivers:
-            return self.opt.tick_s
-        due = self._last_beat + self.opt.heartbeat_s - self.clock()
-        return max(self.opt.tick_s, min(due, self.opt.heartbeat_s))  # a clock stepped back
+            due = min(due, self._last_scan + self.opt.scan_s,
+                      *(drv.next_round(now) for drv in self.drivers.values()))
+        return max(self.opt.tick_s, min(due - now, self.opt.heartbeat_s))  # (clock stepped back)
 
     @property
     def service(self) -> bool:

@@ -267,6 +267,22 @@ class RolloutDriver:
         self._commit()
         return self.driving
 
+    def next_round(self, now: float) -> float:
+        """When this driver next needs a round: `now` while anything moves (any phase but a
+        bake; steps in flight; events, acknowledgements or writes waiting; an operator's
+        request), else, in a quiet bake, at its next measure or the bake's end. The states its
+        devices report meanwhile are folded in by that round, as a measure reads them."""
+        row = self.row
+        if row.state != RolloutState.RUNNING or row.phase != Phase.BAKE or row.request or \
+                self.in_flight or self._inbox or self._dirty or self._infos or \
+                row.stage >= len(self.stages):
+            return now
+        stage = self.stages[row.stage]
+        if stage.bake_started is None:
+            return now
+        return max(now, min(self._next_measure,
+                            stage.bake_started + D.bake_time(self.plan, self.kinds, row.stage)))
+
     # -- steps --------------------------------------------------------------------------
 
     def _set(self, s: StepRow, change: D.StepChange, now: float) -> None:
