@@ -210,8 +210,7 @@ def _retry(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
             if stages[i].state != StageState.MERGED:
                 db.update_stage(rid, i, c, state=StageState.PENDING, finished=None)
         db.update(rid, c, state=new, reason=None, request=None, stage=first,
-                  phase=Phase.DEPLOY,
-                  finished=None)
+                  phase=Phase.DEPLOY, finished=None)
         db.audit(rid, who, "retry", {"devices": sorted(s.device_id for s in again),
                                      "from_stage": stages[first].name}, c)
     return True, f"rollout {rid}: {new} (retrying {len(again)} devices from {stages[first].name})"
