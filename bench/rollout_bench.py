@@ -35,9 +35,12 @@ every 30 s. So the devices of every stage but the last (no bake) that score real
 report every 5 s, half a bake: each reports real traffic on the new model before its bake
 ends, as a real fleet's bakes (minutes) are long next to its 30-s interval. On a 1,000-device
 full floor that is about half the devices (canary, 10%, 50%), about 115 state messages a
-second instead of the 500 of an earlier version of this bench (every device every 2 s). Before its
-first rollout a floor waits until every device has reported traffic (a fleet that has been
-running), and the steady state is measured over one 30-s interval.
+second instead of the 500 of an earlier version of this bench (every device every 2 s). The
+simulator ticks a process's devices in one pass a second, so these arrive as one burst a
+second, not spread evenly as a real fleet's (which costs the controller about twice as much:
+docs/scale.md). Before its first rollout a floor waits until every device has reported
+traffic (a fleet that has been running), and the steady state is measured over one 30-s
+interval.
 
 Scenarios (each on a fresh broker and a fresh floor whose devices already run v1):
 

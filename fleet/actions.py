@@ -174,9 +174,15 @@ def _promote(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: st
             fields["request"] = "promote"  # the driver passes the bake on its next round
             if row.stage < len(stages):
                 db.update_stage(rid, row.stage, c, state=StageState.BAKING)
+        elif row.phase == Phase.DEPLOY and row.stage < len(stages):
+            # still deploying: the stage's bake passes as soon as it starts (a promote that
+            # came early was lost, and the stage baked its full length)
+            fields["request"] = "promote"
+            detail["when"] = "deployed"
         db.update(rid, c, **fields)
         db.audit(rid, who, "promote", detail, c)
-    return True, f"rollout {rid}: {new} (promoted)"
+    when = " once deployed" if detail.get("when") else ""
+    return True, f"rollout {rid}: {new} (promoted{when})"
 
 
 def _retry(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
@@ -203,8 +209,8 @@ def _retry(db: StateDB, tx: Tx, rid: str, row: Any, new: RolloutState, who: str,
         for i in range(first, len(stages)):
             if stages[i].state != StageState.MERGED:
                 db.update_stage(rid, i, c, state=StageState.PENDING, finished=None)
-        db.update(rid, c, state=new, reason=None, stage=first, phase=Phase.DEPLOY,
-                  finished=None)
+        db.update(rid, c, state=new, reason=None, request=None, stage=first,
+                  phase=Phase.DEPLOY, finished=None)
         db.audit(rid, who, "retry", {"devices": sorted(s.device_id for s in again),
                                      "from_stage": stages[first].name}, c)
     return True, f"rollout {rid}: {new} (retrying {len(again)} devices from {stages[first].name})"

@@ -717,7 +717,8 @@ _action_command("abort", "Stop the rollout for good, leaving every device as it 
                 "`rollback` to undo).", "-o json")
 _action_command("rollback", "Roll back every device this rollout moved and stop its shadows "
                 "(also after it succeeded).", "--follow")
-_action_command("promote", "End the current bake now as passed; with --full, also merge the "
-                "remaining waves into one last stage (no more bakes).", "--full --once")
+_action_command("promote", "End the current bake now as passed (a stage still deploying: "
+                "its bake, as soon as it starts); with --full, also merge the remaining waves "
+                "into one last stage (no more bakes).", "--full --once")
 _action_command("retry", "Command the failed, timed-out and skipped devices again (new "
                 "command ids), from the first stage that had one.", "--once -o json")

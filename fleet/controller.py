@@ -64,8 +64,8 @@ def new_owner() -> str:
 @dataclass
 class ControllerOptions:
     actor: str = "controller"
-    tick_s: float = 0.2  # a round this often while driving; idle, per heartbeat or scan
-    scan_s: float = 0.5
+    tick_s: float = 0.2  # at most a round this often (while a driver has work)
+    scan_s: float = 0.5  # requests and rollouts to pick up (idle: with each heartbeat)
     heartbeat_s: float = 1.0
     stale_s: float = 10.0
     only: frozenset[str] | None = None  # one-shot: drive just these, hold no service lease
@@ -91,16 +91,21 @@ class Controller:
         self.store_error: str | None = None  # the database server is unreachable
 
     def _pause(self) -> float:
-        """How long the loop sleeps before its next round: a tick while it drives (a driver
-        folds the messages that arrived meanwhile and watches the clock: bakes, step
-        timeouts, measure intervals), else until the next heartbeat or scan is due. One
+        """How long the loop sleeps before its next round: a tick while a driver has work
+        (it folds the messages that arrived meanwhile and watches the clock: step timeouts,
+        measure intervals), in a quiet bake until its next measure or the bake's end, the
+        next scan (`scan_s`: requests, rollouts to pick up) or heartbeat, whichever comes
+        first; with no rollout, until the next heartbeat, which brings the scan with it. One
         wake-up a round, at a pace set by the clock, not by the message stream: a thread's
-        wake-up costs tens of microseconds of CPU on a small VM, and a stream of device
-        messages used to wake the loop for rounds of next to nothing."""
+        wake-up costs tens of microseconds of CPU on a small VM (and the first statements
+        after it, with cold caches, hundreds), and a stream of device messages used to wake
+        the loop for rounds of next to nothing; an idle controller wakes once a second."""
+        now = self.clock()
+        due = self._last_beat + self.opt.heartbeat_s
         if self.drivers:
-            return self.opt.tick_s
-        due = min(self._last_beat + self.opt.heartbeat_s, self._last_scan + self.opt.scan_s)
-        return max(self.opt.tick_s, min(due - self.clock(), self.opt.scan_s))
+            due = min(due, self._last_scan + self.opt.scan_s,
+                      *(drv.next_round(now) for drv in self.drivers.values()))
+        return max(self.opt.tick_s, min(due - now, self.opt.heartbeat_s))  # (clock stepped back)
 
     @property
     def service(self) -> bool:
@@ -124,21 +129,21 @@ class Controller:
                 "rollouts": sorted(self.drivers)}
 
     def _heartbeat(self, now: float) -> None:
-        if self.service:
-            holder = self.db.take_lease(self.owner, self._info(), stale_s=self.opt.stale_s,
-                                        shared=self.opt.shared)
-            if holder is not None:
-                self.lost_lease = holder
-                _LOG.error("controller lease taken by %s: stopping", holder)
-                for drv in self.drivers.values():
-                    drv.close()
-                self.drivers.clear()
-                return
-        self.db.beat(self.owner)
+        """Renew the controller lease (service mode) and every driven rollout's, in one
+        transaction; stop driving what was taken while this controller was not heard from."""
+        holder, held = self.db.heartbeat(self.owner, self._info() if self.service else None,
+                                         stale_s=self.opt.stale_s, shared=self.opt.shared)
+        if holder is not None:
+            self.lost_lease = holder
+            _LOG.error("controller lease taken by %s: stopping", holder)
+            for drv in self.drivers.values():
+                drv.close()
+            self.drivers.clear()
+            return
         for rid, drv in list(self.drivers.items()):
-            row = self.db.rollout(rid)
-            if row.owner != self.owner or row.epoch != drv.epoch:  # taken while not heard from
-                _LOG.error("rollout %s taken over by %s: no longer driving it", rid, row.owner)
+            if held.get(rid) != drv.epoch:  # taken while not heard from
+                _LOG.error("rollout %s taken over by %s: no longer driving it", rid,
+                           self.db.rollout(rid).owner)
                 self.drivers.pop(rid).close()
 
     def _lost(self, rid: str, e: LeaseLost) -> None:

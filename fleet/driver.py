@@ -267,6 +267,22 @@ class RolloutDriver:
         self._commit()
         return self.driving
 
+    def next_round(self, now: float) -> float:
+        """When this driver next needs a round: `now` while anything moves (any phase but a
+        bake; steps in flight; events, acknowledgements or writes waiting; an operator's
+        request), else, in a quiet bake, at its next measure or the bake's end. The states its
+        devices report meanwhile are folded in by that round, as a measure reads them."""
+        row = self.row
+        if row.state != RolloutState.RUNNING or row.phase != Phase.BAKE or row.request or \
+                self.in_flight or self._inbox or self._dirty or self._infos or \
+                row.stage >= len(self.stages):
+            return now
+        stage = self.stages[row.stage]
+        if stage.bake_started is None:
+            return now
+        return max(now, min(self._next_measure,
+                            stage.bake_started + D.bake_time(self.plan, self.kinds, row.stage)))
+
     # -- steps --------------------------------------------------------------------------
 
     def _set(self, s: StepRow, change: D.StepChange, now: float) -> None:
@@ -529,17 +545,19 @@ class RolloutDriver:
             self._update(stage=nxt, phase=Phase.DEPLOY)
 
     def _on_failure(self, reason: str, detail: dict[str, Any], *, shadow: bool) -> None:
+        """The stage failed: an operator's promote of it (made while it deployed) goes too."""
         rid = self.rid
         if shadow:  # nothing answered with the candidate: stop the shadows; the rollout failed
             self._move(Trigger.ROLLBACK, reason=reason, audit="shadow-failed", detail=detail,
-                       phase=Phase.SHADOW_STOP)
+                       phase=Phase.SHADOW_STOP, request=None)
         elif self.plan.on_failure == "rollback":
             self._move(Trigger.ROLLBACK, reason=reason, audit="rolling-back", detail=detail,
-                       phase=Phase.ROLLBACK)
+                       phase=Phase.ROLLBACK, request=None)
         else:
             self._move(Trigger.PAUSE, reason=f"{reason}; next: edgefleet fleet rollout retry "
                        f"{rid} (command the failed devices again), resume {rid} (accept them "
-                       f"and go on) or rollback {rid}", audit="paused", detail=detail)
+                       f"and go on) or rollback {rid}", audit="paused", detail=detail,
+                       request=None)
 
     # -- bake ---------------------------------------------------------------------------
 

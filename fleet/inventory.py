@@ -303,7 +303,7 @@ def open_controller(mqtt: MqttConfig, *, fleet_key: Ed25519PrivateKey | Path | N
     key = fleet_key if fleet_key is not None else Ed25519PrivateKey.generate()
     ctl = FleetController(mqtt, fleet_key=key, prefix=prefix, client_id=client_id)
     loop = SelectorLoop(reconnect_min_s=mqtt.reconnect_min_s,
-                        reconnect_max_s=mqtt.reconnect_max_s, tick_s=0.5,
+                        reconnect_max_s=mqtt.reconnect_max_s, tick_s=1.0,
                         name="fleet-controller", batch_s=0.1)
     loop.add(ctl.client)
     loop.start()

@@ -207,6 +207,7 @@ class SelectorLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._connect_budget = 64  # new connections per loop iteration (spreads a start burst)
         self._write_changed: dict[int, _Entry] = {}  # entries whose write interest changed
+        self._next_connect = float("inf")  # when a client is next due to (re)connect
 
     def start(self) -> SelectorLoop:
         self._thread.start()
@@ -231,7 +232,7 @@ class SelectorLoop:
             lambda: self._set_write(entry, True))
         client.on_socket_unregister_write = lambda c, u, s: self._call(
             lambda: self._set_write(entry, False))
-        self._call(lambda: self._entries.__setitem__(id(client), entry))
+        self._call(lambda: self._added(entry))
 
     def remove(self, client: mqtt.Client) -> None:
         """Forget a client (call after `client.disconnect()`); the loop flushes nothing more."""
@@ -268,6 +269,10 @@ class SelectorLoop:
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
+
+    def _added(self, entry: _Entry) -> None:
+        self._entries[id(entry.client)] = entry
+        self._next_connect = 0.0  # connect it now
 
     def _opened(self, entry: _Entry, sock: Any) -> None:
         if id(entry.client) not in self._entries:
@@ -308,6 +313,7 @@ class SelectorLoop:
     def _schedule_reconnect(self, entry: _Entry) -> None:
         entry.delay = min(max(entry.delay * 2, self.reconnect_min_s), self.reconnect_max_s)
         entry.next_connect = time.monotonic() + entry.delay * random.uniform(0.5, 1.0)
+        self._next_connect = min(self._next_connect, entry.next_connect)
 
     def _run_ops(self) -> None:
         while self._ops:
@@ -318,11 +324,14 @@ class SelectorLoop:
                 _LOG.exception("selector loop operation failed")
 
     def _run(self) -> None:
+        """Wait for a socket, a `_wake` (an operation from another thread, a publish, `stop`),
+        the next tick or the next reconnection due, whichever comes first: an idle loop
+        wakes once a tick, not on a polling interval."""
         next_tick = time.monotonic()
         while not self._stop.is_set():
             self._run_ops()
             self._apply_writes()
-            timeout = max(0.0, min(next_tick - time.monotonic(), 0.25))
+            timeout = max(0.0, min(next_tick, self._next_connect) - time.monotonic())
             packets = 0
             for key, mask in self._sel.select(timeout):
                 if key.data is None:
@@ -334,11 +343,13 @@ class SelectorLoop:
             if packets and self.batch_s > 0:  # `_wake` (a publish, `stop`) ends the wait early
                 self._pause_sel.select(self._batch_wait(packets, time.monotonic()))
             now = time.monotonic()
-            self._connect_due(now)
+            if now >= self._next_connect:
+                self._next_connect = self._connect_due(now)
             if now >= next_tick:
                 next_tick = now + self.tick_s
                 for entry in list(self._entries.values()):
                     self._misc(entry, now)
+                self._next_connect = min(self._next_connect, now + self.tick_s)  # re-checked
 
     def _batch_wait(self, packets: int, now: float) -> float:
         """How long to let the next batch gather: `batch_s`, or less on a fast stream, so that
@@ -388,23 +399,30 @@ class SelectorLoop:
             except Exception:
                 _LOG.exception("tick failed")
 
-    def _connect_due(self, now: float) -> None:
+    def _connect_due(self, now: float) -> float:
+        """(Re)connect the clients whose time has come (at most `_connect_budget` a call);
+        returns when the next one is due (inf: none waits)."""
         budget = self._connect_budget
+        due = float("inf")
         for entry in list(self._entries.values()):
+            if entry.sock is not None:
+                continue
+            if now < entry.next_connect:
+                due = min(due, entry.next_connect)
+                continue
             if budget <= 0:
-                self._wake()  # more to connect: come straight back
-                return
-            if entry.sock is None and now >= entry.next_connect:
-                budget -= 1
-                try:
-                    entry.client.reconnect()
-                except (OSError, ValueError, ssl.SSLError) as e:
-                    _LOG.debug("connect failed: %s", e)
-                    if entry.sock is not None:
-                        with contextlib.suppress(KeyError, ValueError, OSError):
-                            self._sel.unregister(entry.sock)
-                        entry.sock = None
-                    self._schedule_reconnect(entry)
-                else:
-                    self._run_ops()  # register the new socket now
-
+                return now  # more to connect: come straight back
+            budget -= 1
+            try:
+                entry.client.reconnect()
+            except (OSError, ValueError, ssl.SSLError) as e:
+                _LOG.debug("connect failed: %s", e)
+                if entry.sock is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._sel.unregister(entry.sock)
+                    entry.sock = None
+                self._schedule_reconnect(entry)
+                due = min(due, entry.next_connect)
+            else:
+                self._run_ops()  # register the new socket now
+        return due

@@ -44,7 +44,8 @@ come from the database's clock (`clock_timestamp()` on PostgreSQL), never from a
 host's.
 
 SQLite journal: WAL, `synchronous=FULL` (a committed transaction survives a power cut, not only
-a killed process). Writers wait up to 10 s for the lock (`busy_timeout`).
+a killed process), except a controller's once-a-second `heartbeat`, which need not (see
+there). Writers wait up to 10 s for the lock (`busy_timeout`).
 """
 
 from __future__ import annotations
@@ -269,9 +270,10 @@ class StateDB:
     def close(self) -> None:
         self.backend.close()
 
-    def tx(self) -> contextlib.AbstractContextManager[Any]:
-        """One write transaction: statements with `?` placeholders, rows by name or index."""
-        return self.backend.tx()
+    def tx(self, durable: bool = True) -> contextlib.AbstractContextManager[Any]:
+        """One write transaction: statements with `?` placeholders, rows by name or index
+        (`durable=False`: see fleet/state_backend.py)."""
+        return self.backend.tx(durable)
 
     def _q(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return self.backend.query(sql, args)
@@ -439,20 +441,43 @@ class StateDB:
         None when `owner` holds it now. Alone (the default) it is the one `controller` lease,
         refused while any other controller is live; `shared`, it is `controller/<owner>`,
         refused only while a controller runs alone."""
-        name = f"{CONTROLLER_LEASE}/{owner}" if shared else CONTROLLER_LEASE
         with self.tx() as c:
-            self.backend.serialize(c)
-            for r in c.execute(f"SELECT name, owner, {self._now} - heartbeat AS age FROM leases "
-                               "WHERE name=? OR name LIKE ?",
-                               (CONTROLLER_LEASE, CONTROLLER_LEASE + "/%")).fetchall():
-                if r["owner"] and r["owner"] != owner and _live(r["owner"], r["age"], stale_s) \
-                        and (not shared or r["name"] == CONTROLLER_LEASE):
-                    return str(r["owner"])
-            c.execute(f"INSERT INTO leases (name, owner, heartbeat, info) VALUES (?,?,"
-                      f"{self._now},?) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
-                      "heartbeat=excluded.heartbeat, info=excluded.info",
-                      (name, owner, json.dumps(info)))
+            return self._take_lease(c, owner, info, stale_s, shared)
+
+    def _take_lease(self, c: Any, owner: str, info: dict[str, Any], stale_s: float,
+                    shared: bool) -> str | None:
+        name = f"{CONTROLLER_LEASE}/{owner}" if shared else CONTROLLER_LEASE
+        self.backend.serialize(c)
+        for r in c.execute(f"SELECT name, owner, {self._now} - heartbeat AS age FROM leases "
+                           "WHERE name=? OR name LIKE ?",
+                           (CONTROLLER_LEASE, CONTROLLER_LEASE + "/%")).fetchall():
+            if r["owner"] and r["owner"] != owner and _live(r["owner"], r["age"], stale_s) \
+                    and (not shared or r["name"] == CONTROLLER_LEASE):
+                return str(r["owner"])
+        c.execute(f"INSERT INTO leases (name, owner, heartbeat, info) VALUES (?,?,"
+                  f"{self._now},?) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
+                  "heartbeat=excluded.heartbeat, info=excluded.info",
+                  (name, owner, json.dumps(info)))
         return None
+
+    def heartbeat(self, owner: str, info: dict[str, Any] | None, *, stale_s: float = 10.0,
+                  shared: bool = False) -> tuple[str | None, dict[str, int]]:
+        """A controller's heartbeat, one transaction: renew its controller lease (`info`;
+        None: a one-shot run, which holds none) and the lease of every rollout it drives.
+        Returns (the live controller that refused the lease, else None; rollout id -> epoch
+        of every rollout `owner` holds now, for the caller to find the ones taken from it).
+        Not durable (`tx(durable=False)`): a heartbeat a power cut forgets makes the leases
+        look older, which after a power cut they are; taking a lease (`take_lease`,
+        `acquire`) and every fenced write stay durable."""
+        with self.tx(durable=False) as c:
+            if info is not None:
+                holder = self._take_lease(c, owner, info, stale_s, shared)
+                if holder is not None:
+                    return holder, {}
+            c.execute(f"UPDATE rollouts SET heartbeat={self._now} WHERE owner=?", (owner,))
+            held = c.execute("SELECT id, epoch FROM rollouts WHERE owner=?",
+                             (owner,)).fetchall()
+        return None, {r["id"]: int(r["epoch"]) for r in held}
 
     def drop_lease(self, owner: str) -> None:
         with self.tx() as c:

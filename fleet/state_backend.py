@@ -15,7 +15,12 @@ differs, each backend states once:
 - `lock_row`: what makes `SELECT ... WHERE id=?` hold the row until the transaction ends
   (`FOR UPDATE` on PostgreSQL; SQLite's `BEGIN IMMEDIATE` already holds the whole file);
 - `serialize(c)`: one transaction at a time for the few that read several rows and then write
-  (taking the controller lease, migrating): an advisory lock on PostgreSQL.
+  (taking the controller lease, migrating): an advisory lock on PostgreSQL;
+- `tx(durable=False)`: a transaction whose commit does not wait for the disk (SQLite
+  `synchronous=NORMAL` in WAL mode, PostgreSQL `synchronous_commit = off`): after a power cut
+  it may be lost, never half applied, and a later durable commit makes it durable too. Only
+  for what a crash may forget: the heartbeats (a heartbeat lost makes a lease look older,
+  which after a crash it is).
 
 The agent never imports this module; psycopg is imported only when a PostgreSQL URL is given
 (it is in the `controller` extra, not the device's install).
@@ -49,7 +54,7 @@ class Backend(Protocol):
     now_sql: str
     lock_row: str
 
-    def tx(self) -> contextlib.AbstractContextManager[Any]: ...
+    def tx(self, durable: bool = True) -> contextlib.AbstractContextManager[Any]: ...
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]: ...
     def ddl(self, statement: str) -> str: ...
     def serialize(self, c: Any) -> None: ...
@@ -102,16 +107,23 @@ class SqliteBackend:
             self._conn.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+    def tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT); not `durable`: committed
+        without the fsync (see the module docstring)."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -231,8 +243,10 @@ class PostgresBackend:
             self._raw.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[_PgConn]:
+    def tx(self, durable: bool = True) -> Iterator[_PgConn]:
         with self._live(), self._raw.transaction():
+            if not durable:
+                self._conn.execute("SET LOCAL synchronous_commit TO OFF")
             yield self._conn
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:

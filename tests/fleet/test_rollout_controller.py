@@ -255,20 +255,29 @@ def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
 
 def test_the_controller_loop_wakes_by_the_clock_a_tick_while_driving_else_when_work_is_due(
         tmp_path: Path):
-    """The loop sleeps a tick (0.2 s) between rounds while it drives a rollout and, with none,
-    until its next heartbeat or scan: an idle controller does not wake ten times a second, and
-    no message wakes it (a wake-up is CPU on a small machine)."""
+    """The loop sleeps a tick (0.2 s) between rounds while a driver has work, in a quiet bake
+    until the driver's next measure (or the next scan or heartbeat) and, with no rollout,
+    until its next heartbeat (which brings the scan): an idle controller wakes once a second,
+    and no message wakes it (a wake-up is CPU on a small machine)."""
+    from types import SimpleNamespace
+
     from fleet.controller import Controller, ControllerOptions
     from fleet.state import StateDB
 
     now = [1000.3]
     loop = Controller(StateDB(tmp_path / "r.db"), None,  # type: ignore[arg-type]
                       ControllerOptions(), clock=lambda: now[0])
-    loop._last_beat, loop._last_scan = 1000.0, 1000.2  # heartbeat every 1 s, scan every 0.5 s
-    assert loop._pause() == pytest.approx(0.4)  # the next scan is due at 1000.7
-    now[0] = 1000.6
+    loop._last_beat, loop._last_scan = 1000.0, 1000.2  # heartbeat every 1 s
+    assert loop._pause() == pytest.approx(0.7)  # the next heartbeat is due at 1001.0
+    now[0] = 1000.9
     assert loop._pause() == pytest.approx(0.2)  # never less than a tick
-    now[0] = 900.0  # the clock stepped back: at most a scan interval
-    assert loop._pause() == pytest.approx(0.5)
-    loop.drivers["r1"] = object()  # type: ignore[assignment]
+    now[0] = 900.0  # the clock stepped back: at most a heartbeat interval
+    assert loop._pause() == pytest.approx(1.0)
+    now[0] = 1000.3
+    busy = SimpleNamespace(next_round=lambda t: t)  # a deploy: work every round
+    loop.drivers["r1"] = busy  # type: ignore[assignment]
     assert loop._pause() == pytest.approx(0.2)
+    loop.drivers["r1"] = SimpleNamespace(next_round=lambda t: 1000.65)  # a bake's measure
+    assert loop._pause() == pytest.approx(0.35)
+    loop._last_scan = 1000.0
+    assert loop._pause() == pytest.approx(0.2)  # the scan (every 0.5 s) is due first

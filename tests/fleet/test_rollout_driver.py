@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.commands import Command
 from fleet.driver import Bundle, RolloutDriver
 from fleet.inventory import Device, Inventory
@@ -286,3 +288,70 @@ def test_a_device_view_follows_its_latest_state_made_only_when_read():
     views.touch("box-00")
     views.touch("box-00")  # two reports before a read: one view, of the latest
     assert views["box-00"].active == NEW and reads == ["box-00", "box-00"]
+
+
+def test_a_promote_while_the_stage_deploys_ends_its_bake_as_soon_as_it_starts(tmp_path: Path):
+    """The controller-kill test's flake (tests/fleet/test_rollout_controller.py, at a load of
+    17 to 53): its operator promoted the canary while the canary was still deploying, the
+    promote changed nothing, and the canary then baked its full 10 minutes. A promote that
+    comes during the deploy now passes the stage's bake as soon as it starts."""
+    from fleet.actions import apply
+
+    clock = Clock()
+    fleet = ScriptedFleet(10, clock)
+    db = StateDB(tmp_path / "rollouts.db")
+    p = Plan(shadow=False, canary="2", waves=(100,), bake_s=600, wave_bake_s=0,
+             step_timeout_s=30, health_grace_s=5, max_parallel=50)
+    rid = create(db, p, NewRollout(BUNDLE, fleet.inventory(), "tester", "r-1"))
+    assert db.acquire(rid, "test") is None
+    driver = RolloutDriver(db, rid, fleet, owner="test", clock=clock)  # type: ignore[arg-type]
+    start = clock.now
+    while not fleet.installs():
+        driver.tick()  # starts, then sends the canary's installs
+    assert db.rollout(rid).phase == "deploy" and fleet.installs()  # the canary's, in flight
+    driver.flush()  # as the controller applies a request: flush, apply (fenced), reload
+    ok, msg = apply(db, rid, "promote", "alice", lease=("test", driver.epoch))
+    assert ok and msg == f"rollout {rid}: running (promoted once deployed)"
+    driver.reload()
+    while driver.tick():
+        fleet.answer()
+        clock.now += 1
+        assert clock.now - start < 120, db.rollout(rid)
+    row = db.rollout(rid)
+    assert row.state == "succeeded" and row.request is None
+    actions = [a["action"] for a in db.audit_log(rid)]
+    assert actions.index("promoted") < actions.index("succeeded")
+
+
+def test_a_driver_in_a_quiet_bake_needs_a_round_only_at_its_next_measure(tmp_path: Path):
+    """`next_round`: now while anything moves (the deploy), in a quiet bake its next measure
+    (the controller sleeps until then instead of ticking five times a second), and the
+    bake's end when that comes first."""
+    clock = Clock()
+    fleet = ScriptedFleet(10, clock)
+    doc = fleet._doc  # healthy devices whose summaries the default bake gates can judge
+    fleet._doc = lambda *a: {**doc(*a), "summary": {"requests": 100,  # type: ignore[method-assign]
+                                                    "fail_rate": 0.01}}
+    fleet.states = {d: fleet._doc(d, OLD) for d in fleet.devices}
+    db = StateDB(tmp_path / "rollouts.db")
+    p = Plan(shadow=False, canary="2", waves=(100,), bake_s=30, wave_bake_s=0,
+             step_timeout_s=30, health_grace_s=0, max_parallel=50, measure_interval_s=5,
+             min_requests=1)
+    rid = create(db, p, NewRollout(BUNDLE, fleet.inventory(), "tester", "r-1"))
+    assert db.acquire(rid, "test") is None
+    driver = RolloutDriver(db, rid, fleet, owner="test", clock=clock)  # type: ignore[arg-type]
+    while driver.row.phase != "bake":
+        driver.tick()
+        assert driver.next_round(clock.now) == clock.now  # deploying: every round
+        fleet.answer()
+        clock.now += 1
+    driver.tick()  # the bake's first measure
+    baked = db.stages(rid)[0].bake_started
+    assert driver.next_round(clock.now) == pytest.approx(clock.now + 5)  # the next measure
+    clock.now = baked + 28
+    driver.tick()
+    assert driver.next_round(clock.now) == pytest.approx(baked + 30)  # the bake's end
+    clock.now = baked + 30
+    driver.tick()
+    assert (driver.row.state, driver.row.phase, driver.row.reason) == ("running", "deploy", None)
+    assert driver.next_round(clock.now) == clock.now
