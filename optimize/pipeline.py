@@ -289,8 +289,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
                                  sizes_after=net.sizes)
 
     stage("export")
-    det_fp32 = Detector.fit(prep, model, split.train.x)
-    det_pruned = Detector.fit(prep, pruned.model, split.train.x)
+    det_fp32 = Detector.fit(prep, model, split.train.x, x_holdout=x_val_pass)
+    det_pruned = Detector.fit(prep, pruned.model, split.train.x, x_holdout=x_val_pass)
     fp32, pruned_fp32 = to_onnx(det_fp32, top_k), to_onnx(det_pruned, top_k)
     check_rows = split.val.x[:2000]
     export_diff = {"fp32": check_export(fp32, det_fp32, check_rows),
