@@ -93,3 +93,21 @@ def test_drift_alert_is_set_above_the_in_distribution_noise_floor():
     assert psi_max(ref, fresh) < ref["alert_psi"]
     shifted = fresh + np.float32(0.8)
     assert psi_max(ref, shifted) > 3 * ref["alert_psi"]
+
+
+def test_dies_with_imputed_values_get_a_stratum_only_when_their_rate_differs():
+    """At the common threshold, imputed passes failing near the target share it (one
+    stratum: a threshold of its own would rest on a handful of scores); failing at 5x the
+    target, they get their own."""
+    from optimize.calibrate import imputed_differs
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(12_000)
+    passes = np.ones(12_000, bool)
+    imputed = np.zeros(12_000, bool)
+    imputed[:1_500] = True
+    threshold = 0.99  # 1% of uniform scores above it
+    assert not imputed_differs(scores, passes, imputed, threshold, 0.01)
+    scores[:1_500] = np.where(rng.random(1_500) < 0.05, 1.5, scores[:1_500] * 0.98)
+    assert imputed_differs(scores, passes, imputed, threshold, 0.01)
+    assert not imputed_differs(scores, passes, np.zeros(12_000, bool), threshold, 0.01)
