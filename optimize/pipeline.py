@@ -259,8 +259,11 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     key = load_private_key(key_path)  # fail on a bad key before minutes of training
     seq = sequence if sequence is not None else next_sequence(out_dir)
 
+    cpu_start = time.process_time()  # CPU time: steadier than wall time on a shared machine
+
     def stage(name: str) -> None:
-        log.info("== %s (%.1fs)", name, time.perf_counter() - t_start)
+        log.info("== %s (%.1fs, CPU %.1fs)", name, time.perf_counter() - t_start,
+                 time.process_time() - cpu_start)
 
     stage(f"load {data_path}")
     data = load_dataset(data_path)
@@ -377,6 +380,7 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     report["notes"] = _notes(cfg, decision, quant.method, golden, rules, rules_source)
     report["build"] = {"name": cfg.package.name, "version": version, "sequence": seq,
                        "seconds_until_report": round(time.perf_counter() - t_start, 1),
+                       "cpu_seconds_until_report": round(time.process_time() - cpu_start, 1),
                        "config": dataclasses.asdict(cfg)}
     if not report["gates"]["signed"]:
         report["build"]["version"] = f"{version} (refused, not signed)"
