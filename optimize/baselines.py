@@ -138,14 +138,13 @@ def _pca_t2(x_train: np.ndarray) -> Scorer:
 
     s = RobustScaler.fit(x_train)
     z = s.z(x_train)
-    full = PCA(svd_solver="full").fit(z)
+    full = PCA(svd_solver="full").fit(z)  # one SVD: the first k components are PCA(k)'s
     k = int(max(1, min(40, (full.explained_variance_ > 1.0).sum(), z.shape[1] - 1)))
-    pca = PCA(n_components=k, svd_solver="full").fit(z)
+    comps, var, mean = full.components_[:k], full.explained_variance_[:k], full.mean_
 
     def parts(zx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = pca.transform(zx)
-        return (t**2 / pca.explained_variance_).sum(axis=1), \
-            ((zx - pca.inverse_transform(t)) ** 2).sum(axis=1)
+        t = (zx - mean) @ comps.T
+        return (t**2 / var).sum(axis=1), ((zx - mean - t @ comps) ** 2).sum(axis=1)
 
     t2_ref, q_ref = (max(float(np.percentile(v, 99)), 1e-9) for v in parts(z))
 
