@@ -29,9 +29,9 @@ complete. A die without missing values gets exactly the same reconstruction in e
 The score of a die must not depend on how many of its values were missing. It is a mean over
 the measured features, so its mean stays put, but its spread grows as fewer (and worse
 reconstructed) features enter it: on floor seed 203, complete passes blanked at random of 25,
-35 and 45% of their values failed 1.42, 2.47 and 8.18% at a threshold where they failed 1.15%
+35 and 45% of their values failed 1.43, 2.33 and 8.19% at a threshold where they failed 1.15%
 complete (score sd x1.12, x1.23, x1.58), while one skipped test block or a few cells changed
-nothing (1.17%). So the score of a die missing a share m of its active features is divided by
+nothing (1.14-1.17%). So the score of a die missing a share m of its active features is divided by
 the factor that keeps the 99th percentile of passes where it is when they are complete (at
 least 0.5): `missing_spread` measures it at every build by blanking 5-50% of the values of
 validation passes (the same dies at every share), linear in m between those shares. With it,
@@ -326,15 +326,16 @@ SPREAD_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # shares of active features bla
 SPREAD_QUANTILE = 0.99  # the tail the correction matches (near the 1% threshold)
 
 
-def missing_spread(det: Detector, x_train: np.ndarray, seed: int = 0, max_rows: int = 4000
+def missing_spread(det: Detector, x_passes: np.ndarray, seed: int = 0, max_rows: int = 4000
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(knots, slopes) of the missing-share factor (module docstring): the factor at each share
-    m of `SPREAD_SHARES` is how far the `SPREAD_QUANTILE` of training-pass scores moves when a
-    share m of each die's active features is blanked at random (the same dies at every share,
-    so the ratios are paired); linear between shares, from 1 at m = 0, and beyond the last
-    share with the last slope. Dies with at most 2% of their active features missing serve as
-    the complete ones; ((), ()), no correction, when fewer than 200 of them."""
-    x = np.asarray(x_train, dtype=np.float32)
+    m of `SPREAD_SHARES` is how far the `SPREAD_QUANTILE` of the scores of passes `x_passes`
+    (raw; validation passes in a build) moves when a share m of each die's active features is
+    blanked at random (the same dies at every share, so the ratios are paired); linear between
+    shares, from 1 at m = 0, and beyond the last share with the last slope. Dies with at most
+    2% of their active features missing serve as the complete ones; ((), ()), no correction,
+    when fewer than 200 of them (SECOM's validation part, say)."""
+    x = np.asarray(x_passes, dtype=np.float32)
     act = np.flatnonzero(det.prep.active)
     if len(act) < 10:
         return (), ()
@@ -346,6 +347,8 @@ def missing_spread(det: Detector, x_train: np.ndarray, seed: int = 0, max_rows: 
         rows = rows[np.sort(rng.choice(len(rows), max_rows, replace=False))]
     plain = dataclasses.replace(det, spread=((), ()))
     base = float(np.quantile(plain.scores(rows), SPREAD_QUANTILE))
+    if not (np.isfinite(base) and base > 0):
+        return (), ()
     order = np.argsort(rng.random((len(rows), len(act))), axis=1)  # a random column order
     shares, factors = [0.0], [1.0]
     for m in SPREAD_SHARES:
