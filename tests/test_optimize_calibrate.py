@@ -111,3 +111,21 @@ def test_dies_with_imputed_values_get_a_stratum_only_when_their_rate_differs():
     scores[:1_500] = np.where(rng.random(1_500) < 0.05, 1.5, scores[:1_500] * 0.98)
     assert imputed_differs(scores, passes, imputed, threshold, 0.01)
     assert not imputed_differs(scores, passes, np.zeros(12_000, bool), threshold, 0.01)
+
+
+def test_tester_prior_shrinks_hard_when_testers_differ_by_noise_only():
+    """Testers whose validation false-fail differs only by binomial noise get a prior near
+    the maximum (the device stays near the fixed threshold); testers that really differ get
+    one near p(1 - p) / tau^2 (empirical Bayes), never below the minimum."""
+    from optimize.calibrate import MIN_PRIOR, tester_prior
+
+    rng = np.random.default_rng(1)
+    testers = np.repeat(np.array(["T1", "T2", "T3", "T4"]), 3_000)
+    passes = np.ones(12_000, bool)
+    same = rng.random(12_000)
+    assert tester_prior(same, passes, testers, 0.99) >= 5_000  # noise: tau^2 ~ 0
+    rate = np.repeat([0.004, 0.008, 0.012, 0.016], 3_000)  # real spread: sd ~0.005
+    apart = np.where(rng.random(12_000) < rate, 1.5, 0.5)
+    got = tester_prior(apart, passes, testers, 0.99)
+    assert MIN_PRIOR <= got <= 1_000  # ~0.01 * 0.99 / 0.005^2 = 396
+    assert tester_prior(same, passes, np.repeat(np.array(["T1"]), 12_000), 0.99) is None
