@@ -219,6 +219,9 @@ def threshold_at(pass_scores: np.ndarray, target_ffr: float) -> float:
     return calibrate_threshold(pass_scores, target_ffr).threshold
 
 
+_BOOT_CELLS = 4_000_000  # resamples x rows held at once by `bootstrap_aucs` (~32 MB each)
+
+
 def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """ROC AUC of `scores` on each bootstrap resample, the rows of `idx` (boot, n) (the same
     value as sklearn's `roc_auc_score` on `scores[idx[b]]`, ties counted half; NaN where a
@@ -230,6 +233,10 @@ def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> n
     s = np.asarray(scores, np.float64)
     n = len(s)
     boot = len(idx)
+    step = max(1, _BOOT_CELLS // max(n, 1))
+    if boot > step:  # bounded memory: (resamples x rows) float arrays, a chunk at a time
+        return np.concatenate([bootstrap_aucs(y, s, idx[i:i + step])
+                               for i in range(0, boot, step)])
     order = np.argsort(s, kind="stable")
     _, group = np.unique(s[order], return_inverse=True)  # tie group of each sorted row
     counts = np.bincount((idx + n * np.arange(boot)[:, None]).ravel(),
