@@ -129,3 +129,25 @@ def test_tester_prior_shrinks_hard_when_testers_differ_by_noise_only():
     got = tester_prior(apart, passes, testers, 0.99)
     assert MIN_PRIOR <= got <= 1_000  # ~0.01 * 0.99 / 0.005^2 = 396
     assert tester_prior(same, passes, np.repeat(np.array(["T1"]), 12_000), 0.99) is None
+
+
+def test_the_build_ships_the_data_driven_prior_with_a_level_tuned_for_it():
+    """calibration_params sets `prior` from the testers' validation spread and tunes the
+    level with that prior: replayed on the same dies, the device fails no more validation
+    passes than the fixed threshold."""
+    from agent.calibration import simulate
+    from optimize.calibrate import CalibrateConfig, calibration_params, tester_prior
+
+    rng = np.random.default_rng(2)
+    n = 4_000
+    testers = np.tile(np.array(["T1", "T2", "T3", "T4"]), n // 4)
+    scores = rng.gamma(20.0, 0.05, n)
+    passes = np.ones(n, bool)
+    x = np.zeros((n, 3))
+    threshold = float(np.quantile(scores, 0.99))
+    strata = calibration_params(CalibrateConfig(), scores, passes, x, threshold, testers)
+    assert strata is not None and strata[1] is None
+    p = strata[0]
+    assert p.prior == tester_prior(scores, passes, testers, threshold) >= 200
+    replay = scores > simulate(p, scores, testers)
+    assert replay.mean() <= (scores > np.float32(threshold)).mean() + 1e-12
