@@ -224,8 +224,10 @@ def _run(title: str, data: Path, kind: str, key: Path, out: Path) -> dict[str, A
     code, report, seconds = _build(data, key, out)
     target = report["build"]["config"]["calibrate"]["target_ffr"]
     checks = _floor_checks(report) if kind == "floor" else _secom_checks(report)
+    cpu = report["build"].get("cpu_seconds_until_report")
     print(f"\n== {title}: build {'signed' if code == 0 else 'REFUSED'} in {seconds:.0f}s "
-          f"(load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); "
+          f"(CPU {cpu}s until the report; load avg {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs); "
           f"{report['data']['split']}")
     for reason in report["gates"]["reasons"]:
         print(f"  gate: {reason}")

@@ -4,8 +4,9 @@ of the classic generator, or 256 of the floor generator with `--profile floor`.
 Generates the data (seed 0) and a throwaway release key, runs the real CLI command end to end
 and times it, then prints the pruned INT8 model's ratios against the unpruned FP32 baseline
 that the same build measured (size, single-row p50 latency, throughput), the quality figures,
-and the issue's targets. Results go to bench/results/optimize.json. Exit status 1 when a target
-is missed.
+and the issue's targets. The build's wall time is printed with its CPU time (user + sys) and
+the load average: on a shared machine the CPU time is the steadier figure. Results go to
+bench/results/optimize.json. Exit status 1 when a target is missed.
 
     .venv/bin/python bench/optimize_bench.py [--profile classic|floor] [--dies 20000]
                                              [--keep-dir DIR]
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,9 +66,15 @@ def main() -> int:
     cmd = [sys.executable, "-m", "edgefleet", "optimize", "build", "--data", str(data),
            "--key", str(key_dir / "bench.key"), "--out", str(out), "--output", "json",
            "--accept-risk", "size and speed benchmark on the classic data"]
+    load_start = os.getloadavg()[0]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # stderr: progress
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time (user + sys) is steadier than wall time on a shared machine: printed beside it
+    cpu_seconds = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    load = (load_start, os.getloadavg()[0])
     if proc.returncode != 0:
         print(f"build failed with exit status {proc.returncode}", file=sys.stderr)
         return 1
@@ -90,6 +99,8 @@ def main() -> int:
         "dies": args.dies,
         "features": report["data"]["features"],
         "build_seconds": seconds,
+        "build_cpu_seconds": cpu_seconds,
+        "load_avg_start_end": load,
         "ratios_vs_unpruned_fp32": ratios,
         "models": {k: {f: v[f] for f in ("size_bytes", "params", "roc_auc", "recall",
                                           "test_ffr", "threshold") if f in v}
@@ -106,7 +117,8 @@ def main() -> int:
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
     print(f"optimize build on {args.dies} dies x {results['features']} parameters: "
-          f"{seconds:.1f}s end to end (limit {BUILD_SECONDS_LIMIT:.0f}s)")
+          f"{seconds:.1f}s end to end (limit {BUILD_SECONDS_LIMIT:.0f}s), CPU {cpu_seconds:.1f}s "
+          f"(user + sys), load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} CPUs")
     print("pruned INT8 vs unpruned FP32 (same run):")
     for name, value in ratios.items():
         print(f"  {name:28s} {value:8.3f}x")

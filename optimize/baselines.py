@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from optimize.preprocess import log_columns
 
@@ -43,12 +42,14 @@ __all__ = [
     "BASELINES",
     "Judged",
     "RobustScaler",
+    "bootstrap_aucs",
     "compare",
     "failing_classes",
     "fit_baselines",
     "judge",
     "paired_auc_diff",
     "part_figures",
+    "roc_auc",
 ]
 
 BASELINES = ("static_pat", "dynamic_pat", "pca_t2", "iforest", "supervised")
@@ -137,14 +138,13 @@ def _pca_t2(x_train: np.ndarray) -> Scorer:
 
     s = RobustScaler.fit(x_train)
     z = s.z(x_train)
-    full = PCA(svd_solver="full").fit(z)
+    full = PCA(svd_solver="full").fit(z)  # one SVD: the first k components are PCA(k)'s
     k = int(max(1, min(40, (full.explained_variance_ > 1.0).sum(), z.shape[1] - 1)))
-    pca = PCA(n_components=k, svd_solver="full").fit(z)
+    comps, var, mean = full.components_[:k], full.explained_variance_[:k], full.mean_
 
     def parts(zx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = pca.transform(zx)
-        return (t**2 / pca.explained_variance_).sum(axis=1), \
-            ((zx - pca.inverse_transform(t)) ** 2).sum(axis=1)
+        t = (zx - mean) @ comps.T
+        return (t**2 / var).sum(axis=1), ((zx - mean - t @ comps) ** 2).sum(axis=1)
 
     t2_ref, q_ref = (max(float(np.percentile(v, 99)), 1e-9) for v in parts(z))
 
@@ -219,6 +219,45 @@ def threshold_at(pass_scores: np.ndarray, target_ffr: float) -> float:
     return calibrate_threshold(pass_scores, target_ffr).threshold
 
 
+_BOOT_CELLS = 4_000_000  # resamples x rows held at once by `bootstrap_aucs` (~32 MB each)
+
+
+def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """ROC AUC of `scores` on each bootstrap resample, the rows of `idx` (boot, n) (the same
+    value as sklearn's `roc_auc_score` on `scores[idx[b]]`, ties counted half; NaN where a
+    resample lacks a class). All resamples at once from one sort: a resample is a count per
+    row, and the AUC of weighted rows is sum over tie groups of pass weight below plus half
+    the tied, times fail weight, over (fail weight x pass weight). sklearn's call per resample
+    was a quarter of a default build's CPU time (4,400 calls, 27 s of 99)."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, np.float64)
+    n = len(s)
+    boot = len(idx)
+    step = max(1, _BOOT_CELLS // max(n, 1))
+    if boot > step:  # bounded memory: (resamples x rows) float arrays, a chunk at a time
+        return np.concatenate([bootstrap_aucs(y, s, idx[i:i + step])
+                               for i in range(0, boot, step)])
+    order = np.argsort(s, kind="stable")
+    _, group = np.unique(s[order], return_inverse=True)  # tie group of each sorted row
+    counts = np.bincount((idx + n * np.arange(boot)[:, None]).ravel(),
+                         minlength=boot * n).reshape(boot, n)[:, order].astype(np.float64)
+    ng = int(group.max()) + 1 if n else 0
+    fails = np.zeros((boot, ng))
+    passes = np.zeros((boot, ng))
+    ys = y[order]
+    np.add.at(fails.T, group[ys], counts[:, ys].T)
+    np.add.at(passes.T, group[~ys], counts[:, ~ys].T)
+    below = np.cumsum(passes, axis=1) - passes
+    total = fails.sum(axis=1) * passes.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (fails * (below + 0.5 * passes)).sum(axis=1) / total, np.nan)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of `scores` (fails high) against 0/1 `labels` (`bootstrap_aucs` on all rows)."""
+    return float(bootstrap_aucs(labels, scores, np.arange(len(scores))[None, :])[0])
+
+
 def _interval(values: list[float]) -> tuple[float, float] | None:
     v = np.asarray([x for x in values if np.isfinite(x)])
     if len(v) < 10:
@@ -240,18 +279,17 @@ def judge(test_scores: np.ndarray, val_pass_scores: np.ndarray, labels: np.ndarr
                       (int(flagged.sum()), len(s)), {})
     passes, fails = labels == 0, labels == 1
     both = passes.any() and fails.any()
-    auc = float(roc_auc_score(labels, s)) if both else None
+    auc = roc_auc(labels, s) if both else None
     ffr = float(flagged[passes].mean()) if passes.any() else None
     thr_eq = threshold_at(s[passes], target_ffr) if passes.any() else thr
     rng = np.random.default_rng(seed)
-    aucs, ffrs = [], []
+    ffrs = []
     rec_boot: dict[str, list[float]] = {c: [] for c in classes}
     n = len(s)
-    for _ in range(boot):
-        idx = rng.integers(0, n, size=n)
+    resamples = rng.integers(0, n, size=(boot, n))
+    aucs = bootstrap_aucs(labels, s, resamples).tolist() if both and boot else []
+    for idx in resamples:
         y = labels[idx]
-        if both and 0 < y.sum() < len(y):
-            aucs.append(float(roc_auc_score(y, s[idx])))
         p = y == 0
         if p.any():
             ffrs.append(float(flagged[idx][p].mean()))
@@ -275,12 +313,9 @@ def paired_auc_diff(labels: np.ndarray, a: np.ndarray, b: np.ndarray, boot: int,
                     seed: int) -> tuple[float, float] | None:  # fmt: skip
     """95% bootstrap interval of AUC(a) - AUC(b) on the same resampled rows."""
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        y = labels[idx]
-        if 0 < y.sum() < len(y):
-            diffs.append(roc_auc_score(y, a[idx]) - roc_auc_score(y, b[idx]))
+    idx = rng.integers(0, len(labels), size=(boot, len(labels)))
+    diffs = bootstrap_aucs(labels, a, idx) - bootstrap_aucs(labels, b, idx)
+    diffs = diffs[np.isfinite(diffs)]
     if len(diffs) < 10:
         return None
     lo, hi = np.percentile(diffs, [2.5, 97.5])

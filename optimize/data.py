@@ -891,7 +891,10 @@ def _read_rows(
         try:
             buf[filled] = list(map(float, cells))
         except ValueError:
-            buf[filled] = _slow_row(cells, path, line, header, feat_idx)
+            try:  # empty cells (missing values) only: 5 s of a 20,000-row build on _slow_row
+                buf[filled] = [float(c) if c else math.nan for c in cells]
+            except ValueError:
+                buf[filled] = _slow_row(cells, path, line, header, feat_idx)
         for k in text_idx:
             text[k].append(row[k])
         lines.append(line)

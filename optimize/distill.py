@@ -259,8 +259,10 @@ def offer_student(teacher: AutoEncoder, prep: Any, x_train: np.ndarray, split: S
         return teacher, None
     z_train, z_val = prep.transform(x_train), prep.transform(split.val.x[split.val.passes])
     result = distill(teacher, z_train, z_val, cfg, train_cfg)
-    t = candidate(Detector.fit(prep, teacher, x_train), top_k, split, target_ffr)
-    s = candidate(Detector.fit(prep, result.student, x_train), top_k, split, target_ffr)
+    held = split.val.x[split.val.passes]
+    t = candidate(Detector.fit(prep, teacher, x_train, x_holdout=held), top_k, split, target_ffr)
+    s = candidate(Detector.fit(prep, result.student, x_train, x_holdout=held), top_k, split,
+                  target_ffr)
     report = judge_student(t, s, split, cfg, target_ffr, seed=train_cfg.seed)
     report.update(sizes={"teacher": list(teacher.sizes), "student": list(result.student.sizes)},
                   seconds=round(result.seconds, 1), best_epoch=result.best_epoch,

@@ -7,6 +7,7 @@
       -> refinement    (`det.refine` times: missing inputs <- clipped reconstruction, the
                         autoencoder again with the same weights; optimize.train)
       -> contribution  = where(missing, 0, (z - recon)^2 * weight) / max(1, measured features)
+                         / missing-share factor (1 for a complete die; optimize.train)
       -> score         = sum of contributions (batch,)
       -> top_index, top_contribution = TopK(contribution, top_k)
 
@@ -32,7 +33,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.engine import INPUT_NAME, OUTPUT_NAMES, session_options
-from optimize.train import Detector
+from optimize.train import SPREAD_MIN, Detector
 
 OPSET = 18
 IR_VERSION = 8
@@ -138,7 +139,7 @@ def to_onnx(det: Detector, top_k: int, name: str = "die_ae", layer_op: str = "Ge
         node("Where", ["missing", "zero", "weighted"], "masked"),
         node("Where", ["missing", "zero", "active"], "measured"),  # (batch, F) 0/1
         node("ReduceSum", ["measured", "axis1"], "count", keepdims=1),  # (batch, 1)
-        node("Max", ["count", "one"], "denom"),
+        *_denominator(det, inits),
         node("Div", ["masked", "denom"], OUTPUT_NAMES[2] + "_all"),  # (batch, F)
         node("ReduceSum", [OUTPUT_NAMES[2] + "_all", "axis1"], OUTPUT_NAMES[0], keepdims=0),
         helper.make_node("TopK", [OUTPUT_NAMES[2] + "_all", "k"],
@@ -160,6 +161,30 @@ def to_onnx(det: Detector, top_k: int, name: str = "die_ae", layer_op: str = "Ge
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+def _denominator(det: Detector, inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """`count` (batch, 1) -> `denom`: max(count, 1), times the missing-share factor
+    max(1 + relu(m - knots) . slopes, SPREAD_MIN), m = 1 - count / active features, when the
+    detector has one (`optimize.train.missing_spread`; exactly 1 for a complete die)."""
+    knots, slopes = det.spread
+    if not knots:
+        return [helper.make_node("Max", ["count", "one"], ["denom"], name="denom")]
+    f32 = np.float32
+    inits += [numpy_helper.from_array(np.array(det.prep.active.sum(), f32), "n_active"),
+              numpy_helper.from_array(np.asarray(knots, f32), "spread_knots"),
+              numpy_helper.from_array(np.asarray(slopes, f32)[:, None], "spread_slopes"),
+              numpy_helper.from_array(np.array(SPREAD_MIN, f32), "spread_min")]
+    steps = [("Max", ["count", "one"], "count_1"),
+             ("Div", ["count", "n_active"], "observed_share"),
+             ("Sub", ["one", "observed_share"], "missing_share"),  # (batch, 1)
+             ("Sub", ["missing_share", "spread_knots"], "spread_from"),  # (batch, K)
+             ("Relu", ["spread_from"], "spread_hinge"),
+             ("MatMul", ["spread_hinge", "spread_slopes"], "spread_rise"),  # (batch, 1)
+             ("Add", ["spread_rise", "one"], "spread_raw"),
+             ("Max", ["spread_raw", "spread_min"], "spread"),
+             ("Mul", ["count_1", "spread"], "denom")]
+    return [helper.make_node(op, ins, [out], name=out) for op, ins, out in steps]
 
 
 def session(model: bytes, threads: int = 1) -> ort.InferenceSession:

@@ -87,9 +87,7 @@ def ae_features(det: Detector, x: np.ndarray) -> np.ndarray:
     z = det.prep.scale(x)
     z_in = np.clip(z, -det.prep.clip, det.prep.clip)
     masked = np.where(missing, np.float32(0), (z - det.reconstruction(x)) ** 2 * det.weights)
-    count = np.where(missing, 0, det.prep.active).sum(axis=1)
-    score = (masked / np.maximum(count, 1).astype(np.float32)[:, None]).sum(axis=1,
-                                                                             dtype=np.float32)
+    score = (masked / det.denominators(missing)).sum(axis=1, dtype=np.float32)
     log_score = np.log(np.maximum(score, np.float32(SCORE_FLOOR)))
     return np.hstack([z_in, np.sqrt(masked), log_score[:, None]]).astype(np.float32)
 

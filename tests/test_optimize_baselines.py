@@ -134,3 +134,23 @@ def test_the_verdict_says_when_a_few_test_fails_cannot_tell_the_model_from_a_bas
     assert lo <= 0 <= hi
     assert out["verdict"].endswith("The interval includes 0: on 6 test fails the two cannot be "
                                    "told apart.")
+
+
+def test_bootstrap_aucs_equal_sklearn_on_every_resample_ties_included(monkeypatch):
+    """The vectorised bootstrap AUC is sklearn's roc_auc_score resample by resample (ties
+    count half; a resample without both classes is NaN), in memory-bounded chunks too."""
+    from sklearn.metrics import roc_auc_score
+
+    import optimize.baselines
+    from optimize.baselines import bootstrap_aucs, roc_auc
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(120) < 0.1).astype(int)
+    s = np.round(rng.normal(size=120) + y, 1)  # many ties
+    idx = np.vstack([rng.integers(0, 120, size=(30, 120)), np.zeros((1, 120), int)])
+    got = bootstrap_aucs(y, s, idx)
+    want = [roc_auc_score(y[i], s[i]) if 0 < y[i].sum() < 120 else np.nan for i in idx]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    monkeypatch.setattr(optimize.baselines, "_BOOT_CELLS", 500)  # 4 resamples a chunk
+    np.testing.assert_array_equal(bootstrap_aucs(y, s, idx), got)

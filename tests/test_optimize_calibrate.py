@@ -93,3 +93,61 @@ def test_drift_alert_is_set_above_the_in_distribution_noise_floor():
     assert psi_max(ref, fresh) < ref["alert_psi"]
     shifted = fresh + np.float32(0.8)
     assert psi_max(ref, shifted) > 3 * ref["alert_psi"]
+
+
+def test_dies_with_imputed_values_get_a_stratum_only_when_their_rate_differs():
+    """At the common threshold, imputed passes failing near the target share it (one
+    stratum: a threshold of its own would rest on a handful of scores); failing at 5x the
+    target, they get their own."""
+    from optimize.calibrate import imputed_differs
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(12_000)
+    passes = np.ones(12_000, bool)
+    imputed = np.zeros(12_000, bool)
+    imputed[:1_500] = True
+    threshold = 0.99  # 1% of uniform scores above it
+    assert not imputed_differs(scores, passes, imputed, threshold, 0.01)
+    scores[:1_500] = np.where(rng.random(1_500) < 0.05, 1.5, scores[:1_500] * 0.98)
+    assert imputed_differs(scores, passes, imputed, threshold, 0.01)
+    assert not imputed_differs(scores, passes, np.zeros(12_000, bool), threshold, 0.01)
+
+
+def test_tester_prior_shrinks_hard_when_testers_differ_by_noise_only():
+    """Testers whose validation false-fail differs only by binomial noise get a prior near
+    the maximum (the device stays near the fixed threshold); testers that really differ get
+    one near p(1 - p) / tau^2 (empirical Bayes), never below the minimum."""
+    from optimize.calibrate import MIN_PRIOR, tester_prior
+
+    rng = np.random.default_rng(1)
+    testers = np.repeat(np.array(["T1", "T2", "T3", "T4"]), 3_000)
+    passes = np.ones(12_000, bool)
+    same = rng.random(12_000)
+    assert tester_prior(same, passes, testers, 0.99) >= 5_000  # noise: tau^2 ~ 0
+    rate = np.repeat([0.004, 0.008, 0.012, 0.016], 3_000)  # real spread: sd ~0.005
+    apart = np.where(rng.random(12_000) < rate, 1.5, 0.5)
+    got = tester_prior(apart, passes, testers, 0.99)
+    assert MIN_PRIOR <= got <= 1_000  # ~0.01 * 0.99 / 0.005^2 = 396
+    assert tester_prior(same, passes, np.repeat(np.array(["T1"]), 12_000), 0.99) is None
+
+
+def test_the_build_ships_the_data_driven_prior_with_a_level_tuned_for_it():
+    """calibration_params sets `prior` from the testers' validation spread and tunes the
+    level with that prior: replayed on the same dies, the device fails no more validation
+    passes than the fixed threshold."""
+    from agent.calibration import simulate
+    from optimize.calibrate import CalibrateConfig, calibration_params, tester_prior
+
+    rng = np.random.default_rng(2)
+    n = 4_000
+    testers = np.tile(np.array(["T1", "T2", "T3", "T4"]), n // 4)
+    scores = rng.gamma(20.0, 0.05, n)
+    passes = np.ones(n, bool)
+    x = np.zeros((n, 3))
+    threshold = float(np.quantile(scores, 0.99))
+    strata = calibration_params(CalibrateConfig(), scores, passes, x, threshold, testers)
+    assert strata is not None and strata[1] is None
+    p = strata[0]
+    assert p.prior == tester_prior(scores, passes, testers, threshold) >= 200
+    replay = scores > simulate(p, scores, testers)
+    assert replay.mean() <= (scores > np.float32(threshold)).mean() + 1e-12

@@ -152,3 +152,24 @@ def test_missing_inputs_are_refined_by_the_model_in_the_graph_as_in_the_referenc
     np.testing.assert_allclose(run(to_onnx(once, TOP_K), x)[0], once.scores(x), rtol=1e-4,
                                atol=1e-5)
     assert np.median(np.abs(got - complete)) < np.median(np.abs(once.scores(x) - complete))
+
+
+def test_missing_share_factor_is_in_the_graph_and_leaves_complete_dies_alone(exported):
+    """A die missing a share m of its values has its score divided by the missing-share
+    factor, in the graph as in the reference; a complete die is divided by exactly 1."""
+    import dataclasses
+
+    det, _ = exported
+    plain = dataclasses.replace(det, spread=((), ()))
+    steep = dataclasses.replace(det, spread=((0.0, 0.2), (0.5, 4.0)))
+    x = small_split()[0].test.x[:40].astype(np.float32).copy()
+    x = x[~np.isnan(x).any(axis=1)][:20]
+    for i, k in enumerate((0, 1, 3, 8, 12, 16)):  # rows 1..5 miss k of 32 values
+        x[i, :k] = np.nan
+    got, ref = run(to_onnx(steep, TOP_K), x)[0], steep.scores(x)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    before = run(to_onnx(plain, TOP_K), x)[0]
+    assert np.array_equal(got[6:], before[6:])  # complete rows: bit for bit
+    m = np.array([1, 3, 8, 12, 16]) / det.prep.active.sum()
+    factor = 1 + 0.5 * m + 4.0 * np.maximum(m - 0.2, 0)
+    np.testing.assert_allclose(got[1:6] * factor, before[1:6], rtol=1e-4)
