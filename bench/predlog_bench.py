@@ -70,6 +70,7 @@ from agent_bench import (  # noqa: E402
     _recv_frame,
     _recv_line,
     binary_loop,
+    descendants,
     epoll_clients,
     free_port,
     json_loop,
@@ -77,6 +78,7 @@ from agent_bench import (  # noqa: E402
     rss_mb,
     scrape,
     set_affinity,
+    tree_memory_mb,
 )
 
 from agent.protocol import encode_predict, json_values  # noqa: E402
@@ -114,34 +116,10 @@ def _thread_cpu_ns(pid: int) -> dict[int, int]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes `pid` started, and theirs (the log's writer process)."""
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-                out += [int(child), *descendants(int(child))]
-    return out
-
-
 def pin_tree(pid: int, cpus: set[int]) -> None:
     """Pin an agent and the processes it started (its log writer) to `cpus`."""
     for p in (pid, *descendants(pid)):
         set_affinity(p, cpus)
-
-
-def tree_memory_mb(pid: int) -> dict[str, float]:
-    """RSS of the agent and of its child processes, and the PSS of both together (shared
-    library pages counted once)."""
-    kids = descendants(pid)
-    pss = 0.0
-    for p in (pid, *kids):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) / 1024
-    return {"agent_rss_mb": rss_mb(pid), "writer_rss_mb": sum(rss_mb(k) for k in kids),
-            "pss_mb": pss}
 
 
 class _CpuMeter:

@@ -32,5 +32,8 @@ def test_agent_benchmark_runs_and_reports_every_figure(tmp_path: Path):
     parts = report["agent_rss_parts_mb"]  # where the resident set is, beside its total
     assert parts["RssFile"] > 0 and parts["heap"] > 0
     assert parts["RssFile"] + parts["RssAnon"] == pytest.approx(report["agent_rss_mb"], abs=2)
+    tree = report["agent_tree_memory_mb"]  # the log's writer process counts for the device
+    assert tree["writer_rss_mb"] > 0 and 0 < tree["pss_mb"] < report["agent_rss_mb"] + tree[
+        "writer_rss_mb"]
     assert report["throughput"]["dies_per_s"] > 0 and report["json_throughput"]["dies_per_s"] > 0
     assert report["json_parser"] == "orjson"
