@@ -11,7 +11,7 @@ run with `--accept-risk "why"`, in which case the reason goes into the manifest 
 - `drift`: the test part's PSI max against the drift reference is above the shipped alert
   threshold (`optimize.calibrate.drift_with_noise_floor`), which is set above the sampling
   noise floor, the lot-to-lot windows and the process's own period-to-period wander over a
-  period as long as the test part: the test part moved more than the process ever did;
+  period as long as the test part: the test part moved over twice as far as the process did;
 - `rules_ffr`: the fallback rules fail more than `max_rules_ratio` (5) x the target of test
   passes.
 
