@@ -444,8 +444,8 @@ def _findings_text(report: dict[str, Any]) -> list[str]:
         lines.append(f"Drift: test part PSI max {psi} against a reference of the "
                      f"{d['reference_rows']} most recent passes (windows of {d['window']} dies); "
                      f"sampling noise floor {d['noise_floor_psi']:.3f}, worst lot-to-lot window "
-                     f"{d.get('lot_to_lot_psi', 0.0):.3f}, shipped alert threshold "
-                     f"{d['alert_psi']:.3f}.")
+                     f"{d.get('lot_to_lot_psi', 0.0):.3f}, {_period_text(d)}shipped alert "
+                     f"threshold {d['alert_psi']:.3f}.")
     m = report.get("missing")
     if m:
         lines.append(f"Missing values: passes lack at most {m['most_missing_seen']}; max_missing "
@@ -564,3 +564,11 @@ def _calibration_text(cal: dict[str, Any]) -> str:
         parts.append(f"false-fail on each tester's first {w['dies_per_tester']} dies "
                      f"{w['on']['first_dies']:.2%}, later {w['on']['later_dies']:.2%}")
     return "; ".join(parts) + "."
+
+
+def _period_text(d: dict[str, Any]) -> str:
+    """The drift line's period-to-period figure, when the history was long enough for it."""
+    if d.get("period_psi") is None:
+        return ""
+    return (f"worst earlier period of {d['horizon']} dies against the passes before it "
+            f"{d['period_psi']:.3f}, ")

@@ -9,7 +9,9 @@ run with `--accept-risk "why"`, in which case the reason goes into the manifest 
   baseline's (`optimize.baselines`);
 - `test_ffr`: the test false-fail rate is above `max_ffr_ratio` (2) x the target;
 - `drift`: the test part's PSI max against the drift reference is above the shipped alert
-  threshold (`optimize.calibrate.drift_with_noise_floor`);
+  threshold (`optimize.calibrate.drift_with_noise_floor`), which is set above the sampling
+  noise floor, the lot-to-lot windows and the process's own period-to-period wander over a
+  period as long as the test part: the test part moved over twice as far as the process did;
 - `rules_ffr`: the fallback rules fail more than `max_rules_ratio` (5) x the target of test
   passes.
 
@@ -55,7 +57,7 @@ def gate_reasons(report: dict[str, Any], target_ffr: float, cfg: GateConfig) -> 
     if drift and drift.get("test_psi") is not None and drift["test_psi"] > drift["alert_psi"]:
         reasons.append(f"the test part drifts from the drift reference: PSI max "
                        f"{drift['test_psi']:.3f} above the alert threshold {drift['alert_psi']:.3f}"
-                       f" (noise floor {drift['noise_floor_psi']:.3f})")
+                       f" ({_alert_basis(drift)})")
     rules = report["models"].get("rules", {})
     rffr = rules.get("test_ffr")
     if rffr is not None and rffr > cfg.max_rules_ratio * target_ffr:
@@ -69,3 +71,13 @@ def gate_record(reasons: list[str], cfg: GateConfig) -> dict[str, Any]:
     return {"passed": not reasons, "reasons": reasons,
             "accepted_risk": cfg.accept_risk or None if reasons else None,
             "signed": not reasons or bool(cfg.accept_risk)}
+
+
+def _alert_basis(drift: dict[str, Any]) -> str:
+    """What the alert threshold was set from, as the report's text says it."""
+    parts = [f"noise floor {drift['noise_floor_psi']:.3f}"]
+    if drift.get("lot_to_lot_psi") is not None:
+        parts.append(f"lot to lot {drift['lot_to_lot_psi']:.3f}")
+    if drift.get("period_psi") is not None:
+        parts.append(f"period to period {drift['period_psi']:.3f}")
+    return ", ".join(parts)

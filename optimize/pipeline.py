@@ -335,7 +335,7 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
     recent = np.vstack([split.train.x, x_val_pass])  # time order: training, then validation
     missing = learn_max_missing(recent)
     drift = drift_with_noise_floor(recent, cfg.calibrate, cfg.train.seed,
-                                   max_window=max(len(split.test), 200))
+                                   max_window=max(len(split.test), 200), horizon=len(split.test))
     log.info("threshold %.4g (validation false-fail %.2f%% of %d passes), confidence scale "
              "%.3g, %d fallback rules from %s, max_missing %d, drift alert PSI %.3g (noise "
              "floor %.3g)", decision.threshold, 100 * decision.val_ffr, decision.n_val_passes,
@@ -518,7 +518,8 @@ def _floor_figures(split: Split, cfg: BuildConfig, scored: dict[str, Scored],
                       "test_most_missing": int(test_missing.max()) if len(t) else 0}
     test_psi = window_psi(drift, t.x)
     out["drift"] = {"alert_psi": drift["alert_psi"], "noise_floor_psi": drift["noise_floor_psi"],
-                    "lot_to_lot_psi": drift["lot_to_lot_psi"], "test_psi": test_psi,
+                    "lot_to_lot_psi": drift["lot_to_lot_psi"], "period_psi": drift["period_psi"],
+                    "horizon": drift["horizon"], "test_psi": test_psi,
                     "reference_rows": drift["pool"], "window": drift["window"],
                     "reference": "the most recent passing dies before the test part"}
     return out

@@ -308,6 +308,7 @@ def test_report_names_the_baselines_the_breakdown_drift_missing_values_and_rules
     assert set(report["breakdown"]) == {"lot", "wafer"}  # classic data: no tester column
     d = report["drift"]
     assert d["alert_psi"] >= max(0.1, 2 * d["noise_floor_psi"]) - 1e-6
+    assert d["alert_psi"] >= 2 * max(d["lot_to_lot_psi"], d["period_psi"] or 0.0) - 1e-6
     assert d["test_psi"] is None  # 120 test dies: under the 200 the agent needs for a PSI
     assert report["missing"]["max_missing"] >= report["missing"]["most_missing_seen"]
     manifest = verify_bundle(built.out / "model.efb", Keyring.load(built.keyring))

@@ -5,6 +5,7 @@ rules: tests/test_optimize_rules.py)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,9 @@ from optimize.calibrate import (
     drift_reference,
     drift_with_noise_floor,
     learn_max_missing,
+    period_psi,
     psi_max,
+    window_psi,
 )
 from tests.conftest import examples, manifest_fields
 
@@ -151,3 +154,31 @@ def test_the_build_ships_the_data_driven_prior_with_a_level_tuned_for_it():
     assert p.prior == tester_prior(scores, passes, testers, threshold) >= 200
     replay = scores > simulate(p, scores, testers)
     assert replay.mean() <= (scores > np.float32(threshold)).mean() + 1e-12
+
+
+def test_drift_alert_covers_the_process_own_wander_over_a_test_long_period():
+    """A process whose lots random-walk (as the floor generator's factors do) moves further
+    over the six lots of a test part than inside the pool's windows: an alert set from the
+    pool alone (2x its noise floor and lot-to-lot windows) refuses that normal period. Replayed
+    on the history at the test part's length, the period-to-period term keeps it quiet, and a
+    period shifted by 1.5 sigma still alarms."""
+    rng = np.random.default_rng(6)
+    lots, per = 30, 1000
+    walk = np.cumsum(rng.normal(0, 0.12, lots))
+    x = (walk[np.arange(lots * per) // per][:, None] + rng.normal(size=(lots * per, 8)))
+    history, test = x[:24000].astype(np.float32), x[24000:].astype(np.float32)
+    ref = drift_with_noise_floor(history, CalibrateConfig(drift_pool=4096, drift_window=1024),
+                                 horizon=len(test))
+    assert ref["horizon"] == 6000 and ref["period_psi"] is not None
+    pool_only = 2 * max(ref["noise_floor_psi"], ref["lot_to_lot_psi"])
+    normal = window_psi(ref, test)
+    assert pool_only < normal < ref["alert_psi"], (pool_only, normal, ref)
+    assert ref["alert_psi"] == pytest.approx(2 * ref["period_psi"], abs=1e-3)
+    assert window_psi(ref, test + np.float32(1.5)) > ref["alert_psi"]
+
+
+def test_period_psi_needs_a_history_longer_than_two_windows_and_the_period():
+    x = np.random.default_rng(0).normal(size=(5000, 4)).astype(np.float32)
+    got = period_psi(x, 4096, 1024, 1024, CalibrateConfig())  # the pool shrinks to 3976
+    assert got is not None and 0 < got < 0.1  # in-distribution: sampling noise only
+    assert period_psi(x, 4096, 1024, 3000, CalibrateConfig()) is None  # 2000 left < 2 windows
