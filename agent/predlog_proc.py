@@ -78,11 +78,9 @@ class WriterProcess:
         self.predictions = RingView(self.dir / "predictions", block_count)
         self.capture = RingView(self.dir / "capture")
         self.trimmer: Any = None  # agent.memory.Trimmer: told after a big hand-over
-        cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-        lab = None if labels is None else {k: str(v) if isinstance(v, Path) else v
-                                           for k, v in asdict(labels).items()}
-        self._argv = [sys.executable, "-m", "agent.predlog_child",
-                      orjson.dumps({"log": cfg, "labels": lab, "log_level": log_level}).decode()]
+        self._argv = [sys.executable, "-m", "agent.predlog_child", orjson.dumps(
+            {"log": _jsonable(config), "labels": None if labels is None else _jsonable(labels),
+             "log_level": log_level}).decode()]
         self._proc: subprocess.Popen | None = None
         self._spawns: deque[float] = deque(maxlen=3)
         self._write_lock = threading.Lock()  # the pipe to the writer
@@ -308,6 +306,11 @@ class WriterProcess:
         yield CounterMetricFamily("edgefleet_predlog_writer_restarts",
                                   "Times the prediction log's writer process was restarted.",
                                   value=self.restarts)
+
+
+def _jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as the writer process's command line carries it (paths as text)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
 _EMPTY: dict[str, Any] = {

@@ -34,6 +34,7 @@ models first seen since the last take ahead of the answers).
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 import threading
@@ -57,6 +58,7 @@ _RESULT = int(FrameType.RESULT)
 _FAIL = int(Decision.FAIL)
 _RESULT_OFF = HEADER.size + RESULT_BLOCK.size  # 48: the model version starts here
 _TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, version length
+log = logging.getLogger("edgefleet.agent")
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
 _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
@@ -188,9 +190,7 @@ class Tap:
                     self._woken = True
                     self.wake()
         except Exception:  # a tap must never break serving
-            import logging
-
-            logging.getLogger("edgefleet.agent").exception("prediction log: tap failed")
+            log.exception("prediction log: tap failed")
 
     def _new_model(self, p: Any) -> None:
         """(Under the lock.) `p` answers from now on: a new token, announced by the next take;
