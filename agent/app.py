@@ -55,12 +55,15 @@ class Agent:
         return self
 
     def stop(self) -> None:
+        """The server first: once it answers nothing more, the services after it (the
+        prediction log's writer, the calibration's last save) hold every answer it gave.
+        Stopping them first lost the answers given in between from the log."""
+        self.server.stop()
         for s in reversed(self.services):
             try:
                 s.stop()
             except Exception:
                 log.exception("stopping %s failed", type(s).__name__)
-        self.server.stop()
         if self.installer is not None:
             self.installer.close()
 

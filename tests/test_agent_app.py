@@ -132,3 +132,53 @@ def test_health_window_restarts_when_the_model_changes(tmp_path, keys):
                 c.predict(v2.train[i], die_id=i)
         assert window.health_summary()["requests"] == 5  # the new model's answers only
 
+
+
+def test_every_answer_given_before_stop_is_in_the_prediction_log(tmp_path, keys):
+    """stop() while a tester is still sending: the server stops answering first, then the
+    services (a spy among them sees no answer), then the log writes what it was handed, so
+    every answer the tester received is in the log (stopping the log first lost the answers
+    given in between)."""
+    import threading
+
+    from agent.predlog import read_predictions
+
+    keyring, key = keys
+    model = build_model(tmp_path, keyring, key, n_features=N)
+    store = install_into_store(model, tmp_path / "store", keyring)
+    received: list[int] = []
+    serving_at_stop: list[bool] = []
+
+    class Spy:
+        """A service that, when stopped, asks whether the agent still answers."""
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            try:
+                with Client(agent.config.socket) as c:
+                    c.health()
+                serving_at_stop.append(True)
+            except Exception:  # refused, or the socket file is gone
+                serving_at_stop.append(False)
+
+    with _agent_on(store, keyring) as agent:
+        agent.services.append(Spy())
+
+        def tester() -> None:
+            with contextlib.suppress(Exception), Client(agent.config.socket) as c:
+                for i in range(1_000_000):
+                    c.predict(model.train[i % len(model.train)], die_id=i)
+                    received.append(i)
+
+        t = threading.Thread(target=tester, daemon=True)
+        t.start()
+        wait_for(lambda: len(received) >= 200, what="200 answers")
+        agent.stop()  # the context's own stop() afterwards finds everything stopped
+        t.join(timeout=10)
+        assert not t.is_alive()
+    _, preds = read_predictions(tmp_path / "predlog" / "predictions", 0, 2_000_000)
+    logged = {int(p["die_id"]) for _, p in preds}
+    assert len(received) >= 200 and set(received) <= logged
+    assert serving_at_stop[0] is False  # the services stopped after the server
