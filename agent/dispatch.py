@@ -65,9 +65,10 @@ class Dispatcher:
         self.shadow: Any = None
         # agent.labels.LabelInbox, when the prediction log runs: the `label` op's receiver
         self.labels: Any = None
-        # (answer, row) of the last single-row JSON answer: the log's tap copies the parsed
-        # row from here rather than the request line (agent/predlog_tap.py, JSON_ROW)
-        self.parsed: tuple[bytes, np.ndarray] | None = None
+        # (answer, row, decision) of the last single-row JSON answer: the log's tap reads the
+        # decision and copies the parsed row from here rather than searching the answer's text
+        # and copying the request line (agent/predlog_tap.py, JSON_ROW)
+        self.parsed: tuple[bytes | None, np.ndarray | None, int] = (None, None, 0)
 
     # ------------------------------------------------------------------ binary
 
@@ -238,7 +239,7 @@ class Dispatcher:
         if sh is not None and sh.active and row[2] == Source.MODEL:
             sh.offer_one(x, row[6], p.manifest)
         answer = (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
-        self.parsed = (answer, x)  # the prediction log's tap reads the row here, not the line
+        self.parsed = (answer, x, row[1])  # for the prediction log's tap
         return answer
 
     def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:

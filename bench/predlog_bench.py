@@ -269,12 +269,14 @@ _WARMUP = 200  # requests per connection before the timed ones
 
 def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
     """Interleaved rounds: per round and encoding, each agent's latencies (ns) in turn, the
-    order rotating; each agent's CPU per answer over all of them; the writer's catch-up."""
+    order rotating; each agent's CPU per answer over all of them (and its serving thread's per
+    encoding: its busiest thread during each of its turns); the writer's catch-up."""
     names = list(agents)
     lat: dict = {n: {enc: [] for enc in messages} for n in names}
     meters = {n: _CpuMeter(agents[n][2].pid) for n in names}
     for m in meters.values():
         m.start()
+    by_enc = {n: {enc: 0 for enc in messages} for n in names}  # serving thread ns
     catch_up, answered = [], 0
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -282,7 +284,10 @@ def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
             order.reverse()  # every agent goes first, middle and last, after each other one
         for enc, msgs in messages.items():
             for n in order:
+                before = _thread_cpu_ns(agents[n][2].pid)
                 lat[n][enc].append(_LOOPS[enc](agents[n][0], msgs, requests, _WARMUP))
+                after = _thread_cpu_ns(agents[n][2].pid)
+                by_enc[n][enc] += max(v - before.get(t, 0) for t, v in after.items())
             answered += requests + _WARMUP
             time.sleep(0.3)  # the writer's pass (every 0.2 s), before the first scrape
             catch_up.append(0.3 + _catch_up(agents["on"][1], answered))
@@ -293,7 +298,9 @@ def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
         cpu[n] = {"serving_us_per_answer": serving / total * 1e6,
                   "other_threads_us_per_answer": rest / total * 1e6,
                   "writer_process_us_per_answer": kids / total * 1e6,
-                  "total_us_per_answer": (serving + rest + kids) / total * 1e6}
+                  "total_us_per_answer": (serving + rest + kids) / total * 1e6,
+                  "serving_us_per_answer_by_encoding": {
+                      enc: v / 1e3 / (total / len(messages)) for enc, v in by_enc[n].items()}}
     return {"latencies": lat, "cpu": cpu, "catch_up": catch_up}
 
 
@@ -474,6 +481,11 @@ def _print(res: dict, out: Path) -> None:
         f"{v.get('writer_process_us_per_answer', 0):.2f}" for n, v in c.items())
         + f"; serving on/off {res['serving_cpu_ratio']:.3f} (off2/off "
         f"{res['serving_cpu_noise_ratio']:.3f}), total on/off {res['total_cpu_ratio']:.3f}")
+    for enc in res["figures"]:
+        us = {n: v["serving_us_per_answer_by_encoding"][enc] for n, v in c.items()}
+        print(f"  {enc:6s} serving thread us/answer " + ", ".join(
+            f"{n} {v:.1f}" for n, v in us.items()) + "; on/off " + ", ".join(
+            f"{n} {v / us['off']:.3f}" for n, v in us.items() if n != "off"))
     print(f"the writer caught up {res['writer_catch_up_s']['mean']:.2f} s after a turn (max "
           f"{res['writer_catch_up_s']['max']:.2f} s)")
     b = res.get("batches")

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from agent.predlog import (
     wait_flushed,
 )
 from agent.segring import RECORD, RingConfig, SegmentRing, read_ring
+from agent.server import BIG_LINE
 from tests.agent_support import (
     build_model,
     install_into_store,
@@ -100,25 +103,56 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, tmp_path, mode):
     """A sampled single-row JSON request: its row is what the dispatcher parsed (the tap copies
-    it, float32; None = not measured -> NaN), not the line parsed again; and a JSON request
-    answered with an error is not logged."""
+    it, float32; None = not measured -> NaN), not the line parsed again; a line big enough to
+    be answered by the worker thread is logged too (its row from the line); and a JSON
+    request answered with an error - refused by the parser or by the scoring - is not
+    logged."""
     x = model.train[:3].astype(np.float64)
     reqs = [{"die_id": f"J{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
             for i, r in enumerate(x.tolist())]
+    big = orjson.dumps({"die_id": "big", "params": x[0].tolist()}) + b" " * (BIG_LINE + 1) + b"\n"
     with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
         with Client(server.path) as c:
             for r in reqs:
                 c.request(r)
             c.request({"die_id": "short", "params": [1.0]})
+            assert "error" in c.request({"die_id": "unmeasured", "params": [None] * N})
+            assert orjson.loads(c.request_raw(big))["decision"] in ("pass", "fail")
         assert wait_flushed(plog, server)
     found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
-    assert [c["die_id"] for c, _ in found] == ["J0", "J1", "J2"]
+    assert [c["die_id"] for c, _ in found] == ["J0", "J1", "J2", "big"]
     assert [p["die_id"] for _, p in _predictions(tmp_path / "log" / "predictions")] == [
-        "J0", "J1", "J2"]
+        "J0", "J1", "J2", "big"]
+    np.testing.assert_allclose(found[3][1], x[0], rtol=1e-6)
+    found = found[:3]
     for (_, row), r in zip(found, reqs, strict=True):
         want = np.array(r["params"], dtype=np.float64)
         np.testing.assert_array_equal(np.isnan(row), np.isnan(want))
         np.testing.assert_allclose(row[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_answer_the_dispatcher_did_not_note_is_logged_from_its_text(model, tmp_path,
+                                                                          mode):
+    """The tap reads a single JSON answer's decision and row from the dispatcher
+    (`Dispatcher.parsed`); an answer it did not note (another thread's, or no dispatcher
+    plugged in) is read from its text: logged when it holds a decision, its row captured from
+    the request line when it is a fail (capture rate 0: fails only)."""
+    x = model.train[:2].astype(np.float64)
+    x[1] += 50.0  # a fail
+    with logged_agent(model, tmp_path / "log", capture_rate=0.0, mode=mode) as (server, plog):
+        plog.tapper.dispatch = SimpleNamespace(parsed=(None, None, 0))
+        with Client(server.path) as c:
+            c.predict_json(x[0], die_id="T0")
+            c.predict_json(x[1], die_id="T1")
+            assert "error" in c.request({"die_id": "unmeasured", "params": [None] * N})
+            c.health()
+        assert wait_flushed(plog, server)
+    preds = [p for _, p in _predictions(tmp_path / "log" / "predictions")]
+    assert [(p["die_id"], p["decision"]) for p in preds] == [("T0", "pass"), ("T1", "fail")]
+    ((cap, row),) = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
+    assert (cap["die_id"], cap["reason"]) == ("T1", "fail")
+    np.testing.assert_allclose(row, x[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
