@@ -50,3 +50,16 @@ def test_gil_waits_benchmark_runs(tmp_path: Path):
     for agent in ("off", "on"):
         (run,) = report["rounds"][agent]
         assert run["answers_per_s"] > 0 and run["futex_wait_ms"] >= 0
+
+
+@pytest.mark.slow
+def test_tap_clock_benchmark_times_the_tap_of_each_encoding(tmp_path: Path):
+    out = tmp_path / "tap.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/tap_clock.py", "--rounds", "1", "--requests", "50",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (taps,) = json.loads(out.read_text())["taps"].values()
+    for enc in ("binary", "json"):
+        assert taps[enc]["calls"] == 50  # the turn's 200 warm-up calls are left out
+        assert 0 < taps[enc]["median_ns"] <= taps[enc]["p99_ns"]
