@@ -68,7 +68,10 @@ class Dispatcher:
         # (answer, row, decision) of the last single-row JSON answer: the log's tap reads the
         # decision and copies the parsed row from here rather than searching the answer's text
         # and copying the request line (agent/predlog_tap.py, JSON_ROW)
-        self.parsed: tuple[bytes | None, np.ndarray | None, int] = (None, None, 0)
+        self.parsed: tuple[bytes | None, np.ndarray | None, Any] = (None, None, 0)
+        # and of a JSON batch (answer, its answered rows, their decisions), when set (the log
+        # runs: agent/predlog.py plug_in); the tap takes the sampled rows from there
+        self.note_batches = False
 
     # ------------------------------------------------------------------ binary
 
@@ -276,7 +279,10 @@ class Dispatcher:
                 item = items[pos]
                 row = (json_id(item, "die_id"), *rec[1:9], rec[9].tolist(), rec[10].tolist())
                 answers[pos] = self._row_text(p, row, json_id(item, "id"), latency)
-        return ("[" + ",".join(answers) + "]\n").encode("utf-8")
+        answer = ("[" + ",".join(answers) + "]\n").encode("utf-8")
+        if self.note_batches and x is not None and len(x):
+            self.parsed = (answer, x, records["decision"])
+        return answer
 
     def _shadow_batch(self, p: Predictor, x: np.ndarray, records: np.ndarray) -> None:
         """Hand the rows the model answered (not the fallback's, not refused ones) to the

@@ -25,6 +25,11 @@ then the extra:
                   piped); JSON_ONE when that is not this answer's (another thread's answer, or
                   no dispatcher plugged in: then the decision is read from the answer's text)
     JSON_BATCH    u32 line length, the line, one byte per answer with a decision (the draw)
+    JSON_ROWS     a JSON batch's sampled rows as the dispatcher parsed them (`Dispatcher.parsed`
+                  for a batch: answer, rows, decisions): u32 count, count u32 places among the
+                  batch's answers with a decision, count rows of float32 (none: none sampled);
+                  JSON_BATCH when that is not this answer's. A 64-row line is ~350 kB: copied
+                  and piped when a row of it was sampled (most batches: every fail is)
     MODEL         answer: the model's description (agent/predlog_models.py `describe`, JSON);
                   `model` is the token later messages name it by
     LABELS        answer: JSON [[die id, label, time or null, source], ...] (agent/labels.py)
@@ -52,7 +57,7 @@ from agent.protocol import HEADER, MAGIC_BYTE, RESULT_BLOCK, Decision, FrameType
 MSG = struct.Struct("<BIIdII")  # kind, rows, model token, time, answer length, extra length
 _PACK = MSG.pack
 U32 = struct.Struct("<I")
-BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW = 1, 2, 3, 4, 5  # answers
+BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW, JSON_ROWS = 1, 2, 3, 4, 5, 6  # answers
 MODEL, LABELS, FLUSH, SNAPSHOT = 8, 9, 10, 11  # the rest
 _FAIL_TEXT = b'"decision":"fail"'
 _DECISION_TEXT = b'"decision"'
@@ -63,16 +68,16 @@ _TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, ve
 log = logging.getLogger("edgefleet.agent")
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
-_NO_DISPATCHER = SimpleNamespace(parsed=(None, None, 0))  # until `plug_in` sets the real one
+_NOTHING = (None, None, 0)  # `Dispatcher.parsed` when nothing is noted
+_NO_DISPATCHER = SimpleNamespace(parsed=_NOTHING)  # until `plug_in` sets the real one
 _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
 # Past this many bytes recorded, the taker is woken before its interval: big batches then move
 # on in ~1 MB pieces, not one buffer of up to `queue_bytes` (a freed buffer that big would
 # also raise glibc's mmap threshold, and later ones would stay in the heap)
 WAKE_BYTES = 1 << 20
 
-__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW", "LABELS",
-           "MODEL",
-           "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
+__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW",
+           "JSON_ROWS", "LABELS", "MODEL", "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
 
 
 def draws(rows: int, rate: float) -> np.ndarray:
@@ -162,12 +167,22 @@ class Tap:
                 elif (self._fails and _FAIL_TEXT in answer) or self._random() < self._rate:
                     extra = buf[start:end]  # answered elsewhere (a big line): the line
             elif a0 == 0x5B and _DECISION_TEXT in answer:  # "[": a batch with a decision
-                kind = JSON_BATCH
-                rows = answer.count(_DECISION_TEXT)
-                draw = draws(rows, self._rate)
-                if (self._fails and _FAIL_TEXT in answer) or draw.any():
-                    # pieces, copied once into the buffer (a line can be 350 kB)
-                    extra = (U32.pack(end - start), memoryview(buf)[start:end], draw.tobytes())
+                parsed = self.dispatch.parsed
+                if parsed[0] is answer:  # the dispatcher's: its rows and their decisions
+                    self.dispatch.parsed = _NOTHING  # (the rows can be MBs: not kept)
+                    decisions, x = parsed[2], parsed[1]
+                    if not (decisions <= _FAIL).all():  # some refused by the scoring
+                        x, decisions = x[decisions <= _FAIL], decisions[decisions <= _FAIL]
+                    kind, rows = JSON_ROWS, len(decisions)
+                    extra = self._sampled(decisions, x)
+                else:
+                    kind = JSON_BATCH
+                    rows = answer.count(_DECISION_TEXT)
+                    draw = draws(rows, self._rate)
+                    if (self._fails and _FAIL_TEXT in answer) or draw.any():
+                        # pieces, copied once into the buffer (a line can be 350 kB)
+                        extra = (U32.pack(end - start), memoryview(buf)[start:end],
+                                 draw.tobytes())
             else:
                 return
             p, t = self._active(), self._clock()
@@ -210,20 +225,25 @@ class Tap:
         self._last_p = p
 
     def _sample_frame(self, buf, start: int, answer: bytes, rows: int) -> bytes:
-        """A batch frame's sampled rows (every fail, and the random draw) as BINARY_BATCH's
-        extra; b"" when none is."""
+        """A batch frame's sampled rows as BINARY_BATCH's extra (`_sampled`)."""
         vlen = answer[40] | answer[41] << 8
         k = int.from_bytes(answer[16:20], "little")
         rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
-        want = draws(rows, self._rate)
+        n = int.from_bytes(buf[start + 16:start + 20], "little")
+        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
+        return self._sampled(rec["decision"], x)
+
+    def _sampled(self, decisions: np.ndarray, x: np.ndarray) -> bytes:
+        """A batch's sampled rows (every fail, and the random draw) of its rows `x`: u32
+        count, their u32 places, their float32 rows; b"" when none is."""
+        want = draws(len(decisions), self._rate)
         if self._fails:
-            want |= rec["decision"] == _FAIL
+            want |= decisions == _FAIL
         idx = np.flatnonzero(want)
         if not len(idx):
             return b""
-        n = int.from_bytes(buf[start + 16:start + 20], "little")
-        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
-        return b"".join((U32.pack(len(idx)), idx.astype(_U4).tobytes(), x[idx].tobytes()))
+        return b"".join((U32.pack(len(idx)), idx.astype(_U4).tobytes(),
+                         x[idx].astype(_F4, copy=False).tobytes()))
 
     def waiting(self) -> int:
         """Answers recorded and not taken yet."""

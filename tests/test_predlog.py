@@ -155,26 +155,36 @@ def test_a_json_answer_the_dispatcher_did_not_note_is_logged_from_its_text(model
     np.testing.assert_allclose(row, x[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("noted", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path, mode):
-    """The writer reads a sampled request's row from its `params` list alone when the line's
-    text makes that sound, else parses the whole line: the same rows either way."""
+def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path, mode, noted):
+    """A sampled request's row of a JSON batch is the row the dispatcher parsed (it notes a
+    batch's rows and decisions for the tap when the log runs: JSON_ROWS, the line is not piped);
+    for a batch it did not note, the writer reads the row from the request's `params` list
+    alone when the line's text makes that sound, else parses the whole line: the same rows
+    every way, each at its own place past refused requests and rows the scoring refused."""
     x = model.train[:4].astype(np.float64)
     plain = [{"die_id": f"P{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
              for i, r in enumerate(x.tolist())]
     odd = [dict(plain[0], die_id="params"), dict(plain[1], note={"params": [1]}),
            dict(plain[2], die_id="Ö\\")]  # "params" as a value, nested, a backslash
     with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
+        assert server.dispatch.note_batches
+        server.dispatch.note_batches = noted
         with Client(server.path) as c:
             c.request(plain)
             c.request(odd)
             c.request([plain[3], {"die_id": "refused", "params": [1.0]}])  # not all answered
+            answers = c.request([{"die_id": "unmeasured", "params": [None] * N},
+                                 dict(plain[0], die_id="after")])
+            assert "error" in answers[0] and answers[1]["decision"] in ("pass", "fail")
         assert wait_flushed(plog, server)
     found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
     assert [c["die_id"] for c, _ in found] == ["P0", "P1", "P2", "P3", "params", "P1", "Ö\\",
-                                               "P3"]
+                                               "P3", "after"]
     caps = {c["die_id"]: row for c, row in found}
-    for die, i in [("P0", 0), ("P1", 1), ("P2", 2), ("P3", 3), ("params", 0), ("Ö\\", 2)]:
+    for die, i in [("P0", 0), ("P1", 1), ("P2", 2), ("P3", 3), ("params", 0), ("Ö\\", 2),
+                   ("after", 0)]:
         want = np.array(plain[i]["params"], dtype=np.float64)
         np.testing.assert_array_equal(np.isnan(caps[die]), np.isnan(want))
         np.testing.assert_allclose(caps[die][~np.isnan(want)], want[~np.isnan(want)],
