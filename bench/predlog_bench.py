@@ -28,10 +28,11 @@ flipped from run to run (five runs of 12 rounds on a quiet machine, 2026-12-05: 
 JSON 1.040 [1.025-1.051]; one run of 36 right after: binary 1.031 [1.008-1.073], JSON 1.093
 [1.036-1.128]). Also each agent's CPU time per answer, from the kernel's
 per-thread run time (/proc/PID/task/TID/schedstat, ns; a busy machine moves it less than a
-latency): the serving thread's (the agent's busiest), the agent's other threads' and its child
-processes' (for `on`, the log's writer process; a log in the agent, as --compare-tree's may
-be, shows as other threads), the records the log wrote (scraped from its metrics, to show it
-ran) and the load average at start and end.
+latency): the serving thread's (the agent's busiest; per encoding too: the busiest thread of
+each turn), the agent's other threads' and its child processes' (for `on`, the log's writer
+process; a log in the agent, as --compare-tree's may be, shows as other threads), the records
+the log wrote (scraped from its metrics, to show it ran) and the load average at start and end.
+bench/tap_clock.py times the tap alone, per call, in the serving loop.
 
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
