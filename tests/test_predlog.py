@@ -457,6 +457,19 @@ def test_a_block_reads_back_every_answer_it_was_built_from(answers):
         [i for i, _ in t] for t in tops]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.text(min_size=250, max_size=300)),
+                min_size=1, max_size=8))  # short ids, and ids past 255 bytes (cut)
+def test_json_text_die_ids_are_read_alike_whether_or_not_every_id_is_text(dies):
+    """The writer reads a run of JSON answers whose ids are all strings list by list; the same
+    as one by one (a None among them takes that way: one more id, at the end)."""
+    from agent.predlog import _json_ids
+
+    every = _json_ids(dies)
+    assert every == tuple(part[:len(dies)] for part in _json_ids([*dies, None]))
+    assert every[0] == [0] * len(dies) and all(len(t) <= 255 for t in every[2])
+
+
 def test_a_ring_of_blocks_numbers_answers_and_reads_from_inside_a_block(tmp_path):
     count = len  # a payload of n bytes holds n items
     ring = SegmentRing(tmp_path / "r", RingConfig(min_free_bytes=0), count=count)
