@@ -69,8 +69,9 @@ class Dispatcher:
         # decision and copies the parsed row from here rather than searching the answer's text
         # and copying the request line (agent/predlog_tap.py, JSON_ROW)
         self.parsed: tuple[bytes | None, np.ndarray | None, Any] = (None, None, 0)
-        # and of a JSON batch (answer, its answered rows, their decisions), when set (the log
-        # runs: agent/predlog.py plug_in); the tap takes the sampled rows from there
+        # With `note_batches` (set when the log runs: agent/predlog.py plug_in), a JSON
+        # batch's too: (answer, the rows it scored, their decisions); the tap copies the
+        # sampled rows from there, not the line, and drops the note
         self.note_batches = False
 
     # ------------------------------------------------------------------ binary

@@ -132,8 +132,8 @@ class Tap:
         The usual answer (one row, a pass, not drawn) takes the short path: its header read
         in place (binary) or its decision from the dispatcher (JSON, `Dispatcher.parsed`: no
         search of the answer's text), then a header and the answer appended; ~0.9 us warm
-        for either encoding (was 2.1 us for JSON: two substring searches of its ~300 bytes
-        and a `with` block, bench figures in docs/operations.md)."""
+        for either encoding (was 1.6 us for JSON: two substring searches of its ~300 bytes
+        and a `with` block; figures in docs/operations.md)."""
         if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
             self.dropped += 1
             return
