@@ -94,9 +94,11 @@ TARGET_P99_RATIO = 1.05
 
 
 def _start(store: Path, keyring: Path, sock: Path, port: int, env: dict, log: Path,
-           tree: Path = REPO) -> subprocess.Popen:
+           tree: Path = REPO, launcher: tuple[str, ...] = ("-m", "edgefleet")
+           ) -> subprocess.Popen:
+    """`edgefleet agent serve` (`launcher`: what runs it, bench/tap_clock.py's wrapper), ready."""
     proc = subprocess.Popen(
-        [PY, "-m", "edgefleet", "agent", "serve", "--socket", str(sock), "--store", str(store),
+        [PY, *launcher, "agent", "serve", "--socket", str(sock), "--store", str(store),
          "--keyring", str(keyring), "--metrics-addr", f"127.0.0.1:{port}",
          "--log-level", "warning", "--max-connections-per-peer", "64"],  # 32 heads, 1 pid
         cwd=tree, env=env, stderr=open(log, "w"))  # noqa: SIM115

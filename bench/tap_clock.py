@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -77,26 +76,6 @@ def _serve_timed(out: str, argv: list[str]) -> None:
     runpy.run_module("edgefleet", run_name="__main__")
 
 
-def _start(tree: Path, d: Path, store: Path, keyring: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(tree), EDGEFLEET_AGENT_PREDLOG="on",
-               EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "predlog"), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve-timed", str(d / "tap.json"),
-         "agent", "serve", "--socket", str(d / "agent.sock"), "--store", str(store),
-         "--keyring", str(keyring), "--metrics-addr", f"127.0.0.1:{port}",
-         "--log-level", "warning"], cwd=tree, env=env, stderr=open(d / "agent.log", "w"))  # noqa: SIM115
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("agent did not start: " + (d / "agent.log").read_text())
-        time.sleep(0.02)
-
-
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve-timed":  # an agent this bench started
         _serve_timed(sys.argv[2], sys.argv[3:])
@@ -112,7 +91,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "bench"))
     import ae_model
     from agent_bench import binary_loop, free_port, json_loop
-    from predlog_bench import _messages, pin_tree
+    from predlog_bench import _messages, _start, pin_tree
 
     tmp = Path(tempfile.mkdtemp(prefix="ef-tapclock-", dir="/tmp"))
     agents: dict[str, tuple[subprocess.Popen, str, Path]] = {}
@@ -128,7 +107,11 @@ def main() -> int:
             d = tmp / f"agent{i}"
             d.mkdir()
             store = shutil.copytree(m.store, d / "store", symlinks=True)
-            proc = _start(tree.resolve(), d, store, m.keyring, free_port())
+            env = dict(os.environ, PYTHONPATH=str(tree.resolve()), PYTHONUNBUFFERED="1",
+                       EDGEFLEET_AGENT_PREDLOG="on", EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "log"))
+            proc = _start(store, m.keyring, d / "agent.sock", free_port(), env,
+                          d / "agent.log", tree.resolve(),
+                          (str(Path(__file__).resolve()), "--serve-timed", str(d / "tap.json")))
             agents[f"{i}:{tree}"] = (proc, str(d / "agent.sock"), d)
         if args.pin_cpu >= 0:
             for proc, _, _ in agents.values():
