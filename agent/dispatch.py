@@ -65,9 +65,14 @@ class Dispatcher:
         self.shadow: Any = None
         # agent.labels.LabelInbox, when the prediction log runs: the `label` op's receiver
         self.labels: Any = None
-        # (answer, row) of the last single-row JSON answer: the log's tap copies the parsed
-        # row from here rather than the request line (agent/predlog_tap.py, JSON_ROW)
-        self.parsed: tuple[bytes, np.ndarray] | None = None
+        # (answer, row, decision) of the last single-row JSON answer: the log's tap reads the
+        # decision and copies the parsed row from here rather than searching the answer's text
+        # and copying the request line (agent/predlog_tap.py, JSON_ROW)
+        self.parsed: tuple[bytes | None, np.ndarray | None, Any] = (None, None, 0)
+        # With `note_batches` (set when the log runs: agent/predlog.py plug_in), a JSON
+        # batch's too: (answer, the rows it scored, their decisions); the tap copies the
+        # sampled rows from there, not the line, and drops the note
+        self.note_batches = False
 
     # ------------------------------------------------------------------ binary
 
@@ -238,7 +243,7 @@ class Dispatcher:
         if sh is not None and sh.active and row[2] == Source.MODEL:
             sh.offer_one(x, row[6], p.manifest)
         answer = (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
-        self.parsed = (answer, x)  # the prediction log's tap reads the row here, not the line
+        self.parsed = (answer, x, row[1])  # for the prediction log's tap
         return answer
 
     def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:
@@ -275,7 +280,10 @@ class Dispatcher:
                 item = items[pos]
                 row = (json_id(item, "die_id"), *rec[1:9], rec[9].tolist(), rec[10].tolist())
                 answers[pos] = self._row_text(p, row, json_id(item, "id"), latency)
-        return ("[" + ",".join(answers) + "]\n").encode("utf-8")
+        answer = ("[" + ",".join(answers) + "]\n").encode("utf-8")
+        if self.note_batches and x is not None and len(x):
+            self.parsed = (answer, x, records["decision"])
+        return answer
 
     def _shadow_batch(self, p: Predictor, x: np.ndarray, records: np.ndarray) -> None:
         """Hand the rows the model answered (not the fallback's, not refused ones) to the

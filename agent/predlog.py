@@ -24,10 +24,11 @@ and labels".
   answers is one join of their result records and a handful of numpy operations (decode, die
   keys, per-model counts, index rows), then one block record and one `os.write`; JSON answers
   are parsed by orjson, 128 at a time, and read column by column (a sampled row comes as the
-  dispatcher parsed it, or - a JSON batch's - from its own `params` list when that is sound,
-  `_batch_rows`). It fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py)
-  and keeps the per-model proxy counts (`snapshot`, rendered by agent/predlog_metrics.py). A
-  full disk drops and counts (`reason="disk_full"`).
+  dispatcher parsed it - a JSON batch's too, JSON_ROWS - or, for a batch the dispatcher did
+  not note, from its own `params` list in the line when that is sound, `_batch_rows`). It
+  fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps the
+  per-model proxy counts (`snapshot`, rendered by agent/predlog_metrics.py). A full disk drops
+  and counts (`reason="disk_full"`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from agent.predlog_tap import (
     JSON_BATCH,
     JSON_ONE,
     JSON_ROW,
+    JSON_ROWS,
     LABELS,
     MODEL,
     MSG,
@@ -93,7 +95,8 @@ _JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make t
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH
-_JSON_ROW = JSON_ROW
+_JSON_ROW, _JSON_ROWS = JSON_ROW, JSON_ROWS
+_JSON_BATCHES = (JSON_BATCH, JSON_ROWS)
 FORMAT = "2"  # the log directory's format (agent/predformat.py); `format` file in it
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
@@ -137,12 +140,12 @@ class PredLogConfig:
 
 def _extra(kind: int, raw: memoryview) -> Any:
     """A queued answer's extra from its tap message's (agent/predlog_tap.py): the sampled row's
-    bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH), the request line (JSON_ONE), (the
-    line, the draw) (JSON_BATCH)."""
+    bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH; JSON_ROWS: places among the
+    batch's decisions), the request line (JSON_ONE), (the line, the draw) (JSON_BATCH)."""
     if kind in (_BINARY_ONE, _JSON_ONE, _JSON_ROW):
         return bytes(raw)
     (n,) = U32.unpack_from(raw)
-    if kind == _BINARY_BATCH:
+    if kind in (_BINARY_BATCH, _JSON_ROWS):
         idx = np.frombuffer(raw, _U4, n, 4)
         return idx, np.frombuffer(raw, _F4, offset=4 + 4 * n).reshape(n, -1)
     line = bytes(raw[4:4 + n])
@@ -191,14 +194,14 @@ def _index_of_block(rows: np.ndarray, first: int, texts: list[str] | None) -> np
         out[name] = rows[name]
     text = rows["die_len"] != NUMERIC_ID
     if text.any():
-        keep = np.ones(len(rows), bool)
-        for i in np.flatnonzero(text).tolist():
-            die = texts[i] if texts is not None else ""
-            if die:
-                out["key"][i] = die_key(die)
-            else:
-                keep[i] = False
-        out = out[keep]
+        at = np.flatnonzero(text)
+        dies = [texts[i] for i in at.tolist()] if texts is not None else [""] * len(at)
+        # one assignment, not one per row (a structured array's item costs ~0.3 us)
+        out["key"][at] = np.array([die_key(die) if die else 0 for die in dies], np.uint64)
+        if not all(dies):  # rows without a die id are left out
+            keep = np.ones(len(rows), bool)
+            keep[at[[not die for die in dies]]] = False
+            out = out[keep]
     return out
 
 
@@ -348,7 +351,7 @@ class PredictionLog:
                 break
             a0 = pos + head
             pos = stop
-            if kind <= _JSON_ROW:
+            if kind <= _JSON_ROWS:
                 size = alen + elen
                 if len(q) >= cap or self._in_bytes - self._out_bytes >= cap_bytes:
                     dropped += 1
@@ -546,7 +549,7 @@ class PredictionLog:
         models: list[int] = []
         sampled: list[tuple[int, bytes, int | None, int]] = []
         for item, doc, model in zip(items, docs, indices, strict=True):
-            if item[4] != _JSON_BATCH:
+            if item[4] not in _JSON_BATCHES:
                 if type(doc) is dict and "decision" in doc:
                     if item[3] is not None:  # the row (JSON_ROW) or the request line
                         sampled.append((len(flat), item[3], -1 if item[4] == _JSON_ROW
@@ -599,7 +602,11 @@ class PredictionLog:
     def _json_batch_answers(self, item: tuple, doc: list, model: int, flat: list,
                             times: list, models: list, sampled: list) -> None:
         """A JSON batch's answers into the flat lists: its draw (the tap's, one per answer
-        with a decision, in order) and, with `capture_fails`, its fails are sampled."""
+        with a decision, in order) and, with `capture_fails`, its fails are sampled; or, for
+        JSON_ROWS, the rows the tap took (their places among the decisions)."""
+        if item[4] == _JSON_ROWS:
+            self._json_rows_answers(item, doc, model, flat, times, models, sampled)
+            return
         line, draw = item[3] if item[3] is not None else (None, None)
         t = item[0]
         j = 0  # the answer's place among the batch's decisions (the tap's draw)
@@ -616,6 +623,21 @@ class PredictionLog:
             models.append(model)
         whole = len(doc) if j == len(doc) else 0
         sampled += [(pos, ln, i, whole) for pos, ln, i in mine]
+
+    @staticmethod
+    def _json_rows_answers(item: tuple, doc: list, model: int, flat: list, times: list,
+                           models: list, sampled: list) -> None:
+        """A JSON_ROWS batch's answers into the flat lists, its sampled rows (float32, as
+        the dispatcher parsed them) with them."""
+        base = len(flat)
+        answered = [a for a in doc if isinstance(a, dict) and "decision" in a]
+        flat += answered
+        times += [item[0]] * len(answered)
+        models += [model] * len(answered)
+        if item[3] is not None:
+            idx, rows = item[3]
+            sampled += [(base + j, row.tobytes(), -1, 0) for j, row in zip(
+                idx.tolist(), rows, strict=True) if j < len(answered)]
 
     def _write(self, parts: list[_Part]) -> None:
         if not parts:
@@ -733,6 +755,11 @@ def _join_parts(parts: list[_Part]):
 def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]:
     """(die_num, die_len, text ids' bytes, every die's id text) of JSON die ids: an integer
     0..2**64-1 is numeric, anything else (a string, None, another value) text."""
+    if all(type(d) is str for d in dies):  # the usual text ids: the same, list by list
+        text = [id_bytes(d) for d in dies]
+        ids = [d if len(d) <= 63 else r.decode("utf-8", "replace")
+               for d, r in zip(dies, text, strict=True)]
+        return [0] * len(dies), [len(r) for r in text], text, ids
     nums, lens, text, ids = [], [], [], []
     for d in dies:
         if type(d) is int and 0 <= d < _U64:
@@ -843,6 +870,7 @@ def plug_in(server: Any, plog: PredictionLog) -> None:
     server.tap = plog.tap
     if plog.tapper is not None:
         plog.tapper.dispatch = server.dispatch  # JSON rows as it parsed them
+        server.dispatch.note_batches = True
     plog.trimmer = getattr(server, "trimmer", None)
     server.dispatch.labels = plog.labels
     server.metrics.registry.register(PredLogCollector(plog))

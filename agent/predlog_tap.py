@@ -9,11 +9,11 @@ Why a byte stream: the writer (agent/predlog.py) runs in its own process (agent/
 so that its work - decoding answers, JSON parsing, numpy, checksums, file writes - never holds
 the serving process's GIL (a writer thread in the serving process held it ~0.5 ms every pass,
 which a request arriving then waited for: issues 15 and 17). What stays here is `record`: read
-the answer's header, draw the capture sample, copy the answer (and the sampled input row) into
-one bytearray under a lock that `take` holds only to swap the buffer: ~1 us of the serving
-thread per answer, nothing else. Bounded: past `queue_size` messages or `queue_bytes` bytes
-waiting (here and not yet handed over, `backlog`), an answer is dropped and counted, never
-waited on.
+the answer's header (binary) or the decision the dispatcher noted (JSON), draw the capture
+sample, copy the answer (and the sampled input row) into one bytearray under a lock that `take`
+holds only to swap the buffer: ~1 us of the serving thread per answer, nothing else. Bounded:
+past `queue_size` messages or `queue_bytes` bytes waiting (here and not yet handed over,
+`backlog`), an answer is dropped and counted, never waited on.
 
 A message: MSG (kind, rows, model token, time, answer length, extra length), the answer's bytes,
 then the extra:
@@ -22,8 +22,14 @@ then the extra:
     JSON_ONE      the request line (none: not sampled)
     JSON_ROW      a JSON request's row as the dispatcher parsed it, float32 (`Dispatcher.parsed`:
                   no second parse of a 5 kB line in the writer, ~70 us, and 2 kB instead of 5
-                  piped); JSON_ONE when that is not this answer's (a line answered elsewhere)
+                  piped); JSON_ONE when that is not this answer's (another thread's answer, or
+                  no dispatcher plugged in: then the decision is read from the answer's text)
     JSON_BATCH    u32 line length, the line, one byte per answer with a decision (the draw)
+    JSON_ROWS     a JSON batch's sampled rows as the dispatcher parsed them (`Dispatcher.parsed`
+                  for a batch: answer, rows, decisions): u32 count, count u32 places among the
+                  batch's answers with a decision, count rows of float32 (none: none sampled);
+                  JSON_BATCH when that is not this answer's. A 64-row line is ~350 kB: copied
+                  and piped when a row of it was sampled (most batches: every fail is)
     MODEL         answer: the model's description (agent/predlog_models.py `describe`, JSON);
                   `model` is the token later messages name it by
     LABELS        answer: JSON [[die id, label, time or null, source], ...] (agent/labels.py)
@@ -39,6 +45,7 @@ import random
 import struct
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -50,7 +57,7 @@ from agent.protocol import HEADER, MAGIC_BYTE, RESULT_BLOCK, Decision, FrameType
 MSG = struct.Struct("<BIIdII")  # kind, rows, model token, time, answer length, extra length
 _PACK = MSG.pack
 U32 = struct.Struct("<I")
-BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW = 1, 2, 3, 4, 5  # answers
+BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW, JSON_ROWS = 1, 2, 3, 4, 5, 6  # answers
 MODEL, LABELS, FLUSH, SNAPSHOT = 8, 9, 10, 11  # the rest
 _FAIL_TEXT = b'"decision":"fail"'
 _DECISION_TEXT = b'"decision"'
@@ -61,15 +68,16 @@ _TAP_HEAD = struct.Struct("<B6xI24xH").unpack_from  # at 5: frame type, rows, ve
 log = logging.getLogger("edgefleet.agent")
 _F4 = np.dtype("<f4")
 _U4 = np.dtype("<u4")
+_NOTHING = (None, None, 0)  # `Dispatcher.parsed` when nothing is noted
+_NO_DISPATCHER = SimpleNamespace(parsed=_NOTHING)  # until `plug_in` sets the real one
 _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
 # Past this many bytes recorded, the taker is woken before its interval: big batches then move
 # on in ~1 MB pieces, not one buffer of up to `queue_bytes` (a freed buffer that big would
 # also raise glibc's mmap threshold, and later ones would stay in the heap)
 WAKE_BYTES = 1 << 20
 
-__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW", "LABELS",
-           "MODEL",
-           "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
+__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW",
+           "JSON_ROWS", "LABELS", "MODEL", "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
 
 
 def draws(rows: int, rate: float) -> np.ndarray:
@@ -95,7 +103,8 @@ class Tap:
                  queue_size: int = 65536, queue_bytes: int = 16 << 20,
                  clock=time.time) -> None:
         self._active = runtime.active
-        self.dispatch: Any = None  # agent.dispatch.Dispatcher: its `parsed` (answer, row)
+        # agent.dispatch.Dispatcher: its `parsed` (answer, row, decision)
+        self.dispatch: Any = _NO_DISPATCHER
         self._rate = capture_rate
         self._fails = capture_fails
         self._random = random.random
@@ -118,77 +127,90 @@ class Tap:
     def record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
         """The server's tap: called after `answer` was sent for the message `buf[start:end]`
         (a JSON line without its newline, or a whole binary frame). Never raises, never
-        blocks (but for the lock `take` holds for a swap)."""
+        blocks (but for the lock `take` holds for a swap).
+
+        The usual answer (one row, a pass, not drawn) takes the short path: its header read
+        in place (binary) or its decision from the dispatcher (JSON, `Dispatcher.parsed`: no
+        search of the answer's text), then a header and the answer appended; ~0.9 us warm
+        for either encoding (was 1.6 us for JSON: two substring searches of its ~300 bytes
+        and a `with` block; figures in docs/operations.md)."""
         if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
             self.dropped += 1
             return
         try:
-            if answer[0] == MAGIC_BYTE:
+            a0 = answer[0]
+            extra: Any = b""  # bytes, or pieces to copy in order (a tuple)
+            rows = 1
+            if a0 == MAGIC_BYTE:
                 frame_type, rows, vlen = _TAP_HEAD(answer, 5)
                 if frame_type != _RESULT:
                     return
-                if rows == 1:
-                    if not ((self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8]
-                             == _FAIL) or self._random() < self._rate):
-                        # the usual answer: a pass, not sampled; the short path
-                        p, t = self._active(), self._clock()
-                        self._acquire()  # not `with`: 2-3x the cost of the calls here
-                        try:
-                            if p is not self._last_p:
-                                self._new_model(p)
-                            out = self._out
-                            out += _PACK(BINARY_ONE, 1, self._token, t, len(answer), 0)
-                            out += answer
-                            self._n += 1
-                        finally:
-                            self._release()
-                        return
-                    kind = BINARY_ONE  # sampled: a fail, or the draw
-                    n = int.from_bytes(buf[start + 16:start + 20], "little")
-                    extra = buf[start + 32:start + 32 + 4 * n]
-                else:
+                kind = BINARY_ONE
+                if rows != 1:
                     kind = BINARY_BATCH
                     extra = self._sample_frame(buf, start, answer, rows)
-            elif _DECISION_TEXT in answer:
-                fail = self._fails and _FAIL_TEXT in answer
-                if answer[0] == 0x5B:  # "[": a batch; the line is kept when a row is sampled
+                elif ((self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL)
+                      or self._random() < self._rate):  # sampled: a fail, or the draw
+                    n = int.from_bytes(buf[start + 16:start + 20], "little")
+                    extra = buf[start + 32:start + 32 + 4 * n]
+            elif a0 == 0x7B:  # "{": one JSON answer
+                kind = JSON_ONE
+                parsed = self.dispatch.parsed
+                if parsed[0] is answer:  # the dispatcher's: its decision, the row it parsed
+                    decision = parsed[2]
+                    if decision > _FAIL:  # refused: not a decision, not logged
+                        return
+                    if (self._fails and decision == _FAIL) or self._random() < self._rate:
+                        kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
+                elif _DECISION_TEXT not in answer:  # not a decision (health, info, an error)
+                    return
+                elif (self._fails and _FAIL_TEXT in answer) or self._random() < self._rate:
+                    extra = buf[start:end]  # answered elsewhere (a big line): the line
+            elif a0 == 0x5B and _DECISION_TEXT in answer:  # "[": a batch with a decision
+                parsed = self.dispatch.parsed
+                if parsed[0] is answer:  # the dispatcher's: its rows and their decisions
+                    self.dispatch.parsed = _NOTHING  # (the rows can be MBs: not kept)
+                    decisions, x = parsed[2], parsed[1]
+                    if not (decisions <= _FAIL).all():  # some refused by the scoring
+                        x, decisions = x[decisions <= _FAIL], decisions[decisions <= _FAIL]
+                    kind, rows = JSON_ROWS, len(decisions)
+                    extra = self._sampled(decisions, x)
+                else:
                     kind = JSON_BATCH
                     rows = answer.count(_DECISION_TEXT)
                     draw = draws(rows, self._rate)
-                    # pieces, copied once into the buffer (a line can be 350 kB)
-                    extra = ((U32.pack(end - start), memoryview(buf)[start:end],
-                              draw.tobytes()) if fail or draw.any() else b"")
-                else:
-                    kind, rows, extra = JSON_ONE, 1, b""
-                    if fail or self._random() < self._rate:
-                        parsed = getattr(self.dispatch, "parsed", None)
-                        if parsed is not None and parsed[0] is answer:
-                            kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
-                        else:
-                            extra = buf[start:end]
+                    if (self._fails and _FAIL_TEXT in answer) or draw.any():
+                        # pieces, copied once into the buffer (a line can be 350 kB)
+                        extra = (U32.pack(end - start), memoryview(buf)[start:end],
+                                 draw.tobytes())
             else:
                 return
-            p = self._active()
-            t = self._clock()
-            with self._lock:
+            p, t = self._active(), self._clock()
+            self._acquire()  # not `with`: 2x the cost of the calls here
+            try:
                 if p is not self._last_p:
                     self._new_model(p)
                 out = self._out
-                if type(extra) is tuple:
-                    out += MSG.pack(kind, rows, self._token, t, len(answer),
-                                    sum(map(len, extra)))
+                if not extra:  # the usual answer
+                    out += _PACK(kind, rows, self._token, t, len(answer), 0)
                     out += answer
-                    for piece in extra:
-                        out += piece
                 else:
-                    out += MSG.pack(kind, rows, self._token, t, len(answer), len(extra))
-                    out += answer
-                    if extra:
+                    if type(extra) is tuple:
+                        out += _PACK(kind, rows, self._token, t, len(answer),
+                                     sum(map(len, extra)))
+                        out += answer
+                        for piece in extra:
+                            out += piece
+                    else:
+                        out += _PACK(kind, rows, self._token, t, len(answer), len(extra))
+                        out += answer
                         out += extra
+                    if len(out) > WAKE_BYTES and not self._woken and self.wake is not None:
+                        self._woken = True
+                        self.wake()
                 self._n += 1
-                if len(out) > WAKE_BYTES and not self._woken and self.wake is not None:
-                    self._woken = True
-                    self.wake()
+            finally:
+                self._release()
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -203,20 +225,25 @@ class Tap:
         self._last_p = p
 
     def _sample_frame(self, buf, start: int, answer: bytes, rows: int) -> bytes:
-        """A batch frame's sampled rows (every fail, and the random draw) as BINARY_BATCH's
-        extra; b"" when none is."""
+        """A batch frame's sampled rows as BINARY_BATCH's extra (`_sampled`)."""
         vlen = answer[40] | answer[41] << 8
         k = int.from_bytes(answer[16:20], "little")
         rec = np.frombuffer(answer, record_dtype(k), rows, _RESULT_OFF + vlen + (-vlen % 8))
-        want = draws(rows, self._rate)
+        n = int.from_bytes(buf[start + 16:start + 20], "little")
+        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
+        return self._sampled(rec["decision"], x)
+
+    def _sampled(self, decisions: np.ndarray, x: np.ndarray) -> bytes:
+        """A batch's sampled rows (every fail, and the random draw) of its rows `x`: u32
+        count, their u32 places, their float32 rows; b"" when none is."""
+        want = draws(len(decisions), self._rate)
         if self._fails:
-            want |= rec["decision"] == _FAIL
+            want |= decisions == _FAIL
         idx = np.flatnonzero(want)
         if not len(idx):
             return b""
-        n = int.from_bytes(buf[start + 16:start + 20], "little")
-        x = np.frombuffer(buf, _F4, rows * n, start + 24 + 8 * rows).reshape(rows, n)
-        return b"".join((U32.pack(len(idx)), idx.astype(_U4).tobytes(), x[idx].tobytes()))
+        return b"".join((U32.pack(len(idx)), idx.astype(_U4).tobytes(),
+                         x[idx].astype(_F4, copy=False).tobytes()))
 
     def waiting(self) -> int:
         """Answers recorded and not taken yet."""

@@ -28,10 +28,11 @@ flipped from run to run (five runs of 12 rounds on a quiet machine, 2026-12-05: 
 JSON 1.040 [1.025-1.051]; one run of 36 right after: binary 1.031 [1.008-1.073], JSON 1.093
 [1.036-1.128]). Also each agent's CPU time per answer, from the kernel's
 per-thread run time (/proc/PID/task/TID/schedstat, ns; a busy machine moves it less than a
-latency): the serving thread's (the agent's busiest), the agent's other threads' and its child
-processes' (for `on`, the log's writer process; a log in the agent, as --compare-tree's may
-be, shows as other threads), the records the log wrote (scraped from its metrics, to show it
-ran) and the load average at start and end.
+latency): the serving thread's (the agent's busiest; per encoding too: the busiest thread of
+each turn), the agent's other threads' and its child processes' (for `on`, the log's writer
+process; a log in the agent, as --compare-tree's may be, shows as other threads), the records
+the log wrote (scraped from its metrics, to show it ran) and the load average at start and end.
+bench/tap_clock.py times the tap alone, per call, in the serving loop.
 
 Then, unpinned on all CPUs (--batch-seconds, 0: skipped), the batch figures of the agent bench
 with and without the log: binary frames of 1024 rows and JSON lines of 64 rows on one
@@ -93,9 +94,11 @@ TARGET_P99_RATIO = 1.05
 
 
 def _start(store: Path, keyring: Path, sock: Path, port: int, env: dict, log: Path,
-           tree: Path = REPO) -> subprocess.Popen:
+           tree: Path = REPO, launcher: tuple[str, ...] = ("-m", "edgefleet")
+           ) -> subprocess.Popen:
+    """`edgefleet agent serve` (`launcher`: what runs it, bench/tap_clock.py's wrapper), ready."""
     proc = subprocess.Popen(
-        [PY, "-m", "edgefleet", "agent", "serve", "--socket", str(sock), "--store", str(store),
+        [PY, *launcher, "agent", "serve", "--socket", str(sock), "--store", str(store),
          "--keyring", str(keyring), "--metrics-addr", f"127.0.0.1:{port}",
          "--log-level", "warning", "--max-connections-per-peer", "64"],  # 32 heads, 1 pid
         cwd=tree, env=env, stderr=open(log, "w"))  # noqa: SIM115
@@ -269,12 +272,14 @@ _WARMUP = 200  # requests per connection before the timed ones
 
 def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
     """Interleaved rounds: per round and encoding, each agent's latencies (ns) in turn, the
-    order rotating; each agent's CPU per answer over all of them; the writer's catch-up."""
+    order rotating; each agent's CPU per answer over all of them (and its serving thread's per
+    encoding: its busiest thread during each of its turns); the writer's catch-up."""
     names = list(agents)
     lat: dict = {n: {enc: [] for enc in messages} for n in names}
     meters = {n: _CpuMeter(agents[n][2].pid) for n in names}
     for m in meters.values():
         m.start()
+    by_enc = {n: {enc: 0 for enc in messages} for n in names}  # serving thread ns
     catch_up, answered = [], 0
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -282,7 +287,10 @@ def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
             order.reverse()  # every agent goes first, middle and last, after each other one
         for enc, msgs in messages.items():
             for n in order:
+                before = _thread_cpu_ns(agents[n][2].pid)
                 lat[n][enc].append(_LOOPS[enc](agents[n][0], msgs, requests, _WARMUP))
+                after = _thread_cpu_ns(agents[n][2].pid)
+                by_enc[n][enc] += max(v - before.get(t, 0) for t, v in after.items())
             answered += requests + _WARMUP
             time.sleep(0.3)  # the writer's pass (every 0.2 s), before the first scrape
             catch_up.append(0.3 + _catch_up(agents["on"][1], answered))
@@ -293,7 +301,9 @@ def _rounds(agents: dict, messages: dict, requests: int, rounds: int) -> dict:
         cpu[n] = {"serving_us_per_answer": serving / total * 1e6,
                   "other_threads_us_per_answer": rest / total * 1e6,
                   "writer_process_us_per_answer": kids / total * 1e6,
-                  "total_us_per_answer": (serving + rest + kids) / total * 1e6}
+                  "total_us_per_answer": (serving + rest + kids) / total * 1e6,
+                  "serving_us_per_answer_by_encoding": {
+                      enc: v / 1e3 / (total / len(messages)) for enc, v in by_enc[n].items()}}
     return {"latencies": lat, "cpu": cpu, "catch_up": catch_up}
 
 
@@ -474,6 +484,11 @@ def _print(res: dict, out: Path) -> None:
         f"{v.get('writer_process_us_per_answer', 0):.2f}" for n, v in c.items())
         + f"; serving on/off {res['serving_cpu_ratio']:.3f} (off2/off "
         f"{res['serving_cpu_noise_ratio']:.3f}), total on/off {res['total_cpu_ratio']:.3f}")
+    for enc in res["figures"]:
+        us = {n: v["serving_us_per_answer_by_encoding"][enc] for n, v in c.items()}
+        print(f"  {enc:6s} serving thread us/answer " + ", ".join(
+            f"{n} {v:.1f}" for n, v in us.items()) + "; on/off " + ", ".join(
+            f"{n} {v / us['off']:.3f}" for n, v in us.items() if n != "off"))
     print(f"the writer caught up {res['writer_catch_up_s']['mean']:.2f} s after a turn (max "
           f"{res['writer_catch_up_s']['max']:.2f} s)")
     b = res.get("batches")

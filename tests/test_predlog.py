@@ -9,8 +9,10 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from agent.predlog import (
     wait_flushed,
 )
 from agent.segring import RECORD, RingConfig, SegmentRing, read_ring
+from agent.server import BIG_LINE
 from tests.agent_support import (
     build_model,
     install_into_store,
@@ -100,21 +103,28 @@ def test_sampled_rows_follow_the_capture_rate(model, tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, tmp_path, mode):
     """A sampled single-row JSON request: its row is what the dispatcher parsed (the tap copies
-    it, float32; None = not measured -> NaN), not the line parsed again; and a JSON request
-    answered with an error is not logged."""
+    it, float32; None = not measured -> NaN), not the line parsed again; a line big enough to
+    be answered by the worker thread is logged too (its row from the line); and a JSON
+    request answered with an error - refused by the parser or by the scoring - is not
+    logged."""
     x = model.train[:3].astype(np.float64)
     reqs = [{"die_id": f"J{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
             for i, r in enumerate(x.tolist())]
+    big = orjson.dumps({"die_id": "big", "params": x[0].tolist()}) + b" " * (BIG_LINE + 1) + b"\n"
     with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
         with Client(server.path) as c:
             for r in reqs:
                 c.request(r)
             c.request({"die_id": "short", "params": [1.0]})
+            assert "error" in c.request({"die_id": "unmeasured", "params": [None] * N})
+            assert orjson.loads(c.request_raw(big))["decision"] in ("pass", "fail")
         assert wait_flushed(plog, server)
     found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
-    assert [c["die_id"] for c, _ in found] == ["J0", "J1", "J2"]
+    assert [c["die_id"] for c, _ in found] == ["J0", "J1", "J2", "big"]
     assert [p["die_id"] for _, p in _predictions(tmp_path / "log" / "predictions")] == [
-        "J0", "J1", "J2"]
+        "J0", "J1", "J2", "big"]
+    np.testing.assert_allclose(found[3][1], x[0], rtol=1e-6)
+    found = found[:3]
     for (_, row), r in zip(found, reqs, strict=True):
         want = np.array(r["params"], dtype=np.float64)
         np.testing.assert_array_equal(np.isnan(row), np.isnan(want))
@@ -122,25 +132,59 @@ def test_a_json_request_s_captured_row_is_the_row_the_dispatcher_parsed(model, t
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path, mode):
-    """The writer reads a sampled request's row from its `params` list alone when the line's
-    text makes that sound, else parses the whole line: the same rows either way."""
+def test_a_json_answer_the_dispatcher_did_not_note_is_logged_from_its_text(model, tmp_path,
+                                                                          mode):
+    """The tap reads a single JSON answer's decision and row from the dispatcher
+    (`Dispatcher.parsed`); an answer it did not note (another thread's, or no dispatcher
+    plugged in) is read from its text: logged when it holds a decision, its row captured from
+    the request line when it is a fail (capture rate 0: fails only)."""
+    x = model.train[:2].astype(np.float64)
+    x[1] += 50.0  # a fail
+    with logged_agent(model, tmp_path / "log", capture_rate=0.0, mode=mode) as (server, plog):
+        plog.tapper.dispatch = SimpleNamespace(parsed=(None, None, 0))
+        with Client(server.path) as c:
+            c.predict_json(x[0], die_id="T0")
+            c.predict_json(x[1], die_id="T1")
+            assert "error" in c.request({"die_id": "unmeasured", "params": [None] * N})
+            c.health()
+        assert wait_flushed(plog, server)
+    preds = [p for _, p in _predictions(tmp_path / "log" / "predictions")]
+    assert [(p["die_id"], p["decision"]) for p in preds] == [("T0", "pass"), ("T1", "fail")]
+    ((cap, row),) = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
+    assert (cap["die_id"], cap["reason"]) == ("T1", "fail")
+    np.testing.assert_allclose(row, x[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("noted", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_batch_s_captured_rows_are_its_requests_rows(model, tmp_path, mode, noted):
+    """A sampled request's row of a JSON batch is the row the dispatcher parsed (it notes a
+    batch's rows and decisions for the tap when the log runs: JSON_ROWS, the line is not piped);
+    for a batch it did not note, the writer reads the row from the request's `params` list
+    alone when the line's text makes that sound, else parses the whole line: the same rows
+    every way, each at its own place past refused requests and rows the scoring refused."""
     x = model.train[:4].astype(np.float64)
     plain = [{"die_id": f"P{i}", "params": [None if j == i else v for j, v in enumerate(r)]}
              for i, r in enumerate(x.tolist())]
     odd = [dict(plain[0], die_id="params"), dict(plain[1], note={"params": [1]}),
            dict(plain[2], die_id="Ö\\")]  # "params" as a value, nested, a backslash
     with logged_agent(model, tmp_path / "log", capture_rate=1.0, mode=mode) as (server, plog):
+        assert server.dispatch.note_batches
+        server.dispatch.note_batches = noted
         with Client(server.path) as c:
             c.request(plain)
             c.request(odd)
             c.request([plain[3], {"die_id": "refused", "params": [1.0]}])  # not all answered
+            answers = c.request([{"die_id": "unmeasured", "params": [None] * N},
+                                 dict(plain[0], die_id="after")])
+            assert "error" in answers[0] and answers[1]["decision"] in ("pass", "fail")
         assert wait_flushed(plog, server)
     found = [decode_capture(p) for _, p in _records(tmp_path / "log" / "capture")]
     assert [c["die_id"] for c, _ in found] == ["P0", "P1", "P2", "P3", "params", "P1", "Ö\\",
-                                               "P3"]
+                                               "P3", "after"]
     caps = {c["die_id"]: row for c, row in found}
-    for die, i in [("P0", 0), ("P1", 1), ("P2", 2), ("P3", 3), ("params", 0), ("Ö\\", 2)]:
+    for die, i in [("P0", 0), ("P1", 1), ("P2", 2), ("P3", 3), ("params", 0), ("Ö\\", 2),
+                   ("after", 0)]:
         want = np.array(plain[i]["params"], dtype=np.float64)
         np.testing.assert_array_equal(np.isnan(caps[die]), np.isnan(want))
         np.testing.assert_allclose(caps[die][~np.isnan(want)], want[~np.isnan(want)],
@@ -411,6 +455,19 @@ def test_a_block_reads_back_every_answer_it_was_built_from(answers):
                                   np.array([a[2] for a in answers], np.float32))
     assert [[t["index"] for t in g["top"]] for g in got if g["decision"] == "fail"] == [
         [i for i, _ in t] for t in tops]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.text(min_size=250, max_size=300)),
+                min_size=1, max_size=8))  # short ids, and ids past 255 bytes (cut)
+def test_json_text_die_ids_are_read_alike_whether_or_not_every_id_is_text(dies):
+    """The writer reads a run of JSON answers whose ids are all strings list by list; the same
+    as one by one (a None among them takes that way: one more id, at the end)."""
+    from agent.predlog import _json_ids
+
+    every = _json_ids(dies)
+    assert every == tuple(part[:len(dies)] for part in _json_ids([*dies, None]))
+    assert every[0] == [0] * len(dies) and all(len(t) <= 255 for t in every[2])
 
 
 def test_a_ring_of_blocks_numbers_answers_and_reads_from_inside_a_block(tmp_path):

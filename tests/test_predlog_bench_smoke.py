@@ -41,12 +41,25 @@ def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="bench/gil_waits.py needs strace")
 def test_gil_waits_benchmark_runs(tmp_path: Path):
-    out = tmp_path / "gil.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/gil_waits.py", "--rounds", "1", "--seconds", "0.5",
-         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _report(tmp_path, "bench/gil_waits.py", "--rounds", "1", "--seconds", "0.5")
     for agent in ("off", "on"):
         (run,) = report["rounds"][agent]
         assert run["answers_per_s"] > 0 and run["futex_wait_ms"] >= 0
+
+
+@pytest.mark.slow
+def test_tap_clock_benchmark_times_the_tap_of_each_encoding(tmp_path: Path):
+    report = _report(tmp_path, "bench/tap_clock.py", "--rounds", "1", "--requests", "50")
+    (taps,) = report["taps"].values()
+    for enc in ("binary", "json"):
+        assert taps[enc]["calls"] == 50  # the turn's 200 warm-up calls are left out
+        assert 0 < taps[enc]["median_ns"] <= taps[enc]["p99_ns"]
+
+
+def _report(tmp_path: Path, script: str, *args: str) -> dict:
+    """Run a bench script (exit status 0) and return the JSON it wrote."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
