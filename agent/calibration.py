@@ -23,15 +23,9 @@ imputed (missing) values, whose scores have a higher tail that comes in bursts (
 block on one tester). Each stratum has its own fixed threshold t0, bounds and level, and each
 tester one context per stratum.
 
-`low` and `high` are the validation-pass quantiles at 4x and 0.1x the target false-fail:
-the calibration may move the threshold only as far as would have given [0.1x, 4x] of the
-target on the build's own passes. `cap` lies three times as far above t0 as `high` (or at the
-passes' 99.95th percentile when that is further), so the ring still sees the tail of a tester
-whose threshold sits at `high`. Why that far: the process wanders between periods (floor seed
-332: the passes' 99th percentile per lot went 1.26-1.47 in the test part against t0 = 1.24),
-and with `high` at the 0.25x quantile and `cap` at the 99.95th percentile (1.30 and 1.40
-there) the calibration could not follow it (docs/model.md). A guard stops learning when the
-tester's recent share of
+`low` and `high` are the validation-pass quantiles at 4x and 0.25x the target false-fail:
+the calibration may move the threshold only as far as would have given [0.25x, 4x] of the
+target on the build's own passes. A guard stops learning when the tester's recent share of
 dies above its threshold (an EWMA over `guard_span` dies) exceeds `guard` times what the build
 saw (`expected_flagged`): a mostly bad lot must not teach the calibration that bad is normal.
 The guard needs a few dozen dies to trip, and a tail quantile moves with a handful of high
@@ -116,7 +110,7 @@ class CalibrationParams:
     prior: int = 200
     every: int = 16
     min_samples: int = 50
-    guard: float = 2.0  # 3 before the wider bounds: a moderately bad lot moved them further
+    guard: float = 3.0
     guard_release: float = 1.5
     guard_span: int = 200
     delay: int = 16
@@ -392,12 +386,6 @@ def simulate(params: CalibrationParams, scores: np.ndarray, testers: Iterable[An
     return out
 
 
-# The bounds (module docstring): `low` and `high` at the validation passes' quantiles where the
-# false-fail would be LOW_RATE and HIGH_RATE times the target; `cap` CAP_REACH times as far above
-# t0 as `high`.
-LOW_RATE, HIGH_RATE, CAP_REACH = 4.0, 0.1, 3.0
-
-
 def params_from_validation(val_scores: np.ndarray, val_passes: np.ndarray, threshold: float,
                            target_ffr: float) -> CalibrationParams | None:
     """The manifest block from the validation part's scores (None: too few passes to place
@@ -409,10 +397,9 @@ def params_from_validation(val_scores: np.ndarray, val_passes: np.ndarray, thres
     if len(sp) < max(200, int(4 / target_ffr)) or not 0 < target_ffr <= 0.1:
         return None
     t0 = _f32(threshold)
-    low = _f32(min(np.quantile(sp, 1 - min(LOW_RATE * target_ffr, 0.5)), t0))
-    high = _f32(max(np.quantile(sp, 1 - HIGH_RATE * target_ffr), t0))
-    cap = max(float(np.quantile(sp, 0.9995)), t0 + CAP_REACH * (high - t0),
-              high * (1 + 1e-6) + 1e-9)
+    low = _f32(min(np.quantile(sp, 1 - min(4 * target_ffr, 0.5)), t0))
+    high = _f32(max(np.quantile(sp, 1 - 0.25 * target_ffr), t0))
+    cap = max(float(np.quantile(sp, 0.9995)), high * (1 + 1e-6) + 1e-9)
     below = s[ok & (s < cap)]
     level = 1.0 - float(np.mean(below > t0))
     flagged = float(np.mean(s[ok] > t0))
