@@ -202,11 +202,13 @@ Strata = tuple[CalibrationParams, CalibrationParams | None]  # complete dies, im
 
 def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes: np.ndarray,
                        val_x: np.ndarray, threshold: float,
-                       val_testers: np.ndarray | None = None) -> Strata | None:
+                       val_testers: np.ndarray | None = None,
+                       val_lots: np.ndarray | None = None) -> Strata | None:
     """The parameters of the bundle's `decision.calibration` (`agent.calibration
     .manifest_block`), or None (configured off, or too few passes). The levels are tuned by
     replaying the device's algorithm on the validation part in time order, per tester
-    (`val_testers`) as the device will (`agent.calibration.tune_level`)."""
+    (`val_testers`) as the device will (`agent.calibration.tune_level`); the prior comes from
+    how the testers' and lots' (`val_lots`) rates spread (`tester_prior`)."""
     if not cfg.per_tester:
         return None
     imputed = np.isnan(val_x).any(axis=1)
@@ -215,7 +217,7 @@ def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes:
     strata = strata_from_validation(val_scores, val_passes, imputed, threshold, cfg.target_ffr,
                                     val_testers)
     prior = None if strata is None or val_testers is None else tester_prior(
-        val_scores, val_passes, val_testers, strata[0].threshold)
+        val_scores, val_passes, val_testers, strata[0].threshold, val_lots)
     if strata is None or prior is None:
         return strata
     rows = (~imputed, imputed) if strata[1] is not None else (np.ones_like(imputed),)
@@ -228,32 +230,52 @@ MIN_PRIOR, MAX_PRIOR = 200, 100_000  # the device's shrinkage `prior`, in dies
 
 
 def tester_prior(val_scores: np.ndarray, val_passes: np.ndarray, val_testers: np.ndarray,
-                 threshold: float) -> int | None:
-    """The calibration's `prior` (w = n / (n + prior)) from how much the testers really differ
-    on the validation passes (empirical Bayes; None: fewer than two testers). A tester's tail
-    estimate from n dies has a sampling variance of about p(1 - p) / n in false-fail terms;
-    the testers' own rates at the fixed threshold spread by tau^2 beyond their binomial noise
-    (method of moments). Shrinking by n / (n + p(1 - p) / tau^2) weighs the two as a
-    posterior mean does. Testers that differ no more than noise get `MAX_PRIOR` (the fixed
-    threshold, nearly); never less than `MIN_PRIOR`, the earlier fixed value.
+                 threshold: float, val_lots: np.ndarray | None = None) -> int | None:
+    """The calibration's `prior` (w = n / (n + prior)) from how much the false-fail rate really
+    moves between testers and periods on the validation passes (empirical Bayes; None: fewer
+    than two testers). A tester's tail estimate from n dies has a sampling variance of about
+    p(1 - p) / n in false-fail terms; the rates at the fixed threshold of the testers, of the
+    lots, and of each tester within each lot spread by tau^2 beyond their binomial noise
+    (method of moments), and the largest of the three is taken. Shrinking by
+    n / (n + p(1 - p) / tau^2) weighs the two as a posterior mean does. Rates that differ no
+    more than noise give `MAX_PRIOR` (the fixed threshold, nearly); never less than
+    `MIN_PRIOR`, the earlier fixed value.
 
-    Why: with a fixed prior of 200, the per-tester threshold followed noise. On floor seeds
-    311 and 312 (test parts), lots in band went 5 -> 4 of 5 and 4 -> 3 of 5 and testers 4 -> 3
-    of 4 on 312 with the calibration on, against the fixed threshold; the testers' validation
-    rates spread no more than noise (prior ~5,000 on 311 and 203)."""
+    Why the lots: a tester's ring holds its last 1,000 dies, about two lots of a four-tester
+    floor, so what it must follow is how a tester's rate moves from period to period (the
+    process's wander), not only how the testers differ over the whole validation part.
+    Testers alone gave 23,486 and 100,000 on floor seeds 201 and 202, whose lots (and
+    testers within lots) spread well beyond noise (401 and 735 with them).
+
+    Why at all: with a fixed prior of 200, the per-tester threshold followed noise. On floor
+    seeds 311 and 312 (test parts), lots in band went 5 -> 4 of 5 and 4 -> 3 of 5 and testers
+    4 -> 3 of 4 on 312 with the calibration on, against the fixed threshold."""
     passes = np.asarray(val_passes, bool)
-    testers = np.asarray(val_testers)[passes]
+    testers = np.asarray(val_testers)[passes].astype(str)
     flagged = np.asarray(val_scores)[passes] > threshold
-    names = sorted(set(testers.tolist()))
-    if len(names) < 2:
+    if len(set(testers.tolist())) < 2:
         return None
-    n = np.array([(testers == t).sum() for t in names], dtype=np.float64)
-    k = np.array([flagged[testers == t].sum() for t in names], dtype=np.float64)
-    p = k.sum() / n.sum()
-    tau2 = float(np.var(k / n, ddof=1) - np.mean(p * (1 - p) / n))
+    groupings = [testers]
+    if val_lots is not None:
+        lots = np.asarray(val_lots)[passes].astype(str)
+        groupings += [lots, np.char.add(np.char.add(testers, "\x00"), lots)]
+    p = float(flagged.mean())
+    tau2 = max(_excess_variance(flagged, g) for g in groupings)
     if tau2 <= 0 or p <= 0:
         return MAX_PRIOR
     return int(min(max(p * (1 - p) / tau2, MIN_PRIOR), MAX_PRIOR))
+
+
+def _excess_variance(flagged: np.ndarray, groups: np.ndarray) -> float:
+    """The spread (variance) of the groups' flagged rates beyond their binomial noise (method
+    of moments; <= 0 when they differ by noise only, -inf with fewer than two groups)."""
+    _, idx = np.unique(groups, return_inverse=True)
+    n = np.bincount(idx).astype(np.float64)
+    if len(n) < 2:
+        return -math.inf
+    k = np.bincount(idx, weights=flagged.astype(np.float64))
+    p = k.sum() / n.sum()
+    return float(np.var(k / n, ddof=1) - np.mean(p * (1 - p) / n))
 
 
 def imputed_differs(val_scores: np.ndarray, val_passes: np.ndarray, imputed: np.ndarray,

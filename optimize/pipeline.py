@@ -326,7 +326,8 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
         dec = calibrate_threshold(val[split.val.passes], cfg.calibrate.target_ffr)
         scored["pruned_fp32"] = Scored(val, test, dec.threshold, dec, pruned_fp32)
     per_tester = calibration_params(cfg.calibrate, val8, split.val.passes, split.val.x,
-                                    decision.threshold, split.val.groups.get("tester"))
+                                    decision.threshold, split.val.groups.get("tester"),
+                                    split.val.groups.get("lot"))
     made = fallback_rules(split.train.x, data.spec, x_val_passes=x_val_pass,
                           target_ffr=cfg.calibrate.target_ffr, cfg=cfg.rules)
     rules, rules_source = made.rules, made.source

@@ -132,6 +132,13 @@ def test_tester_prior_shrinks_hard_when_testers_differ_by_noise_only():
     got = tester_prior(apart, passes, testers, 0.99)
     assert MIN_PRIOR <= got <= 1_000  # ~0.01 * 0.99 / 0.005^2 = 396
     assert tester_prior(same, passes, np.repeat(np.array(["T1"]), 12_000), 0.99) is None
+    # testers alike over the whole part, but the process wanders from lot to lot: the lots'
+    # spread sets the prior (a tester's ring spans about two lots)
+    lots = np.tile(np.repeat(np.array([f"L{i}" for i in range(6)]), 500), 4)
+    walk = np.tile(np.repeat([0.004, 0.016, 0.008, 0.014, 0.006, 0.012], 500), 4)
+    wander = np.where(rng.random(12_000) < walk, 1.5, 0.5)
+    assert tester_prior(wander, passes, testers, 0.99) >= 2_000
+    assert MIN_PRIOR <= tester_prior(wander, passes, testers, 0.99, lots) <= 1_000
 
 
 def test_the_build_ships_the_data_driven_prior_with_a_level_tuned_for_it():
