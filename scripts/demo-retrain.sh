@@ -163,10 +163,13 @@ PIDS+=($!)
 EDGEFLEET_MQTT_CERT=$OUT/pki/edgefleet-controller.crt \
 EDGEFLEET_MQTT_KEY=$OUT/pki/edgefleet-controller.key \
     "$EF" fleet controller --metrics-port "$CTL_PORT" > "$OUT/controller.log" 2>&1 &
-PIDS+=($!)
+CTL_PID=$!
+PIDS+=($CTL_PID)
+LOGS+=("$OUT/controller.log" "$OUT/mosquitto.log" "$OUT/fleet/box-a.log" "$OUT/fleet/box-b.log")
 export EDGEFLEET_MQTT_CERT=$OUT/pki/edgefleet-controller.crt \
     EDGEFLEET_MQTT_KEY=$OUT/pki/edgefleet-controller.key
 for b in box-a box-b; do wait_for "$RUN/$b/agent.sock" 60; done
+wait_healthy "http://127.0.0.1:$CTL_PORT/healthz" 60 "$CTL_PID"  # lease, broker, rounds
 for _ in $(seq 1 100); do "$EF" fleet quality -o json > "$OUT/q0.json" 2>/dev/null && break; sleep 0.3; done
 for _ in $(seq 1 100); do [ "$("$EF" fleet devices -l site=lab -o name | wc -l)" -eq 2 ] && break; sleep 0.3; done
 "$EF" fleet devices -l site=lab
