@@ -113,7 +113,7 @@ cp "$OUT/floor.spec.json" "$OUT/dies/train.spec.json"
     --out "$OUT/build-v1" --sequence 1 -q "${BUILD_ARGS[@]}"
 
 step "2. The fleet: a TLS broker, Prometheus, the controller, two boxes with a data feed and an MES drop"
-MQTT_PORT=$(free_port); ART_PORT=$(free_port); PROM_PORT=$(free_port); CTL_PORT=$(free_port)
+MQTT_PORT=$(free_port); ART_PORT=$(free_port); PROM_PORT=$(free_port)
 "$EF" fleet certs init --out "$OUT/pki" --port "$MQTT_PORT"
 "$EF" fleet certs issue box-a box-b --ca "$OUT/pki" --out "$OUT/pki/devices"
 mkdir -p "$OUT/pki/broker/data"
@@ -162,14 +162,20 @@ PIDS+=($!)
 # the controller: its MQTT client certificate is the controller's, not a device's
 EDGEFLEET_MQTT_CERT=$OUT/pki/edgefleet-controller.crt \
 EDGEFLEET_MQTT_KEY=$OUT/pki/edgefleet-controller.key \
-    "$EF" fleet controller --metrics-port "$CTL_PORT" > "$OUT/controller.log" 2>&1 &
+    "$EF" fleet controller --metrics-port 0 > "$OUT/controller.log" 2>&1 &  # a free port, printed
 CTL_PID=$!
 PIDS+=($CTL_PID)
 LOGS+=("$OUT/controller.log" "$OUT/mosquitto.log" "$OUT/fleet/box-a.log" "$OUT/fleet/box-b.log")
 export EDGEFLEET_MQTT_CERT=$OUT/pki/edgefleet-controller.crt \
     EDGEFLEET_MQTT_KEY=$OUT/pki/edgefleet-controller.key
 for b in box-a box-b; do wait_for "$RUN/$b/agent.sock" 60; done
-wait_healthy "http://127.0.0.1:$CTL_PORT/healthz" 60 "$CTL_PID"  # lease, broker, rounds
+# the controller's /healthz (lease, broker, a round) on the port it printed
+for _ in $(seq 1 600); do
+    grep -q '/healthz on http' "$OUT/controller.log" || ! kill -0 "$CTL_PID" 2>/dev/null && break
+    sleep 0.1
+done
+CTL_URL=$(sed -n 's#.*/healthz on \(http://[^ ]*\).*#\1#p' "$OUT/controller.log" | head -n 1)
+wait_healthy "$CTL_URL/healthz" 60 "$CTL_PID"
 for _ in $(seq 1 100); do "$EF" fleet quality -o json > "$OUT/q0.json" 2>/dev/null && break; sleep 0.3; done
 for _ in $(seq 1 100); do [ "$("$EF" fleet devices -l site=lab -o name | wc -l)" -eq 2 ] && break; sleep 0.3; done
 "$EF" fleet devices -l site=lab
