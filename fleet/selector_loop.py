@@ -188,9 +188,41 @@ class ReadAheadClient(mqtt.Client):
         """Bytes read from the socket that paho has not taken yet."""
         return len(self._rbuf) - self._rpos
 
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        """Packets queued one after the other go out in one `send` (paho sends each packet
+        with its own: a batch's ten acknowledgements, or a round's ten commands, were ten
+        system calls, each also waking the broker), except those paho does something with
+        once sent (a QoS 0 PUBLISH: `on_publish`; DISCONNECT), which keep their own. Other
+        threads only append (a publish): what is queued meanwhile stays behind."""
+        out = self._out_packet
+        if self.read_ahead and len(out) > 1:
+            runs: list[list[dict[str, Any]]] = []
+            for packet in [out.popleft() for _ in range(len(out))]:
+                if runs and _plain(packet) and _plain(runs[-1][-1]):
+                    runs[-1].append(packet)
+                else:
+                    runs.append([packet])
+            for run in reversed(runs):
+                out.appendleft(run[0] if len(run) == 1 else _joined(run))
+        return super()._packet_write()
+
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0  # a new connection starts with an empty buffer
         super()._sock_close()
+
+
+def _plain(packet: dict[str, Any]) -> bool:
+    """A queued packet paho does nothing with once it is sent (`_packet_write`): not a QoS 0
+    PUBLISH (`on_publish`), not a DISCONNECT."""
+    kind = packet["command"] & 0xF0
+    return kind != mqtt.DISCONNECT and not (kind == _PUBLISH and packet["qos"] == 0)
+
+
+def _joined(run: list[dict[str, Any]]) -> dict[str, Any]:
+    """One queued packet of `run`'s bytes (what is left of each), sent as one."""
+    data = b"".join(p["packet"][p["pos"]:] for p in run)
+    return {"command": mqtt.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(data),
+            "packet": data, "info": None}
 
 
 def _whole(buf: bytes, pos: int) -> tuple[int, int] | None:

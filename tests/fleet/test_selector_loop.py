@@ -226,3 +226,46 @@ def test_a_batch_wait_shortens_on_a_fast_stream_to_keep_the_brokers_window_open(
     assert BATCH_FILL < 20
     # QoS 0 messages alone (a burst of device states) have no window to keep open
     assert loop._batch_wait(0, 101.051) == 0.1
+
+
+class _Sink:
+    """A non-blocking socket that takes at most `room` bytes a `send`."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data[:self.room]))
+        return len(self.sent[-1])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("room", [1 << 20, 5])
+def test_queued_packets_go_out_in_one_send_except_those_paho_acts_on_once_sent(room):
+    """A batch's acknowledgements and a round's QoS 1 commands go out in one `send`; a QoS 0
+    PUBLISH (paho calls `on_publish` once it is out) keeps its own, and a socket that takes a
+    few bytes at a time still gets every byte, in order."""
+    client = controller_client(MqttConfig(port=1), "t")
+    client.read_ahead = True
+    client.on_socket_register_write = lambda *_: None  # as on a loop: it writes when told
+    client._sock = sink = _Sink(room)
+    published: list[int] = []
+    client.on_publish = lambda c, u, mid, rc, props: published.append(mid)
+    qos1 = _publish_packet("edgefleet/device/a/cmd", b"signed", 1, mid=3)
+    qos0 = _publish_packet("t", b"x", 0)
+    client._send_puback(1)
+    client._send_puback(2)
+    client._packet_queue(mqtt.PUBLISH, qos1, 3, 1, mqtt.MQTTMessageInfo(3))
+    client._packet_queue(mqtt.PUBLISH, qos0, 4, 0, mqtt.MQTTMessageInfo(4))
+    client._send_puback(5)
+    client._send_puback(6)
+    assert client.loop_write() == mqtt.MQTT_ERR_SUCCESS
+    acks = [bytes([0x40, 2, 0, mid]) for mid in (1, 2, 5, 6)]
+    assert b"".join(sink.sent) == acks[0] + acks[1] + qos1 + qos0 + acks[2] + acks[3]
+    assert published == [4]
+    if room > 100:
+        assert sink.sent == [acks[0] + acks[1] + qos1, qos0, acks[2] + acks[3]]
+    assert not client.want_write()
