@@ -129,6 +129,8 @@ class ReadAheadClient(mqtt.Client):
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
         header, packet = self._in_packet["command"], self._in_packet["packet"]
         if not self._deliverable(header, packet):
+            if header & 0x06:
+                self.windowed += 1  # (QoS 1 or 2) paho's to acknowledge; counted all the same
             return super()._handle_publish()  # paho says what is wrong with it
         return self._deliver([(header, bytes(packet))])
 
