@@ -133,6 +133,7 @@ class RolloutDriver:
             self.by_stage[self.stage_of[d]].append(d)
         self._cursor: dict[int, int] = {}  # stage -> its first step that may still be pending
         self._next_sweep = 0.0
+        self._sweep_all = True  # the first sweep resolves every step in flight
         self._count()
         self._prom = PrometheusClient(self.plan.prometheus, self.opt.prometheus_timeout_s) \
             if self.plan.prometheus else None
@@ -222,9 +223,12 @@ class RolloutDriver:
             self._touched.append(step.device_id)
 
     def _resolve_touched(self, now: float) -> None:
-        """Resolve the steps in flight: of the devices with news since the last round, or all
-        of them every `sweep_s` (a timeout or the end of a health grace is news of no
-        device)."""
+        """Resolve the steps in flight of the devices with news since the last round and,
+        every `sweep_s`, those whose time has come (a timeout, the end of a health grace, a
+        resend after a restart: news of no device); every step in flight at the first sweep
+        after a load. The rest would resolve to what they are: a sweep used to resolve every
+        step in flight, up to `max_parallel` a second through a deploy, most of them
+        resolved moments earlier on their device's news."""
         devices = set()
         while self._touched:
             devices.add(self._touched.popleft())
@@ -232,13 +236,26 @@ class RolloutDriver:
             self._evidence_stale |= devices
         if now >= self._next_sweep:
             self._next_sweep = now + self.opt.sweep_s
+            every, self._sweep_all = self._sweep_all, False
             for key in list(self.in_flight):
-                self._resolve(self.steps[key], now)
+                s = self.steps[key]
+                if every or key[0] in devices or self._due(s, now):
+                    self._resolve(s, now)
             return
         for d in devices:
             for name in D.STEP_COMMAND:
                 if (d, name) in self.in_flight:
                     self._resolve(self.steps[(d, name)], now)
+
+    def _due(self, s: StepRow, now: float) -> bool:
+        """Whether an in-flight step with no news may change by the clock alone: past its
+        timeout, in a health grace (`Seen.first_ok`), or due to be published again."""
+        if s.sent is not None and now - s.sent > self.ctx.timeout(s.step):
+            return True
+        if s.resend_after is not None and now >= s.resend_after:
+            return True
+        seen = self._seen.get(s.command_id)
+        return seen is not None and seen.first_ok is not None
 
     # -- one round ----------------------------------------------------------------------
 

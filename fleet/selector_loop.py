@@ -72,39 +72,50 @@ class ReadAheadClient(mqtt.Client):
     _rbuf = b""
     _rpos = 0
     _filtered = False
+    # `on_batch(client, userdata, messages)`, if set, takes the PUBLISH packets of one read
+    # that this client delivers itself, in one call (the controller parses them, then takes
+    # its lock and wakes its waiters once per read); `on_message` otherwise, one at a time
+    on_batch: Callable[[mqtt.Client, Any, list[mqtt.MQTTMessage]], None] | None = None
+    windowed = 0  # QoS 1 messages delivered so far (the broker's window: `_batch_wait`)
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         self._filtered = True
         super().message_callback_add(sub, callback)
 
     def _packet_read(self) -> mqtt.MQTTErrorCode:
-        """A PUBLISH already whole in the read-ahead buffer is taken from it in one go (paho
-        reads a packet a byte or a field at a time, each through `_sock_recv`); anything else
-        (another packet type, a packet cut at the buffer's end, one paho has begun, one
-        `_deliverable` refuses) is paho's."""
+        """Every PUBLISH already whole in the read-ahead buffer, from its read position on, is
+        taken from it in one go (paho reads a packet a byte or a field at a time, each through
+        `_sock_recv`, and one packet a call); anything else (another packet type, a packet cut
+        at the buffer's end, one paho has begun, one `_deliverable` refuses) is paho's."""
+        if not self.read_ahead or self._in_packet["command"]:
+            return super()._packet_read()
+        if self._rpos >= len(self._rbuf):  # used up: the next read first
+            try:
+                if not self._fill(_READ_AHEAD):
+                    return super()._packet_read()  # the connection closed: paho says so
+            except BlockingIOError:
+                return mqtt.MQTTErrorCode.MQTT_ERR_AGAIN  # nothing more yet
+            except OSError:
+                return super()._packet_read()  # paho logs it: the connection is lost
         buf, pos = self._rbuf, self._rpos
-        if not self.read_ahead or pos >= len(buf) or buf[pos] & 0xF0 != _PUBLISH or \
-                self._in_packet["command"]:
+        if buf[pos] & 0xF0 != _PUBLISH:
             return super()._packet_read()
-        i, length, shift = pos + 1, 0, 0
-        while True:  # the remaining length: 1 to 4 bytes, 7 bits each
-            if i >= len(buf) or shift > 21:
-                return super()._packet_read()  # cut short (or malformed: paho says so)
-            byte = buf[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
+        packets = []
+        while pos < len(buf) and buf[pos] & 0xF0 == _PUBLISH:
+            span = _whole(buf, pos)
+            if span is None:
+                break  # cut short (or malformed: paho says so)
+            packet = buf[span[0]:span[1]]
+            if not self._deliverable(buf[pos], packet):
                 break
-        if i + length > len(buf):
+            packets.append((buf[pos], packet))
+            pos = span[1]
+        if not packets:
             return super()._packet_read()
-        packet = buf[i:i + length]
-        if not self._deliverable(buf[pos], packet):
-            return super()._packet_read()
-        self._rpos = i + length
+        self._rpos = pos
         with self._msgtime_mutex:
             self._last_bytes_received = mqtt.time_func()  # as paho does (keepalive)
-        return self._deliver(buf[pos], packet)
+        return self._deliver(packets)
 
     def _deliverable(self, header: int, packet: bytes | bytearray) -> bool:
         """Whether `_deliver` takes this PUBLISH (else paho's own handling does)."""
@@ -118,45 +129,118 @@ class ReadAheadClient(mqtt.Client):
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
         header, packet = self._in_packet["command"], self._in_packet["packet"]
         if not self._deliverable(header, packet):
+            if header & 0x06:
+                self.windowed += 1  # (QoS 1 or 2) paho's to acknowledge; counted all the same
             return super()._handle_publish()  # paho says what is wrong with it
-        return self._deliver(header, bytes(packet))
+        return self._deliver([(header, bytes(packet))])
 
-    def _deliver(self, header: int, packet: bytes) -> mqtt.MQTTErrorCode:
-        qos = (header & 0x06) >> 1
-        end = 2 + ((packet[0] << 8) | packet[1])
-        mid = (packet[end] << 8) | packet[end + 1] if qos else 0
-        msg = _Message(packet[2:end], packet[end + 2 * qos:], qos, mid,
-                       bool(header & 0x01), bool(header & 0x08))
-        on_message = self.on_message
-        if on_message is not None:
-            with self._in_callback_mutex:
-                try:
-                    on_message(self, self._userdata, msg)
-                except Exception as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
-                    if not self.suppress_exceptions:
-                        raise
-        return self._send_puback(mid) if qos else mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    def _deliver(self, packets: list[tuple[int, bytes]]) -> mqtt.MQTTErrorCode:
+        """Hand `packets` (PUBLISH: header byte, body) to `on_batch` or `on_message`, then
+        acknowledge the QoS 1 ones, in order (as paho: after the callback)."""
+        msgs = []
+        for header, packet in packets:
+            qos = (header & 0x06) >> 1
+            end = 2 + ((packet[0] << 8) | packet[1])
+            mid = (packet[end] << 8) | packet[end + 1] if qos else 0
+            msgs.append(_Message(packet[2:end], packet[end + 2 * qos:], qos, mid,
+                                 bool(header & 0x01), bool(header & 0x08)))
+        on_batch, on_message = self.on_batch, self.on_message
+        with self._in_callback_mutex:
+            if on_batch is not None:
+                self._callback(on_batch, msgs)
+            elif on_message is not None:
+                for msg in msgs:
+                    self._callback(on_message, msg)
+        rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        for msg in msgs:
+            if msg.qos:
+                self.windowed += 1
+                sent = self._send_puback(msg.mid)
+                if rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    rc = sent  # the first failure, if any
+        return rc
+
+    def _callback(self, fn: Callable[..., None], arg: Any) -> None:
+        try:
+            fn(self, self._userdata, arg)
+        except Exception as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+            if not self.suppress_exceptions:
+                raise
+
+    def _fill(self, bufsize: int) -> bool:
+        """One `recv` of up to `bufsize` bytes into the used-up buffer (BlockingIOError: none
+        yet); False when the connection closed."""
+        buf = super()._sock_recv(bufsize)
+        if not buf:
+            return False
+        self._rbuf, self._rpos = buf, 0
+        return True
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not self.read_ahead:
             return super()._sock_recv(bufsize)
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            buf = super()._sock_recv(max(bufsize, _READ_AHEAD))  # BlockingIOError: none yet
-            if not buf:
-                return buf  # the connection closed
-            self._rbuf, pos = buf, 0
+        if self._rpos >= len(self._rbuf) and not self._fill(max(bufsize, _READ_AHEAD)):
+            return b""  # the connection closed
+        pos = self._rpos
         self._rpos = pos + bufsize
-        return buf[pos:pos + bufsize]
+        return self._rbuf[pos:pos + bufsize]
 
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet."""
         return len(self._rbuf) - self._rpos
 
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        """Packets queued one after the other go out in one `send` (paho sends each packet
+        with its own: a batch's ten acknowledgements, or a round's ten commands, were ten
+        system calls, each also waking the broker), except those paho does something with
+        once sent (a QoS 0 PUBLISH: `on_publish`; DISCONNECT), which keep their own. Other
+        threads only append (a publish): what is queued meanwhile stays behind."""
+        out = self._out_packet
+        if self.read_ahead and len(out) > 1:
+            runs: list[list[dict[str, Any]]] = []
+            for packet in [out.popleft() for _ in range(len(out))]:
+                if runs and _plain(packet) and _plain(runs[-1][-1]):
+                    runs[-1].append(packet)
+                else:
+                    runs.append([packet])
+            for run in reversed(runs):
+                out.appendleft(run[0] if len(run) == 1 else _joined(run))
+        return super()._packet_write()
+
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0  # a new connection starts with an empty buffer
         super()._sock_close()
+
+
+def _plain(packet: dict[str, Any]) -> bool:
+    """A queued packet paho does nothing with once it is sent (`_packet_write`): not a QoS 0
+    PUBLISH (`on_publish`), not a DISCONNECT."""
+    kind = packet["command"] & 0xF0
+    return kind != mqtt.DISCONNECT and not (kind == _PUBLISH and packet["qos"] == 0)
+
+
+def _joined(run: list[dict[str, Any]]) -> dict[str, Any]:
+    """One queued packet of `run`'s bytes (what is left of each), sent as one."""
+    data = b"".join(p["packet"][p["pos"]:] for p in run)
+    return {"command": mqtt.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(data),
+            "packet": data, "info": None}
+
+
+def _whole(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """Where the body of the packet at `pos` starts and ends, if `buf` holds all of it (its
+    remaining length: 1 to 4 bytes, 7 bits each); None if it is cut short or malformed."""
+    i, length, shift = pos + 1, 0, 0
+    while True:
+        if i >= len(buf) or shift > 21:
+            return None
+        byte = buf[i]
+        i += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    return (i, i + length) if i + length <= len(buf) else None
 
 
 @dataclass
@@ -332,16 +416,17 @@ class SelectorLoop:
             self._run_ops()
             self._apply_writes()
             timeout = max(0.0, min(next_tick, self._next_connect) - time.monotonic())
-            packets = 0
+            reads = windowed = 0
             for key, mask in self._sel.select(timeout):
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError, OSError):
                         self._wake_r.recv(4096)
                     continue
-                packets += self._service(key.data, mask)
+                n, w = self._service(key.data, mask)
+                reads, windowed = reads + n, windowed + w
             self._run_ops()
-            if packets and self.batch_s > 0:  # `_wake` (a publish, `stop`) ends the wait early
-                self._pause_sel.select(self._batch_wait(packets, time.monotonic()))
+            if reads and self.batch_s > 0:  # `_wake` (a publish, `stop`) ends the wait early
+                self._pause_sel.select(self._batch_wait(windowed, time.monotonic()))
             now = time.monotonic()
             if now >= self._next_connect:
                 self._next_connect = self._connect_due(now)
@@ -351,17 +436,31 @@ class SelectorLoop:
                     self._misc(entry, now)
                 self._next_connect = min(self._next_connect, now + self.tick_s)  # re-checked
 
-    def _batch_wait(self, packets: int, now: float) -> float:
-        """How long to let the next batch gather: `batch_s`, or less on a fast stream, so that
-        about BATCH_FILL packets arrive meanwhile (from the rate of the last batch). Waiting
-        for more could stall the broker: it stops sending QoS 1 messages to a client with 20
-        unacknowledged (Mosquitto's `max_inflight_messages`), and the acknowledgements of a
-        batch go out when it is read."""
+    def _batch_wait(self, windowed: int, now: float) -> float:
+        """How long to let the next batch gather: `batch_s`, or less on a fast stream of QoS 1
+        messages, so that about BATCH_FILL of them arrive meanwhile (from their rate in the
+        last batch). Waiting for more could stall the broker: it stops sending QoS 1 messages
+        to a client with 20 unacknowledged (Mosquitto's `max_inflight_messages`), and the
+        acknowledgements of a batch go out when it is read. QoS 0 messages (device states)
+        have no such window: a batch of them alone waits the whole `batch_s`, so a burst of
+        states is read in a few reads, not ten messages a wake-up."""
         span, self._last_batch = now - self._last_batch, now
-        return min(self.batch_s, BATCH_FILL * span / packets)
+        if not windowed:
+            return self.batch_s
+        return min(self.batch_s, BATCH_FILL * span / windowed)
 
-    def _service(self, entry: _Entry, mask: int) -> int:
-        """Read and write what the socket is ready for; returns the packets read."""
+    def _service(self, entry: _Entry, mask: int) -> tuple[int, int]:
+        """Read and write what the socket is ready for; returns the packets read (paho's
+        reads) and the QoS 1 messages among them (a `ReadAheadClient` counts them; of
+        another client, every packet counts)."""
+        client = entry.client
+        before = client.windowed if isinstance(client, ReadAheadClient) else 0
+        reads = self._serve(entry, mask)
+        if isinstance(client, ReadAheadClient):
+            return reads, client.windowed - before
+        return reads, reads
+
+    def _serve(self, entry: _Entry, mask: int) -> int:
         client = entry.client
         packets = 0
         if mask & selectors.EVENT_READ:

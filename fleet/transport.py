@@ -53,6 +53,7 @@ from fleet.selector_loop import ReadAheadClient, SelectorLoop
 _LOG = logging.getLogger("edgefleet.fleet")
 _SEEN_MAX = 65536  # (device, boot, seq) keys of tracked commands' events (QoS 1 duplicates)
 _ORPHANS_MAX = 1000  # unmatched, unclaimed events kept for `orphan_events`
+_TOPICS_MAX = 65536  # parsed topics remembered (two a device)
 
 __all__ = [
     "REPO_BROKER_DIR",
@@ -97,6 +98,7 @@ class FleetController:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_batch = self._on_batch
         self.client.on_subscribe = self._on_subscribe
         self._cond = threading.Condition()
         self._states: dict[str, dict[str, Any]] = {}
@@ -108,6 +110,7 @@ class FleetController:
             collections.OrderedDict()
         self.forged = 0  # events naming a command that was for another device
         self._listeners: list[Callable[[str, str, dict[str, Any]], bool | None]] = []
+        self._topics: dict[str, tuple[str, str] | None] = {}  # topic -> (device id, kind)
         self._subscribed = threading.Event()
         self.subscribed = threading.Event()  # the broker acknowledged (retained states follow)
         self.connected = threading.Event()
@@ -284,59 +287,101 @@ class FleetController:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        parsed = self.topics.parse(msg.topic)
-        if parsed is None:
-            return
-        device, kind = parsed
-        try:
-            doc = _loads(msg.payload)
-        except ValueError:
-            if kind == "state" and not msg.payload:  # retained state cleared
-                with self._cond:
-                    self._states.pop(device, None)
-                    self._cond.notify_all()
-            return
-        if not isinstance(doc, dict) or doc.get("device_id") != device:
-            return  # the ACL stops this on a TLS broker; be as strict on a plain one
-        tracked = False
-        with self._cond:
-            self.messages += 1
-            if kind == "state":
-                if not msg.retain:  # a live report: fresh as of now (retained ones may be old)
-                    doc["_received"] = time.time()
-                self._merge_state(device, doc)
-            elif kind == "event":
-                if not isinstance(doc.get("seq", -1), int):
-                    return
-                track = self._commands.get(doc.get("command_id") or "")
-                if track is not None and track.command.device_id != device:
-                    self.forged += 1  # another device's command id: not this device's to answer
-                    _LOG.warning("dropped an event from %s for command %s (sent to %s)",
-                                 device, doc.get("command_id"), track.command.device_id)
-                    track = None
-                if track is not None:
-                    key = (device, str(doc.get("boot")), doc.get("seq", -1))
-                    if key in self._seen_events:
-                        return  # a QoS 1 duplicate
-                    self._seen_events[key] = None
-                    if len(self._seen_events) > _SEEN_MAX:
-                        self._seen_events.popitem(last=False)
-                    track.keys.append(key)
-                    track.events.append(doc)
-                    boots = list(dict.fromkeys(e.get("boot") for e in track.events))
-                    track.events.sort(key=lambda e: (boots.index(e.get("boot")),
-                                                     e.get("seq", 0)))
-                    tracked = True
-            self._cond.notify_all()
-        claimed = False
-        for fn in self._listeners:
+        self._on_batch(client, userdata, [msg])
+
+    def _on_batch(self, client: mqtt.Client, userdata: Any, msgs: list[mqtt.MQTTMessage]
+                  ) -> None:
+        """The messages of one read (`ReadAheadClient.on_batch`; one at a time through paho's
+        own handling): parsed first, then taken in under one hold of the lock, with one
+        wake-up of the waiters, then given to the listeners. A busy floor's states come in
+        bursts of a hundred and more, and the lock, the wake-up and the topic's parse were
+        per message."""
+        docs = []
+        for msg in msgs:
+            parsed = self._parse_topic(msg.topic)
+            if parsed is None:
+                continue
+            device, kind = parsed
             try:
-                claimed = bool(fn(kind, device, doc)) or claimed
-            except Exception:
-                _LOG.exception("listener failed")
-        if kind == "event" and not tracked and not claimed:
+                doc = _loads(msg.payload)
+            except ValueError:
+                if kind == "state" and not msg.payload:  # retained state cleared
+                    docs.append((device, kind, None, True))
+                continue
+            if not isinstance(doc, dict) or doc.get("device_id") != device:
+                continue  # the ACL stops this on a TLS broker; be as strict on a plain one
+            docs.append((device, kind, doc, msg.retain))
+        if not docs:
+            return
+        heard: list[tuple[str, str, dict[str, Any], bool]] = []
+        with self._cond:
+            now = time.time()
+            for device, kind, doc, retained in docs:
+                if doc is None:
+                    self._states.pop(device, None)
+                    continue
+                self.messages += 1
+                tracked: bool | None = False
+                if kind == "state":
+                    if not retained:  # a live report: fresh as of now (retained ones may be old)
+                        doc["_received"] = now
+                    self._merge_state(device, doc)
+                elif kind == "event":
+                    tracked = self._track_event(device, doc)
+                    if tracked is None:
+                        continue  # not an event, or a QoS 1 duplicate
+                heard.append((kind, device, doc, bool(tracked)))
+            self._cond.notify_all()
+        orphans = []
+        for kind, device, doc, tracked in heard:
+            claimed = False
+            for fn in self._listeners:
+                try:
+                    claimed = bool(fn(kind, device, doc)) or claimed
+                except Exception:
+                    _LOG.exception("listener failed")
+            if kind == "event" and not tracked and not claimed:
+                orphans.append(doc)
+        if orphans:
             with self._cond:
-                self._orphans.append(doc)
+                self._orphans.extend(orphans)
+
+    def _parse_topic(self, topic: str) -> tuple[str, str] | None:
+        """`Topics.parse`, remembered per topic (a device's two topics come again and again);
+        forgotten all at once past `_TOPICS_MAX` (topics no device of the fleet uses)."""
+        try:
+            return self._topics[topic]
+        except KeyError:
+            if len(self._topics) >= _TOPICS_MAX:
+                self._topics.clear()
+            parsed = self._topics[topic] = self.topics.parse(topic)
+            return parsed
+
+    def _track_event(self, device: str, doc: dict[str, Any]) -> bool | None:
+        """Keep an event of a command this controller tracks (under the lock): True if kept,
+        False if nobody tracks its command (or it is forged), None if it is no event (its
+        `seq` is no integer) or a QoS 1 duplicate."""
+        if not isinstance(doc.get("seq", -1), int):
+            return None
+        track = self._commands.get(doc.get("command_id") or "")
+        if track is not None and track.command.device_id != device:
+            self.forged += 1  # another device's command id: not this device's to answer
+            _LOG.warning("dropped an event from %s for command %s (sent to %s)",
+                         device, doc.get("command_id"), track.command.device_id)
+            track = None
+        if track is None:
+            return False
+        key = (device, str(doc.get("boot")), doc.get("seq", -1))
+        if key in self._seen_events:
+            return None  # a QoS 1 duplicate
+        self._seen_events[key] = None
+        if len(self._seen_events) > _SEEN_MAX:
+            self._seen_events.popitem(last=False)
+        track.keys.append(key)
+        track.events.append(doc)
+        boots = list(dict.fromkeys(e.get("boot") for e in track.events))
+        track.events.sort(key=lambda e: (boots.index(e.get("boot")), e.get("seq", 0)))
+        return True
 
     def _merge_state(self, device: str, doc: dict[str, Any]) -> None:
         """A will (`will: true`) from a device whose newer state we hold only flips `online`."""

@@ -256,9 +256,9 @@ def test_the_dashboards_rollout_panels_return_series_from_a_running_controller(
 def test_the_controller_loop_wakes_by_the_clock_a_tick_while_driving_else_when_work_is_due(
         tmp_path: Path):
     """The loop sleeps a tick (0.2 s) between rounds while a driver has work, in a quiet bake
-    until the driver's next measure (or the next scan or heartbeat) and, with no rollout,
-    until its next heartbeat (which brings the scan): an idle controller wakes once a second,
-    and no message wakes it (a wake-up is CPU on a small machine)."""
+    until the driver's next measure (or the next scan or heartbeat, each once a second) and,
+    with no rollout, until its next heartbeat (which brings the scan): an idle controller wakes
+    once a second, and no message wakes it (a wake-up is CPU on a small machine)."""
     from types import SimpleNamespace
 
     from fleet.controller import Controller, ControllerOptions
@@ -279,5 +279,6 @@ def test_the_controller_loop_wakes_by_the_clock_a_tick_while_driving_else_when_w
     assert loop._pause() == pytest.approx(0.2)
     loop.drivers["r1"] = SimpleNamespace(next_round=lambda t: 1000.65)  # a bake's measure
     assert loop._pause() == pytest.approx(0.35)
-    loop._last_scan = 1000.0
-    assert loop._pause() == pytest.approx(0.2)  # the scan (every 0.5 s) is due first
+    loop.drivers["r1"] = SimpleNamespace(next_round=lambda t: 1001.5)
+    loop._last_beat, loop._last_scan = 1000.8, 999.9
+    assert loop._pause() == pytest.approx(0.6)  # the scan (every second) is due first

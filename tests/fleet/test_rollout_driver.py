@@ -355,3 +355,36 @@ def test_a_driver_in_a_quiet_bake_needs_a_round_only_at_its_next_measure(tmp_pat
     driver.tick()
     assert (driver.row.state, driver.row.phase, driver.row.reason) == ("running", "deploy", None)
     assert driver.next_round(clock.now) == clock.now
+
+
+def test_a_sweep_resolves_only_the_steps_the_clock_can_change(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """A step in flight with no news from its device is resolved again only when the clock
+    can change it (here: its timeout), not at every sweep: a sweep a second used to resolve
+    every step in flight, up to `max_parallel` a second through a deploy."""
+    from fleet import decide
+
+    resolved: list[str] = []
+    real = decide.resolve_step
+    monkeypatch.setattr(decide, "resolve_step",
+                        lambda step, *a: resolved.append(step.device_id) or real(step, *a))
+    (quiet,) = planned(4, canary="1", waves=(100,))["canary"]
+    clock = Clock()
+    fleet = ScriptedFleet(4, clock, {quiet: "silent"})
+    db = StateDB(tmp_path / "rollouts.db")
+    plan = Plan(shadow=False, bake_s=0, wave_bake_s=0, step_timeout_s=30, canary="1",
+                waves=(100,))
+    rid = create(db, plan, NewRollout(BUNDLE, fleet.inventory(), "tester", "r-1"))
+    assert db.acquire(rid, "test") is None
+    driver = RolloutDriver(db, rid, fleet, owner="test", clock=clock)  # type: ignore[arg-type]
+    for _ in range(29):  # a round and a sweep a second, 29 s with its command out
+        driver.tick()
+        clock.now += 1.0
+    assert fleet.installs() == {quiet}
+    assert resolved == []
+    clock.now += 5.0  # past its timeout (its command went out in the second round)
+    driver.tick()
+    assert resolved == [quiet]
+    driver.flush()
+    step = next(s for s in db.steps(rid) if s.device_id == quiet)
+    assert (step.status, step.reason) == ("timeout", "timeout")

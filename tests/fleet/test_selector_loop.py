@@ -166,31 +166,56 @@ def test_packets_split_anywhere_between_reads_arrive_whole_once_each():
             (TOPIC.format("b"), b'{"step":"live"}', 1, False),
             (TOPIC.format("c"), b"", 1, False)]
     for cut in range(len(stream) + 1):
-        got, acks = _read(_Chunks([stream[:cut], stream[cut:]]))
-        assert got == want, cut
-        assert acks == [7, 8], cut
+        for batched in (False, True):
+            got, acks, _ = _read(_Chunks([stream[:cut], stream[cut:]]), batched)
+            assert got == want, (cut, batched)
+            assert acks == [7, 8], (cut, batched)
 
 
-def _read(sock: _Chunks) -> tuple[list[tuple[str, bytes, int, bool]], list[int]]:
-    """What a controller's client delivers (and acknowledges) of what `sock` received."""
+def test_the_publishes_whole_in_one_read_are_handed_over_in_one_batch():
+    """With `on_batch` (the controller's), every PUBLISH whole in one read is handed over in
+    one call, in order, and the QoS 1 ones are acknowledged after it; another packet (a
+    PINGRESP) ends a batch."""
+    states = [_publish_packet(TOPIC.format(f"d{i}"), b"s" * (100 + i), i % 2, mid=i)
+              for i in range(30)]
+    stream = b"".join(states[:20]) + bytes([0xD0, 0x00]) + b"".join(states[20:])
+    got, acks, batches = _read(_Chunks([stream]), batched=True)
+    assert [m[0] for m in got] == [TOPIC.format(f"d{i}") for i in range(30)]
+    assert batches == [20, 10]
+    assert acks == list(range(1, 30, 2))
+
+
+def _read(sock: _Chunks, batched: bool = False
+          ) -> tuple[list[tuple[str, bytes, int, bool]], list[int], list[int]]:
+    """What a controller's client delivers (and acknowledges) of what `sock` received, one
+    message at a time or (`batched`) through `on_batch`, whose batch sizes come third."""
     client = controller_client(MqttConfig(port=1), "t")
     got: list[tuple[str, bytes, int, bool]] = []
     acks: list[int] = []
-    client.on_message = lambda c, u, m: got.append((m.topic, m.payload, m.qos, m.retain))
+    batches: list[int] = []
+
+    def take(m: mqtt.MQTTMessage) -> None:
+        assert m.qos == 0 or m.mid not in acks  # acknowledged only once handed over
+        got.append((m.topic, m.payload, m.qos, m.retain))
+
+    client.on_message = lambda c, u, m: take(m)
+    if batched:
+        client.on_batch = lambda c, u, ms: (batches.append(len(ms)), [take(m) for m in ms])
     client._send_puback = lambda mid: acks.append(mid) or mqtt.MQTT_ERR_SUCCESS
     client._sock = sock
     client.read_ahead = True
     for _ in range(3):  # a read's worth of packets, then the next read's
         while client._packet_read() == mqtt.MQTT_ERR_SUCCESS:
             pass
-    return got, acks
+    assert client.windowed == len(acks)
+    return got, acks, batches
 
 
 def test_a_batch_wait_shortens_on_a_fast_stream_to_keep_the_brokers_window_open():
-    """After a read the loop lets the next batch gather for `batch_s`, or, on a stream fast
-    enough to bring more than BATCH_FILL packets in that time, only as long as BATCH_FILL take:
-    the broker stops at 20 unacknowledged QoS 1 messages, and a longer wait would cap the
-    stream at 20 a batch."""
+    """After a read the loop lets the next batch gather for `batch_s`, or, on a stream of QoS 1
+    messages fast enough to bring more than BATCH_FILL in that time, only as long as
+    BATCH_FILL take: the broker stops at 20 unacknowledged QoS 1 messages, and a longer wait
+    would cap the stream at 20 a batch."""
     from fleet.selector_loop import BATCH_FILL
 
     loop = SelectorLoop(batch_s=0.1)  # not started: `_batch_wait` is arithmetic on the clock
@@ -199,3 +224,48 @@ def test_a_batch_wait_shortens_on_a_fast_stream_to_keep_the_brokers_window_open(
     # 1,000 packets a second: BATCH_FILL of them take BATCH_FILL ms
     assert loop._batch_wait(50, 101.05) == pytest.approx(BATCH_FILL / 1000)
     assert BATCH_FILL < 20
+    # QoS 0 messages alone (a burst of device states) have no window to keep open
+    assert loop._batch_wait(0, 101.051) == 0.1
+
+
+class _Sink:
+    """A non-blocking socket that takes at most `room` bytes a `send`."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data[:self.room]))
+        return len(self.sent[-1])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("room", [1 << 20, 5])
+def test_queued_packets_go_out_in_one_send_except_those_paho_acts_on_once_sent(room):
+    """A batch's acknowledgements and a round's QoS 1 commands go out in one `send`; a QoS 0
+    PUBLISH (paho calls `on_publish` once it is out) keeps its own, and a socket that takes a
+    few bytes at a time still gets every byte, in order."""
+    client = controller_client(MqttConfig(port=1), "t")
+    client.read_ahead = True
+    client.on_socket_register_write = lambda *_: None  # as on a loop: it writes when told
+    client._sock = sink = _Sink(room)
+    published: list[int] = []
+    client.on_publish = lambda c, u, mid, rc, props: published.append(mid)
+    qos1 = _publish_packet("edgefleet/device/a/cmd", b"signed", 1, mid=3)
+    qos0 = _publish_packet("t", b"x", 0)
+    client._send_puback(1)
+    client._send_puback(2)
+    client._packet_queue(mqtt.PUBLISH, qos1, 3, 1, mqtt.MQTTMessageInfo(3))
+    client._packet_queue(mqtt.PUBLISH, qos0, 4, 0, mqtt.MQTTMessageInfo(4))
+    client._send_puback(5)
+    client._send_puback(6)
+    assert client.loop_write() == mqtt.MQTT_ERR_SUCCESS
+    acks = [bytes([0x40, 2, 0, mid]) for mid in (1, 2, 5, 6)]
+    assert b"".join(sink.sent) == acks[0] + acks[1] + qos1 + qos0 + acks[2] + acks[3]
+    assert published == [4]
+    if room > 100:
+        assert sink.sent == [acks[0] + acks[1] + qos1, qos0, acks[2] + acks[3]]
+    assert not client.want_write()
