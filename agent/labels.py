@@ -74,6 +74,11 @@ class LabelConfig:
     drop_dir: Path | None = None  # <drop_dir>/incoming, done, rejected
     max_pending: int = 100_000
     poll_interval_s: float = 2.0
+    # A dropped file naming a die the log does not hold yet waits this long (polled again)
+    # before its labels are joined: the agent hands its answers to the log's writer every
+    # 0.2 s, so an MES export dropped right after its dies were screened could otherwise find
+    # none of them and count every label `unknown_die`. 0: join at once.
+    unknown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,8 @@ class LabelDesk(LabelInbox):
         self._pending: deque[Label] = deque()
         self.joins: dict[tuple[int, int, int], int] = {}  # (model, predicted, actual) -> n
         self._next_poll = 0.0
+        self._plog: Any = None
+        self._waiting: dict[str, float] = {}  # dropped file -> when first seen (monotonic)
         if config.drop_dir is not None:
             for sub in ("incoming", "done", "rejected"):
                 (Path(config.drop_dir) / sub).mkdir(parents=True, exist_ok=True)
@@ -290,19 +297,26 @@ class LabelDesk(LabelInbox):
             return 0
         root = Path(self.config.drop_dir)
         handled = 0
-        for path in sorted((root / "incoming").glob("*.csv")):
-            handled += 1
+        paths = sorted((root / "incoming").glob("*.csv"))
+        for name in set(self._waiting) - {p.name for p in paths}:
+            del self._waiting[name]  # gone from incoming
+        for path in paths:
             try:
                 if path.stat().st_size > MAX_FILE_BYTES:
                     raise ValueError(f"file is larger than {MAX_FILE_BYTES} bytes")
                 labels = parse_label_csv(path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
+                handled += 1
                 self._reject(path, str(e))
                 continue
             except FileNotFoundError:
                 continue
             src = f"file:{path.name}"
             items = [Label(d, v, t, src) for d, v, t in labels]
+            if self._wait_for_dies(path.name, items):
+                continue
+            self._waiting.pop(path.name, None)
+            handled += 1
             # files are not subject to the socket queue's cap: they are already on disk
             self._join(items)
             self.ring.sync()
@@ -311,6 +325,19 @@ class LabelDesk(LabelInbox):
             fsync_dir(root / "incoming")
             log.info("labels: %s: %d labels", path.name, len(labels))
         return handled
+
+    def _wait_for_dies(self, name: str, items: list[Label]) -> bool:
+        """Whether file `name` waits for a later poll: some of its dies are not in the log
+        yet and it was first seen less than `unknown_grace_s` ago (monotonic: a clock step
+        neither holds a file forever nor skips the wait)."""
+        grace, plog = self.config.unknown_grace_s, self._plog
+        if grace <= 0 or plog is None or not items:
+            return False
+        first = self._waiting.setdefault(name, time.monotonic())
+        if time.monotonic() - first >= grace:
+            return False
+        keys = {die_key(x.die_id) for x in items}
+        return len(plog.index.lookup(list(keys))) < len(keys)
 
     def _reject(self, path: Path, reason: str) -> None:
         root = Path(self.config.drop_dir)  # type: ignore[arg-type]

@@ -21,13 +21,15 @@ MODES = ("thread", "process")
 
 @contextlib.contextmanager
 def logged_agent(model: Model, directory: Path, *, drop: Path | None = None,
-                 mode: str = "thread", **config: Any) -> Iterator[tuple[AgentServer, Any]]:
+                 mode: str = "thread", label_grace_s: float = 0.0,
+                 **config: Any) -> Iterator[tuple[AgentServer, Any]]:
     """`running_agent(model)` whose answers go to a log in `directory` (`config`: the
     PredLogConfig fields; the free-space floor is off), labels joined, drop dir polled at once.
+    A dropped file's labels join at once unless `label_grace_s` (LabelConfig.unknown_grace_s).
     Yields the server and the log: a `PredictionLog` (mode "thread") or a `WriterProcess`
     ("process")."""
     config.setdefault("min_free_bytes", 0)
-    labels = LabelConfig(drop_dir=drop, poll_interval_s=0.0)
+    labels = LabelConfig(drop_dir=drop, poll_interval_s=0.0, unknown_grace_s=label_grace_s)
     with running_agent(model) as server:
         if mode == "process":
             plog: Any = WriterProcess(PredLogConfig(directory=directory, **config),
