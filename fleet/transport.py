@@ -27,6 +27,7 @@ fleet/selector_loop.py; both are re-exported here for older imports.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import threading
@@ -110,7 +111,8 @@ class FleetController:
             collections.OrderedDict()
         self.forged = 0  # events naming a command that was for another device
         self._listeners: list[Callable[[str, str, dict[str, Any]], bool | None]] = []
-        self._topics: dict[str, tuple[str, str] | None] = {}  # topic -> (device id, kind)
+        # `Topics.parse` remembered per topic: a device's two topics come again and again
+        self._parse_topic = functools.lru_cache(maxsize=_TOPICS_MAX)(self.topics.parse)
         self._subscribed = threading.Event()
         self.subscribed = threading.Event()  # the broker acknowledged (retained states follow)
         self.connected = threading.Event()
@@ -345,17 +347,6 @@ class FleetController:
         if orphans:
             with self._cond:
                 self._orphans.extend(orphans)
-
-    def _parse_topic(self, topic: str) -> tuple[str, str] | None:
-        """`Topics.parse`, remembered per topic (a device's two topics come again and again);
-        forgotten all at once past `_TOPICS_MAX` (topics no device of the fleet uses)."""
-        try:
-            return self._topics[topic]
-        except KeyError:
-            if len(self._topics) >= _TOPICS_MAX:
-                self._topics.clear()
-            parsed = self._topics[topic] = self.topics.parse(topic)
-            return parsed
 
     def _track_event(self, device: str, doc: dict[str, Any]) -> bool | None:
         """Keep an event of a command this controller tracks (under the lock): True if kept,
