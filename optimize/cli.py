@@ -202,11 +202,12 @@ def build(
     report.json, plots and the ONNX models next to it. Progress goes to
     stderr, the summary table to stdout.
 
-    Gates: the build is refused (exit 1, report written, no bundle) when the
-    model does not beat the best unsupervised baseline on test ROC AUC, when
-    test false-fail is above 2x the target, when the test part drifts beyond
-    the alert threshold, or when the fallback rules fail above 5x the target
-    of test passes; --accept-risk "why" signs it anyway and records why.
+    Gates: the build is refused (exit 1, report and unsigned models written,
+    no bundle) when the model does not beat the best unsupervised baseline on
+    test ROC AUC, when test false-fail is above 2x the target, when the test
+    part drifts beyond the alert threshold, or when the fallback rules fail
+    above 5x the target of test passes; --accept-risk "why" signs it anyway
+    and records why.
 
     Examples:
 

@@ -383,9 +383,18 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
                        "seconds_until_report": round(time.perf_counter() - t_start, 1),
                        "cpu_seconds_until_report": round(time.process_time() - cpu_start, 1),
                        "config": dataclasses.asdict(cfg)}
+    def write_models(staging: Path) -> list[Path]:
+        (staging / "models").mkdir()
+        for name in ("fp32", "pruned_fp32", "pruned_int8"):
+            (staging / "models" / f"{name}.onnx").write_bytes(scored[name].model or b"")
+        return sorted((staging / "models").iterdir())
+
     if not report["gates"]["signed"]:
         report["build"]["version"] = f"{version} (refused, not signed)"
-        _publish(out_dir, lambda staging: (write_report(staging, report, split, scored), None),
+        # The models too (unsigned ONNX: the agent loads only signed bundles): what an engineer
+        # needs to replay a refused model's scores without building it again with --accept-risk
+        _publish(out_dir, lambda staging: ([*write_models(staging),
+                                            *write_report(staging, report, split, scored)], None),
                  bundle=False)
         raise BuildRefused(
             f"{data_path}: build refused, not signed: " + "; ".join(reasons),
@@ -393,9 +402,7 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
                  'with --accept-risk "why"')
 
     def write(staging: Path) -> tuple[list[Path], Manifest]:
-        (staging / "models").mkdir()
-        for name in ("fp32", "pruned_fp32", "pruned_int8"):
-            (staging / "models" / f"{name}.onnx").write_bytes(scored[name].model or b"")
+        models = write_models(staging)
         files = write_report(staging, report, split, scored)
         manifest = package(
             staging / BUNDLE_NAME,
@@ -416,7 +423,7 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
             key=key,
             valid_days=cfg.package.valid_days,
         )
-        return [*sorted((staging / "models").iterdir()), *files], manifest
+        return [*models, *files], manifest
 
     manifest = _publish(out_dir, write)
     seconds = time.perf_counter() - t_start

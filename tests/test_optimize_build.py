@@ -273,6 +273,10 @@ def test_a_build_that_fails_a_gate_is_refused_with_reasons_unless_the_risk_is_ac
     assert any("test false-fail" in r for r in report["gates"]["reasons"])
     assert "REFUSED, not signed" in (out / "report.md").read_text()
     assert not (out / "model.efb").exists() and not list(out.glob(".build-*"))
+    # the unsigned models are there to replay the refused model's scores
+    assert {m.name for m in (out / "models").iterdir()} == {
+        "fp32.onnx", "pruned_fp32.onnx", "pruned_int8.onnx"}
+    assert all(m.stat().st_size > 0 for m in (out / "models").iterdir())
     # -o json: the same refusal on stderr, and stdout says what was (not) written
     code, stdout, err = _cli([*args, "-o", "json"], capsys)
     assert code == 1 and "build refused, not signed: " in err
