@@ -65,11 +65,9 @@ class Dispatcher:
         self.shadow: Any = None
         # agent.labels.LabelInbox, when the prediction log runs: the `label` op's receiver
         self.labels: Any = None
-        # (answer, input row, result row) of the last single-row JSON answer, the result row
-        # as `Predictor.score_one` gave it (die id, decision, source, ..., score, threshold,
-        # confidence, top indices, top contributions): the log's tap packs its fields and
-        # copies the parsed input row from here rather than copying the answer's text and
-        # the request line for the writer to parse (agent/predlog_tap.py, JSON_REC)
+        # (answer, row, decision) of the last single-row JSON answer: the log's tap reads the
+        # decision and copies the parsed row from here rather than searching the answer's text
+        # and copying the request line (agent/predlog_tap.py, JSON_ROW)
         self.parsed: tuple[bytes | None, np.ndarray | None, Any] = (None, None, 0)
         # With `note_batches` (set when the log runs: agent/predlog.py plug_in), a JSON
         # batch's too: (answer, the rows it scored, their decisions); the tap copies the
@@ -245,7 +243,7 @@ class Dispatcher:
         if sh is not None and sh.active and row[2] == Source.MODEL:
             sh.offer_one(x, row[6], p.manifest)
         answer = (self._row_text(p, row, rid, latency) + "\n").encode("utf-8")
-        self.parsed = (answer, x, row)  # for the prediction log's tap
+        self.parsed = (answer, x, row[1])  # for the prediction log's tap
         return answer
 
     def _json_batch(self, p: Predictor, items: list, t0: float, numeric: bool) -> bytes:

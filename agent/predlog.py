@@ -22,12 +22,10 @@ and labels".
   (`edgefleet_predlog_dropped_total{reason="queue_full"}`).
 - A pass (`flush`) works in chunks of up to `_CHUNK_MESSAGES` messages: a chunk of binary
   answers is one join of their result records and a handful of numpy operations (decode, die
-  keys, per-model counts, index rows), then one block record and one `os.write`; so is a chunk
-  of single JSON answers the tap packed (JSON_REC: read as a structured array, `_rec_part`);
-  other JSON answers are parsed by orjson, 128 at a time, and read column by column (a sampled
-  row comes as the dispatcher parsed it - a JSON batch's too, JSON_ROWS - or, for a batch the
-  dispatcher did not note, from its own `params` list in the line when that is sound,
-  `_batch_rows`). It
+  keys, per-model counts, index rows), then one block record and one `os.write`; JSON answers
+  are parsed by orjson, 128 at a time, and read column by column (a sampled row comes as the
+  dispatcher parsed it - a JSON batch's too, JSON_ROWS - or, for a batch the dispatcher did
+  not note, from its own `params` list in the line when that is sound, `_batch_rows`). It
   fsyncs every `fsync_interval_s`, joins pending labels (agent/labels.py) and keeps the
   per-model proxy counts (`snapshot`, rendered by agent/predlog_metrics.py). A full disk drops
   and counts (`reason="disk_full"`).
@@ -70,13 +68,11 @@ from agent.predlog_tap import (
     BINARY_ONE,
     JSON_BATCH,
     JSON_ONE,
-    JSON_REC,
     JSON_ROW,
     JSON_ROWS,
     LABELS,
     MODEL,
     MSG,
-    REC,
     U32,
     Tap,
 )
@@ -99,13 +95,10 @@ _JSON_RUN = 128  # JSON answers parsed at once (more live objects at once make t
 _TRIM_BYTES = 1 << 20  # a pass that drained this much has the agent's trimmer give it back
 # What a queued message is (the writer decodes each kind its own way)
 _BINARY_ONE, _BINARY_BATCH, _JSON_ONE, _JSON_BATCH = BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH
-_JSON_ROW, _JSON_ROWS, _JSON_REC = JSON_ROW, JSON_ROWS, JSON_REC
-_LAST_ANSWER_KIND = max(BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW, JSON_ROWS,
-                        JSON_REC)
+_JSON_ROW, _JSON_ROWS = JSON_ROW, JSON_ROWS
 _JSON_BATCHES = (JSON_BATCH, JSON_ROWS)
 FORMAT = "2"  # the log directory's format (agent/predformat.py); `format` file in it
 _F4 = np.dtype("<f4")
-_I4 = np.dtype("<i4")
 _U4 = np.dtype("<u4")
 _FAIL = int(Decision.FAIL)
 _ERROR = int(Decision.ERROR)
@@ -149,7 +142,7 @@ def _extra(kind: int, raw: bytes) -> Any:
     """A queued answer's extra from its tap message's (agent/predlog_tap.py): the sampled row's
     bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH; JSON_ROWS: places among the
     batch's decisions), the request line (JSON_ONE), (the line, the draw) (JSON_BATCH)."""
-    if kind in (_BINARY_ONE, _JSON_ONE, _JSON_ROW, _JSON_REC):
+    if kind in (_BINARY_ONE, _JSON_ONE, _JSON_ROW):
         return bytes(raw)
     (n,) = U32.unpack_from(raw)
     if kind in (_BINARY_BATCH, _JSON_ROWS):
@@ -345,7 +338,7 @@ class PredictionLog:
             self._feed(data, on_control)
 
     def _feed(self, data: bytes | bytearray, on_control: Any) -> None:
-        # ~0.75 us a message, ~40% of the writer's cost of an answer: slices of `data`
+        # ~1 us a message, most of the writer's cost of a binary answer: slices of `data`
         # (bytes, as the pipe gives them) are the answers, one copy each; the counters and
         # the last token's model stay in locals
         data = self._rest + data if self._rest else bytes(data)
@@ -363,7 +356,7 @@ class PredictionLog:
                 if stop > end:
                     break
                 pos = stop
-                if kind <= _LAST_ANSWER_KIND:
+                if kind <= _JSON_ROWS:
                     size = alen + elen
                     if len(q) >= cap or in_bytes - self._out_bytes >= cap_bytes:
                         dropped += 1
@@ -478,31 +471,23 @@ class PredictionLog:
             widths = {item[2][16:20] for item in chunk}  # answers of one model: one width
             if len(widths) == 1:
                 return [self._binary_part(chunk, int.from_bytes(widths.pop(), "little"))]
-        elif kinds.count(_JSON_REC) == len(kinds):  # the usual JSON chunk: one part
-            return [self._rec_part(chunk)]
         parts: list[_Part] = []
         run: list[tuple] = []
         run_key, run_rows = None, 0
         for item in chunk:
-            kind = item[4]
-            key = (int.from_bytes(item[2][16:20], "little") if kind <= _BINARY_BATCH
-                   else -2 if kind == _JSON_REC else -1)
-            if run and (key != run_key or (key == -1 and run_rows + item[5] > _JSON_RUN)):
-                parts.append(self._part(run, run_key))
+            key = (int.from_bytes(item[2][16:20], "little") if item[4] <= _BINARY_BATCH
+                   else -1)
+            if run and (key != run_key or (key < 0 and run_rows + item[5] > _JSON_RUN)):
+                parts.append(self._binary_part(run, run_key) if run_key >= 0
+                             else self._json_part(run))
                 run, run_rows = [], 0
             run_key = key
             run.append(item)
             run_rows += item[5]
         if run:
-            parts.append(self._part(run, run_key))
+            parts.append(self._binary_part(run, run_key) if run_key >= 0
+                         else self._json_part(run))
         return parts
-
-    def _part(self, run: list[tuple], key: int) -> _Part:
-        """A run's part: binary answers of top-k width `key`, JSON records (-2) or JSON text
-        (-1)."""
-        if key >= 0:
-            return self._binary_part(run, key)
-        return self._rec_part(run) if key == -2 else self._json_part(run)
 
     @staticmethod
     def _model_indices(items: list[tuple]) -> list[int] | int:
@@ -555,62 +540,6 @@ class PredictionLog:
             out, rec = out[keep], rec[keep]
         fail = rec["decision"] == _FAIL
         return _Part(out, rec["top_index"][fail], rec["top_contribution"][fail], [], None, caps)
-
-    def _rec_part(self, items: list[tuple]) -> _Part:
-        """JSON answers as the tap packed them from the dispatcher's result rows (JSON_REC):
-        read as a structured array, as binary answers are, not parsed (~1.5 us of the
-        writer's CPU per answer less). The rows are the ones the answers' text gives
-        (`_json_part`; tests/test_predlog_rec.py): score, threshold and contributions are the
-        float32 values the text spells (shortest float32 decimals: they read back the same),
-        a non-finite score NaN and threshold 0 (the text's null), a fallback's threshold 0,
-        the confidence rounded to 6 decimals as the text rounds it, a die id cut to 255
-        bytes, a fail's top entries without the -1 padding the text leaves out."""
-        times, _ps, answers, extras, _kinds, _counts, _ = zip(*items, strict=True)
-        n, size = len(answers), REC.itemsize
-        lengths = list(map(len, answers))
-        if lengths.count(size) == n:  # numeric ids and passes only: fixed size
-            rec = np.frombuffer(b"".join(answers), REC)
-        else:
-            rec = np.frombuffer(b"".join([a[:size] for a in answers]), REC)
-        dlen, top = rec["die_len"], rec["top"]
-        out = np.empty(n, ROW)
-        out["time"] = times
-        out["model"] = self._model_indices(items)
-        out["die_num"] = rec["die_num"]
-        out["die_len"] = dlen
-        score = rec["score"]
-        out["score"] = np.where(np.isfinite(score), score, np.nan)
-        model = rec["source"] == _MODEL
-        threshold = rec["threshold"].astype(_F4)
-        out["threshold"] = np.where(model & np.isfinite(threshold), threshold, 0.0)
-        out["confidence"] = _round6(rec["confidence"])
-        out["decision"] = rec["decision"]
-        out["source"] = np.where(model, _MODEL, _FALLBACK)
-        text: list[bytes] = []
-        ids = None
-        texts = np.flatnonzero(dlen != NUMERIC_ID).tolist()
-        if texts:
-            lens = dlen.tolist()
-            text = [answers[i][size:size + lens[i]] for i in texts]
-            ids = list(map(str, rec["die_num"].tolist())) if len(texts) < n else [""] * n
-            for i, raw in zip(texts, text, strict=True):
-                ids[i] = raw.decode("utf-8", "replace")
-        fails = np.flatnonzero(rec["decision"] == _FAIL).tolist()
-        tops = []
-        for i in fails:  # each fail's entries with an index, in order, as its text lists them
-            k, at = int(top[i]), size + (0 if dlen[i] == NUMERIC_ID else int(dlen[i]))
-            index = np.frombuffer(answers[i], _I4, k, at)
-            contribution = np.frombuffer(answers[i], _F4, k, at + 4 * k)
-            valid = index >= 0
-            tops.append((index[valid], contribution[valid]))
-        k = max((len(t[0]) for t in tops), default=0)
-        top_i = np.full((len(tops), k), -1, np.int32)
-        top_c = np.zeros((len(tops), k), np.float32)
-        for r, (index, contribution) in enumerate(tops):
-            top_i[r, :len(index)] = index
-            top_c[r, :len(index)] = contribution
-        caps = [(i, e) for i, e in enumerate(extras) if e is not None]
-        return _Part(out, top_i, top_c, text, ids, caps)
 
     def _json_part(self, items: list[tuple]) -> _Part:
         answers = [it[2] for it in items]
@@ -855,20 +784,6 @@ def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]
             text.append(raw)
             ids.append(raw.decode("utf-8", "replace") if len(die) > 63 else die)
     return nums, lens, text, ids
-
-
-def _round6(values: np.ndarray) -> np.ndarray:
-    """`round(v, 6)` of each float64 value, as Python rounds (the answer's text spells the
-    confidence so), at numpy's speed: numpy rounds `v * 1e6` to an integer and divides, the
-    same value unless that product is within a hair of a half (its own rounding then may tip
-    it, and the digits decide: Python's round, for those few) or too big to tell."""
-    scaled = values * 1e6
-    out = np.rint(scaled) / 1e6
-    with np.errstate(invalid="ignore"):  # inf - inf: NaN, risky (so is NaN)
-        risky = ~(np.abs(scaled - np.floor(scaled) - 0.5) > 1e-6) | ~(np.abs(scaled) < 1e12)
-    for i in np.flatnonzero(risky).tolist():
-        out[i] = round(float(values[i]), 6)
-    return out
 
 
 def _batch_rows(line: bytes, count: int, wanted: list[int]) -> dict[int, np.ndarray | None]:

@@ -9,10 +9,9 @@ Why a byte stream: the writer (agent/predlog.py) runs in its own process (agent/
 so that its work - decoding answers, JSON parsing, numpy, checksums, file writes - never holds
 the serving process's GIL (a writer thread in the serving process held it ~0.5 ms every pass,
 which a request arriving then waited for: issues 15 and 17). What stays here is `record`: read
-the answer's header (binary) or the result row the dispatcher noted (JSON), draw the capture
-sample, copy the answer - or, for a JSON answer, its row's fields packed (JSON_REC) - and the
-sampled input row into one bytearray under a lock that `take` holds only to swap the buffer:
-~1 us of the serving thread per answer, nothing else. Bounded:
+the answer's header (binary) or the decision the dispatcher noted (JSON), draw the capture
+sample, copy the answer (and the sampled input row) into one bytearray under a lock that `take`
+holds only to swap the buffer: ~1 us of the serving thread per answer, nothing else. Bounded:
 past `queue_size` messages or `queue_bytes` bytes waiting (here and not yet handed over,
 `backlog`), an answer is dropped and counted, never waited on.
 
@@ -21,20 +20,10 @@ then the extra:
     BINARY_ONE    the sampled row's float32 bytes as the frame carried them (none: not sampled)
     BINARY_BATCH  u32 count, count u32 row indices, count rows of float32 (none: none sampled)
     JSON_ONE      the request line (none: not sampled)
-    JSON_REC      (the answer: not its text but the result row the dispatcher noted,
-                  `Dispatcher.parsed`, packed: REC, then the die id's UTF-8 text, cut at 255
-                  bytes, then a fail's k top indices (i4) and k contributions (f4), -1
-                  padding included) the sampled row, float32, as JSON_ROW's. The writer reads
-                  a run of them with numpy instead of parsing ~300 bytes of JSON each with
-                  orjson: 2.8 instead of 4.4 us of its CPU per answer; the tap's packing costs
-                  the serving thread ~0.2 us more than copying the text (figures:
-                  docs/operations.md). A die id that is not a string, null or an integer in
-                  0..2**64-1 (true, a fraction, a negative number) takes JSON_ROW / JSON_ONE.
     JSON_ROW      a JSON request's row as the dispatcher parsed it, float32 (`Dispatcher.parsed`:
                   no second parse of a 5 kB line in the writer, ~70 us, and 2 kB instead of 5
-                  piped), for an answer JSON_REC does not take; JSON_ONE when the note is not
-                  this answer's (another thread's answer, or no dispatcher plugged in: then the
-                  decision is read from the answer's text)
+                  piped); JSON_ONE when that is not this answer's (another thread's answer, or
+                  no dispatcher plugged in: then the decision is read from the answer's text)
     JSON_BATCH    u32 line length, the line, one byte per answer with a decision (the draw)
     JSON_ROWS     a JSON batch's sampled rows as the dispatcher parsed them (`Dispatcher.parsed`
                   for a batch: answer, rows, decisions): u32 count, count u32 places among the
@@ -62,7 +51,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.predformat import MAX_ID_BYTES, NUMERIC_ID
 from agent.predlog_models import describe
 from agent.protocol import HEADER, MAGIC_BYTE, RESULT_BLOCK, Decision, FrameType, record_dtype
 
@@ -70,17 +58,6 @@ MSG = struct.Struct("<BIIdII")  # kind, rows, model token, time, answer length, 
 _PACK = MSG.pack
 U32 = struct.Struct("<I")
 BINARY_ONE, BINARY_BATCH, JSON_ONE, JSON_BATCH, JSON_ROW, JSON_ROWS = 1, 2, 3, 4, 5, 6  # answers
-JSON_REC = 7  # an answer too
-# JSON_REC's record: decision, source, die id length (NUMERIC_ID: the number in die_num), top
-# entries (fails), score, threshold, confidence, die_num; then the die id's text and the tops
-_REC_FIELDS = "BBHHfddQ"
-_PACK_REC = struct.Struct(MSG.format + _REC_FIELDS).pack  # MSG, then the record
-_REC_SIZE = struct.calcsize("<" + _REC_FIELDS)
-REC = np.dtype([("decision", "u1"), ("source", "u1"), ("die_len", "<u2"), ("top", "<u2"),
-                ("score", "<f4"), ("threshold", "<f8"), ("confidence", "<f8"),
-                ("die_num", "<u8")])
-_U64 = 1 << 64
-_TOPS: dict[int, Any] = {}  # k -> the Struct of k top indices (i4) then k contributions (f4)
 MODEL, LABELS, FLUSH, SNAPSHOT = 8, 9, 10, 11  # the rest
 _FAIL_TEXT = b'"decision":"fail"'
 _DECISION_TEXT = b'"decision"'
@@ -99,16 +76,8 @@ _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
 # also raise glibc's mmap threshold, and later ones would stay in the heap)
 WAKE_BYTES = 1 << 20
 
-__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_REC",
-           "JSON_ROW", "JSON_ROWS", "LABELS", "MODEL", "MSG", "REC", "SNAPSHOT", "Tap", "draws",
-           "labels_message"]
-
-
-def _tops(k: int) -> Any:
-    s = _TOPS.get(k)
-    if s is None:
-        s = _TOPS[k] = struct.Struct(f"<{k}i{k}f")
-    return s
+__all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW",
+           "JSON_ROWS", "LABELS", "MODEL", "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
 
 
 def draws(rows: int, rate: float) -> np.ndarray:
@@ -161,10 +130,10 @@ class Tap:
         blocks (but for the lock `take` holds for a swap).
 
         The usual answer (one row, a pass, not drawn) takes the short path: its header read
-        in place and a head and the answer appended (binary, ~0.9 us warm), or the result row
-        the dispatcher noted packed with the head in one call and the die id appended (JSON,
-        `Dispatcher.parsed`: no search of the answer's text, ~1.1 us warm; figures in
-        docs/operations.md)."""
+        in place (binary) or its decision from the dispatcher (JSON, `Dispatcher.parsed`: no
+        search of the answer's text), then a header and the answer appended; ~0.9 us warm
+        for either encoding (was 1.6 us for JSON: two substring searches of its ~300 bytes
+        and a `with` block; figures in docs/operations.md)."""
         if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
             self.dropped += 1
             return
@@ -187,54 +156,12 @@ class Tap:
             elif a0 == 0x7B:  # "{": one JSON answer
                 kind = JSON_ONE
                 parsed = self.dispatch.parsed
-                if parsed[0] is answer:  # the dispatcher's: its result row, the row it parsed
-                    row = parsed[2]
-                    decision = row[1]
+                if parsed[0] is answer:  # the dispatcher's: its decision, the row it parsed
+                    decision = parsed[2]
                     if decision > _FAIL:  # refused: not a decision, not logged
                         return
-                    die = row[0]
-                    if type(die) is str:  # the usual die id
-                        text, num = die.encode(), 0
-                        dlen = len(text)
-                        if dlen > MAX_ID_BYTES:
-                            text, dlen = text[:MAX_ID_BYTES], MAX_ID_BYTES
-                    elif die is None:
-                        text, num, dlen = b"", 0, 0
-                    elif type(die) is int and 0 <= die < _U64:
-                        text, num, dlen = b"", die, NUMERIC_ID
-                    else:  # true/false, a fraction, a negative or huge integer: its text
-                        if (self._fails and decision == _FAIL) or self._random() < self._rate:
-                            kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
-                        text = None
-                    if text is not None:  # JSON_REC: the row's fields, packed with the head
-                        k = 0
-                        if decision == _FAIL:
-                            k = len(row[9])
-                            text += _tops(k).pack(*row[9], *row[10])
-                            if self._fails:
-                                extra = parsed[1].astype(_F4, copy=False).tobytes()
-                        if not extra and self._random() < self._rate:
-                            extra = parsed[1].astype(_F4, copy=False).tobytes()
-                        p, t = self._active(), self._clock()
-                        self._acquire()
-                        try:
-                            if p is not self._last_p:
-                                self._new_model(p)
-                            out = self._out
-                            out += _PACK_REC(JSON_REC, 1, self._token, t, _REC_SIZE + len(text),
-                                             len(extra), decision, row[2], dlen, k, row[6],
-                                             row[7], row[8], num)
-                            out += text
-                            if extra:
-                                out += extra
-                                if (len(out) > WAKE_BYTES and not self._woken
-                                        and self.wake is not None):
-                                    self._woken = True
-                                    self.wake()
-                            self._n += 1
-                        finally:
-                            self._release()
-                        return
+                    if (self._fails and decision == _FAIL) or self._random() < self._rate:
+                        kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
                 elif _DECISION_TEXT not in answer:  # not a decision (health, info, an error)
                     return
                 elif (self._fails and _FAIL_TEXT in answer) or self._random() < self._rate:
