@@ -64,3 +64,35 @@ def test_a_stream_read_in_pieces_is_logged_as_read_at_once(stream, tmp_path, ste
     assert left == 0
     cut = [stream[i:i + step] for i in range(0, len(stream), step)]
     assert _log(tmp_path / "cut", cut) == (whole, 0)
+
+
+def _json_log(directory: Path, answers: list[bytes]) -> list[dict]:
+    from agent.predlog import read_predictions
+    from agent.predlog_tap import JSON_ONE, MSG
+
+    plog = PredictionLog(PredLogConfig(directory=directory, min_free_bytes=0))
+    plog.feed(b"".join(MSG.pack(JSON_ONE, 1, 0, 1000.0 + i, len(a), 0) + a
+                       for i, a in enumerate(answers)))
+    plog.flush()
+    plog.stop()
+    return [p for _, p in read_predictions(directory / "predictions", 0)[1]]
+
+
+def test_json_answers_read_alike_whole_or_with_fields_missing(tmp_path):
+    """A run of whole answers is read field by field at once; a run with an answer missing a
+    field (or one without a decision, which is not logged) is read answer by answer, a missing
+    threshold or confidence as 0, a missing source as the fallback's: the whole answers are
+    logged the same either way."""
+    whole = [b'{"id":1,"die_id":"D1","decision":"pass","score":0.5,"threshold":1.25,'
+             b'"confidence":0.125,"source":"model","top":[]}',
+             b'{"id":2,"die_id":7,"decision":"fail","score":3.5,"threshold":1.25,'
+             b'"confidence":0.75,"source":"fallback","top":[{"index":2,"contribution":1.5}]}']
+    odd = [b'{"id":3,"decision":"fail","score":null}', b'{"id":4,"ok":true}']
+    fast = _json_log(tmp_path / "whole", whole)
+    slow = _json_log(tmp_path / "odd", whole + odd)
+    assert len(fast) == 2 and slow[:2] == fast
+    assert [(p["die_id"], p["decision"], p["source"], p["threshold"], p["confidence"])
+            for p in slow] == [("D1", "pass", "model", 1.25, 0.125),
+                               ("7", "fail", "fallback", 1.25, 0.75),
+                               ("", "fail", "fallback", 0.0, 0.0)]
+    assert np.isnan(slow[2]["score"]) and slow[1]["top"][0]["index"] == 2
