@@ -40,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from agent.fsio import atomic_write
 from agent.predformat import (
     CAPTURE_FAIL,
     CAPTURE_SAMPLE,
+    MAX_ID_BYTES,
     NUMERIC_ID,
     ROW,
     Block,
@@ -105,7 +107,10 @@ _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
 _FALLBACK = int(Source.FALLBACK)
 _U64 = 1 << 64
-_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"  # what a list of numbers and nulls is made of
+_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"
+# What the writer reads of a JSON answer (agent/dispatch.py writes every one of them)
+_FIELD_NAMES = ("decision", "die_id", "score", "threshold", "confidence", "source")
+_ANSWER_FIELDS = itemgetter(*_FIELD_NAMES)  # what a list of numbers and nulls is made of
 
 __all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
            "encode_capture", "iter_predictions", "read_predictions"]
@@ -138,7 +143,7 @@ class PredLogConfig:
                           min_free_bytes=self.min_free_bytes)
 
 
-def _extra(kind: int, raw: memoryview) -> Any:
+def _extra(kind: int, raw: bytes) -> Any:
     """A queued answer's extra from its tap message's (agent/predlog_tap.py): the sampled row's
     bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH; JSON_ROWS: places among the
     batch's decisions), the request line (JSON_ONE), (the line, the draw) (JSON_BATCH)."""
@@ -338,36 +343,46 @@ class PredictionLog:
             self._feed(data, on_control)
 
     def _feed(self, data: bytes | bytearray, on_control: Any) -> None:
-        if self._rest:
-            data = self._rest + bytes(data)
-        view = memoryview(data)
+        # ~0.75 us a message, half the writer's cost of a binary answer: slices of `data`
+        # (bytes, as the pipe gives them) are the answers, one copy each; the counters and
+        # the last token's model stay in locals
+        data = self._rest + data if self._rest else bytes(data)
         pos, end, head = 0, len(data), MSG.size
         q, unpack, tokens = self._queue, MSG.unpack_from, self._tokens
+        append = q.append
         cap, cap_bytes, dropped = self.config.queue_size, self.config.queue_bytes, 0
-        while end - pos >= head:
-            kind, rows, token, t, alen, elen = unpack(view, pos)
-            stop = pos + head + alen + elen
-            if stop > end:
-                break
-            a0 = pos + head
-            pos = stop
-            if kind <= _JSON_ROWS:
-                size = alen + elen
-                if len(q) >= cap or self._in_bytes - self._out_bytes >= cap_bytes:
-                    dropped += 1
-                    continue
-                q.append((t, tokens.get(token, NO_MODEL), bytes(view[a0:a0 + alen]),
-                          _extra(kind, view[a0 + alen:stop]) if elen else None, kind, rows,
-                          size))
-                self._in_bytes += size
-            elif kind == MODEL:
-                tokens[token] = self.models.index_of(orjson.loads(view[a0:stop]))
-            elif kind == LABELS:
-                if self.labels is not None:
-                    self._offer_labels(orjson.loads(view[a0:stop]))
-            elif on_control is not None:
-                on_control(kind, token)
-        self._rest = bytes(view[pos:]) if pos < end else b""
+        in_bytes = self._in_bytes
+        last_token, model = None, NO_MODEL
+        try:
+            while end - pos >= head:
+                kind, rows, token, t, alen, elen = unpack(data, pos)
+                a0 = pos + head
+                stop = a0 + alen + elen
+                if stop > end:
+                    break
+                pos = stop
+                if kind <= _JSON_ROWS:
+                    size = alen + elen
+                    if len(q) >= cap or in_bytes - self._out_bytes >= cap_bytes:
+                        dropped += 1
+                        continue
+                    if token != last_token:
+                        last_token, model = token, tokens.get(token, NO_MODEL)
+                    a1 = a0 + alen
+                    append((t, model, data[a0:a1], _extra(kind, data[a1:stop]) if elen else None,
+                            kind, rows, size))
+                    in_bytes += size
+                elif kind == MODEL:
+                    tokens[token] = self.models.index_of(orjson.loads(data[a0:stop]))
+                    last_token = None
+                elif kind == LABELS:
+                    if self.labels is not None:
+                        self._offer_labels(orjson.loads(data[a0:stop]))
+                elif on_control is not None:
+                    on_control(kind, token)
+        finally:
+            self._in_bytes = in_bytes
+        self._rest = data[pos:] if pos < end else b""
         if dropped:
             with self._lock:
                 self.dropped["queue_full"] += dropped
@@ -540,6 +555,15 @@ class PredictionLog:
         indices = self._model_indices(items)
         if isinstance(indices, int):
             indices = [indices] * len(items)
+        try:  # the usual run: single answers, each a whole answer object (every field in it)
+            columns = list(zip(*map(_ANSWER_FIELDS, docs), strict=True))
+        except (TypeError, KeyError):  # a batch, or an answer without a decision
+            columns = None
+        if columns is not None and not any(item[4] in _JSON_BATCHES for item in items):
+            sampled = [(i, item[3], -1 if item[4] == _JSON_ROW else None, 0)
+                       for i, item in enumerate(items) if item[3] is not None]
+            return self._json_rows(docs, columns, [item[0] for item in items], indices,
+                                   sampled)
         # the answers (dicts with a decision), flat, with their message's time and model; the
         # sampled ones as (place in `flat`, request line, place in a batch or None, and the
         # batch's size when each of its requests was answered with a decision, else 0; the
@@ -559,8 +583,17 @@ class PredictionLog:
                     models.append(model)
             elif isinstance(doc, list):
                 self._json_batch_answers(item, doc, model, flat, times, models, sampled)
-        fail = [a["decision"] == "fail" for a in flat]
-        dies = [a.get("die_id") for a in flat]
+        columns = [[a.get(f) for a in flat] for f in _FIELD_NAMES] if flat else [()] * 6
+        return self._json_rows(flat, columns, times, models, sampled)
+
+    def _json_rows(self, flat: list[dict], columns: list, times: list[float],
+                   models: list[int], sampled: list[tuple[int, bytes, int | None, int]]
+                   ) -> _Part:
+        """The part of JSON answers `flat` (dicts with a decision), their `_FIELD_NAMES`
+        `columns` (None where absent), each one's time and model, and the sampled ones (see
+        `_json_part`)."""
+        decisions, dies, scores, thresholds, confidences, sources = columns
+        fail = [d == "fail" for d in decisions]
         if all(type(d) is int and 0 <= d < _U64 for d in dies):  # no text id
             nums, lens, text, ids = dies, NUMERIC_ID, [], None
         else:
@@ -569,12 +602,13 @@ class PredictionLog:
         out["time"] = times
         out["die_num"] = nums
         out["model"] = models
-        out["score"] = [a.get("score") for a in flat]  # None: NaN
-        out["threshold"] = [a.get("threshold") or 0.0 for a in flat]
-        out["confidence"] = [a.get("confidence") or 0.0 for a in flat]
+        out["score"] = scores  # None: NaN
+        out["threshold"] = [t or 0.0 for t in thresholds] if None in thresholds else thresholds
+        out["confidence"] = ([c or 0.0 for c in confidences] if None in confidences
+                             else confidences)
         out["die_len"] = lens
         out["decision"] = fail  # pass 0, fail 1
-        out["source"] = [_MODEL if a.get("source") == "model" else _FALLBACK for a in flat]
+        out["source"] = [_MODEL if s == "model" else _FALLBACK for s in sources]
         tops = [a.get("top") or [] for a, f in zip(flat, fail, strict=True) if f]
         k = max(map(len, tops), default=0)
         top_i = np.full((len(tops), k), -1, np.int32)
@@ -756,7 +790,11 @@ def _json_ids(dies: list) -> tuple[list[int], list[int], list[bytes], list[str]]
     """(die_num, die_len, text ids' bytes, every die's id text) of JSON die ids: an integer
     0..2**64-1 is numeric, anything else (a string, None, another value) text."""
     if all(type(d) is str for d in dies):  # the usual text ids: the same, list by list
-        text = [id_bytes(d) for d in dies]
+        text = [d.encode("utf-8") for d in dies]  # id_bytes, inline
+        lens = list(map(len, text))
+        if max(lens, default=0) <= MAX_ID_BYTES:  # none cut: each id its text as it came
+            return [0] * len(dies), lens, text, list(dies)
+        text = [r[:MAX_ID_BYTES] for r in text]
         ids = [d if len(d) <= 63 else r.decode("utf-8", "replace")
                for d, r in zip(dies, text, strict=True)]
         return [0] * len(dies), [len(r) for r in text], text, ids

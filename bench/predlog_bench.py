@@ -332,6 +332,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000,
                     help="timed requests per round, encoding and agent")
     ap.add_argument("--rounds", type=int, default=36)
+    ap.add_argument("--agent-sets", type=int, default=1,
+                    help="start this many fresh sets of agent processes, one after another, "
+                         "the rounds shared among them: an agent process keeps a speed of its "
+                         "own (a few percent off another's, for its whole life), which one "
+                         "set's ratios carry")
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for agents and client; -1: none")
     ap.add_argument("--writer-free", action="store_true",
                     help="with --pin-cpu, leave the log's writer process unpinned (free to use "
@@ -363,7 +368,6 @@ def main() -> int:
         bad = rng.random(len(dies)) < 0.03  # a few fails: every fail is captured
         dies[bad] += rng.normal(scale=0.3, size=(int(bad.sum()), dies.shape[1])).astype(
             np.float32)
-        agents = {}
         log_on = {"EDGEFLEET_AGENT_PREDLOG": "on",
                   "EDGEFLEET_AGENT_CAPTURE_RATE": str(args.capture_rate)}
         runs = [("off", {"EDGEFLEET_AGENT_PREDLOG": "off"}, args.agent_tree),
@@ -371,38 +375,23 @@ def main() -> int:
                 ("on", log_on, args.agent_tree)]
         if args.compare_tree is not None:
             runs.append(("on_ref", log_on, args.compare_tree))
-        for name, extra, tree in runs:
-            d = tmp / name
-            d.mkdir()
-            store = shutil.copytree(m.store, d / "store", symlinks=True)
-            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree),
-                       EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "predlog"), **extra)
-            for attempt in range(3):  # a free port can be taken by another job meanwhile
-                port = free_port()
-                try:
-                    proc = _start(store, m.keyring, d / "agent.sock", port, env,
-                                  d / "agent.log", tree)
-                    break
-                except RuntimeError as e:
-                    if attempt == 2 or "Address already in use" not in str(e):
-                        raise
-            procs.append(proc)
-            agents[name] = (str(d / "agent.sock"), f"http://127.0.0.1:{port}/metrics", proc)
-        if args.pin_cpu >= 0:
-            cpus = {args.pin_cpu}
-            for _, _, proc in agents.values():
-                if args.writer_free:
-                    set_affinity(proc.pid, cpus)
-                else:
-                    pin_tree(proc.pid, cpus)
-            os.sched_setaffinity(0, cpus)
         load_start = os.getloadavg()
         t0 = time.monotonic()
-        run = _rounds(agents, _messages(dies), args.requests, args.rounds)
+        sets = []  # each set of fresh agent processes: its share of the rounds
+        for s in range(args.agent_sets):
+            if sets:  # the last set's agents stop: their writers end with them
+                _stop(procs)
+                procs.clear()
+            agents = _start_agents(tmp / f"set{s}", m, runs, args, procs)
+            rounds = args.rounds // args.agent_sets + (s < args.rounds % args.agent_sets)
+            sets.append(_rounds(agents, _messages(dies), args.requests, rounds))
+            sets[-1]["rounds"] = rounds
+        run = _merge(sets)
         load_end = os.getloadavg()
         cpu = run["cpu"]
         res: dict = {"requests_per_round_encoding_and_agent": args.requests,
-                     "rounds": args.rounds, "seconds": time.monotonic() - t0,
+                     "rounds": args.rounds, "agent_sets": args.agent_sets,
+                     "per_set": run["per_set"], "seconds": time.monotonic() - t0,
                      "cpu": cpu,
                      "serving_cpu_ratio": (cpu["on"]["serving_us_per_answer"]
                                            / cpu["off"]["serving_us_per_answer"]),
@@ -449,14 +438,72 @@ def main() -> int:
         _print(res, args.out)
         return 0 if res["pass"] else 1
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_agents(where: Path, m, runs: list, args, procs: list) -> dict:
+    """A fresh set of agent processes (`runs`: name, environment, checkout), each on its own
+    copy of the model store and log directory under `where`, pinned as `args` say."""
+    agents = {}
+    for name, extra, tree in runs:
+        d = where / name
+        d.mkdir(parents=True)
+        store = shutil.copytree(m.store, d / "store", symlinks=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree),
+                   EDGEFLEET_AGENT_PREDLOG_DIR=str(d / "predlog"), **extra)
+        for attempt in range(3):  # a free port can be taken by another job meanwhile
+            port = free_port()
+            try:
+                proc = _start(store, m.keyring, d / "agent.sock", port, env,
+                              d / "agent.log", tree)
+                break
+            except RuntimeError as e:
+                if attempt == 2 or "Address already in use" not in str(e):
+                    raise
+        procs.append(proc)
+        agents[name] = (str(d / "agent.sock"), f"http://127.0.0.1:{port}/metrics", proc)
+    if args.pin_cpu >= 0:
+        cpus = {args.pin_cpu}
+        for _, _, proc in agents.values():
+            if args.writer_free:
+                set_affinity(proc.pid, cpus)
+            else:
+                pin_tree(proc.pid, cpus)
+        os.sched_setaffinity(0, cpus)
+    return agents
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _merge(sets: list[dict]) -> dict:
+    """The runs of several agent sets as one: their rounds' latencies in order, CPU per answer
+    weighted by rounds, and each set's serving-thread ratios on/off and off2/off (an agent
+    process's own speed differs from another's by a few percent for its whole life)."""
+    total = sum(r["rounds"] for r in sets)
+    lat = {n: {enc: [a for r in sets for a in r["latencies"][n][enc]] for enc in v}
+           for n, v in sets[0]["latencies"].items()}
+    cpu: dict = {}
+    for n, first in sets[0]["cpu"].items():
+        cpu[n] = {k: sum(r["cpu"][n][k] * r["rounds"] for r in sets) / total
+                  for k in first if k != "serving_us_per_answer_by_encoding"}
+        cpu[n]["serving_us_per_answer_by_encoding"] = {
+            enc: sum(r["cpu"][n]["serving_us_per_answer_by_encoding"][enc] * r["rounds"]
+                     for r in sets) / total
+            for enc in first["serving_us_per_answer_by_encoding"]}
+    per_set = [{"rounds": r["rounds"], **{
+        f"{n}/off": r["cpu"][n]["serving_us_per_answer"] / r["cpu"]["off"]["serving_us_per_answer"]
+        for n in r["cpu"] if n != "off"}} for r in sets]
+    return {"latencies": lat, "cpu": cpu, "catch_up": [c for r in sets for c in r["catch_up"]],
+            "per_set": per_set}
 
 
 def _print(res: dict, out: Path) -> None:
@@ -489,6 +536,10 @@ def _print(res: dict, out: Path) -> None:
         print(f"  {enc:6s} serving thread us/answer " + ", ".join(
             f"{n} {v:.1f}" for n, v in us.items()) + "; on/off " + ", ".join(
             f"{n} {v / us['off']:.3f}" for n, v in us.items() if n != "off"))
+    if len(res["per_set"]) > 1:
+        print("  serving thread per agent set: " + "; ".join(
+            ", ".join(f"{k} {v:.3f}" for k, v in one.items() if k != "rounds")
+            for one in res["per_set"]))
     print(f"the writer caught up {res['writer_catch_up_s']['mean']:.2f} s after a turn (max "
           f"{res['writer_catch_up_s']['max']:.2f} s)")
     b = res.get("batches")
