@@ -107,10 +107,10 @@ _ERROR = int(Decision.ERROR)
 _MODEL = int(Source.MODEL)
 _FALLBACK = int(Source.FALLBACK)
 _U64 = 1 << 64
-_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"
+_NUMBER_TEXT = b"-+0123456789.eEnul, \t\r\n"  # what a list of numbers and nulls is made of
 # What the writer reads of a JSON answer (agent/dispatch.py writes every one of them)
 _FIELD_NAMES = ("decision", "die_id", "score", "threshold", "confidence", "source")
-_ANSWER_FIELDS = itemgetter(*_FIELD_NAMES)  # what a list of numbers and nulls is made of
+_ANSWER_FIELDS = itemgetter(*_FIELD_NAMES)
 
 __all__ = ["PredLogConfig", "PredictionLog", "decode_block", "decode_capture", "die_key",
            "encode_capture", "iter_predictions", "read_predictions"]
@@ -559,7 +559,7 @@ class PredictionLog:
             columns = list(zip(*map(_ANSWER_FIELDS, docs), strict=True))
         except (TypeError, KeyError):  # a batch, or an answer without a decision
             columns = None
-        if columns is not None and not any(item[4] in _JSON_BATCHES for item in items):
+        if columns and not any(item[4] in _JSON_BATCHES for item in items):
             sampled = [(i, item[3], -1 if item[4] == _JSON_ROW else None, 0)
                        for i, item in enumerate(items) if item[3] is not None]
             return self._json_rows(docs, columns, [item[0] for item in items], indices,
