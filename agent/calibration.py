@@ -72,6 +72,7 @@ import json
 import logging
 import math
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -258,7 +259,7 @@ class BodyTracker:
     def __init__(self, p: BodyParams, cp: CalibrationParams) -> None:
         self.p = p
         self.cp = cp
-        self.ring = np.zeros(p.window, dtype=np.float32)
+        self.ring = array("f", bytes(4 * p.window))  # float32; Python floats out, ~2x numpy's speed
         self.n = 0
         self.pos = 0
         self.total = 0.0  # sum of the ring, exact again at every wrap
@@ -281,16 +282,16 @@ class BodyTracker:
 
     def observe(self, score: float) -> None:
         """Learn one complete die's score (a tester that is not FROZEN)."""
-        p = self.p
+        p, ring, pos = self.p, self.ring, self.pos
         if self.frozen or not score < self.cp.cap:  # a gross fail, or NaN
             return
-        v = float(np.float32(score))
-        self.total += v - (float(self.ring[self.pos]) if self.n == p.window else 0.0)
-        self.ring[self.pos] = v
-        self.pos = (self.pos + 1) % p.window
+        old = ring[pos] if self.n == p.window else 0.0
+        ring[pos] = score  # rounded to float32, as the device's scores are
+        self.total += ring[pos] - old
+        self.pos = (pos + 1) % p.window
         self.n = min(self.n + 1, p.window)
         if self.pos == 0:  # no rounding drift in the running sum
-            self.total = float(self.ring.sum(dtype=np.float64))
+            self.total = math.fsum(ring)
         self._update()
 
     def _update(self) -> None:
@@ -300,7 +301,8 @@ class BodyTracker:
         self.factor = min(math.exp(p.beta * x), p.max_factor) if x > p.band else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        ring = self.ring[: self.n] if self.n < self.p.window else np.roll(self.ring, -self.pos)
+        a = np.frombuffer(self.ring, dtype=np.float32)
+        ring = a[: self.n] if self.n < self.p.window else np.roll(a, -self.pos)
         return {"ring": base64.b64encode(ring.astype("<f4").tobytes()).decode("ascii"),
                 "flagged": self.flagged, "frozen": self.frozen}
 
@@ -310,9 +312,9 @@ class BodyTracker:
         if not (np.all(np.isfinite(ring)) and math.isfinite(flagged)):
             raise CalibrationError("state: body ring or flagged share not finite")
         self.n = len(ring)
-        self.ring[: self.n] = ring
+        self.ring[: self.n] = array("f", ring.astype(np.float32).tobytes())
         self.pos = self.n % self.p.window
-        self.total = float(self.ring[: self.n].sum(dtype=np.float64))
+        self.total = math.fsum(self.ring[: self.n])
         self.flagged = flagged
         self.frozen = bool(obj["frozen"])
         self._update()

@@ -125,7 +125,7 @@ def test_a_frozen_tester_teaches_the_body_nothing() -> None:
         _feed(cal, _normal(rng, 9), tuple(normal))
     assert cal.body is not None and not cal.body.frozen
     assert dict((k, s) for k, _, s in cal.snapshot())["T9"] == "frozen"
-    assert (cal.body.ring == np.float32(1.05)).sum() == 0  # its early dies long gone too
+    assert np.float32(1.05) not in np.frombuffer(cal.body.ring, np.float32)  # early ones too
     assert cal.body_factor() == 1.0
 
 
