@@ -23,6 +23,20 @@ imputed (missing) values, whose scores have a higher tail that comes in bursts (
 block on one tester). Each stratum has its own fixed threshold t0, bounds and level, and each
 tester one context per stratum.
 
+Body tracker (optional, `body` in the block): a tail quantile needs ~1,000 dies, more than a
+tester gets from one lot, so an excursion lot (its whole score distribution shifted) is not
+followed in time. Its *body* moves within ~100 dies: one ring per Calibration (floor-wide: every
+tester's complete dies; scores below `cap`, learnt when judged, not after the quarantine, which
+made it too late for a lot; never from a FROZEN tester), and while the mean m of its last
+`body.window` scores sits above the build's validation mean `body.ref` by more than `body.band`
+(the largest move of the validation's windows, with a margin), every die is judged against
+
+    t x min(exp(body.beta * ln(m / body.ref)), body.max_factor)
+
+(up only; 1 within the band). Its own guard, on the floor's share of dies above their
+threshold, empties it when a lot is mostly bad (`BodyTracker`). docs/model.md has what it does
+to an excursion lot and what it costs.
+
 `low` and `high` are the validation-pass quantiles at 4x and 0.25x the target false-fail:
 the calibration may move the threshold only as far as would have given [0.25x, 4x] of the
 target on the build's own passes. A guard stops learning when the tester's recent share of
@@ -58,6 +72,7 @@ import json
 import logging
 import math
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -96,6 +111,41 @@ class CalibrationError(ValueError):
 
 
 @dataclass(frozen=True)
+class BodyParams:
+    """The block's `body` object: the floor-wide body tracker (module docstring). The build
+    measures `ref` and `band` on the validation dies (optimize/calibrate.py `body_params`)."""
+
+    ref: float  # mean of the validation dies' scores below cap, in time order
+    band: float  # deadband on ln(mean / ref): no factor while the body moved less
+    window: int = 200
+    beta: float = 3.0  # the threshold moves as the body's ratio to this power
+    max_factor: float = 1.2  # the most the body can raise a threshold by
+
+    def __post_init__(self) -> None:
+        nums = (self.ref, self.band, self.beta, self.max_factor)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in nums):
+            raise CalibrationError("calibration.body: every number must be finite")
+        if not (self.ref > 0 and self.band >= 0 and 0 < self.beta <= 20
+                and 1 <= self.max_factor <= 2):
+            raise CalibrationError("calibration.body: expected ref > 0, band >= 0, "
+                                   "0 < beta <= 20, 1 <= max_factor <= 2")
+        if not (isinstance(self.window, int) and 1 <= self.window <= 100_000):
+            raise CalibrationError("calibration.body: window must be an integer in 1..100000")
+
+    @classmethod
+    def from_manifest(cls, block: Any) -> BodyParams | None:
+        if block is None:
+            return None
+        if not isinstance(block, dict) or set(block) - set(cls.__dataclass_fields__):
+            raise CalibrationError(f"calibration.body: expected an object with "
+                                   f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            return cls(**block)
+        except TypeError as e:
+            raise CalibrationError(f"calibration.body: {e}") from None
+
+
+@dataclass(frozen=True)
 class CalibrationParams:
     """The manifest's `decision.calibration` block (the build computes it:
     optimize/calibrate.py)."""
@@ -115,6 +165,7 @@ class CalibrationParams:
     guard_span: int = 200
     delay: int = 16
     max_contexts: int = 64
+    body: BodyParams | None = None  # the floor-wide body tracker (None: off, older bundles)
 
     def __post_init__(self) -> None:
         nums = (self.threshold, self.level, self.cap, self.low, self.high, self.expected_flagged)
@@ -132,6 +183,8 @@ class CalibrationParams:
                                    "delay, max_contexts must be integers in 1..1000000")
         if not 1 < self.guard_release <= self.guard:
             raise CalibrationError("calibration: expected 1 < guard_release <= guard")
+        if self.body is not None and not isinstance(self.body, BodyParams):
+            raise CalibrationError("calibration: body must be an object")
 
     @classmethod
     def from_manifest(cls, block: Any, threshold: float) -> CalibrationParams | None:
@@ -141,9 +194,10 @@ class CalibrationParams:
         if not isinstance(block, dict):
             raise CalibrationError("calibration: expected an object")
         known = set(cls.__dataclass_fields__)
+        body = BodyParams.from_manifest(block.get("body"))
         try:  # the block's own threshold when it has one (complete dies), else the bundle's
             return cls(**{"threshold": threshold,
-                          **{k: v for k, v in block.items() if k in known}})
+                          **{k: v for k, v in block.items() if k in known}, "body": body})
         except TypeError as e:
             raise CalibrationError(f"calibration: {e}") from None
 
@@ -164,6 +218,8 @@ class CalibrationParams:
     def to_manifest(self) -> dict[str, Any]:
         out = asdict(self)
         del out["threshold"]  # the manifest's decision.threshold
+        if out["body"] is None:
+            del out["body"]  # the block as before the body tracker
         return {"method": "tester_quantile", **out}
 
 
@@ -185,13 +241,95 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-class ContextState:
-    """One tester's calibration. Not thread-safe: `Calibration` holds the lock."""
+class BodyTracker:
+    """The mean of the last `window` scores below `cap` of every tester (complete dies), its
+    own guard, and the factor it puts on the thresholds (module docstring). Not thread-safe:
+    `Calibration` holds the lock.
 
-    __slots__ = ("flagged", "n", "p", "pending", "pos", "ring", "since", "state", "threshold")
+    The guard is the testers' (`guard`, `guard_release`, `guard_span`, `expected_flagged` of
+    the complete dies' stratum) over every die the floor sends: a lot that is 10-60% bad moves
+    the body's mean as much as an excursion does, but it also fails several times the usual
+    share. When the guard trips, the ring is emptied (the lot's first dies are in it) and the
+    factor is 1; nothing is learnt until the share is back under `guard_release` times normal,
+    and the window fills again from there.
+    """
 
-    def __init__(self, p: CalibrationParams) -> None:
+    __slots__ = ("cp", "factor", "flagged", "frozen", "n", "p", "pos", "ring", "total")
+
+    def __init__(self, p: BodyParams, cp: CalibrationParams) -> None:
         self.p = p
+        self.cp = cp
+        self.ring = array("f", bytes(4 * p.window))  # float32; Python floats out, ~2x numpy's speed
+        self.n = 0
+        self.pos = 0
+        self.total = 0.0  # sum of the ring, exact again at every wrap
+        self.factor = 1.0
+        self.flagged = cp.expected_flagged  # EWMA of the share of dies above their threshold
+        self.frozen = False
+
+    def judged(self, flagged: bool) -> None:
+        """One die judged (any tester, either stratum): the guard's share."""
+        cp = self.cp
+        self.flagged += (flagged - self.flagged) / cp.guard_span
+        if self.flagged > cp.guard * cp.expected_flagged:
+            if not self.frozen:  # the lot's first dies are in the ring: forget them all
+                self.frozen = True
+                self.n = self.pos = 0
+                self.total = 0.0
+                self.factor = 1.0
+        elif self.flagged < cp.guard_release * cp.expected_flagged:
+            self.frozen = False
+
+    def observe(self, score: float) -> None:
+        """Learn one complete die's score (a tester that is not FROZEN)."""
+        p, ring, pos = self.p, self.ring, self.pos
+        if self.frozen or not score < self.cp.cap:  # a gross fail, or NaN
+            return
+        old = ring[pos] if self.n == p.window else 0.0
+        ring[pos] = score  # rounded to float32, as the device's scores are
+        self.total += ring[pos] - old
+        self.pos = (pos + 1) % p.window
+        self.n = min(self.n + 1, p.window)
+        if self.pos == 0:  # no rounding drift in the running sum
+            self.total = math.fsum(ring)
+        self._update()
+
+    def _update(self) -> None:
+        p = self.p
+        mean = self.total / self.n if self.n == p.window else 0.0
+        x = math.log(mean / p.ref) if mean > 0 else 0.0
+        self.factor = min(math.exp(p.beta * x), p.max_factor) if x > p.band else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        a = np.frombuffer(self.ring, dtype=np.float32)
+        ring = a[: self.n] if self.n < self.p.window else np.roll(a, -self.pos)
+        return {"ring": base64.b64encode(ring.astype("<f4").tobytes()).decode("ascii"),
+                "flagged": self.flagged, "frozen": self.frozen}
+
+    def load_json(self, obj: Mapping[str, Any]) -> None:
+        ring = np.frombuffer(base64.b64decode(obj["ring"]), dtype="<f4")[-self.p.window:]
+        flagged = float(obj["flagged"])
+        if not (np.all(np.isfinite(ring)) and math.isfinite(flagged)):
+            raise CalibrationError("state: body ring or flagged share not finite")
+        self.n = len(ring)
+        self.ring[: self.n] = array("f", ring.astype(np.float32).tobytes())
+        self.pos = self.n % self.p.window
+        self.total = math.fsum(self.ring[: self.n])
+        self.flagged = flagged
+        self.frozen = bool(obj["frozen"])
+        self._update()
+
+
+class ContextState:
+    """One tester's calibration. Not thread-safe: `Calibration` holds the lock. `body`: the
+    floor-wide body tracker this context teaches (the scores it learns), or None."""
+
+    __slots__ = ("body", "flagged", "n", "p", "pending", "pos", "ring", "since", "state",
+                 "threshold")
+
+    def __init__(self, p: CalibrationParams, body: BodyTracker | None = None) -> None:
+        self.p = p
+        self.body = body
         self.ring = np.zeros(p.window, dtype=np.float32)
         self.pending: deque[float] = deque()  # the quarantine: scores not yet learnt
         self.n = 0  # values in the ring
@@ -217,6 +355,8 @@ class ContextState:
         if self.state is State.FROZEN:
             self.pending.clear()
             return
+        if self.body is not None:  # now, not after the quarantine: it follows within a lot
+            self.body.observe(score)
         if score < p.cap:  # NaN is not learnt either
             self.pending.append(score)
             if len(self.pending) > p.delay:
@@ -253,8 +393,9 @@ class ContextState:
                 "state": self.state.value}
 
     @classmethod
-    def from_json(cls, p: CalibrationParams, obj: Mapping[str, Any]) -> ContextState:
-        c = cls(p)
+    def from_json(cls, p: CalibrationParams, obj: Mapping[str, Any],
+                  body: BodyTracker | None = None) -> ContextState:
+        c = cls(p, body)
         ring = np.frombuffer(base64.b64decode(obj["ring"]), dtype="<f4")[-p.window:]
         c.n = len(ring)
         c.ring[: c.n] = ring
@@ -299,18 +440,29 @@ class Calibration:
         self._lock = threading.Lock()
         self.evictions = 0
         self.dirty = False
+        self.body = None if params.body is None else BodyTracker(params.body, params)
 
     def _params_of(self, key: str) -> CalibrationParams:
         if key.endswith(IMPUTED_SUFFIX) and self.imputed is not None:
             return self.imputed
         return self.params
 
+    def _body_of(self, key: str) -> BodyTracker | None:
+        """The body tracker learns from the complete dies' stratum only (its ref is theirs)."""
+        return None if key.endswith(IMPUTED_SUFFIX) and self.imputed is not None else self.body
+
+    def _threshold(self, c: ContextState) -> float:
+        """The threshold a die is judged against: the context's, times the body's factor."""
+        if self.body is None or self.body.factor == 1.0:
+            return c.threshold
+        return _f32(c.threshold * self.body.factor)
+
     def _get(self, key: str, imputed: bool) -> ContextState:
         if imputed and self.imputed is not None:
             key += IMPUTED_SUFFIX
         c = self._ctx.get(key)
         if c is None:
-            c = self._ctx[key] = ContextState(self._params_of(key))
+            c = self._ctx[key] = ContextState(self._params_of(key), self._body_of(key))
             if len(self._ctx) > self.params.max_contexts:
                 self._ctx.popitem(last=False)
                 self.evictions += 1
@@ -323,7 +475,9 @@ class Calibration:
         the die had missing values (the model imputed them)."""
         with self._lock:
             c = self._get(key, imputed)
-            thr = c.threshold
+            thr = self._threshold(c)
+            if self.body is not None:
+                self.body.judged(score > thr)
             c.observe(score)
             self.dirty = True
         return thr
@@ -331,19 +485,28 @@ class Calibration:
     def judge_batch(self, key: str, scores: np.ndarray) -> float:
         """One threshold for a batch of complete dies (the one in force when it arrived), then
         learn from each score in order. Die-by-die requests and a batch give the same
-        decisions when the batch is shorter than `every`."""
+        decisions when the batch is shorter than `every` and the body's factor stays (it can
+        move from one die to the next)."""
         with self._lock:
             c = self._get(key, False)
-            thr = c.threshold
+            thr = self._threshold(c)
             for s in scores.tolist():
+                if self.body is not None:
+                    self.body.judged(s > thr)
                 c.observe(s)
             self.dirty = True
         return thr
 
     def snapshot(self) -> list[tuple[str, float, str]]:
-        """(key, threshold, state) per context, least recently used first."""
+        """(key, threshold, state) per context, least recently used first (the context's own
+        threshold, before the body's factor: `body_factor`)."""
         with self._lock:
             return [(k, c.threshold, c.state.value) for k, c in self._ctx.items()]
+
+    def body_factor(self) -> float:
+        """The body tracker's factor on every threshold now (1.0 without one)."""
+        with self._lock:
+            return 1.0 if self.body is None else self.body.factor
 
     # -- persistence
 
@@ -351,6 +514,8 @@ class Calibration:
         with self._lock:
             obj = {"format": STATE_FORMAT, "model": self.identity,
                    "contexts": {k: c.to_json() for k, c in self._ctx.items()}}
+            if self.body is not None:  # an older agent ignores it; a file without it: empty
+                obj["body"] = self.body.to_json()
             self.dirty = False
         return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -362,12 +527,21 @@ class Calibration:
             if obj.get("format") != STATE_FORMAT or obj.get("model") != self.identity:
                 raise CalibrationError(f"state belongs to {obj.get('model')!r}, not "
                                        f"{self.identity!r}")
-            loaded = [(str(k), ContextState.from_json(self._params_of(str(k)), v))
+            body = None
+            if self.body is not None:
+                body = BodyTracker(self.body.p, self.body.cp)
+                if obj.get("body") is not None:
+                    body.load_json(obj["body"])
+            loaded = [(str(k), ContextState.from_json(
+                          self._params_of(str(k)), v,
+                          None if self._body_of(str(k)) is None else body))
                       for k, v in list(obj["contexts"].items())[-self.params.max_contexts:]]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CalibrationError(f"state: {e}") from None
         with self._lock:
             self._ctx = OrderedDict(loaded)
+            if body is not None:
+                self.body = body
         return len(loaded)
 
 
@@ -600,6 +774,10 @@ class CalibrationCollector:
                                     f"The {name}imum calibrated threshold over the testers "
                                     "(NaN without calibration).",
                                     value=fn(thr) if thr else math.nan)
+        yield GaugeMetricFamily("edgefleet_calibration_body_factor", "The floor-wide body "
+                                "tracker's factor on every tester's threshold (1 while the "
+                                "scores' body is within its band, or without one).",
+                                value=cal.body_factor() if cal is not None else 1.0)
         yield CounterMetricFamily("edgefleet_calibration_evictions", "Testers dropped from the "
                                   "calibration (least recently used beyond max_contexts).",
                                   value=cal.evictions if cal is not None else 0)

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from agent.calibration import (
+    BodyParams,
     CalibrationParams,
     manifest_block,
     simulate,
@@ -66,9 +67,19 @@ from agent.drift import drift_reference
 from optimize.breakdown import ffr_by_group, wilson
 
 __all__ = [
-    "CalibrateConfig", "Decision", "calibrate_threshold", "calibration_figures",
-    "calibration_params", "confidence", "drift_reference",
-    "drift_with_noise_floor", "imputed_differs", "learn_max_missing", "period_psi", "psi_max",
+    "CalibrateConfig",
+    "Decision",
+    "body_params",
+    "calibrate_threshold",
+    "calibration_figures",
+    "calibration_params",
+    "confidence",
+    "drift_reference",
+    "drift_with_noise_floor",
+    "imputed_differs",
+    "learn_max_missing",
+    "period_psi",
+    "psi_max",
     "tester_prior",
     "window_psi",
 ]
@@ -86,6 +97,10 @@ class CalibrateConfig:
     drift_backtests: int = 16  # earlier periods replayed for `period_psi`
     rules_min_measured: float = 0.5  # share of rule parameters a die beyond max_missing needs
     per_tester: bool = True  # ship decision.calibration (agent/calibration.py)
+    body_window: int = 200  # the body tracker's window, floor-wide (0: no body tracker)
+    body_beta: float = 3.0  # the threshold moves as the body's ratio to this power
+    body_max_factor: float = 1.2  # the most the body can raise a threshold by
+    body_margin: float = 1.2  # deadband = margin x the largest move of the validation windows
 
 
 @dataclass(frozen=True)
@@ -208,7 +223,9 @@ def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes:
     .manifest_block`), or None (configured off, or too few passes). The levels are tuned by
     replaying the device's algorithm on the validation part in time order, per tester
     (`val_testers`) as the device will (`agent.calibration.tune_level`); the prior comes from
-    how the testers' and lots' (`val_lots`) rates spread (`tester_prior`)."""
+    how the testers' and lots' (`val_lots`) rates spread (`tester_prior`). The complete dies'
+    stratum carries the floor-wide body tracker (`body_params`; off with `body_window = 0`),
+    and its level is tuned with it on."""
     if not cfg.per_tester:
         return None
     imputed = np.isnan(val_x).any(axis=1)
@@ -218,12 +235,50 @@ def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes:
                                     val_testers)
     prior = None if strata is None or val_testers is None else tester_prior(
         val_scores, val_passes, val_testers, strata[0].threshold, val_lots)
-    if strata is None or prior is None:
+    if strata is None:
+        return None
+    complete = ~imputed if strata[1] is not None else np.ones_like(imputed)
+    body = body_params(cfg, val_scores[complete], strata[0].cap)
+    if prior is None and body is None:
         return strata
-    rows = (~imputed, imputed) if strata[1] is not None else (np.ones_like(imputed),)
-    tuned = [tune_level(replace(p, prior=prior), val_scores[r], val_testers[r], val_passes[r])
-             for p, r in zip((q for q in strata if q is not None), rows, strict=True)]
+    rows = (complete, imputed) if strata[1] is not None else (complete,)
+    tuned = [tune_level(replace(p, prior=prior or p.prior, body=b), val_scores[r],
+                        None if val_testers is None else val_testers[r], val_passes[r])
+             for p, r, b in zip((q for q in strata if q is not None), rows, (body, None),
+                                strict=False)]
     return tuned[0], (tuned[1] if len(tuned) > 1 else None)
+
+
+def body_params(cfg: CalibrateConfig, val_scores: np.ndarray, cap: float) -> BodyParams | None:
+    """The body tracker's `ref` and `band` from the validation dies (the complete dies'
+    stratum, fails included, as the device sees them) in time order, every tester together:
+    `ref` the mean of the scores below `cap`; `band` `cfg.body_margin` times the largest
+    |ln(mean / ref)| of its consecutive `body_window`-die windows, the move normal lot-to-lot
+    variation and sampling make. None: configured off, fewer than four windows, or scores whose
+    mean is not positive (a ratio means nothing there).
+
+    Why floor-wide and why the mean (docs/model.md): an excursion lot moved the body of seed
+    342's test part by 2-5% per tester; per tester, 100-200-die windows of normal validation
+    dies already move 2.6-3.5% (median) or 2.6% (mean), so a per-tester body either missed
+    the lot or fired on noise and spatial clusters; every tester's dies together fill a window
+    four times as fast."""
+    w = cfg.body_window
+    s = np.asarray(val_scores, np.float32)
+    s = s[np.isfinite(s) & (s < cap)].astype(np.float64)
+    if w <= 0 or len(s) < 4 * w:
+        return None
+    ref = float(s.mean())
+    if not ref > 0:
+        return None
+    means = s[: len(s) // w * w].reshape(-1, w).mean(axis=1)
+    if not np.all(means > 0):
+        return None
+    band = cfg.body_margin * float(np.abs(np.log(means / ref)).max())
+    try:
+        return BodyParams(ref=ref, band=band, window=w, beta=cfg.body_beta,
+                          max_factor=cfg.body_max_factor)
+    except ValueError:  # CalibrationError: a configuration out of range
+        return None
 
 
 MIN_PRIOR, MAX_PRIOR = 200, 100_000  # the device's shrinkage `prior`, in dies
