@@ -357,6 +357,8 @@ def main() -> int:
                          "branch): a before/after comparison in the same interleaved rounds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predlog.json")
     args = ap.parse_args()
+    if not 1 <= args.agent_sets <= args.rounds:
+        ap.error(f"--agent-sets must be 1..--rounds ({args.rounds}): each set needs a round")
     import ae_model
 
     tmp = Path(tempfile.mkdtemp(prefix="ef-plb-", dir="/tmp"))
