@@ -148,12 +148,12 @@ def _extra(kind: int, raw: bytes) -> Any:
     bytes (BINARY_ONE), (row indices, rows) (BINARY_BATCH; JSON_ROWS: places among the
     batch's decisions), the request line (JSON_ONE), (the line, the draw) (JSON_BATCH)."""
     if kind in (_BINARY_ONE, _JSON_ONE, _JSON_ROW):
-        return bytes(raw)
+        return raw
     (n,) = U32.unpack_from(raw)
     if kind in (_BINARY_BATCH, _JSON_ROWS):
         idx = np.frombuffer(raw, _U4, n, 4)
         return idx, np.frombuffer(raw, _F4, offset=4 + 4 * n).reshape(n, -1)
-    line = bytes(raw[4:4 + n])
+    line = raw[4:4 + n]
     return line, np.frombuffer(raw, np.bool_, offset=4 + n)
 
 

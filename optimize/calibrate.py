@@ -233,20 +233,21 @@ def calibration_params(cfg: CalibrateConfig, val_scores: np.ndarray, val_passes:
         imputed = np.zeros_like(imputed)  # one stratum
     strata = strata_from_validation(val_scores, val_passes, imputed, threshold, cfg.target_ffr,
                                     val_testers)
-    prior = None if strata is None or val_testers is None else tester_prior(
-        val_scores, val_passes, val_testers, strata[0].threshold, val_lots)
     if strata is None:
         return None
+    prior = None if val_testers is None else tester_prior(
+        val_scores, val_passes, val_testers, strata[0].threshold, val_lots)
     complete = ~imputed if strata[1] is not None else np.ones_like(imputed)
     body = body_params(cfg, val_scores[complete], strata[0].cap)
     if prior is None and body is None:
         return strata
-    rows = (complete, imputed) if strata[1] is not None else (complete,)
-    tuned = [tune_level(replace(p, prior=prior or p.prior, body=b), val_scores[r],
-                        None if val_testers is None else val_testers[r], val_passes[r])
-             for p, r, b in zip((q for q in strata if q is not None), rows, (body, None),
-                                strict=False)]
-    return tuned[0], (tuned[1] if len(tuned) > 1 else None)
+
+    def tuned(p: CalibrationParams, rows: np.ndarray, b: BodyParams | None) -> CalibrationParams:
+        return tune_level(replace(p, prior=prior or p.prior, body=b), val_scores[rows],
+                          None if val_testers is None else val_testers[rows], val_passes[rows])
+
+    return (tuned(strata[0], complete, body),
+            None if strata[1] is None else tuned(strata[1], imputed, None))
 
 
 def body_params(cfg: CalibrateConfig, val_scores: np.ndarray, cap: float) -> BodyParams | None:

@@ -383,6 +383,7 @@ def _build(data_path: Path, key_path: Path, out_dir: Path, cfg: BuildConfig,
                        "seconds_until_report": round(time.perf_counter() - t_start, 1),
                        "cpu_seconds_until_report": round(time.process_time() - cpu_start, 1),
                        "config": dataclasses.asdict(cfg)}
+
     def write_models(staging: Path) -> list[Path]:
         (staging / "models").mkdir()
         for name in ("fp32", "pruned_fp32", "pruned_int8"):
