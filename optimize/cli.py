@@ -48,6 +48,11 @@ def make_data(
         help="floor: share of the run the shift takes to build up from the midpoint (0.5: "
         "the whole second half; 0.05: a step, then a process that stays shifted).",
     ),
+    wafers_per_lot: int = typer.Option(
+        10, "--wafers-per-lot", min=1, max=50,
+        help="floor: wafers per lot (~200 dies each); a production lot is 25, the default 10 "
+        "keeps a small file several lots long.",
+    ),
     missing_rate: float = typer.Option(
         0.001, "--missing-rate", min=0.0, max=0.5,
         help="classic: share of cells left empty (missing).",
@@ -77,6 +82,8 @@ def make_data(
 
       edgefleet optimize make-data --out step.csv --n 8000 --drift --drift-ramp 0.05 --drift-size 5
 
+      edgefleet optimize make-data --out lots.csv --n 25000 --wafers-per-lot 25
+
       edgefleet optimize make-data --out classic.npz --profile classic --params 128
 
       edgefleet optimize make-data --out dies.csv --n 2000 -o json
@@ -97,7 +104,7 @@ def make_data(
     if profile == "floor":
         data = generate_floor(FloorConfig(
             n_dies=n, n_params=params or 256, seed=seed, drift=drift, drift_ramp=drift_ramp,
-            drift_size=drift_size,
+            drift_size=drift_size, wafers_per_lot=wafers_per_lot,
             gross_rate=0.010 if gross_rate is None else gross_rate))
     elif profile == "classic":
         gross = 0.02 if gross_rate is None else gross_rate

@@ -115,6 +115,8 @@ class FloorConfig:
         _check_n_params(self.n_params)
         if not isinstance(self.n_dies, int) or self.n_dies < 1:
             raise DataError(f"n_dies must be a positive integer, got {self.n_dies!r}")
+        if not isinstance(self.wafers_per_lot, int) or not 1 <= self.wafers_per_lot <= 50:
+            raise DataError(f"wafers_per_lot must be 1..50, got {self.wafers_per_lot!r}")
         if not 1 <= self.n_testers <= 64:
             raise DataError(f"n_testers must be 1..64, got {self.n_testers!r}")
         rates = ("gross_rate", "subtle_uni_rate", "subtle_multi_rate", "tester_fault_rate")

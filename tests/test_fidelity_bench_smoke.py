@@ -25,7 +25,7 @@ def test_help_names_the_options():
     proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for option in ("--seeds", "--lots", "--secom", "--keep-dir"):
+    for option in ("--seeds", "--lots", "--wafers-per-lot", "--secom", "--keep-dir"):
         assert option in proc.stdout
 
 

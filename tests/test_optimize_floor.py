@@ -109,6 +109,28 @@ def test_bad_config_is_refused():
         FloorConfig(n_testers=0)
     with pytest.raises(DataError, match="at most 0.5"):
         FloorConfig(gross_rate=0.4, subtle_multi_rate=0.3)
+    with pytest.raises(DataError, match="wafers_per_lot"):
+        FloorConfig(wafers_per_lot=0)
+
+
+def test_wafers_per_lot_sets_the_lot_size_from_the_command_line(tmp_path: Path):
+    """`make-data --wafers-per-lot 25` (a production lot, as bench/fidelity_bench.py runs):
+    whole lots of 25 wafers, ~5,000 dies, where the default 10 gives ~2,000; numbered 1..25
+    within a lot."""
+    import subprocess
+    import sys
+
+    cfg = FloorConfig(wafers_per_lot=25)
+    assert cfg.dies_per_lot == 2.5 * FloorConfig().dies_per_lot > 4500
+    run = subprocess.run([sys.executable, "-m", "edgefleet", "optimize", "make-data", "--out",
+                          "d.csv", "--n", str(2 * cfg.dies_per_lot), "--params", "32",
+                          "--wafers-per-lot", "25"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    d = load_csv(tmp_path / "d.csv")
+    lots, per_lot = np.unique(d.extra["lot"], return_counts=True)
+    assert lots.tolist() == ["LOT0001", "LOT0002"] and (per_lot == cfg.dies_per_lot).all()
+    assert sorted(set(d.extra["wafer"].astype(int).tolist())) == list(range(1, 26))
 
 
 def test_a_short_drift_ramp_is_a_step_after_which_the_process_stays_shifted():
@@ -141,7 +163,7 @@ def test_the_make_data_commands_in_docs_model_md_run(tmp_path: Path):
     doc = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     lines = [ln.split("#")[0].strip() for ln in doc.splitlines()
              if ln.startswith("edgefleet optimize make-data")]
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line in lines:
         args = [*shlex.split(line)[1:], "--n", "300"]
         run = subprocess.run([sys.executable, "-m", "edgefleet", *args], cwd=tmp_path,
