@@ -97,9 +97,10 @@ class CalibrateConfig:
     drift_backtests: int = 16  # earlier periods replayed for `period_psi`
     rules_min_measured: float = 0.5  # share of rule parameters a die beyond max_missing needs
     per_tester: bool = True  # ship decision.calibration (agent/calibration.py)
-    body_window: int = 200  # the body tracker's window, floor-wide (0: no body tracker)
-    body_beta: float = 3.0  # the threshold moves as the body's ratio to this power
-    body_max_factor: float = 1.2  # the most the body can raise a threshold by
+    # the body tracker (agent.calibration.BodyParams; its defaults, so one place sets them):
+    body_window: int = BodyParams.window  # floor-wide window (0: no body tracker)
+    body_beta: float = BodyParams.beta  # the threshold moves as the body's ratio to this power
+    body_max_factor: float = BodyParams.max_factor  # the most the body can raise a threshold by
     body_margin: float = 1.2  # deadband = margin x the largest move of the validation windows
 
 
