@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	bash scripts/system-deps.sh mosquitto
+	PYTHON=$(VENV)/bin/python bash scripts/build-tap.sh || echo "make: the agent runs the pure-Python log tap (no C compiler)"
 	VENV=$(VENV) bash scripts/demo.sh
 
 # The retrain loop (docs/retrain.md): a floor whose process shifts, drift alarm, labels,
@@ -31,10 +32,13 @@ demo-retrain: venv
 	bash scripts/system-deps.sh mosquitto prometheus
 	VENV=$(VENV) bash scripts/demo-retrain.sh
 
-# gcc: tests build the C client example (examples/c/) and run it against a real agent.
+# gcc: tests build the C client example (examples/c/) and run it against a real agent, and
+# the prediction log's tap in C (agent/_tapfast.c, scripts/build-tap.sh), tested beside the
+# pure-Python one.
 # pg_ctl: the state-store tests start a throwaway PostgreSQL (tests/postgres_support.py).
 test: venv
 	bash scripts/system-deps.sh mosquitto prometheus nginx gcc pg_ctl
+	PYTHON=$(VENV)/bin/python bash scripts/build-tap.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

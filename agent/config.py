@@ -64,6 +64,8 @@ class AgentConfig:
     predlog_max_age_h: float = 720.0
     predlog_fsync_s: float = 1.0
     predlog_queue: int = 65536
+    predlog_tap: str = "auto"  # "c": agent/_tapfast.c or fail; "python": the pure-Python tap
+    predlog_writer_idle: int = 1  # the log's writer at SCHED_IDLE; 0: nice 10 only
     capture_rate: float = 0.01  # share of answered dies whose input row is kept (and every fail)
     capture_fails: int = 1
     capture_max_mb: int = 256
@@ -172,6 +174,14 @@ def _check(cfg: AgentConfig) -> None:
                          f"{cfg.calibration_save_s}")
     if cfg.predlog not in ("on", "off"):
         raise UsageError(f"predlog must be on or off, found {cfg.predlog!r}")
+    if cfg.predlog_tap not in ("auto", "c", "python"):
+        raise UsageError(f"predlog_tap must be auto, c or python, found {cfg.predlog_tap!r}")
+    if cfg.predlog_tap == "c" and cfg.predlog == "on":
+        from agent.predlog_tap import compiled, not_compiled_reason
+
+        if not compiled():
+            raise UsageError(f"predlog_tap is c, but agent/_tapfast.c is {not_compiled_reason()}"
+                             ": build it with scripts/build-tap.sh, or set predlog_tap to auto")
     if not 0.0 <= cfg.capture_rate <= 1.0:
         raise UsageError(f"capture_rate must be in 0..1, found {cfg.capture_rate}")
     for name in ("predlog_max_mb", "capture_max_mb", "predlog_queue"):

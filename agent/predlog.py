@@ -75,6 +75,7 @@ from agent.predlog_tap import (
     LABELS,
     MODEL,
     MSG,
+    TAP_MODES,
     U32,
     Tap,
 )
@@ -133,6 +134,8 @@ class PredLogConfig:
     flush_interval_s: float = 0.2
     fsync_interval_s: float = 1.0
     enforce_interval_s: float = 30.0  # age cap and old index sidecars checked this often
+    tap: str = "auto"  # the serving side's tap: "c" (agent/_tapfast.c), "python", or "auto"
+    writer_idle: bool = True  # the writer process at SCHED_IDLE (agent/predlog_child.py)
     index_rows: int = 1 << 16  # die index rows kept in memory (34 bytes each) before they go
     # to a sidecar
 
@@ -305,7 +308,8 @@ class PredictionLog:
         self.trimmer: Any = None  # agent.memory.Trimmer: told after a pass that freed a lot
         self.tapper = None if runtime is None else Tap(
             runtime, capture_rate=config.capture_rate, capture_fails=config.capture_fails,
-            queue_size=config.queue_size, queue_bytes=config.queue_bytes, clock=clock)
+            queue_size=config.queue_size, queue_bytes=config.queue_bytes, clock=clock,
+            compiled=TAP_MODES[config.tap])
         self.tap = None if self.tapper is None else self.tapper.record
         self._queue: deque = deque()
         self._in_bytes = 0  # bytes ever queued (only `feed` adds)
@@ -929,7 +933,8 @@ def attach(agent: Any) -> Any:
         directory=Path(directory), max_bytes=cfg.predlog_max_mb << 20,
         max_age_s=cfg.predlog_max_age_h * 3600.0, capture_max_bytes=cfg.capture_max_mb << 20,
         capture_rate=cfg.capture_rate, capture_fails=bool(cfg.capture_fails),
-        queue_size=cfg.predlog_queue, fsync_interval_s=cfg.predlog_fsync_s), agent.runtime,
+        queue_size=cfg.predlog_queue, fsync_interval_s=cfg.predlog_fsync_s,
+        tap=cfg.predlog_tap, writer_idle=bool(cfg.predlog_writer_idle)), agent.runtime,
         LabelConfig(drop_dir=cfg.labels_dir), log_level=cfg.log_level)
     plug_in(agent.server, plog)
     agent.services.insert(0, plog)

@@ -49,7 +49,7 @@ from agent.predformat import block_count
 from agent.predlog import PredLogConfig
 from agent.predlog_metrics import snapshot_families
 from agent.predlog_models import ModelTable
-from agent.predlog_tap import FLUSH, SNAPSHOT, U32, Tap, labels_message, message
+from agent.predlog_tap import FLUSH, SNAPSHOT, TAP_MODES, U32, Tap, labels_message, message
 from agent.segring import RingView
 
 log = logging.getLogger("edgefleet.agent")
@@ -72,7 +72,7 @@ class WriterProcess:
         self.dir = Path(config.directory)
         self.tapper = Tap(runtime, capture_rate=config.capture_rate,
                         capture_fails=config.capture_fails, queue_size=config.queue_size,
-                        queue_bytes=config.queue_bytes)
+                        queue_bytes=config.queue_bytes, compiled=TAP_MODES[config.tap])
         self.tap = self.tapper.record
         self.labels = None if labels is None else LabelForwarder(self.tapper, self.dir)
         self.predictions = RingView(self.dir / "predictions", block_count)

@@ -10,8 +10,9 @@ so that its work - decoding answers, JSON parsing, numpy, checksums, file writes
 the serving process's GIL (a writer thread in the serving process held it ~0.5 ms every pass,
 which a request arriving then waited for: issues 15 and 17). What stays here is `record`: read
 the answer's header (binary) or the decision the dispatcher noted (JSON), draw the capture
-sample, copy the answer (and the sampled input row) into one bytearray under a lock that `take`
-holds only to swap the buffer: ~1 us of the serving thread per answer, nothing else. Bounded:
+sample, copy the answer (and the sampled input row) into one buffer that `take` swaps out. The
+usual answer is recorded in C (agent/_tapfast.c: ~0.5 us of the serving thread, against ~2.6
+for the same in Python, docs/operations.md), the rest here (`Tap`). Bounded:
 past `queue_size` messages or `queue_bytes` bytes waiting (here and not yet handed over,
 `backlog`), an answer is dropped and counted, never waited on.
 
@@ -76,8 +77,29 @@ _KEEP_MODELS = 16  # MODEL messages kept to announce again to a restarted writer
 # also raise glibc's mmap threshold, and later ones would stay in the heap)
 WAKE_BYTES = 1 << 20
 
+
+def _load_compiled() -> tuple[Any, str]:
+    """agent/_tapfast.c's module when it is built and agrees with this file's layout (the
+    frame offsets and kinds it reads and writes), else None and why not."""
+    try:
+        from agent import _tapfast  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, f"not built ({e})"
+    want = {"magic_byte": MAGIC_BYTE, "result_type": _RESULT, "fail": _FAIL,
+            "result_off": _RESULT_OFF, "msg_size": MSG.size, "binary_one": BINARY_ONE,
+            "json_one": JSON_ONE}
+    if want != _tapfast.LAYOUT:
+        return None, f"built for another layout ({_tapfast.LAYOUT} != {want})"
+    return _tapfast, ""
+
+
 __all__ = ["BINARY_BATCH", "BINARY_ONE", "FLUSH", "JSON_BATCH", "JSON_ONE", "JSON_ROW",
-           "JSON_ROWS", "LABELS", "MODEL", "MSG", "SNAPSHOT", "Tap", "draws", "labels_message"]
+           "JSON_ROWS", "LABELS", "MODEL", "MSG", "SNAPSHOT", "TAP_MODES", "Tap", "compiled",
+           "draws", "labels_message", "not_compiled_reason"]
+
+
+_compiled, _COMPILED_WHY = _load_compiled()
+TAP_MODES: dict[str, bool | None] = {"auto": None, "c": True, "python": False}  # `compiled=`
 
 
 def draws(rows: int, rate: float) -> np.ndarray:
@@ -85,6 +107,16 @@ def draws(rows: int, rate: float) -> np.ndarray:
     random module's generator, not numpy.random: importing that costs the agent ~6.6 MB of
     resident memory for this one use (issue 15)."""
     return np.frombuffer(random.randbytes(4 * rows), np.uint32) < rate * 4294967296.0
+
+
+def compiled() -> bool:
+    """Whether taps record the usual answer in C (agent/_tapfast.c, scripts/build-tap.sh)."""
+    return _compiled is not None
+
+
+def not_compiled_reason() -> str:
+    """Why `compiled()` is False ("" when it is True)."""
+    return _COMPILED_WHY
 
 
 def message(kind: int, token: int, body: bytes, rows: int = 0) -> bytes:
@@ -97,14 +129,21 @@ def labels_message(labels: list[tuple[str, int, float | None]], source: str) -> 
 
 class Tap:
     """See the module docstring. `record` runs on the serving thread; `take` and `send` on any
-    other one."""
+    other one.
+
+    Two implementations of one stream: with agent/_tapfast.c built (`compiled()`), `record` is
+    its C function, which records the usual answer itself (one row, a decision, not a fail,
+    not drawn, the same model as the last) and hands every other one to `_slow` here; without
+    it (or `compiled=False`), `record` is `_record` below, all Python. Both decide what to
+    record in `_classify`; tests/test_predlog_tap.py feeds both the same answers and compares
+    the bytes."""
 
     def __init__(self, runtime: Any, *, capture_rate: float = 0.01, capture_fails: bool = True,
                  queue_size: int = 65536, queue_bytes: int = 16 << 20,
-                 clock=time.time) -> None:
+                 clock=time.time, compiled: bool | None = None) -> None:
         self._active = runtime.active
         # agent.dispatch.Dispatcher: its `parsed` (answer, row, decision)
-        self.dispatch: Any = _NO_DISPATCHER
+        self._dispatch: Any = _NO_DISPATCHER
         self._rate = capture_rate
         self._fails = capture_fails
         self._random = random.random
@@ -119,100 +158,184 @@ class Tap:
         self._fresh: list[tuple[int, Any]] = []  # (token, predictor) first seen since a take
         self._retired: list[Any] = []  # snapshots replaced since: released by `take`'s thread
         self.announced: dict[int, bytes] = {}  # token -> MODEL message, the newest few
-        self.backlog = 0  # bytes taken but not handed over yet (the taker sets it)
-        self.wake: Any = None  # called (once per take) when WAKE_BYTES are waiting
+        self._backlog = 0  # bytes taken but not handed over yet (the taker sets it)
+        self._wake: Any = None  # called (once per take) when WAKE_BYTES are waiting
         self._woken = False
-        self.dropped = 0  # answers not recorded: the buffer was full
+        self._dropped = 0  # answers not recorded: the buffer was full
+        self._c: Any = None
+        if compiled is None:
+            compiled = _compiled is not None
+        elif compiled and _compiled is None:
+            raise RuntimeError(f"agent/_tapfast.c is {_COMPILED_WHY}")
+        if compiled:
+            self._c = _compiled.Recorder(
+                runtime.active, self._slow, None if clock is time.time else clock,
+                rate=capture_rate, fails=capture_fails, cap=queue_size, cap_bytes=queue_bytes,
+                wake_bytes=WAKE_BYTES, seed=random.getrandbits(64) | 1)
+            self._c.dispatch = self._dispatch
+            self.record = self._c.record
+        else:
+            self.record = self._record
 
-    def record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
-        """The server's tap: called after `answer` was sent for the message `buf[start:end]`
-        (a JSON line without its newline, or a whole binary frame). Never raises, never
-        blocks (but for the lock `take` holds for a swap).
+    @property
+    def compiled(self) -> bool:
+        """True when `record` is agent/_tapfast.c's."""
+        return self._c is not None
+
+    # the taker's and the agent's settings, kept where `record` reads them
+    @property
+    def dispatch(self) -> Any:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, value: Any) -> None:
+        self._dispatch = value
+        if self._c is not None:
+            self._c.dispatch = value
+
+    @property
+    def backlog(self) -> int:
+        return self._c.backlog if self._c is not None else self._backlog
+
+    @backlog.setter
+    def backlog(self, value: int) -> None:
+        if self._c is not None:
+            self._c.backlog = value
+        else:
+            self._backlog = value
+
+    @property
+    def wake(self) -> Any:
+        return self._c.wake if self._c is not None else self._wake
+
+    @wake.setter
+    def wake(self, value: Any) -> None:
+        if self._c is not None:
+            self._c.wake = value
+        else:
+            self._wake = value
+
+    @property
+    def dropped(self) -> int:
+        return self._c.dropped if self._c is not None else self._dropped
+
+    def _record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
+        """The server's tap (all Python): called after `answer` was sent for the message
+        `buf[start:end]` (a JSON line without its newline, or a whole binary frame). Never
+        raises, never blocks (but for the lock `take` holds for a swap). Past the bounds the
+        answer is dropped and counted."""
+        if self._n >= self._cap or len(self._out) + self._backlog >= self._cap_bytes:
+            self._dropped += 1
+            return
+        try:
+            what = self._classify(buf, start, end, answer)
+            if what is not None:
+                self._append(what[0], what[1], self._active(), self._clock(), answer, what[2])
+        except Exception:  # a tap must never break serving
+            log.exception("prediction log: tap failed")
+
+    def _slow(self, buf: bytearray | bytes, start: int, end: int, answer: bytes,
+              sampled: bool | None) -> None:
+        """The compiled tap's every answer but the usual one (it counted the bounds, and for
+        a single row it drew the sample: `sampled`, else None)."""
+        try:
+            what = self._classify(buf, start, end, answer, sampled)
+            if what is not None:
+                self._c.append(what[0], what[1], self._active(), self._clock(), answer,
+                               what[2])
+        except Exception:  # a tap must never break serving
+            log.exception("prediction log: tap failed")
+
+    def _classify(self, buf: bytearray | bytes, start: int, end: int, answer: bytes,
+                  sampled: bool | None = None) -> tuple[int, int, Any] | None:
+        """What to record of `answer`: (kind, rows, extra), or None when it is not a decision
+        (an error frame, health, a refused row). `extra`: bytes, or pieces to copy in order
+        (a tuple). `sampled`: whether a single row's input is kept (a fail, or the draw),
+        when the compiled tap drew it; None: drawn here. agent/_tapfast.c decides the usual
+        answer the same way: keep them alike.
 
         The usual answer (one row, a pass, not drawn) takes the short path: its header read
         in place (binary) or its decision from the dispatcher (JSON, `Dispatcher.parsed`: no
-        search of the answer's text), then a header and the answer appended; ~0.9 us warm
-        for either encoding (was 1.6 us for JSON: two substring searches of its ~300 bytes
-        and a `with` block; figures in docs/operations.md)."""
-        if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
-            self.dropped += 1
-            return
-        try:
-            a0 = answer[0]
-            extra: Any = b""  # bytes, or pieces to copy in order (a tuple)
-            rows = 1
-            if a0 == MAGIC_BYTE:
-                frame_type, rows, vlen = _TAP_HEAD(answer, 5)
-                if frame_type != _RESULT:
-                    return
-                kind = BINARY_ONE
-                if rows != 1:
-                    kind = BINARY_BATCH
-                    extra = self._sample_frame(buf, start, answer, rows)
-                elif ((self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL)
-                      or self._random() < self._rate):  # sampled: a fail, or the draw
-                    n = int.from_bytes(buf[start + 16:start + 20], "little")
-                    extra = buf[start + 32:start + 32 + 4 * n]
-            elif a0 == 0x7B:  # "{": one JSON answer
-                kind = JSON_ONE
-                parsed = self.dispatch.parsed
-                if parsed[0] is answer:  # the dispatcher's: its decision, the row it parsed
-                    decision = parsed[2]
-                    if decision > _FAIL:  # refused: not a decision, not logged
-                        return
-                    if (self._fails and decision == _FAIL) or self._random() < self._rate:
-                        kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
-                elif _DECISION_TEXT not in answer:  # not a decision (health, info, an error)
-                    return
-                elif (self._fails and _FAIL_TEXT in answer) or self._random() < self._rate:
-                    extra = buf[start:end]  # answered elsewhere (a big line): the line
-            elif a0 == 0x5B and _DECISION_TEXT in answer:  # "[": a batch with a decision
-                parsed = self.dispatch.parsed
-                if parsed[0] is answer:  # the dispatcher's: its rows and their decisions
-                    self.dispatch.parsed = _NOTHING  # (the rows can be MBs: not kept)
-                    decisions, x = parsed[2], parsed[1]
-                    if not (decisions <= _FAIL).all():  # some refused by the scoring
-                        x, decisions = x[decisions <= _FAIL], decisions[decisions <= _FAIL]
-                    kind, rows = JSON_ROWS, len(decisions)
-                    extra = self._sampled(decisions, x)
-                else:
-                    kind = JSON_BATCH
-                    rows = answer.count(_DECISION_TEXT)
-                    draw = draws(rows, self._rate)
-                    if (self._fails and _FAIL_TEXT in answer) or draw.any():
-                        # pieces, copied once into the buffer (a line can be 350 kB)
-                        extra = (U32.pack(end - start), memoryview(buf)[start:end],
-                                 draw.tobytes())
+        search of the answer's text; figures in docs/operations.md)."""
+        a0 = answer[0]
+        extra: Any = b""
+        rows = 1
+        if a0 == MAGIC_BYTE:
+            frame_type, rows, vlen = _TAP_HEAD(answer, 5)
+            if frame_type != _RESULT:
+                return None
+            kind = BINARY_ONE
+            if rows != 1:
+                kind = BINARY_BATCH
+                extra = self._sample_frame(buf, start, answer, rows)
+            elif sampled or (sampled is None and (
+                    (self._fails and answer[_RESULT_OFF + vlen + (-vlen % 8) + 8] == _FAIL)
+                    or self._random() < self._rate)):  # sampled: a fail, or the draw
+                n = int.from_bytes(buf[start + 16:start + 20], "little")
+                extra = buf[start + 32:start + 32 + 4 * n]
+        elif a0 == 0x7B:  # "{": one JSON answer
+            kind = JSON_ONE
+            parsed = self._dispatch.parsed
+            if parsed[0] is answer:  # the dispatcher's: its decision, the row it parsed
+                decision = parsed[2]
+                if decision > _FAIL:  # refused: not a decision, not logged
+                    return None
+                if sampled or (sampled is None and (
+                        (self._fails and decision == _FAIL) or self._random() < self._rate)):
+                    kind, extra = JSON_ROW, parsed[1].astype(_F4, copy=False).tobytes()
+            elif _DECISION_TEXT not in answer:  # not a decision (health, info, an error)
+                return None
+            elif (self._fails and _FAIL_TEXT in answer) or self._random() < self._rate:
+                extra = buf[start:end]  # answered elsewhere (a big line): the line
+        elif a0 == 0x5B and _DECISION_TEXT in answer:  # "[": a batch with a decision
+            parsed = self._dispatch.parsed
+            if parsed[0] is answer:  # the dispatcher's: its rows and their decisions
+                self._dispatch.parsed = _NOTHING  # (the rows can be MBs: not kept)
+                decisions, x = parsed[2], parsed[1]
+                if not (decisions <= _FAIL).all():  # some refused by the scoring
+                    x, decisions = x[decisions <= _FAIL], decisions[decisions <= _FAIL]
+                kind, rows = JSON_ROWS, len(decisions)
+                extra = self._sampled(decisions, x)
             else:
-                return
-            p, t = self._active(), self._clock()
-            self._acquire()  # not `with`: 2x the cost of the calls here
-            try:
-                if p is not self._last_p:
-                    self._new_model(p)
-                out = self._out
-                if not extra:  # the usual answer
-                    out += _PACK(kind, rows, self._token, t, len(answer), 0)
+                kind = JSON_BATCH
+                rows = answer.count(_DECISION_TEXT)
+                draw = draws(rows, self._rate)
+                if (self._fails and _FAIL_TEXT in answer) or draw.any():
+                    # pieces, copied once into the buffer (a line can be 350 kB)
+                    extra = (U32.pack(end - start), memoryview(buf)[start:end],
+                             draw.tobytes())
+        else:
+            return None
+        return kind, rows, extra
+
+    def _append(self, kind: int, rows: int, p: Any, t: float, answer: bytes, extra: Any
+                ) -> None:
+        """(All Python.) One message into the buffer, under the lock `take` swaps it with."""
+        self._acquire()  # not `with`: 2x the cost of the calls here
+        try:
+            if p is not self._last_p:
+                self._new_model(p)
+            out = self._out
+            if not extra:  # the usual answer
+                out += _PACK(kind, rows, self._token, t, len(answer), 0)
+                out += answer
+            else:
+                if type(extra) is tuple:
+                    out += _PACK(kind, rows, self._token, t, len(answer),
+                                 sum(map(len, extra)))
                     out += answer
+                    for piece in extra:
+                        out += piece
                 else:
-                    if type(extra) is tuple:
-                        out += _PACK(kind, rows, self._token, t, len(answer),
-                                     sum(map(len, extra)))
-                        out += answer
-                        for piece in extra:
-                            out += piece
-                    else:
-                        out += _PACK(kind, rows, self._token, t, len(answer), len(extra))
-                        out += answer
-                        out += extra
-                    if len(out) > WAKE_BYTES and not self._woken and self.wake is not None:
-                        self._woken = True
-                        self.wake()
-                self._n += 1
-            finally:
-                self._release()
-        except Exception:  # a tap must never break serving
-            log.exception("prediction log: tap failed")
+                    out += _PACK(kind, rows, self._token, t, len(answer), len(extra))
+                    out += answer
+                    out += extra
+                if len(out) > WAKE_BYTES and not self._woken and self._wake is not None:
+                    self._woken = True
+                    self._wake()
+            self._n += 1
+        finally:
+            self._release()
 
     def _new_model(self, p: Any) -> None:
         """(Under the lock.) `p` answers from now on: a new token, announced by the next take;
@@ -247,15 +370,18 @@ class Tap:
 
     def waiting(self) -> int:
         """Answers recorded and not taken yet."""
-        return self._n
+        return self._c.waiting() if self._c is not None else self._n
 
     def take(self) -> tuple[list[bytes | bytearray], int]:
         """Everything recorded since the last take, as parts to write in order (the MODEL
         messages of models first seen, then the answers), and how many answers that is."""
-        with self._lock:
-            data, n, fresh, retired = self._out, self._n, self._fresh, self._retired
-            self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
-            self._woken = False
+        if self._c is not None:
+            data, n, fresh, retired = self._c.take()
+        else:
+            with self._lock:
+                data, n, fresh, retired = self._out, self._n, self._fresh, self._retired
+                self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
+                self._woken = False
         del retired  # the replaced snapshots go here, on this thread
         parts: list[bytes | bytearray] = []
         for token, p in fresh:
@@ -270,8 +396,10 @@ class Tap:
 
     def send(self, msg: bytes) -> bool:
         """Queue a message of another kind (labels) behind the answers; False when full."""
+        if self._c is not None:
+            return self._c.send(msg)
         with self._lock:
-            if len(self._out) + self.backlog >= self._cap_bytes:
+            if len(self._out) + self._backlog >= self._cap_bytes:
                 return False
             self._out += msg
         return True

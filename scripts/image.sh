@@ -6,9 +6,10 @@
 #   scripts/image.sh test       start the image and check it (tests/test_image.py; make image-test)
 #   scripts/image.sh deps       Debian packages (podman, buildah, runc, qemu-user-static,
 #                               debootstrap) and the qemu binfmt handler for foreign binaries
-#   scripts/image.sh wheelhouse docker/wheelhouse/: the project's wheel (pure Python, one for
-#                               both) and every runtime wheel for arm64 and amd64, at the
-#                               versions in docker/constraints.txt
+#   scripts/image.sh wheelhouse docker/wheelhouse/: the project's wheels (one per architecture:
+#                               the Python code and the log's tap in C, scripts/build-tap.sh)
+#                               and every runtime wheel for arm64 and amd64, at the versions in
+#                               docker/constraints.txt
 #   scripts/image.sh base       a Debian bookworm base (debootstrap, minbase + python3), imported
 #                               into podman as localhost/edgefleet-base:bookworm-ARCH; skipped when
 #                               that image exists (FORCE_BASE=1 rebuilds it)
@@ -106,20 +107,44 @@ project_wheel() {
     rm -rf "$tmp"
 }
 
+# platform_wheel PURE_WHEEL ARCH DEST: the project's wheel for cp311 on linux ARCH: the pure
+# wheel's files plus the tap built for that architecture, retagged (the `wheel` tool rewrites
+# RECORD and the file name from the WHEEL file).
+platform_wheel() {
+    local pure="$1" arch="$2" dest="$3" tools="$REPO/build/tools" tmp
+    if [ ! -d "$tools/wheel" ]; then
+        pip_quiet install --quiet --target "$tools" "wheel==0.45.1"
+    fi
+    tmp="$(mktemp -d)"
+    bash "$REPO/scripts/build-tap.sh" "$arch" "$tmp/so"
+    PYTHONPATH="$tools" "$HOST_PYTHON" -m wheel unpack --dest "$tmp" "$pure" >/dev/null
+    local root=("$tmp"/edgefleet-*/)
+    cp "$tmp/so"/_tapfast.*.so "${root[0]}agent/"
+    sed -i -e 's/^Root-Is-Purelib: true$/Root-Is-Purelib: false/' \
+        -e "s/^Tag: .*/Tag: cp311-cp311-linux_$arch/" "${root[0]}"*.dist-info/WHEEL
+    PYTHONPATH="$tools" "$HOST_PYTHON" -m wheel pack --dest-dir "$dest" "${root[0]}" >/dev/null
+    rm -rf "$tmp"
+}
+
 cmd_wheelhouse() {
     log "wheelhouse: project wheel"
     rm -rf "$WHEELHOUSE"
     mkdir -p "$WHEELHOUSE"
     project_wheel "$WHEELHOUSE"
-    local arch
+    local arch pure
+    pure="$(echo "$WHEELHOUSE"/edgefleet-*-py3-none-any.whl)"
     for arch in aarch64 x86_64; do
         log "wheelhouse: runtime wheels for $arch"
         mapfile -t plat < <(platform_args "$arch")
         pip_quiet download --quiet --dest "$WHEELHOUSE" --only-binary=:all: "${plat[@]}" \
             --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
             --constraint "$REPO/docker/constraints.txt" \
-            "$(echo "$WHEELHOUSE"/edgefleet-*.whl)[controller]" "pip==$PIP_VERSION"
+            "$pure[controller]" "pip==$PIP_VERSION"
+        log "wheelhouse: the project's wheel for $arch (with the compiled tap)"
+        platform_wheel "$pure" "$arch" "$WHEELHOUSE"
     done
+    # only the platform wheels: an image without the compiled tap fails its build's check
+    rm -f "$pure"
     log "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 }
 

@@ -38,10 +38,11 @@ DEB_PACKAGES=(python3.11 libstdc++6 libgcc-s1)
 TEST_WHEELS=(pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 onnx==1.23.2)
 # The agent's tests that need no broker: wire protocol, the JSON reader (orjson's aarch64
 # wheel), bundles and keys, signed commands, the store, install/rollback/crash recovery, swap under load, the
-# admin socket, fallback, the server, drift and metrics.
+# admin socket, fallback, the server, drift and metrics, and the prediction log's tap (its C
+# build for aarch64 beside the Python one).
 DEFAULT_TESTS="test_protocol test_jsonfast test_bundle test_keys fleet/test_commands test_store
 test_install test_install_crash test_install_load test_admin test_agent_fallback
-test_agent_server test_agent_drift test_agent_metrics"
+test_agent_server test_agent_drift test_agent_metrics test_predlog_tap"
 
 # Tests that assume native speed, each with why; every correctness check in them passes under
 # emulation before the speed assumption fails. Remove an entry once its test no longer assumes.
@@ -185,6 +186,9 @@ t0=$SECONDS
 step_deps
 step_sysroot
 step_wheels
+# the prediction log's tap in C, cross-compiled for the aarch64 interpreter, in place beside
+# the host's build (each loads its own: the file names carry the architecture)
+bash scripts/build-tap.sh aarch64 "$REPO/agent"
 # From here on the aarch64 interpreter runs; the child processes it starts run through the
 # binfmt handler and find the same sysroot and checkout through these.
 export QEMU_LD_PREFIX="$SYSROOT"

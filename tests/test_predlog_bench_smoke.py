@@ -41,13 +41,18 @@ def test_predlog_benchmark_runs_and_reports_both_encodings(tmp_path: Path):
 @pytest.mark.slow
 def test_predlog_benchmark_shares_its_rounds_among_fresh_agent_sets(tmp_path: Path):
     """--agent-sets: the rounds run on fresh agent processes, set after set, and are pooled;
-    each set's serving-thread ratios are reported too."""
+    each set's serving-thread ratios are reported too. --python-tap: a fourth agent with the
+    pure-Python tap in the same rounds, and the report names the tap `on` ran."""
+    from agent.predlog_tap import compiled
+
     report = _report(tmp_path, "bench/predlog_bench.py", "--requests", "50", "--rounds", "3",
-                     "--agent-sets", "2", "--batch-seconds", "0", ok=(0, 1))
+                     "--agent-sets", "2", "--batch-seconds", "0", "--python-tap", ok=(0, 1))
     assert [one["rounds"] for one in report["per_set"]] == [2, 1]
     assert all(one["off2/off"] > 0 and one["on/off"] > 0 for one in report["per_set"])
+    assert report["on_tap"].startswith("compiled" if compiled() else "Python")
     for enc in ("binary", "json"):
         assert len(report["figures"][enc]["p99_ratio"]["per_round"]) == 3
+        assert len(report["figures"][enc]["ref_p99_ratio"]["per_round"]) == 3
     written = report["log_records"]['edgefleet_predlog_records_total{log="predictions"}']
     assert written == 1 * 2 * (50 + 200)  # the last set's agent: its one round, all written
 

@@ -56,6 +56,22 @@ def test_a_killed_writer_process_is_restarted_and_later_answers_are_logged(model
     assert [p["die_id"] for _, p in preds] == [str(i) for i in range(9)]
 
 
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_writer_process_takes_only_cpu_time_serving_does_not_want(model, tmp_path, idle):
+    """By default the writer runs at SCHED_IDLE (and nice 10): a waking serving thread takes
+    its CPU at once. writer_idle=False (PREDLOG_WRITER_IDLE=0): nice 10 only."""
+    agent = logged_agent(model, tmp_path / "log", mode="process", writer_idle=idle)
+    with agent as (server, plog), Client(server.path) as c:
+        c.predict(model.train[0], die_id=0)
+        c.health()
+        assert plog.flush()  # the writer answered: it set its priority before reading
+        pid = plog._proc.pid
+        policy = os.sched_getscheduler(pid)
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+    assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+
+
 def test_the_writer_process_writes_what_it_was_handed_when_the_agent_stops(model, tmp_path):
     """stop(): the rest of the tap goes down the pipe, the pipe closes, the writer writes it
     all and exits; nothing is flushed by hand."""
