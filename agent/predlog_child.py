@@ -111,7 +111,7 @@ def lower_priority(idle: bool) -> None:
     """Nice 10, and with `idle` the SCHED_IDLE policy: the writer then runs only on CPU time
     no other task of the box wants, and a waking serving thread takes the CPU from it at once.
     On one CPU shared with the tester and the agent, a writer at nice 10 alone still took
-    enough of it to cost a binary answer ~4% of its p99 (docs/operations.md, "What it
+    enough of it to cost a binary answer ~7% of its p99 (docs/operations.md, "What it
     costs"). The price: on a box whose CPUs are all busy the writer falls behind, and past the
     tap's caps answers are dropped from the log and counted - the answers are never slowed.
     A process cannot take back a priority it gave up without CAP_SYS_NICE, so this is set

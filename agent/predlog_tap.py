@@ -127,6 +127,25 @@ def labels_message(labels: list[tuple[str, int, float | None]], source: str) -> 
     return message(LABELS, 0, orjson.dumps([[d, v, t, source] for d, v, t in labels]))
 
 
+class _OnRecorder:
+    """A `Tap` attribute that `record` reads or counts: the compiled recorder's when `record`
+    is its, else the tap's own `_<name>`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.own = name, "_" + name
+
+    def __get__(self, tap: Any, owner: type | None = None) -> Any:
+        if tap is None:
+            return self
+        return getattr(tap, self.own) if tap._c is None else getattr(tap._c, self.name)
+
+    def __set__(self, tap: Any, value: Any) -> None:
+        if tap._c is None:
+            setattr(tap, self.own, value)
+        else:
+            setattr(tap._c, self.name, value)
+
+
 class Tap:
     """See the module docstring. `record` runs on the serving thread; `take` and `send` on any
     other one.
@@ -182,9 +201,10 @@ class Tap:
         """True when `record` is agent/_tapfast.c's."""
         return self._c is not None
 
-    # the taker's and the agent's settings, kept where `record` reads them
     @property
     def dispatch(self) -> Any:
+        """The dispatcher whose `parsed` note `record` reads (both `_classify` and the
+        compiled recorder do)."""
         return self._dispatch
 
     @dispatch.setter
@@ -193,31 +213,9 @@ class Tap:
         if self._c is not None:
             self._c.dispatch = value
 
-    @property
-    def backlog(self) -> int:
-        return self._c.backlog if self._c is not None else self._backlog
-
-    @backlog.setter
-    def backlog(self, value: int) -> None:
-        if self._c is not None:
-            self._c.backlog = value
-        else:
-            self._backlog = value
-
-    @property
-    def wake(self) -> Any:
-        return self._c.wake if self._c is not None else self._wake
-
-    @wake.setter
-    def wake(self, value: Any) -> None:
-        if self._c is not None:
-            self._c.wake = value
-        else:
-            self._wake = value
-
-    @property
-    def dropped(self) -> int:
-        return self._c.dropped if self._c is not None else self._dropped
+    backlog = _OnRecorder()  # bytes taken but not handed over yet (the taker sets it)
+    wake = _OnRecorder()  # None, or called (once per take) when WAKE_BYTES are waiting
+    dropped = _OnRecorder()  # answers not recorded: the buffer was full
 
     def _record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
         """The server's tap (all Python): called after `answer` was sent for the message
