@@ -176,9 +176,9 @@ static PyObject *Recorder_record(Recorder *self, PyObject *const *args, Py_ssize
     const unsigned char *a = (const unsigned char *)PyBytes_AS_STRING(answer);
     Py_ssize_t alen = PyBytes_GET_SIZE(answer);
     int kind, sampled;
+    if (alen > 5 && a[0] == MAGIC_BYTE && a[5] != RESULT_TYPE)
+        Py_RETURN_NONE;  /* an error frame: not a decision */
     if (alen > RESULT_OFF && a[0] == MAGIC_BYTE) {
-        if (a[5] != RESULT_TYPE)
-            Py_RETURN_NONE;  /* an error frame: not a decision */
         uint32_t rows = (uint32_t)a[12] | (uint32_t)a[13] << 8 | (uint32_t)a[14] << 16 |
                         (uint32_t)a[15] << 24;
         Py_ssize_t vlen = (Py_ssize_t)a[40] | (Py_ssize_t)a[41] << 8;

@@ -259,9 +259,9 @@ class Tap:
         extra: Any = b""
         rows = 1
         if a0 == MAGIC_BYTE:
-            frame_type, rows, vlen = _TAP_HEAD(answer, 5)
-            if frame_type != _RESULT:
+            if answer[5] != _RESULT:  # an error frame (it can be shorter than a result's head)
                 return None
+            _, rows, vlen = _TAP_HEAD(answer, 5)
             kind = BINARY_ONE
             if rows != 1:
                 kind = BINARY_BATCH

@@ -257,6 +257,17 @@ def test_the_usual_answer_is_recorded_in_c_and_the_rest_handed_to_python():
     assert len(slow) == 4 and tap.take()[1] == 2  # same model: both in C
 
 
+def test_an_error_frame_is_not_logged_and_not_an_error_of_the_tap(impl, caplog):
+    """A binary error answer (its message can be a few bytes: shorter than a result's head)
+    is not a decision: nothing recorded, nothing logged."""
+    tap = _tap(_Runtime(), impl)
+    short = encode_error_frame(ProtocolError(ErrorCode.BAD_FRAME, "x"))
+    assert len(short) < 48
+    for answer in (short, _ERROR):
+        tap.record(b"", 0, 0, answer)
+    assert tap.take() == ([], 0) and not caplog.records
+
+
 def test_a_take_on_another_thread_never_sees_half_a_message(impl):
     """The serving thread records while another takes as fast as it can: every take holds
     whole messages only, and none is lost or repeated."""
