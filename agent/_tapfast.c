@@ -132,9 +132,11 @@ static int new_model(Recorder *self, PyObject *p) {
 }
 
 /* `n` more bytes at the end of the buffer: where they start (NULL: out of memory). The buffer
- * and its spare are kept from take to take (up to KEEP_BYTES each), so the serving thread
- * writes to memory that is already mapped: a fresh buffer per take cost it a page fault every
- * ~100 answers. */
+ * and its spare are kept from take to take (up to KEEP_BYTES each): the serving thread does
+ * not grow a fresh buffer through a chain of reallocs after every take, and a take copies
+ * without the GIL. (Against a bytearray swapped out at each take, in the same bench rounds:
+ * the serving thread's page faults per answer 0.0176 / 0.0143 against 0.0250 / 0.0141, p99
+ * alike: no clear difference either way.) */
 static char *grow(Recorder *self, Py_ssize_t n) {
     if (self->len + n > self->size) {
         Py_ssize_t size = self->size ? self->size : 64 * 1024;
