@@ -161,7 +161,7 @@ static PyObject *call_slow(Recorder *self, PyObject *const *args, PyObject *samp
     return PyObject_Vectorcall(self->slow, five, 5, NULL);
 }
 
-/* record(buf, start, end, answer): the server's tap (see Tap._record). */
+/* record(buf, start, end, answer): the server's tap (predlog_tap.py `_PyRecorder.record`). */
 static PyObject *Recorder_record(Recorder *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "record(buf, start, end, answer)");
@@ -455,7 +455,6 @@ static PyMemberDef Recorder_members[] = {
     {"wake", T_OBJECT_EX, offsetof(Recorder, wake), 0, "None or a callable"},
     {"backlog", T_PYSSIZET, offsetof(Recorder, backlog), 0, "bytes taken, not handed over"},
     {"dropped", T_PYSSIZET, offsetof(Recorder, dropped), 0, "answers not recorded: full"},
-    {"token", T_ULONG, offsetof(Recorder, token), READONLY, "the last model's token"},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -127,35 +127,116 @@ def labels_message(labels: list[tuple[str, int, float | None]], source: str) -> 
     return message(LABELS, 0, orjson.dumps([[d, v, t, source] for d, v, t in labels]))
 
 
+class _PyRecorder:
+    """agent/_tapfast.c's `Recorder` in Python, for where it is not built: the buffer, its
+    bounds and the model tokens, with the same methods and attributes. Its `record` hands
+    every answer to the tap's `_slow` (the compiled one keeps the usual answer to itself)."""
+
+    def __init__(self, active: Any, slow: Any, clock: Any, *, cap: int, cap_bytes: int,
+                 wake_bytes: int, **draw: Any) -> None:
+        del active, clock, draw  # (the compiled recorder's own path reads them)
+        self._slow = slow
+        self._cap, self._cap_bytes, self._wake_bytes = cap, cap_bytes, wake_bytes
+        self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
+        self._out = bytearray()
+        self._n = 0  # messages in `_out`
+        self._last_p: Any = None
+        self._token = 0
+        self._fresh: list[tuple[int, Any]] = []  # (token, predictor) first seen since a take
+        self._retired: list[Any] = []  # snapshots replaced since: released by `take`'s thread
+        self._woken = False
+        self.dispatch: Any = None  # (read by the compiled recorder only)
+        self.backlog = 0
+        self.wake: Any = None
+        self.dropped = 0
+
+    def record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
+        if self._n >= self._cap or len(self._out) + self.backlog >= self._cap_bytes:
+            self.dropped += 1
+            return
+        self._slow(buf, start, end, answer, None)
+
+    def append(self, kind: int, rows: int, p: Any, t: float, answer: bytes, extra: Any
+               ) -> None:
+        """One message into the buffer, under the lock `take` swaps it with."""
+        self._acquire()  # not `with`: 2x the cost of the calls here
+        try:
+            if p is not self._last_p:
+                self._new_model(p)
+            out = self._out
+            if not extra:  # the usual answer
+                out += _PACK(kind, rows, self._token, t, len(answer), 0)
+                out += answer
+            else:
+                if type(extra) is tuple:
+                    out += _PACK(kind, rows, self._token, t, len(answer),
+                                 sum(map(len, extra)))
+                    out += answer
+                    for piece in extra:
+                        out += piece
+                else:
+                    out += _PACK(kind, rows, self._token, t, len(answer), len(extra))
+                    out += answer
+                    out += extra
+                if len(out) > self._wake_bytes and not self._woken and self.wake is not None:
+                    self._woken = True
+                    self.wake()
+            self._n += 1
+        finally:
+            self._release()
+
+    def _new_model(self, p: Any) -> None:
+        """(Under the lock.) `p` answers from now on: a new token, announced by the next take;
+        the snapshot it replaces is released there too (freeing an ORT session takes ~0.2 ms
+        with the GIL: not on the serving thread)."""
+        self._token += 1
+        self._fresh.append((self._token, p))
+        if self._last_p is not None:
+            self._retired.append(self._last_p)
+        self._last_p = p
+
+    def send(self, msg: bytes) -> bool:
+        with self._lock:
+            if len(self._out) + self.backlog >= self._cap_bytes:
+                return False
+            self._out += msg
+        return True
+
+    def take(self) -> tuple[bytearray, int, list[tuple[int, Any]], list[Any]]:
+        with self._lock:
+            taken = self._out, self._n, self._fresh, self._retired
+            self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
+            self._woken = False
+        return taken
+
+    def waiting(self) -> int:
+        return self._n
+
+
 class _OnRecorder:
-    """A `Tap` attribute that `record` reads or counts: the compiled recorder's when `record`
-    is its, else the tap's own `_<name>`."""
+    """A `Tap` attribute that `record` reads or counts, kept on its recorder."""
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name, self.own = name, "_" + name
+        self.name = name
 
     def __get__(self, tap: Any, owner: type | None = None) -> Any:
-        if tap is None:
-            return self
-        return getattr(tap, self.own) if tap._c is None else getattr(tap._c, self.name)
+        return self if tap is None else getattr(tap._rec, self.name)
 
     def __set__(self, tap: Any, value: Any) -> None:
-        if tap._c is None:
-            setattr(tap, self.own, value)
-        else:
-            setattr(tap._c, self.name, value)
+        setattr(tap._rec, self.name, value)
 
 
 class Tap:
     """See the module docstring. `record` runs on the serving thread; `take` and `send` on any
     other one.
 
-    Two implementations of one stream: with agent/_tapfast.c built (`compiled()`), `record` is
-    its C function, which records the usual answer itself (one row, a decision, not a fail,
-    not drawn, the same model as the last) and hands every other one to `_slow` here; without
-    it (or `compiled=False`), `record` is `_record` below, all Python. Both decide what to
-    record in `_classify`; tests/test_predlog_tap.py feeds both the same answers and compares
-    the bytes."""
+    What to record is decided here (`_classify`); the buffer, its bounds and the model tokens
+    are the recorder's: agent/_tapfast.c's `Recorder` when it is built (`compiled()`), whose
+    `record` keeps the usual answer (one row, a decision, not a fail, not drawn, the same model
+    as the last) to itself and hands every other one to `_slow`; else (or `compiled=False`)
+    `_PyRecorder`, which hands it every answer. tests/test_predlog_tap.py feeds both the same
+    answers and compares the bytes."""
 
     def __init__(self, runtime: Any, *, capture_rate: float = 0.01, capture_fails: bool = True,
                  queue_size: int = 65536, queue_bytes: int = 16 << 20,
@@ -167,39 +248,20 @@ class Tap:
         self._fails = capture_fails
         self._random = random.random
         self._clock = clock
-        self._cap, self._cap_bytes = queue_size, queue_bytes
-        self._lock = threading.Lock()
-        self._acquire, self._release = self._lock.acquire, self._lock.release
-        self._out = bytearray()
-        self._n = 0  # messages in `_out`
-        self._last_p: Any = None
-        self._token = 0
-        self._fresh: list[tuple[int, Any]] = []  # (token, predictor) first seen since a take
-        self._retired: list[Any] = []  # snapshots replaced since: released by `take`'s thread
         self.announced: dict[int, bytes] = {}  # token -> MODEL message, the newest few
-        self._backlog = 0  # bytes taken but not handed over yet (the taker sets it)
-        self._wake: Any = None  # called (once per take) when WAKE_BYTES are waiting
-        self._woken = False
-        self._dropped = 0  # answers not recorded: the buffer was full
-        self._c: Any = None
         if compiled is None:
             compiled = _compiled is not None
         elif compiled and _compiled is None:
             raise RuntimeError(f"agent/_tapfast.c is {_COMPILED_WHY}")
-        if compiled:
-            self._c = _compiled.Recorder(
-                runtime.active, self._slow, None if clock is time.time else clock,
-                rate=capture_rate, fails=capture_fails, cap=queue_size, cap_bytes=queue_bytes,
-                wake_bytes=WAKE_BYTES, seed=random.getrandbits(64) | 1)
-            self._c.dispatch = self._dispatch
-            self.record = self._c.record
-        else:
-            self.record = self._record
-
-    @property
-    def compiled(self) -> bool:
-        """True when `record` is agent/_tapfast.c's."""
-        return self._c is not None
+        recorder = _compiled.Recorder if compiled else _PyRecorder
+        self._rec = recorder(
+            runtime.active, self._slow, None if clock is time.time else clock,
+            rate=capture_rate, fails=capture_fails, cap=queue_size, cap_bytes=queue_bytes,
+            wake_bytes=WAKE_BYTES, seed=random.getrandbits(64) | 1)
+        self._rec.dispatch = self._dispatch
+        self._append = self._rec.append
+        self.record = self._rec.record
+        self.compiled = compiled  # True when `record` is agent/_tapfast.c's
 
     @property
     def dispatch(self) -> Any:
@@ -209,38 +271,23 @@ class Tap:
 
     @dispatch.setter
     def dispatch(self, value: Any) -> None:
-        self._dispatch = value
-        if self._c is not None:
-            self._c.dispatch = value
+        self._dispatch = self._rec.dispatch = value
 
     backlog = _OnRecorder()  # bytes taken but not handed over yet (the taker sets it)
     wake = _OnRecorder()  # None, or called (once per take) when WAKE_BYTES are waiting
     dropped = _OnRecorder()  # answers not recorded: the buffer was full
 
-    def _record(self, buf: bytearray | bytes, start: int, end: int, answer: bytes) -> None:
-        """The server's tap (all Python): called after `answer` was sent for the message
-        `buf[start:end]` (a JSON line without its newline, or a whole binary frame). Never
-        raises, never blocks (but for the lock `take` holds for a swap). Past the bounds the
-        answer is dropped and counted."""
-        if self._n >= self._cap or len(self._out) + self._backlog >= self._cap_bytes:
-            self._dropped += 1
-            return
-        try:
-            what = self._classify(buf, start, end, answer)
-            if what is not None:
-                self._append(what[0], what[1], self._active(), self._clock(), answer, what[2])
-        except Exception:  # a tap must never break serving
-            log.exception("prediction log: tap failed")
-
     def _slow(self, buf: bytearray | bytes, start: int, end: int, answer: bytes,
               sampled: bool | None) -> None:
-        """The compiled tap's every answer but the usual one (it counted the bounds, and for
-        a single row it drew the sample: `sampled`, else None)."""
+        """What the recorder hands over after counting the bounds: every answer
+        (`_PyRecorder`), or every one but the usual (the compiled recorder; for a single row
+        it drew the sample: `sampled`, else None). Never raises: called after `answer` was
+        sent for the message `buf[start:end]` (a JSON line without its newline, or a whole
+        binary frame)."""
         try:
             what = self._classify(buf, start, end, answer, sampled)
             if what is not None:
-                self._c.append(what[0], what[1], self._active(), self._clock(), answer,
-                               what[2])
+                self._append(what[0], what[1], self._active(), self._clock(), answer, what[2])
         except Exception:  # a tap must never break serving
             log.exception("prediction log: tap failed")
 
@@ -306,45 +353,6 @@ class Tap:
             return None
         return kind, rows, extra
 
-    def _append(self, kind: int, rows: int, p: Any, t: float, answer: bytes, extra: Any
-                ) -> None:
-        """(All Python.) One message into the buffer, under the lock `take` swaps it with."""
-        self._acquire()  # not `with`: 2x the cost of the calls here
-        try:
-            if p is not self._last_p:
-                self._new_model(p)
-            out = self._out
-            if not extra:  # the usual answer
-                out += _PACK(kind, rows, self._token, t, len(answer), 0)
-                out += answer
-            else:
-                if type(extra) is tuple:
-                    out += _PACK(kind, rows, self._token, t, len(answer),
-                                 sum(map(len, extra)))
-                    out += answer
-                    for piece in extra:
-                        out += piece
-                else:
-                    out += _PACK(kind, rows, self._token, t, len(answer), len(extra))
-                    out += answer
-                    out += extra
-                if len(out) > WAKE_BYTES and not self._woken and self._wake is not None:
-                    self._woken = True
-                    self._wake()
-            self._n += 1
-        finally:
-            self._release()
-
-    def _new_model(self, p: Any) -> None:
-        """(Under the lock.) `p` answers from now on: a new token, announced by the next take;
-        the snapshot it replaces is released there too (freeing an ORT session takes ~0.2 ms
-        with the GIL: not on the serving thread)."""
-        self._token += 1
-        self._fresh.append((self._token, p))
-        if self._last_p is not None:
-            self._retired.append(self._last_p)
-        self._last_p = p
-
     def _sample_frame(self, buf, start: int, answer: bytes, rows: int) -> bytes:
         """A batch frame's sampled rows as BINARY_BATCH's extra (`_sampled`)."""
         vlen = answer[40] | answer[41] << 8
@@ -368,18 +376,12 @@ class Tap:
 
     def waiting(self) -> int:
         """Answers recorded and not taken yet."""
-        return self._c.waiting() if self._c is not None else self._n
+        return self._rec.waiting()
 
     def take(self) -> tuple[list[bytes | bytearray], int]:
         """Everything recorded since the last take, as parts to write in order (the MODEL
         messages of models first seen, then the answers), and how many answers that is."""
-        if self._c is not None:
-            data, n, fresh, retired = self._c.take()
-        else:
-            with self._lock:
-                data, n, fresh, retired = self._out, self._n, self._fresh, self._retired
-                self._out, self._n, self._fresh, self._retired = bytearray(), 0, [], []
-                self._woken = False
+        data, n, fresh, retired = self._rec.take()
         del retired  # the replaced snapshots go here, on this thread
         parts: list[bytes | bytearray] = []
         for token, p in fresh:
@@ -394,10 +396,4 @@ class Tap:
 
     def send(self, msg: bytes) -> bool:
         """Queue a message of another kind (labels) behind the answers; False when full."""
-        if self._c is not None:
-            return self._c.send(msg)
-        with self._lock:
-            if len(self._out) + self._backlog >= self._cap_bytes:
-                return False
-            self._out += msg
-        return True
+        return self._rec.send(msg)

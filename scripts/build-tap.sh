@@ -11,8 +11,9 @@
 #                                         tests, scripts/test-arm64.sh)
 #
 # The second form compiles against that release's own headers (libpython3.11-dev for ARCH,
-# fetched with a private apt state for ARCH, as scripts/test-arm64.sh fetches its sysroot), with
-# the host's gcc for x86_64 and Debian's cross compiler (gcc-aarch64-linux-gnu) for aarch64.
+# fetched with a private apt state, scripts/foreign-apt.sh, as scripts/test-arm64.sh fetches
+# its sysroot), with the host's gcc for x86_64 and Debian's cross compiler
+# (gcc-aarch64-linux-gnu) for aarch64.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -20,6 +21,8 @@ SRC="$REPO/agent/_tapfast.c"
 CFLAGS=(-shared -fPIC -O2 -Wall -Wextra -Werror -fvisibility=hidden)
 
 log() { printf '[build-tap %s] %s\n' "$(date +%T)" "$*" >&2; }
+# shellcheck source=scripts/foreign-apt.sh
+source "$REPO/scripts/foreign-apt.sh"
 
 if [ $# -eq 0 ]; then
     PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
@@ -68,25 +71,11 @@ fi
 if [ ! -f "$HEADERS/usr/include/python3.11/Python.h" ]; then
     log "headers: libpython3.11-dev for $DEB_ARCH"
     rm -rf "$HEADERS"
-    mkdir -p "$HEADERS" "$APTDIR"/etc/apt/{apt.conf.d,preferences.d,sources.list.d} \
-        "$APTDIR"/var/lib/apt/lists/partial "$APTDIR"/var/cache/apt/archives/partial \
-        "$APTDIR"/var/lib/dpkg
-    : > "$APTDIR/var/lib/dpkg/status"
-    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-    security="${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}"
-    cat > "$APTDIR/etc/apt/sources.list" <<EOF
-deb [arch=$DEB_ARCH signed-by=$keyring] $mirror bookworm main
-deb [arch=$DEB_ARCH signed-by=$keyring] $mirror bookworm-updates main
-deb [arch=$DEB_ARCH signed-by=$keyring] $security bookworm-security main
-EOF
-    opts=(-o "Dir=$APTDIR" -o "Dir::Etc=$APTDIR/etc/apt"
-          -o "Dir::State::status=$APTDIR/var/lib/dpkg/status"
-          -o "APT::Architecture=$DEB_ARCH" -o "APT::Architectures=$DEB_ARCH"
-          -o Debug::NoLocking=1 -o APT::Sandbox::User=root -q)
-    apt-get "${opts[@]}" update >/dev/null
+    mkdir -p "$HEADERS"
+    foreign_apt_init "$APTDIR" "$DEB_ARCH"
     # only the headers' own package: its dependencies are libraries, not needed to compile
-    (cd "$APTDIR/var/cache/apt/archives" && apt-get "${opts[@]}" download libpython3.11-dev >/dev/null)
+    (cd "$APTDIR/var/cache/apt/archives" \
+        && foreign_apt "$APTDIR" "$DEB_ARCH" download libpython3.11-dev >/dev/null)
     dpkg-deb -x "$APTDIR"/var/cache/apt/archives/libpython3.11-dev_*.deb "$HEADERS"
     rm -f "$APTDIR"/var/cache/apt/archives/*.deb
 fi

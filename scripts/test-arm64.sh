@@ -60,41 +60,8 @@ DESELECT=(
 
 log() { printf '[test-arm64 %s] %s\n' "$(date +%T)" "$*" >&2; }
 
-# The options that make apt-get work on its own state under APTDIR, for arm64 only: the host's
-# package database and sources are never read or changed.
-_arm64_apt_opts() {
-    local aptdir="$1"
-    printf '%s\n' -o "Dir=$aptdir" -o "Dir::Etc=$aptdir/etc/apt" \
-        -o "Dir::State::status=$aptdir/var/lib/dpkg/status" \
-        -o APT::Architecture=arm64 -o APT::Architectures=arm64 \
-        -o Debug::NoLocking=1 -o APT::Sandbox::User=root -q
-}
-
-# arm64_apt_init APTDIR: a private apt state for bookworm arm64 (main, updates, security),
-# with an empty package database, and fresh package lists.
-arm64_apt_init() {
-    local aptdir="$1" keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    local mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-    local security="${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}"
-    mkdir -p "$aptdir"/etc/apt/{apt.conf.d,preferences.d,sources.list.d} \
-        "$aptdir"/var/lib/apt/lists/partial "$aptdir"/var/cache/apt/archives/partial \
-        "$aptdir"/var/lib/dpkg
-    : > "$aptdir/var/lib/dpkg/status"
-    cat > "$aptdir/etc/apt/sources.list" <<EOF
-deb [arch=arm64 signed-by=$keyring] $mirror bookworm main
-deb [arch=arm64 signed-by=$keyring] $mirror bookworm-updates main
-deb [arch=arm64 signed-by=$keyring] $security bookworm-security main
-EOF
-    arm64_apt "$aptdir" update >/dev/null
-}
-
-# arm64_apt APTDIR ARGS...: apt-get on that private state.
-arm64_apt() {
-    local aptdir="$1" opts
-    shift
-    mapfile -t opts < <(_arm64_apt_opts "$aptdir")
-    apt-get "${opts[@]}" "$@"
-}
+# shellcheck source=scripts/foreign-apt.sh
+source "$REPO/scripts/foreign-apt.sh"
 
 step_deps() {
     if [ ! -x /usr/bin/qemu-aarch64-static ]; then
@@ -123,8 +90,8 @@ step_sysroot() {
     rm -rf "$SYSROOT" "$APTDIR/var/cache/apt/archives"/*.deb
     mkdir -p "$SYSROOT"
     log "sysroot: resolving ${DEB_PACKAGES[*]} for arm64"
-    arm64_apt_init "$APTDIR"
-    arm64_apt "$APTDIR" install -y --download-only --no-install-recommends \
+    foreign_apt_init "$APTDIR" arm64
+    foreign_apt "$APTDIR" arm64 install -y --download-only --no-install-recommends \
         "${DEB_PACKAGES[@]}" >/dev/null
     local deb n=0
     for deb in "$APTDIR"/var/cache/apt/archives/*.deb; do
